@@ -1,0 +1,3 @@
+"""fedspine: federated fine-tuning of LLMs across heterogeneous, resource-constrained devices."""
+
+__version__ = "0.1.0"

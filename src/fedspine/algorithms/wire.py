@@ -1,0 +1,42 @@
+"""What travels on the wire: LoRA states serialised as safetensors, and their exact byte counts."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from fedspine.types import LoraState
+
+
+def flatten_state(state: LoraState) -> dict[str, torch.Tensor]:
+    """``{module: {"A": a, "B": b}}`` -> ``{"module/A": a, "module/B": b}`` (contiguous tensors)."""
+    flat: dict[str, torch.Tensor] = {}
+    for module, factors in state.items():
+        for name, tensor in factors.items():
+            flat[f"{module}/{name}"] = tensor.contiguous()
+    return flat
+
+
+def unflatten_state(flat: dict[str, torch.Tensor]) -> LoraState:
+    """Inverse of :func:`flatten_state`."""
+    state: LoraState = {}
+    for key, tensor in flat.items():
+        module, _, name = key.rpartition("/")
+        state.setdefault(module, {})[name] = tensor
+    return state
+
+
+def encode_state(state: LoraState) -> bytes:
+    """Serialise a LoRA state to the bytes a device or the server would send."""
+    return st_save(flatten_state(state))
+
+
+def decode_state(payload: bytes) -> LoraState:
+    """Parse bytes produced by :func:`encode_state`."""
+    return unflatten_state(st_load(payload))
+
+
+def payload_bytes(state: LoraState) -> int:
+    """Exact size of the serialised payload: tensor data plus the safetensors header."""
+    return len(encode_state(state))

@@ -1,0 +1,101 @@
+"""Library entry points behind the CLI: run an experiment end to end, describe a fleet, write a report.
+
+Usage:
+    >>> from fedspine.config import load_config
+    >>> from fedspine.api import run_experiment
+    >>> result = run_experiment(load_config(Path("configs/tiny.toml")), Path("runs/tiny"))
+    >>> result.summary["metric"]
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fedspine.client.evaluate import Evaluation
+from fedspine.config import Config, to_toml
+from fedspine.errors import ConfigError
+from fedspine.fleet import fleet_table_rows
+from fedspine.metrics.records import RoundRecord, RunRecorder
+from fedspine.report.html import write_report
+from fedspine.runtime.build import build_experiment, build_fleet_from_config
+from fedspine.runtime.engine import Engine
+from fedspine.runtime.summary import make_summary
+
+__all__ = [
+    "Evaluation",
+    "RoundCallback",
+    "RoundRecord",
+    "RunResult",
+    "fleet_rows",
+    "run_experiment",
+    "write_report",
+]
+
+RoundCallback = Callable[[RoundRecord, "Evaluation | None"], None]
+
+
+@dataclass
+class RunResult:
+    """A finished run: its directory and the contents of its ``summary.json``."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+
+
+def _run_dir(config: Config, out: Path | None) -> Path:
+    if out is None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        out = Path("runs") / f"{config.run.name}-{stamp}"
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError("--out", f"run directory {out} already exists and is not empty; choose a new one")
+    return out
+
+
+def run_experiment(
+    config: Config,
+    out: Path | None = None,
+    on_round: RoundCallback | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Build everything (validating names first: nothing is written on bad input), run, report.
+
+    ``summary.json`` is written last; a run directory without it did not finish.
+    """
+    status = on_status or (lambda _msg: None)
+    run_dir = _run_dir(config, out)
+    started = time.perf_counter()
+    experiment = build_experiment(config, status)
+    setup_seconds = time.perf_counter() - started
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(to_toml(config), encoding="utf-8")
+    recorder = RunRecorder(run_dir)
+    try:
+        status(f"running {config.scheduler.rounds} rounds on {len(experiment.devices)} devices -> {run_dir}")
+        loop_started = time.perf_counter()
+        state = Engine(experiment, recorder).run(on_round)
+        loop_seconds = time.perf_counter() - loop_started
+    except BaseException:
+        recorder.close()
+        (run_dir / "FAILED").write_text("the run did not finish; see the error printed by fedspine\n")
+        raise
+    recorder.close()
+    summary = make_summary(experiment, state, recorder.rounds, loop_seconds, setup_seconds)
+    recorder.write_summary(summary)
+    write_report(run_dir)
+    return RunResult(run_dir=run_dir, summary=summary)
+
+
+def fleet_rows(config: Config) -> list[dict[str, str]]:
+    """The fleet of ``config`` as table rows (one per device class and network)."""
+    return fleet_table_rows(build_fleet_from_config(config))
+
+
+def remove_run(run_dir: Path) -> None:
+    """Delete a run directory (used by tests and benchmarks for scratch runs)."""
+    shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,144 @@
+"""The ``fedspine`` command line: thin wrappers over :mod:`fedspine.api`.
+
+Exit codes: 0 success, 1 a runtime failure (model, data, fleet), 2 bad input (config, arguments).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedspine import api
+from fedspine.config import Config, load_config
+from fedspine.errors import ConfigError, FedspineError
+from fedspine.report.formatting import format_bytes, format_duration
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config (default: built-in)")]  # noqa: UP045
+SetOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option("--set", "-s", help="Override a key, e.g. --set train.lr=3e-4 (repeatable)"),
+]
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn fedspine's typed errors into a one-line message and an exit code."""
+    try:
+        yield
+    except ConfigError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except FedspineError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> Config:
+    return load_config(config, overrides or [])
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run directory (must be new or empty)")
+    ] = None,
+) -> None:
+    """Run an experiment (the default one with no --config) and write its run directory."""
+    with _errors():
+        cfg = _load(config, set_)
+        with _progress(cfg.scheduler.rounds) as on_round:
+            result = api.run_experiment(cfg, out, on_round=on_round, on_status=_status)
+        _print_summary(result.summary, result.run_dir)
+
+
+@app.command()
+def fleet(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the fleet of a config as a table."""
+    with _errors():
+        cfg = _load(config, set_)
+        rows = api.fleet_rows(cfg)
+    table = Table(title=f"fleet: {sum(int(r['count']) for r in rows)} devices")
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row.values())
+    Console().print(table)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A finished run directory")]) -> None:
+    """(Re)write report.html and plots of a run directory."""
+    with _errors():
+        path = api.write_report(run_dir)
+    console.print(f"report: {path}")
+
+
+def _status(message: str) -> None:
+    console.print(f"[dim]{message}[/]")
+
+
+@contextmanager
+def _progress(rounds: int) -> Iterator[api.RoundCallback]:
+    columns = (
+        TextColumn("[bold]round"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("virtual {task.fields[vtime]}  {task.fields[metric]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("rounds", total=rounds, vtime="0s", metric="")
+
+        def on_round(record: api.RoundRecord, evaluation: api.Evaluation | None) -> None:
+            vtime = format_duration(record.virtual_end)
+            if evaluation is None:
+                progress.update(task, advance=1, vtime=vtime)
+            else:
+                metric = f"{evaluation.metric_name} {evaluation.metric:.4g}"
+                progress.update(task, advance=1, vtime=vtime, metric=metric)
+
+        yield on_round
+
+
+def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    metric = summary["metric"]
+    ttt = summary["time_to_target_seconds"]
+    rows = [
+        (str(metric["name"]), f"{metric['value']:.4f}  (chance {summary['chance_level']:.4f})"),
+        ("rounds", str(summary["rounds"])),
+        ("virtual time", format_duration(summary["virtual_seconds"])),
+        ("time to target", "not reached" if ttt is None else format_duration(ttt)),
+        (
+            "uplink / downlink",
+            f"{format_bytes(summary['uplink_bytes'])} / {format_bytes(summary['downlink_bytes'])}",
+        ),
+        ("host wall / training", f"{summary['wall_seconds']:.1f} s / {summary['train_wall_seconds']:.1f} s"),
+        ("run directory", str(run_dir)),
+    ]
+    table = Table(title=f"{summary['strategy']} on {summary['task']}", show_header=False)
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app(prog_name="fedspine")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,105 @@
+"""Training objectives and metrics of the two task kinds, over a batch of the data layer.
+
+Classification is verbalizer-style: the prompt is left-padded so that the last position predicts
+the label word, and only that position's logits are computed (``logits_to_keep=1``), restricted
+to the label words' token ids. Language modelling is next-token cross-entropy on the target tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class BatchResult:
+    """Summed loss and counts of one batch, so results over batches add up exactly."""
+
+    loss_sum: float
+    count: int
+    """Examples (classification) or target tokens (LM) the loss is summed over."""
+    correct: int = 0
+
+
+class Objective(Protocol):
+    """A task's loss and metric."""
+
+    metric_name: str
+    higher_is_better: bool
+
+    def loss(self, model: Any, batch: Any) -> torch.Tensor:
+        """Mean training loss of the batch (differentiable)."""
+
+    def evaluate(self, model: Any, batch: Any) -> BatchResult:
+        """Summed loss and counts of the batch (no gradient)."""
+
+    def metric(self, total: BatchResult) -> float:
+        """The task metric from summed results."""
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    # Left padding: positions count real tokens only, as generate() does.   (B, T)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ClassificationObjective:
+    """Cross-entropy over the label words' logits at the last prompt position; metric accuracy."""
+
+    metric_name = "accuracy"
+    higher_is_better = True
+
+    def __init__(self, label_token_ids: Sequence[int]) -> None:
+        self.label_token_ids = torch.tensor(list(label_token_ids), dtype=torch.long)
+
+    def label_logits(self, model: Any, batch: Any) -> torch.Tensor:
+        """Logits of the label words at the last position, shape (B, K)."""
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=_positions(batch.attention_mask),
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, self.label_token_ids].float()  # (B, K)
+
+    def loss(self, model: Any, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(self.label_logits(model, batch), batch.label_index)
+
+    def evaluate(self, model: Any, batch: Any) -> BatchResult:
+        logits = self.label_logits(model, batch)
+        loss = F.cross_entropy(logits, batch.label_index, reduction="sum")
+        correct = int((logits.argmax(-1) == batch.label_index).sum())
+        return BatchResult(float(loss), len(batch.label_index), correct)
+
+    def metric(self, total: BatchResult) -> float:
+        return total.correct / max(total.count, 1)
+
+
+class LanguageModelingObjective:
+    """Next-token cross-entropy on target tokens (labels != -100); metric perplexity."""
+
+    metric_name = "perplexity"
+    higher_is_better = False
+
+    def _token_losses(self, model: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+        targets = batch.labels[:, 1:]  # (B, T-1): token t predicts t+1
+        losses = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
+        )
+        return losses, (targets.flatten() != -100)
+
+    def loss(self, model: Any, batch: Any) -> torch.Tensor:
+        losses, mask = self._token_losses(model, batch)
+        return losses.sum() / mask.sum().clamp(min=1)
+
+    def evaluate(self, model: Any, batch: Any) -> BatchResult:
+        losses, mask = self._token_losses(model, batch)
+        return BatchResult(float(losses.sum()), int(mask.sum()))
+
+    def metric(self, total: BatchResult) -> float:
+        return math.exp(min(total.loss_sum / max(total.count, 1), 50.0))

@@ -1,0 +1,55 @@
+"""Local training of one client task: real forward/backward on this host, LoRA parameters only."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedspine.client.objectives import Objective
+
+
+@dataclass
+class LocalResult:
+    """Outcome of local training."""
+
+    mean_loss: float
+    steps: int
+    host_seconds: float
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """A fresh local optimizer; devices do not keep optimizer state between tasks."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def train_local(
+    model: Any,
+    objective: Objective,
+    batches: Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    max_grad_norm: float = 0.0,
+) -> LocalResult:
+    """Run one optimizer step per batch on the trainable (LoRA) parameters of ``model``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    start = time.perf_counter()
+    losses: list[float] = []
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = objective.loss(model, batch)
+        loss.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    mean = sum(losses) / len(losses) if losses else float("nan")
+    return LocalResult(mean_loss=mean, steps=len(losses), host_seconds=time.perf_counter() - start)

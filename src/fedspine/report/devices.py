@@ -1,0 +1,110 @@
+"""Per-device totals, from task events, from the summary's device entries, or from both merged."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+TASK_STATUSES = ("ok", "late", "oom", "offline")
+
+# Summary device-entry keys copied as they are onto DeviceStats (the summary is authoritative).
+_ENTRY_FIELDS = (
+    "device_class",
+    "network",
+    "tasks",
+    "compute_seconds",
+    "communication_seconds",
+    "uplink_bytes",
+    "downlink_bytes",
+)
+
+
+@dataclass
+class DeviceStats:
+    """What one device did over a run.
+
+    Attributes:
+        device_id: The device's id in the fleet.
+        device_class: Hardware class, e.g. ``raspberry_pi_4``.
+        network: Network kind, e.g. ``wifi``.
+        tasks: Tasks assigned to the device, whatever their outcome.
+        compute_seconds: Virtual seconds spent on local training (lost work of late tasks included).
+        communication_seconds: Virtual seconds spent on downlink plus uplink.
+        uplink_bytes: Bytes sent to the server.
+        downlink_bytes: Bytes received from the server.
+        statuses: Task count per status (``ok``, ``late``, ``oom``, ``offline``).
+    """
+
+    device_id: int
+    device_class: str = "unknown"
+    network: str = "unknown"
+    tasks: int = 0
+    compute_seconds: float = 0.0
+    communication_seconds: float = 0.0
+    uplink_bytes: float = 0.0
+    downlink_bytes: float = 0.0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+def device_stats(records: Sequence[Mapping[str, Any]]) -> list[DeviceStats]:
+    """Totals per device from either events (those with an ``event`` key) or summary device entries.
+
+    Args:
+        records: ``events.jsonl`` records (only ``task`` events count) or ``summary["devices"]``.
+
+    Returns:
+        One entry per device, sorted by device id.
+    """
+    if any("event" in record for record in records):
+        return merge_device_stats([], records)
+    return merge_device_stats(records, [])
+
+
+def merge_device_stats(
+    devices: Iterable[Mapping[str, Any]], events: Iterable[Mapping[str, Any]]
+) -> list[DeviceStats]:
+    """Totals per device from task events, overridden by whatever the summary's device entries state.
+
+    Args:
+        devices: ``summary["devices"]`` entries (may be empty).
+        events: ``events.jsonl`` records (may be empty).
+
+    Returns:
+        One entry per device seen in either source, sorted by device id.
+    """
+    by_id: dict[int, DeviceStats] = {}
+    for event in events:
+        if event.get("event") == "task":
+            _add_task(by_id.setdefault(int(event["device_id"]), DeviceStats(int(event["device_id"]))), event)
+    for entry in devices:
+        _apply_entry(by_id.setdefault(int(entry["device_id"]), DeviceStats(int(entry["device_id"]))), entry)
+    return [by_id[device_id] for device_id in sorted(by_id)]
+
+
+def _add_task(stats: DeviceStats, event: Mapping[str, Any]) -> None:
+    stats.device_class = str(event.get("device_class", stats.device_class))
+    stats.network = str(event.get("network", stats.network))
+    stats.tasks += 1
+    stats.compute_seconds += _number(event.get("compute_seconds"))
+    stats.communication_seconds += _number(event.get("downlink_seconds"))
+    stats.communication_seconds += _number(event.get("uplink_seconds"))
+    stats.uplink_bytes += _number(event.get("uplink_bytes"))
+    stats.downlink_bytes += _number(event.get("downlink_bytes"))
+    status = str(event["status"])
+    stats.statuses[status] = stats.statuses.get(status, 0) + 1
+
+
+def _apply_entry(stats: DeviceStats, entry: Mapping[str, Any]) -> None:
+    for key in _ENTRY_FIELDS:
+        if entry.get(key) is not None:  # Cast to the field's own type (str, int or float).
+            setattr(stats, key, type(getattr(stats, key))(entry[key]))
+    if entry.get("communication_seconds") is None and "uplink_seconds" in entry:
+        downlink_seconds = _number(entry.get("downlink_seconds"))
+        stats.communication_seconds = downlink_seconds + _number(entry["uplink_seconds"])
+    if isinstance(entry.get("statuses"), Mapping):
+        stats.statuses = {str(status): int(count) for status, count in entry["statuses"].items()}
+
+
+def _number(value: Any) -> float:
+    return 0.0 if value is None else float(value)

@@ -1,0 +1,219 @@
+"""A run's self-contained HTML report: summary table, figures, per-device table and resolved config.
+
+The page has inline CSS, no scripts and no external assets; figures are PNGs in ``plots/`` beside it,
+referenced by relative path, so the run directory can be copied or served as it is.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedspine.report.devices import TASK_STATUSES, DeviceStats, merge_device_stats
+from fedspine.report.formatting import format_bytes, format_duration
+from fedspine.report.load import ReportError, RunData, load_run
+from fedspine.report.plots import (
+    plot_bytes_per_round,
+    plot_device_time,
+    plot_metric_vs_time,
+    plot_round_breakdown,
+)
+
+__all__ = ["ReportError", "RunData", "format_bytes", "format_duration", "load_run", "write_report"]
+
+REPORT_FILE = "report.html"
+PLOTS_DIR = "plots"
+
+_CSS = """
+body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
+       background: #fafafa; margin: 0; }
+main { max-width: 980px; margin: 0 auto; padding: 24px 32px 48px; background: #fff; }
+h1 { font-size: 1.6em; margin: 0 0 4px; }
+h2 { font-size: 1.2em; margin: 32px 0 8px; border-bottom: 1px solid #e5e5e5; padding-bottom: 4px; }
+.sub, .note { color: #666; }
+table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
+th, td { padding: 4px 12px; border-bottom: 1px solid #eee; text-align: left; }
+th { background: #f3f3f3; font-weight: 600; }
+td.num, th.num { text-align: right; }
+tbody tr:nth-child(even) { background: #fbfbfb; }
+table.summary th { background: none; font-weight: normal; color: #555; }
+figure { margin: 16px 0 24px; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #666; font-size: 0.9em; }
+pre { background: #f6f8fa; padding: 12px; overflow-x: auto; font-size: 13px; border-radius: 4px; }
+"""
+
+
+def write_report(run_dir: Path) -> Path:
+    """Reads a run directory, draws ``plots/*.png`` and writes ``report.html`` beside them.
+
+    Args:
+        run_dir: A directory written by the engine.
+
+    Returns:
+        The path of ``report.html``.
+
+    Raises:
+        ReportError: If an input file is missing or malformed (the message names it).
+    """
+    run = load_run(Path(run_dir))
+    devices = merge_device_stats(run.summary.get("devices") or [], run.events)
+    figures = _draw_figures(run, devices)
+    out = run.run_dir / REPORT_FILE
+    out.write_text(_page(run, devices, figures), encoding="utf-8")
+    return out
+
+
+def _draw_figures(run: RunData, devices: Sequence[DeviceStats]) -> list[tuple[str, str]]:
+    """Writes the PNGs; returns (caption, path relative to the run directory) per figure."""
+    plots = run.run_dir / PLOTS_DIR
+    summary = run.summary
+    paths = [
+        plot_metric_vs_time(
+            run.events_of("evaluation"),
+            summary["target"],
+            summary["chance_level"],
+            plots / "metric_vs_time.png",
+        ),
+        plot_round_breakdown(run.rounds, plots / "round_breakdown.png"),
+        plot_bytes_per_round(run.rounds, plots / "bytes_per_round.png"),
+        plot_device_time([vars(device) for device in devices], plots / "device_time.png"),
+    ]
+    captions = [
+        f"Evaluation {run.metric_name} against virtual time, with the target and chance level.",
+        "Each round's virtual duration, split by phase (the device whose arrival closed the round).",
+        "Bytes sent (uplink) and received (downlink) by the fleet in each round.",
+        "Total compute and communication time per device, colored by device class.",
+    ]
+    return [
+        (caption, path.relative_to(run.run_dir).as_posix())
+        for caption, path in zip(captions, paths, strict=True)
+    ]
+
+
+def _page(run: RunData, devices: Sequence[DeviceStats], figures: Sequence[tuple[str, str]]) -> str:
+    summary = run.summary
+    title = f"{summary['strategy']} · {summary.get('model', '?')} · {summary['task']}"
+    figure_html = "\n".join(
+        f'<figure><img src="{_e(src)}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
+        for caption, src in figures
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title>
+<style>{_CSS}</style>
+</head>
+<body><main>
+<h1>{_e(title)}</h1>
+<p class="sub">{_e(_subtitle(run))}</p>
+<h2>Summary</h2>
+{_summary_table(run)}
+<h2>Figures</h2>
+{figure_html}
+<h2>Devices</h2>
+{_device_table(devices)}
+<h2>Resolved config</h2>
+<pre>{_e(run.config_text)}</pre>
+</main></body>
+</html>
+"""
+
+
+def _subtitle(run: RunData) -> str:
+    summary = run.summary
+    parts = [f"run {run.run_dir.name}", f"scheduler {summary.get('scheduler', '?')}"]
+    if summary.get("num_devices") is not None:
+        parts.append(f"{summary['num_devices']} devices")
+    if summary.get("seed") is not None:
+        parts.append(f"seed {summary['seed']}")
+    return " · ".join(parts)
+
+
+def _summary_table(run: RunData) -> str:
+    summary = run.summary
+    rows = [(run.metric_name, _metric_cell(run)), ("chance level", _number(summary["chance_level"]))]
+    if summary.get("initial_metric") is not None:
+        rows.append((f"initial {run.metric_name}", _number(summary["initial_metric"])))
+    rows += [
+        ("target", _number(summary["target"])),
+        ("time to target (virtual)", _time_to_target(summary)),
+        ("rounds", str(summary["rounds"])),
+        ("virtual time", format_duration(summary["virtual_seconds"])),
+        ("wall time", format_duration(summary["wall_seconds"])),
+        ("train wall time", format_duration(summary["train_wall_seconds"])),
+        ("overhead (wall / train)", _ratio(summary["wall_seconds"], summary["train_wall_seconds"])),
+        ("bytes up", format_bytes(summary["uplink_bytes"])),
+        ("bytes down", format_bytes(summary["downlink_bytes"])),
+        ("tasks", _status_counts(run)),
+    ]
+    body = "\n".join(f"<tr><th>{_e(label)}</th><td>{_e(value)}</td></tr>" for label, value in rows)
+    return f'<table class="summary">\n{body}\n</table>'
+
+
+def _metric_cell(run: RunData) -> str:
+    value, chance = run.metric_value, run.summary["chance_level"]
+    if value is None:
+        return "not evaluated yet"
+    if chance is None:
+        return _number(value)
+    return f"{_number(value)} ({value - chance:+.4g} vs chance)"
+
+
+def _time_to_target(summary: dict[str, object]) -> str:
+    seconds = summary["time_to_target_seconds"]
+    if isinstance(seconds, (int, float)):
+        return format_duration(seconds)
+    return "no target" if summary["target"] is None else "not reached"
+
+
+def _status_counts(run: RunData) -> str:
+    counts = dict.fromkeys(TASK_STATUSES, 0)
+    for event in run.events_of("task"):
+        counts[str(event["status"])] = counts.get(str(event["status"]), 0) + 1
+    return " · ".join(f"{count} {status}" for status, count in counts.items() if count) or "none"
+
+
+def _device_table(devices: Sequence[DeviceStats]) -> str:
+    extra = sorted({status for d in devices for status in d.statuses} - set(TASK_STATUSES))
+    statuses = [*TASK_STATUSES, *extra]
+    headers = ["device", "class", "network", "tasks", "compute (s)", "communication (s)", "uplink"]
+    headers += ["downlink", *statuses]
+    head = "".join(
+        f"<th>{_e(h)}</th>" if h in ("class", "network") else f'<th class="num">{_e(h)}</th>' for h in headers
+    )
+    rows = "\n".join(_device_row(device, statuses) for device in devices)
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>"
+
+
+def _device_row(device: DeviceStats, statuses: Sequence[str]) -> str:
+    cells = [
+        f'<td class="num">{device.device_id}</td>',
+        f"<td>{_e(device.device_class)}</td>",
+        f"<td>{_e(device.network)}</td>",
+    ]
+    numbers = [
+        str(device.tasks),
+        f"{device.compute_seconds:.1f}",
+        f"{device.communication_seconds:.1f}",
+        format_bytes(device.uplink_bytes),
+        format_bytes(device.downlink_bytes),
+        *(str(device.statuses.get(status, 0)) for status in statuses),
+    ]
+    cells += [f'<td class="num">{_e(number)}</td>' for number in numbers]
+    return f"<tr>{''.join(cells)}</tr>"
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def _ratio(numerator: float, denominator: float) -> str:
+    return f"{numerator / denominator:.2f}×" if denominator > 0 else "—"
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value))

@@ -1,0 +1,245 @@
+"""Turn a :class:`~fedspine.config.Config` into the objects of a run (the only place that reads config).
+
+The cheap checks come first (registered names, the fleet) so that a bad config fails in
+milliseconds, before the model is loaded, and before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import fedspine.algorithms.schedulers as schedulers
+import fedspine.algorithms.strategies as strategies
+from fedspine.algorithms.schedulers import SyncScheduler
+from fedspine.algorithms.strategies import Strategy
+from fedspine.client.evaluate import Evaluation, evaluate
+from fedspine.client.objectives import ClassificationObjective, LanguageModelingObjective, Objective
+from fedspine.config import Config
+from fedspine.data import (
+    ClassificationTask,
+    EncodedDataset,
+    Example,
+    LanguageModelingTask,
+    iterate_batches,
+    load_source,
+    partition,
+    top_labels,
+    train_test_split,
+    with_label,
+)
+from fedspine.errors import ConfigError, DataError, FleetError
+from fedspine.fleet import GroupSpec, build_fleet
+from fedspine.fleet.cost import CostModel
+from fedspine.model.footprint import ModelShape, model_shape, train_workload
+from fedspine.model.load import default_cache_dir, resolve_model
+from fedspine.model.lora import apply_lora, get_lora_state
+from fedspine.runtime.executor import LocalTraining, SimExecutor
+from fedspine.types import Device, LoraState
+
+Status = Callable[[str], None]
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs, built and validated."""
+
+    config: Config
+    devices: list[Device]
+    strategy: Strategy
+    scheduler: SyncScheduler
+    executor: SimExecutor
+    objective: Objective
+    test_data: EncodedDataset
+    partitions: list[np.ndarray]
+    initial_lora: LoraState
+    task_name: str
+    chance_level: float
+    shape: ModelShape
+
+    def evaluate_global(self) -> Evaluation:
+        """Evaluate the model as it is now (global adapter loaded) on the held-out test set."""
+        indices = np.arange(len(self.test_data))
+        batches = iterate_batches(self.test_data, indices, self.config.eval.batch_size, None, shuffle=False)
+        return evaluate(self.executor.model, self.objective, batches)
+
+
+def build_strategy(cfg: Config) -> Strategy:
+    """The configured strategy (unknown names list the registered ones)."""
+    cls = strategies.STRATEGIES.get(cfg.strategy.name, "strategy.name")
+    return cls(weighting=cfg.strategy.weighting)
+
+
+def build_scheduler(cfg: Config, num_devices: int) -> SyncScheduler:
+    """The configured scheduler; ``clients_per_round`` falls back to a fraction of the fleet."""
+    cls = schedulers.SCHEDULERS.get(cfg.scheduler.name, "scheduler.name")
+    s = cfg.scheduler
+    k = s.clients_per_round or max(1, round(s.clients_fraction * num_devices))
+    scheduler: SyncScheduler = cls(s.rounds, min(k, num_devices), s.over_selection, s.deadline_seconds)
+    return scheduler
+
+
+def build_fleet_from_config(cfg: Config) -> list[Device]:
+    """The fleet described by ``cfg.fleet`` (errors name ``fleet.groups[i].<field>``)."""
+    groups = [GroupSpec(g.device_class, g.count, g.network, g.availability) for g in cfg.fleet.groups]
+    return build_fleet(groups, cfg.run.seed)
+
+
+def load_examples(cfg: Config, rng: np.random.Generator) -> list[Example]:
+    """Read the data source, attach labels (classification) and subsample."""
+    d = cfg.data
+    examples = load_source(d.source, d.path, "data.source")
+    if d.task == "classification":
+        if d.label_key in examples[0].meta:
+            examples = with_label(examples, d.label_key)
+        elif any(ex.label is None for ex in examples):
+            raise ConfigError(
+                "data.label_key", f"examples have neither a label nor the meta key '{d.label_key}'"
+            )
+        if d.max_labels:
+            examples = top_labels(examples, d.max_labels)
+    if d.max_examples and len(examples) > d.max_examples:
+        keep = np.sort(rng.choice(len(examples), d.max_examples, replace=False))
+        examples = [examples[i] for i in keep]
+    needed = d.test_size + len(cfg.fleet.groups)
+    if len(examples) < needed:
+        raise DataError(f"data source '{d.source}' has {len(examples)} examples; need at least {needed}")
+    return examples
+
+
+def build_task(cfg: Config, examples: Sequence[Example]) -> ClassificationTask | LanguageModelingTask:
+    """The task object that encodes examples for the model."""
+    d = cfg.data
+    if d.task == "lm":
+        return LanguageModelingTask(d.prompt_template or "{text}")
+    labels = sorted({ex.label for ex in examples if ex.label is not None})
+    words = d.label_words or None
+    if words is not None and len(words) != len(labels):
+        raise ConfigError("data.label_words", f"needs {len(labels)} words, one per label in {labels}")
+    template = d.prompt_template or ClassificationTask(labels).prompt_template
+    return ClassificationTask(labels, words, template, d.label_prefix)
+
+
+def split_and_partition(
+    cfg: Config, examples: Sequence[Example], num_devices: int, rng: np.random.Generator
+) -> tuple[list[Example], list[Example], list[np.ndarray]]:
+    """Hold out the global test set, then split the rest across devices."""
+    d = cfg.data
+    labels = [ex.label or "" for ex in examples] if d.task == "classification" else None
+    train_idx, test_idx = train_test_split(len(examples), d.test_size / len(examples), rng, stratify=labels)
+    train = [examples[i] for i in train_idx]
+    test = [examples[i] for i in test_idx]
+    groups = [ex.meta.get(d.partition_key, "") for ex in train] if d.partition == "natural" else None
+    parts = partition(
+        d.partition,
+        num_clients=num_devices,
+        rng=rng,
+        key="data.partition",
+        n=len(train),
+        labels=[ex.label or "" for ex in train] if d.partition == "dirichlet" else None,
+        groups=groups,
+        alpha=d.dirichlet_alpha if d.partition == "dirichlet" else d.quantity_alpha,
+    )
+    return train, test, parts
+
+
+def check_fleet_fits(devices: Sequence[Device], shape: ModelShape, cfg: Config) -> None:
+    """Fail early when no device can hold even one local step of the model."""
+    workload_for = lambda d: train_workload(  # noqa: E731
+        shape,
+        seq_lens=[cfg.data.max_length] * cfg.train.batch_size,
+        lora_rank=cfg.lora.rank,
+        num_lora_targets=len(cfg.lora.target_modules),
+        logits_positions="all",
+        dtype_bytes=d.device_class.train_dtype_bytes,
+        batch_size=cfg.train.batch_size,
+        steps=1,
+    )
+    if not any(CostModel.for_device(d).fits(workload_for(d).peak_memory_bytes) for d in devices):
+        biggest = max(d.device_class.memory_bytes for d in devices)
+        need = min(workload_for(d).peak_memory_bytes for d in devices)
+        raise FleetError(
+            f"no device in the fleet can hold the model: it needs {need / 2**30:.2f} GiB, "
+            f"the largest device has {biggest / 2**30:.2f} GiB"
+        )
+
+
+def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
+    """Validate names and the fleet, load data and model, and assemble the run."""
+    say = status or (lambda _msg: None)
+    torch.set_num_threads(cfg.run.threads)
+    strategy = build_strategy(cfg)
+    devices = build_fleet_from_config(cfg)
+    scheduler = build_scheduler(cfg, len(devices))
+    rng = np.random.default_rng(cfg.run.seed)
+    say(f"loading data source '{cfg.data.source}'")
+    examples = load_examples(cfg, rng)
+    task = build_task(cfg, examples)
+    train, test, parts = split_and_partition(cfg, examples, len(devices), rng)
+    say(f"loading model '{cfg.model.source}'")
+    model, tokenizer = _load_model(cfg)
+    shape = model_shape(model.config)
+    check_fleet_fits(devices, shape, cfg)
+    train_data = task.encode(train, tokenizer, cfg.data.max_length)
+    test_data = task.encode(test, tokenizer, cfg.data.max_length)
+    objective = _objective(train_data)
+    peft_model = apply_lora(
+        model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, seed=cfg.run.seed
+    )
+    t = cfg.train
+    executor = SimExecutor(
+        peft_model,
+        objective,
+        train_data,
+        parts,
+        LocalTraining(t.batch_size, t.lr, t.optimizer, t.weight_decay, t.max_grad_norm),
+        shape,
+        len(cfg.lora.target_modules),
+        cfg.run.seed,
+    )
+    return Experiment(
+        config=cfg,
+        devices=devices,
+        strategy=strategy,
+        scheduler=scheduler,
+        executor=executor,
+        objective=objective,
+        test_data=test_data,
+        partitions=parts,
+        initial_lora=get_lora_state(peft_model),
+        task_name=_task_name(cfg),
+        chance_level=task.chance_level(test_data),
+        shape=shape,
+    )
+
+
+def _load_model(cfg: Config) -> tuple[Any, Any]:
+    m = cfg.model
+    cache = Path(m.cache_dir) if m.cache_dir else default_cache_dir()
+    tiny = {
+        "hidden": m.tiny.hidden,
+        "layers": m.tiny.layers,
+        "heads": m.tiny.heads,
+        "kv_heads": m.tiny.kv_heads,
+        "intermediate": m.tiny.intermediate,
+        "seed": cfg.run.seed,
+    }
+    return resolve_model(m.source, m.path or None, cache, tiny, m.dtype)
+
+
+def _objective(train_data: EncodedDataset) -> Objective:
+    if train_data.label_token_ids is not None:
+        return ClassificationObjective(train_data.label_token_ids)
+    return LanguageModelingObjective()
+
+
+def _task_name(cfg: Config) -> str:
+    d = cfg.data
+    if d.task == "classification":
+        return f"{d.source}-{d.label_key} classification"
+    return f"{d.source} language modelling"

@@ -1,0 +1,285 @@
+"""The engine: one loop over synchronous rounds on the virtual clock.
+
+Per round: sample online devices, configure their tasks, run the real local training of the ones
+that can still matter, charge virtual time from the cost model (downlink, compute, uplink), let
+the scheduler decide which arrivals count, aggregate, and evaluate. Everything that depends on the
+host's speed is kept out of the records that must be reproducible.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedspine.algorithms.aggregate import aggregate
+from fedspine.algorithms.wire import payload_bytes
+from fedspine.client.evaluate import Evaluation
+from fedspine.fleet.cost import CostModel
+from fedspine.fleet.jitter import compute_slowdown, is_available, link_rate_factor
+from fedspine.metrics.records import RoundRecord, RunRecorder
+from fedspine.runtime.build import Experiment
+from fedspine.runtime.executor import PreparedTask, task_seed
+from fedspine.sim.clock import VirtualClock
+from fedspine.types import ClientTask, ClientUpdate, Device
+
+
+@dataclass
+class TaskOutcome:
+    """Virtual timing and result of one client task in a round (times relative to round start)."""
+
+    device: Device
+    status: str  # ok | late | oom
+    downlink_bytes: int
+    downlink_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    uplink_seconds: float = 0.0
+    uplink_bytes: int = 0
+    update: ClientUpdate | None = None
+    prepared: PreparedTask | None = None
+
+    @property
+    def arrival_seconds(self) -> float:
+        return self.downlink_seconds + self.compute_seconds + self.uplink_seconds
+
+
+@dataclass
+class RunState:
+    """What the engine accumulates while it runs."""
+
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    train_wall_seconds: float = 0.0
+    eval_wall_seconds: float = 0.0
+    aggregation_wall_seconds: float = 0.0
+    device_stats: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+ProgressCallback = Callable[[RoundRecord, "Evaluation | None"], None]
+
+
+class Engine:
+    """Runs an :class:`Experiment` and writes its records into a run directory."""
+
+    def __init__(self, experiment: Experiment, recorder: RunRecorder) -> None:
+        self.exp = experiment
+        self.recorder = recorder
+        self.clock = VirtualClock()
+        self.state = RunState()
+        self.seed = experiment.config.run.seed
+
+    def run(self, on_round: ProgressCallback | None = None) -> RunState:
+        """Run every round; returns the accumulated state for the summary."""
+        exp = self.exp
+        exp.strategy.init_global(exp.initial_lora)
+        self._evaluate(0)
+        for round_no in range(1, exp.scheduler.rounds + 1):
+            record, evaluation = self._round(round_no)
+            if on_round is not None:
+                on_round(record, evaluation)
+        return self.state
+
+    # --- one round -------------------------------------------------------------------------------
+
+    def _round(self, round_no: int) -> tuple[RoundRecord, Evaluation | None]:
+        exp = self.exp
+        start = self.clock.now
+        online = [d.device_id for d in exp.devices if is_available(d, self.seed, round_no)]
+        selected = exp.scheduler.select(online, random.Random(task_seed(self.seed, round_no)))
+        outcomes = self._run_tasks(round_no, [exp.devices[i] for i in selected])
+        arrivals = {o.device.device_id: o.arrival_seconds for o in outcomes if o.status == "ok"}
+        plan = exp.scheduler.plan(arrivals)
+        for o in outcomes:
+            if o.status == "ok" and o.device.device_id in plan.late:
+                o.status = "late"
+        accepted = [o for d in plan.accepted for o in outcomes if o.device.device_id == d]
+        agg_seconds = self._aggregate(round_no, start + plan.close_seconds, accepted)
+        self.clock.advance_to(start + plan.close_seconds + agg_seconds)
+        for o in outcomes:
+            self._record_task(round_no, start, o)
+        record = self._round_record(round_no, start, outcomes, accepted, agg_seconds)
+        evaluation = None
+        if round_no % exp.config.eval.every == 0 or round_no == exp.scheduler.rounds:
+            evaluation = self._evaluate(round_no)
+            record.metric, record.eval_loss = evaluation.metric, evaluation.loss
+        self.recorder.round(record)
+        return record, evaluation
+
+    def _run_tasks(self, round_no: int, devices: list[Device]) -> list[TaskOutcome]:
+        """Prepare every task, then train them fastest-first, skipping those that cannot count.
+
+        A task whose downlink + compute time already exceeds the deadline, or the k-th earliest
+        complete arrival so far, cannot be among the aggregated updates: its work is lost in the
+        simulated fleet, so it is not trained on the host either (the result is identical).
+        """
+        outcomes = [self._prepare(round_no, d) for d in devices]
+        runnable = sorted(
+            (o for o in outcomes if o.status == "ok"), key=lambda o: (o.arrival_seconds, o.device.device_id)
+        )
+        arrivals: list[float] = []
+        k = self.exp.scheduler.clients_per_round
+        deadline = self.exp.scheduler.deadline_seconds
+        for o in runnable:
+            bound = sorted(arrivals)[k - 1] if len(arrivals) >= k else float("inf")
+            if (deadline > 0 and o.arrival_seconds > deadline) or o.arrival_seconds > bound:
+                o.status = "late"
+                continue
+            self._train(o)
+            arrivals.append(o.arrival_seconds)
+        return outcomes
+
+    def _prepare(self, round_no: int, device: Device) -> TaskOutcome:
+        exp = self.exp
+        payload = exp.strategy.configure(round_no, device.device_id)
+        down_bytes = payload_bytes(payload)
+        task = ClientTask(
+            round_no,
+            device.device_id,
+            exp.config.train.local_steps,
+            exp.config.lora.rank,
+            payload,
+            down_bytes,
+        )
+        prepared = exp.executor.prepare(task, device)
+        outcome = TaskOutcome(device, "ok", down_bytes, prepared=prepared)
+        cost = CostModel.for_device(device)
+        if not cost.fits(prepared.workload.peak_memory_bytes):
+            outcome.status = "oom"
+            return outcome
+        rate = link_rate_factor(device, self.seed, round_no, "down")
+        outcome.downlink_seconds = cost.transfer_seconds(down_bytes, "down", rate)
+        slowdown = compute_slowdown(device, self.seed, round_no, exp.config.fleet.jitter_scale)
+        outcome.compute_seconds = cost.train_seconds(prepared.workload, slowdown)
+        return outcome
+
+    def _train(self, outcome: TaskOutcome) -> None:
+        assert outcome.prepared is not None
+        update = self.exp.executor.run(outcome.prepared)
+        self.state.train_wall_seconds += update.host_train_seconds
+        update.uplink_bytes = payload_bytes(update.lora_state)
+        device = outcome.device
+        rate = link_rate_factor(device, self.seed, update.round, "up")
+        outcome.uplink_bytes = update.uplink_bytes
+        outcome.uplink_seconds = CostModel.for_device(device).transfer_seconds(
+            update.uplink_bytes, "up", rate
+        )
+        outcome.update = update
+        self.recorder.host_timing(
+            "train", round=update.round, device_id=device.device_id, seconds=update.host_train_seconds
+        )
+
+    def _aggregate(self, round_no: int, start: float, accepted: list[TaskOutcome]) -> float:
+        server = self.exp.config.server
+        updates = [o.update for o in accepted if o.update is not None]
+        nbytes = sum(o.uplink_bytes for o in accepted)
+        seconds = (
+            server.aggregation_overhead_seconds + nbytes / (server.aggregation_gbps * 1e9) if updates else 0.0
+        )
+        wall = time.perf_counter()
+        aggregate(self.exp.strategy, updates)
+        self.state.aggregation_wall_seconds += time.perf_counter() - wall
+        self.recorder.event(
+            "aggregation",
+            round=round_no,
+            virtual_start=start,
+            virtual_end=start + seconds,
+            aggregation_seconds=seconds,
+            num_updates=len(updates),
+            uplink_bytes=nbytes,
+        )
+        return seconds
+
+    # --- records ---------------------------------------------------------------------------------
+
+    def _record_task(self, round_no: int, start: float, o: TaskOutcome) -> None:
+        prepared = o.prepared
+        workload = prepared.workload if prepared else None
+        self.recorder.event(
+            "task",
+            round=round_no,
+            device_id=o.device.device_id,
+            device_class=o.device.device_class.name,
+            network=o.device.network.name,
+            status=o.status,
+            virtual_start=start,
+            virtual_end=start + o.arrival_seconds,
+            downlink_seconds=o.downlink_seconds,
+            compute_seconds=o.compute_seconds,
+            uplink_seconds=o.uplink_seconds,
+            downlink_bytes=o.downlink_bytes if o.status != "oom" else 0,
+            uplink_bytes=o.uplink_bytes,
+            tokens=workload.tokens if workload else 0,
+            num_samples=prepared.num_samples if prepared else 0,
+            local_steps=len(prepared.batches) if prepared else 0,
+            lora_rank=prepared.task.lora_rank if prepared else 0,
+            pruning_ratio=0.0,
+            train_loss=o.update.train_loss if o.update else None,
+            peak_memory_bytes=workload.peak_memory_bytes if workload else 0,
+        )
+        self._device_stats(o)
+
+    def _device_stats(self, o: TaskOutcome) -> None:
+        stats = self.state.device_stats.setdefault(
+            o.device.device_id,
+            {
+                "tasks": 0,
+                "ok": 0,
+                "late": 0,
+                "oom": 0,
+                "compute_seconds": 0.0,
+                "communication_seconds": 0.0,
+                "uplink_bytes": 0,
+                "downlink_bytes": 0,
+            },
+        )
+        stats["tasks"] += 1
+        stats[o.status] += 1
+        stats["compute_seconds"] += o.compute_seconds
+        stats["communication_seconds"] += o.downlink_seconds + o.uplink_seconds
+        stats["uplink_bytes"] += o.uplink_bytes
+        stats["downlink_bytes"] += o.downlink_bytes if o.status != "oom" else 0
+
+    def _round_record(
+        self,
+        round_no: int,
+        start: float,
+        outcomes: list[TaskOutcome],
+        accepted: list[TaskOutcome],
+        agg_seconds: float,
+    ) -> RoundRecord:
+        closer = max(accepted, key=lambda o: o.arrival_seconds) if accepted else None
+        losses = [o.update.train_loss for o in accepted if o.update is not None]
+        return RoundRecord(
+            round=round_no,
+            virtual_start=start,
+            virtual_end=self.clock.now,
+            round_seconds=self.clock.now - start,
+            aggregation_seconds=agg_seconds,
+            downlink_seconds=closer.downlink_seconds if closer else 0.0,
+            training_seconds=closer.compute_seconds if closer else 0.0,
+            uplink_seconds=closer.uplink_seconds if closer else 0.0,
+            selected=len(outcomes),
+            aggregated=len(accepted),
+            late=sum(o.status == "late" for o in outcomes),
+            oom=sum(o.status == "oom" for o in outcomes),
+            uplink_bytes=sum(o.uplink_bytes for o in outcomes),
+            downlink_bytes=sum(o.downlink_bytes for o in outcomes if o.status != "oom"),
+            train_loss=sum(losses) / len(losses) if losses else None,
+        )
+
+    def _evaluate(self, round_no: int) -> Evaluation:
+        wall = time.perf_counter()
+        self.exp.executor.load_global(self.exp.strategy.global_lora())
+        evaluation = self.exp.evaluate_global()
+        self.state.eval_wall_seconds += time.perf_counter() - wall
+        entry = {
+            "round": round_no,
+            "virtual_time": self.clock.now,
+            "metric": evaluation.metric_name,
+            "value": evaluation.metric,
+            "loss": evaluation.loss,
+        }
+        self.state.evaluations.append(entry)
+        self.recorder.event("evaluation", **entry)
+        return evaluation

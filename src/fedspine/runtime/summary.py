@@ -1,0 +1,88 @@
+"""The run's ``summary.json``: the figures a user or a benchmark reads first."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fedspine.metrics.records import RoundRecord
+from fedspine.runtime.build import Experiment
+from fedspine.runtime.engine import RunState
+
+
+def time_to_target(
+    evaluations: Sequence[dict[str, Any]], target: float, higher_is_better: bool
+) -> float | None:
+    """Virtual time of the first evaluation that reaches ``target`` (None if never, or no target)."""
+    if target <= 0:
+        return None
+    for entry in evaluations:
+        value = float(entry["value"])
+        if (value >= target) if higher_is_better else (value <= target):
+            return float(entry["virtual_time"])
+    return None
+
+
+def _devices(experiment: Experiment, state: RunState) -> list[dict[str, Any]]:
+    rows = []
+    for device in experiment.devices:
+        stats = state.device_stats.get(device.device_id, {})
+        rows.append(
+            {
+                "device_id": device.device_id,
+                "device_class": device.device_class.name,
+                "network": device.network.name,
+                "train_examples": len(experiment.partitions[device.device_id]),
+                **stats,
+            }
+        )
+    return rows
+
+
+def make_summary(
+    experiment: Experiment,
+    state: RunState,
+    rounds: Sequence[RoundRecord],
+    loop_seconds: float,
+    setup_seconds: float,
+) -> dict[str, Any]:
+    """Assemble ``summary.json``.
+
+    ``wall_seconds`` is the host time of the federated loop (rounds, evaluation included);
+    ``train_wall_seconds`` the part spent in local training; ``eval_wall_seconds`` the part spent
+    in global evaluation; ``setup_wall_seconds`` model and data loading before the loop.
+    """
+    cfg = experiment.config
+    final = state.evaluations[-1]
+    return {
+        "task": experiment.task_name,
+        "metric": {
+            "name": final["metric"],
+            "value": final["value"],
+            "higher_is_better": experiment.objective.higher_is_better,
+        },
+        "chance_level": experiment.chance_level,
+        "initial_metric": state.evaluations[0]["value"],
+        "final_eval_loss": final["loss"],
+        "rounds": len(rounds),
+        "virtual_seconds": rounds[-1].virtual_end if rounds else 0.0,
+        "wall_seconds": loop_seconds,
+        "train_wall_seconds": state.train_wall_seconds,
+        "eval_wall_seconds": state.eval_wall_seconds,
+        "aggregation_wall_seconds": state.aggregation_wall_seconds,
+        "setup_wall_seconds": setup_seconds,
+        "uplink_bytes": sum(r.uplink_bytes for r in rounds),
+        "downlink_bytes": sum(r.downlink_bytes for r in rounds),
+        "target": cfg.eval.target if cfg.eval.target > 0 else None,
+        "time_to_target_seconds": time_to_target(
+            state.evaluations, cfg.eval.target, experiment.objective.higher_is_better
+        ),
+        "strategy": cfg.strategy.name,
+        "scheduler": cfg.scheduler.name,
+        "model": cfg.model.source if cfg.model.source != "local" else cfg.model.path,
+        "num_devices": len(experiment.devices),
+        "seed": cfg.run.seed,
+        "tasks": {s: sum(d.get(s, 0) for d in state.device_stats.values()) for s in ("ok", "late", "oom")},
+        "evaluations": state.evaluations,
+        "devices": _devices(experiment, state),
+    }

@@ -1,0 +1,119 @@
+"""Plain value types shared by every layer: devices, links, workloads, client tasks and updates.
+
+Tensors are typed as ``Any`` here so that this module (and the torch-free layers that import it)
+never imports torch; the algorithm layers hold ``torch.Tensor`` values in those fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# A LoRA state: module name -> {"A": tensor (r, in), "B": tensor (out, r)} plus scaling per module.
+LoraState = dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    """A kind of hardware, with effective figures taken from published measurements.
+
+    Attributes:
+        name: catalog key, e.g. ``"jetson_orin_nano"``.
+        description: human-readable name of the hardware.
+        peak_flops: peak dense FLOP/s in the precision training runs in.
+        mfu: model-FLOPs utilisation reachable in training (fraction of ``peak_flops``).
+        memory_bandwidth: sustained memory bandwidth, bytes/s.
+        memory_bytes: memory available to the training process, bytes.
+        train_dtype_bytes: bytes per weight/activation element while training (2 = fp16/bf16).
+        slowdown_sigma: sigma of the per-round lognormal slowdown (thermal throttling, background load).
+        source: where the figures come from.
+    """
+
+    name: str
+    description: str
+    peak_flops: float
+    mfu: float
+    memory_bandwidth: float
+    memory_bytes: int
+    train_dtype_bytes: int
+    slowdown_sigma: float
+    source: str
+
+
+@dataclass(frozen=True)
+class NetworkProfile:
+    """An application-level link between a device and the server.
+
+    Attributes:
+        name: preset key, e.g. ``"wifi"``.
+        uplink_bps: effective uplink throughput, bits/s.
+        downlink_bps: effective downlink throughput, bits/s.
+        rtt_seconds: round-trip time, seconds.
+        handshakes: round trips paid per transfer before data flows.
+        rate_jitter: each transfer's rate is multiplied by U(1 - rate_jitter, 1 + rate_jitter).
+    """
+
+    name: str
+    uplink_bps: float
+    downlink_bps: float
+    rtt_seconds: float
+    handshakes: float
+    rate_jitter: float
+
+
+@dataclass(frozen=True)
+class Device:
+    """One member of the simulated fleet."""
+
+    device_id: int
+    device_class: DeviceClass
+    network: NetworkProfile
+    availability: float
+    """Probability that the device is online when a round samples clients."""
+
+
+@dataclass(frozen=True)
+class TrainWorkload:
+    """What one local training task costs on a device, derived from the model it actually trains.
+
+    Attributes:
+        flops: floating-point operations of all local steps (forward + backward).
+        bytes_moved: bytes read/written from memory over all steps (roofline memory term).
+        peak_memory_bytes: peak memory the task needs on the device.
+        tokens: tokens processed (for records).
+    """
+
+    flops: float
+    bytes_moved: float
+    peak_memory_bytes: int
+    tokens: int
+
+
+@dataclass
+class ClientTask:
+    """What the server asks one device to do in one round."""
+
+    round: int
+    device_id: int
+    local_steps: int
+    lora_rank: int
+    payload: LoraState
+    """Global LoRA state the device starts from (what travels on the downlink)."""
+    downlink_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientUpdate:
+    """What one device sends back after local training."""
+
+    round: int
+    device_id: int
+    num_samples: int
+    lora_state: LoraState
+    uplink_bytes: int
+    train_loss: float
+    tokens: int
+    host_train_seconds: float
+    """Host wall time of the real training (not virtual time)."""
+    metrics: dict[str, float] = field(default_factory=dict)
