@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a runtime failure (model, data, fleet), 2 bad input (co
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -136,7 +137,13 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    # fedspine never talks to a model hub: keep the libraries offline and their progress bars quiet.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     app(prog_name="fedspine")
 
 

@@ -89,6 +89,11 @@ class ModelSection:
         )
 
 
+LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Adapting every linear layer (as QLoRA does) learns much faster per step than q,v alone, at ~20% more
+host time per step on SmolLM2: the backward pass through the frozen weights dominates either way."""
+
+
 @dataclass
 class LoraSection:
     """LoRA adapters (peft)."""
@@ -99,14 +104,25 @@ class LoraSection:
     """LoRA alpha; the update is scaled by alpha / rank."""
     dropout: float = 0.0
     """Dropout on the LoRA input."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """Names of the linear modules that get adapters."""
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEAR_MODULES))
+    """Names of the linear modules that get adapters (default: every linear layer of a Llama block)."""
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "lora.rank", f"must be >= 1, got {self.rank}")
         _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
+
+
+BIBLE_GENRE_WORDS = {
+    "law": "law",
+    "history": "history",
+    "wisdom": "poetry",
+    "prophets": "prophecy",
+    "gospels": "gospel",
+    "epistles": "letter",
+}
+"""Verbalizer of the default task: one natural English word per Bible genre (distinct first tokens)."""
 
 
 @dataclass
@@ -123,17 +139,17 @@ class DataSection:
     """Metadata key that becomes the class label (classification), e.g. genre, testament, show."""
     max_labels: int = 0
     """Keep only the most frequent labels (0 = all)."""
-    label_words: list[str] = field(default_factory=list)
-    """Verbalizer words, one per label in sorted label order (empty = the label names)."""
-    prompt_template: str = ""
+    label_words: dict[str, str] = field(default_factory=lambda: dict(BIBLE_GENRE_WORDS))
+    """Verbalizer: the word the model answers for each label, e.g. {epistles = "letter"} (default: the label)."""
+    prompt_template: str = "Bible verse: {text}\nSection of the Bible:"
     """Prompt with a {text} placeholder (empty = the task's default)."""
     label_prefix: str = " "
     """Put before each label word when tokenising ("" for byte tokenizers; end the prompt with a space)."""
-    max_length: int = 64
+    max_length: int = 48
     """Maximum tokens per example."""
     max_examples: int = 0
     """Subsample the source to this many examples before splitting (0 = all)."""
-    test_size: int = 300
+    test_size: int = 150
     """Examples held out as the global test set (stratified for classification)."""
     partition: Literal["iid", "dirichlet", "natural", "quantity_skew"] = "dirichlet"
     """How training examples are split across devices."""
@@ -207,7 +223,7 @@ class TrainSection:
     """Optimizer steps per client task."""
     batch_size: int = 8
     """Examples per step."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Learning rate of the local optimizer."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """Local optimizer (state is fresh each task, as on a real device)."""
@@ -240,9 +256,9 @@ class SchedulerSection:
     """Registered scheduler name."""
     rounds: int = 5
     """Synchronous rounds (aggregations)."""
-    clients_per_round: int = 0
+    clients_per_round: int = 4
     """Updates aggregated per round (0 = use clients_fraction)."""
-    clients_fraction: float = 1.0
+    clients_fraction: float = 0.5
     """Fraction of the fleet aggregated per round when clients_per_round = 0."""
     over_selection: float = 0.0
     """Select (1 + over_selection) x as many devices and keep the first to arrive (FedScale)."""
@@ -275,7 +291,9 @@ class EvalSection:
     """Evaluate every k rounds (the last round is always evaluated)."""
     batch_size: int = 32
     """Evaluation batch size."""
-    target: float = 0.0
+    at_start: bool = True
+    """Also evaluate the initial model (round 0), so the curve starts from the pretrained metric."""
+    target: float = 0.4
     """Metric target for time-to-target (0 = none; accuracy: higher is better, perplexity: lower)."""
 
     def __post_init__(self) -> None:

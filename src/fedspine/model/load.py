@@ -189,6 +189,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    except ImportError as err:  # transformers needs the `gguf` package to read GGUF files
+        raise ModelError(f"reading {gguf} needs the 'gguf' package (pip install gguf): {err}") from err
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise ModelError(f"cannot read GGUF {gguf}: {err}") from err
     _drop_gguf_quantizer(model)

@@ -35,6 +35,8 @@ def apply_lora(
     """Wraps ``model`` with fresh LoRA adapters (A random, B zero); only the adapters are trainable.
 
     The base model is modified in place (peft swaps the target layers); the global torch RNG is untouched.
+    The returned model keeps the base model's train/eval mode: call ``.train()`` before training so that
+    LoRA dropout is active.
 
     Args:
         model: a causal LM.

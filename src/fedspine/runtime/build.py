@@ -118,9 +118,10 @@ def build_task(cfg: Config, examples: Sequence[Example]) -> ClassificationTask |
     if d.task == "lm":
         return LanguageModelingTask(d.prompt_template or "{text}")
     labels = sorted({ex.label for ex in examples if ex.label is not None})
-    words = d.label_words or None
-    if words is not None and len(words) != len(labels):
-        raise ConfigError("data.label_words", f"needs {len(labels)} words, one per label in {labels}")
+    unknown = sorted(set(d.label_words) - set(labels))
+    if unknown:
+        raise ConfigError(f"data.label_words.{unknown[0]}", f"not a label of this data; labels: {labels}")
+    words = [d.label_words.get(label, label) for label in labels]
     template = d.prompt_template or ClassificationTask(labels).prompt_template
     return ClassificationTask(labels, words, template, d.label_prefix)
 

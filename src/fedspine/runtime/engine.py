@@ -73,7 +73,8 @@ class Engine:
         """Run every round; returns the accumulated state for the summary."""
         exp = self.exp
         exp.strategy.init_global(exp.initial_lora)
-        self._evaluate(0)
+        if exp.config.eval.at_start:
+            self._evaluate(0)
         for round_no in range(1, exp.scheduler.rounds + 1):
             record, evaluation = self._round(round_no)
             if on_round is not None:
@@ -94,10 +95,10 @@ class Engine:
             if o.status == "ok" and o.device.device_id in plan.late:
                 o.status = "late"
         accepted = [o for d in plan.accepted for o in outcomes if o.device.device_id == d]
-        agg_seconds = self._aggregate(round_no, start + plan.close_seconds, accepted)
-        self.clock.advance_to(start + plan.close_seconds + agg_seconds)
         for o in outcomes:
             self._record_task(round_no, start, o)
+        agg_seconds = self._aggregate(round_no, start + plan.close_seconds, accepted)
+        self.clock.advance_to(start + plan.close_seconds + agg_seconds)
         record = self._round_record(round_no, start, outcomes, accepted, agg_seconds)
         evaluation = None
         if round_no % exp.config.eval.every == 0 or round_no == exp.scheduler.rounds:

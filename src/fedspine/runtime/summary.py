@@ -62,7 +62,7 @@ def make_summary(
             "higher_is_better": experiment.objective.higher_is_better,
         },
         "chance_level": experiment.chance_level,
-        "initial_metric": state.evaluations[0]["value"],
+        "initial_metric": state.evaluations[0]["value"] if cfg.eval.at_start else None,
         "final_eval_loss": final["loss"],
         "rounds": len(rounds),
         "virtual_seconds": rounds[-1].virtual_end if rounds else 0.0,

@@ -1,0 +1,99 @@
+"""Config tree: TOML round trip, validation messages that name the key, overrides, shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedspine.config import Config, from_dict, load_config, parse_override, read_toml, to_dict, to_toml
+from fedspine.errors import ConfigError
+from fedspine.runtime.build import build_fleet_from_config, build_scheduler, build_strategy
+from tests.conftest import CONFIGS
+
+
+def test_toml_round_trip_preserves_every_field(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(Config()))
+    assert to_dict(load_config(path)) == to_dict(Config())
+
+
+def test_shipped_default_toml_is_the_builtin_default() -> None:
+    assert to_dict(load_config(CONFIGS / "default.toml")) == to_dict(load_config(None))
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_resolves(path: Path) -> None:
+    cfg = load_config(path)
+    devices = build_fleet_from_config(cfg)
+    assert len(devices) == sum(g.count for g in cfg.fleet.groups)
+    build_strategy(cfg)
+    build_scheduler(cfg, len(devices))
+
+
+def test_the_paper_like_fleet_has_80_devices() -> None:
+    assert len(build_fleet_from_config(load_config(CONFIGS / "fleet80.toml"))) == 80
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "fragment"),
+    [
+        ({"train": {"lrr": 1.0}}, "train.lrr", "allowed keys here: local_steps"),
+        ({"train": {"lr": "fast"}}, "train.lr", "expected float, got str"),
+        ({"train": {"local_steps": 2.5}}, "train.local_steps", "expected int"),
+        ({"train": {"local_steps": True}}, "train.local_steps", "expected int, got bool"),
+        ({"data": {"task": "regression"}}, "data.task", "'classification' | 'lm'"),
+        ({"train": {"local_steps": 0}}, "train.local_steps", ">= 1"),
+        ({"fleet": {"groups": [{"count": "two"}]}}, "fleet.groups[0].count", "expected int"),
+        ({"fleet": {"groups": []}}, "fleet.groups", "at least one"),
+        ({"lora": {"target_modules": "q_proj"}}, "lora.target_modules", "list"),
+        ({"colour": "red"}, "colour", "allowed keys here: run, model"),
+    ],
+)
+def test_validation_errors_name_the_key(data: dict, key: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_dict(data)
+    assert info.value.key == key
+    assert key in str(info.value)
+    assert fragment in str(info.value)
+
+
+def test_unknown_registered_names_list_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match=r"strategy.name.*unknown strategy 'fedavgx'; known: .*fedit"):
+        build_strategy(load_config(None, ["strategy.name=fedavgx"]))
+    with pytest.raises(ConfigError, match=r"scheduler.name.*known: .*sync"):
+        build_scheduler(load_config(None, ["scheduler.name=nope"]), 10)
+
+
+def test_unknown_device_class_names_the_group() -> None:
+    cfg = load_config(None, ["fleet.groups.1.device_class=toaster"])
+    with pytest.raises(ConfigError, match=r"fleet.groups\[1\].device_class.*raspberry_pi_4"):
+        build_fleet_from_config(cfg)
+
+
+def test_overrides_parse_toml_values_and_bare_strings() -> None:
+    assert parse_override("train.lr=3e-4") == (["train", "lr"], 3e-4)
+    assert parse_override("strategy.name=fedit") == (["strategy", "name"], "fedit")
+    assert parse_override("lora.target_modules=['q_proj']") == (["lora", "target_modules"], ["q_proj"])
+    assert parse_override("fleet.groups[0].count=3") == (["fleet", "groups", "0", "count"], 3)
+    cfg = load_config(None, ["fleet.groups[0].count=3", "fleet.groups.1.network={wifi=0.5, 5g=0.5}"])
+    assert cfg.fleet.groups[0].count == 3
+    assert cfg.fleet.groups[1].network == {"wifi": 0.5, "5g": 0.5}
+
+
+def test_override_errors() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("train.lr")
+    with pytest.raises(ConfigError, match="list index"):
+        load_config(None, ["fleet.groups.99.count=1"])
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        load_config(None, ["train.lr=abc"])
+
+
+def test_bad_toml_file_is_a_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nlr = 1")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        read_toml(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        read_toml(tmp_path / "missing.toml")
