@@ -130,7 +130,7 @@ def test_existing_run_directory_is_never_overwritten(tmp_path: Path) -> None:
 
 
 def test_fleet_command_prints_the_table() -> None:
-    result = runner.invoke(app, ["fleet", "--config", str(CONFIGS / "fleet80.toml")])
+    result = runner.invoke(app, ["fleet", "--config", str(CONFIGS / "fleet80.toml")], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "80 devices" in result.output
     assert "jetson_agx_orin" in result.output

@@ -140,7 +140,7 @@ class DataSection:
     max_labels: int = 0
     """Keep only the most frequent labels (0 = all)."""
     label_words: dict[str, str] = field(default_factory=lambda: dict(BIBLE_GENRE_WORDS))
-    """Verbalizer: the word the model answers for each label, e.g. {epistles = "letter"} (default: the label)."""
+    """Verbalizer: the word the model answers for each label, e.g. {epistles = "letter"} (default: label)."""
     prompt_template: str = "Bible verse: {text}\nSection of the Bible:"
     """Prompt with a {text} placeholder (empty = the task's default)."""
     label_prefix: str = " "
