@@ -106,12 +106,24 @@ class LoraSection:
     """Dropout on the LoRA input."""
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEAR_MODULES))
     """Names of the linear modules that get adapters (default: every linear layer of a Llama block)."""
+    ranks: list[int] = field(default_factory=list)
+    """Per-device ranks in device order, e.g. FLoRA's [64, 32, 16, 16, 8, 8, 4, 4, 4, 4] (empty = rank)."""
+    class_ranks: dict[str, int] = field(default_factory=dict)
+    """Per-device-class ranks, e.g. {raspberry_pi_4 = 4}; classes not listed use `rank`."""
+    alphas: list[float] = field(default_factory=list)
+    """Per-device alphas in device order (empty = every device keeps the scaling alpha / rank)."""
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "lora.rank", f"must be >= 1, got {self.rank}")
         _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
+        for i, r in enumerate(self.ranks):
+            _check(r >= 1, f"lora.ranks[{i}]", f"must be >= 1, got {r}")
+        for name, r in self.class_ranks.items():
+            _check(r >= 1, f"lora.class_ranks.{name}", f"must be >= 1, got {r}")
+        for i, a in enumerate(self.alphas):
+            _check(a > 0, f"lora.alphas[{i}]", f"must be > 0, got {a}")
 
 
 BIBLE_GENRE_WORDS = {
@@ -239,13 +251,41 @@ class TrainSection:
 
 
 @dataclass
+class HetLoRASection:
+    """HetLoRA's local rank self-pruning."""
+
+    gamma: float = 0.9
+    """A device that prunes keeps floor(gamma * rank) components."""
+    prune_threshold: float = 0.05
+    """Prune when the tail's share of ||B A|| is below this."""
+    penalty: float = 1e-3
+    """Weight of the tail-norm penalty in the local loss."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.gamma < 1, "strategy.hetlora.gamma", "must be in (0, 1)")
+        _check(self.prune_threshold >= 0, "strategy.hetlora.prune_threshold", "must be >= 0")
+        _check(self.penalty >= 0, "strategy.hetlora.penalty", "must be >= 0")
+
+
+@dataclass
 class StrategySection:
     """How updates are configured and aggregated (see `fedspine.algorithms.strategies`)."""
 
     name: str = "fedit"
-    """Registered strategy name."""
+    """Registered strategy name: fedit, zeropad, hetlora, flexlora, flora."""
     weighting: Literal["samples", "uniform"] = "samples"
     """Aggregation weight of each update: its number of training samples, or equal."""
+    aggregation_fan_in: int = 0
+    """Aggregate through a tree of aggregators with this fan-in (LIFL-style; 0 = flat)."""
+    hetlora: HetLoRASection = field(default_factory=HetLoRASection)
+    """Parameters of the hetlora strategy."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.aggregation_fan_in in (0,) or self.aggregation_fan_in >= 2,
+            "strategy.aggregation_fan_in",
+            "must be 0 (flat) or >= 2",
+        )
 
 
 @dataclass

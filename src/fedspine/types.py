@@ -89,6 +89,19 @@ class TrainWorkload:
     tokens: int
 
 
+@dataclass(frozen=True)
+class DeviceLora:
+    """A device's LoRA configuration: its rank and its scaling ``alpha / rank``."""
+
+    rank: int
+    scaling: float
+
+    @property
+    def alpha(self) -> float:
+        """LoRA alpha (``scaling * rank``)."""
+        return self.scaling * self.rank
+
+
 @dataclass
 class ClientTask:
     """What the server asks one device to do in one round."""
@@ -96,7 +109,7 @@ class ClientTask:
     round: int
     device_id: int
     local_steps: int
-    lora_rank: int
+    lora: DeviceLora
     payload: LoraState
     """Global LoRA state the device starts from (what travels on the downlink)."""
     downlink_bytes: int
@@ -116,4 +129,8 @@ class ClientUpdate:
     tokens: int
     host_train_seconds: float
     """Host wall time of the real training (not virtual time)."""
+    lora_rank: int = 0
+    """Rank of the uploaded adapter (may be below the task's rank after HetLoRA self-pruning)."""
+    lora_scaling: float = 1.0
+    """The device's alpha / rank: the update is ``lora_scaling * B @ A``."""
     metrics: dict[str, float] = field(default_factory=dict)

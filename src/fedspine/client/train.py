@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +36,13 @@ def train_local(
     batches: Iterable[Any],
     optimizer: torch.optim.Optimizer,
     max_grad_norm: float = 0.0,
+    penalty: Callable[[], torch.Tensor | None] | None = None,
 ) -> LocalResult:
-    """Run one optimizer step per batch on the trainable (LoRA) parameters of ``model``."""
+    """Run one optimizer step per batch on the trainable (LoRA) parameters of ``model``.
+
+    ``penalty``, when given, adds a regulariser to each step's loss (e.g. HetLoRA's tail norm); the
+    reported loss is the task loss alone.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     start = time.perf_counter()
@@ -45,7 +50,8 @@ def train_local(
     for batch in batches:
         optimizer.zero_grad(set_to_none=True)
         loss = objective.loss(model, batch)
-        loss.backward()
+        extra = penalty() if penalty is not None else None
+        (loss if extra is None else loss + extra).backward()
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()

@@ -11,6 +11,7 @@ import copy
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -66,16 +67,16 @@ def apply_lora(
     return peft_model
 
 
-def _lora_layers(peft_model: PeftModel) -> Iterator[tuple[str, LoraLayer]]:
+def _lora_layers(peft_model: PeftModel, adapter: str = ADAPTER) -> Iterator[tuple[str, LoraLayer]]:
     """Yields ``(name in the base model, layer)`` for every LoRA layer, in module order."""
     for name, module in peft_model.get_base_model().named_modules():
-        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
             yield name, module
 
 
-def _a_b(layer: LoraLayer) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+def _a_b(layer: LoraLayer, adapter: str = ADAPTER) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
     """The A (r, in) and B (out, r) weights of the adapter in ``layer``."""
-    a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     if not (isinstance(a, torch.nn.Parameter) and isinstance(b, torch.nn.Parameter)):
         raise ModelError(f"unexpected LoRA layer {type(layer).__name__}: A/B are not plain weights")
     return a, b
@@ -86,16 +87,16 @@ def lora_module_names(peft_model: PeftModel) -> list[str]:
     return [name for name, _ in _lora_layers(peft_model)]
 
 
-def get_lora_state(peft_model: PeftModel) -> LoraState:
+def get_lora_state(peft_model: PeftModel, adapter: str = ADAPTER) -> LoraState:
     """Returns detached copies of every adapter: ``{name: {"A": (r, in), "B": (out, r)}}``."""
     state: LoraState = {}
-    for name, layer in _lora_layers(peft_model):
-        a, b = _a_b(layer)
+    for name, layer in _lora_layers(peft_model, adapter):
+        a, b = _a_b(layer, adapter)
         state[name] = {"A": a.detach().clone(), "B": b.detach().clone()}
     return state
 
 
-def set_lora_state(peft_model: PeftModel, state: LoraState) -> None:
+def set_lora_state(peft_model: PeftModel, state: LoraState, adapter: str = ADAPTER) -> None:
     """Copies ``state`` into the adapters in place (dtype and device follow the model).
 
     Other keys in a module's entry (e.g. a per-module scaling a strategy carries) are ignored.
@@ -103,7 +104,7 @@ def set_lora_state(peft_model: PeftModel, state: LoraState) -> None:
     Raises:
         ModelError: the module names differ, or a tensor's shape does not match the adapter.
     """
-    layers = dict(_lora_layers(peft_model))
+    layers = dict(_lora_layers(peft_model, adapter))
     if set(layers) != set(state):
         missing, extra = sorted(set(layers) - set(state)), sorted(set(state) - set(layers))
         raise ModelError(
@@ -111,7 +112,7 @@ def set_lora_state(peft_model: PeftModel, state: LoraState) -> None:
         )
     with torch.no_grad():
         for name, layer in layers.items():
-            a, b = _a_b(layer)
+            a, b = _a_b(layer, adapter)
             _copy_checked(a, state[name], name, "A")
             _copy_checked(b, state[name], name, "B")
 
@@ -163,6 +164,52 @@ def state_num_bytes(state: LoraState) -> int:
     )
 
 
+def module_shapes(peft_model: PeftModel) -> dict[str, tuple[int, int]]:
+    """``(out_features, in_features)`` of every adapted module, by name in the base model."""
+    shapes = {}
+    for name, layer in _lora_layers(peft_model):
+        a, b = _a_b(layer)
+        shapes[name] = (int(b.shape[0]), int(a.shape[1]))
+    return shapes
+
+
+def ensure_adapter(peft_model: PeftModel, name: str, rank: int, alpha: float) -> None:
+    """Add adapter ``name`` (same targets and dropout as the default one) unless it exists.
+
+    One model holds an adapter per (rank, alpha) in use, so devices with heterogeneous ranks train
+    with exactly their own rank and scaling on the shared in-process base model.
+    """
+    if name in peft_model.peft_config:
+        return
+    base: Any = peft_model.peft_config[ADAPTER]
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # floats work (scaling = alpha / r)
+        lora_dropout=base.lora_dropout,
+        target_modules=base.target_modules,
+    )
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        peft_model.add_adapter(name, config)
+
+
+def activate_adapter(peft_model: PeftModel, name: str) -> None:
+    """Make ``name`` the adapter used in forward passes, and the only trainable one."""
+    peft_model.set_adapter(name)
+
+
+def add_to_base_weights(peft_model: PeftModel, deltas: dict[str, torch.Tensor]) -> None:
+    """Merge ``W <- W + delta`` into the frozen base weights of the named adapted modules (FLoRA)."""
+    layers = dict(_lora_layers(peft_model))
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            if name not in layers:
+                raise ModelError(f"cannot merge into {name}: not an adapted module")
+            base: Any = layers[name].get_base_layer()
+            base.weight.add_(delta.to(base.weight.dtype))
+
+
 def lora_parameter_count(peft_model: PeftModel) -> int:
     """Number of LoRA parameters (all A and B entries) in the model."""
     return sum(a.numel() + b.numel() for a, b in (_a_b(layer) for _, layer in _lora_layers(peft_model)))
@@ -203,7 +250,10 @@ def merge_and_export(
 
 __all__ = [
     "ADAPTER",
+    "activate_adapter",
+    "add_to_base_weights",
     "apply_lora",
+    "ensure_adapter",
     "get_lora_state",
     "lora_module_names",
     "lora_parameter_count",
@@ -212,6 +262,7 @@ __all__ = [
     "merge_and_export",
     "merged_model",
     "merged_state_dict",
+    "module_shapes",
     "set_lora_state",
     "state_num_bytes",
     "zero_lora_state_like",

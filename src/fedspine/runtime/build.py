@@ -6,6 +6,7 @@ milliseconds, before the model is loaded, and before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,6 @@ import fedspine.algorithms.schedulers as schedulers
 import fedspine.algorithms.strategies as strategies
 from fedspine.algorithms.schedulers import SyncScheduler
 from fedspine.algorithms.strategies import Strategy
-from fedspine.client.evaluate import Evaluation, evaluate
 from fedspine.client.objectives import ClassificationObjective, LanguageModelingObjective, Objective
 from fedspine.config import Config
 from fedspine.data import (
@@ -26,7 +26,6 @@ from fedspine.data import (
     EncodedDataset,
     Example,
     LanguageModelingTask,
-    iterate_batches,
     load_source,
     partition,
     top_labels,
@@ -38,9 +37,9 @@ from fedspine.fleet import GroupSpec, build_fleet
 from fedspine.fleet.cost import CostModel
 from fedspine.model.footprint import ModelShape, model_shape, train_workload
 from fedspine.model.load import default_cache_dir, resolve_model
-from fedspine.model.lora import apply_lora, get_lora_state
+from fedspine.model.lora import apply_lora, module_shapes
 from fedspine.runtime.executor import LocalTraining, SimExecutor
-from fedspine.types import Device, LoraState
+from fedspine.types import Device, DeviceLora
 
 Status = Callable[[str], None]
 
@@ -57,22 +56,44 @@ class Experiment:
     objective: Objective
     test_data: EncodedDataset
     partitions: list[np.ndarray]
-    initial_lora: LoraState
+    device_lora: dict[int, DeviceLora]
+    module_shapes: dict[str, tuple[int, int]]
     task_name: str
     chance_level: float
     shape: ModelShape
 
-    def evaluate_global(self) -> Evaluation:
-        """Evaluate the model as it is now (global adapter loaded) on the held-out test set."""
-        indices = np.arange(len(self.test_data))
-        batches = iterate_batches(self.test_data, indices, self.config.eval.batch_size, None, shuffle=False)
-        return evaluate(self.executor.model, self.objective, batches)
-
 
 def build_strategy(cfg: Config) -> Strategy:
-    """The configured strategy (unknown names list the registered ones)."""
-    cls = strategies.STRATEGIES.get(cfg.strategy.name, "strategy.name")
-    return cls(weighting=cfg.strategy.weighting)
+    """The configured strategy; its own sub-table (e.g. ``[strategy.hetlora]``) supplies its parameters."""
+    factory = strategies.STRATEGIES.get(cfg.strategy.name, "strategy.name")
+    params = getattr(cfg.strategy, cfg.strategy.name, None)
+    is_table = dataclasses.is_dataclass(params) and not isinstance(params, type)
+    kwargs = dataclasses.asdict(params) if is_table else {}  # type: ignore[arg-type]
+    return factory(weighting=cfg.strategy.weighting, **kwargs)
+
+
+def build_device_lora(cfg: Config, devices: Sequence[Device], strategy: Strategy) -> dict[int, DeviceLora]:
+    """Each device's LoRA rank (per device, per class, or the default) and scaling."""
+    lora = cfg.lora
+    if lora.ranks and len(lora.ranks) != len(devices):
+        raise ConfigError("lora.ranks", f"has {len(lora.ranks)} entries for {len(devices)} devices")
+    if lora.alphas and len(lora.alphas) != len(devices):
+        raise ConfigError("lora.alphas", f"has {len(lora.alphas)} entries for {len(devices)} devices")
+    unknown = sorted(set(lora.class_ranks) - {d.device_class.name for d in devices})
+    if unknown:
+        raise ConfigError(f"lora.class_ranks.{unknown[0]}", "no device of this class in the fleet")
+    table = {}
+    for d in devices:
+        rank = lora.ranks[d.device_id] if lora.ranks else lora.class_ranks.get(d.device_class.name, lora.rank)
+        alpha = lora.alphas[d.device_id] if lora.alphas else lora.alpha / lora.rank * rank
+        table[d.device_id] = DeviceLora(rank=rank, scaling=alpha / rank)
+    if strategy.uniform_rank_only and len({v.rank for v in table.values()}) > 1:
+        raise ConfigError(
+            "lora.ranks",
+            f"strategy '{strategy.name}' needs one rank for every device; "
+            "use zeropad, hetlora, flexlora or flora for heterogeneous ranks",
+        )
+    return table
 
 
 def build_scheduler(cfg: Config, num_devices: int) -> SyncScheduler:
@@ -176,6 +197,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     torch.set_num_threads(cfg.run.threads)
     strategy = build_strategy(cfg)
     devices = build_fleet_from_config(cfg)
+    device_lora = build_device_lora(cfg, devices, strategy)
     scheduler = build_scheduler(cfg, len(devices))
     rng = np.random.default_rng(cfg.run.seed)
     say(f"loading data source '{cfg.data.source}'")
@@ -196,6 +218,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     executor = SimExecutor(
         peft_model,
         objective,
+        strategy,
         train_data,
         parts,
         LocalTraining(t.batch_size, t.lr, t.optimizer, t.weight_decay, t.max_grad_norm),
@@ -212,7 +235,8 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         objective=objective,
         test_data=test_data,
         partitions=parts,
-        initial_lora=get_lora_state(peft_model),
+        device_lora=device_lora,
+        module_shapes=module_shapes(peft_model),
         task_name=_task_name(cfg),
         chance_level=task.chance_level(test_data),
         shape=shape,

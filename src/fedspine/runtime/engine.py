@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from fedspine.algorithms.aggregate import aggregate
 from fedspine.algorithms.wire import payload_bytes
 from fedspine.client.evaluate import Evaluation
@@ -23,7 +25,7 @@ from fedspine.metrics.records import RoundRecord, RunRecorder
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.executor import PreparedTask, task_seed
 from fedspine.sim.clock import VirtualClock
-from fedspine.types import ClientTask, ClientUpdate, Device
+from fedspine.types import ClientTask, ClientUpdate, Device, DeviceLora
 
 
 @dataclass
@@ -39,6 +41,7 @@ class TaskOutcome:
     uplink_bytes: int = 0
     update: ClientUpdate | None = None
     prepared: PreparedTask | None = None
+    task: ClientTask | None = None
 
     @property
     def arrival_seconds(self) -> float:
@@ -68,11 +71,14 @@ class Engine:
         self.clock = VirtualClock()
         self.state = RunState()
         self.seed = experiment.config.run.seed
+        self.device_lora = dict(experiment.device_lora)
+        """Each device's current LoRA rank and scaling (HetLoRA devices shrink theirs)."""
 
     def run(self, on_round: ProgressCallback | None = None) -> RunState:
         """Run every round; returns the accumulated state for the summary."""
         exp = self.exp
-        exp.strategy.init_global(exp.initial_lora)
+        rank = max(lora.rank for lora in self.device_lora.values())
+        exp.strategy.init_global(exp.module_shapes, rank, torch.Generator().manual_seed(self.seed))
         if exp.config.eval.at_start:
             self._evaluate(0)
         for round_no in range(1, exp.scheduler.rounds + 1):
@@ -131,32 +137,33 @@ class Engine:
         return outcomes
 
     def _prepare(self, round_no: int, device: Device) -> TaskOutcome:
+        """Draw the batches, check memory, then get the starting adapter and charge the downlink."""
         exp = self.exp
-        payload = exp.strategy.configure(round_no, device.device_id)
-        down_bytes = payload_bytes(payload)
-        task = ClientTask(
-            round_no,
-            device.device_id,
-            exp.config.train.local_steps,
-            exp.config.lora.rank,
-            payload,
-            down_bytes,
-        )
-        prepared = exp.executor.prepare(task, device)
-        outcome = TaskOutcome(device, "ok", down_bytes, prepared=prepared)
+        lora = self.device_lora[device.device_id]
+        steps = exp.config.train.local_steps
+        prepared = exp.executor.prepare(round_no, device, lora, steps)
+        outcome = TaskOutcome(device, "ok", 0, prepared=prepared)
         cost = CostModel.for_device(device)
         if not cost.fits(prepared.workload.peak_memory_bytes):
-            outcome.status = "oom"
+            outcome.status = "oom"  # never dispatched: nothing is downloaded or trained
             return outcome
+        generator = torch.Generator().manual_seed(task_seed(self.seed, round_no, device.device_id, 2))
+        dispatch = exp.strategy.configure(round_no, device.device_id, lora, generator)
+        outcome.task = ClientTask(
+            round_no, device.device_id, steps, lora, dispatch.lora_state, dispatch.downlink_bytes
+        )
+        outcome.downlink_bytes = dispatch.downlink_bytes
         rate = link_rate_factor(device, self.seed, round_no, "down")
-        outcome.downlink_seconds = cost.transfer_seconds(down_bytes, "down", rate)
+        outcome.downlink_seconds = cost.transfer_seconds(dispatch.downlink_bytes, "down", rate)
         slowdown = compute_slowdown(device, self.seed, round_no, exp.config.fleet.jitter_scale)
         outcome.compute_seconds = cost.train_seconds(prepared.workload, slowdown)
         return outcome
 
     def _train(self, outcome: TaskOutcome) -> None:
-        assert outcome.prepared is not None
-        update = self.exp.executor.run(outcome.prepared)
+        assert outcome.prepared is not None and outcome.task is not None
+        update = self.exp.executor.run(outcome.task, outcome.prepared)
+        if update.lora_rank != outcome.task.lora.rank:  # the device shrank its own rank (HetLoRA)
+            self.device_lora[update.device_id] = DeviceLora(update.lora_rank, outcome.task.lora.scaling)
         self.state.train_wall_seconds += update.host_train_seconds
         update.uplink_bytes = payload_bytes(update.lora_state)
         device = outcome.device
@@ -178,7 +185,10 @@ class Engine:
             server.aggregation_overhead_seconds + nbytes / (server.aggregation_gbps * 1e9) if updates else 0.0
         )
         wall = time.perf_counter()
-        aggregate(self.exp.strategy, updates)
+        aggregate(self.exp.strategy, updates, self.exp.config.strategy.aggregation_fan_in)
+        delta = self.exp.strategy.take_base_delta()
+        if delta:
+            self.exp.executor.merge_into_base(delta)
         self.state.aggregation_wall_seconds += time.perf_counter() - wall
         self.recorder.event(
             "aggregation",
@@ -213,7 +223,7 @@ class Engine:
             tokens=workload.tokens if workload else 0,
             num_samples=prepared.num_samples if prepared else 0,
             local_steps=len(prepared.batches) if prepared else 0,
-            lora_rank=prepared.task.lora_rank if prepared else 0,
+            lora_rank=prepared.lora.rank if prepared else 0,
             pruning_ratio=0.0,
             train_loss=o.update.train_loss if o.update else None,
             peak_memory_bytes=workload.peak_memory_bytes if workload else 0,
@@ -272,7 +282,7 @@ class Engine:
     def _evaluate(self, round_no: int) -> Evaluation:
         wall = time.perf_counter()
         self.exp.executor.load_global(self.exp.strategy.global_lora())
-        evaluation = self.exp.evaluate_global()
+        evaluation = self.exp.executor.evaluate(self.exp.test_data, self.exp.config.eval.batch_size)
         self.state.eval_wall_seconds += time.perf_counter() - wall
         entry = {
             "round": round_no,

@@ -2,6 +2,9 @@
 
 The virtual clock is not touched here; the executor returns what happened (the update, its host
 time, the workload it represents) and the engine charges virtual time from the cost model.
+
+One peft model holds an adapter per (rank, scaling) in use, so devices with heterogeneous LoRA ranks
+train exactly their own configuration on the shared base model.
 """
 
 from __future__ import annotations
@@ -14,12 +17,21 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from fedspine.algorithms.strategies import Strategy
+from fedspine.client.evaluate import Evaluation, evaluate
 from fedspine.client.objectives import Objective
 from fedspine.client.train import make_optimizer, train_local
-from fedspine.data.batching import Batch, iterate_batches
+from fedspine.data.batching import Batch, EncodedDataset, iterate_batches
 from fedspine.model.footprint import ModelShape, train_workload
-from fedspine.model.lora import get_lora_state, set_lora_state
-from fedspine.types import ClientTask, ClientUpdate, Device, LoraState, TrainWorkload
+from fedspine.model.lora import (
+    ADAPTER,
+    activate_adapter,
+    add_to_base_weights,
+    ensure_adapter,
+    get_lora_state,
+    set_lora_state,
+)
+from fedspine.types import ClientTask, ClientUpdate, Device, DeviceLora, LoraState, TrainWorkload
 
 
 @dataclass(frozen=True)
@@ -35,10 +47,11 @@ class LocalTraining:
 
 @dataclass
 class PreparedTask:
-    """A task with its batches drawn and its cost known, before any training happens."""
+    """A device's batches drawn and its cost known, before any training happens."""
 
-    task: ClientTask
+    round: int
     device: Device
+    lora: DeviceLora
     batches: list[Batch]
     workload: TrainWorkload
     num_samples: int
@@ -49,6 +62,11 @@ def task_seed(seed: int, *parts: int) -> int:
     return zlib.crc32(np.array([seed, *parts], dtype=np.int64).tobytes()) & 0x7FFFFFFF
 
 
+def adapter_name(lora: DeviceLora) -> str:
+    """Name of the peft adapter that trains at ``lora``'s rank and scaling."""
+    return f"r{lora.rank}_s{lora.scaling:g}".replace(".", "p")
+
+
 class SimExecutor:
     """Trains client tasks on one shared in-process model, swapping LoRA states in and out."""
 
@@ -56,7 +74,8 @@ class SimExecutor:
         self,
         model: Any,
         objective: Objective,
-        train_data: Any,
+        strategy: Strategy,
+        train_data: EncodedDataset,
         partitions: Sequence[np.ndarray],
         training: LocalTraining,
         shape: ModelShape,
@@ -65,6 +84,7 @@ class SimExecutor:
     ) -> None:
         self.model = model
         self.objective = objective
+        self.strategy = strategy
         self.train_data = train_data
         self.partitions = partitions
         self.training = training
@@ -74,56 +94,89 @@ class SimExecutor:
         self.logits_positions: Literal["all", "last"] = (
             "last" if objective.metric_name == "accuracy" else "all"
         )
+        self._global_adapter: str | None = ADAPTER
 
-    def prepare(self, task: ClientTask, device: Device) -> PreparedTask:
+    def prepare(self, round_no: int, device: Device, lora: DeviceLora, local_steps: int) -> PreparedTask:
         """Draw the task's batches (deterministic for the seed) and compute its workload."""
-        indices = self.partitions[task.device_id]
-        rng = np.random.default_rng(task_seed(self.seed, task.round, task.device_id))
-        batches = list(self._cycle(indices, rng, task.local_steps))
+        indices = self.partitions[device.device_id]
+        rng = np.random.default_rng(task_seed(self.seed, round_no, device.device_id))
+        batches = list(self._cycle(indices, rng, local_steps))
         seq_lens = [int(n) for b in batches for n in b.attention_mask.sum(-1).tolist()]
         workload = train_workload(
             self.shape,
             seq_lens=seq_lens,
-            lora_rank=task.lora_rank,
+            lora_rank=lora.rank,
             num_lora_targets=self.lora_targets,
             logits_positions=self.logits_positions,
             dtype_bytes=device.device_class.train_dtype_bytes,
             batch_size=self.training.batch_size,
             steps=len(batches),
         )
-        return PreparedTask(task, device, batches, workload, num_samples=len(indices))
+        return PreparedTask(round_no, device, lora, batches, workload, num_samples=len(indices))
 
     def _cycle(self, indices: np.ndarray, rng: np.random.Generator, steps: int) -> Iterator[Batch]:
         produced = 0
         while produced < steps:
-            for batch in iterate_batches(
-                self.train_data, indices, self.training.batch_size, rng, shuffle=True
-            ):
+            size = self.training.batch_size
+            for batch in iterate_batches(self.train_data, indices, size, rng, shuffle=True):
                 yield batch
                 produced += 1
                 if produced == steps:
                     return
 
-    def run(self, prepared: PreparedTask) -> ClientUpdate:
-        """Train: load the task's starting state, run the local steps, read the new state."""
-        task = prepared.task
-        set_lora_state(self.model, task.payload)
+    def run(self, task: ClientTask, prepared: PreparedTask) -> ClientUpdate:
+        """Train: load the task's starting adapter, run the local steps, read and post-process it."""
+        name = self._activate(task.lora)
+        set_lora_state(self.model, task.payload, name)
         torch.manual_seed(task_seed(self.seed, task.round, task.device_id, 1))
         params = [p for p in self.model.parameters() if p.requires_grad]
         t = self.training
         optimizer = make_optimizer(params, t.optimizer, t.lr, t.weight_decay)
-        result = train_local(self.model, self.objective, prepared.batches, optimizer, t.max_grad_norm)
+        result = train_local(
+            self.model, self.objective, prepared.batches, optimizer, t.max_grad_norm, self._penalty(name)
+        )
+        state = self.strategy.client_finish(get_lora_state(self.model, name), task.lora)
         return ClientUpdate(
             round=task.round,
             device_id=task.device_id,
             num_samples=prepared.num_samples,
-            lora_state=get_lora_state(self.model),
+            lora_state=state,
             uplink_bytes=0,  # set by the engine from the encoded payload
             train_loss=result.mean_loss,
             tokens=prepared.workload.tokens,
             host_train_seconds=result.host_seconds,
+            lora_rank=int(next(iter(state.values()))["A"].shape[0]) if state else task.lora.rank,
+            lora_scaling=task.lora.scaling,
         )
 
+    def _activate(self, lora: DeviceLora) -> str:
+        name = adapter_name(lora)
+        ensure_adapter(self.model, name, lora.rank, lora.alpha)
+        activate_adapter(self.model, name)
+        return name
+
+    def _penalty(self, name: str) -> Any:
+        layers = [m for m in self.model.modules() if hasattr(m, "lora_A") and name in m.lora_A]
+        factors = [(m.lora_A[name].weight, m.lora_B[name].weight) for m in layers]
+        return lambda: self.strategy.client_penalty(factors)
+
     def load_global(self, state: LoraState) -> None:
-        """Put the global adapter into the model (for evaluation)."""
-        set_lora_state(self.model, state)
+        """Put the global adapter (scaling 1) into the model; an empty state means base weights only."""
+        if not state:
+            self._global_adapter = None
+            return
+        rank = int(next(iter(state.values()))["A"].shape[0])
+        self._global_adapter = self._activate(DeviceLora(rank=rank, scaling=1.0))
+        set_lora_state(self.model, state, self._global_adapter)
+
+    def merge_into_base(self, deltas: dict[str, torch.Tensor]) -> None:
+        """Add aggregated weight deltas to the shared base weights (FLoRA)."""
+        add_to_base_weights(self.model, deltas)
+
+    def evaluate(self, data: EncodedDataset, batch_size: int) -> Evaluation:
+        """Evaluate the model with the global adapter loaded by :meth:`load_global`."""
+        batches = iterate_batches(data, np.arange(len(data)), batch_size, None, shuffle=False)
+        if self._global_adapter is None:
+            with self.model.disable_adapter():
+                return evaluate(self.model, self.objective, batches)
+        return evaluate(self.model, self.objective, batches)

@@ -1,6 +1,10 @@
 """Strategies: what a device receives and how updates merge. Importing this package registers them."""
 
-from fedspine.algorithms.strategies.base import STRATEGIES, Strategy
+from fedspine.algorithms.strategies.base import STRATEGIES, Dispatch, Strategy
 from fedspine.algorithms.strategies.fedit import FedIT
+from fedspine.algorithms.strategies.flexlora import FlexLoRA
+from fedspine.algorithms.strategies.flora import FLoRA
+from fedspine.algorithms.strategies.hetlora import HetLoRA
+from fedspine.algorithms.strategies.zeropad import ZeroPad
 
-__all__ = ["STRATEGIES", "FedIT", "Strategy"]
+__all__ = ["STRATEGIES", "Dispatch", "FLoRA", "FedIT", "FlexLoRA", "HetLoRA", "Strategy", "ZeroPad"]

@@ -1,14 +1,40 @@
-"""The strategy contract shared by every federated LoRA method."""
+"""The strategy contract shared by every federated LoRA method.
+
+Conventions. A device trains an adapter of its own rank r_k and scaling s_k = alpha_k / r_k and
+uploads raw factors (A_k, B_k); its update to the weights is ``s_k B_k A_k``. A strategy's *global*
+adapter, when it keeps one, stores the scaling folded into B (``B_g A_g`` is the update, scaling 1),
+and each device receives it in its own parametrization: ``(A_g, B_g / s_k)`` at its rank.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
 from fedspine.registry import Registry
-from fedspine.types import ClientUpdate, LoraState
+from fedspine.types import ClientUpdate, DeviceLora, LoraState
 
 Weighting = Literal["samples", "uniform"]
+ModuleShapes = dict[str, tuple[int, int]]
+"""``(out_features, in_features)`` of every adapted module."""
+
+
+@dataclass
+class Dispatch:
+    """What the server sends a device at the start of a task.
+
+    Attributes:
+        lora_state: the adapter the device starts from, in its own rank and scaling.
+        downlink_bytes: exact bytes a real device must receive (which can include more than the
+            adapter, e.g. FLoRA's stacked factors to merge into its base weights).
+    """
+
+    lora_state: LoraState
+    downlink_bytes: int
 
 
 class Strategy(ABC):
@@ -19,6 +45,8 @@ class Strategy(ABC):
     """
 
     name: str = ""
+    uniform_rank_only = False
+    """True for methods that need every device at one rank (FedIT)."""
 
     def __init__(self, weighting: Weighting = "samples") -> None:
         self.weighting = weighting
@@ -28,16 +56,32 @@ class Strategy(ABC):
         return float(update.num_samples) if self.weighting == "samples" else 1.0
 
     @abstractmethod
-    def init_global(self, lora_state: LoraState) -> None:
-        """Start from the initial adapter state (identical on every device)."""
+    def init_global(self, shapes: ModuleShapes, rank: int, generator: torch.Generator) -> None:
+        """Create the initial global state for adapted modules of ``shapes`` at global ``rank``."""
 
     @abstractmethod
-    def configure(self, round: int, device_id: int) -> LoraState:
-        """The state device ``device_id`` starts from in ``round`` (what the downlink carries)."""
+    def configure(self, round: int, device_id: int, lora: DeviceLora, generator: torch.Generator) -> Dispatch:
+        """The adapter device ``device_id`` starts from in ``round``, and the bytes it downloads."""
 
     @abstractmethod
     def global_lora(self) -> LoraState:
-        """The current global adapter, used for evaluation and export."""
+        """The current global adapter at scaling 1 (empty when the strategy keeps none, e.g. FLoRA)."""
+
+    def take_base_delta(self) -> dict[str, torch.Tensor] | None:
+        """Weight deltas to merge into the base model after the last aggregation (once), if any."""
+        return None
+
+    # --- device side -----------------------------------------------------------------------------
+
+    def client_penalty(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+        """An extra local loss term over the device's (A, B) parameters (HetLoRA), or None."""
+        return None
+
+    def client_finish(self, state: LoraState, lora: DeviceLora) -> LoraState:
+        """Post-process the trained adapter on the device before upload (e.g. rank self-pruning)."""
+        return state
+
+    # --- aggregation -----------------------------------------------------------------------------
 
     @abstractmethod
     def init_partial(self) -> Any:
@@ -56,4 +100,12 @@ class Strategy(ABC):
         """Replace the global state with the aggregate held in ``partial``."""
 
 
-STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
+STRATEGIES: Registry[Callable[..., Strategy]] = Registry("strategy")
+
+
+def scaled_copy(state: LoraState, a_scale: float = 1.0, b_scale: float = 1.0) -> LoraState:
+    """``{m: {"A": a_scale A, "B": b_scale B}}`` as new fp32 tensors."""
+    return {
+        m: {"A": f["A"].to(torch.float32) * a_scale, "B": f["B"].to(torch.float32) * b_scale}
+        for m, f in state.items()
+    }
