@@ -147,3 +147,14 @@ def test_console_script_runs_in_a_fresh_process(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "eval.evry" in proc.stderr
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "zeropad", "hetlora", "flexlora", "flora"])
+def test_every_strategy_runs_from_the_cli_with_heterogeneous_ranks(tmp_path: Path, strategy: str) -> None:
+    ranks = ["--set", "lora.ranks=[8, 8, 4, 4, 2, 2]"] if strategy != "fedit" else []
+    summary = _run(
+        tmp_path / "run", "--set", f"strategy.name={strategy}", "--set", "scheduler.rounds=1", *ranks
+    )
+    assert summary["strategy"] == strategy
+    assert summary["uplink_bytes"] > 0
+    assert summary["tasks"]["ok"] == 4

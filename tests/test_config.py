@@ -8,7 +8,7 @@ import pytest
 
 from fedspine.config import Config, from_dict, load_config, parse_override, read_toml, to_dict, to_toml
 from fedspine.errors import ConfigError
-from fedspine.runtime.build import build_fleet_from_config, build_scheduler, build_strategy
+from fedspine.runtime.build import build_device_lora, build_fleet_from_config, build_scheduler, build_strategy
 from tests.conftest import CONFIGS
 
 
@@ -97,3 +97,28 @@ def test_bad_toml_file_is_a_config_error(tmp_path: Path) -> None:
         read_toml(bad)
     with pytest.raises(ConfigError, match="not found"):
         read_toml(tmp_path / "missing.toml")
+
+
+def test_fedit_refuses_heterogeneous_ranks_and_lists_the_alternatives() -> None:
+    cfg = load_config(CONFIGS / "hetero.toml", ["strategy.name=fedit"])
+    devices = build_fleet_from_config(cfg)
+    with pytest.raises(ConfigError, match=r"lora.ranks.*one rank for every device.*flora"):
+        build_device_lora(cfg, devices, build_strategy(cfg))
+
+
+def test_device_ranks_and_alphas() -> None:
+    cfg = load_config(CONFIGS / "hetero.toml")
+    devices = build_fleet_from_config(cfg)
+    table = build_device_lora(cfg, devices, build_strategy(cfg))
+    assert {d.device_class.name: table[d.device_id].rank for d in devices}["raspberry_pi_4"] == 4
+    assert {lora.scaling for lora in table.values()} == {2.0}
+    ranks = list(range(1, 11))
+    cfg = load_config(
+        None, [f"lora.ranks={ranks}", f"lora.alphas={[2.0 * r + 1 for r in ranks]}", "strategy.name=flora"]
+    )
+    table = build_device_lora(cfg, build_fleet_from_config(cfg), build_strategy(cfg))
+    assert [table[i].rank for i in range(10)] == ranks
+    assert table[3].alpha == pytest.approx(9.0)
+    with pytest.raises(ConfigError, match=r"lora.ranks.*3 entries for 10 devices"):
+        bad = load_config(None, ["lora.ranks=[4, 8, 16]", "strategy.name=flora"])
+        build_device_lora(bad, build_fleet_from_config(bad), build_strategy(bad))

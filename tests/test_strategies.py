@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedspine.algorithms.aggregate import aggregate
-from fedspine.algorithms.lora_math import lowrank_svd, self_pruned_rank, stack_factors
+from fedspine.algorithms.lora_math import lowrank_svd, pad_rank, self_pruned_rank, stack_factors
 from fedspine.algorithms.strategies import STRATEGIES, FedIT, FlexLoRA, FLoRA, HetLoRA, Strategy, ZeroPad
 from fedspine.algorithms.wire import decode_state, encode_state, payload_bytes
 from fedspine.types import ClientUpdate, DeviceLora
@@ -89,6 +89,31 @@ def test_fedit_is_the_sample_weighted_mean_of_a_and_scaled_b() -> None:
         b = sum(w * 2.0 * u.lora_state[module]["B"] for w, u in zip(weights, updates, strict=True))
         torch.testing.assert_close(g["A"], a)
         torch.testing.assert_close(g["B"], b)
+
+
+@pytest.mark.parametrize("fan_in", [0, 2])
+def test_zero_padding_averages_the_padded_factors_without_touching_the_updates(fan_in: int) -> None:
+    updates = _updates([8, 2, 4, 8, 1], [16.0, 2.0, 8.0, 4.0, 3.0])
+    before = [{m: {k: t.clone() for k, t in f.items()} for m, f in u.lora_state.items()} for u in updates]
+    strategy = _start(ZeroPad(), 8)
+    aggregate(strategy, updates, fan_in=fan_in)
+    total = sum(u.num_samples for u in updates)
+    for module in SHAPES:
+        padded = [pad_rank(u.lora_state[module]["A"], u.lora_state[module]["B"], 8) for u in updates]
+        a = sum(u.num_samples / total * pa for u, (pa, _) in zip(updates, padded, strict=True))
+        b = sum(
+            u.num_samples / total * u.lora_scaling * pb for u, (_, pb) in zip(updates, padded, strict=True)
+        )
+        torch.testing.assert_close(strategy.global_lora()[module]["A"], a)
+        torch.testing.assert_close(strategy.global_lora()[module]["B"], b)
+    for u, state in zip(updates, before, strict=True):  # sums are accumulated in place, never in an update
+        torch.testing.assert_close(u.lora_state, state, rtol=0, atol=0)
+
+
+def test_an_update_above_the_global_rank_is_rejected() -> None:
+    strategy = _start(ZeroPad(), 4)
+    with pytest.raises(ValueError, match="cannot pad rank 8 down to 4"):
+        aggregate(strategy, _updates([4, 8], [4.0, 8.0]))
 
 
 def test_uniform_weighting_ignores_sample_counts() -> None:

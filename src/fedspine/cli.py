@@ -120,6 +120,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     rows = [
         (str(metric["name"]), f"{metric['value']:.4f}  (chance {summary['chance_level']:.4f})"),
         ("rounds", str(summary["rounds"])),
+        ("client tasks", ", ".join(f"{n} {status}" for status, n in summary["tasks"].items())),
         ("virtual time", format_duration(summary["virtual_seconds"])),
         ("time to target", "not reached" if ttt is None else format_duration(ttt)),
         (

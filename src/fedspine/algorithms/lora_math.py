@@ -20,8 +20,11 @@ def stack_factors(
     The coefficient is applied to the A-block only (FLoRA): ``A_s = [c_1 A_1; ...]`` (sum r_k, in),
     ``B_s = [B_1, ..., B_K]`` (out, sum r_k). There are no cross terms.
     """
-    a_stack = torch.cat([coef * a.to(torch.float32) for a, _, coef in blocks], dim=0)
-    b_stack = torch.cat([b.to(torch.float32) for _, b, _ in blocks], dim=1)
+    a_stack = torch.cat([a.to(torch.float32) for a, _, _ in blocks], dim=0)  # (sum r_k, in)
+    ranks = torch.tensor([a.shape[0] for a, _, _ in blocks])
+    coefs = torch.tensor([coef for _, _, coef in blocks], dtype=torch.float32)
+    a_stack.mul_(coefs.repeat_interleave(ranks)[:, None])  # in place: no scaled copy of every block
+    b_stack = torch.cat([b.to(torch.float32) for _, b, _ in blocks], dim=1)  # (out, sum r_k)
     return a_stack, b_stack
 
 
@@ -62,7 +65,8 @@ def lowrank_svd(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tens
 
 def delta_norm(a: torch.Tensor, b: torch.Tensor) -> float:
     """``||B A||_F`` computed through the (r, r) Gram matrices: sqrt(trace((B^T B)(A A^T)))."""
-    gram = (b.T.to(torch.float64) @ b.to(torch.float64)) * (a.to(torch.float64) @ a.T.to(torch.float64))
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)  # convert once: HetLoRA calls this per module
+    gram = (b64.T @ b64) * (a64 @ a64.T)  # (r, r) * (r, r)
     return math.sqrt(max(float(gram.sum()), 0.0))
 
 

@@ -42,6 +42,6 @@ class StackedSum:
         """Per module, ``(A_s, B_s)`` with the weights normalised: ``B_s A_s = sum_k p_k s_k B_k A_k``."""
         out = {}
         for module, blocks in self.blocks.items():
-            a_s, b_s = stack_factors(blocks)
-            out[module] = (a_s / self.weight, b_s)
+            a_s, b_s = stack_factors(blocks)  # fresh tensors, so A_s is normalised in place
+            out[module] = (a_s.div_(self.weight), b_s)
         return out
