@@ -218,7 +218,7 @@ class Engine:
             downlink_seconds=o.downlink_seconds,
             compute_seconds=o.compute_seconds,
             uplink_seconds=o.uplink_seconds,
-            downlink_bytes=o.downlink_bytes if o.status != "oom" else 0,
+            downlink_bytes=o.downlink_bytes,
             uplink_bytes=o.uplink_bytes,
             tokens=workload.tokens if workload else 0,
             num_samples=prepared.num_samples if prepared else 0,
@@ -249,7 +249,7 @@ class Engine:
         stats["compute_seconds"] += o.compute_seconds
         stats["communication_seconds"] += o.downlink_seconds + o.uplink_seconds
         stats["uplink_bytes"] += o.uplink_bytes
-        stats["downlink_bytes"] += o.downlink_bytes if o.status != "oom" else 0
+        stats["downlink_bytes"] += o.downlink_bytes
 
     def _round_record(
         self,
@@ -275,7 +275,7 @@ class Engine:
             late=sum(o.status == "late" for o in outcomes),
             oom=sum(o.status == "oom" for o in outcomes),
             uplink_bytes=sum(o.uplink_bytes for o in outcomes),
-            downlink_bytes=sum(o.downlink_bytes for o in outcomes if o.status != "oom"),
+            downlink_bytes=sum(o.downlink_bytes for o in outcomes),
             train_loss=sum(losses) / len(losses) if losses else None,
         )
 

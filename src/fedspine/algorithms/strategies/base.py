@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import torch
 
+from fedspine.algorithms.lora_math import fresh_factors, truncate_rank
+from fedspine.algorithms.wire import payload_bytes
 from fedspine.registry import Registry
 from fedspine.types import ClientUpdate, DeviceLora, LoraState
 
@@ -98,6 +100,29 @@ class Strategy(ABC):
     @abstractmethod
     def finalize(self, partial: Any) -> None:
         """Replace the global state with the aggregate held in ``partial``."""
+
+
+class TruncatedGlobalAdapter(Strategy):
+    """Keeps a global adapter at the largest rank; device k receives its first r_k components."""
+
+    def init_global(self, shapes: ModuleShapes, rank: int, generator: torch.Generator) -> None:
+        self.rank = rank
+        self._global: LoraState = {}
+        for module, (out_f, in_f) in shapes.items():
+            a, b = fresh_factors(out_f, in_f, rank, generator)
+            self._global[module] = {"A": a, "B": b}
+
+    def configure(self, round: int, device_id: int, lora: DeviceLora, generator: torch.Generator) -> Dispatch:
+        if lora.rank > self.rank:
+            raise ValueError(f"device rank {lora.rank} exceeds the global rank {self.rank}")
+        state = {}
+        for module, f in self._global.items():
+            a, b = truncate_rank(f["A"], f["B"], lora.rank)
+            state[module] = {"A": a, "B": b / lora.scaling}
+        return Dispatch(state, payload_bytes(state))
+
+    def global_lora(self) -> LoraState:
+        return self._global
 
 
 STRATEGIES: Registry[Callable[..., Strategy]] = Registry("strategy")

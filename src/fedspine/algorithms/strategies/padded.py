@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedspine.algorithms.lora_math import fresh_factors, truncate_rank
-from fedspine.algorithms.strategies.base import Dispatch, ModuleShapes, Strategy
-from fedspine.algorithms.wire import payload_bytes
-from fedspine.types import ClientUpdate, DeviceLora, LoraState
+from fedspine.algorithms.strategies.base import TruncatedGlobalAdapter
+from fedspine.types import ClientUpdate, LoraState
 
 
 @dataclass
@@ -72,27 +70,8 @@ def _add_padded(sums: LoraState, state: LoraState, rank: int, a_weight: float, b
     torch._foreach_add_(b_targets, [f["B"] for f in state.values()], alpha=b_weight)
 
 
-class PaddedAverage(Strategy):
+class PaddedAverage(TruncatedGlobalAdapter):
     """Zero-pad every update to the global rank and average A and B separately."""
-
-    def init_global(self, shapes: ModuleShapes, rank: int, generator: torch.Generator) -> None:
-        self.rank = rank
-        self._global: LoraState = {}
-        for module, (out_f, in_f) in shapes.items():
-            a, b = fresh_factors(out_f, in_f, rank, generator)
-            self._global[module] = {"A": a, "B": b}
-
-    def configure(self, round: int, device_id: int, lora: DeviceLora, generator: torch.Generator) -> Dispatch:
-        if lora.rank > self.rank:
-            raise ValueError(f"device rank {lora.rank} exceeds the global rank {self.rank}")
-        state = {}
-        for module, f in self._global.items():
-            a, b = truncate_rank(f["A"], f["B"], lora.rank)
-            state[module] = {"A": a, "B": b / lora.scaling}
-        return Dispatch(state, payload_bytes(state))
-
-    def global_lora(self) -> LoraState:
-        return self._global
 
     def weight_of(self, update: ClientUpdate) -> float:
         """Aggregation weight of an update (HetLoRA overrides it with the update's norm)."""

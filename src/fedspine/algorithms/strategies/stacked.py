@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedspine.algorithms.lora_math import stack_factors
+from fedspine.algorithms.strategies.base import Strategy
 from fedspine.types import ClientUpdate
 
 Blocks = dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]
@@ -45,3 +46,16 @@ class StackedSum:
             a_s, b_s = stack_factors(blocks)  # fresh tensors, so A_s is normalised in place
             out[module] = (a_s.div_(self.weight), b_s)
         return out
+
+
+class StackedAggregation(Strategy):
+    """The aggregation half of FLoRA and FlexLoRA: partials are stacked blocks."""
+
+    def init_partial(self) -> StackedSum:
+        return StackedSum()
+
+    def accumulate(self, partial: StackedSum, update: ClientUpdate) -> StackedSum:
+        return partial.add(update, self.update_weight(update))
+
+    def merge(self, left: StackedSum, right: StackedSum) -> StackedSum:
+        return left.merge(right)
