@@ -114,3 +114,16 @@ def test_a_fleet_that_cannot_hold_the_model_is_an_error() -> None:
     with pytest.raises(FleetError, match="no device in the fleet can hold the model"):
         check_fleet_fits(devices, llama_7b, cfg)
     check_fleet_fits(devices, dataclasses.replace(llama_7b, layers=2), cfg)  # a 2-layer slice fits
+
+
+def test_a_model_too_big_for_the_fleet_is_rejected_before_its_weights_exist() -> None:
+    """A 70B-shaped tiny config would take minutes and ~280 GB to build: the check must come first."""
+    huge = [
+        "model.tiny.hidden=8192",
+        "model.tiny.layers=80",
+        "model.tiny.heads=64",
+        "model.tiny.kv_heads=8",
+        "model.tiny.intermediate=28672",
+    ]
+    with pytest.raises(FleetError, match="no device in the fleet can hold the model"):
+        build_experiment(load_config(CONFIGS / "tiny.toml", [*FAST, *huge]))

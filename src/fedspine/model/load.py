@@ -295,6 +295,31 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 # --------------------------------------------------------------------------------------------------
 
 
+def tiny_llama_config(
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    tie_embeddings: bool = False,
+    max_positions: int = 512,
+) -> LlamaConfig:
+    """The ``LlamaConfig`` of :func:`build_tiny_llama` (byte-level vocabulary: 384 ids, pad 0, eos 1)."""
+    return LlamaConfig(
+        vocab_size=384,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_embeddings,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+
+
 def build_tiny_llama(
     hidden: int = 64,
     layers: int = 2,
@@ -313,19 +338,7 @@ def build_tiny_llama(
         ``(model, tokenizer)``; the model is in eval mode with frozen weights, like ``load_causal_lm``.
     """
     tokenizer = ByT5Tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=intermediate,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=tie_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    config = tiny_llama_config(hidden, layers, heads, kv_heads, intermediate, tie_embeddings, max_positions)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -337,6 +350,28 @@ def build_tiny_llama(
 # --------------------------------------------------------------------------------------------------
 # model.source -> model
 # --------------------------------------------------------------------------------------------------
+
+
+def resolve_model_config(
+    source: str,
+    path: str | None = None,
+    cache_dir: Path | None = None,
+    tiny_kwargs: Mapping[str, Any] | None = None,
+) -> PretrainedConfig:
+    """The config of the model :func:`resolve_model` would load, read without loading any weights.
+
+    Lets a run reject a fleet that cannot hold the model before the weights are read.
+    """
+    if source == "smollm2":
+        return _load_causal_config(ensure_converted_smollm2(cache_dir or default_cache_dir()))
+    if source == "local":
+        if not path:
+            raise ConfigError("model.path", "model.source = 'local' needs model.path (a HF model directory)")
+        return _load_causal_config(Path(path).expanduser())
+    if source == "tiny":
+        kwargs = {k: v for k, v in (tiny_kwargs or {}).items() if k != "seed"}
+        return tiny_llama_config(**kwargs)
+    raise ConfigError("model.source", f"unknown model source {source!r}; known: {', '.join(MODEL_SOURCES)}")
 
 
 def resolve_model(

@@ -32,11 +32,11 @@ from fedspine.data import (
     train_test_split,
     with_label,
 )
-from fedspine.errors import ConfigError, DataError, FleetError
+from fedspine.errors import ConfigError, DataError, FleetError, ModelError
 from fedspine.fleet import GroupSpec, build_fleet
 from fedspine.fleet.cost import CostModel
 from fedspine.model.footprint import ModelShape, model_shape, train_workload
-from fedspine.model.load import default_cache_dir, resolve_model
+from fedspine.model.load import default_cache_dir, resolve_model, resolve_model_config
 from fedspine.model.lora import apply_lora, module_shapes
 from fedspine.runtime.executor import LocalTraining, SimExecutor
 from fedspine.types import Device, DeviceLora
@@ -205,8 +205,9 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     task = build_task(cfg, examples)
     train, test, parts = split_and_partition(cfg, examples, len(devices), rng)
     say(f"loading model '{cfg.model.source}'")
+    _check_fits_before_loading(cfg, devices)
     model, tokenizer = _load_model(cfg)
-    shape = model_shape(model.config)
+    shape = model_shape(model.config, model.num_parameters())
     check_fleet_fits(devices, shape, cfg)
     train_data = task.encode(train, tokenizer, cfg.data.max_length)
     test_data = task.encode(test, tokenizer, cfg.data.max_length)
@@ -243,7 +244,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     )
 
 
-def _load_model(cfg: Config) -> tuple[Any, Any]:
+def _model_args(cfg: Config) -> tuple[str, str | None, Path, dict[str, int]]:
     m = cfg.model
     cache = Path(m.cache_dir) if m.cache_dir else default_cache_dir()
     tiny = {
@@ -254,7 +255,23 @@ def _load_model(cfg: Config) -> tuple[Any, Any]:
         "intermediate": m.tiny.intermediate,
         "seed": cfg.run.seed,
     }
-    return resolve_model(m.source, m.path or None, cache, tiny, m.dtype)
+    return m.source, m.path or None, cache, tiny
+
+
+def _load_model(cfg: Config) -> tuple[Any, Any]:
+    return resolve_model(*_model_args(cfg), cfg.model.dtype)
+
+
+def _check_fits_before_loading(cfg: Config, devices: Sequence[Device]) -> None:
+    """Reject a fleet that cannot hold the model from its config alone, before reading weights.
+
+    Architectures whose shape needs the real parameter count are checked after loading instead.
+    """
+    try:
+        shape = model_shape(resolve_model_config(*_model_args(cfg)))
+    except ModelError:
+        return
+    check_fleet_fits(devices, shape, cfg)
 
 
 def _objective(train_data: EncodedDataset) -> Objective:
