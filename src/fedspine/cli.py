@@ -22,7 +22,10 @@ from fedspine.config import Config, load_config
 from fedspine.errors import ConfigError, FedspineError
 from fedspine.report.formatting import format_bytes, format_duration
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+HELP = """Federated fine-tuning of LLMs across simulated heterogeneous device fleets.
+
+Exit codes: 0 success, 1 a runtime failure (model, data, fleet), 2 bad input (config, arguments)."""
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
 console = Console(stderr=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config (default: built-in)")]  # noqa: UP045
