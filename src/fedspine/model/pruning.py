@@ -1,0 +1,338 @@
+"""Structured width pruning of Llama-family models: whole KV groups and MLP channels (algorithms.md §1.4, §9).
+
+A **KV group** is one key/value head together with the ``heads // kv_heads`` query heads that read it; groups
+are pruned whole, so every pruned layer keeps the model's group size and grouped-query attention stays valid.
+An **MLP channel** is one row of ``gate_proj`` and ``up_proj`` plus the matching column of ``down_proj``.
+
+Pipeline: scores (one float per group / channel; :func:`magnitude_scores` here, Taylor or FLAP-WIFV later)
+-> :func:`plan_from_scores` (uniform top-(1-ratio) per layer, nested across ratios) -> :func:`prune_model`
+(physical slicing) or :func:`masked_model` (same function, dense shapes). :func:`index_maps` and
+:func:`scatter_to_full` move LoRA factors trained on a pruned model back to full coordinates.
+
+The pruned model is a plain ``LlamaForCausalLM`` whose attention reshapes with ``-1`` heads, so no
+module attribute changes are needed; its config still describes the dense model (see :func:`prune_model`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fedspine.errors import ModelError
+from fedspine.model.footprint import ModelShape, model_shape
+
+ROW_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+"""Modules pruned along their output rows (``weight`` dim 0)."""
+COLUMN_MODULES = ("o_proj", "down_proj")
+"""Modules pruned along their input columns (``weight`` dim 1)."""
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LayerKeep:
+    """What one decoder layer keeps.
+
+    Attributes:
+        kv_groups: kept KV-head indices, sorted; each brings its ``heads // kv_heads`` query heads.
+        channels: kept MLP intermediate channels, sorted.
+    """
+
+    kv_groups: tuple[int, ...]
+    channels: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for name in ("kv_groups", "channels"):
+            kept = getattr(self, name)
+            if not kept or list(kept) != sorted(set(kept)) or kept[0] < 0:
+                raise ModelError(f"LayerKeep.{name} must be non-empty, sorted, unique and >= 0, got {kept}")
+
+
+PruningPlan = dict[int, LayerKeep]
+"""Layer index -> what it keeps; layers absent from the plan stay dense."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Plans
+# --------------------------------------------------------------------------------------------------
+
+
+def kept_count(full: int, ratio: float, multiple: int = 1) -> int:
+    """How many of ``full`` units survive pruning ``ratio`` of them.
+
+    Rounds ``(1 - ratio) * full`` to the nearest multiple of ``multiple`` (halves up), then clamps to
+    ``[min(multiple, full), full]``. Ratio 0 keeps ``full`` even when it is not a multiple.
+    """
+    if ratio == 0.0:
+        return full
+    rounded = multiple * math.floor((1.0 - ratio) * full / multiple + 0.5)
+    return min(max(rounded, multiple, 1), full)
+
+
+def top_indices(scores: Tensor, count: int) -> tuple[int, ...]:
+    """The ``count`` highest-scoring indices of a 1-D ``scores``, sorted ascending.
+
+    Ties break by index (a stable sort), so the result for a smaller ``count`` is always a subset of the
+    result for a larger one: this is what makes masks nested.
+    """
+    order = torch.argsort(-scores.detach().float().cpu(), stable=True)
+    return tuple(sorted(int(i) for i in order[:count]))
+
+
+def plan_from_scores(
+    head_scores: Sequence[Tensor],
+    channel_scores: Sequence[Tensor],
+    ratio: float,
+    dense_layers: Sequence[int] = (),
+    multiple: int = 1,
+) -> PruningPlan:
+    """Keeps the top ``1 - ratio`` KV groups and MLP channels of every prunable layer (uniform per layer).
+
+    Args:
+        head_scores: per layer, a ``(kv_heads,)`` importance per KV group (higher = keep).
+        channel_scores: per layer, an ``(intermediate,)`` importance per MLP channel.
+        ratio: fraction of groups and channels to remove, in ``[0, 1]``; at least one of each survives.
+        dense_layers: layers left out of the plan (dense); negative indices count from the end.
+        multiple: kept channel counts are rounded to a multiple of this (hardware-friendly widths).
+
+    Returns:
+        A plan with one entry per layer not in ``dense_layers``. For the same scores, a smaller ratio's
+        kept sets contain a larger ratio's kept sets.
+
+    Raises:
+        ModelError: inconsistent lengths, ratio outside [0, 1], or multiple < 1.
+    """
+    layers = len(head_scores)
+    if len(channel_scores) != layers:
+        raise ModelError(f"{layers} layers of head scores but {len(channel_scores)} of channel scores")
+    if not 0.0 <= ratio <= 1.0 or multiple < 1:
+        raise ModelError(f"need 0 <= ratio <= 1 and multiple >= 1, got ratio={ratio}, multiple={multiple}")
+    dense = {index % layers for index in dense_layers} if layers else set()
+    plan: PruningPlan = {}
+    for layer in range(layers):
+        if layer in dense:
+            continue
+        heads, channels = head_scores[layer], channel_scores[layer]
+        plan[layer] = LayerKeep(
+            kv_groups=top_indices(heads, kept_count(heads.numel(), ratio)),
+            channels=top_indices(channels, kept_count(channels.numel(), ratio, multiple)),
+        )
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------
+# Importance scores
+# --------------------------------------------------------------------------------------------------
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a Llama-family causal LM (``model.model.layers``)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ModelError(f"{type(model).__name__} has no model.layers; expected a Llama-family causal LM")
+    return layers
+
+
+def shape_of(model: nn.Module) -> ModelShape:
+    """The :class:`ModelShape` of a Hugging Face model, read from its config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ModelError(f"{type(model).__name__} has no Hugging Face config")
+    return model_shape(config)
+
+
+def magnitude_scores(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """Weight-magnitude importance: the L2 norm of all weights a KV group / MLP channel owns.
+
+    A KV group owns its q rows (``group_size * head_dim``), k and v rows (``head_dim``) and the matching
+    o_proj columns; a channel owns a gate and an up row and a down column. Data-free; a placeholder for the
+    Taylor / FLAP-WIFV scores of §9 that share this output format.
+
+    Returns:
+        ``(head_scores, channel_scores)``: per layer, ``(kv_heads,)`` and ``(intermediate,)`` float32.
+    """
+    shape = shape_of(model)
+    head_scores, channel_scores = [], []
+    layer: Any  # a decoder block; its submodules are typed Tensor | Module by torch
+    for layer in decoder_layers(model):
+        head_scores.append(_group_sq_norms(layer.self_attn, shape).sqrt())
+        channel_scores.append(_channel_sq_norms(layer.mlp).sqrt())
+    return head_scores, channel_scores
+
+
+def _group_sq_norms(attn: nn.Module, shape: ModelShape) -> Tensor:
+    """Squared L2 norm per KV group of q/k/v rows and o columns, ``(kv_heads,)``."""
+    total = torch.zeros(shape.kv_heads)
+    for name in ATTENTION_MODULES:
+        weight = _weight(attn, name).detach().float()
+        rows = weight.T if name == "o_proj" else weight  # (out_features_of_group_axis, hidden)
+        total += rows.reshape(shape.kv_heads, -1).pow(2).sum(dim=1)
+    return total
+
+
+def _channel_sq_norms(mlp: nn.Module) -> Tensor:
+    """Squared L2 norm per MLP channel of gate/up rows and the down column, ``(intermediate,)``."""
+    gate, up, down = (_weight(mlp, name).detach().float() for name in MLP_MODULES)
+    return gate.pow(2).sum(1) + up.pow(2).sum(1) + down.pow(2).sum(0)
+
+
+def _weight(parent: nn.Module, name: str) -> Tensor:
+    weight = getattr(parent, name).weight
+    assert isinstance(weight, Tensor)
+    return weight
+
+
+# --------------------------------------------------------------------------------------------------
+# Index maps
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_index_map(keep: LayerKeep | None, shape: ModelShape) -> dict[str, Tensor]:
+    """Kept output rows (q/k/v/gate/up) or input columns (o/down) of one layer, as int64 index tensors.
+
+    ``keep=None`` means a dense layer: every index.
+    """
+    group_size = shape.heads // shape.kv_heads
+    groups = range(shape.kv_heads) if keep is None else keep.kv_groups
+    channels = torch.arange(shape.intermediate) if keep is None else torch.tensor(keep.channels)
+    kv_rows = _units_to_rows(list(groups), shape.head_dim)  # (kept_kv * head_dim,)
+    query_heads = [g * group_size + j for g in groups for j in range(group_size)]
+    q_rows = _units_to_rows(query_heads, shape.head_dim)  # (kept_kv * group_size * head_dim,)
+    maps = {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows, "o_proj": q_rows}
+    return maps | {"gate_proj": channels, "up_proj": channels, "down_proj": channels}
+
+
+def _units_to_rows(units: list[int], width: int) -> Tensor:
+    """Rows ``[u * width, (u + 1) * width)`` of every unit ``u``, concatenated in order."""
+    base = torch.tensor(units, dtype=torch.long).unsqueeze(1) * width
+    return (base + torch.arange(width)).flatten()
+
+
+def index_maps(plan: PruningPlan, shape: ModelShape) -> dict[int, dict[str, Tensor]]:
+    """Per layer (all of them; dense ones map every index), per module name, the kept indices.
+
+    Rows of ``q_proj/k_proj/v_proj/gate_proj/up_proj`` weights, columns of ``o_proj/down_proj`` weights.
+    """
+    return {layer: layer_index_map(plan.get(layer), shape) for layer in range(shape.layers)}
+
+
+def scatter_to_full(pruned: Tensor, index: Tensor, full_size: int, dim: int = 0) -> Tensor:
+    """Places ``pruned`` at ``index`` along ``dim`` of a new zero tensor with ``full_size`` entries there.
+
+    E.g. a LoRA B ``(kept_out, r)`` with ``dim=0`` -> ``(full_out, r)``; a LoRA A ``(r, kept_in)`` with
+    ``dim=1`` -> ``(r, full_in)``.
+    """
+    if pruned.shape[dim] != index.numel():
+        raise ModelError(f"tensor has {pruned.shape[dim]} entries along dim {dim}, index has {index.numel()}")
+    size = list(pruned.shape)
+    size[dim] = full_size
+    full = pruned.new_zeros(size)
+    return full.index_copy(dim, index.to(pruned.device), pruned)
+
+
+def gather_kept(full: Tensor, index: Tensor, dim: int = 0) -> Tensor:
+    """The inverse of :func:`scatter_to_full`: the entries of ``full`` at ``index`` along ``dim``."""
+    return full.index_select(dim, index.to(full.device))
+
+
+# --------------------------------------------------------------------------------------------------
+# Pruned and masked models
+# --------------------------------------------------------------------------------------------------
+
+
+def prune_model(model: nn.Module, plan: PruningPlan) -> Any:
+    """A deep copy of ``model`` with the pruned KV groups and MLP channels physically removed.
+
+    Slices q/k/v/gate/up output rows (and biases) and o/down input columns; ``in_features`` and
+    ``out_features`` follow. Attention reshapes to ``(..., -1, head_dim)`` and the group size is unchanged,
+    so no attention attribute needs updating. Each pruned attention module gets informational
+    ``num_attention_heads`` / ``num_key_value_heads`` attributes. ``model.config`` still describes the dense
+    model, so ``save_pretrained`` output does not reload with plain ``from_pretrained``.
+
+    Args:
+        model: a Llama-family causal LM (untouched).
+        plan: what each layer keeps.
+
+    Returns:
+        The pruned copy.
+    """
+    shape = shape_of(model)
+    pruned = copy.deepcopy(model)
+    layers = decoder_layers(pruned)
+    for layer, keep in plan.items():
+        block: Any = layers[layer]
+        for name, index in layer_index_map(keep, shape).items():
+            parent = block.self_attn if name in ATTENTION_MODULES else block.mlp
+            _slice_linear(getattr(parent, name), index, dim=1 if name in COLUMN_MODULES else 0)
+        group_size = shape.heads // shape.kv_heads
+        block.self_attn.num_key_value_heads = len(keep.kv_groups)
+        block.self_attn.num_attention_heads = len(keep.kv_groups) * group_size
+    return pruned
+
+
+def _slice_linear(linear: nn.Linear, index: Tensor, dim: int) -> None:
+    """Keeps ``index`` rows (``dim=0``, with the bias) or columns (``dim=1``) of ``linear`` in place."""
+    weight = linear.weight
+    linear.weight = nn.Parameter(weight.detach().index_select(dim, index).clone(), weight.requires_grad)
+    if dim == 0:
+        linear.out_features = index.numel()
+        if linear.bias is not None:
+            bias = linear.bias
+            linear.bias = nn.Parameter(bias.detach().index_select(0, index).clone(), bias.requires_grad)
+    else:
+        linear.in_features = index.numel()
+
+
+def masked_model(model: nn.Module, plan: PruningPlan) -> Any:
+    """A deep copy of ``model`` with pruned rows/columns (and biases) zeroed instead of removed.
+
+    Same function as :func:`prune_model`: a zeroed KV group has zero values (its heads output zero whatever
+    their now-uniform attention) and zero o_proj columns; a zeroed channel has ``silu(0) * 0 = 0``
+    activation and a zero down column.
+    """
+    shape = shape_of(model)
+    masked = copy.deepcopy(model)
+    layers = decoder_layers(masked)
+    for layer, keep in plan.items():
+        block: Any = layers[layer]
+        for name, index in layer_index_map(keep, shape).items():
+            parent = block.self_attn if name in ATTENTION_MODULES else block.mlp
+            _zero_outside(getattr(parent, name), index, dim=1 if name in COLUMN_MODULES else 0)
+    return masked
+
+
+@torch.no_grad()
+def _zero_outside(linear: nn.Linear, index: Tensor, dim: int) -> None:
+    """Zeroes every row (``dim=0``, and bias entry) or column (``dim=1``) of ``linear`` not in ``index``."""
+    drop = torch.ones(linear.weight.shape[dim], dtype=torch.bool)
+    drop[index] = False
+    dropped = drop.nonzero().flatten().to(linear.weight.device)
+    linear.weight.index_fill_(dim, dropped, 0.0)
+    if dim == 0 and linear.bias is not None:
+        linear.bias.index_fill_(0, dropped, 0.0)
+
+
+__all__ = [
+    "COLUMN_MODULES",
+    "ROW_MODULES",
+    "LayerKeep",
+    "PruningPlan",
+    "decoder_layers",
+    "gather_kept",
+    "index_maps",
+    "kept_count",
+    "layer_index_map",
+    "magnitude_scores",
+    "masked_model",
+    "plan_from_scores",
+    "prune_model",
+    "scatter_to_full",
+    "shape_of",
+    "top_indices",
+]
