@@ -263,17 +263,26 @@ def prune_model(model: nn.Module, plan: PruningPlan) -> Any:
         The pruned copy.
     """
     shape = shape_of(model)
-    pruned = copy.deepcopy(model)
+    pruned = _apply_to_linears(model, plan, _slice_linear)
     layers = decoder_layers(pruned)
+    for layer, keep in plan.items():
+        attn: Any = layers[layer].self_attn
+        attn.num_key_value_heads = len(keep.kv_groups)
+        attn.num_attention_heads = len(keep.kv_groups) * (shape.heads // shape.kv_heads)
+    return pruned
+
+
+def _apply_to_linears(model: nn.Module, plan: PruningPlan, edit: Any) -> Any:
+    """A deep copy of ``model`` with ``edit(linear, kept_index, dim)`` applied to every planned projection."""
+    shape = shape_of(model)
+    edited = copy.deepcopy(model)
+    layers = decoder_layers(edited)
     for layer, keep in plan.items():
         block: Any = layers[layer]
         for name, index in layer_index_map(keep, shape).items():
             parent = block.self_attn if name in ATTENTION_MODULES else block.mlp
-            _slice_linear(getattr(parent, name), index, dim=1 if name in COLUMN_MODULES else 0)
-        group_size = shape.heads // shape.kv_heads
-        block.self_attn.num_key_value_heads = len(keep.kv_groups)
-        block.self_attn.num_attention_heads = len(keep.kv_groups) * group_size
-    return pruned
+            edit(getattr(parent, name), index, 1 if name in COLUMN_MODULES else 0)
+    return edited
 
 
 def _slice_linear(linear: nn.Linear, index: Tensor, dim: int) -> None:
@@ -296,15 +305,7 @@ def masked_model(model: nn.Module, plan: PruningPlan) -> Any:
     their now-uniform attention) and zero o_proj columns; a zeroed channel has ``silu(0) * 0 = 0``
     activation and a zero down column.
     """
-    shape = shape_of(model)
-    masked = copy.deepcopy(model)
-    layers = decoder_layers(masked)
-    for layer, keep in plan.items():
-        block: Any = layers[layer]
-        for name, index in layer_index_map(keep, shape).items():
-            parent = block.self_attn if name in ATTENTION_MODULES else block.mlp
-            _zero_outside(getattr(parent, name), index, dim=1 if name in COLUMN_MODULES else 0)
-    return masked
+    return _apply_to_linears(model, plan, _zero_outside)
 
 
 @torch.no_grad()
