@@ -9,7 +9,6 @@ Usage:
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,8 +93,3 @@ def run_experiment(
 def fleet_rows(config: Config) -> list[dict[str, str]]:
     """The fleet of ``config`` as table rows (one per device class and network)."""
     return fleet_table_rows(build_fleet_from_config(config))
-
-
-def remove_run(run_dir: Path) -> None:
-    """Delete a run directory (used by tests and benchmarks for scratch runs)."""
-    shutil.rmtree(run_dir, ignore_errors=True)
