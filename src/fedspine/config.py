@@ -268,17 +268,73 @@ class HetLoRASection:
 
 
 @dataclass
+class FedSpineSection:
+    """Prune-and-tune (fedspine, prune_then_tune, fedmp): importance, schedule and (ratio, rank) policy."""
+
+    importance: Literal["taylor", "flap", "magnitude"] = "taylor"
+    """Unit importance: LoRA-guided Taylor (on device), FLAP WIFV (on device, forward-only) or magnitude."""
+    target_sparsity: float = 0.3
+    """Final fraction of KV groups and MLP channels removed from every pruned layer."""
+    schedule: Literal["cubic", "oneshot"] = "cubic"
+    """How the sparsity floor rises: cubic over `prune_rounds`, or the target at once (after calibration)."""
+    prune_rounds: int = 0
+    """Rounds over which the cubic schedule reaches the target (0 = half of scheduler.rounds)."""
+    score_momentum: float = 0.5
+    """Global importance EMA: I <- momentum * I + (1 - momentum) * observed."""
+    freeze_mask: bool = False
+    """Freeze the importance once first observed: the mask never moves after pruning starts."""
+    dense_layers: list[int] = field(default_factory=list)
+    """Layers never pruned, e.g. [0, 1, -1]; negative indices count from the end. Export needs []."""
+    channel_multiple: int = 1
+    """Kept MLP channel counts round to a multiple of this (hardware-friendly widths)."""
+    policy: Literal["swucb", "fixed", "random", "oracle"] = "swucb"
+    """Who picks each device's (pruning ratio, LoRA rank): the sliding-window UCB bandit or a baseline."""
+    ratios: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    """Pruning ratios the policy may choose (arms below the schedule's floor are not eligible)."""
+    ranks: list[int] = field(default_factory=lambda: [4, 8, 16])
+    """LoRA ranks the policy may choose (the fixed policy uses each device's configured rank)."""
+    window: int = 20
+    """Sliding window of the UCB bandit, in observations per device."""
+    ucb_c: float = 1.0
+    """Exploration constant of the UCB bandit."""
+    fixed_ratio: float = -1.0
+    """Ratio of the fixed policy (-1 = target_sparsity)."""
+
+    def __post_init__(self) -> None:
+        key = "strategy.fedspine."
+        _check(0 <= self.target_sparsity < 1, key + "target_sparsity", "must be in [0, 1)")
+        _check(self.prune_rounds >= 0, key + "prune_rounds", "must be >= 0")
+        _check(0 <= self.score_momentum < 1, key + "score_momentum", "must be in [0, 1)")
+        _check(self.channel_multiple >= 1, key + "channel_multiple", "must be >= 1")
+        _check(
+            bool(self.ratios) and all(0 <= r < 1 for r in self.ratios),
+            key + "ratios",
+            "must be values in [0, 1)",
+        )
+        _check(bool(self.ranks) and all(r >= 1 for r in self.ranks), key + "ranks", "must be ranks >= 1")
+        _check(self.window >= 1, key + "window", "must be >= 1")
+        _check(self.ucb_c >= 0, key + "ucb_c", "must be >= 0")
+        _check(
+            self.fixed_ratio == -1.0 or 0 <= self.fixed_ratio < 1,
+            key + "fixed_ratio",
+            "must be -1 or in [0, 1)",
+        )
+
+
+@dataclass
 class StrategySection:
     """How updates are configured and aggregated (see `fedspine.algorithms.strategies`)."""
 
     name: str = "fedit"
-    """Registered strategy name: fedit, zeropad, hetlora, flexlora, flora."""
+    """Registered strategy: fedit, zeropad, hetlora, flexlora, flora, fedspine, prune_then_tune, fedmp."""
     weighting: Literal["samples", "uniform"] = "samples"
     """Aggregation weight of each update: its number of training samples, or equal."""
     aggregation_fan_in: int = 0
     """Aggregate through a tree of aggregators with this fan-in (LIFL-style; 0 = flat)."""
     hetlora: HetLoRASection = field(default_factory=HetLoRASection)
     """Parameters of the hetlora strategy."""
+    fedspine: FedSpineSection = field(default_factory=FedSpineSection)
+    """Parameters of the pruning strategies (fedspine, prune_then_tune, fedmp)."""
 
     def __post_init__(self) -> None:
         _check(

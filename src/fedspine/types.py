@@ -114,6 +114,10 @@ class ClientTask:
     """Global LoRA state the device starts from (what travels on the downlink)."""
     downlink_bytes: int
     extra: dict[str, Any] = field(default_factory=dict)
+    plan: Any = None
+    """Pruning plan of the submodel the device trains (``fedspine.model.pruning.PruningPlan``), or None."""
+    pruning_ratio: float = 0.0
+    """Fraction of KV groups and MLP channels removed from every pruned layer."""
 
 
 @dataclass
@@ -134,3 +138,10 @@ class ClientUpdate:
     lora_scaling: float = 1.0
     """The device's alpha / rank: the update is ``lora_scaling * B @ A``."""
     metrics: dict[str, float] = field(default_factory=dict)
+    plan: Any = None
+    """The pruning plan the factors were trained under; ``lora_state`` is in its pruned coordinates."""
+    importance: Any = None
+    """Per-unit importance observed on the device: ``{"heads": [(kv_heads,)], "channels": [(inter,)]}``
+    per layer, in full coordinates (zero where pruned), or None."""
+    progress: float | None = None
+    """Relative loss drop on the task's first batch, ``(before - after) / before``, when measured."""

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fedspine.types import LoraState
+from fedspine.types import ClientUpdate, LoraState
 
 
 def flatten_state(state: LoraState) -> dict[str, torch.Tensor]:
@@ -40,3 +40,32 @@ def decode_state(payload: bytes) -> LoraState:
 def payload_bytes(state: LoraState) -> int:
     """Exact size of the serialised payload: tensor data plus the safetensors header."""
     return len(encode_state(state))
+
+
+def update_tensors(update: ClientUpdate) -> dict[str, torch.Tensor]:
+    """Every tensor a device uploads: its LoRA factors and, when measured, its importance scores.
+
+    The importance of the units a device pruned is not sent (it was not measured); the server knows
+    the device's plan, so only the kept entries travel.
+    """
+    flat = flatten_state(update.lora_state)
+    if update.importance is not None:
+        for kind in ("heads", "channels"):
+            for layer, scores in enumerate(update.importance[kind]):
+                kept = _kept(update.plan, layer, kind, scores.numel())
+                flat[f"importance/{kind}/{layer}"] = (
+                    scores.index_select(0, kept).to(torch.float32).contiguous()
+                )
+    return flat
+
+
+def _kept(plan: object, layer: int, kind: str, size: int) -> torch.Tensor:
+    keep = plan.get(layer) if isinstance(plan, dict) else None
+    if keep is None:
+        return torch.arange(size)
+    return torch.tensor(keep.kv_groups if kind == "heads" else keep.channels, dtype=torch.long)
+
+
+def update_payload_bytes(update: ClientUpdate) -> int:
+    """Exact size of the serialised upload (safetensors of :func:`update_tensors`)."""
+    return len(st_save(update_tensors(update)))

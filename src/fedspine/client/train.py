@@ -19,6 +19,8 @@ class LocalResult:
     mean_loss: float
     steps: int
     host_seconds: float
+    first_loss: float = float("nan")
+    """Loss of the first batch before any update (the start of the progress measure)."""
 
 
 def make_optimizer(
@@ -37,11 +39,13 @@ def train_local(
     optimizer: torch.optim.Optimizer,
     max_grad_norm: float = 0.0,
     penalty: Callable[[], torch.Tensor | None] | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> LocalResult:
     """Run one optimizer step per batch on the trainable (LoRA) parameters of ``model``.
 
     ``penalty``, when given, adds a regulariser to each step's loss (e.g. HetLoRA's tail norm); the
-    reported loss is the task loss alone.
+    reported loss is the task loss alone. ``after_backward``, when given, runs after each backward pass,
+    before clipping and the optimizer step (e.g. to read gradients for importance scores).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -52,10 +56,13 @@ def train_local(
         loss = objective.loss(model, batch)
         extra = penalty() if penalty is not None else None
         (loss if extra is None else loss + extra).backward()
+        if after_backward is not None:
+            after_backward()
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         losses.append(float(loss.detach()))
     model.eval()
     mean = sum(losses) / len(losses) if losses else float("nan")
-    return LocalResult(mean_loss=mean, steps=len(losses), host_seconds=time.perf_counter() - start)
+    first = losses[0] if losses else float("nan")
+    return LocalResult(mean, len(losses), time.perf_counter() - start, first_loss=first)

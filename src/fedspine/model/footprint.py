@@ -304,10 +304,28 @@ def peak_memory_bytes(
     return weight_bytes(shape, dtype_bytes) + lora + activations + logits
 
 
+def combine_workloads(parts: Sequence[tuple[TrainWorkload, float]]) -> TrainWorkload:
+    """The fraction-weighted sum of workloads of uniform models (see ``pruning.pruned_shapes``).
+
+    Each part is the workload of the whole model at one layer width, weighted by the fraction of layers
+    that have that width; the fractions sum to 1, so per-model terms (embeddings, LM head) count once.
+    """
+    total = sum(weight for _, weight in parts)
+    if not parts or abs(total - 1.0) > 1e-9:
+        raise ModelError(f"workload fractions must sum to 1, got {total}")
+    return TrainWorkload(
+        flops=sum(w.flops * f for w, f in parts),
+        bytes_moved=sum(w.bytes_moved * f for w, f in parts),
+        peak_memory_bytes=round(sum(w.peak_memory_bytes * f for w, f in parts)),
+        tokens=parts[0][0].tokens,
+    )
+
+
 __all__ = [
     "ModelShape",
     "TokenCount",
     "activation_elements_per_token_layer",
+    "combine_workloads",
     "lora_params_estimate",
     "model_parameter_count",
     "model_shape",

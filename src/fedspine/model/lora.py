@@ -215,6 +215,13 @@ def lora_parameter_count(peft_model: PeftModel) -> int:
     return sum(a.numel() + b.numel() for a, b in (_a_b(layer) for _, layer in _lora_layers(peft_model)))
 
 
+def plain_copy(peft_model: PeftModel) -> PreTrainedModel:
+    """A copy of the base model without any adapter (adapters are dropped, not merged)."""
+    plain = copy.deepcopy(peft_model).unload()
+    plain.requires_grad_(False)
+    return plain
+
+
 def merged_model(peft_model: PeftModel) -> PreTrainedModel:
     """A plain model with ``W + scaling · B A`` folded in, built on a copy (``peft_model`` is untouched)."""
     merged = copy.deepcopy(peft_model).merge_and_unload()
@@ -263,6 +270,7 @@ __all__ = [
     "merged_model",
     "merged_state_dict",
     "module_shapes",
+    "plain_copy",
     "set_lora_state",
     "state_num_bytes",
     "zero_lora_state_like",

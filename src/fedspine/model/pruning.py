@@ -16,6 +16,7 @@ module attribute changes are needed; its config still describes the dense model 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -246,8 +247,8 @@ def gather_kept(full: Tensor, index: Tensor, dim: int = 0) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def prune_model(model: nn.Module, plan: PruningPlan) -> Any:
-    """A deep copy of ``model`` with the pruned KV groups and MLP channels physically removed.
+def prune_model(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> Any:
+    """``model`` (a deep copy unless ``inplace``) with the pruned KV groups and MLP channels removed.
 
     Slices q/k/v/gate/up output rows (and biases) and o/down input columns; ``in_features`` and
     ``out_features`` follow. Attention reshapes to ``(..., -1, head_dim)`` and the group size is unchanged,
@@ -256,14 +257,15 @@ def prune_model(model: nn.Module, plan: PruningPlan) -> Any:
     model, so ``save_pretrained`` output does not reload with plain ``from_pretrained``.
 
     Args:
-        model: a Llama-family causal LM (untouched).
+        model: a Llama-family causal LM (untouched unless ``inplace``).
         plan: what each layer keeps.
+        inplace: slice ``model`` itself instead of a copy.
 
     Returns:
-        The pruned copy.
+        The pruned model.
     """
     shape = shape_of(model)
-    pruned = _apply_to_linears(model, plan, _slice_linear)
+    pruned = _apply_to_linears(model, plan, _slice_linear, inplace)
     layers = decoder_layers(pruned)
     for layer, keep in plan.items():
         attn: Any = layers[layer].self_attn
@@ -272,10 +274,10 @@ def prune_model(model: nn.Module, plan: PruningPlan) -> Any:
     return pruned
 
 
-def _apply_to_linears(model: nn.Module, plan: PruningPlan, edit: Any) -> Any:
-    """A deep copy of ``model`` with ``edit(linear, kept_index, dim)`` applied to every planned projection."""
+def _apply_to_linears(model: nn.Module, plan: PruningPlan, edit: Any, inplace: bool = False) -> Any:
+    """``model`` (or a deep copy) with ``edit(linear, kept_index, dim)`` applied to each planned linear."""
     shape = shape_of(model)
-    edited = copy.deepcopy(model)
+    edited = model if inplace else copy.deepcopy(model)
     layers = decoder_layers(edited)
     for layer, keep in plan.items():
         block: Any = layers[layer]
@@ -319,6 +321,85 @@ def _zero_outside(linear: nn.Linear, index: Tensor, dim: int) -> None:
         linear.bias.index_fill_(0, dropped, 0.0)
 
 
+# --------------------------------------------------------------------------------------------------
+# Widths, shapes and export
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_widths(plan: PruningPlan, shape: ModelShape) -> list[tuple[int, int]]:
+    """Per layer, ``(kept KV groups, kept MLP channels)``; dense layers keep everything."""
+    widths = []
+    for layer in range(shape.layers):
+        keep = plan.get(layer)
+        widths.append(
+            (shape.kv_heads, shape.intermediate)
+            if keep is None
+            else (len(keep.kv_groups), len(keep.channels))
+        )
+    return widths
+
+
+def pruned_shapes(plan: PruningPlan, shape: ModelShape) -> list[tuple[ModelShape, float]]:
+    """The pruned model as ``(uniform shape, fraction of layers)`` parts.
+
+    Every cost in :mod:`fedspine.model.footprint` is a per-layer sum plus per-model terms (embeddings, LM
+    head), so the cost of a model whose layers differ is the fraction-weighted sum of the costs of uniform
+    models, one per distinct layer width: exact, not an approximation.
+    """
+    group_size = shape.heads // shape.kv_heads
+    counts: dict[tuple[int, int], int] = {}
+    for widths in layer_widths(plan, shape):
+        counts[widths] = counts.get(widths, 0) + 1
+    return [
+        (
+            dataclasses.replace(shape, kv_heads=kv, heads=kv * group_size, intermediate=channels),
+            count / shape.layers,
+        )
+        for (kv, channels), count in sorted(counts.items())
+    ]
+
+
+def is_uniform(plan: PruningPlan, shape: ModelShape) -> bool:
+    """Whether every layer keeps the same widths (then a stock Llama config describes the model)."""
+    return len(set(layer_widths(plan, shape))) == 1
+
+
+def pruned_hf_config(hf_config: Any, plan: PruningPlan) -> Any:
+    """A copy of ``hf_config`` describing the pruned model, for ``save_pretrained``.
+
+    Raises:
+        ModelError: the plan's layers differ in width (keep-dense layers): a stock Llama config has one
+            width for every layer.
+    """
+    shape = model_shape(hf_config)
+    widths = set(layer_widths(plan, shape))
+    if len(widths) != 1:
+        raise ModelError(
+            f"the pruned layers keep different widths {sorted(widths)}; a Hugging Face Llama config holds "
+            "one width per model (prune every layer, strategy.fedspine.dense_layers = [], to export)"
+        )
+    ((kv, channels),) = widths
+    config = copy.deepcopy(hf_config)
+    config.num_key_value_heads = kv
+    config.num_attention_heads = kv * (shape.heads // shape.kv_heads)
+    config.intermediate_size = channels
+    config.head_dim = shape.head_dim
+    return config
+
+
+def plan_to_json(plan: PruningPlan) -> dict[str, dict[str, list[int]]]:
+    """A JSON-ready form of ``plan`` (layer keys as strings)."""
+    return {
+        str(layer): {"kv_groups": list(k.kv_groups), "channels": list(k.channels)}
+        for layer, k in plan.items()
+    }
+
+
+def plan_from_json(data: dict[str, Any]) -> PruningPlan:
+    """Inverse of :func:`plan_to_json`."""
+    return {int(layer): LayerKeep(tuple(k["kv_groups"]), tuple(k["channels"])) for layer, k in data.items()}
+
+
 __all__ = [
     "COLUMN_MODULES",
     "ROW_MODULES",
@@ -327,12 +408,18 @@ __all__ = [
     "decoder_layers",
     "gather_kept",
     "index_maps",
+    "is_uniform",
     "kept_count",
     "layer_index_map",
+    "layer_widths",
     "magnitude_scores",
     "masked_model",
+    "plan_from_json",
     "plan_from_scores",
+    "plan_to_json",
     "prune_model",
+    "pruned_hf_config",
+    "pruned_shapes",
     "scatter_to_full",
     "shape_of",
     "top_indices",

@@ -17,8 +17,18 @@ import torch
 
 import fedspine.algorithms.schedulers as schedulers
 import fedspine.algorithms.strategies as strategies
+from fedspine.algorithms.policies import (
+    POLICIES,
+    Arm,
+    FixedPolicy,
+    OraclePolicy,
+    Policy,
+    RandomPolicy,
+    SlidingWindowUCB,
+)
 from fedspine.algorithms.schedulers import SyncScheduler
-from fedspine.algorithms.strategies import Strategy
+from fedspine.algorithms.strategies import FedSpine, Strategy
+from fedspine.algorithms.strategies.fedspine import PRESETS
 from fedspine.client.objectives import ClassificationObjective, LanguageModelingObjective, Objective
 from fedspine.config import Config
 from fedspine.data import (
@@ -35,9 +45,10 @@ from fedspine.data import (
 from fedspine.errors import ConfigError, DataError, FleetError, ModelError
 from fedspine.fleet import GroupSpec, build_fleet
 from fedspine.fleet.cost import CostModel
-from fedspine.model.footprint import ModelShape, model_shape, train_workload
+from fedspine.model.footprint import ModelShape, combine_workloads, model_shape, train_workload
 from fedspine.model.load import default_cache_dir, resolve_model, resolve_model_config
 from fedspine.model.lora import apply_lora, module_shapes
+from fedspine.model.pruning import magnitude_scores, pruned_shapes
 from fedspine.runtime.executor import LocalTraining, SimExecutor
 from fedspine.types import Device, DeviceLora
 
@@ -64,9 +75,13 @@ class Experiment:
 
 
 def build_strategy(cfg: Config) -> Strategy:
-    """The configured strategy; its own sub-table (e.g. ``[strategy.hetlora]``) supplies its parameters."""
+    """The configured strategy; its own sub-table (e.g. ``[strategy.hetlora]``) supplies its parameters.
+
+    The pruning strategies (fedspine, prune_then_tune, fedmp) share ``[strategy.fedspine]``.
+    """
     factory = strategies.STRATEGIES.get(cfg.strategy.name, "strategy.name")
-    params = getattr(cfg.strategy, cfg.strategy.name, None)
+    table = "fedspine" if cfg.strategy.name in PRESETS else cfg.strategy.name
+    params = getattr(cfg.strategy, table, None)
     is_table = dataclasses.is_dataclass(params) and not isinstance(params, type)
     kwargs = dataclasses.asdict(params) if is_table else {}  # type: ignore[arg-type]
     return factory(weighting=cfg.strategy.weighting, **kwargs)
@@ -94,6 +109,70 @@ def build_device_lora(cfg: Config, devices: Sequence[Device], strategy: Strategy
             "use zeropad, hetlora, flexlora or flora for heterogeneous ranks",
         )
     return table
+
+
+def build_policy(
+    cfg: Config,
+    strategy: FedSpine,
+    devices: Sequence[Device],
+    device_lora: dict[int, DeviceLora],
+    predict_seconds: Callable[[int, Arm], float],
+) -> Policy:
+    """The (ratio, rank) policy of a pruning strategy; presets fix it (prune_then_tune, fedmp use fixed)."""
+    f = cfg.strategy.fedspine
+    name = PRESETS[strategy.name].get("policy", f.policy)
+    POLICIES.get(name, "strategy.fedspine.policy")
+    ratios, ranks = f.ratios, f.ranks
+    if name == "fixed":
+        ratio = f.target_sparsity if f.fixed_ratio < 0 else f.fixed_ratio
+        return FixedPolicy(
+            ratios,
+            ranks,
+            {d.device_id: ratio for d in devices},
+            {i: lo.rank for i, lo in device_lora.items()},
+        )
+    if name == "random":
+        return RandomPolicy(ratios, ranks, cfg.run.seed)
+    if name == "oracle":
+        return OraclePolicy(ratios, ranks, [d.device_id for d in devices], predict_seconds)
+    return SlidingWindowUCB(ratios, ranks, f.window, f.ucb_c)
+
+
+def _time_predictor(
+    cfg: Config,
+    strategy: FedSpine,
+    executor: SimExecutor,
+    devices: Sequence[Device],
+    device_lora: dict[int, DeviceLora],
+) -> Callable[[int, Arm], float]:
+    """Predicted task time of a device at an arm, from its profile (what only the oracle may read)."""
+    by_id = {d.device_id: d for d in devices}
+
+    def predict(device_id: int, arm: Arm) -> float:
+        device = by_id[device_id]
+        plan = strategy.plan_for(arm.ratio)
+        seq_lens = [cfg.data.max_length] * cfg.train.batch_size * cfg.train.local_steps
+        parts = [
+            (
+                train_workload(
+                    shape,
+                    seq_lens,
+                    arm.rank,
+                    len(cfg.lora.target_modules),
+                    executor.logits_positions,
+                    device.device_class.train_dtype_bytes,
+                    cfg.train.batch_size,
+                    cfg.train.local_steps,
+                ),
+                fraction,
+            )
+            for shape, fraction in pruned_shapes(plan, executor.shape)
+        ]
+        cost = CostModel.for_device(device)
+        upload = 4 * arm.rank * sum(o + i for o, i in strategy.kept_shapes(plan).values())
+        return cost.train_seconds(combine_workloads(parts), 1.0) + cost.transfer_seconds(upload, "up", 1.0)
+
+    return predict
 
 
 def build_scheduler(cfg: Config, num_devices: int) -> SyncScheduler:
@@ -212,6 +291,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     train_data = task.encode(train, tokenizer, cfg.data.max_length)
     test_data = task.encode(test, tokenizer, cfg.data.max_length)
     objective = _objective(train_data)
+    initial_scores = magnitude_scores(model) if strategy.prunes else None
     peft_model = apply_lora(
         model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, seed=cfg.run.seed
     )
@@ -227,6 +307,14 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         len(cfg.lora.target_modules),
         cfg.run.seed,
     )
+    executor.target_modules = list(cfg.lora.target_modules)
+    executor.lora_dropout = cfg.lora.dropout
+    if isinstance(strategy, FedSpine):
+        assert initial_scores is not None
+        executor.importance = strategy.settings.importance
+        predict = _time_predictor(cfg, strategy, executor, devices, device_lora)
+        policy = build_policy(cfg, strategy, devices, device_lora, predict)
+        strategy.setup(shape, initial_scores, policy, cfg.scheduler.rounds)
     return Experiment(
         config=cfg,
         devices=devices,

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from fedspine.algorithms.aggregate import aggregate
-from fedspine.algorithms.wire import payload_bytes
+from fedspine.algorithms.strategies import TaskResult
+from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.client.evaluate import Evaluation
 from fedspine.fleet.cost import CostModel
 from fedspine.fleet.jitter import compute_slowdown, is_available, link_rate_factor
@@ -103,6 +104,11 @@ class Engine:
         accepted = [o for d in plan.accepted for o in outcomes if o.device.device_id == d]
         for o in outcomes:
             self._record_task(round_no, start, o)
+        exp.strategy.end_round(
+            round_no,
+            [TaskResult(o.device.device_id, o.status, o.arrival_seconds, o.update) for o in outcomes],
+            exp.scheduler.deadline_seconds,
+        )
         agg_seconds = self._aggregate(round_no, start + plan.close_seconds, accepted)
         self.clock.advance_to(start + plan.close_seconds + agg_seconds)
         record = self._round_record(round_no, start, outcomes, accepted, agg_seconds)
@@ -139,9 +145,10 @@ class Engine:
     def _prepare(self, round_no: int, device: Device) -> TaskOutcome:
         """Draw the batches, check memory, then get the starting adapter and charge the downlink."""
         exp = self.exp
-        lora = self.device_lora[device.device_id]
+        assignment = exp.strategy.assign(round_no, device.device_id, self.device_lora[device.device_id])
+        lora = assignment.lora
         steps = exp.config.train.local_steps
-        prepared = exp.executor.prepare(round_no, device, lora, steps)
+        prepared = exp.executor.prepare(round_no, device, lora, steps, assignment.plan)
         outcome = TaskOutcome(device, "ok", 0, prepared=prepared)
         cost = CostModel.for_device(device)
         if not cost.fits(prepared.workload.peak_memory_bytes):
@@ -150,7 +157,14 @@ class Engine:
         generator = torch.Generator().manual_seed(task_seed(self.seed, round_no, device.device_id, 2))
         dispatch = exp.strategy.configure(round_no, device.device_id, lora, generator)
         outcome.task = ClientTask(
-            round_no, device.device_id, steps, lora, dispatch.lora_state, dispatch.downlink_bytes
+            round_no,
+            device.device_id,
+            steps,
+            lora,
+            dispatch.lora_state,
+            dispatch.downlink_bytes,
+            plan=assignment.plan,
+            pruning_ratio=assignment.ratio,
         )
         outcome.downlink_bytes = dispatch.downlink_bytes
         rate = link_rate_factor(device, self.seed, round_no, "down")
@@ -165,7 +179,7 @@ class Engine:
         if update.lora_rank != outcome.task.lora.rank:  # the device shrank its own rank (HetLoRA)
             self.device_lora[update.device_id] = DeviceLora(update.lora_rank, outcome.task.lora.scaling)
         self.state.train_wall_seconds += update.host_train_seconds
-        update.uplink_bytes = payload_bytes(update.lora_state)
+        update.uplink_bytes = update_payload_bytes(update)
         device = outcome.device
         rate = link_rate_factor(device, self.seed, update.round, "up")
         outcome.uplink_bytes = update.uplink_bytes
@@ -224,7 +238,7 @@ class Engine:
             num_samples=prepared.num_samples if prepared else 0,
             local_steps=len(prepared.batches) if prepared else 0,
             lora_rank=prepared.lora.rank if prepared else 0,
-            pruning_ratio=0.0,
+            pruning_ratio=o.task.pruning_ratio if o.task else 0.0,
             train_loss=o.update.train_loss if o.update else None,
             peak_memory_bytes=workload.peak_memory_bytes if workload else 0,
         )
@@ -282,7 +296,9 @@ class Engine:
     def _evaluate(self, round_no: int) -> Evaluation:
         wall = time.perf_counter()
         self.exp.executor.load_global(self.exp.strategy.global_lora())
-        evaluation = self.exp.executor.evaluate(self.exp.test_data, self.exp.config.eval.batch_size)
+        evaluation = self.exp.executor.evaluate(
+            self.exp.test_data, self.exp.config.eval.batch_size, self.exp.strategy.eval_plan()
+        )
         self.state.eval_wall_seconds += time.perf_counter() - wall
         entry = {
             "round": round_no,

@@ -22,15 +22,19 @@ from fedspine.client.evaluate import Evaluation, evaluate
 from fedspine.client.objectives import Objective
 from fedspine.client.train import make_optimizer, train_local
 from fedspine.data.batching import Batch, EncodedDataset, iterate_batches
-from fedspine.model.footprint import ModelShape, train_workload
+from fedspine.model.footprint import ModelShape, combine_workloads, train_workload
+from fedspine.model.importance import FlapMeter, TaylorMeter, make_meter
 from fedspine.model.lora import (
     ADAPTER,
     activate_adapter,
     add_to_base_weights,
+    apply_lora,
     ensure_adapter,
     get_lora_state,
+    plain_copy,
     set_lora_state,
 )
+from fedspine.model.pruning import PruningPlan, prune_model, pruned_shapes, scatter_to_full
 from fedspine.types import ClientTask, ClientUpdate, Device, DeviceLora, LoraState, TrainWorkload
 
 
@@ -95,23 +99,45 @@ class SimExecutor:
             "last" if objective.metric_name == "accuracy" else "all"
         )
         self._global_adapter: str | None = ADAPTER
+        self.importance = "magnitude"
+        """Importance the devices measure while training pruned submodels (taylor, flap, magnitude)."""
+        self.target_modules: list[str] = []
+        self.lora_dropout = 0.0
 
-    def prepare(self, round_no: int, device: Device, lora: DeviceLora, local_steps: int) -> PreparedTask:
-        """Draw the task's batches (deterministic for the seed) and compute its workload."""
+    def prepare(
+        self,
+        round_no: int,
+        device: Device,
+        lora: DeviceLora,
+        local_steps: int,
+        plan: PruningPlan | None = None,
+    ) -> PreparedTask:
+        """Draw the task's batches (deterministic for the seed) and compute its workload.
+
+        With a pruning ``plan`` the workload is that of the pruned submodel.
+        """
         indices = self.partitions[device.device_id]
         rng = np.random.default_rng(task_seed(self.seed, round_no, device.device_id))
         batches = list(self._cycle(indices, rng, local_steps))
         seq_lens = [int(n) for b in batches for n in b.attention_mask.sum(-1).tolist()]
-        workload = train_workload(
-            self.shape,
-            seq_lens=seq_lens,
-            lora_rank=lora.rank,
-            num_lora_targets=self.lora_targets,
-            logits_positions=self.logits_positions,
-            dtype_bytes=device.device_class.train_dtype_bytes,
-            batch_size=self.training.batch_size,
-            steps=len(batches),
-        )
+        shapes = [(self.shape, 1.0)] if plan is None else pruned_shapes(plan, self.shape)
+        parts = [
+            (
+                train_workload(
+                    shape,
+                    seq_lens=seq_lens,
+                    lora_rank=lora.rank,
+                    num_lora_targets=self.lora_targets,
+                    logits_positions=self.logits_positions,
+                    dtype_bytes=device.device_class.train_dtype_bytes,
+                    batch_size=self.training.batch_size,
+                    steps=len(batches),
+                ),
+                fraction,
+            )
+            for shape, fraction in shapes
+        ]
+        workload = combine_workloads(parts)
         return PreparedTask(round_no, device, lora, batches, workload, num_samples=len(indices))
 
     def _cycle(self, indices: np.ndarray, rng: np.random.Generator, steps: int) -> Iterator[Batch]:
@@ -126,6 +152,8 @@ class SimExecutor:
 
     def run(self, task: ClientTask, prepared: PreparedTask) -> ClientUpdate:
         """Train: load the task's starting adapter, run the local steps, read and post-process it."""
+        if task.plan is not None:
+            return self._run_pruned(task, prepared)
         name = self._activate(task.lora)
         set_lora_state(self.model, task.payload, name)
         torch.manual_seed(task_seed(self.seed, task.round, task.device_id, 1))
@@ -147,6 +175,63 @@ class SimExecutor:
             host_train_seconds=result.host_seconds,
             lora_rank=int(next(iter(state.values()))["A"].shape[0]) if state else task.lora.rank,
             lora_scaling=task.lora.scaling,
+        )
+
+    def pruned_model(self, plan: PruningPlan) -> Any:
+        """A plain (adapter-free) copy of the current base model, pruned by ``plan``."""
+        return prune_model(plain_copy(self.model), plan, inplace=True)
+
+    def _run_pruned(self, task: ClientTask, prepared: PreparedTask) -> ClientUpdate:
+        """Train a fresh adapter on the physically pruned submodel; measure importance and progress."""
+        model = apply_lora(
+            self.pruned_model(task.plan),
+            task.lora.rank,
+            task.lora.alpha,
+            self.lora_dropout,
+            self.target_modules,
+            seed=task_seed(self.seed, task.round, task.device_id, 3),
+        )
+        set_lora_state(model, task.payload)
+        torch.manual_seed(task_seed(self.seed, task.round, task.device_id, 1))
+        params = [p for p in model.parameters() if p.requires_grad]
+        t = self.training
+        optimizer = make_optimizer(params, t.optimizer, t.lr, t.weight_decay)
+        meter = make_meter(self.importance, model, self.shape.head_dim)
+        after_backward = meter.after_backward if isinstance(meter, TaylorMeter) else None
+        if isinstance(meter, FlapMeter):
+            with meter:
+                result = train_local(model, self.objective, prepared.batches, optimizer, t.max_grad_norm)
+        else:
+            result = train_local(
+                model,
+                self.objective,
+                prepared.batches,
+                optimizer,
+                t.max_grad_norm,
+                after_backward=after_backward,
+            )
+        with torch.no_grad():
+            after = float(self.objective.loss(model, prepared.batches[0]))
+        state = get_lora_state(model)
+        importance = None
+        if meter is not None:
+            heads, channels = meter.result()
+            importance = _to_full(heads, channels, task.plan, self.shape)
+        before = result.first_loss
+        return ClientUpdate(
+            round=task.round,
+            device_id=task.device_id,
+            num_samples=prepared.num_samples,
+            lora_state=state,
+            uplink_bytes=0,
+            train_loss=result.mean_loss,
+            tokens=prepared.workload.tokens,
+            host_train_seconds=result.host_seconds,
+            lora_rank=task.lora.rank,
+            lora_scaling=task.lora.scaling,
+            plan=task.plan,
+            importance=importance,
+            progress=(before - after) / before if before > 0 else 0.0,
         )
 
     def _activate(self, lora: DeviceLora) -> str:
@@ -173,10 +258,28 @@ class SimExecutor:
         """Add aggregated weight deltas to the shared base weights (FLoRA)."""
         add_to_base_weights(self.model, deltas)
 
-    def evaluate(self, data: EncodedDataset, batch_size: int) -> Evaluation:
-        """Evaluate the model with the global adapter loaded by :meth:`load_global`."""
+    def evaluate(self, data: EncodedDataset, batch_size: int, plan: PruningPlan | None = None) -> Evaluation:
+        """Evaluate the model with the global adapter loaded by :meth:`load_global` (pruned by ``plan``)."""
         batches = iterate_batches(data, np.arange(len(data)), batch_size, None, shuffle=False)
+        if plan is not None:
+            return evaluate(self.pruned_model(plan), self.objective, batches)
         if self._global_adapter is None:
             with self.model.disable_adapter():
                 return evaluate(self.model, self.objective, batches)
         return evaluate(self.model, self.objective, batches)
+
+
+def _to_full(
+    heads: list[torch.Tensor], channels: list[torch.Tensor], plan: PruningPlan, shape: ModelShape
+) -> dict[str, list[torch.Tensor]]:
+    """Per-layer scores of the kept units, placed in full coordinates (zero where pruned)."""
+    full_heads, full_channels = [], []
+    for layer, (h, c) in enumerate(zip(heads, channels, strict=True)):
+        keep = plan.get(layer)
+        if keep is None:
+            full_heads.append(h.float())
+            full_channels.append(c.float())
+            continue
+        full_heads.append(scatter_to_full(h.float(), torch.tensor(keep.kv_groups), shape.kv_heads))
+        full_channels.append(scatter_to_full(c.float(), torch.tensor(keep.channels), shape.intermediate))
+    return {"heads": full_heads, "channels": full_channels}

@@ -1,10 +1,23 @@
 """Strategies: what a device receives and how updates merge. Importing this package registers them."""
 
-from fedspine.algorithms.strategies.base import STRATEGIES, Dispatch, Strategy
+from fedspine.algorithms.strategies.base import STRATEGIES, Assignment, Dispatch, Strategy
 from fedspine.algorithms.strategies.fedit import FedIT
+from fedspine.algorithms.strategies.fedspine import FedSpine, TaskResult
 from fedspine.algorithms.strategies.flexlora import FlexLoRA
 from fedspine.algorithms.strategies.flora import FLoRA
 from fedspine.algorithms.strategies.hetlora import HetLoRA
 from fedspine.algorithms.strategies.zeropad import ZeroPad
 
-__all__ = ["STRATEGIES", "Dispatch", "FLoRA", "FedIT", "FlexLoRA", "HetLoRA", "Strategy", "ZeroPad"]
+__all__ = [
+    "STRATEGIES",
+    "Assignment",
+    "Dispatch",
+    "FLoRA",
+    "FedIT",
+    "FedSpine",
+    "FlexLoRA",
+    "HetLoRA",
+    "Strategy",
+    "TaskResult",
+    "ZeroPad",
+]

@@ -39,6 +39,21 @@ class Dispatch:
     downlink_bytes: int
 
 
+@dataclass(frozen=True)
+class Assignment:
+    """How a device trains in a task: its LoRA, and the pruned submodel (None = the dense model).
+
+    Attributes:
+        lora: rank and scaling of the adapter it trains.
+        plan: a ``fedspine.model.pruning.PruningPlan``, or None.
+        ratio: the pruning ratio the plan was built for.
+    """
+
+    lora: DeviceLora
+    plan: Any = None
+    ratio: float = 0.0
+
+
 class Strategy(ABC):
     """Configures client tasks and aggregates their updates into the global state.
 
@@ -49,6 +64,8 @@ class Strategy(ABC):
     name: str = ""
     uniform_rank_only = False
     """True for methods that need every device at one rank (FedIT)."""
+    prunes = False
+    """True for methods that train pruned submodels (FedSpine and its baselines)."""
 
     def __init__(self, weighting: Weighting = "samples") -> None:
         self.weighting = weighting
@@ -68,6 +85,17 @@ class Strategy(ABC):
     @abstractmethod
     def global_lora(self) -> LoraState:
         """The current global adapter at scaling 1 (empty when the strategy keeps none, e.g. FLoRA)."""
+
+    def assign(self, round: int, device_id: int, lora: DeviceLora) -> Assignment:
+        """The LoRA and submodel device ``device_id`` trains in ``round`` (before :meth:`configure`)."""
+        return Assignment(lora)
+
+    def eval_plan(self) -> Any:
+        """The pruning plan of the model to evaluate (None = dense)."""
+        return None
+
+    def end_round(self, round: int, results: Any, deadline: float) -> None:  # noqa: B027 (optional hook)
+        """Observe the round's task outcomes (e.g. rewards for a policy)."""
 
     def take_base_delta(self) -> dict[str, torch.Tensor] | None:
         """Weight deltas to merge into the base model after the last aggregation (once), if any."""

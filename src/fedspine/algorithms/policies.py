@@ -1,0 +1,191 @@
+"""Policies that choose each device's (pruning ratio, LoRA rank) for a task (algorithms.md §1.4).
+
+* :class:`SlidingWindowUCB`, FedSpine's online bandit: one per device over the arm grid
+  ``ratios x ranks``, learning only from the outcomes it observes (no device profile). Untried arms
+  are played first, safest first (most pruned, lowest rank); then the arm with the highest windowed
+  mean reward plus ``c * sqrt(2 ln(min(t, W)) / n_W(a))``.
+* :class:`FixedPolicy` (FedMP-like fixed ratios, and prune-then-tune), :class:`RandomPolicy`, and
+  :class:`OraclePolicy`, which reads the device profiles through a time predictor.
+
+Every policy is asked with a *floor*, the schedule's current sparsity target: arms below it are not
+eligible, so the global sparsity rises over rounds whatever the policy.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from fedspine.registry import Registry
+
+EPS = 1e-9
+
+
+@dataclass(frozen=True, order=True)
+class Arm:
+    """One choice: prune ``ratio`` of every pruned layer's KV groups and channels; train at ``rank``."""
+
+    ratio: float
+    rank: int
+
+
+class Policy(ABC):
+    """Chooses arms for devices and learns from what happened."""
+
+    name = ""
+
+    def __init__(self, ratios: Sequence[float], ranks: Sequence[int]) -> None:
+        if not ratios or not ranks:
+            raise ValueError("a policy needs at least one ratio and one rank")
+        self.arms = [Arm(float(p), int(r)) for p in sorted(set(ratios)) for r in sorted(set(ranks))]
+
+    def eligible(self, floor: float) -> list[Arm]:
+        """Arms whose ratio reaches ``floor``; if none does, the most pruned ones, raised to the floor."""
+        arms = [a for a in self.arms if a.ratio >= floor - EPS]
+        if arms:
+            return arms
+        return sorted({Arm(floor, a.rank) for a in self.arms})
+
+    @abstractmethod
+    def choose(self, device_id: int, floor: float) -> Arm:
+        """The arm device ``device_id`` plays in its next task."""
+
+    def observe(self, device_id: int, arm: Arm, reward: float) -> None:  # noqa: B027 (optional hook)
+        """Learn from one outcome (reward in [-1, 1]; -1 = out of memory or missed deadline)."""
+
+    def best(self, device_id: int, floor: float) -> Arm:
+        """The arm to deploy on the device at the end of the run."""
+        return self.choose(device_id, floor)
+
+    def state(self) -> dict[str, object]:
+        """A JSON-ready summary of what the policy learned."""
+        return {}
+
+
+class FixedPolicy(Policy):
+    """Every device plays one arm: ``ratio`` (or its per-device ratio) at its configured rank."""
+
+    name = "fixed"
+
+    def __init__(
+        self,
+        ratios: Sequence[float],
+        ranks: Sequence[int],
+        device_ratios: dict[int, float],
+        device_ranks: dict[int, int],
+    ) -> None:
+        super().__init__(ratios, ranks)
+        self.device_ratios = device_ratios
+        self.device_ranks = device_ranks
+
+    def choose(self, device_id: int, floor: float) -> Arm:
+        return Arm(max(self.device_ratios[device_id], floor), self.device_ranks[device_id])
+
+
+class RandomPolicy(Policy):
+    """A uniformly random eligible arm per task (seeded)."""
+
+    name = "random"
+
+    def __init__(self, ratios: Sequence[float], ranks: Sequence[int], seed: int) -> None:
+        super().__init__(ratios, ranks)
+        self.rng = random.Random(seed)
+
+    def choose(self, device_id: int, floor: float) -> Arm:
+        return self.rng.choice(self.eligible(floor))
+
+
+class OraclePolicy(Policy):
+    """Knows every device's predicted task time per arm (from its profile), which no real server does.
+
+    The target time is the median, over devices, of the time of the least pruned lowest-rank arm, so
+    that the slower half of the fleet prunes to keep up with the median device; each device plays its
+    least pruned arm (then the highest rank) that meets the target, else its fastest.
+    """
+
+    name = "oracle"
+
+    def __init__(
+        self,
+        ratios: Sequence[float],
+        ranks: Sequence[int],
+        device_ids: Sequence[int],
+        predict_seconds: Callable[[int, Arm], float],
+    ) -> None:
+        super().__init__(ratios, ranks)
+        self.device_ids = list(device_ids)
+        self.predict = predict_seconds
+
+    def choose(self, device_id: int, floor: float) -> Arm:
+        arms = self.eligible(floor)
+        reference = min(arms, key=lambda a: (a.ratio, a.rank))
+        target = statistics.median(self.predict(d, reference) for d in self.device_ids)
+        times = {a: self.predict(device_id, a) for a in arms}
+        meeting = [a for a in arms if times[a] <= target * (1 + EPS)]
+        if not meeting:
+            return min(arms, key=lambda a: (times[a], -a.rank))
+        return min(meeting, key=lambda a: (a.ratio, -a.rank))
+
+
+class SlidingWindowUCB(Policy):
+    """Per-device sliding-window UCB over the arm grid (rewards in [-1, 1])."""
+
+    name = "swucb"
+
+    def __init__(
+        self, ratios: Sequence[float], ranks: Sequence[int], window: int = 20, c: float = 1.0
+    ) -> None:
+        super().__init__(ratios, ranks)
+        if window < 1 or c < 0:
+            raise ValueError("window must be >= 1 and c >= 0")
+        self.window = window
+        self.c = c
+        self.history: dict[int, deque[tuple[Arm, float]]] = {}
+        self.pulls: dict[int, int] = {}
+
+    def _stats(self, device_id: int) -> dict[Arm, tuple[int, float]]:
+        counts: dict[Arm, list[float]] = {}
+        for arm, reward in self.history.get(device_id, ()):
+            counts.setdefault(arm, []).append(reward)
+        return {arm: (len(r), sum(r) / len(r)) for arm, r in counts.items()}
+
+    def choose(self, device_id: int, floor: float) -> Arm:
+        arms = self.eligible(floor)
+        stats = self._stats(device_id)
+        untried = [a for a in arms if a not in stats]
+        if untried:
+            return max(untried, key=lambda a: (a.ratio, -a.rank))  # safest first
+        t = min(self.pulls.get(device_id, 0), self.window)
+        bonus = lambda n: self.c * math.sqrt(2 * math.log(max(t, 2)) / n)  # noqa: E731
+        return max(arms, key=lambda a: (stats[a][1] + bonus(stats[a][0]), a.ratio, -a.rank))
+
+    def observe(self, device_id: int, arm: Arm, reward: float) -> None:
+        history = self.history.setdefault(device_id, deque(maxlen=self.window))
+        history.append((arm, max(-1.0, min(1.0, reward))))
+        self.pulls[device_id] = self.pulls.get(device_id, 0) + 1
+
+    def best(self, device_id: int, floor: float) -> Arm:
+        """The eligible arm with the highest windowed mean (untried arms count as unknown, not best)."""
+        arms = self.eligible(floor)
+        stats = {a: s for a, s in self._stats(device_id).items() if a in arms}
+        if not stats:
+            return max(arms, key=lambda a: (a.ratio, -a.rank))
+        return max(stats, key=lambda a: (stats[a][1], a.ratio, -a.rank))
+
+    def state(self) -> dict[str, object]:
+        return {
+            str(device): [{"ratio": a.ratio, "rank": a.rank, "reward": r} for a, r in history]
+            for device, history in sorted(self.history.items())
+        }
+
+
+POLICIES: Registry[type[Policy]] = Registry("policy")
+for _cls in (FixedPolicy, RandomPolicy, OraclePolicy, SlidingWindowUCB):
+    POLICIES.register(_cls.name)(_cls)
+
+__all__ = ["POLICIES", "Arm", "FixedPolicy", "OraclePolicy", "Policy", "RandomPolicy", "SlidingWindowUCB"]

@@ -1,0 +1,471 @@
+"""FedSpine: federated prune-and-tune with a per-device (pruning ratio, LoRA rank) policy.
+
+Specification: algorithms.md §1.4.
+
+Round t, for each selected device i:
+
+1. the policy picks an arm ``(p_i, r_i)`` with ``p_i`` at least the schedule's sparsity target ``s_t``
+   (cubic: ``s_t = s_final (1 - (1 - t / T_p)^3)``, or one-shot);
+2. the device's submodel keeps the top ``1 - p_i`` KV groups and MLP channels of every pruned layer by
+   the global importance ``I`` (nested: a less pruned device's kept set contains a more pruned one's);
+3. it trains a fresh rank-``r_i`` LoRA on the physically pruned submodel, measures importance on its
+   kept units, and uploads factors (pruned coordinates) + importance;
+4. the server scatters every update to full coordinates and aggregates **coverage-normalised**: a
+   coordinate is averaged over the devices that kept it,
+   ``dW[j] = sum_i w_i m_i[j] s_i (B_i A_i)[j] / sum_i w_i m_i[j]``, exactly, by stacking
+   ``[P_1 B_1, ...] [w_1 s_1 A_1; ...]`` (FLoRA) and scaling B's rows (q/k/v/gate/up) or A's columns
+   (o/down) by ``1 / coverage``; the product is merged into the base weights, which stay in full
+   coordinates;
+5. the global importance moves towards the devices' scores: ``I <- b I + (1 - b) I_obs`` on covered
+   units, each device's scores rescaled so that their mean over its kept units equals ``I``'s there
+   (importance scales differ between devices, only the order within a layer matters);
+6. the policy observes each device's reward ``min(1, U / 2) * D / max(T, D)`` (``U`` the relative loss
+   drop on its first batch, divided by a fleet-wide running mean; ``T`` its task time; ``D`` the
+   deadline, or the round's median task time) or -1 for a task that ran out of memory or was late.
+
+Until the first importance scores arrive, devices train the dense model and measure importance (a
+calibration round): measured on SmolLM2-135M, pruning 30% by weight magnitude raised the held-out loss
+from 2.44 to 5.54, by FLAP or LoRA-guided Taylor scores from one round of device data to 2.46 and 2.27
+(docs/results.md). The schedule then starts from the first pruned round. With ``importance =
+"magnitude"`` pruning starts at once.
+
+At the end every device deploys the base pruned at its policy's best ratio (at least ``s_final``).
+Prune-then-tune and FedMP-like fixed ratios are the same machinery with a one-shot schedule and a
+frozen mask, or a fixed policy.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from fedspine.algorithms.lora_math import fresh_factors, stack_factors
+from fedspine.algorithms.policies import Arm, Policy
+from fedspine.algorithms.strategies.base import (
+    STRATEGIES,
+    Assignment,
+    Dispatch,
+    ModuleShapes,
+    Strategy,
+    Weighting,
+)
+from fedspine.model.footprint import ModelShape
+from fedspine.model.pruning import (
+    COLUMN_MODULES,
+    PruningPlan,
+    layer_index_map,
+    plan_from_scores,
+)
+from fedspine.types import ClientUpdate, DeviceLora, LoraState
+
+_MODULE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+FLOAT_BYTES = 4
+INDEX_BYTES = 4
+
+
+@dataclass(frozen=True)
+class PruningSettings:
+    """What ``[strategy.fedspine]`` configures (see ``fedspine.config.FedSpineSection``)."""
+
+    importance: Literal["taylor", "flap", "magnitude"] = "taylor"
+    target_sparsity: float = 0.3
+    schedule: Literal["cubic", "oneshot"] = "cubic"
+    prune_rounds: int = 0
+    score_momentum: float = 0.5
+    freeze_mask: bool = False
+    """Keep the first observed importance (or magnitude): masks never move after pruning starts."""
+    dense_layers: tuple[int, ...] = ()
+    channel_multiple: int = 1
+
+
+@dataclass
+class TaskResult:
+    """What the server saw of one task in a round (for the policy)."""
+
+    device_id: int
+    status: str
+    seconds: float
+    update: ClientUpdate | None
+
+
+@dataclass
+class CoverageSum:
+    """Partial: stacked full-coordinate blocks, per-coordinate coverage, and importance sums."""
+
+    blocks: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = field(default_factory=dict)
+    coverage: dict[str, torch.Tensor] = field(default_factory=dict)
+    head_sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    head_cover: dict[int, torch.Tensor] = field(default_factory=dict)
+    channel_sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    channel_cover: dict[int, torch.Tensor] = field(default_factory=dict)
+    weight: float = 0.0
+
+    def merge(self, other: CoverageSum) -> CoverageSum:
+        for module, blocks in other.blocks.items():
+            self.blocks.setdefault(module, []).extend(blocks)
+        for mine, theirs in (
+            (self.coverage, other.coverage),
+            (self.head_sums, other.head_sums),
+            (self.head_cover, other.head_cover),
+            (self.channel_sums, other.channel_sums),
+            (self.channel_cover, other.channel_cover),
+        ):
+            for key, value in theirs.items():
+                mine[key] = mine[key] + value if key in mine else value.clone()  # type: ignore[index]
+        self.weight += other.weight
+        return self
+
+
+def _add(table: dict[Any, torch.Tensor], key: Any, value: torch.Tensor) -> None:
+    table[key] = table[key] + value if key in table else value.clone()
+
+
+@STRATEGIES.register("fedspine")
+class FedSpine(Strategy):
+    """Iterative prune-and-tune with coverage-normalised exact aggregation merged into the base."""
+
+    name = "fedspine"
+    prunes = True
+
+    def __init__(self, weighting: Weighting = "samples", **settings: Any) -> None:
+        super().__init__(weighting)
+        settings = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k not in POLICY_KEYS
+        }
+        self.settings = PruningSettings(**settings)
+        self.policy: Policy | None = None
+        self._assigned: dict[int, tuple[Arm, PruningPlan]] = {}
+        self._plans: dict[float, PruningPlan] = {}
+        self._version = 0
+        self._ranks_per_version: list[dict[str, int]] = []
+        self._last_sync: dict[int, int] = {}
+        self._last_plan: dict[int, PruningPlan] = {}
+        self._pending: dict[str, torch.Tensor] | None = None
+        self._progress_mean: float | None = None
+        self._observed = self.settings.importance == "magnitude"
+        self._first_pruned_round: int | None = None
+        self._warmup: set[int] = set()
+        self.rewards: list[dict[str, Any]] = []
+
+    # --- set-up ----------------------------------------------------------------------------------
+
+    def setup(
+        self,
+        shape: ModelShape,
+        initial_scores: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
+        policy: Policy,
+        rounds: int,
+    ) -> None:
+        """Bind the model's shape, the starting importance (e.g. magnitude), the policy and the horizon."""
+        self.shape = shape
+        self.policy = policy
+        self.rounds = rounds
+        heads, channels = initial_scores
+        self.head_scores = [_unit_mean(h.float()) for h in heads]
+        self.channel_scores = [_unit_mean(c.float()) for c in channels]
+
+    def init_global(self, shapes: ModuleShapes, rank: int, generator: torch.Generator) -> None:
+        self.module_shapes = shapes
+        self.module_info: dict[str, tuple[int, str]] = {}
+        for module in shapes:
+            match = _MODULE.search(module)
+            if match is None:
+                raise ValueError(f"fedspine prunes Llama-family decoder projections; cannot place '{module}'")
+            self.module_info[module] = (int(match.group(1)), match.group(2))
+        self._dense_bytes = sum(FLOAT_BYTES * o * i for o, i in shapes.values())
+
+    # --- schedule, masks, assignment --------------------------------------------------------------
+
+    def sparsity(self, round_no: int) -> float:
+        """The schedule's sparsity target in ``round_no``, counted from the first pruned round."""
+        s = self.settings
+        if s.schedule == "oneshot":
+            return s.target_sparsity
+        start = self._first_pruned_round or 1
+        horizon = s.prune_rounds or max(1, (self.rounds + 1) // 2)
+        progress = min((round_no - start + 1) / horizon, 1.0)
+        return s.target_sparsity * (1.0 - (1.0 - progress) ** 3)
+
+    def plan_for(self, ratio: float) -> PruningPlan:
+        """The nested plan that prunes ``ratio`` of every pruned layer by the current global importance."""
+        key = round(ratio, 6)
+        if key not in self._plans:
+            s = self.settings
+            self._plans[key] = plan_from_scores(
+                self.head_scores, self.channel_scores, ratio, s.dense_layers, s.channel_multiple
+            )
+        return self._plans[key]
+
+    def assign(self, round: int, device_id: int, lora: DeviceLora) -> Assignment:
+        assert self.policy is not None, "FedSpine.setup() was not called"
+        if not self._observed:
+            # No device has measured importance yet: train the dense model and measure it (calibration).
+            arm = Arm(0.0, self.policy.choose(device_id, 0.0).rank)
+            self._warmup.add(device_id)
+        else:
+            self._first_pruned_round = self._first_pruned_round or round
+            arm = self.policy.choose(device_id, self.sparsity(round))
+        plan = self.plan_for(arm.ratio)
+        self._assigned[device_id] = (arm, plan)
+        return Assignment(DeviceLora(arm.rank, lora.scaling), plan, arm.ratio)
+
+    def eval_plan(self) -> PruningPlan | None:
+        """The deployable model: pruned at the target sparsity once importance has been observed."""
+        return self.plan_for(self.settings.target_sparsity) if self._observed else None
+
+    def deployment(self, device_ids: Sequence[int]) -> dict[int, Arm]:
+        """Each device's arm for its final model (the policy's best, at least the target sparsity)."""
+        assert self.policy is not None
+        return {d: self.policy.best(d, self.settings.target_sparsity) for d in device_ids}
+
+    # --- dispatch --------------------------------------------------------------------------------
+
+    def _module_index(self, plan: PruningPlan, module: str) -> tuple[int, torch.Tensor] | None:
+        """``(dim, kept indices)`` of ``module`` under ``plan`` (dim 0 rows, 1 columns), None if dense."""
+        layer, proj = self.module_info[module]
+        keep = plan.get(layer)
+        if keep is None:
+            return None
+        return (1 if proj in COLUMN_MODULES else 0), layer_index_map(keep, self.shape)[proj]
+
+    def kept_shapes(self, plan: PruningPlan) -> ModuleShapes:
+        """``(out, in)`` of every adapted module of the submodel ``plan`` describes."""
+        shapes = {}
+        for module, (out_f, in_f) in self.module_shapes.items():
+            index = self._module_index(plan, module)
+            if index is None:
+                shapes[module] = (out_f, in_f)
+            else:
+                dim, kept = index
+                shapes[module] = (kept.numel(), in_f) if dim == 0 else (out_f, kept.numel())
+        return shapes
+
+    def configure(self, round: int, device_id: int, lora: DeviceLora, generator: torch.Generator) -> Dispatch:
+        _, plan = self._assigned[device_id]
+        kept = self.kept_shapes(plan)
+        state: LoraState = {}
+        for module, (out_f, in_f) in kept.items():
+            a, b = fresh_factors(out_f, in_f, lora.rank, generator)
+            state[module] = {"A": a, "B": b}
+        nbytes = self._downlink_bytes(device_id, plan, kept)
+        self._last_sync[device_id] = self._version
+        self._last_plan[device_id] = plan
+        return Dispatch(state, nbytes)
+
+    def _downlink_bytes(self, device_id: int, plan: PruningPlan, kept: ModuleShapes) -> int:
+        """Missed merges on the kept coordinates (capped by the kept dense weights), newly kept rows or
+        columns of the current base, and the plan's indices when it changed.
+
+        A device holds the pretrained dense model; it needs every merge since it last synced, restricted
+        to what it keeps: per merge and module, the stacked factors ``R (kept_out + kept_in)`` floats.
+        """
+        missed = self._ranks_per_version[self._last_sync.get(device_id, 0) :]
+        merges = sum(
+            FLOAT_BYTES * ranks.get(m, 0) * (o + i) for ranks in missed for m, (o, i) in kept.items()
+        )
+        merges = min(merges, sum(FLOAT_BYTES * o * i for o, i in kept.values()))
+        previous = self._last_plan.get(device_id)
+        if previous is plan:
+            return merges
+        fresh = 0
+        for module, (out_f, in_f) in self.module_shapes.items():
+            now, before = self._module_index(plan, module), self._module_index(previous or {}, module)
+            if now is None or self._last_sync.get(device_id, 0) == self._version == 0:
+                continue  # dense now, or nothing merged yet: the device's pretrained rows are current
+            kept_now = set(now[1].tolist())
+            kept_before = (
+                set(range(out_f if now[0] == 0 else in_f)) if before is None else set(before[1].tolist())
+            )
+            added = len(kept_now - kept_before)
+            fresh += FLOAT_BYTES * added * (in_f if now[0] == 0 else out_f)
+        indices = INDEX_BYTES * sum(len(k.kv_groups) + len(k.channels) for k in plan.values())
+        return merges + fresh + indices
+
+    # --- aggregation -----------------------------------------------------------------------------
+
+    def global_lora(self) -> LoraState:
+        return {}  # merged into the base weights every round
+
+    def take_base_delta(self) -> dict[str, torch.Tensor] | None:
+        pending, self._pending = self._pending, None
+        return pending
+
+    def init_partial(self) -> CoverageSum:
+        return CoverageSum()
+
+    def accumulate(self, partial: CoverageSum, update: ClientUpdate) -> CoverageSum:
+        weight = self.update_weight(update)
+        plan: PruningPlan = update.plan or {}
+        for module, factors in update.lora_state.items():
+            a, b = factors["A"].to(torch.float32), factors["B"].to(torch.float32)
+            out_f, in_f = self.module_shapes[module]
+            index = self._module_index(plan, module)
+            if index is None:
+                cover = torch.full(
+                    (in_f if self.module_info[module][1] in COLUMN_MODULES else out_f,), weight
+                )
+            else:
+                dim, kept = index
+                size = out_f if dim == 0 else in_f
+                if dim == 0:
+                    b = b.new_zeros(out_f, b.shape[1]).index_copy_(0, kept, b)
+                else:
+                    a = a.new_zeros(a.shape[0], in_f).index_copy_(1, kept, a)
+                cover = torch.zeros(size).index_fill_(0, kept, weight)
+            partial.blocks.setdefault(module, []).append((a, b, weight * update.lora_scaling))
+            _add(partial.coverage, module, cover)
+        frozen = self.settings.freeze_mask and self._observed
+        if update.importance is not None and not frozen:
+            self._accumulate_importance(partial, update, plan, weight)
+        partial.weight += weight
+        return partial
+
+    def _accumulate_importance(
+        self, partial: CoverageSum, update: ClientUpdate, plan: PruningPlan, w: float
+    ) -> None:
+        for kind, observed, current, sums, cover in (
+            ("heads", update.importance["heads"], self.head_scores, partial.head_sums, partial.head_cover),
+            (
+                "channels",
+                update.importance["channels"],
+                self.channel_scores,
+                partial.channel_sums,
+                partial.channel_cover,
+            ),
+        ):
+            for layer, scores in enumerate(observed):
+                keep = plan.get(layer)
+                size = scores.numel()
+                kept = (
+                    torch.arange(size)
+                    if keep is None
+                    else torch.tensor(keep.kv_groups if kind == "heads" else keep.channels, dtype=torch.long)
+                )
+                mask = torch.zeros(size).index_fill_(0, kept, 1.0)
+                seen = scores.float()[kept].mean()
+                scale = current[layer][kept].mean() / seen if seen > 0 else torch.tensor(0.0)
+                _add(sums, layer, w * mask * scores.float() * scale)
+                _add(cover, layer, w * mask)
+
+    def merge(self, left: CoverageSum, right: CoverageSum) -> CoverageSum:
+        return left.merge(right)
+
+    def finalize(self, partial: CoverageSum) -> None:
+        if partial.weight <= 0:
+            return
+        deltas, ranks = {}, {}
+        for module, blocks in partial.blocks.items():
+            a_s, b_s = stack_factors(blocks)
+            inverse = torch.where(partial.coverage[module] > 0, 1.0 / partial.coverage[module], 0.0)
+            if self.module_info[module][1] in COLUMN_MODULES:
+                a_s.mul_(inverse[None, :])
+            else:
+                b_s.mul_(inverse[:, None])
+            deltas[module] = b_s @ a_s
+            ranks[module] = a_s.shape[0]
+        self._pending = deltas
+        self._ranks_per_version.append(ranks)
+        self._version += 1
+        self._update_importance(partial)
+
+    def _update_importance(self, partial: CoverageSum) -> None:
+        beta = self.settings.score_momentum
+        for sums, cover, scores in (
+            (partial.head_sums, partial.head_cover, self.head_scores),
+            (partial.channel_sums, partial.channel_cover, self.channel_scores),
+        ):
+            for layer, total in sums.items():
+                seen = cover[layer] > 0
+                observed = total[seen] / cover[layer][seen]
+                scores[layer][seen] = beta * scores[layer][seen] + (1 - beta) * observed
+        if partial.head_sums or partial.channel_sums:
+            self._plans.clear()
+            self._observed = True
+
+    # --- policy feedback -------------------------------------------------------------------------
+
+    def end_round(self, round: int, results: Sequence[TaskResult], deadline: float) -> None:
+        """Turn the round's outcomes into rewards for the policy (see the module docstring)."""
+        assert self.policy is not None
+        progress = [
+            r.update.progress
+            for r in results
+            if r.status == "ok" and r.update and r.update.progress is not None
+        ]
+        if progress:
+            mean = statistics.fmean(progress)
+            self._progress_mean = (
+                mean if self._progress_mean is None else 0.8 * self._progress_mean + 0.2 * mean
+            )
+        times = [r.seconds for r in results if r.status == "ok"]
+        cap = deadline if deadline > 0 else (statistics.median(times) if times else 0.0)
+        for r in results:
+            if r.device_id not in self._assigned:
+                continue
+            arm, _ = self._assigned[r.device_id]
+            if r.device_id in self._warmup:
+                continue  # a calibration task: the policy did not choose its ratio
+            if r.status in ("oom", "late"):
+                reward = -1.0
+            elif r.update is None or r.update.progress is None:
+                continue
+            else:
+                norm = self._progress_mean if self._progress_mean and self._progress_mean > 0 else 1.0
+                utility = min(1.0, r.update.progress / norm / 2)
+                reward = utility * cap / max(r.seconds, cap, 1e-9)
+            self.policy.observe(r.device_id, arm, reward)
+            self.rewards.append(
+                {
+                    "round": round,
+                    "device_id": r.device_id,
+                    "ratio": arm.ratio,
+                    "rank": arm.rank,
+                    "reward": reward,
+                }
+            )
+        self._assigned.clear()
+        self._warmup.clear()
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "fedspine": {},
+    "prune_then_tune": {"schedule": "oneshot", "freeze_mask": True, "policy": "fixed"},
+    "fedmp": {"policy": "fixed"},
+}
+"""The pruning strategies: FedSpine, and its baselines as fixed settings of the same machinery.
+
+``prune_then_tune`` prunes once to the target sparsity after the calibration round and keeps that
+mask; ``fedmp`` gives every device a fixed ratio under FedSpine's schedule and masks.
+"""
+
+
+def _preset(name: str) -> Any:
+    def factory(weighting: Weighting = "samples", **settings: Any) -> FedSpine:
+        settings = {k: v for k, v in settings.items() if k not in POLICY_KEYS}
+        settings.update({k: v for k, v in PRESETS[name].items() if k not in POLICY_KEYS})
+        strategy = FedSpine(weighting, **settings)
+        strategy.name = name
+        return strategy
+
+    return factory
+
+
+POLICY_KEYS = frozenset({"policy", "ratios", "ranks", "window", "ucb_c", "fixed_ratio"})
+"""Keys of ``[strategy.fedspine]`` that configure the policy (built beside the strategy), not the strategy."""
+
+for _name in ("prune_then_tune", "fedmp"):
+    STRATEGIES.register(_name)(_preset(_name))
+
+
+def _unit_mean(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` scaled to mean 1 (all-zero scores become all ones)."""
+    mean = scores.mean()
+    return scores / mean if mean > 0 else torch.ones_like(scores)
+
+
+__all__ = ["POLICY_KEYS", "PRESETS", "CoverageSum", "FedSpine", "PruningSettings", "TaskResult"]

@@ -1,0 +1,417 @@
+"""FedSpine: importance meters, coverage-normalised aggregation, schedule, policies, pruned workloads."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fedspine.algorithms.policies import Arm, FixedPolicy, OraclePolicy, RandomPolicy, SlidingWindowUCB
+from fedspine.algorithms.strategies import FedSpine, TaskResult
+from fedspine.algorithms.wire import payload_bytes, update_payload_bytes
+from fedspine.api import run_experiment
+from fedspine.model.footprint import combine_workloads, train_workload
+from fedspine.model.importance import FlapMeter, TaylorMeter
+from fedspine.model.load import build_tiny_llama
+from fedspine.model.lora import add_to_base_weights, apply_lora, get_lora_state, module_shapes, plain_copy
+from fedspine.model.pruning import (
+    LayerKeep,
+    PruningPlan,
+    decoder_layers,
+    magnitude_scores,
+    plan_from_scores,
+    prune_model,
+    pruned_shapes,
+    shape_of,
+)
+from fedspine.types import ClientUpdate, DeviceLora
+
+HIDDEN, LAYERS, HEADS, KV, INTER = 64, 2, 4, 2, 16
+HEAD_DIM = HIDDEN // HEADS
+
+
+def tiny() -> Any:
+    model, _ = build_tiny_llama(
+        hidden=HIDDEN, layers=LAYERS, heads=HEADS, kv_heads=KV, intermediate=INTER, seed=0
+    )
+    return model
+
+
+def tokens(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(3, 200, (2, 10), generator=g)}
+
+
+def random_lora(peft: Any, seed: int) -> None:
+    """Non-zero A and B everywhere, so every factor matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def strategy_for(model: Any, **settings: Any) -> FedSpine:
+    strategy = FedSpine("samples", **settings)
+    strategy.setup(shape_of(model), magnitude_scores(model), SlidingWindowUCB([0.0, 0.5], [2]), rounds=4)
+    peft = apply_lora(
+        copy.deepcopy(model),
+        2,
+        4.0,
+        0.0,
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    strategy.init_global(module_shapes(peft), 2, torch.Generator().manual_seed(0))
+    return strategy
+
+
+def update_from(peft: Any, plan: PruningPlan, samples: int, scaling: float, device: int = 0) -> ClientUpdate:
+    return ClientUpdate(
+        1, device, samples, get_lora_state(peft), 0, 0.0, 0, 0.0, lora_rank=2, lora_scaling=scaling, plan=plan
+    )
+
+
+# --- aggregation ---------------------------------------------------------------------------------
+
+
+def test_a_pruned_update_lands_on_the_kept_rows_and_columns() -> None:
+    """Merging one device's scattered update into the dense base, then pruning it, gives that device's
+    own pruned model with its adapter merged: every factor landed on the rows/columns it trained."""
+    model = tiny()
+    plan = {0: LayerKeep((1,), (2, 3, 5, 8, 13)), 1: LayerKeep((0,), tuple(range(0, 16, 2)))}
+    device_peft = apply_lora(
+        prune_model(model, plan),
+        2,
+        4.0,
+        0.0,
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    random_lora(device_peft, 1)
+    expected = device_peft(**tokens()).logits
+
+    strategy = strategy_for(model)
+    partial = strategy.accumulate(strategy.init_partial(), update_from(device_peft, plan, 10, 2.0))
+    strategy.finalize(partial)
+    deltas = strategy.take_base_delta()
+    assert deltas is not None
+    q = deltas["model.layers.0.self_attn.q_proj"]  # kept KV group 1 -> query heads 2, 3 -> rows 32..63
+    assert not q[:32].any() and q[32:].abs().sum() > 0
+    down = deltas["model.layers.1.mlp.down_proj"]  # kept even channels -> even input columns
+    assert not down[:, 1::2].any() and down[:, 0::2].abs().sum() > 0
+
+    server = apply_lora(copy.deepcopy(model), 2, 4.0, 0.0, ["q_proj"])
+    add_to_base_weights(server, {k: v for k, v in deltas.items() if k.endswith("q_proj")})
+    merged = plain_copy(server)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            if not name.endswith("q_proj"):
+                merged.get_submodule(name).weight.add_(delta)
+    actual = prune_model(merged, plan)(**tokens()).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_coverage_normalised_aggregation_matches_a_hand_computed_example() -> None:
+    model = tiny()
+    strategy = strategy_for(model)
+    gate, down = "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.down_proj"
+    g = torch.Generator().manual_seed(3)
+    half = {0: LayerKeep((0, 1), tuple(range(8))), 1: LayerKeep((0, 1), tuple(range(16)))}
+    full = {0: LayerKeep((0, 1), tuple(range(16))), 1: LayerKeep((0, 1), tuple(range(16)))}
+
+    def factors(kept: int) -> dict[str, dict[str, torch.Tensor]]:
+        return {
+            gate: {"A": torch.randn(2, HIDDEN, generator=g), "B": torch.randn(kept, 2, generator=g)},
+            down: {"A": torch.randn(2, kept, generator=g), "B": torch.randn(HIDDEN, 2, generator=g)},
+        }
+
+    s1, s2 = factors(8), factors(16)
+    u1 = ClientUpdate(1, 0, 30, s1, 0, 0.0, 0, 0.0, lora_rank=2, lora_scaling=2.0, plan=half)
+    u2 = ClientUpdate(1, 1, 10, s2, 0, 0.0, 0, 0.0, lora_rank=2, lora_scaling=0.5, plan=full)
+    partial = strategy.init_partial()
+    strategy.accumulate(partial, u1)
+    strategy.accumulate(partial, u2)
+    strategy.finalize(partial)
+    deltas = strategy.take_base_delta()
+    assert deltas is not None
+
+    d1_gate, d2_gate = 2.0 * s1[gate]["B"] @ s1[gate]["A"], 0.5 * s2[gate]["B"] @ s2[gate]["A"]
+    d1_down, d2_down = 2.0 * s1[down]["B"] @ s1[down]["A"], 0.5 * s2[down]["B"] @ s2[down]["A"]
+    for j in range(16):  # gate rows: channels 0-7 kept by both (weights 30, 10), 8-15 by device 1 only
+        want = (30 * d1_gate[j] + 10 * d2_gate[j]) / 40 if j < 8 else d2_gate[j]
+        torch.testing.assert_close(deltas[gate][j], want, rtol=1e-4, atol=1e-5)
+    for j in range(16):  # down columns, same coverage
+        want = (30 * d1_down[:, j] + 10 * d2_down[:, j]) / 40 if j < 8 else d2_down[:, j]
+        torch.testing.assert_close(deltas[down][:, j], want, rtol=1e-4, atol=1e-5)
+
+
+def test_an_empty_round_changes_nothing() -> None:
+    strategy = strategy_for(tiny())
+    strategy.finalize(strategy.init_partial())
+    assert strategy.take_base_delta() is None and strategy.eval_plan() is None
+
+
+def test_tree_aggregation_equals_flat() -> None:
+    model = tiny()
+    updates = []
+    for device, ratio in enumerate([0.0, 0.5, 0.5]):
+        plan = plan_from_scores(*magnitude_scores(model), ratio=ratio)
+        peft = apply_lora(
+            prune_model(model, plan), 2, 4.0, 0.0, ["q_proj", "o_proj", "gate_proj", "down_proj"]
+        )
+        random_lora(peft, device)
+        updates.append(update_from(peft, plan, 5 + device, 2.0, device))
+    flat, tree = strategy_for(model), strategy_for(model)
+    flat.finalize(
+        flat.accumulate(
+            flat.accumulate(flat.accumulate(flat.init_partial(), updates[0]), updates[1]), updates[2]
+        )
+    )
+    left = tree.accumulate(tree.accumulate(tree.init_partial(), updates[0]), updates[1])
+    tree.finalize(tree.merge(left, tree.accumulate(tree.init_partial(), updates[2])))
+    a, b = flat.take_base_delta(), tree.take_base_delta()
+    assert a is not None and b is not None
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_importance_moves_the_global_score_on_covered_units_only() -> None:
+    model = tiny()
+    strategy = strategy_for(model, score_momentum=0.5)
+    before = [c.clone() for c in strategy.channel_scores]
+    plan = {0: LayerKeep((0, 1), tuple(range(8))), 1: LayerKeep((0, 1), tuple(range(16)))}
+    channels = [torch.zeros(INTER), torch.ones(INTER)]
+    channels[0][:8] = torch.arange(8, dtype=torch.float32)  # reversed order on layer 0's kept units
+    importance = {"heads": [torch.ones(KV), torch.ones(KV)], "channels": channels}
+    update = ClientUpdate(1, 0, 1, {}, 0, 0.0, 0, 0.0, plan=plan, importance=importance)
+    strategy.finalize(strategy.accumulate(strategy.init_partial(), update))
+    assert torch.equal(strategy.channel_scores[0][8:], before[0][8:])  # not kept: not observed
+    assert not torch.equal(strategy.channel_scores[0][:8], before[0][:8])
+    # the observed scores were rescaled to the current mean on the kept units before mixing
+    torch.testing.assert_close(strategy.channel_scores[0][:8].mean(), before[0][:8].mean())
+
+
+def test_uploaded_importance_is_charged_for_the_kept_units() -> None:
+    plan = {0: LayerKeep((1,), tuple(range(8))), 1: LayerKeep((0, 1), tuple(range(16)))}
+    state = {"m": {"A": torch.zeros(2, 4), "B": torch.zeros(4, 2)}}
+    importance = {"heads": [torch.ones(KV)] * 2, "channels": [torch.ones(INTER)] * 2}
+    bare = ClientUpdate(1, 0, 1, state, 0, 0.0, 0, 0.0)
+    scored = ClientUpdate(1, 0, 1, state, 0, 0.0, 0, 0.0, plan=plan, importance=importance)
+    assert update_payload_bytes(bare) == payload_bytes(state)
+    extra = update_payload_bytes(scored) - payload_bytes(state)
+    assert extra >= 4 * (1 + 8 + 2 + 16)  # one float32 per kept unit, plus header entries
+    assert extra < 4 * (1 + 8 + 2 + 16) + 400
+
+
+# --- schedule, assignment, downlink ----------------------------------------------------------------
+
+
+def test_cubic_schedule_rises_to_the_target_and_oneshot_starts_there() -> None:
+    model = tiny()
+    cubic = strategy_for(model, target_sparsity=0.4, prune_rounds=4, importance="magnitude")
+    values = [cubic.sparsity(t) for t in range(1, 7)]
+    assert all(a < b for a, b in itertools.pairwise(values[:4]))
+    assert values[3] == pytest.approx(0.4) and values[5] == pytest.approx(0.4)
+    assert values[0] == pytest.approx(0.4 * (1 - 0.75**3))
+    assert strategy_for(model, target_sparsity=0.4, schedule="oneshot").sparsity(1) == pytest.approx(0.4)
+
+
+def test_devices_train_densely_until_importance_is_observed() -> None:
+    model = tiny()
+    strategy = strategy_for(model, target_sparsity=0.5, schedule="oneshot")
+    assert strategy.assign(1, 0, DeviceLora(8, 2.0)).ratio == 0.0 and strategy.eval_plan() is None
+    importance = {"heads": [torch.ones(KV)] * 2, "channels": [torch.rand(INTER)] * 2}
+    update = ClientUpdate(1, 0, 1, {}, 0, 0.0, 0, 0.0, plan={}, importance=importance)
+    strategy.finalize(strategy.accumulate(strategy.init_partial(), update))
+    assert strategy.assign(2, 0, DeviceLora(8, 2.0)).ratio == 0.5 and strategy.eval_plan() is not None
+
+
+def test_assignment_respects_the_floor_and_dispatches_pruned_factors() -> None:
+    model = tiny()
+    strategy = strategy_for(model, target_sparsity=0.5, schedule="oneshot", importance="magnitude")
+    assignment = strategy.assign(1, 0, DeviceLora(8, 2.0))
+    assert assignment.ratio == 0.5 and assignment.lora == DeviceLora(2, 2.0)
+    dispatch = strategy.configure(1, 0, assignment.lora, torch.Generator().manual_seed(0))
+    q = dispatch.lora_state["model.layers.0.self_attn.q_proj"]
+    assert q["B"].shape == (32, 2) and q["A"].shape == (2, HIDDEN)  # one of two KV groups kept
+    down = dispatch.lora_state["model.layers.1.mlp.down_proj"]
+    assert down["A"].shape == (2, 8) and down["B"].shape == (HIDDEN, 2)
+    # nothing merged yet, so the device's pretrained rows are current: it only needs the kept indices
+    assert dispatch.downlink_bytes == 4 * 2 * (1 + 8)
+
+
+def test_downlink_charges_missed_merges_on_kept_coordinates() -> None:
+    model = tiny()
+    strategy = strategy_for(model, target_sparsity=0.5, schedule="oneshot", importance="magnitude")
+    plan = strategy.plan_for(0.5)
+    peft = apply_lora(
+        prune_model(model, plan),
+        2,
+        4.0,
+        0.0,
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    random_lora(peft, 0)
+    strategy.assign(1, 0, DeviceLora(2, 2.0))
+    strategy.configure(1, 0, DeviceLora(2, 2.0), torch.Generator())
+    strategy.finalize(strategy.accumulate(strategy.init_partial(), update_from(peft, plan, 1, 2.0)))
+    strategy.take_base_delta()
+    strategy.assign(2, 0, DeviceLora(2, 2.0))
+    again = strategy.configure(2, 0, DeviceLora(2, 2.0), torch.Generator())
+    kept = strategy.kept_shapes(plan)
+    assert again.downlink_bytes == sum(4 * 2 * (o + i) for o, i in kept.values())  # one merge, rank 2
+    strategy.assign(2, 1, DeviceLora(2, 2.0))
+    newcomer = strategy.configure(2, 1, DeviceLora(2, 2.0), torch.Generator())
+    assert newcomer.downlink_bytes > again.downlink_bytes  # it also gets the plan's indices
+
+
+# --- importance meters ---------------------------------------------------------------------------
+
+
+def test_taylor_meter_equals_the_explicit_gradient_formula() -> None:
+    model = tiny()
+    plan = {0: LayerKeep((1,), tuple(range(0, 16, 2)))}
+    peft = apply_lora(
+        prune_model(model, plan),
+        2,
+        4.0,
+        0.0,
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    random_lora(peft, 0)
+    meter = TaylorMeter(peft, HEAD_DIM)
+    loss = peft(**tokens(), labels=tokens()["input_ids"]).loss
+    loss.backward()
+    meter.after_backward()
+    heads, channels = meter.result()
+    assert [h.numel() for h in heads] == [1, 2] and [c.numel() for c in channels] == [8, 16]
+
+    def explicit(module: Any) -> torch.Tensor:
+        a, b, s = module.lora_A["default"].weight, module.lora_B["default"].weight, module.scaling["default"]
+        grad = s * (b.grad @ a + b @ a.grad)
+        return (module.get_base_layer().weight + s * b @ a).detach() * grad
+
+    mlp = decoder_layers(peft.get_base_model())[0].mlp
+    want = explicit(mlp.gate_proj).sum(1) + explicit(mlp.up_proj).sum(1) + explicit(mlp.down_proj).sum(0)
+    torch.testing.assert_close(channels[0], want.abs(), rtol=1e-4, atol=1e-7)
+    attn = decoder_layers(peft.get_base_model())[1].self_attn
+    group0 = sum(
+        explicit(getattr(attn, n))[rows].sum()
+        for n, rows in (("q_proj", slice(0, 32)), ("k_proj", slice(0, 16)), ("v_proj", slice(0, 16)))
+    )
+    group0 = group0 + explicit(attn.o_proj)[:, :32].sum()
+    torch.testing.assert_close(heads[1][0], group0.abs(), rtol=1e-4, atol=1e-7)
+
+
+def test_flap_meter_is_input_variance_times_column_norm() -> None:
+    model = tiny()
+    peft = apply_lora(copy.deepcopy(model), 2, 4.0, 0.0, ["down_proj"])
+    seen: list[torch.Tensor] = []
+    down = decoder_layers(peft.get_base_model())[1].mlp.down_proj
+    handle = down.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().reshape(-1, INTER)))
+    with FlapMeter(peft, HEAD_DIM) as meter:
+        peft(**tokens())
+    handle.remove()
+    _, channels = meter.result()
+    x = seen[0].double()
+    weight = (
+        down.get_base_layer().weight
+        + down.scaling["default"] * down.lora_B["default"].weight @ down.lora_A["default"].weight
+    )
+    want = x.var(0, unbiased=False).float() * weight.detach().pow(2).sum(0)
+    torch.testing.assert_close(channels[1], want, rtol=1e-4, atol=1e-8)
+
+
+# --- policies ------------------------------------------------------------------------------------
+
+
+def test_the_bandit_finds_the_best_arm_on_a_synthetic_reward() -> None:
+    bandit = SlidingWindowUCB([0.0, 0.2, 0.4], [4, 8], window=200, c=0.5)
+    means = {a: 0.2 + 0.1 * i for i, a in enumerate(bandit.arms)}
+    best = Arm(0.2, 8)
+    means[best] = 0.9
+    rng = random.Random(0)
+    chosen = []
+    for _ in range(300):
+        arm = bandit.choose(0, floor=0.0)
+        chosen.append(arm)
+        bandit.observe(0, arm, means[arm] + rng.gauss(0, 0.1))
+    assert bandit.best(0, 0.0) == best
+    late = chosen[-100:]
+    assert max(set(late), key=late.count) == best and late.count(best) > 50
+    assert chosen[0] == Arm(0.4, 4)  # safest arm first
+
+
+def test_the_bandit_adapts_when_the_best_arm_changes() -> None:
+    bandit = SlidingWindowUCB([0.0, 0.4], [4], window=20, c=0.3)
+    for step in range(200):
+        arm = bandit.choose(0, 0.0)
+        good = Arm(0.0, 4) if step < 100 else Arm(0.4, 4)
+        bandit.observe(0, arm, 0.8 if arm == good else 0.2)
+    assert bandit.best(0, 0.0) == Arm(0.4, 4)
+
+
+def test_policies_respect_the_floor() -> None:
+    bandit = SlidingWindowUCB([0.0, 0.2, 0.4], [4])
+    assert all(bandit.choose(0, 0.3).ratio >= 0.3 for _ in range(5))
+    assert RandomPolicy([0.0, 0.2, 0.4], [4], seed=0).choose(0, 0.3).ratio == 0.4
+    fixed = FixedPolicy([0.0], [4], {0: 0.1}, {0: 16})
+    assert fixed.choose(0, 0.0) == Arm(0.1, 16) and fixed.choose(0, 0.3) == Arm(0.3, 16)
+    assert SlidingWindowUCB([0.0, 0.1], [4]).choose(0, 0.5) == Arm(0.5, 4)  # raised to the floor
+
+
+def test_oracle_prunes_slow_devices_more() -> None:
+    speed = {0: 1.0, 1: 1.0, 2: 4.0}  # device 2 is four times slower
+    oracle = OraclePolicy([0.0, 0.25, 0.5], [4], [0, 1, 2], lambda d, a: speed[d] * (1 - a.ratio))
+    assert oracle.choose(0, 0.0).ratio == 0.0
+    assert oracle.choose(2, 0.0).ratio == 0.5
+
+
+def test_rewards_penalise_late_and_out_of_memory_tasks() -> None:
+    model = tiny()
+    strategy = strategy_for(model, importance="magnitude")  # no calibration round
+    for device in (0, 1, 2):
+        strategy.assign(1, device, DeviceLora(2, 2.0))
+    ok = ClientUpdate(1, 0, 1, {}, 0, 0.0, 0, 0.0, progress=0.1)
+    strategy.end_round(
+        1,
+        [TaskResult(0, "ok", 10.0, ok), TaskResult(1, "late", 50.0, None), TaskResult(2, "oom", 0.0, None)],
+        0.0,
+    )
+    rewards = {r["device_id"]: r["reward"] for r in strategy.rewards}
+    assert rewards[1] == rewards[2] == -1.0
+    assert rewards[0] == pytest.approx(0.5)  # progress at the fleet mean, on time: 1 / 2
+
+
+# --- pruned workloads ----------------------------------------------------------------------------
+
+
+def test_pruned_workload_is_the_layer_weighted_sum() -> None:
+    model = tiny()
+    shape = shape_of(model)
+    scores = magnitude_scores(model)
+    work = lambda s: train_workload(s, [10] * 4, 4, 7, "last", 2, 4, 1)  # noqa: E731
+    uniform = plan_from_scores(*scores, ratio=0.5)
+    ((part, fraction),) = pruned_shapes(uniform, shape)
+    assert fraction == 1.0 and (part.kv_heads, part.heads, part.intermediate) == (1, 2, 8)
+    mixed = plan_from_scores(*scores, ratio=0.5, dense_layers=[0])
+    combined = combine_workloads([(work(s), f) for s, f in pruned_shapes(mixed, shape)])
+    dense, pruned = work(shape), work(part)
+    assert pruned.flops < combined.flops < dense.flops
+    assert combined.flops == pytest.approx((dense.flops + pruned.flops) / 2)
+
+
+def test_runs_record_each_tasks_pruning_ratio_and_rank(tmp_path: Path, tiny_config: Any) -> None:
+    tiny_config.strategy.name = "fedspine"
+    tiny_config.scheduler.rounds = 3
+    result = run_experiment(tiny_config, tmp_path / "run")
+    events = [json.loads(line) for line in (result.run_dir / "events.jsonl").read_text().splitlines()]
+    tasks = [e for e in events if e["event"] == "task" and e["status"] == "ok"]
+    assert {t["pruning_ratio"] for t in tasks} <= set(tiny_config.strategy.fedspine.ratios) | {0.3}
+    assert any(t["pruning_ratio"] > 0 for t in tasks)
+    assert {t["lora_rank"] for t in tasks} <= set(tiny_config.strategy.fedspine.ranks)
