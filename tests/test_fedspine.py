@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from fedspine.algorithms.policies import Arm, FixedPolicy, OraclePolicy, RandomPolicy, SlidingWindowUCB
 from fedspine.algorithms.strategies import FedSpine, TaskResult
 from fedspine.algorithms.wire import payload_bytes, update_payload_bytes
 from fedspine.api import run_experiment
+from fedspine.errors import ModelError
 from fedspine.model.footprint import combine_workloads, train_workload
 from fedspine.model.importance import FlapMeter, TaylorMeter
 from fedspine.model.load import build_tiny_llama
@@ -27,6 +29,7 @@ from fedspine.model.pruning import (
     magnitude_scores,
     plan_from_scores,
     prune_model,
+    pruned_hf_config,
     pruned_shapes,
     shape_of,
 )
@@ -415,3 +418,62 @@ def test_runs_record_each_tasks_pruning_ratio_and_rank(tmp_path: Path, tiny_conf
     assert {t["pruning_ratio"] for t in tasks} <= set(tiny_config.strategy.fedspine.ratios) | {0.3}
     assert any(t["pruning_ratio"] > 0 for t in tasks)
     assert {t["lora_rank"] for t in tasks} <= set(tiny_config.strategy.fedspine.ranks)
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+def test_an_exported_pruned_model_loads_with_plain_transformers(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = tiny()
+    plan = plan_from_scores(*magnitude_scores(model), ratio=0.5)
+    pruned = prune_model(model, plan)
+    pruned.config = pruned_hf_config(pruned.config, plan)
+    pruned.save_pretrained(tmp_path / "m")
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in pruned.parameters())
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(loaded(**tokens()).logits, pruned(**tokens()).logits)
+    out = loaded.generate(tokens()["input_ids"][:1], max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 15)
+
+
+def test_layers_of_different_widths_cannot_be_described_by_a_stock_config() -> None:
+    model = tiny()
+    plan = plan_from_scores(*magnitude_scores(model), ratio=0.5, dense_layers=[0])
+    with pytest.raises(ModelError, match="dense_layers"):
+        pruned_hf_config(model.config, plan)
+
+
+def test_fedspine_run_exports_a_model_per_device(tmp_path: Path, tiny_config: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from fedspine.cli import app
+
+    tiny_config.strategy.name = "fedspine"
+    result = run_experiment(tiny_config, tmp_path / "run")
+    manifest = json.loads((result.run_dir / "models" / "manifest.json").read_text())
+    assert set(manifest["devices"]) == {str(i) for i in range(6)}
+    for entry in manifest["models"]:
+        assert entry["parameters"] < manifest["dense_base"]["parameters"]
+        assert entry["tokens_per_second"] > 0 and entry["saved"]
+    assert result.summary["device_models"] == manifest
+    report = (result.run_dir / "report.html").read_text()
+    assert "Device models" in report and report.count("sparsity-") >= 6  # a row per device
+
+    out = tmp_path / "device-3"
+    cli = CliRunner().invoke(app, ["export", str(result.run_dir), "--device", "3", "--out", str(out)])
+    assert cli.exit_code == 0, cli.output
+    model = AutoModelForCausalLM.from_pretrained(out)
+    expected = manifest["models"][
+        [m["dir"] for m in manifest["models"]].index(manifest["devices"]["3"]["model"])
+    ]
+    assert sum(p.numel() for p in model.parameters()) == expected["parameters"]
+    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, min_new_tokens=3).shape == (1, 6)
+
+    missing = CliRunner().invoke(
+        app, ["export", str(result.run_dir), "--device", "99", "--out", str(tmp_path / "x")]
+    )
+    assert missing.exit_code == 2 and "no device 99" in missing.output

@@ -24,6 +24,7 @@ from fedspine.metrics.records import RoundRecord, RunRecorder
 from fedspine.report.html import write_report
 from fedspine.runtime.build import build_experiment, build_fleet_from_config
 from fedspine.runtime.engine import Engine
+from fedspine.runtime.export import copy_device_models, export_models
 from fedspine.runtime.summary import make_summary
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "RoundCallback",
     "RoundRecord",
     "RunResult",
+    "export_device_models",
     "fleet_rows",
     "run_experiment",
     "write_report",
@@ -79,15 +81,23 @@ def run_experiment(
         loop_started = time.perf_counter()
         state = Engine(experiment, recorder).run(on_round)
         loop_seconds = time.perf_counter() - loop_started
+        status("measuring and saving the device models")
+        models = export_models(experiment, run_dir)
     except BaseException:
         recorder.close()
         (run_dir / "FAILED").write_text("the run did not finish; see the error printed by fedspine\n")
         raise
     recorder.close()
     summary = make_summary(experiment, state, recorder.rounds, loop_seconds, setup_seconds)
+    summary["device_models"] = models
     recorder.write_summary(summary)
     write_report(run_dir)
     return RunResult(run_dir=run_dir, summary=summary)
+
+
+def export_device_models(run_dir: Path, out: Path, device: int | None = None) -> list[Path]:
+    """Copy a finished run's model for ``device`` (or all models and the manifest) to ``out``."""
+    return copy_device_models(run_dir, out, device)
 
 
 def fleet_rows(config: Config) -> list[dict[str, str]]:

@@ -83,6 +83,22 @@ def fleet(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Target directory (new or empty)")],
+    device: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--device", "-d", help="One device's model (default: every model and the manifest)"),
+    ] = None,
+) -> None:
+    """Copy the Hugging Face model a device deploys (pruned base + merged LoRA) out of a run."""
+    with _errors():
+        paths = api.export_device_models(run_dir, out, device)
+    for path in paths:
+        console.print(f"model: {path}")
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A finished run directory")]) -> None:
     """(Re)write report.html and plots of a run directory."""
     with _errors():

@@ -397,6 +397,21 @@ class EvalSection:
 
 
 @dataclass
+class ExportSection:
+    """The models every device gets at the end of a run (see `fedspine.runtime.export`)."""
+
+    save: bool = True
+    """Save each distinct device model as a Hugging Face directory under models/ (dense: the merged one)."""
+    speed: bool = True
+    """Measure each model's greedy generation speed on this host's CPU."""
+    generate_tokens: int = 32
+    """New tokens per speed measurement."""
+
+    def __post_init__(self) -> None:
+        _check(self.generate_tokens >= 1, "export.generate_tokens", "must be >= 1")
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -419,6 +434,7 @@ class Config:
     server: ServerSection = field(default_factory=ServerSection)
     """The aggregation server."""
     eval: EvalSection = field(default_factory=EvalSection)
+    export: ExportSection = field(default_factory=ExportSection)
     """Global evaluation."""
 
     def __post_init__(self) -> None:

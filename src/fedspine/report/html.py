@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fedspine.report.devices import TASK_STATUSES, DeviceStats, merge_device_stats
 from fedspine.report.formatting import format_bytes, format_duration
@@ -116,6 +117,7 @@ def _page(run: RunData, devices: Sequence[DeviceStats], figures: Sequence[tuple[
 {figure_html}
 <h2>Devices</h2>
 {_device_table(devices)}
+{_models_section(summary.get("device_models"))}
 <h2>Resolved config</h2>
 <pre>{_e(run.config_text)}</pre>
 </main></body>
@@ -205,6 +207,55 @@ def _device_row(device: DeviceStats, statuses: Sequence[str]) -> str:
     ]
     cells += [f'<td class="num">{_e(number)}</td>' for number in numbers]
     return f"<tr>{''.join(cells)}</tr>"
+
+
+def _models_section(models: Any) -> str:
+    """Each device's final model beside the dense base: parameters, bytes, metric, generation speed."""
+    if not isinstance(models, dict) or not models.get("devices"):
+        return ""
+    dense = models["dense_base"]
+    by_dir = {m["dir"]: m for m in models["models"]}
+    headers = [
+        "device",
+        "model",
+        "sparsity",
+        "LoRA rank",
+        "parameters",
+        "bytes",
+        "metric",
+        "tokens/s",
+        "speed-up",
+    ]
+    head = "".join(f'<th class="num">{_e(h)}</th>' if h != "model" else f"<th>{h}</th>" for h in headers)
+    rows = [_model_row("dense base", None, dense, dense)]
+    for device, entry in sorted(models["devices"].items(), key=lambda kv: int(kv[0])):
+        rows.append(_model_row(device, entry, by_dir[entry["model"]], dense))
+    body = "\n".join(rows)
+    note = '<p class="sub">tokens/s: greedy generation on the CPU that ran fedspine (median of 3).</p>'
+    table = f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+    return f"<h2>Device models</h2>\n{note}\n{table}"
+
+
+def _model_row(label: str, entry: dict[str, Any] | None, model: dict[str, Any], dense: dict[str, Any]) -> str:
+    speed, base_speed = model.get("tokens_per_second"), dense.get("tokens_per_second")
+    cells = [
+        label,
+        "—" if entry is None else entry["model"],
+        "0" if entry is None else f"{entry['ratio']:.2f}",
+        "—" if entry is None else str(entry["rank"]),
+        f"{model['parameters'] / 1e6:.2f} M",
+        format_bytes(model["bytes"]),
+        _number(model.get("metric")),
+        _number(speed),
+        _ratio(speed, base_speed) if speed and base_speed else "—",
+    ]
+    return (
+        "<tr>"
+        + "".join(
+            f"<td>{_e(c)}</td>" if i == 1 else f'<td class="num">{_e(c)}</td>' for i, c in enumerate(cells)
+        )
+        + "</tr>"
+    )
 
 
 def _number(value: float | None) -> str:

@@ -72,6 +72,7 @@ class Experiment:
     task_name: str
     chance_level: float
     shape: ModelShape
+    tokenizer: Any = None
 
 
 def build_strategy(cfg: Config) -> Strategy:
@@ -329,6 +330,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         task_name=_task_name(cfg),
         chance_level=task.chance_level(test_data),
         shape=shape,
+        tokenizer=tokenizer,
     )
 
 

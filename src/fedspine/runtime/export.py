@@ -1,0 +1,196 @@
+"""A model for every device: the final pruned (or dense) fine-tuned models of a run, saved and measured.
+
+For a pruning strategy each device deploys the base pruned at its policy's best ratio (at least the
+target sparsity). Devices at the same ratio share one model, since masks come from the one global
+importance, so the run saves one Hugging Face directory per distinct ratio under ``models/`` and
+``models/manifest.json`` maps devices to them. For the other strategies every device gets the merged
+dense model. Each model's parameters, bytes, held-out metric and CPU generation speed are recorded
+beside the dense base's.
+
+Speed is greedy generation of ``generate_tokens`` new tokens after a prompt from the test set on this
+host's CPU, median of three runs after a warm-up; it compares models with each other, it does not
+predict a device's speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedspine.algorithms.strategies import FedSpine
+from fedspine.client.evaluate import evaluate
+from fedspine.data.batching import iterate_batches
+from fedspine.errors import ConfigError, FedspineError
+from fedspine.model.lora import merged_model, plain_copy
+from fedspine.model.pruning import is_uniform, plan_to_json, pruned_hf_config, shape_of
+from fedspine.runtime.build import Experiment
+
+MANIFEST = "manifest.json"
+
+
+def export_models(exp: Experiment, run_dir: Path) -> dict[str, Any]:
+    """Save (if configured) and measure every distinct device model; returns the manifest."""
+    cfg = exp.config.export
+    strategy = exp.strategy
+    executor = exp.executor
+    models_dir = run_dir / "models"
+    device_ids = [d.device_id for d in exp.devices]
+    base = plain_copy(executor.model)
+    dense = _describe(base, exp, cfg.generate_tokens if cfg.speed else 0)
+    entries: list[dict[str, Any]] = []
+    devices: dict[str, dict[str, Any]] = {}
+    if isinstance(strategy, FedSpine):
+        arms = strategy.deployment(device_ids)
+        for ratio in sorted({arm.ratio for arm in arms.values()}):
+            plan = strategy.plan_for(ratio)
+            model = executor.pruned_model(plan)
+            name = f"sparsity-{ratio:.2f}"
+            entry = {
+                "dir": name,
+                "ratio": ratio,
+                **_describe(model, exp, cfg.generate_tokens if cfg.speed else 0),
+            }
+            entry["metric"] = _metric(model, exp)
+            entry["saved"] = False
+            if cfg.save:
+                if is_uniform(plan, exp.shape):
+                    model.config = pruned_hf_config(model.config, plan)
+                    _save(model, exp, models_dir / name)
+                    entry["saved"] = True
+                else:
+                    entry["not_saved_because"] = (
+                        "layers keep different widths (strategy.fedspine.dense_layers)"
+                    )
+            (models_dir).mkdir(parents=True, exist_ok=True)
+            (models_dir / f"{name}.plan.json").write_text(json.dumps(plan_to_json(plan)), encoding="utf-8")
+            entries.append(entry)
+            for device, arm in arms.items():
+                if arm.ratio == ratio:
+                    devices[str(device)] = {"ratio": ratio, "rank": arm.rank, "model": name}
+    else:
+        executor.load_global(strategy.global_lora())
+        model = merged_model(executor.model) if strategy.global_lora() else base
+        entry = {
+            "dir": "dense",
+            "ratio": 0.0,
+            **_describe(model, exp, cfg.generate_tokens if cfg.speed else 0),
+        }
+        entry["metric"] = _metric(model, exp)
+        entry["saved"] = bool(cfg.save)
+        if cfg.save:
+            _save(model, exp, models_dir / "dense")
+        entries.append(entry)
+        devices = {
+            str(d): {"ratio": 0.0, "rank": exp.device_lora[d].rank, "model": "dense"} for d in device_ids
+        }
+    manifest = {"dense_base": dense, "models": entries, "devices": devices}
+    if cfg.save or strategy.prunes:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(models_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _describe(model: Any, exp: Experiment, new_tokens: int) -> dict[str, Any]:
+    shape = shape_of(model)
+    params = sum(p.numel() for p in model.parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    widths = [
+        (layer.self_attn.k_proj.out_features // shape.head_dim, layer.mlp.gate_proj.out_features)
+        for layer in model.model.layers
+    ]
+    return {
+        "parameters": params,
+        "bytes": nbytes,
+        "kv_heads_per_layer": sorted({w[0] for w in widths}),
+        "channels_per_layer": sorted({w[1] for w in widths}),
+        "tokens_per_second": _tokens_per_second(model, exp, new_tokens) if new_tokens > 0 else None,
+    }
+
+
+@torch.no_grad()
+def _tokens_per_second(model: Any, exp: Experiment, new_tokens: int) -> float:
+    """Median greedy-generation speed (new tokens / s) over three runs after one warm-up run."""
+    model.eval()
+    row = torch.tensor([exp.test_data.input_ids[0]])
+    kwargs = {
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "do_sample": False,
+        "pad_token_id": exp.test_data.pad_id,
+    }
+    model.generate(row, **kwargs)
+    speeds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        model.generate(row, **kwargs)
+        speeds.append(new_tokens / (time.perf_counter() - start))
+    return statistics.median(speeds)
+
+
+def _metric(model: Any, exp: Experiment) -> float:
+    data = exp.test_data
+    batches = iterate_batches(data, np.arange(len(data)), exp.config.eval.batch_size, None, shuffle=False)
+    return float(evaluate(model, exp.objective, batches).metric)
+
+
+def _save(model: Any, exp: Experiment, out: Path) -> None:
+    """Write-then-rename, so a crash never leaves a directory that looks complete."""
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    if exp.tokenizer is not None:
+        exp.tokenizer.save_pretrained(partial)
+    os.replace(partial, out)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def copy_device_models(run_dir: Path, out: Path, device: int | None = None) -> list[Path]:
+    """Copy a device's model (or every device's, with the manifest) out of a finished run.
+
+    Raises:
+        ConfigError: the device is not in the run (``--device``) or ``out`` is not empty.
+        FedspineError: the run saved no models.
+    """
+    manifest_path = run_dir / "models" / MANIFEST
+    if not manifest_path.is_file():
+        raise FedspineError(f"{run_dir} has no models/{MANIFEST}: the run did not finish or saved no models")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError("--out", f"{out} exists and is not empty")
+    saved = {m["dir"] for m in manifest["models"] if m.get("saved")}
+    if device is not None:
+        entry = manifest["devices"].get(str(device))
+        if entry is None:
+            raise ConfigError(
+                "--device",
+                f"no device {device} in this run; devices: {sorted(map(int, manifest['devices']))}",
+            )
+        if entry["model"] not in saved:
+            raise FedspineError(
+                f"device {device}'s model ({entry['model']}) was not saved (export.save = false?)"
+            )
+        shutil.copytree(run_dir / "models" / entry["model"], out, dirs_exist_ok=True)
+        return [out]
+    if not saved:
+        raise FedspineError(f"{run_dir} saved no models (export.save = false?)")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in sorted(saved):
+        shutil.copytree(run_dir / "models" / name, out / name)
+    shutil.copy2(manifest_path, out / MANIFEST)
+    return [out / name for name in sorted(saved)]
+
+
+__all__ = ["MANIFEST", "copy_device_models", "export_models"]
