@@ -9,7 +9,8 @@ sampling and batches are identical):
 * ``fedmp``: every device at the target ratio under FedSpine's schedule and moving masks (FedMP-like
   fixed ratios);
 * ``random``: FedSpine with a random (ratio, rank) policy;
-* ``fedspine``: FedSpine with its sliding-window UCB bandit.
+* ``fedspine``: FedSpine with its per-device sliding-window UCB bandit;
+* ``pooled``: FedSpine with the pooled UCB policy (progress shared across the fleet).
 
 Every pruning method is evaluated on the global model pruned at the same target sparsity (equal
 sparsity); devices may deploy more pruned models (their policy's choice), reported as the mean
@@ -21,8 +22,8 @@ otherwise the common target), ``delta_vs_prune_then_tune`` FedSpine's final accu
 prune-then-tune's.
 
 Usage:
-    python bench/fedspine.py                  # 10 rounds each (about 8-10 min per method on 2 CPU cores)
-    python bench/fedspine.py --quick          # 4 rounds, 4 local steps, 80 test verses: under 10 min
+    python bench/fedspine.py                  # 8 rounds each (about 7 min per method on 2 CPU cores)
+    python bench/fedspine.py --quick          # 3 rounds, 3 local steps, 60 test verses: under 10 min
     python bench/fedspine.py --config configs/tiny.toml --quick   # seconds; a smoke test
 """
 
@@ -42,6 +43,7 @@ from typing import Any
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from fedspine.api import run_experiment  # noqa: E402
 from fedspine.config import load_config  # noqa: E402
@@ -51,7 +53,8 @@ METHODS: dict[str, list[str]] = {
     "prune_then_tune": ["strategy.name=prune_then_tune"],
     "fedmp": ["strategy.name=fedmp"],
     "random": ["strategy.name=fedspine", "strategy.fedspine.policy=random"],
-    "fedspine": ["strategy.name=fedspine"],
+    "fedspine": ["strategy.name=fedspine", "strategy.fedspine.policy=swucb"],
+    "pooled": ["strategy.name=fedspine", "strategy.fedspine.policy=pooled"],
 }
 
 
@@ -59,9 +62,9 @@ def run_one(config: Path | None, method: str, quick: bool, seed: int, sparsity: 
     overrides = [*METHODS[method], f"run.seed={seed}", "export.save=false"]
     overrides += [f"strategy.fedspine.target_sparsity={sparsity}"]
     if quick:
-        overrides += ["scheduler.rounds=4", "train.local_steps=4", "data.test_size=80", "export.speed=false"]
+        overrides += ["scheduler.rounds=3", "train.local_steps=3", "data.test_size=60", "export.speed=false"]
     else:
-        overrides += ["scheduler.rounds=10"]
+        overrides += ["scheduler.rounds=8"]
     cfg = load_config(config, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         return run_experiment(cfg, Path(tmp) / "run").summary
@@ -100,6 +103,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=None, help="base config (default: the built-in one)")
     parser.add_argument("--only", nargs="*", choices=list(METHODS), default=list(METHODS))
     args = parser.parse_args()
+    hf_logging.disable_progress_bar()
     print(
         f"host: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}"

@@ -13,7 +13,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fedspine.algorithms.policies import Arm, FixedPolicy, OraclePolicy, RandomPolicy, SlidingWindowUCB
+from fedspine.algorithms.policies import (
+    Arm,
+    FixedPolicy,
+    OraclePolicy,
+    Outcome,
+    PooledUCB,
+    RandomPolicy,
+    SlidingWindowUCB,
+)
 from fedspine.algorithms.strategies import FedSpine, TaskResult
 from fedspine.algorithms.wire import payload_bytes, update_payload_bytes
 from fedspine.api import run_experiment
@@ -35,6 +43,7 @@ from fedspine.model.pruning import (
 )
 from fedspine.types import ClientUpdate, DeviceLora
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 HIDDEN, LAYERS, HEADS, KV, INTER = 64, 2, 4, 2, 16
 HEAD_DIM = HIDDEN // HEADS
 
@@ -343,7 +352,7 @@ def test_the_bandit_finds_the_best_arm_on_a_synthetic_reward() -> None:
     for _ in range(300):
         arm = bandit.choose(0, floor=0.0)
         chosen.append(arm)
-        bandit.observe(0, arm, means[arm] + rng.gauss(0, 0.1))
+        bandit.observe(0, arm, Outcome(means[arm] + rng.gauss(0, 0.1)))
     assert bandit.best(0, 0.0) == best
     late = chosen[-100:]
     assert max(set(late), key=late.count) == best and late.count(best) > 50
@@ -355,8 +364,34 @@ def test_the_bandit_adapts_when_the_best_arm_changes() -> None:
     for step in range(200):
         arm = bandit.choose(0, 0.0)
         good = Arm(0.0, 4) if step < 100 else Arm(0.4, 4)
-        bandit.observe(0, arm, 0.8 if arm == good else 0.2)
+        bandit.observe(0, arm, Outcome(0.8 if arm == good else 0.2))
     assert bandit.best(0, 0.0) == Arm(0.4, 4)
+
+
+def test_the_pooled_bandit_learns_from_the_whole_fleet() -> None:
+    """Twenty devices, each taking part only three times: progress is learned across the fleet, and a
+    slow device prunes to meet the deadline while fast ones keep the arm that trains the most."""
+    ratios, ranks = [0.0, 0.25, 0.5], [4, 16]
+    work = lambda a: (1 - a.ratio) * (1 + a.rank / 64)  # noqa: E731
+    progress = lambda a: 1.6 * (1 - 0.3 * a.ratio) * (1 + a.rank / 32) / 1.5  # noqa: E731  more model, more progress
+    speed = {d: 1.0 if d < 19 else 3.0 for d in range(20)}  # device 19 is three times slower
+    pooled = PooledUCB(ratios, ranks, work, window=50, c=0.2)
+    rng = random.Random(0)
+    for _ in range(3):
+        for device in range(20):
+            arm = pooled.choose(device, 0.0)
+            seconds = speed[device] * work(arm)
+            deadline = 1.3
+            pooled.observe(device, arm, Outcome(0.0, seconds, progress(arm) + rng.gauss(0, 0.05), deadline))
+    assert pooled.best(0, 0.0) == Arm(0.0, 16)
+    slow = pooled.best(19, 0.0)
+    assert slow.ratio == 0.5
+
+
+def test_the_pooled_bandit_avoids_arms_heavier_than_one_that_ran_out_of_memory() -> None:
+    pooled = PooledUCB([0.0, 0.5], [4], lambda a: 1 - a.ratio)
+    pooled.observe(0, Arm(0.0, 4), Outcome(-1.0, 0.0, None, 1.0, failed=True))
+    assert pooled.choose(0, 0.0) == Arm(0.5, 4) and pooled.best(0, 0.0) == Arm(0.5, 4)
 
 
 def test_policies_respect_the_floor() -> None:
@@ -477,3 +512,50 @@ def test_fedspine_run_exports_a_model_per_device(tmp_path: Path, tiny_config: An
         app, ["export", str(result.run_dir), "--device", "99", "--out", str(tmp_path / "x")]
     )
     assert missing.exit_code == 2 and "no device 99" in missing.output
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["strategy.name=prune_then_tune"],
+        ["strategy.name=fedmp"],
+        ["strategy.name=fedspine", "strategy.fedspine.policy=pooled"],
+        ["strategy.name=fedspine", "strategy.fedspine.policy=oracle", "strategy.fedspine.importance=flap"],
+        [
+            "strategy.name=fedspine",
+            "strategy.fedspine.policy=random",
+            "strategy.fedspine.importance=magnitude",
+        ],
+    ],
+    ids=["prune_then_tune", "fedmp", "pooled", "oracle-flap", "random-magnitude"],
+)
+def test_every_pruning_strategy_and_policy_runs_from_the_cli(tmp_path: Path, overrides: list[str]) -> None:
+    from fedspine.cli import app
+
+    args = [
+        "run",
+        "-c",
+        str(CONFIGS / "tiny.toml"),
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        "scheduler.rounds=3",
+    ]
+    args += ["--set", "data.max_examples=600", "--set", "data.test_size=60", "--set", "export.speed=false"]
+    for item in overrides:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["tasks"]["ok"] > 0 and summary["device_models"]["models"]
+
+
+def test_a_bad_policy_names_the_key_and_the_choices(tmp_path: Path) -> None:
+    from fedspine.cli import app
+
+    result = CliRunner().invoke(
+        app, ["run", "--set", "strategy.fedspine.policy=greedy", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2
+    assert "strategy.fedspine.policy" in result.output and "swucb" in result.output
+    assert not (tmp_path / "r").exists()

@@ -287,8 +287,8 @@ class FedSpineSection:
     """Layers never pruned, e.g. [0, 1, -1]; negative indices count from the end. Export needs []."""
     channel_multiple: int = 1
     """Kept MLP channel counts round to a multiple of this (hardware-friendly widths)."""
-    policy: Literal["swucb", "fixed", "random", "oracle"] = "swucb"
-    """Who picks each device's (pruning ratio, LoRA rank): the sliding-window UCB bandit or a baseline."""
+    policy: Literal["swucb", "pooled", "fixed", "random", "oracle"] = "swucb"
+    """Who picks each device's (pruning ratio, LoRA rank): a UCB bandit (per device or pooled), a baseline."""
     ratios: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
     """Pruning ratios the policy may choose (arms below the schedule's floor are not eligible)."""
     ranks: list[int] = field(default_factory=lambda: [4, 8, 16])

@@ -4,6 +4,8 @@
   ``ratios x ranks``, learning only from the outcomes it observes (no device profile). Untried arms
   are played first, safest first (most pruned, lowest rank); then the arm with the highest windowed
   mean reward plus ``c * sqrt(2 ln(min(t, W)) / n_W(a))``.
+* :class:`PooledUCB`: the same reward, but progress is learned per arm across the fleet and each
+  device's time at an untried arm is predicted from its own observed speed (sample-efficient).
 * :class:`FixedPolicy` (FedMP-like fixed ratios, and prune-then-tune), :class:`RandomPolicy`, and
   :class:`OraclePolicy`, which reads the device profiles through a time predictor.
 
@@ -24,6 +26,25 @@ from dataclasses import dataclass
 from fedspine.registry import Registry
 
 EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the server observed of one task played at an arm.
+
+    Attributes:
+        reward: the scalar reward in [-1, 1] (-1 = out of memory or late).
+        seconds: the task's virtual time (download + compute + upload).
+        progress: normalised training progress (1 = the fleet's running mean), None if not measured.
+        deadline: the round's deadline, or its median task time.
+        failed: the task ran out of memory or missed the deadline.
+    """
+
+    reward: float
+    seconds: float = 0.0
+    progress: float | None = None
+    deadline: float = 0.0
+    failed: bool = False
 
 
 @dataclass(frozen=True, order=True)
@@ -55,8 +76,8 @@ class Policy(ABC):
     def choose(self, device_id: int, floor: float) -> Arm:
         """The arm device ``device_id`` plays in its next task."""
 
-    def observe(self, device_id: int, arm: Arm, reward: float) -> None:  # noqa: B027 (optional hook)
-        """Learn from one outcome (reward in [-1, 1]; -1 = out of memory or missed deadline)."""
+    def observe(self, device_id: int, arm: Arm, outcome: Outcome) -> None:  # noqa: B027 (optional hook)
+        """Learn from one outcome."""
 
     def best(self, device_id: int, floor: float) -> Arm:
         """The arm to deploy on the device at the end of the run."""
@@ -164,9 +185,9 @@ class SlidingWindowUCB(Policy):
         bonus = lambda n: self.c * math.sqrt(2 * math.log(max(t, 2)) / n)  # noqa: E731
         return max(arms, key=lambda a: (stats[a][1] + bonus(stats[a][0]), a.ratio, -a.rank))
 
-    def observe(self, device_id: int, arm: Arm, reward: float) -> None:
+    def observe(self, device_id: int, arm: Arm, outcome: Outcome) -> None:
         history = self.history.setdefault(device_id, deque(maxlen=self.window))
-        history.append((arm, max(-1.0, min(1.0, reward))))
+        history.append((arm, max(-1.0, min(1.0, outcome.reward))))
         self.pulls[device_id] = self.pulls.get(device_id, 0) + 1
 
     def best(self, device_id: int, floor: float) -> Arm:
@@ -184,8 +205,107 @@ class SlidingWindowUCB(Policy):
         }
 
 
+class PooledUCB(Policy):
+    """A UCB policy that shares what does not depend on the device, and predicts what does.
+
+    The reward ``min(1, U / 2) * D / max(T, D)`` factors into progress ``U``, which depends on the arm
+    (how much of the model is trained, at what rank) and hardly on the device, and time ``T``, which
+    depends on the device. A per-device bandit must try every arm on every device; with tens of arms
+    and a device taking part every few rounds it never leaves exploration. This policy instead
+
+    * estimates each arm's progress from every device's observations (sliding window of ``window``
+      outcomes per arm), with the UCB bonus ``c sqrt(2 ln N / n_a)`` on the pooled counts;
+    * predicts device i's time at an arm it has not played from its own observed times, scaled by
+      the arm's relative work (the submodel's training cost relative to the dense model's, which the
+      server knows from the model; no device profile is read);
+    * after an out-of-memory failure at an arm, excludes arms with as much work or more on that device.
+
+    A device with no observation yet plays the safest arm (most pruned, lowest rank) to measure its speed.
+    """
+
+    name = "pooled"
+
+    def __init__(
+        self,
+        ratios: Sequence[float],
+        ranks: Sequence[int],
+        relative_work: Callable[[Arm], float],
+        window: int = 20,
+        c: float = 1.0,
+    ) -> None:
+        super().__init__(ratios, ranks)
+        self.work = relative_work
+        self.window = window
+        self.c = c
+        self.progress: dict[Arm, deque[float]] = {}
+        self.speed: dict[int, deque[float]] = {}
+        """Per device, observed seconds per unit of relative work."""
+        self.ceiling: dict[int, float] = {}
+        """Per device, the work of the lightest arm that ran out of memory."""
+        self.deadline = 0.0
+
+    def _feasible(self, device_id: int, arms: list[Arm]) -> list[Arm]:
+        ceiling = self.ceiling.get(device_id, math.inf)
+        fits = [a for a in arms if self.work(a) < ceiling]
+        return fits or [min(arms, key=self.work)]
+
+    def _score(self, device_id: int, arm: Arm, bonus: bool) -> float:
+        seconds = statistics.median(self.speed[device_id]) * self.work(arm)
+        cap = self.deadline if self.deadline > 0 else seconds
+        observed = self.progress.get(arm)
+        total = sum(len(v) for v in self.progress.values())
+        if not observed:
+            utility = 1.0 if bonus else 0.0  # optimistic when exploring, unknown when deploying
+            extra = 0.0
+        else:
+            utility = min(1.0, statistics.fmean(observed) / 2)
+            extra = self.c * math.sqrt(2 * math.log(max(total, 2)) / len(observed)) if bonus else 0.0
+        return utility * cap / max(seconds, cap, EPS) + extra
+
+    def choose(self, device_id: int, floor: float) -> Arm:
+        arms = self._feasible(device_id, self.eligible(floor))
+        if not self.speed.get(device_id):
+            return max(arms, key=lambda a: (a.ratio, -a.rank))
+        return max(arms, key=lambda a: (self._score(device_id, a, bonus=True), a.ratio, -a.rank))
+
+    def observe(self, device_id: int, arm: Arm, outcome: Outcome) -> None:
+        if outcome.deadline > 0:
+            self.deadline = outcome.deadline
+        if outcome.failed and outcome.seconds <= 0:  # out of memory: never ran
+            self.ceiling[device_id] = min(self.ceiling.get(device_id, math.inf), self.work(arm))
+            return
+        if outcome.seconds > 0:
+            self.speed.setdefault(device_id, deque(maxlen=self.window)).append(
+                outcome.seconds / self.work(arm)
+            )
+        if outcome.progress is not None:
+            self.progress.setdefault(arm, deque(maxlen=self.window)).append(outcome.progress)
+
+    def best(self, device_id: int, floor: float) -> Arm:
+        arms = self._feasible(device_id, self.eligible(floor))
+        if not self.speed.get(device_id):
+            return max(arms, key=lambda a: (a.ratio, -a.rank))
+        return max(arms, key=lambda a: (self._score(device_id, a, bonus=False), a.ratio, -a.rank))
+
+    def state(self) -> dict[str, object]:
+        return {
+            "progress": {f"{a.ratio:g}/{a.rank}": list(v) for a, v in sorted(self.progress.items())},
+            "seconds_per_work": {str(d): list(v) for d, v in sorted(self.speed.items())},
+        }
+
+
 POLICIES: Registry[type[Policy]] = Registry("policy")
-for _cls in (FixedPolicy, RandomPolicy, OraclePolicy, SlidingWindowUCB):
+for _cls in (FixedPolicy, RandomPolicy, OraclePolicy, SlidingWindowUCB, PooledUCB):
     POLICIES.register(_cls.name)(_cls)
 
-__all__ = ["POLICIES", "Arm", "FixedPolicy", "OraclePolicy", "Policy", "RandomPolicy", "SlidingWindowUCB"]
+__all__ = [
+    "POLICIES",
+    "Arm",
+    "FixedPolicy",
+    "OraclePolicy",
+    "Outcome",
+    "Policy",
+    "PooledUCB",
+    "RandomPolicy",
+    "SlidingWindowUCB",
+]

@@ -23,6 +23,7 @@ from fedspine.algorithms.policies import (
     FixedPolicy,
     OraclePolicy,
     Policy,
+    PooledUCB,
     RandomPolicy,
     SlidingWindowUCB,
 )
@@ -45,7 +46,7 @@ from fedspine.data import (
 from fedspine.errors import ConfigError, DataError, FleetError, ModelError
 from fedspine.fleet import GroupSpec, build_fleet
 from fedspine.fleet.cost import CostModel
-from fedspine.model.footprint import ModelShape, combine_workloads, model_shape, train_workload
+from fedspine.model.footprint import ModelShape, combine_workloads, model_shape, train_flops, train_workload
 from fedspine.model.load import default_cache_dir, resolve_model, resolve_model_config
 from fedspine.model.lora import apply_lora, module_shapes
 from fedspine.model.pruning import magnitude_scores, pruned_shapes
@@ -118,6 +119,7 @@ def build_policy(
     devices: Sequence[Device],
     device_lora: dict[int, DeviceLora],
     predict_seconds: Callable[[int, Arm], float],
+    relative_work: Callable[[Arm], float],
 ) -> Policy:
     """The (ratio, rank) policy of a pruning strategy; presets fix it (prune_then_tune, fedmp use fixed)."""
     f = cfg.strategy.fedspine
@@ -136,6 +138,8 @@ def build_policy(
         return RandomPolicy(ratios, ranks, cfg.run.seed)
     if name == "oracle":
         return OraclePolicy(ratios, ranks, [d.device_id for d in devices], predict_seconds)
+    if name == "pooled":
+        return PooledUCB(ratios, ranks, relative_work, f.window, f.ucb_c)
     return SlidingWindowUCB(ratios, ranks, f.window, f.ucb_c)
 
 
@@ -174,6 +178,28 @@ def _time_predictor(
         return cost.train_seconds(combine_workloads(parts), 1.0) + cost.transfer_seconds(upload, "up", 1.0)
 
     return predict
+
+
+def _relative_work(cfg: Config, strategy: FedSpine, executor: SimExecutor) -> Callable[[Arm], float]:
+    """An arm's training FLOPs relative to the dense model at the largest rank (model knowledge only)."""
+    seq_lens = [cfg.data.max_length] * cfg.train.batch_size
+    targets = len(cfg.lora.target_modules)
+
+    def flops(arm: Arm) -> float:
+        parts = pruned_shapes(strategy.plan_for(arm.ratio), executor.shape)
+        return sum(
+            f * train_flops(shape, seq_lens, arm.rank, targets, executor.logits_positions)
+            for shape, f in parts
+        )
+
+    cache: dict[Arm, float] = {}
+
+    def relative(arm: Arm) -> float:  # evaluated lazily: plans need the strategy's importance
+        if arm not in cache:
+            cache[arm] = flops(arm) / flops(Arm(0.0, max(cfg.strategy.fedspine.ranks)))
+        return cache[arm]
+
+    return relative
 
 
 def build_scheduler(cfg: Config, num_devices: int) -> SyncScheduler:
@@ -314,7 +340,8 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         assert initial_scores is not None
         executor.importance = strategy.settings.importance
         predict = _time_predictor(cfg, strategy, executor, devices, device_lora)
-        policy = build_policy(cfg, strategy, devices, device_lora, predict)
+        work = _relative_work(cfg, strategy, executor)
+        policy = build_policy(cfg, strategy, devices, device_lora, predict, work)
         strategy.setup(shape, initial_scores, policy, cfg.scheduler.rounds)
     return Experiment(
         config=cfg,

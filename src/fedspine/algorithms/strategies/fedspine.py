@@ -45,7 +45,7 @@ from typing import Any, Literal
 import torch
 
 from fedspine.algorithms.lora_math import fresh_factors, stack_factors
-from fedspine.algorithms.policies import Arm, Policy
+from fedspine.algorithms.policies import Arm, Outcome, Policy
 from fedspine.algorithms.strategies.base import (
     STRATEGIES,
     Assignment,
@@ -410,15 +410,18 @@ class FedSpine(Strategy):
             arm, _ = self._assigned[r.device_id]
             if r.device_id in self._warmup:
                 continue  # a calibration task: the policy did not choose its ratio
+            seconds = r.seconds if r.status != "oom" else 0.0
             if r.status in ("oom", "late"):
-                reward = -1.0
+                outcome = Outcome(-1.0, seconds, None, cap, failed=True)
             elif r.update is None or r.update.progress is None:
                 continue
             else:
                 norm = self._progress_mean if self._progress_mean and self._progress_mean > 0 else 1.0
-                utility = min(1.0, r.update.progress / norm / 2)
-                reward = utility * cap / max(r.seconds, cap, 1e-9)
-            self.policy.observe(r.device_id, arm, reward)
+                relative = r.update.progress / norm
+                reward = min(1.0, relative / 2) * cap / max(r.seconds, cap, 1e-9)
+                outcome = Outcome(reward, seconds, relative, cap)
+            reward = outcome.reward
+            self.policy.observe(r.device_id, arm, outcome)
             self.rewards.append(
                 {
                     "round": round,
