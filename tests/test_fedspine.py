@@ -60,6 +60,14 @@ def tokens(seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(3, 200, (2, 10), generator=g)}
 
 
+ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def adapted(model: Any, targets: list[str] = ALL_LINEARS) -> Any:
+    """``model`` wrapped with rank-2, alpha-4 LoRA adapters."""
+    return apply_lora(model, 2, 4.0, 0.0, targets)
+
+
 def random_lora(peft: Any, seed: int) -> None:
     """Non-zero A and B everywhere, so every factor matters."""
     g = torch.Generator().manual_seed(seed)
@@ -72,13 +80,7 @@ def random_lora(peft: Any, seed: int) -> None:
 def strategy_for(model: Any, **settings: Any) -> FedSpine:
     strategy = FedSpine("samples", **settings)
     strategy.setup(shape_of(model), magnitude_scores(model), SlidingWindowUCB([0.0, 0.5], [2]), rounds=4)
-    peft = apply_lora(
-        copy.deepcopy(model),
-        2,
-        4.0,
-        0.0,
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    )
+    peft = adapted(copy.deepcopy(model))
     strategy.init_global(module_shapes(peft), 2, torch.Generator().manual_seed(0))
     return strategy
 
@@ -97,13 +99,7 @@ def test_a_pruned_update_lands_on_the_kept_rows_and_columns() -> None:
     own pruned model with its adapter merged: every factor landed on the rows/columns it trained."""
     model = tiny()
     plan = {0: LayerKeep((1,), (2, 3, 5, 8, 13)), 1: LayerKeep((0,), tuple(range(0, 16, 2)))}
-    device_peft = apply_lora(
-        prune_model(model, plan),
-        2,
-        4.0,
-        0.0,
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    )
+    device_peft = adapted(prune_model(model, plan))
     random_lora(device_peft, 1)
     expected = device_peft(**tokens()).logits
 
@@ -117,7 +113,7 @@ def test_a_pruned_update_lands_on_the_kept_rows_and_columns() -> None:
     down = deltas["model.layers.1.mlp.down_proj"]  # kept even channels -> even input columns
     assert not down[:, 1::2].any() and down[:, 0::2].abs().sum() > 0
 
-    server = apply_lora(copy.deepcopy(model), 2, 4.0, 0.0, ["q_proj"])
+    server = adapted(copy.deepcopy(model), ["q_proj"])
     add_to_base_weights(server, {k: v for k, v in deltas.items() if k.endswith("q_proj")})
     merged = plain_copy(server)
     with torch.no_grad():
@@ -173,9 +169,7 @@ def test_tree_aggregation_equals_flat() -> None:
     updates = []
     for device, ratio in enumerate([0.0, 0.5, 0.5]):
         plan = plan_from_scores(*magnitude_scores(model), ratio=ratio)
-        peft = apply_lora(
-            prune_model(model, plan), 2, 4.0, 0.0, ["q_proj", "o_proj", "gate_proj", "down_proj"]
-        )
+        peft = adapted(prune_model(model, plan), ["q_proj", "o_proj", "gate_proj", "down_proj"])
         random_lora(peft, device)
         updates.append(update_from(peft, plan, 5 + device, 2.0, device))
     flat, tree = strategy_for(model), strategy_for(model)
@@ -261,13 +255,7 @@ def test_downlink_charges_missed_merges_on_kept_coordinates() -> None:
     model = tiny()
     strategy = strategy_for(model, target_sparsity=0.5, schedule="oneshot", importance="magnitude")
     plan = strategy.plan_for(0.5)
-    peft = apply_lora(
-        prune_model(model, plan),
-        2,
-        4.0,
-        0.0,
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    )
+    peft = adapted(prune_model(model, plan))
     random_lora(peft, 0)
     strategy.assign(1, 0, DeviceLora(2, 2.0))
     strategy.configure(1, 0, DeviceLora(2, 2.0), torch.Generator())
@@ -288,13 +276,7 @@ def test_downlink_charges_missed_merges_on_kept_coordinates() -> None:
 def test_taylor_meter_equals_the_explicit_gradient_formula() -> None:
     model = tiny()
     plan = {0: LayerKeep((1,), tuple(range(0, 16, 2)))}
-    peft = apply_lora(
-        prune_model(model, plan),
-        2,
-        4.0,
-        0.0,
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    )
+    peft = adapted(prune_model(model, plan))
     random_lora(peft, 0)
     meter = TaylorMeter(peft, HEAD_DIM)
     loss = peft(**tokens(), labels=tokens()["input_ids"]).loss
@@ -322,7 +304,7 @@ def test_taylor_meter_equals_the_explicit_gradient_formula() -> None:
 
 def test_flap_meter_is_input_variance_times_column_norm() -> None:
     model = tiny()
-    peft = apply_lora(copy.deepcopy(model), 2, 4.0, 0.0, ["down_proj"])
+    peft = adapted(copy.deepcopy(model), ["down_proj"])
     seen: list[torch.Tensor] = []
     down = decoder_layers(peft.get_base_model())[1].mlp.down_proj
     handle = down.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().reshape(-1, INTER)))

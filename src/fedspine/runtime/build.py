@@ -123,7 +123,7 @@ def build_policy(
 ) -> Policy:
     """The (ratio, rank) policy of a pruning strategy; presets fix it (prune_then_tune, fedmp use fixed)."""
     f = cfg.strategy.fedspine
-    name = PRESETS[strategy.name].get("policy", f.policy)
+    name = strategy.settings.policy
     POLICIES.get(name, "strategy.fedspine.policy")
     ratios, ranks = f.ratios, f.ranks
     if name == "fixed":

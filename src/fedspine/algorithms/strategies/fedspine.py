@@ -40,7 +40,7 @@ import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -54,6 +54,7 @@ from fedspine.algorithms.strategies.base import (
     Strategy,
     Weighting,
 )
+from fedspine.config import FedSpineSection
 from fedspine.model.footprint import ModelShape
 from fedspine.model.pruning import (
     COLUMN_MODULES,
@@ -66,21 +67,6 @@ from fedspine.types import ClientUpdate, DeviceLora, LoraState
 _MODULE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 FLOAT_BYTES = 4
 INDEX_BYTES = 4
-
-
-@dataclass(frozen=True)
-class PruningSettings:
-    """What ``[strategy.fedspine]`` configures (see ``fedspine.config.FedSpineSection``)."""
-
-    importance: Literal["taylor", "flap", "magnitude"] = "taylor"
-    target_sparsity: float = 0.3
-    schedule: Literal["cubic", "oneshot"] = "cubic"
-    prune_rounds: int = 0
-    score_momentum: float = 0.5
-    freeze_mask: bool = False
-    """Keep the first observed importance (or magnitude): masks never move after pruning starts."""
-    dense_layers: tuple[int, ...] = ()
-    channel_multiple: int = 1
 
 
 @dataclass
@@ -134,10 +120,8 @@ class FedSpine(Strategy):
 
     def __init__(self, weighting: Weighting = "samples", **settings: Any) -> None:
         super().__init__(weighting)
-        settings = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k not in POLICY_KEYS
-        }
-        self.settings = PruningSettings(**settings)
+        self.settings = FedSpineSection(**settings)
+        """The ``[strategy.fedspine]`` table (its policy keys configure the policy, built beside)."""
         self.policy: Policy | None = None
         self._assigned: dict[int, tuple[Arm, PruningPlan]] = {}
         self._plans: dict[float, PruningPlan] = {}
@@ -197,7 +181,7 @@ class FedSpine(Strategy):
         if key not in self._plans:
             s = self.settings
             self._plans[key] = plan_from_scores(
-                self.head_scores, self.channel_scores, ratio, s.dense_layers, s.channel_multiple
+                self.head_scores, self.channel_scores, ratio, tuple(s.dense_layers), s.channel_multiple
             )
         return self._plans[key]
 
@@ -449,17 +433,12 @@ mask; ``fedmp`` gives every device a fixed ratio under FedSpine's schedule and m
 
 def _preset(name: str) -> Any:
     def factory(weighting: Weighting = "samples", **settings: Any) -> FedSpine:
-        settings = {k: v for k, v in settings.items() if k not in POLICY_KEYS}
-        settings.update({k: v for k, v in PRESETS[name].items() if k not in POLICY_KEYS})
-        strategy = FedSpine(weighting, **settings)
+        strategy = FedSpine(weighting, **{**settings, **PRESETS[name]})
         strategy.name = name
         return strategy
 
     return factory
 
-
-POLICY_KEYS = frozenset({"policy", "ratios", "ranks", "window", "ucb_c", "fixed_ratio"})
-"""Keys of ``[strategy.fedspine]`` that configure the policy (built beside the strategy), not the strategy."""
 
 for _name in ("prune_then_tune", "fedmp"):
     STRATEGIES.register(_name)(_preset(_name))
@@ -471,4 +450,4 @@ def _unit_mean(scores: torch.Tensor) -> torch.Tensor:
     return scores / mean if mean > 0 else torch.ones_like(scores)
 
 
-__all__ = ["POLICY_KEYS", "PRESETS", "CoverageSum", "FedSpine", "PruningSettings", "TaskResult"]
+__all__ = ["PRESETS", "CoverageSum", "FedSpine", "TaskResult"]
