@@ -237,6 +237,18 @@ def test_devices_train_densely_until_importance_is_observed() -> None:
     assert strategy.assign(2, 0, DeviceLora(8, 2.0)).ratio == 0.5 and strategy.eval_plan() is not None
 
 
+def test_a_frozen_mask_stops_importance_uploads_once_observed() -> None:
+    model = tiny()
+    importance = {"heads": [torch.ones(KV)] * 2, "channels": [torch.rand(INTER)] * 2}
+    update = ClientUpdate(1, 0, 1, {}, 0, 0.0, 0, 0.0, plan={}, importance=importance)
+    for freeze, measures_later in ((True, False), (False, True)):
+        strategy = strategy_for(model, freeze_mask=freeze)
+        assert strategy.assign(1, 0, DeviceLora(2, 2.0)).measure_importance
+        strategy.finalize(strategy.accumulate(strategy.init_partial(), update))
+        assert strategy.assign(2, 0, DeviceLora(2, 2.0)).measure_importance is measures_later
+    assert not strategy_for(model, importance="magnitude").assign(1, 0, DeviceLora(2, 2.0)).measure_importance
+
+
 def test_assignment_respects_the_floor_and_dispatches_pruned_factors() -> None:
     model = tiny()
     strategy = strategy_for(model, target_sparsity=0.5, schedule="oneshot", importance="magnitude")

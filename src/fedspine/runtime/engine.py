@@ -163,6 +163,7 @@ class Engine:
             lora,
             dispatch.lora_state,
             dispatch.downlink_bytes,
+            extra={"measure_importance": assignment.measure_importance},
             plan=assignment.plan,
             pruning_ratio=assignment.ratio,
         )

@@ -196,7 +196,8 @@ class SimExecutor:
         params = [p for p in model.parameters() if p.requires_grad]
         t = self.training
         optimizer = make_optimizer(params, t.optimizer, t.lr, t.weight_decay)
-        meter = make_meter(self.importance, model, self.shape.head_dim)
+        measure = task.extra.get("measure_importance", True)
+        meter = make_meter(self.importance if measure else "magnitude", model, self.shape.head_dim)
         after_backward = meter.after_backward if isinstance(meter, TaylorMeter) else None
         if isinstance(meter, FlapMeter):
             with meter:

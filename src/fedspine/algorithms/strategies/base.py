@@ -47,11 +47,13 @@ class Assignment:
         lora: rank and scaling of the adapter it trains.
         plan: a ``fedspine.model.pruning.PruningPlan``, or None.
         ratio: the pruning ratio the plan was built for.
+        measure_importance: whether the device should measure and upload importance scores.
     """
 
     lora: DeviceLora
     plan: Any = None
     ratio: float = 0.0
+    measure_importance: bool = False
 
 
 class Strategy(ABC):

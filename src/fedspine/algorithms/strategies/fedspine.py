@@ -196,7 +196,10 @@ class FedSpine(Strategy):
             arm = self.policy.choose(device_id, self.sparsity(round))
         plan = self.plan_for(arm.ratio)
         self._assigned[device_id] = (arm, plan)
-        return Assignment(DeviceLora(arm.rank, lora.scaling), plan, arm.ratio)
+        measure = self.settings.importance != "magnitude" and not (
+            self.settings.freeze_mask and self._observed
+        )
+        return Assignment(DeviceLora(arm.rank, lora.scaling), plan, arm.ratio, measure)
 
     def eval_plan(self) -> PruningPlan | None:
         """The deployable model: pruned at the target sparsity once importance has been observed."""
