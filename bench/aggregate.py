@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+import _benchpath  # noqa: F401  (must precede the fedspine imports)
 from fedspine.algorithms.aggregate import aggregate
 from fedspine.algorithms.strategies import STRATEGIES, Strategy
 from fedspine.types import ClientUpdate

@@ -32,21 +32,17 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-# This script is named after the package: drop its own folder from the path so that
-# ``import fedspine`` finds the package, not this file.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+from transformers.utils import logging as hf_logging
 
-import torch  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from fedspine.api import run_experiment  # noqa: E402
-from fedspine.config import load_config  # noqa: E402
+import _benchpath  # noqa: F401  (must precede the fedspine imports: this script is named after the package)
+from fedspine.api import run_experiment
+from fedspine.config import load_config
 
 METHODS: dict[str, list[str]] = {
     "fedit": ["strategy.name=fedit"],

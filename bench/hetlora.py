@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import _benchpath  # noqa: F401  (must precede the fedspine imports)
 from fedspine.api import run_experiment
 from fedspine.config import load_config
 

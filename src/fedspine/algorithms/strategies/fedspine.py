@@ -25,8 +25,8 @@ Round t, for each selected device i:
 
 Until the first importance scores arrive, devices train the dense model and measure importance (a
 calibration round): measured on SmolLM2-135M, pruning 30% by weight magnitude raised the held-out loss
-from 2.44 to 5.54, by FLAP or LoRA-guided Taylor scores from one round of device data to 2.46 and 2.27
-(docs/results.md). The schedule then starts from the first pruned round. With ``importance =
+from 2.44 to 5.54, by FLAP or LoRA-guided Taylor scores from one local task's data to 2.26 and 2.27
+(``bench/pruning_damage.py``). The schedule then starts from the first pruned round. With ``importance =
 "magnitude"`` pruning starts at once.
 
 At the end every device deploys the base pruned at its policy's best ratio (at least ``s_final``).

@@ -1,0 +1,26 @@
+"""The benchmark scripts run: a smoke test on the tiny model (their figures come from full runs)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_fedspine_benchmark_runs_and_prints_its_result_line() -> None:
+    cmd = [sys.executable, "bench/fedspine.py", "--config", "configs/tiny.toml", "--quick"]
+    cmd += ["--only", "fedit", "prune_then_tune", "fedspine"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("RESULT speedup_vs_fedit=") and "delta_vs_prune_then_tune=" in last
+
+
+def test_bench_scripts_import_the_package_not_their_namesake() -> None:
+    """bench/fedspine.py shares the package's name; every script must still import the package."""
+    for script in sorted((ROOT / "bench").glob("[!_]*.py")):
+        result = subprocess.run(
+            [sys.executable, str(script), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, f"{script.name}: {result.stderr[-500:]}"
