@@ -147,12 +147,22 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             f"{format_bytes(summary['uplink_bytes'])} / {format_bytes(summary['downlink_bytes'])}",
         ),
         ("host wall / training", f"{summary['wall_seconds']:.1f} s / {summary['train_wall_seconds']:.1f} s"),
+        *_models_row(summary.get("device_models")),
         ("run directory", str(run_dir)),
     ]
     table = Table(title=f"{summary['strategy']} on {summary['task']}", show_header=False)
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
+
+
+def _models_row(models: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """One summary line for the device models: how many, their size and metric against the dense base."""
+    if not models or not models.get("models"):
+        return []
+    dense = models["dense_base"]["parameters"] / 1e6
+    parts = [f"{m['dir']}: {m['parameters'] / 1e6:.1f} M params, {m['metric']:.4f}" for m in models["models"]]
+    return [("device models", f"{'; '.join(parts)} (dense {dense:.1f} M); see models/")]
 
 
 def main() -> None:
