@@ -395,11 +395,6 @@ def plan_to_json(plan: PruningPlan) -> dict[str, dict[str, list[int]]]:
     }
 
 
-def plan_from_json(data: dict[str, Any]) -> PruningPlan:
-    """Inverse of :func:`plan_to_json`."""
-    return {int(layer): LayerKeep(tuple(k["kv_groups"]), tuple(k["channels"])) for layer, k in data.items()}
-
-
 __all__ = [
     "COLUMN_MODULES",
     "ROW_MODULES",
@@ -414,7 +409,6 @@ __all__ = [
     "layer_widths",
     "magnitude_scores",
     "masked_model",
-    "plan_from_json",
     "plan_from_scores",
     "plan_to_json",
     "prune_model",
