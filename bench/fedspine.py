@@ -10,7 +10,9 @@ sampling and batches are identical):
   fixed ratios);
 * ``random``: FedSpine with a random (ratio, rank) policy;
 * ``fedspine``: FedSpine with its per-device sliding-window UCB bandit;
-* ``pooled``: FedSpine with the pooled UCB policy (progress shared across the fleet).
+* ``pooled``: FedSpine with the pooled UCB policy (progress shared across the fleet);
+* ``fedspine-floor``, ``pooled-floor`` (with ``--only``): the two bandits exploring from the
+  schedule's floor instead of the most pruned arm.
 
 Every pruning method is evaluated on the global model pruned at the same target sparsity (equal
 sparsity); devices may deploy more pruned models (their policy's choice), reported as the mean
@@ -51,6 +53,16 @@ METHODS: dict[str, list[str]] = {
     "random": ["strategy.name=fedspine", "strategy.fedspine.policy=random"],
     "fedspine": ["strategy.name=fedspine", "strategy.fedspine.policy=swucb"],
     "pooled": ["strategy.name=fedspine", "strategy.fedspine.policy=pooled"],
+    "fedspine-floor": [
+        "strategy.name=fedspine",
+        "strategy.fedspine.policy=swucb",
+        "strategy.fedspine.explore=floor",
+    ],
+    "pooled-floor": [
+        "strategy.name=fedspine",
+        "strategy.fedspine.policy=pooled",
+        "strategy.fedspine.explore=floor",
+    ],
 }
 
 
@@ -97,7 +109,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sparsity", type=float, default=0.3, help="target sparsity of every pruning method")
     parser.add_argument("--config", type=Path, default=None, help="base config (default: the built-in one)")
-    parser.add_argument("--only", nargs="*", choices=list(METHODS), default=list(METHODS))
+    default = [m for m in METHODS if not m.endswith("-floor")]
+    parser.add_argument("--only", nargs="*", choices=list(METHODS), default=default)
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     print(

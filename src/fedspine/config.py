@@ -293,6 +293,8 @@ class FedSpineSection:
     """Pruning ratios the policy may choose (arms below the schedule's floor are not eligible)."""
     ranks: list[int] = field(default_factory=lambda: [4, 8, 16])
     """LoRA ranks the policy may choose (the fixed policy uses each device's configured rank)."""
+    explore: Literal["safest", "floor"] = "safest"
+    """A bandit's first arm: the most pruned, or the least pruned eligible (the schedule's floor)."""
     window: int = 20
     """Sliding window of the UCB bandit, in observations per device."""
     ucb_c: float = 1.0

@@ -2,7 +2,8 @@
 
 * :class:`SlidingWindowUCB`, FedSpine's online bandit: one per device over the arm grid
   ``ratios x ranks``, learning only from the outcomes it observes (no device profile). Untried arms
-  are played first, safest first (most pruned, lowest rank); then the arm with the highest windowed
+  are played first (the most pruned, or with ``explore = "floor"`` the least pruned eligible one,
+  lowest rank first); then the arm with the highest windowed
   mean reward plus ``c * sqrt(2 ln(min(t, W)) / n_W(a))``.
 * :class:`PooledUCB`: the same reward, but progress is learned per arm across the fleet and each
   device's time at an untried arm is predicted from its own observed speed (sample-efficient).
@@ -22,6 +23,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from fedspine.registry import Registry
 
@@ -60,10 +62,21 @@ class Policy(ABC):
 
     name = ""
 
+    explore: Literal["safest", "floor"] = "safest"
+    """Which untried arm a bandit plays first: the most pruned (least likely to run out of memory or
+    time) or the least pruned eligible one (the schedule's floor: the mask the global model is
+    evaluated at, once the floor reaches the target). Both take the lowest rank first."""
+
     def __init__(self, ratios: Sequence[float], ranks: Sequence[int]) -> None:
         if not ratios or not ranks:
             raise ValueError("a policy needs at least one ratio and one rank")
         self.arms = [Arm(float(p), int(r)) for p in sorted(set(ratios)) for r in sorted(set(ranks))]
+
+    def first(self, arms: Sequence[Arm]) -> Arm:
+        """The untried arm to play first, by :attr:`explore`."""
+        if self.explore == "floor":
+            return min(arms, key=lambda a: (a.ratio, a.rank))
+        return max(arms, key=lambda a: (a.ratio, -a.rank))
 
     def eligible(self, floor: float) -> list[Arm]:
         """Arms whose ratio reaches ``floor``; if none does, the most pruned ones, raised to the floor."""
@@ -180,7 +193,7 @@ class SlidingWindowUCB(Policy):
         stats = self._stats(device_id)
         untried = [a for a in arms if a not in stats]
         if untried:
-            return max(untried, key=lambda a: (a.ratio, -a.rank))  # safest first
+            return self.first(untried)
         t = min(self.pulls.get(device_id, 0), self.window)
         bonus = lambda n: self.c * math.sqrt(2 * math.log(max(t, 2)) / n)  # noqa: E731
         return max(arms, key=lambda a: (stats[a][1] + bonus(stats[a][0]), a.ratio, -a.rank))
@@ -220,7 +233,7 @@ class PooledUCB(Policy):
       server knows from the model; no device profile is read);
     * after an out-of-memory failure at an arm, excludes arms with as much work or more on that device.
 
-    A device with no observation yet plays the safest arm (most pruned, lowest rank) to measure its speed.
+    A device with no observation yet plays its first arm (:attr:`Policy.explore`) to measure its speed.
     """
 
     name = "pooled"
@@ -265,7 +278,7 @@ class PooledUCB(Policy):
     def choose(self, device_id: int, floor: float) -> Arm:
         arms = self._feasible(device_id, self.eligible(floor))
         if not self.speed.get(device_id):
-            return max(arms, key=lambda a: (a.ratio, -a.rank))
+            return self.first(arms)
         return max(arms, key=lambda a: (self._score(device_id, a, bonus=True), a.ratio, -a.rank))
 
     def observe(self, device_id: int, arm: Arm, outcome: Outcome) -> None:

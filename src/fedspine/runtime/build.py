@@ -138,9 +138,13 @@ def build_policy(
         return RandomPolicy(ratios, ranks, cfg.run.seed)
     if name == "oracle":
         return OraclePolicy(ratios, ranks, [d.device_id for d in devices], predict_seconds)
-    if name == "pooled":
-        return PooledUCB(ratios, ranks, relative_work, f.window, f.ucb_c)
-    return SlidingWindowUCB(ratios, ranks, f.window, f.ucb_c)
+    bandit: Policy = (
+        PooledUCB(ratios, ranks, relative_work, f.window, f.ucb_c)
+        if name == "pooled"
+        else SlidingWindowUCB(ratios, ranks, f.window, f.ucb_c)
+    )
+    bandit.explore = f.explore
+    return bandit
 
 
 def _time_predictor(
