@@ -388,6 +388,16 @@ def test_the_pooled_bandit_avoids_arms_heavier_than_one_that_ran_out_of_memory()
     assert pooled.choose(0, 0.0) == Arm(0.5, 4) and pooled.best(0, 0.0) == Arm(0.5, 4)
 
 
+def test_bandits_explore_from_the_most_pruned_arm_or_from_the_floor() -> None:
+    for policy in (
+        SlidingWindowUCB([0.0, 0.3, 0.5], [4, 8]),
+        PooledUCB([0.0, 0.3, 0.5], [4, 8], lambda a: 1.0),
+    ):
+        assert policy.choose(0, 0.3) == Arm(0.5, 4)
+        policy.explore = "floor"
+        assert policy.choose(0, 0.3) == Arm(0.3, 4)
+
+
 def test_policies_respect_the_floor() -> None:
     bandit = SlidingWindowUCB([0.0, 0.2, 0.4], [4])
     assert all(bandit.choose(0, 0.3).ratio >= 0.3 for _ in range(5))
