@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from fedspine.errors import ModelError
-from fedspine.model.footprint import ModelShape, model_shape
+from fedspine.model.footprint import ModelShape, combine_workloads, model_shape, train_workload
+from fedspine.types import TrainWorkload
 
 ROW_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 """Modules pruned along their output rows (``weight`` dim 0)."""
@@ -359,6 +360,12 @@ def pruned_shapes(plan: PruningPlan, shape: ModelShape) -> list[tuple[ModelShape
     ]
 
 
+def pruned_workload(plan: PruningPlan | None, shape: ModelShape, **workload: Any) -> TrainWorkload:
+    """``footprint.train_workload`` of the submodel ``plan`` describes (the dense model for None)."""
+    parts = [(shape, 1.0)] if plan is None else pruned_shapes(plan, shape)
+    return combine_workloads([(train_workload(part, **workload), fraction) for part, fraction in parts])
+
+
 def is_uniform(plan: PruningPlan, shape: ModelShape) -> bool:
     """Whether every layer keeps the same widths (then a stock Llama config describes the model)."""
     return len(set(layer_widths(plan, shape))) == 1
@@ -414,6 +421,7 @@ __all__ = [
     "prune_model",
     "pruned_hf_config",
     "pruned_shapes",
+    "pruned_workload",
     "scatter_to_full",
     "shape_of",
     "top_indices",

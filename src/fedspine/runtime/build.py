@@ -46,10 +46,10 @@ from fedspine.data import (
 from fedspine.errors import ConfigError, DataError, FleetError, ModelError
 from fedspine.fleet import GroupSpec, build_fleet
 from fedspine.fleet.cost import CostModel
-from fedspine.model.footprint import ModelShape, combine_workloads, model_shape, train_flops, train_workload
+from fedspine.model.footprint import ModelShape, model_shape, train_workload
 from fedspine.model.load import default_cache_dir, resolve_model, resolve_model_config
 from fedspine.model.lora import apply_lora, module_shapes
-from fedspine.model.pruning import magnitude_scores, pruned_shapes
+from fedspine.model.pruning import magnitude_scores, pruned_workload
 from fedspine.runtime.executor import LocalTraining, SimExecutor
 from fedspine.types import Device, DeviceLora
 
@@ -160,26 +160,20 @@ def _time_predictor(
     def predict(device_id: int, arm: Arm) -> float:
         device = by_id[device_id]
         plan = strategy.plan_for(arm.ratio)
-        seq_lens = [cfg.data.max_length] * cfg.train.batch_size * cfg.train.local_steps
-        parts = [
-            (
-                train_workload(
-                    shape,
-                    seq_lens,
-                    arm.rank,
-                    len(cfg.lora.target_modules),
-                    executor.logits_positions,
-                    device.device_class.train_dtype_bytes,
-                    cfg.train.batch_size,
-                    cfg.train.local_steps,
-                ),
-                fraction,
-            )
-            for shape, fraction in pruned_shapes(plan, executor.shape)
-        ]
+        workload = pruned_workload(
+            plan,
+            executor.shape,
+            seq_lens=[cfg.data.max_length] * cfg.train.batch_size * cfg.train.local_steps,
+            lora_rank=arm.rank,
+            num_lora_targets=len(cfg.lora.target_modules),
+            logits_positions=executor.logits_positions,
+            dtype_bytes=device.device_class.train_dtype_bytes,
+            batch_size=cfg.train.batch_size,
+            steps=cfg.train.local_steps,
+        )
         cost = CostModel.for_device(device)
         upload = 4 * arm.rank * sum(o + i for o, i in strategy.kept_shapes(plan).values())
-        return cost.train_seconds(combine_workloads(parts), 1.0) + cost.transfer_seconds(upload, "up", 1.0)
+        return cost.train_seconds(workload, 1.0) + cost.transfer_seconds(upload, "up", 1.0)
 
     return predict
 
@@ -190,11 +184,15 @@ def _relative_work(cfg: Config, strategy: FedSpine, executor: SimExecutor) -> Ca
     targets = len(cfg.lora.target_modules)
 
     def flops(arm: Arm) -> float:
-        parts = pruned_shapes(strategy.plan_for(arm.ratio), executor.shape)
-        return sum(
-            f * train_flops(shape, seq_lens, arm.rank, targets, executor.logits_positions)
-            for shape, f in parts
-        )
+        plan = strategy.plan_for(arm.ratio)
+        return pruned_workload(
+            plan,
+            executor.shape,
+            seq_lens=seq_lens,
+            lora_rank=arm.rank,
+            num_lora_targets=targets,
+            logits_positions=executor.logits_positions,
+        ).flops
 
     cache: dict[Arm, float] = {}
 

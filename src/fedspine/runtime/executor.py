@@ -22,7 +22,7 @@ from fedspine.client.evaluate import Evaluation, evaluate
 from fedspine.client.objectives import Objective
 from fedspine.client.train import make_optimizer, train_local
 from fedspine.data.batching import Batch, EncodedDataset, iterate_batches
-from fedspine.model.footprint import ModelShape, combine_workloads, train_workload
+from fedspine.model.footprint import ModelShape
 from fedspine.model.importance import FlapMeter, TaylorMeter, make_meter
 from fedspine.model.lora import (
     ADAPTER,
@@ -34,7 +34,7 @@ from fedspine.model.lora import (
     plain_copy,
     set_lora_state,
 )
-from fedspine.model.pruning import PruningPlan, prune_model, pruned_shapes, scatter_to_full
+from fedspine.model.pruning import PruningPlan, prune_model, pruned_workload, scatter_to_full
 from fedspine.types import ClientTask, ClientUpdate, Device, DeviceLora, LoraState, TrainWorkload
 
 
@@ -120,24 +120,17 @@ class SimExecutor:
         rng = np.random.default_rng(task_seed(self.seed, round_no, device.device_id))
         batches = list(self._cycle(indices, rng, local_steps))
         seq_lens = [int(n) for b in batches for n in b.attention_mask.sum(-1).tolist()]
-        shapes = [(self.shape, 1.0)] if plan is None else pruned_shapes(plan, self.shape)
-        parts = [
-            (
-                train_workload(
-                    shape,
-                    seq_lens=seq_lens,
-                    lora_rank=lora.rank,
-                    num_lora_targets=self.lora_targets,
-                    logits_positions=self.logits_positions,
-                    dtype_bytes=device.device_class.train_dtype_bytes,
-                    batch_size=self.training.batch_size,
-                    steps=len(batches),
-                ),
-                fraction,
-            )
-            for shape, fraction in shapes
-        ]
-        workload = combine_workloads(parts)
+        workload = pruned_workload(
+            plan,
+            self.shape,
+            seq_lens=seq_lens,
+            lora_rank=lora.rank,
+            num_lora_targets=self.lora_targets,
+            logits_positions=self.logits_positions,
+            dtype_bytes=device.device_class.train_dtype_bytes,
+            batch_size=self.training.batch_size,
+            steps=len(batches),
+        )
         return PreparedTask(round_no, device, lora, batches, workload, num_samples=len(indices))
 
     def _cycle(self, indices: np.ndarray, rng: np.random.Generator, steps: int) -> Iterator[Batch]:
