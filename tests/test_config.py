@@ -27,8 +27,7 @@ def test_every_shipped_config_loads_and_resolves(path: Path) -> None:
     cfg = load_config(path)
     devices = build_fleet_from_config(cfg)
     assert len(devices) == sum(g.count for g in cfg.fleet.groups)
-    build_strategy(cfg)
-    build_scheduler(cfg, len(devices))
+    build_scheduler(cfg, len(devices), build_strategy(cfg))
 
 
 def test_the_paper_like_fleet_has_80_devices() -> None:
@@ -62,7 +61,8 @@ def test_unknown_registered_names_list_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"strategy.name.*unknown strategy 'fedavgx'; known: .*fedit"):
         build_strategy(load_config(None, ["strategy.name=fedavgx"]))
     with pytest.raises(ConfigError, match=r"scheduler.name.*known: .*sync"):
-        build_scheduler(load_config(None, ["scheduler.name=nope"]), 10)
+        cfg = load_config(None, ["scheduler.name=nope"])
+        build_scheduler(cfg, 10, build_strategy(cfg))
 
 
 def test_unknown_device_class_names_the_group() -> None:

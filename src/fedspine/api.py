@@ -22,8 +22,8 @@ from fedspine.errors import ConfigError
 from fedspine.fleet import fleet_table_rows
 from fedspine.metrics.records import RoundRecord, RunRecorder
 from fedspine.report.html import write_report
+from fedspine.runtime.async_engine import make_engine
 from fedspine.runtime.build import build_experiment, build_fleet_from_config
-from fedspine.runtime.engine import Engine
 from fedspine.runtime.export import copy_device_models, export_models
 from fedspine.runtime.summary import make_summary
 
@@ -77,9 +77,10 @@ def run_experiment(
     (run_dir / "config.toml").write_text(to_toml(config), encoding="utf-8")
     recorder = RunRecorder(run_dir)
     try:
-        status(f"running {config.scheduler.rounds} rounds on {len(experiment.devices)} devices -> {run_dir}")
+        unit = "aggregations" if getattr(experiment.scheduler, "asynchronous", False) else "rounds"
+        status(f"running {config.scheduler.rounds} {unit} on {len(experiment.devices)} devices -> {run_dir}")
         loop_started = time.perf_counter()
-        state = Engine(experiment, recorder).run(on_round)
+        state = make_engine(experiment, recorder).run(on_round)
         loop_seconds = time.perf_counter() - loop_started
         status("measuring and saving the device models")
         models = export_models(experiment, run_dir)

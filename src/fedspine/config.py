@@ -211,6 +211,28 @@ DEFAULT_FLEET = (
 
 
 @dataclass
+class TraceSection:
+    """When devices are online, over virtual time (see `fedspine.fleet.availability`)."""
+
+    kind: Literal["always", "periodic", "sessions"] = "always"
+    """always online; periodic charging windows; or random sessions (exponential on/off spells)."""
+    period_seconds: float = 3600.0
+    """Period of the charging windows (periodic)."""
+    online_fraction: float = 0.5
+    """Share of each period a device is online (periodic)."""
+    mean_online_seconds: float = 600.0
+    """Mean length of an online session (sessions)."""
+    mean_offline_seconds: float = 300.0
+    """Mean length of an offline spell (sessions)."""
+
+    def __post_init__(self) -> None:
+        _check(self.period_seconds > 0, "fleet.trace.period_seconds", "must be > 0")
+        _check(0 < self.online_fraction <= 1, "fleet.trace.online_fraction", "must be in (0, 1]")
+        _check(self.mean_online_seconds > 0, "fleet.trace.mean_online_seconds", "must be > 0")
+        _check(self.mean_offline_seconds > 0, "fleet.trace.mean_offline_seconds", "must be > 0")
+
+
+@dataclass
 class FleetSection:
     """The simulated fleet."""
 
@@ -218,6 +240,8 @@ class FleetSection:
     """Device groups; devices are numbered in group order."""
     jitter_scale: float = 1.0
     """Multiplies every device class's per-round slowdown sigma (0 = no compute jitter)."""
+    trace: TraceSection = field(default_factory=TraceSection)
+    """Availability over time; a device that goes offline during a task loses it."""
 
     def __post_init__(self) -> None:
         for i, group in enumerate(self.groups):
@@ -347,21 +371,108 @@ class StrategySection:
 
 
 @dataclass
+class StalenessSection:
+    """How asynchronous schedulers treat stale updates (see `fedspine.algorithms.staleness`)."""
+
+    handler: Literal["weight", "identity", "dcasgd"] = "weight"
+    """Scale a stale update by s(staleness), apply it as is, or DC-ASGD-compensate it (global adapters)."""
+    function: Literal["polynomial", "constant", "hinge"] = "polynomial"
+    """s(tau): (tau + 1)^-a, 1, or 1 up to b then 1 / (a (tau - b) + 1)."""
+    a: float = 0.5
+    """Exponent (polynomial) or slope (hinge) of s."""
+    b: float = 4.0
+    """Hinge point of s, in aggregations."""
+    dcasgd_lambda: float = 4.0
+    """DC-ASGD's variance-control factor lambda."""
+
+    def __post_init__(self) -> None:
+        _check(self.a >= 0, "scheduler.staleness.a", "must be >= 0")
+        _check(self.b >= 0, "scheduler.staleness.b", "must be >= 0")
+        _check(self.dcasgd_lambda >= 0, "scheduler.staleness.dcasgd_lambda", "must be >= 0")
+
+
+@dataclass
+class FedAsyncSection:
+    """FedAsync: every update is applied on arrival."""
+
+    alpha: float = 0.6
+    """Mixing weight: w <- w + alpha s(tau) delta."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.alpha <= 1, "scheduler.fedasync.alpha", "must be in (0, 1]")
+
+
+@dataclass
+class FedBuffSection:
+    """FedBuff: aggregate every K arrivals with a server optimizer step."""
+
+    buffer_size: int = 4
+    """K, updates per server step."""
+    server_lr: float = 1.0
+    """Server learning rate eta."""
+    server_momentum: float = 0.0
+    """Server momentum beta (needs a strategy with a global adapter: fedit, zeropad, hetlora)."""
+
+    def __post_init__(self) -> None:
+        _check(self.buffer_size >= 1, "scheduler.fedbuff.buffer_size", "must be >= 1")
+        _check(self.server_lr > 0, "scheduler.fedbuff.server_lr", "must be > 0")
+        _check(0 <= self.server_momentum < 1, "scheduler.fedbuff.server_momentum", "must be in [0, 1)")
+
+
+@dataclass
+class FedCompassSection:
+    """FedCompass: per-device local steps in [q_min, q_max] so that devices arrive in groups."""
+
+    q_min: int = 2
+    """Fewest local optimizer steps a device is given."""
+    q_max: int = 8
+    """Most local optimizer steps a device is given (also the first task of every device)."""
+    latest_time_factor: float = 1.5
+    """lambda: a group is aggregated at the latest lambda x its expected duration after it formed."""
+    speed_momentum: float = 0.9
+    """Weight of a new speed observation in the device's speed estimate."""
+    alpha: float = 0.9
+    """Server step: w <- w + alpha sum_j s(tau_j) (n_j / N) delta_j."""
+
+    def __post_init__(self) -> None:
+        key = "scheduler.fedcompass."
+        _check(self.q_min >= 1, key + "q_min", "must be >= 1")
+        _check(self.q_max >= self.q_min, key + "q_max", "must be >= q_min")
+        _check(self.latest_time_factor >= 1, key + "latest_time_factor", "must be >= 1")
+        _check(0 < self.speed_momentum <= 1, key + "speed_momentum", "must be in (0, 1]")
+        _check(0 < self.alpha <= 1, key + "alpha", "must be in (0, 1]")
+
+
+@dataclass
 class SchedulerSection:
     """Who trains when (see `fedspine.algorithms.schedulers`)."""
 
     name: str = "sync"
-    """Registered scheduler name."""
+    """Registered scheduler: sync, fedasync, fedbuff, fedcompass."""
     rounds: int = 5
-    """Synchronous rounds (aggregations)."""
+    """Synchronous rounds, or aggregations (global versions) of an asynchronous scheduler."""
     clients_per_round: int = 4
-    """Updates aggregated per round (0 = use clients_fraction)."""
+    """Updates aggregated per round (0 = use clients_fraction); sync only."""
     clients_fraction: float = 0.5
     """Fraction of the fleet aggregated per round when clients_per_round = 0."""
     over_selection: float = 0.0
     """Select (1 + over_selection) x as many devices and keep the first to arrive (FedScale)."""
     deadline_seconds: float = 0.0
     """Virtual-time round deadline; updates arriving later are lost (0 = no deadline)."""
+    concurrency: int = 0
+    """Devices training at once under fedasync and fedbuff (0 = the whole fleet)."""
+    max_updates: int = 0
+    """Asynchronous schedulers stop after applying this many updates (0 = no limit)."""
+    max_virtual_seconds: float = 0.0
+    """Asynchronous schedulers stop at this virtual time (0 = no limit)."""
+    staleness: StalenessSection = field(default_factory=StalenessSection)
+    """Stale-update handling of the asynchronous schedulers."""
+    fedasync: FedAsyncSection = field(default_factory=FedAsyncSection)
+    """Parameters of fedasync."""
+    fedbuff: FedBuffSection = field(default_factory=FedBuffSection)
+    """Parameters of fedbuff."""
+    fedcompass: FedCompassSection = field(default_factory=FedCompassSection)
+    """Parameters of fedcompass."""
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "scheduler.rounds", "must be >= 1")
@@ -369,6 +480,9 @@ class SchedulerSection:
         _check(0 < self.clients_fraction <= 1, "scheduler.clients_fraction", "must be in (0, 1]")
         _check(self.over_selection >= 0, "scheduler.over_selection", "must be >= 0")
         _check(self.deadline_seconds >= 0, "scheduler.deadline_seconds", "must be >= 0")
+        _check(self.concurrency >= 0, "scheduler.concurrency", "must be >= 0")
+        _check(self.max_updates >= 0, "scheduler.max_updates", "must be >= 0")
+        _check(self.max_virtual_seconds >= 0, "scheduler.max_virtual_seconds", "must be >= 0")
 
 
 @dataclass

@@ -47,6 +47,12 @@ class RoundRecord:
     train_loss: float | None
     metric: float | None = None
     eval_loss: float | None = None
+    dropped: int = 0
+    """Tasks lost because their device went offline."""
+    mean_staleness: float | None = None
+    """Mean staleness (aggregations since the device started) of the aggregated updates."""
+    max_staleness: int | None = None
+    """Largest staleness among the aggregated updates."""
 
 
 ROUND_COLUMNS = [f.name for f in fields(RoundRecord)]

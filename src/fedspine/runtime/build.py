@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ from fedspine.algorithms.policies import (
     RandomPolicy,
     SlidingWindowUCB,
 )
-from fedspine.algorithms.schedulers import SyncScheduler
+from fedspine.algorithms.schedulers import AsyncLimits, AsyncScheduler, SyncScheduler
+from fedspine.algorithms.staleness import Identity, StalenessFunction, StaleUpdateHandler, make_handler
 from fedspine.algorithms.strategies import FedSpine, Strategy
 from fedspine.algorithms.strategies.fedspine import PRESETS
 from fedspine.client.objectives import ClassificationObjective, LanguageModelingObjective, Objective
@@ -45,6 +46,7 @@ from fedspine.data import (
 )
 from fedspine.errors import ConfigError, DataError, FleetError, ModelError
 from fedspine.fleet import GroupSpec, build_fleet
+from fedspine.fleet.availability import AlwaysOnline, AvailabilityTrace, make_trace
 from fedspine.fleet.cost import CostModel
 from fedspine.model.footprint import ModelShape, model_shape, train_workload
 from fedspine.model.load import default_cache_dir, resolve_model, resolve_model_config
@@ -54,6 +56,7 @@ from fedspine.runtime.executor import LocalTraining, SimExecutor
 from fedspine.types import Device, DeviceLora
 
 Status = Callable[[str], None]
+Scheduler = SyncScheduler | AsyncScheduler
 
 
 @dataclass
@@ -63,7 +66,7 @@ class Experiment:
     config: Config
     devices: list[Device]
     strategy: Strategy
-    scheduler: SyncScheduler
+    scheduler: Scheduler
     executor: SimExecutor
     objective: Objective
     test_data: EncodedDataset
@@ -74,6 +77,8 @@ class Experiment:
     chance_level: float
     shape: ModelShape
     tokenizer: Any = None
+    trace: AvailabilityTrace = field(default_factory=AlwaysOnline)
+    stale_handler: StaleUpdateHandler = field(default_factory=Identity)
 
 
 def build_strategy(cfg: Config) -> Strategy:
@@ -204,13 +209,57 @@ def _relative_work(cfg: Config, strategy: FedSpine, executor: SimExecutor) -> Ca
     return relative
 
 
-def build_scheduler(cfg: Config, num_devices: int) -> SyncScheduler:
-    """The configured scheduler; ``clients_per_round`` falls back to a fraction of the fleet."""
+def build_scheduler(cfg: Config, num_devices: int, strategy: Strategy) -> Scheduler:
+    """The configured scheduler.
+
+    Synchronous: ``clients_per_round`` falls back to a fraction of the fleet. Asynchronous: the
+    scheduler's own table supplies its parameters; combinations the strategy cannot run are
+    rejected here, naming the key.
+    """
     cls = schedulers.SCHEDULERS.get(cfg.scheduler.name, "scheduler.name")
     s = cfg.scheduler
-    k = s.clients_per_round or max(1, round(s.clients_fraction * num_devices))
-    scheduler: SyncScheduler = cls(s.rounds, min(k, num_devices), s.over_selection, s.deadline_seconds)
+    if not issubclass(cls, AsyncScheduler):
+        k = s.clients_per_round or max(1, round(s.clients_fraction * num_devices))
+        return SyncScheduler(s.rounds, min(k, num_devices), s.over_selection, s.deadline_seconds)
+    if s.staleness.handler == "dcasgd" and not strategy.supports_compensation:
+        raise ConfigError(
+            "scheduler.staleness.handler",
+            f"'dcasgd' compensates element-wise in a global adapter's coordinates; strategy "
+            f"'{strategy.name}' has none (allowed here: identity, weight)",
+        )
+    momentum = s.fedbuff.server_momentum if cfg.scheduler.name == "fedbuff" else 0.0
+    if momentum > 0 and not strategy.supports_compensation:
+        raise ConfigError(
+            "scheduler.fedbuff.server_momentum",
+            f"server momentum adds up global-adapter steps; strategy '{strategy.name}' merges into the "
+            "base or keeps SVD factors (use fedit, zeropad or hetlora, or momentum 0)",
+        )
+    concurrency = min(s.concurrency, num_devices) if s.concurrency else num_devices
+    limits = AsyncLimits(s.rounds, cfg.train.local_steps, concurrency, s.max_updates, s.max_virtual_seconds)
+    table = getattr(s, cfg.scheduler.name, None)
+    is_table = dataclasses.is_dataclass(table) and not isinstance(table, type)
+    kwargs = dataclasses.asdict(table) if is_table else {}  # type: ignore[arg-type]
+    scheduler: AsyncScheduler = cls(limits, **kwargs)
     return scheduler
+
+
+def build_stale_handler(cfg: Config) -> StaleUpdateHandler:
+    """The configured stale-update handler."""
+    st = cfg.scheduler.staleness
+    return make_handler(st.handler, StalenessFunction(st.function, st.a, st.b), st.dcasgd_lambda)
+
+
+def build_trace(cfg: Config) -> AvailabilityTrace:
+    """The configured availability trace."""
+    t = cfg.fleet.trace
+    return make_trace(
+        t.kind,
+        cfg.run.seed,
+        t.period_seconds,
+        t.online_fraction,
+        t.mean_online_seconds,
+        t.mean_offline_seconds,
+    )
 
 
 def build_fleet_from_config(cfg: Config) -> list[Device]:
@@ -306,7 +355,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     strategy = build_strategy(cfg)
     devices = build_fleet_from_config(cfg)
     device_lora = build_device_lora(cfg, devices, strategy)
-    scheduler = build_scheduler(cfg, len(devices))
+    scheduler = build_scheduler(cfg, len(devices), strategy)
     rng = np.random.default_rng(cfg.run.seed)
     say(f"loading data source '{cfg.data.source}'")
     examples = load_examples(cfg, rng)
@@ -360,6 +409,8 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         chance_level=task.chance_level(test_data),
         shape=shape,
         tokenizer=tokenizer,
+        trace=build_trace(cfg),
+        stale_handler=build_stale_handler(cfg),
     )
 
 

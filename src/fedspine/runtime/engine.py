@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from fedspine.algorithms.aggregate import aggregate
+from fedspine.algorithms.schedulers import SyncScheduler
 from fedspine.algorithms.strategies import TaskResult
 from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.client.evaluate import Evaluation
@@ -34,7 +35,7 @@ class TaskOutcome:
     """Virtual timing and result of one client task in a round (times relative to round start)."""
 
     device: Device
-    status: str  # ok | late | oom
+    status: str  # ok | late | oom | dropped | cancelled
     downlink_bytes: int
     downlink_seconds: float = 0.0
     compute_seconds: float = 0.0
@@ -43,10 +44,25 @@ class TaskOutcome:
     update: ClientUpdate | None = None
     prepared: PreparedTask | None = None
     task: ClientTask | None = None
+    lost_seconds: float | None = None
+    """When the device went offline and lost the task (status ``dropped``)."""
 
     @property
     def arrival_seconds(self) -> float:
         return self.downlink_seconds + self.compute_seconds + self.uplink_seconds
+
+    def lose(self, at_seconds: float) -> None:
+        """The device went offline ``at_seconds`` after the task started: the task ends there, lost."""
+        self.status, self.lost_seconds = "dropped", at_seconds
+        self.downlink_seconds = min(self.downlink_seconds, at_seconds)
+        self.compute_seconds = max(0.0, min(self.compute_seconds, at_seconds - self.downlink_seconds))
+        self.uplink_seconds = max(0.0, at_seconds - self.downlink_seconds - self.compute_seconds)
+        self.uplink_bytes, self.update = 0, None
+
+    @property
+    def end_seconds(self) -> float:
+        """When the task ended for the server: its arrival, or the moment it was lost."""
+        return self.lost_seconds if self.lost_seconds is not None else self.arrival_seconds
 
 
 @dataclass
@@ -58,6 +74,8 @@ class RunState:
     eval_wall_seconds: float = 0.0
     aggregation_wall_seconds: float = 0.0
     device_stats: dict[int, dict[str, Any]] = field(default_factory=dict)
+    updates: dict[str, int] = field(default_factory=dict)
+    """Update accounting of asynchronous runs: dispatched, applied, unapplied_at_end."""
 
 
 ProgressCallback = Callable[[RoundRecord, "Evaluation | None"], None]
@@ -74,6 +92,12 @@ class Engine:
         self.seed = experiment.config.run.seed
         self.device_lora = dict(experiment.device_lora)
         """Each device's current LoRA rank and scaling (HetLoRA devices shrink theirs)."""
+
+    @property
+    def _sync(self) -> SyncScheduler:
+        scheduler = self.exp.scheduler
+        assert isinstance(scheduler, SyncScheduler), "the round engine runs synchronous schedulers"
+        return scheduler
 
     def run(self, on_round: ProgressCallback | None = None) -> RunState:
         """Run every round; returns the accumulated state for the summary."""
@@ -93,11 +117,15 @@ class Engine:
     def _round(self, round_no: int) -> tuple[RoundRecord, Evaluation | None]:
         exp = self.exp
         start = self.clock.now
-        online = [d.device_id for d in exp.devices if is_available(d, self.seed, round_no)]
-        selected = exp.scheduler.select(online, random.Random(task_seed(self.seed, round_no)))
-        outcomes = self._run_tasks(round_no, [exp.devices[i] for i in selected])
+        online = [
+            d.device_id
+            for d in exp.devices
+            if exp.trace.online(d.device_id, start) and is_available(d, self.seed, round_no)
+        ]
+        selected = self._sync.select(online, random.Random(task_seed(self.seed, round_no)))
+        outcomes = self._run_tasks(round_no, start, [exp.devices[i] for i in selected])
         arrivals = {o.device.device_id: o.arrival_seconds for o in outcomes if o.status == "ok"}
-        plan = exp.scheduler.plan(arrivals)
+        plan = self._sync.plan(arrivals)
         for o in outcomes:
             if o.status == "ok" and o.device.device_id in plan.late:
                 o.status = "late"
@@ -119,21 +147,26 @@ class Engine:
         self.recorder.round(record)
         return record, evaluation
 
-    def _run_tasks(self, round_no: int, devices: list[Device]) -> list[TaskOutcome]:
+    def _run_tasks(self, round_no: int, start: float, devices: list[Device]) -> list[TaskOutcome]:
         """Prepare every task, then train them fastest-first, skipping those that cannot count.
 
         A task whose downlink + compute time already exceeds the deadline, or the k-th earliest
         complete arrival so far, cannot be among the aggregated updates: its work is lost in the
-        simulated fleet, so it is not trained on the host either (the result is identical).
+        simulated fleet, so it is not trained on the host either (the result is identical). Nor is
+        one whose device goes offline before its upload completes (``dropped``).
         """
         outcomes = [self._prepare(round_no, d) for d in devices]
         runnable = sorted(
             (o for o in outcomes if o.status == "ok"), key=lambda o: (o.arrival_seconds, o.device.device_id)
         )
         arrivals: list[float] = []
-        k = self.exp.scheduler.clients_per_round
-        deadline = self.exp.scheduler.deadline_seconds
+        k = self._sync.clients_per_round
+        deadline = self._sync.deadline_seconds
         for o in runnable:
+            lost = self.exp.trace.offline_during(o.device.device_id, start, start + o.arrival_seconds)
+            if lost is not None:
+                o.lose(lost - start)
+                continue
             bound = sorted(arrivals)[k - 1] if len(arrivals) >= k else float("inf")
             if (deadline > 0 and o.arrival_seconds > deadline) or o.arrival_seconds > bound:
                 o.status = "late"
@@ -142,22 +175,31 @@ class Engine:
             arrivals.append(o.arrival_seconds)
         return outcomes
 
-    def _prepare(self, round_no: int, device: Device) -> TaskOutcome:
-        """Draw the batches, check memory, then get the starting adapter and charge the downlink."""
+    def _prepare(
+        self, round_no: int, device: Device, steps: int | None = None, task_key: int | None = None
+    ) -> TaskOutcome:
+        """Draw the batches, check memory, then get the starting adapter and charge the downlink.
+
+        ``round_no`` is the round (or the global version being built) the strategy sees;
+        ``task_key`` (default: ``round_no``) keys the task's batches and random draws, so an
+        asynchronous engine gives each of a device's tasks its own; ``steps`` defaults to
+        ``train.local_steps``.
+        """
         exp = self.exp
+        key = round_no if task_key is None else task_key
         assignment = exp.strategy.assign(round_no, device.device_id, self.device_lora[device.device_id])
         lora = assignment.lora
-        steps = exp.config.train.local_steps
-        prepared = exp.executor.prepare(round_no, device, lora, steps, assignment.plan)
+        steps = steps or exp.config.train.local_steps
+        prepared = exp.executor.prepare(key, device, lora, steps, assignment.plan)
         outcome = TaskOutcome(device, "ok", 0, prepared=prepared)
         cost = CostModel.for_device(device)
         if not cost.fits(prepared.workload.peak_memory_bytes):
             outcome.status = "oom"  # never dispatched: nothing is downloaded or trained
             return outcome
-        generator = torch.Generator().manual_seed(task_seed(self.seed, round_no, device.device_id, 2))
+        generator = torch.Generator().manual_seed(task_seed(self.seed, key, device.device_id, 2))
         dispatch = exp.strategy.configure(round_no, device.device_id, lora, generator)
         outcome.task = ClientTask(
-            round_no,
+            key,
             device.device_id,
             steps,
             lora,
@@ -168,9 +210,9 @@ class Engine:
             pruning_ratio=assignment.ratio,
         )
         outcome.downlink_bytes = dispatch.downlink_bytes
-        rate = link_rate_factor(device, self.seed, round_no, "down")
+        rate = link_rate_factor(device, self.seed, key, "down")
         outcome.downlink_seconds = cost.transfer_seconds(dispatch.downlink_bytes, "down", rate)
-        slowdown = compute_slowdown(device, self.seed, round_no, exp.config.fleet.jitter_scale)
+        slowdown = compute_slowdown(device, self.seed, key, exp.config.fleet.jitter_scale)
         outcome.compute_seconds = cost.train_seconds(prepared.workload, slowdown)
         return outcome
 
@@ -192,9 +234,17 @@ class Engine:
             "train", round=update.round, device_id=device.device_id, seconds=update.host_train_seconds
         )
 
-    def _aggregate(self, round_no: int, start: float, accepted: list[TaskOutcome]) -> float:
+    def _aggregate(
+        self,
+        round_no: int,
+        start: float,
+        accepted: list[TaskOutcome],
+        updates: list[ClientUpdate] | None = None,
+    ) -> float:
+        """Aggregate ``updates`` (default: the accepted tasks' own) and charge the server's time."""
         server = self.exp.config.server
-        updates = [o.update for o in accepted if o.update is not None]
+        if updates is None:
+            updates = [o.update for o in accepted if o.update is not None]
         nbytes = sum(o.uplink_bytes for o in accepted)
         seconds = (
             server.aggregation_overhead_seconds + nbytes / (server.aggregation_gbps * 1e9) if updates else 0.0
@@ -218,18 +268,19 @@ class Engine:
 
     # --- records ---------------------------------------------------------------------------------
 
-    def _record_task(self, round_no: int, start: float, o: TaskOutcome) -> None:
+    def _record_task(self, round_no: int, start: float, o: TaskOutcome, **extra: Any) -> None:
         prepared = o.prepared
         workload = prepared.workload if prepared else None
         self.recorder.event(
             "task",
+            **extra,
             round=round_no,
             device_id=o.device.device_id,
             device_class=o.device.device_class.name,
             network=o.device.network.name,
             status=o.status,
             virtual_start=start,
-            virtual_end=start + o.arrival_seconds,
+            virtual_end=start + o.end_seconds,
             downlink_seconds=o.downlink_seconds,
             compute_seconds=o.compute_seconds,
             uplink_seconds=o.uplink_seconds,
@@ -253,6 +304,8 @@ class Engine:
                 "ok": 0,
                 "late": 0,
                 "oom": 0,
+                "dropped": 0,
+                "cancelled": 0,
                 "compute_seconds": 0.0,
                 "communication_seconds": 0.0,
                 "uplink_bytes": 0,
@@ -289,6 +342,7 @@ class Engine:
             aggregated=len(accepted),
             late=sum(o.status == "late" for o in outcomes),
             oom=sum(o.status == "oom" for o in outcomes),
+            dropped=sum(o.status == "dropped" for o in outcomes),
             uplink_bytes=sum(o.uplink_bytes for o in outcomes),
             downlink_bytes=sum(o.downlink_bytes for o in outcomes),
             train_loss=sum(losses) / len(losses) if losses else None,

@@ -82,7 +82,11 @@ def make_summary(
         "model": cfg.model.source if cfg.model.source != "local" else cfg.model.path,
         "num_devices": len(experiment.devices),
         "seed": cfg.run.seed,
-        "tasks": {s: sum(d.get(s, 0) for d in state.device_stats.values()) for s in ("ok", "late", "oom")},
+        "tasks": {
+            s: sum(d.get(s, 0) for d in state.device_stats.values())
+            for s in ("ok", "late", "oom", "dropped", "cancelled")
+        },
+        "updates": state.updates or None,
         "evaluations": state.evaluations,
         "devices": _devices(experiment, state),
     }

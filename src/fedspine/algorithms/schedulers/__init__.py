@@ -1,6 +1,28 @@
 """Schedulers: who trains when. Importing this package registers them."""
 
-from fedspine.algorithms.schedulers.base import SCHEDULERS, RoundPlan
+from fedspine.algorithms.schedulers.base import (
+    SCHEDULERS,
+    Arrival,
+    AsyncLimits,
+    AsyncScheduler,
+    RoundPlan,
+    ServerStep,
+    TaskOrder,
+)
+from fedspine.algorithms.schedulers.fedasync import FedAsync, FedBuff
+from fedspine.algorithms.schedulers.fedcompass import FedCompass
 from fedspine.algorithms.schedulers.sync import SyncScheduler
 
-__all__ = ["SCHEDULERS", "RoundPlan", "SyncScheduler"]
+__all__ = [
+    "SCHEDULERS",
+    "Arrival",
+    "AsyncLimits",
+    "AsyncScheduler",
+    "FedAsync",
+    "FedBuff",
+    "FedCompass",
+    "RoundPlan",
+    "ServerStep",
+    "SyncScheduler",
+    "TaskOrder",
+]

@@ -8,6 +8,7 @@ and each device receives it in its own parametrization: ``(A_g, B_g / s_k)`` at 
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from fedspine.registry import Registry
 from fedspine.types import ClientUpdate, DeviceLora, LoraState
 
 Weighting = Literal["samples", "uniform"]
+Compensate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``compensate(delta, drift)``: a stale change corrected for the drift since it started (DC-ASGD)."""
 ModuleShapes = dict[str, tuple[int, int]]
 """``(out_features, in_features)`` of every adapted module."""
 
@@ -68,6 +71,12 @@ class Strategy(ABC):
     """True for methods that need every device at one rank (FedIT)."""
     prunes = False
     """True for methods that train pruned submodels (FedSpine and its baselines)."""
+    has_global_adapter = False
+    """True for methods that keep a global adapter devices start from (FedIT, zero-padding, HetLoRA,
+    FlexLoRA); False for those that merge fresh adapters into the base (FLoRA, FedSpine)."""
+    supports_compensation = False
+    """True when stale updates can be compensated element-wise (DC-ASGD): they live in the
+    coordinates of an averaged global adapter."""
 
     def __init__(self, weighting: Weighting = "samples") -> None:
         self.weighting = weighting
@@ -103,6 +112,25 @@ class Strategy(ABC):
         """Weight deltas to merge into the base model after the last aggregation (once), if any."""
         return None
 
+    def rebase(
+        self, update: ClientUpdate, start: LoraState, scale: float, compensate: Compensate | None = None
+    ) -> ClientUpdate:
+        """The update as if its device had started from the current global state, its change scaled.
+
+        Asynchronous schedulers apply an update to a newer global state than the one its device
+        started from (``start``, the adapter it received). Here (fresh adapters merged into the base:
+        FLoRA, FedSpine) the factors are the change ``s B A`` to the base the device trained on, and
+        the same change is applied to the current base: rebasing only scales ``B``. A FedSpine update
+        keeps its plan, so it lands on the units it trained, in full coordinates, even if the mask
+        has moved since.
+        """
+        if compensate is not None:
+            raise ValueError(
+                f"{self.name} merges fresh adapters into the base: nothing to compensate against"
+            )
+        state = {m: {"A": f["A"], "B": f["B"] * scale} for m, f in update.lora_state.items()}
+        return dataclasses.replace(update, lora_state=state)
+
     # --- device side -----------------------------------------------------------------------------
 
     def client_penalty(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
@@ -135,6 +163,9 @@ class Strategy(ABC):
 class TruncatedGlobalAdapter(Strategy):
     """Keeps a global adapter at the largest rank; device k receives its first r_k components."""
 
+    has_global_adapter = True
+    supports_compensation = True
+
     def init_global(self, shapes: ModuleShapes, rank: int, generator: torch.Generator) -> None:
         self.rank = rank
         self._global: LoraState = {}
@@ -153,6 +184,33 @@ class TruncatedGlobalAdapter(Strategy):
 
     def global_lora(self) -> LoraState:
         return self._global
+
+    def set_global_lora(self, state: LoraState) -> None:
+        """Replace the global adapter (scaling 1), e.g. after a server optimizer step."""
+        self._global = state
+
+    def rebase(
+        self, update: ClientUpdate, start: LoraState, scale: float, compensate: Compensate | None = None
+    ) -> ClientUpdate:
+        """``current + scale * (uploaded - start)`` on each factor, in the device's parametrization.
+
+        ``current`` is the global adapter as the device would receive it now (its first ``r`` components,
+        ``B`` divided by its scaling); an update with a smaller rank than it started with (HetLoRA) is
+        compared with the same components of ``start``. ``compensate(delta, drift)`` (DC-ASGD) sees
+        ``drift = current - start``.
+        """
+        state: LoraState = {}
+        for module, f in update.lora_state.items():
+            rank = f["A"].shape[0]
+            cur_a, cur_b = truncate_rank(self._global[module]["A"], self._global[module]["B"], rank)
+            cur_b = cur_b / update.lora_scaling
+            start_a, start_b = start[module]["A"][:rank], start[module]["B"][:, :rank]
+            delta_a, delta_b = f["A"].float() - start_a, f["B"].float() - start_b
+            if compensate is not None:
+                delta_a = compensate(delta_a, cur_a - start_a)
+                delta_b = compensate(delta_b, cur_b - start_b)
+            state[module] = {"A": cur_a + scale * delta_a, "B": cur_b + scale * delta_b}
+        return dataclasses.replace(update, lora_state=state)
 
 
 STRATEGIES: Registry[Callable[..., Strategy]] = Registry("strategy")

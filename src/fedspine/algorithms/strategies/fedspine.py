@@ -391,11 +391,12 @@ class FedSpine(Strategy):
             )
         times = [r.seconds for r in results if r.status == "ok"]
         cap = deadline if deadline > 0 else (statistics.median(times) if times else 0.0)
-        for r in results:
+        for r in results:  # each device's task ends here: asynchronous schedulers report tasks one by one
             if r.device_id not in self._assigned:
                 continue
-            arm, _ = self._assigned[r.device_id]
+            arm, _ = self._assigned.pop(r.device_id)
             if r.device_id in self._warmup:
+                self._warmup.discard(r.device_id)
                 continue  # a calibration task: the policy did not choose its ratio
             seconds = r.seconds if r.status != "oom" else 0.0
             if r.status in ("oom", "late"):
@@ -418,8 +419,6 @@ class FedSpine(Strategy):
                     "reward": reward,
                 }
             )
-        self._assigned.clear()
-        self._warmup.clear()
 
 
 PRESETS: dict[str, dict[str, Any]] = {

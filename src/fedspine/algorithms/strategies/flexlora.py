@@ -8,9 +8,14 @@ singular components, which are the best rank-r_k approximation of dW.
 
 from __future__ import annotations
 
-from fedspine.algorithms.lora_math import lowrank_svd
-from fedspine.algorithms.strategies.base import STRATEGIES, TruncatedGlobalAdapter
+import dataclasses
+
+import torch
+
+from fedspine.algorithms.lora_math import lowrank_svd, truncate_rank
+from fedspine.algorithms.strategies.base import STRATEGIES, Compensate, TruncatedGlobalAdapter
 from fedspine.algorithms.strategies.stacked import StackedAggregation, StackedSum
+from fedspine.types import ClientUpdate, LoraState
 
 
 @STRATEGIES.register("flexlora")
@@ -18,6 +23,30 @@ class FlexLoRA(StackedAggregation, TruncatedGlobalAdapter):
     """Weighted sum of full LoRA products, truncated SVD back to each device's rank."""
 
     name = "flexlora"
+    supports_compensation = False
+
+    def rebase(
+        self, update: ClientUpdate, start: LoraState, scale: float, compensate: Compensate | None = None
+    ) -> ClientUpdate:
+        """Exact in product space: ``B_now A_now + scale (s B A - s B_start A_start)`` as stacked factors.
+
+        FlexLoRA's global factors come from an SVD, so factors of different versions are not in the
+        same basis and cannot be subtracted; their products can. The rebased update has rank ``3 r``,
+        which stacking aggregation takes as it is.
+        """
+        if compensate is not None:
+            raise ValueError("flexlora aggregates products: stale updates cannot be compensated element-wise")
+        state: LoraState = {}
+        for module, f in update.lora_state.items():
+            rank = f["A"].shape[0]
+            cur_a, cur_b = truncate_rank(self._global[module]["A"], self._global[module]["B"], rank)
+            state[module] = {
+                "A": torch.cat([cur_a, f["A"].float(), start[module]["A"]]),
+                "B": torch.cat(
+                    [cur_b / update.lora_scaling, scale * f["B"].float(), -scale * start[module]["B"]], dim=1
+                ),
+            }
+        return dataclasses.replace(update, lora_state=state)
 
     def finalize(self, partial: StackedSum) -> None:
         if partial.weight <= 0:

@@ -1,0 +1,374 @@
+"""The event-driven engine of the asynchronous schedulers (FedAsync, FedBuff, FedCompass).
+
+Events on the virtual clock: a task's arrival, a task lost when its device goes offline, a
+scheduler's timer, a device coming back online. The scheduler turns events into server steps and task
+orders; the engine does everything else:
+
+* **dispatch**: a device that is offline (availability trace) or declines the offer (its per-offer
+  ``availability`` draw) does not start; it is offered work again when it comes back online, or
+  after the next aggregation. A task that does not fit in memory fails (``oom``). Otherwise the
+  device receives the current global state and trains *now*, on the host, exactly as in a synchronous
+  round (the base it trains on is the current one); its arrival is scheduled from the cost model. A
+  device that goes offline before its upload completes loses the task (``dropped``): its time is
+  spent, its update never reaches the server (it is not even trained on the host when the loss
+  comes before the end of its compute).
+* **server steps**: each arrival is rebased onto the current global state with its change scaled by
+  ``lr * s(tau)`` (``Strategy.rebase``, the stale-update handler's scale and compensation), then the
+  strategy aggregates the step's updates as in a synchronous round; server momentum, when set, acts on
+  the global adapter. Every update is applied at most once (an internal check raises otherwise); the
+  summary's ``updates`` counts dispatched, applied and unapplied updates.
+* **stopping**: after ``scheduler.rounds`` aggregations, ``max_updates`` applied updates or
+  ``max_virtual_seconds``; tasks still running are recorded as ``cancelled``, buffered arrivals as
+  unapplied.
+
+Each of a device's tasks draws its batches and jitter from its own key (the device's task count), and
+events at equal times keep their insertion order, so a run is deterministic for its seed.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedspine.algorithms.schedulers import Arrival, AsyncScheduler, ServerStep, TaskOrder
+from fedspine.algorithms.strategies import TaskResult
+from fedspine.client.evaluate import Evaluation
+from fedspine.fleet.jitter import is_available
+from fedspine.metrics.records import RoundRecord
+from fedspine.runtime.engine import Engine, ProgressCallback, RunState, TaskOutcome
+from fedspine.runtime.executor import task_seed
+from fedspine.sim.clock import EventQueue
+from fedspine.types import ClientUpdate, LoraState
+
+
+@dataclass
+class RunningTask:
+    """A dispatched task, from its start until it arrives, is lost or is cancelled."""
+
+    task_id: int
+    outcome: TaskOutcome
+    version: int
+    """Global version the device received."""
+    start: float
+    """Virtual dispatch time."""
+
+
+class AsyncEngine(Engine):
+    """Runs an experiment whose scheduler is an :class:`AsyncScheduler`."""
+
+    def run(self, on_round: ProgressCallback | None = None) -> RunState:
+        exp = self.exp
+        self.scheduler: AsyncScheduler = exp.scheduler  # type: ignore[assignment]
+        self.on_round = on_round
+        rank = max(lora.rank for lora in self.device_lora.values())
+        exp.strategy.init_global(exp.module_shapes, rank, torch.Generator().manual_seed(self.seed))
+        self.queue: EventQueue[tuple[str, Any]] = EventQueue()
+        self.version = 0
+        self.applied = 0
+        self.dispatched = 0
+        self.running: dict[int, RunningTask] = {}
+        self.arrived: dict[int, tuple[RunningTask, ClientUpdate]] = {}
+        self.busy: set[int] = set()
+        self.offline: set[int] = set()
+        """Devices waiting for their trace to bring them back online."""
+        self.declined: set[int] = set()
+        """Devices that declined an offer: offered work again after an aggregation, or when idle."""
+        self.failed: set[int] = set()
+        """Devices whose task did not fit in memory: offered work again after an aggregation."""
+        self.offers: dict[int, int] = {}
+        self.momentum: LoraState | None = None
+        self.recent_seconds: deque[float] = deque(maxlen=20)
+        self._since: dict[str, float] = {}
+        self._last_aggregation_end = 0.0
+        self._last_evaluated = -1
+        self.total_weight = sum(self._device_weight(d.device_id) for d in exp.devices)
+        if exp.config.eval.at_start:
+            self._evaluate(0)
+            self._last_evaluated = 0
+        self._dispatch(self.scheduler.start(0.0, [d.device_id for d in exp.devices]))
+        self._after_event()
+        while len(self.queue) and not self._done():
+            at, (kind, payload) = self.queue.pop()
+            if self._time_limit() and at > self._time_limit():
+                break
+            self.clock.advance_to(max(at, self.clock.now))
+            self._handle(kind, payload)
+            self._after_event()
+            if not len(self.queue) and not self.running and self.declined:
+                self._offer_again(failed=False)  # nothing else can happen: ask those who declined again
+                self._after_event()
+        self._finish()
+        return self.state
+
+    # --- events ----------------------------------------------------------------------------------
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        now = self.clock.now
+        if kind == "arrive":
+            steps = self._arrive(payload)
+        elif kind == "lost":
+            steps = self._lost(payload)
+        elif kind == "timer":
+            steps = self.scheduler.on_timer(now, payload)
+        else:  # "online"
+            self.offline.discard(payload)
+            self.scheduler.on_available(now, payload)
+            steps = []
+        for step in steps:
+            self._apply(step)
+            if self._done():
+                break
+
+    def _after_event(self) -> None:
+        if self._done():
+            return
+        self._dispatch(self.scheduler.orders(self.clock.now, self.version))
+        self._fill()
+        for at, key in self.scheduler.take_timers():
+            self.queue.push(at, ("timer", key))
+
+    def _arrive(self, task: RunningTask) -> list[ServerStep]:
+        o = task.outcome
+        assert o.update is not None
+        device = o.device.device_id
+        del self.running[task.task_id]
+        self.busy.discard(device)
+        self._end_task(task)
+        self.recent_seconds.append(o.arrival_seconds)
+        self.arrived[task.task_id] = (task, o.update)
+        weight = self._device_weight(device)
+        arrival = Arrival(task.task_id, device, task.version, weight, self.clock.now)
+        return self.scheduler.on_arrival(self.clock.now, arrival)
+
+    def _lost(self, task: RunningTask) -> list[ServerStep]:
+        device = task.outcome.device.device_id
+        del self.running[task.task_id]
+        self.busy.discard(device)
+        self._end_task(task)
+        self._go_offline(device)
+        return self.scheduler.on_lost(self.clock.now, device)
+
+    def _end_task(self, task: RunningTask) -> None:
+        o = task.outcome
+        self._record_task(task.version, task.start, o, task_id=task.task_id)
+        self._count(o.status)
+        self._count("uplink_bytes", o.uplink_bytes)
+        cap = statistics.median(self.recent_seconds) if self.recent_seconds else 0.0
+        result = TaskResult(o.device.device_id, o.status, o.end_seconds, o.update)
+        self.exp.strategy.end_round(self.version, [result], cap)
+
+    def _go_offline(self, device: int) -> None:
+        self.offline.add(device)
+        back = self.exp.trace.next_change(device, self.clock.now)
+        if back != float("inf"):
+            self.queue.push(back, ("online", device))
+
+    # --- dispatch --------------------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        """Keep ``concurrency`` devices training (schedulers that fill)."""
+        if not self.scheduler.fills:
+            return
+        while len(self.busy) < self.scheduler.concurrency:
+            idle = sorted(
+                d.device_id
+                for d in self.exp.devices
+                if d.device_id not in self.busy | self.offline | self.declined | self.failed
+            )
+            if not idle:
+                return
+            pick = random.Random(task_seed(self.seed, self.dispatched, len(self.busy))).choice(idle)
+            self._dispatch([TaskOrder(pick, self.scheduler.local_steps)])
+
+    def _dispatch(self, orders: list[TaskOrder]) -> None:
+        for order in orders:
+            self._start(order)
+
+    def _start(self, order: TaskOrder) -> None:
+        now = self.clock.now
+        device = self.exp.devices[order.device_id]
+        d = device.device_id
+        offer = self.offers[d] = self.offers.get(d, 0) + 1
+        if not self.exp.trace.online(d, now):
+            self._go_offline(d)
+            self._decline(d)
+            return
+        if not is_available(device, self.seed, offer):
+            self.declined.add(d)
+            self._decline(d)
+            return
+        task_id = self.dispatched
+        self.dispatched += 1
+        self._count("selected")
+        outcome = self._prepare(self.version + 1, device, order.steps, task_key=offer)
+        task = RunningTask(task_id, outcome, self.version, now)
+        self._count("downlink_bytes", outcome.downlink_bytes)
+        if outcome.status == "oom":
+            self._end_task(task)
+            self.failed.add(d)
+            self._decline(d)
+            return
+        self.busy.add(d)
+        self.running[task_id] = task
+        trace = self.exp.trace
+        lost = trace.offline_during(d, now, now + outcome.downlink_seconds + outcome.compute_seconds)
+        if lost is None:
+            self._train(outcome)  # trained now, on the base of the current version
+            lost = trace.offline_during(d, now, now + outcome.arrival_seconds)
+        if lost is not None:
+            outcome.lose(lost - now)
+            self.queue.push(lost, ("lost", task))
+        else:
+            self.queue.push(now + outcome.arrival_seconds, ("arrive", task))
+
+    def _decline(self, device: int) -> None:
+        self.scheduler.on_lost(self.clock.now, device)
+
+    def _offer_again(self, failed: bool = True) -> None:
+        waiting = self.declined | self.failed if failed else set(self.declined)
+        self.declined -= waiting
+        self.failed -= waiting
+        for device in sorted(waiting):
+            self.scheduler.on_available(self.clock.now, device)
+
+    # --- server steps ----------------------------------------------------------------------------
+
+    def _apply(self, step: ServerStep) -> None:
+        """Rebase and scale the step's updates, aggregate them, and record the new version."""
+        exp = self.exp
+        strategy = exp.strategy
+        entries = []
+        for arrival in step.arrivals:
+            if arrival.task_id not in self.arrived:
+                raise RuntimeError(f"update of task {arrival.task_id} applied twice or never arrived")
+            entries.append(self.arrived.pop(arrival.task_id))
+        step_weight = sum(a.weight for a in step.arrivals)
+        lr = step.lr * (step_weight / self.total_weight if step.normalize == "fleet" else 1.0)
+        handler = exp.stale_handler
+        compensate = handler.compensate if handler.needs_drift else None
+        staleness = [self.version - task.version for task, _ in entries]
+        rebased = []
+        for (task, update), tau in zip(entries, staleness, strict=True):
+            assert task.outcome.task is not None
+            start_state = task.outcome.task.payload
+            rebased.append(strategy.rebase(update, start_state, lr * handler.scale(tau), compensate))
+        before = strategy.global_lora() if step.momentum > 0 else None
+        accepted = [task.outcome for task, _ in entries]
+        agg_seconds = self._aggregate(self.version + 1, self.clock.now, accepted, rebased)
+        if before is not None:
+            self._server_momentum(before, step.momentum)
+        self.version += 1
+        self.applied += len(entries)
+        start = self._last_aggregation_end
+        self.clock.advance_to(self.clock.now + agg_seconds)
+        self._last_aggregation_end = self.clock.now
+        record = self._step_record(accepted, agg_seconds, start, staleness)
+        self.recorder.event(
+            "server_step",
+            round=self.version,
+            task_ids=[a.task_id for a in step.arrivals],
+            staleness=staleness,
+            lr=lr,
+        )
+        evaluation = None
+        if self.version % exp.config.eval.every == 0 or self._done():
+            evaluation = self._evaluate(self.version)
+            self._last_evaluated = self.version
+            record.metric, record.eval_loss = evaluation.metric, evaluation.loss
+        self.recorder.round(record)
+        self._report(record, evaluation)
+        self._offer_again()
+
+    def _server_momentum(self, before: LoraState, beta: float) -> None:
+        """``m <- beta m + (after - before)``; the global adapter becomes ``before + m``."""
+        strategy: Any = self.exp.strategy
+        after = strategy.global_lora()
+        step = {m: {k: after[m][k] - before[m][k] for k in ("A", "B")} for m in after}
+        if self.momentum is None:
+            self.momentum = step
+        else:
+            old = self.momentum
+            self.momentum = {m: {k: beta * old[m][k] + step[m][k] for k in ("A", "B")} for m in step}
+        strategy.set_global_lora(
+            {m: {k: before[m][k] + self.momentum[m][k] for k in ("A", "B")} for m in before}
+        )
+
+    def _report(self, record: RoundRecord, evaluation: Evaluation | None) -> None:
+        if self.on_round is not None:
+            self.on_round(record, evaluation)
+
+    def _step_record(
+        self, accepted: list[TaskOutcome], agg_seconds: float, start: float, staleness: list[int]
+    ) -> RoundRecord:
+        closer = accepted[-1] if accepted else None
+        losses = [o.update.train_loss for o in accepted if o.update is not None]
+        since, self._since = self._since, {}
+        return RoundRecord(
+            round=self.version,
+            virtual_start=start,
+            virtual_end=self.clock.now,
+            round_seconds=self.clock.now - start,
+            aggregation_seconds=agg_seconds,
+            downlink_seconds=closer.downlink_seconds if closer else 0.0,
+            training_seconds=closer.compute_seconds if closer else 0.0,
+            uplink_seconds=closer.uplink_seconds if closer else 0.0,
+            selected=int(since.get("selected", 0)),
+            aggregated=len(accepted),
+            late=0,
+            oom=int(since.get("oom", 0)),
+            uplink_bytes=int(since.get("uplink_bytes", 0)),
+            downlink_bytes=int(since.get("downlink_bytes", 0)),
+            train_loss=sum(losses) / len(losses) if losses else None,
+            dropped=int(since.get("dropped", 0)),
+            mean_staleness=statistics.fmean(staleness) if staleness else None,
+            max_staleness=max(staleness) if staleness else None,
+        )
+
+    def _count(self, key: str, amount: float = 1) -> None:
+        self._since[key] = self._since.get(key, 0) + amount
+
+    # --- stopping --------------------------------------------------------------------------------
+
+    def _time_limit(self) -> float:
+        return self.scheduler.limits.max_virtual_seconds
+
+    def _done(self) -> bool:
+        limits = self.scheduler.limits
+        return (
+            self.version >= limits.rounds
+            or (limits.max_updates > 0 and self.applied >= limits.max_updates)
+            or (limits.max_virtual_seconds > 0 and self.clock.now >= limits.max_virtual_seconds)
+        )
+
+    def _finish(self) -> None:
+        """Cancel what is still running, count what was never applied, evaluate the final model."""
+        for task in sorted(self.running.values(), key=lambda t: t.task_id):
+            task.outcome.status = "cancelled"
+            task.outcome.lost_seconds = max(0.0, self.clock.now - task.start)
+            task.outcome.update = None
+            self._record_task(task.version, task.start, task.outcome, task_id=task.task_id)
+        self.running.clear()
+        self.state.updates = {
+            "dispatched": self.dispatched,
+            "applied": self.applied,
+            "unapplied_at_end": len(self.arrived),
+        }
+        if self._last_evaluated != self.version or not self.state.evaluations:
+            self._evaluate(self.version)
+
+    def _device_weight(self, device_id: int) -> float:
+        if self.exp.config.strategy.weighting == "samples":
+            return float(len(self.exp.partitions[device_id]))
+        return 1.0
+
+
+def make_engine(experiment: Any, recorder: Any) -> Engine:
+    """The engine the experiment's scheduler needs."""
+    if getattr(experiment.scheduler, "asynchronous", False):
+        return AsyncEngine(experiment, recorder)
+    return Engine(experiment, recorder)
