@@ -24,3 +24,12 @@ def test_bench_scripts_import_the_package_not_their_namesake() -> None:
             [sys.executable, str(script), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
         )
         assert result.returncode == 0, f"{script.name}: {result.stderr[-500:]}"
+
+
+def test_the_async_benchmark_runs_every_scheduler_and_prints_its_result_line() -> None:
+    cmd = [sys.executable, "bench/async.py", "--config", "configs/tiny.toml", "--quick"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("RESULT target=") and "best_speedup_vs_sync=" in last
+    for scheduler in ("sync", "sync-deadline", "fedasync", "fedbuff", "fedcompass"):
+        assert f"{scheduler}_final=" in last

@@ -39,6 +39,16 @@ def _devices(experiment: Experiment, state: RunState) -> list[dict[str, Any]]:
     return rows
 
 
+def _staleness(rounds: Sequence[RoundRecord]) -> dict[str, float] | None:
+    """Mean and largest staleness of the applied updates (None for synchronous runs)."""
+    steps = [r for r in rounds if r.mean_staleness is not None]
+    count = sum(r.aggregated for r in steps)
+    if not count:
+        return None
+    mean = sum((r.mean_staleness or 0.0) * r.aggregated for r in steps) / count
+    return {"mean": mean, "max": float(max(r.max_staleness or 0 for r in steps))}
+
+
 def make_summary(
     experiment: Experiment,
     state: RunState,
@@ -87,6 +97,7 @@ def make_summary(
             for s in ("ok", "late", "oom", "dropped", "cancelled")
         },
         "updates": state.updates or None,
+        "staleness": _staleness(rounds),
         "evaluations": state.evaluations,
         "devices": _devices(experiment, state),
     }
