@@ -196,7 +196,7 @@ class FleetGroup:
     network: str | dict[str, float] = "wifi"
     """A network preset name, or a mix of presets with fractions summing to 1, e.g. {wifi = 0.5, 5g = 0.5}."""
     availability: float = 1.0
-    """Probability that a device of the group is online when a round samples clients."""
+    """Probability that a device of the group accepts work when sampled (per round, or per async offer)."""
 
 
 DEFAULT_FLEET = (
