@@ -63,7 +63,8 @@ def run(
     """Run an experiment (the default one with no --config) and write its run directory."""
     with _errors():
         cfg = _load(config, set_)
-        with _progress(cfg.scheduler.rounds) as on_round:
+        unit = "round" if cfg.scheduler.name == "sync" else "aggregation"
+        with _progress(cfg.scheduler.rounds, unit) as on_round:
             result = api.run_experiment(cfg, out, on_round=on_round, on_status=_status)
         _print_summary(result.summary, result.run_dir)
 
@@ -111,9 +112,9 @@ def _status(message: str) -> None:
 
 
 @contextmanager
-def _progress(rounds: int) -> Iterator[api.RoundCallback]:
+def _progress(rounds: int, unit: str = "round") -> Iterator[api.RoundCallback]:
     columns = (
-        TextColumn("[bold]round"),
+        TextColumn(f"[bold]{unit}"),
         MofNCompleteColumn(),
         BarColumn(),
         TextColumn("virtual {task.fields[vtime]}  {task.fields[metric]}"),
@@ -138,8 +139,9 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     ttt = summary["time_to_target_seconds"]
     rows = [
         (str(metric["name"]), f"{metric['value']:.4f}  (chance {summary['chance_level']:.4f})"),
-        ("rounds", str(summary["rounds"])),
-        ("client tasks", ", ".join(f"{n} {status}" for status, n in summary["tasks"].items())),
+        ("rounds" if summary.get("scheduler") == "sync" else "aggregations", str(summary["rounds"])),
+        ("client tasks", ", ".join(f"{n} {status}" for status, n in summary["tasks"].items() if n)),
+        *_updates_row(summary),
         ("virtual time", format_duration(summary["virtual_seconds"])),
         ("time to target", "not reached" if ttt is None else format_duration(ttt)),
         (
@@ -154,6 +156,18 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
+
+
+def _updates_row(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """Asynchronous runs: updates dispatched, applied and left in buffers, and their staleness."""
+    updates, stale = summary.get("updates"), summary.get("staleness")
+    if not updates:
+        return []
+    text = f"{updates['applied']} applied of {updates['dispatched']} dispatched"
+    text += f", {updates['unapplied_at_end']} buffered at the end"
+    if stale:
+        text += f"; staleness mean {stale['mean']:.2f}, max {stale['max']:.0f}"
+    return [("updates", text)]
 
 
 def _models_row(models: dict[str, Any] | None) -> list[tuple[str, str]]:
