@@ -130,6 +130,12 @@ def main() -> None:
             f"{s['uplink_bytes'] / 1e6:9.1f}"
         )
     print(f"target {target:.4f}; chance level {next(iter(results.values()))['chance_level']:.4f}")
+    print("\nupdates that arrived, per device class (who the model learned from):")
+    for method, s in results.items():
+        by_class: dict[str, int] = {}
+        for d in s["devices"]:
+            by_class[d["device_class"]] = by_class.get(d["device_class"], 0) + int(d.get("ok", 0))
+        print(f"  {method:14} " + ", ".join(f"{c} {n}" for c, n in sorted(by_class.items())))
 
     line = [f"target={target:.4f}"]
     if "sync" in results:
