@@ -486,6 +486,27 @@ class SchedulerSection:
 
 
 @dataclass
+class CompressionSection:
+    """Compressed uploads (see `fedspine.algorithms.compression`): what a device sends of its change."""
+
+    codec: Literal["none", "topk", "randk", "sign", "qsgd", "int8"] = "none"
+    """none; top-k or random-k coordinates; scaled sign; QSGD with `levels` levels; int8."""
+    ratio: float = 0.1
+    """Fraction of coordinates kept by topk and randk."""
+    levels: int = 16
+    """QSGD's number of levels s."""
+    feedback: Literal["none", "ef", "ef21", "econtrol"] = "none"
+    """Error feedback, with state on each device across rounds."""
+    eta: float = 0.2
+    """EControl's feedback strength."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.ratio <= 1, "compression.ratio", "must be in (0, 1]")
+        _check(1 <= self.levels <= 65535, "compression.levels", "must be in 1..65535")
+        _check(0 <= self.eta <= 1, "compression.eta", "must be in [0, 1]")
+
+
+@dataclass
 class ServerSection:
     """The aggregation server."""
 
@@ -549,6 +570,8 @@ class Config:
     """Scheduling of client tasks."""
     server: ServerSection = field(default_factory=ServerSection)
     """The aggregation server."""
+    compression: CompressionSection = field(default_factory=CompressionSection)
+    """Uplink compression and error feedback."""
     eval: EvalSection = field(default_factory=EvalSection)
     export: ExportSection = field(default_factory=ExportSection)
     """Global evaluation."""

@@ -145,3 +145,6 @@ class ClientUpdate:
     per layer, in full coordinates (zero where pruned), or None."""
     progress: float | None = None
     """Relative loss drop on the task's first batch, ``(before - after) / before``, when measured."""
+    wire: dict[str, Any] | None = None
+    """The compressed payload tensors that travel instead of ``lora_state`` (None: uncompressed);
+    ``lora_state`` then holds what the server reconstructs from them."""

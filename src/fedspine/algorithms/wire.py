@@ -43,12 +43,13 @@ def payload_bytes(state: LoraState) -> int:
 
 
 def update_tensors(update: ClientUpdate) -> dict[str, torch.Tensor]:
-    """Every tensor a device uploads: its LoRA factors and, when measured, its importance scores.
+    """Every tensor a device uploads: its LoRA factors (or their compressed payload) and, when
+    measured, its importance scores.
 
     The importance of the units a device pruned is not sent (it was not measured); the server knows
     the device's plan, so only the kept entries travel.
     """
-    flat = flatten_state(update.lora_state)
+    flat = dict(update.wire) if update.wire is not None else flatten_state(update.lora_state)
     if update.importance is not None:
         for kind in ("heads", "channels"):
             for layer, scores in enumerate(update.importance[kind]):

@@ -17,6 +17,7 @@ import torch
 
 import fedspine.algorithms.schedulers as schedulers
 import fedspine.algorithms.strategies as strategies
+from fedspine.algorithms.compression import ErrorFeedback, UplinkChannel, make_codec
 from fedspine.algorithms.policies import (
     POLICIES,
     Arm,
@@ -79,6 +80,8 @@ class Experiment:
     tokenizer: Any = None
     trace: AvailabilityTrace = field(default_factory=AlwaysOnline)
     stale_handler: StaleUpdateHandler = field(default_factory=Identity)
+    uplink: UplinkChannel | None = None
+    """Compressed uploads (None: the factors travel as they are)."""
 
 
 def build_strategy(cfg: Config) -> Strategy:
@@ -249,6 +252,14 @@ def build_stale_handler(cfg: Config) -> StaleUpdateHandler:
     return make_handler(st.handler, StalenessFunction(st.function, st.a, st.b), st.dcasgd_lambda)
 
 
+def build_uplink(cfg: Config) -> UplinkChannel | None:
+    """The compressed uplink, or None when nothing is compressed."""
+    c = cfg.compression
+    if c.codec == "none" and c.feedback == "none":
+        return None
+    return UplinkChannel(ErrorFeedback(make_codec(c.codec, c.ratio, c.levels), c.feedback, c.eta))
+
+
 def build_trace(cfg: Config) -> AvailabilityTrace:
     """The configured availability trace."""
     t = cfg.fleet.trace
@@ -411,6 +422,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         tokenizer=tokenizer,
         trace=build_trace(cfg),
         stale_handler=build_stale_handler(cfg),
+        uplink=build_uplink(cfg),
     )
 
 

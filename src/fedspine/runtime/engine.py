@@ -221,6 +221,11 @@ class Engine:
         update = self.exp.executor.run(outcome.task, outcome.prepared)
         if update.lora_rank != outcome.task.lora.rank:  # the device shrank its own rank (HetLoRA)
             self.device_lora[update.device_id] = DeviceLora(update.lora_rank, outcome.task.lora.scaling)
+        if self.exp.uplink is not None:
+            draws = torch.Generator().manual_seed(
+                task_seed(self.seed, outcome.task.round, update.device_id, 4)
+            )
+            update = self.exp.uplink.transmit(update, outcome.task.payload, draws)
         self.state.train_wall_seconds += update.host_train_seconds
         update.uplink_bytes = update_payload_bytes(update)
         device = outcome.device
