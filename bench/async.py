@@ -27,17 +27,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers.utils import logging as hf_logging
 
-import _benchpath  # noqa: F401  (keeps bench/ off sys.path before fedspine is imported)
-from fedspine.api import run_experiment
+from _benchpath import first_time, host_line, run_summary  # first: keeps bench/ off sys.path
 from fedspine.config import load_config
 
 K = 4
@@ -65,15 +61,7 @@ def run_one(config: Path | None, method: str, args: argparse.Namespace) -> dict[
     if args.quick:
         overrides += ["train.local_steps=3", "data.test_size=60", "scheduler.fedcompass.q_max=3"]
     cfg = load_config(config, overrides)
-    with tempfile.TemporaryDirectory() as tmp:
-        return run_experiment(cfg, Path(tmp) / "run").summary
-
-
-def first_time(summary: dict[str, Any], target: float) -> float | None:
-    for entry in summary["evaluations"]:
-        if entry["value"] >= target:
-            return float(entry["virtual_time"])
-    return None
+    return run_summary(cfg)
 
 
 def speed_spread(summary: dict[str, Any]) -> float:
@@ -96,10 +84,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(METHODS), default=list(METHODS))
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
-    print(
-        f"host: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}; strategy {args.strategy}"
-    )
+    print(host_line(f"strategy {args.strategy}"))
     results: dict[str, dict[str, Any]] = {}
     for method in args.only:
         started = time.perf_counter()

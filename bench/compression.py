@@ -24,17 +24,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers.utils import logging as hf_logging
 
-import _benchpath  # noqa: F401  (keeps bench/ off sys.path before fedspine is imported)
-from fedspine.api import run_experiment
+from _benchpath import first_time, host_line, run_summary  # first: keeps bench/ off sys.path
 from fedspine.config import load_config
 
 SETTINGS: dict[str, list[str]] = {
@@ -59,15 +55,7 @@ def run_one(config: Path | None, setting: str, args: argparse.Namespace) -> dict
     if args.quick:
         overrides += ["scheduler.rounds=2", "train.local_steps=3", "data.test_size=60"]
     cfg = load_config(config, overrides)
-    with tempfile.TemporaryDirectory() as tmp:
-        return run_experiment(cfg, Path(tmp) / "run").summary
-
-
-def first_time(summary: dict[str, Any], target: float) -> float | None:
-    for entry in summary["evaluations"]:
-        if entry["value"] >= target:
-            return float(entry["virtual_time"])
-    return None
+    return run_summary(cfg)
 
 
 def main() -> None:
@@ -79,10 +67,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(SETTINGS), default=list(SETTINGS))
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
-    print(
-        f"host: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}; strategy {args.strategy}; every device on 5G"
-    )
+    print(host_line(f"strategy {args.strategy}; every device on 5G"))
     settings = ["none", *(s for s in args.only if s != "none")]
     results: dict[str, dict[str, Any]] = {}
     for setting in settings:

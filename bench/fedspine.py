@@ -32,18 +32,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers.utils import logging as hf_logging
 
-import _benchpath  # noqa: F401  (must precede the fedspine imports: this script is named after the package)
-from fedspine.api import run_experiment
+from _benchpath import first_time, host_line, run_summary  # first: keeps bench/ off sys.path
 from fedspine.config import load_config
 
 METHODS: dict[str, list[str]] = {
@@ -74,15 +70,7 @@ def run_one(config: Path | None, method: str, quick: bool, seed: int, sparsity: 
     else:
         overrides += ["scheduler.rounds=8"]
     cfg = load_config(config, overrides)
-    with tempfile.TemporaryDirectory() as tmp:
-        return run_experiment(cfg, Path(tmp) / "run").summary
-
-
-def first_time(summary: dict[str, Any], target: float) -> float | None:
-    for entry in summary["evaluations"]:
-        if entry["value"] >= target:
-            return float(entry["virtual_time"])
-    return None
+    return run_summary(cfg)
 
 
 def deployed(summary: dict[str, Any]) -> tuple[float, float, float | None]:
@@ -113,10 +101,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(METHODS), default=default)
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
-    print(
-        f"host: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}"
-    )
+    print(host_line())
     results: dict[str, dict[str, Any]] = {}
     for method in args.only:
         started = time.perf_counter()

@@ -33,3 +33,11 @@ def test_the_async_benchmark_runs_every_scheduler_and_prints_its_result_line() -
     assert last.startswith("RESULT target=") and "best_speedup_vs_sync=" in last
     for scheduler in ("sync", "sync-deadline", "fedasync", "fedbuff", "fedcompass"):
         assert f"{scheduler}_final=" in last
+
+
+def test_the_compression_benchmark_runs_and_prints_its_result_line() -> None:
+    cmd = [sys.executable, "bench/compression.py", "--config", "configs/tiny.toml", "--quick"]
+    cmd += ["--only", "topk+ef", "sign+ef"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("RESULT target=") and "topk_ef_reduction=" in last and "none_delta=" in last

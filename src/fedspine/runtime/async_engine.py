@@ -305,25 +305,18 @@ class AsyncEngine(Engine):
     def _step_record(
         self, accepted: list[TaskOutcome], agg_seconds: float, start: float, staleness: list[int]
     ) -> RoundRecord:
-        closer = accepted[-1] if accepted else None
-        losses = [o.update.train_loss for o in accepted if o.update is not None]
         since, self._since = self._since, {}
-        return RoundRecord(
-            round=self.version,
-            virtual_start=start,
-            virtual_end=self.clock.now,
-            round_seconds=self.clock.now - start,
-            aggregation_seconds=agg_seconds,
-            downlink_seconds=closer.downlink_seconds if closer else 0.0,
-            training_seconds=closer.compute_seconds if closer else 0.0,
-            uplink_seconds=closer.uplink_seconds if closer else 0.0,
+        return self._record(
+            self.version,
+            start,
+            agg_seconds,
+            accepted[-1] if accepted else None,
+            accepted,
             selected=int(since.get("selected", 0)),
-            aggregated=len(accepted),
             late=0,
             oom=int(since.get("oom", 0)),
             uplink_bytes=int(since.get("uplink_bytes", 0)),
             downlink_bytes=int(since.get("downlink_bytes", 0)),
-            train_loss=sum(losses) / len(losses) if losses else None,
             dropped=int(since.get("dropped", 0)),
             mean_staleness=statistics.fmean(staleness) if staleness else None,
             max_staleness=max(staleness) if staleness else None,

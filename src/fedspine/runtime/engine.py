@@ -333,6 +333,30 @@ class Engine:
         agg_seconds: float,
     ) -> RoundRecord:
         closer = max(accepted, key=lambda o: o.arrival_seconds) if accepted else None
+        return self._record(
+            round_no,
+            start,
+            agg_seconds,
+            closer,
+            accepted,
+            selected=len(outcomes),
+            late=sum(o.status == "late" for o in outcomes),
+            oom=sum(o.status == "oom" for o in outcomes),
+            dropped=sum(o.status == "dropped" for o in outcomes),
+            uplink_bytes=sum(o.uplink_bytes for o in outcomes),
+            downlink_bytes=sum(o.downlink_bytes for o in outcomes),
+        )
+
+    def _record(
+        self,
+        round_no: int,
+        start: float,
+        agg_seconds: float,
+        closer: TaskOutcome | None,
+        accepted: list[TaskOutcome],
+        **counts: Any,
+    ) -> RoundRecord:
+        """A round's (or server step's) record ending now; ``closer`` is the update that closed it."""
         losses = [o.update.train_loss for o in accepted if o.update is not None]
         return RoundRecord(
             round=round_no,
@@ -343,14 +367,9 @@ class Engine:
             downlink_seconds=closer.downlink_seconds if closer else 0.0,
             training_seconds=closer.compute_seconds if closer else 0.0,
             uplink_seconds=closer.uplink_seconds if closer else 0.0,
-            selected=len(outcomes),
             aggregated=len(accepted),
-            late=sum(o.status == "late" for o in outcomes),
-            oom=sum(o.status == "oom" for o in outcomes),
-            dropped=sum(o.status == "dropped" for o in outcomes),
-            uplink_bytes=sum(o.uplink_bytes for o in outcomes),
-            downlink_bytes=sum(o.downlink_bytes for o in outcomes),
             train_loss=sum(losses) / len(losses) if losses else None,
+            **counts,
         )
 
     def _evaluate(self, round_no: int) -> Evaluation:
