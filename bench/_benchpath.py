@@ -33,6 +33,11 @@ def first_time(summary: dict[str, Any], target: float) -> float | None:
     return None
 
 
+def fmt_time(seconds: float | None) -> str:
+    """A virtual time for a table, or "not reached"."""
+    return "not reached" if seconds is None else f"{seconds:.1f} s"
+
+
 def host_line(extra: str = "") -> str:
     """The machine a benchmark ran on, for its first printed line."""
     import torch

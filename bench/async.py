@@ -34,6 +34,7 @@ from typing import Any
 from transformers.utils import logging as hf_logging
 
 from _benchpath import first_time, host_line, run_summary  # first: keeps bench/ off sys.path
+from _benchpath import fmt_time as _t
 from fedspine.config import load_config
 
 K = 4
@@ -68,10 +69,6 @@ def speed_spread(summary: dict[str, Any]) -> float:
     """Slowest over fastest device in virtual compute seconds per task (sync: equal steps per task)."""
     per_task = [d["compute_seconds"] / d["tasks"] for d in summary["devices"] if d.get("tasks")]
     return max(per_task) / min(per_task) if per_task and min(per_task) > 0 else float("nan")
-
-
-def _t(seconds: float | None) -> str:
-    return "not reached" if seconds is None else f"{seconds:.1f} s"
 
 
 def main() -> None:

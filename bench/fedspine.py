@@ -40,6 +40,7 @@ from typing import Any
 from transformers.utils import logging as hf_logging
 
 from _benchpath import first_time, host_line, run_summary  # first: keeps bench/ off sys.path
+from _benchpath import fmt_time as _t
 from fedspine.config import load_config
 
 METHODS: dict[str, list[str]] = {
@@ -85,10 +86,6 @@ def deployed(summary: dict[str, Any]) -> tuple[float, float, float | None]:
         statistics.fmean(m["parameters"] for m in chosen) / 1e6,
         statistics.fmean(speeds) if speeds else None,
     )
-
-
-def _t(seconds: float | None) -> str:
-    return "not reached" if seconds is None else f"{seconds:.1f} s"
 
 
 def main() -> None:
