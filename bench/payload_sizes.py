@@ -19,7 +19,8 @@ from fedspine.config import load_config
 from fedspine.model.load import default_cache_dir, resolve_model_config
 from fedspine.types import ClientUpdate
 
-SETTINGS = [  # top-k and random-k keep 10%, QSGD has 16 levels (the benchmark's settings)("topk", "none"), ("randk", "ef"), ("sign", "ef"), ("qsgd", "none"), ("int8", "none")]
+SETTINGS = [("topk", "none"), ("randk", "ef"), ("sign", "ef"), ("qsgd", "none"), ("int8", "none")]
+"""Top-k and random-k keep 10%, QSGD has 16 levels: the settings of bench/compression.py."""
 
 
 def main() -> None:
