@@ -10,6 +10,8 @@ Usage:
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from _benchpath import host_line  # first: keeps bench/ off sys.path
@@ -24,6 +26,7 @@ SETTINGS = [("topk", "none"), ("randk", "ef"), ("sign", "ef"), ("qsgd", "none"),
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     print(host_line())
     cfg = load_config(None)
     mc = resolve_model_config("smollm2", None, default_cache_dir(), {})
