@@ -23,7 +23,8 @@ from fedspine.fleet import fleet_table_rows
 from fedspine.metrics.records import RoundRecord, RunRecorder
 from fedspine.report.html import write_report
 from fedspine.runtime.async_engine import make_engine
-from fedspine.runtime.build import build_experiment, build_fleet_from_config
+from fedspine.runtime.build import Experiment, build_experiment, build_fleet_from_config
+from fedspine.runtime.engine import Engine
 from fedspine.runtime.export import copy_device_models, export_models
 from fedspine.runtime.summary import make_summary
 
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 RoundCallback = Callable[[RoundRecord, "Evaluation | None"], None]
+EngineFactory = Callable[[Experiment, RunRecorder], Engine]
+"""Builds the engine that runs an experiment (default: the simulator's, by scheduler)."""
 
 
 @dataclass
@@ -63,9 +66,12 @@ def run_experiment(
     out: Path | None = None,
     on_round: RoundCallback | None = None,
     on_status: Callable[[str], None] | None = None,
+    engine: EngineFactory = make_engine,
+    executor: str = "simulation",
 ) -> RunResult:
     """Build everything (validating names first: nothing is written on bad input), run, report.
 
+    ``engine`` builds the engine (a deployment passes its own); ``executor`` names it in the summary.
     ``summary.json`` is written last; a run directory without it did not finish.
     """
     status = on_status or (lambda _msg: None)
@@ -80,7 +86,7 @@ def run_experiment(
         unit = "aggregations" if getattr(experiment.scheduler, "asynchronous", False) else "rounds"
         status(f"running {config.scheduler.rounds} {unit} on {len(experiment.devices)} devices -> {run_dir}")
         loop_started = time.perf_counter()
-        state = make_engine(experiment, recorder).run(on_round)
+        state = engine(experiment, recorder).run(on_round)
         loop_seconds = time.perf_counter() - loop_started
         status("measuring and saving the device models")
         models = export_models(experiment, run_dir)
@@ -90,6 +96,7 @@ def run_experiment(
         raise
     recorder.close()
     summary = make_summary(experiment, state, recorder.rounds, loop_seconds, setup_seconds)
+    summary["executor"] = executor
     summary["device_models"] = models
     recorder.write_summary(summary)
     write_report(run_dir)

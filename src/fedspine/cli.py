@@ -107,6 +107,88 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A finished run director
     console.print(f"report: {path}")
 
 
+deploy_app = typer.Typer(
+    no_args_is_help=True,
+    help="Files for a Flower deployment (SuperLink, SuperNodes); see docs/deploy.md. Needs fedspine[flower].",
+)
+app.add_typer(deploy_app, name="deploy")
+
+
+def _setup() -> Any:
+    try:
+        from fedspine.deploy import setup
+    except ImportError as exc:  # the flower extra is not installed
+        console.print(f"[bold red]error:[/] {exc}; install the extra: pip install 'fedspine[flower]'")
+        raise typer.Exit(1) from None
+    return setup
+
+
+@deploy_app.command("certs")
+def deploy_certs(
+    out: Annotated[Path, typer.Argument(help="Directory for ca.crt, server.pem, server.key")],
+    host: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--host", help="Name or IP the SuperNodes use to reach the SuperLink (repeatable)"),
+    ] = None,
+    days: Annotated[int, typer.Option(help="Validity in days")] = 365,
+) -> None:
+    """Create a test CA and a SuperLink certificate (default hosts: localhost, 127.0.0.1)."""
+    with _errors():
+        paths = _setup().write_certificates(out, host or ["localhost", "127.0.0.1"], days)
+    for role, path in paths.items():
+        console.print(f"{role}: {path}")
+
+
+@deploy_app.command("keys")
+def deploy_keys(
+    out: Annotated[Path, typer.Argument(help="Directory for the key pairs")],
+    nodes: Annotated[int, typer.Option("--nodes", "-n", help="Number of SuperNodes")] = 2,
+    prefix: Annotated[
+        str, typer.Option(help="File name prefix; files are PREFIX0, PREFIX0.pub, ...")
+    ] = "node",
+) -> None:
+    """Create one authentication key pair per SuperNode (ECDSA P-384, OpenSSH format)."""
+    with _errors():
+        pairs = _setup().write_node_keys(out, [f"{prefix}{i}" for i in range(nodes)])
+    for private, public in pairs:
+        console.print(f"{private}  (register {public} with: flwr supernode register {public} CONNECTION)")
+
+
+@deploy_app.command("app")
+def deploy_app_folder(
+    out: Annotated[Path, typer.Argument(help="Flower app directory to write (pyproject.toml)")],
+    records: Annotated[
+        Path, typer.Option("--records", "-o", help="Run directory on the SuperLink's machine")
+    ],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    round_timeout: Annotated[float, typer.Option(help="Seconds to wait for a round's replies")] = 3600.0,
+    wait_for_nodes: Annotated[
+        float, typer.Option(help="Seconds to wait for every device's SuperNode")
+    ] = 120.0,
+) -> None:
+    """Write a Flower app folder that runs the experiment; start it with `flwr run DIR CONNECTION`."""
+    with _errors():
+        path = _setup().write_app(out, _load(config, set_), records, round_timeout, wait_for_nodes)
+    console.print(f"app: {path}")
+
+
+@deploy_app.command("connection")
+def deploy_connection(
+    flwr_home: Annotated[Path, typer.Argument(help="The flwr CLI's home (FLWR_HOME; usually ~/.flwr)")],
+    address: Annotated[str, typer.Option(help="SuperLink HOST:PORT")] = "127.0.0.1:8000",
+    name: Annotated[str, typer.Option(help="Connection name, used as `flwr run DIR NAME`")] = "fedspine",
+    root_certificates: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--root-certificates", help="CA certificate of the SuperLink (omit: insecure)"),
+    ] = None,
+) -> None:
+    """Add a SuperLink connection to the flwr CLI's config.toml (and make it the default)."""
+    with _errors():
+        path = _setup().write_connection(flwr_home, name, address, root_certificates)
+    console.print(f"flwr config: {path}")
+
+
 def _status(message: str) -> None:
     console.print(f"[dim]{message}[/]")
 

@@ -26,3 +26,7 @@ class ModelError(FedspineError):
 
 class FleetError(FedspineError):
     """The fleet cannot run the experiment (e.g. no device can hold the model)."""
+
+
+class DeployError(FedspineError):
+    """A deployment cannot start or a message between server and device is malformed."""

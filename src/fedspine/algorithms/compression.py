@@ -302,18 +302,38 @@ class UplinkChannel:
     def transmit(self, update: ClientUpdate, start: LoraState, generator: torch.Generator) -> ClientUpdate:
         """The update as the server receives it: ``wire`` holds the payload, ``lora_state`` the estimate."""
         device = self.device_states.setdefault(update.device_id, FeedbackState())
-        server = self.server_states.setdefault(update.device_id, FeedbackState())
+        return self.receive(
+            dataclasses.replace(update, wire=self.send(device, update, start, generator)), start
+        )
+
+    def send(
+        self, device: FeedbackState, update: ClientUpdate, start: LoraState, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """Device side: the payload of every factor's change against ``start``; updates ``device``."""
         wire: dict[str, torch.Tensor] = {}
-        received: LoraState = {}
         for module, factors in update.lora_state.items():
-            received[module] = {}
             for name, value in factors.items():
                 key = f"{module}/{name}"
-                base = _like(start[module][name], value)
-                payload = self.feedback.send(device, key, value.float() - base, generator)
+                payload = self.feedback.send(
+                    device, key, value.float() - _like(start[module][name], value), generator
+                )
                 wire.update({f"{key}/{part}": tensor for part, tensor in payload.items()})
-                received[module][name] = base + self.feedback.receive(server, key, payload)
-        return dataclasses.replace(update, lora_state=received, wire=wire)
+        return wire
+
+    def receive(self, update: ClientUpdate, start: LoraState) -> ClientUpdate:
+        """Server side: decode ``update.wire`` into ``start + estimate`` (keeps the server's estimates)."""
+        assert update.wire is not None, "receive needs a compressed update"
+        server = self.server_states.setdefault(update.device_id, FeedbackState())
+        payloads: dict[str, dict[str, torch.Tensor]] = {}
+        for wire_key, tensor in update.wire.items():
+            key, _, part = wire_key.rpartition("/")
+            payloads.setdefault(key, {})[part] = tensor
+        received: LoraState = {}
+        for key, payload in payloads.items():
+            module, _, name = key.rpartition("/")
+            estimate = self.feedback.receive(server, key, payload)
+            received.setdefault(module, {})[name] = _like(start[module][name], estimate) + estimate
+        return dataclasses.replace(update, lora_state=received)
 
 
 def _like(start: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,8 @@ class TaskOutcome:
     task: ClientTask | None = None
     lost_seconds: float | None = None
     """When the device went offline and lost the task (status ``dropped``)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Executor-specific fields recorded with the task (e.g. a deployment's measured timings)."""
 
     @property
     def arrival_seconds(self) -> float:
@@ -117,11 +119,7 @@ class Engine:
     def _round(self, round_no: int) -> tuple[RoundRecord, Evaluation | None]:
         exp = self.exp
         start = self.clock.now
-        online = [
-            d.device_id
-            for d in exp.devices
-            if exp.trace.online(d.device_id, start) and is_available(d, self.seed, round_no)
-        ]
+        online = self._online(round_no, start)
         selected = self._sync.select(online, random.Random(task_seed(self.seed, round_no)))
         outcomes = self._run_tasks(round_no, start, [exp.devices[i] for i in selected])
         arrivals = {o.device.device_id: o.arrival_seconds for o in outcomes if o.status == "ok"}
@@ -146,6 +144,15 @@ class Engine:
             record.metric, record.eval_loss = evaluation.metric, evaluation.loss
         self.recorder.round(record)
         return record, evaluation
+
+    def _online(self, round_no: int, start: float) -> list[int]:
+        """The devices that can be sampled for the round starting at ``start``."""
+        exp = self.exp
+        return [
+            d.device_id
+            for d in exp.devices
+            if exp.trace.online(d.device_id, start) and is_available(d, self.seed, round_no)
+        ]
 
     def _run_tasks(self, round_no: int, start: float, devices: list[Device]) -> list[TaskOutcome]:
         """Prepare every task, then train them fastest-first, skipping those that cannot count.
@@ -247,19 +254,17 @@ class Engine:
         updates: list[ClientUpdate] | None = None,
     ) -> float:
         """Aggregate ``updates`` (default: the accepted tasks' own) and charge the server's time."""
-        server = self.exp.config.server
         if updates is None:
             updates = [o.update for o in accepted if o.update is not None]
         nbytes = sum(o.uplink_bytes for o in accepted)
-        seconds = (
-            server.aggregation_overhead_seconds + nbytes / (server.aggregation_gbps * 1e9) if updates else 0.0
-        )
         wall = time.perf_counter()
         aggregate(self.exp.strategy, updates, self.exp.config.strategy.aggregation_fan_in)
         delta = self.exp.strategy.take_base_delta()
         if delta:
-            self.exp.executor.merge_into_base(delta)
-        self.state.aggregation_wall_seconds += time.perf_counter() - wall
+            self._merge_base(delta)
+        wall = time.perf_counter() - wall
+        self.state.aggregation_wall_seconds += wall
+        seconds = self._aggregation_seconds(nbytes, wall) if updates else 0.0
         self.recorder.event(
             "aggregation",
             round=round_no,
@@ -271,6 +276,15 @@ class Engine:
         )
         return seconds
 
+    def _merge_base(self, delta: dict[str, torch.Tensor]) -> None:
+        """Add an aggregated weight change to the base model (FLoRA, FedSpine)."""
+        self.exp.executor.merge_into_base(delta)
+
+    def _aggregation_seconds(self, nbytes: int, wall_seconds: float) -> float:
+        """Virtual time the server spends aggregating ``nbytes`` of updates (cost model, not host time)."""
+        server = self.exp.config.server
+        return server.aggregation_overhead_seconds + nbytes / (server.aggregation_gbps * 1e9)
+
     # --- records ---------------------------------------------------------------------------------
 
     def _record_task(self, round_no: int, start: float, o: TaskOutcome, **extra: Any) -> None:
@@ -278,6 +292,7 @@ class Engine:
         workload = prepared.workload if prepared else None
         self.recorder.event(
             "task",
+            **o.extra,
             **extra,
             round=round_no,
             device_id=o.device.device_id,

@@ -1,0 +1,210 @@
+"""The server side of a Flower deployment: fedspine's round engine with Flower as the executor.
+
+The strategy, policy, scheduler, codec and records are the simulator's own objects
+(:class:`~fedspine.runtime.engine.Engine`); what changes is how a round's tasks run. Instead of training
+in-process and charging virtual time from the cost model, the tasks travel to the devices' SuperNodes
+as Flower messages and the clock is the wall clock. Each task's time is split from four stamps:
+
+* ``downlink_seconds``: server send -> device receive (serialisation, transfer, ClientApp start);
+* ``compute_seconds``: device receive -> device reply (model and data setup, training, encoding;
+  the setup share is recorded as ``setup_seconds``, the training loop as ``train_seconds``);
+* ``uplink_seconds``: device reply -> the server has pulled the reply;
+* the round's ``aggregation_seconds``: the server's aggregation, measured.
+
+Device and server stamps come from different clocks: across machines they are only as good as the
+machines' clock synchronisation (NTP: milliseconds). Every measured time is wall time, so records of
+a deployment are not reproducible to the bit the way a simulation's are; the updates are.
+
+Only the synchronous scheduler runs here (see docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedspine.algorithms.wire import update_payload_bytes
+from fedspine.api import RunResult, run_experiment
+from fedspine.deploy.records import read_update, task_record
+from fedspine.deploy.settings import NODES_KEY, OUT_KEY, TIMEOUT_KEY, config_from_run, number
+from fedspine.errors import ConfigError, DeployError, FedspineError
+from fedspine.metrics.records import RunRecorder
+from fedspine.runtime.build import Experiment
+from fedspine.runtime.engine import Engine, TaskOutcome
+from fedspine.types import Device, DeviceLora
+
+log = logging.getLogger("fedspine.deploy")
+
+POLL_SECONDS = 0.05
+"""How often the server pulls replies: the resolution of the measured arrival times."""
+
+
+class FlowerEngine(Engine):
+    """Synchronous rounds whose tasks run on Flower SuperNodes, timed by the wall clock."""
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        recorder: RunRecorder,
+        grid: Grid,
+        nodes: dict[int, int],
+        round_timeout: float,
+    ) -> None:
+        super().__init__(experiment, recorder)
+        self.grid = grid
+        self.nodes = nodes
+        """Device id -> Flower node id."""
+        self.round_timeout = round_timeout
+        self.base_delta: dict[str, torch.Tensor] = {}
+        """Everything merged into the base weights so far; sent with each task when not empty."""
+        self._t0 = time.time()
+
+    def _elapsed(self) -> float:
+        return time.time() - self._t0
+
+    def _online(self, round_no: int, start: float) -> list[int]:
+        connected = set(self.grid.get_node_ids())
+        return [d for d, node in sorted(self.nodes.items()) if node in connected]
+
+    def _round(self, round_no: int) -> Any:
+        self.clock.advance_to(max(self.clock.now, self._elapsed()))  # evaluation time passed too
+        return super()._round(round_no)
+
+    def _run_tasks(self, round_no: int, start: float, devices: list[Device]) -> list[TaskOutcome]:
+        """Send every task that fits its device, then pull replies until all came or time ran out."""
+        outcomes = [self._prepare(round_no, d) for d in devices]
+        sent_at = time.time()
+        messages: list[Message] = []
+        for o in outcomes:
+            if o.status != "ok" or o.task is None:
+                continue
+            content = task_record(o.task, self.base_delta, sent_at)
+            o.downlink_bytes = sum(record.count_bytes() for record in content.array_records.values())
+            node = self.nodes[o.device.device_id]
+            messages.append(Message(content, node, MessageType.TRAIN, group_id=str(round_no)))
+        pending = dict(
+            zip(self.grid.push_messages(messages), (o for o in outcomes if o.status == "ok"), strict=True)
+        )
+        limit = self._sync.deadline_seconds or self.round_timeout
+        while pending and time.time() - sent_at < limit:
+            for reply in self.grid.pull_messages(list(pending)):
+                outcome = pending.pop(reply.metadata.reply_to_message_id, None)
+                if outcome is not None:
+                    self._receive(outcome, reply, sent_at, time.time())
+            if pending:
+                time.sleep(POLL_SECONDS)
+        for o in pending.values():
+            o.status = "late" if self._sync.deadline_seconds else "dropped"
+            o.compute_seconds = limit
+            o.extra["reason"] = f"no reply within {limit:g} s"
+        return outcomes
+
+    def _receive(self, o: TaskOutcome, reply: Message, sent_at: float, arrived_at: float) -> None:
+        """Decode one reply into ``o``: its update and its measured downlink / compute / uplink times."""
+        assert o.task is not None
+        if reply.has_error():
+            self._reject(o, f"device error: {reply.error.reason}", arrived_at - sent_at)
+            return
+        try:
+            update, timing = read_update(reply.content, o.task)
+            if update.wire is not None:
+                if self.exp.uplink is None:
+                    raise DeployError("compressed update received but the run has no uplink codec")
+                update = self.exp.uplink.receive(update, o.task.payload)
+        except (FedspineError, KeyError, ValueError) as exc:
+            self._reject(o, f"malformed update: {exc}", arrived_at - sent_at)
+            return
+        if update.lora_rank != o.task.lora.rank:  # the device shrank its own rank (HetLoRA)
+            self.device_lora[update.device_id] = DeviceLora(update.lora_rank, o.task.lora.scaling)
+        update.uplink_bytes = update_payload_bytes(update)
+        o.update, o.uplink_bytes = update, update.uplink_bytes
+        o.downlink_seconds = max(0.0, timing.received_at - sent_at)
+        o.compute_seconds = max(0.0, timing.replied_at - timing.received_at)
+        o.uplink_seconds = max(0.0, arrived_at - sent_at - o.downlink_seconds - o.compute_seconds)
+        o.extra.update(
+            setup_seconds=timing.setup_seconds,
+            train_seconds=update.host_train_seconds,
+            message_bytes=sum(r.count_bytes() for r in reply.content.array_records.values()),
+        )
+        self.state.train_wall_seconds += update.host_train_seconds
+
+    def _reject(self, o: TaskOutcome, reason: str, seconds: float) -> None:
+        log.warning("round %s, device %s: %s", o.task.round if o.task else "?", o.device.device_id, reason)
+        o.status, o.update, o.compute_seconds = "dropped", None, seconds
+        o.extra["reason"] = reason
+
+    def _merge_base(self, delta: dict[str, torch.Tensor]) -> None:
+        super()._merge_base(delta)
+        for key, value in delta.items():
+            self.base_delta[key] = self.base_delta.get(key, torch.zeros_like(value)) + value
+
+    def _aggregation_seconds(self, nbytes: int, wall_seconds: float) -> float:
+        return wall_seconds
+
+
+def discover_nodes(grid: Grid, devices: int, wait_seconds: float) -> dict[int, int]:
+    """Ask every connected SuperNode which device it is; wait up to ``wait_seconds`` for all ``devices``.
+
+    Returns device id -> node id. A device without a node is never sampled; two nodes claiming one
+    device, or a device id outside the fleet, stop the run.
+    """
+    found: dict[int, int] = {}
+    asked: set[int] = set()
+    deadline = time.time() + wait_seconds
+    while len(found) < devices and time.time() < deadline:
+        new = [n for n in grid.get_node_ids() if n not in asked]
+        if new:
+            asked.update(new)
+            queries = [Message(RecordDict(), node, MessageType.QUERY) for node in new]
+            for reply in grid.send_and_receive(queries, timeout=max(1.0, deadline - time.time())):
+                if reply.has_error():
+                    raise DeployError(
+                        f"node {reply.metadata.src_node_id} failed to answer: {reply.error.reason}"
+                    )
+                device = int(reply.content.config_records["node"]["device_id"])  # type: ignore[arg-type]
+                node = reply.metadata.src_node_id
+                if device >= devices:
+                    raise DeployError(
+                        f"node {node} says it is device {device}; the fleet has {devices} devices"
+                    )
+                if device in found:
+                    raise DeployError(f"nodes {found[device]} and {node} both say they are device {device}")
+                found[device] = node
+        else:
+            time.sleep(0.5)
+    if not found:
+        raise DeployError(f"no SuperNode connected within {wait_seconds:g} s")
+    missing = sorted(set(range(devices)) - set(found))
+    if missing:
+        log.warning("devices without a SuperNode (never sampled): %s", missing)
+    return found
+
+
+def serve(grid: Grid, context: Context) -> RunResult:
+    """The ServerApp's main: run the configured experiment over the connected SuperNodes."""
+    config, _ = config_from_run(context.run_config)
+    if config.scheduler.name != "sync":
+        raise ConfigError(
+            "scheduler.name", "a Flower deployment runs the synchronous scheduler ('sync') only"
+        )
+    out = context.run_config.get(OUT_KEY)
+    if not isinstance(out, str) or not out:
+        raise DeployError(f"the Flower run config needs '{OUT_KEY}' (the directory for the run's records)")
+    wait = number(context.run_config, NODES_KEY, 120.0)
+    timeout = number(context.run_config, TIMEOUT_KEY, 3600.0)
+
+    def engine(experiment: Experiment, recorder: RunRecorder) -> FlowerEngine:
+        nodes = discover_nodes(grid, len(experiment.devices), wait)
+        recorder.event("deployment", nodes={str(d): n for d, n in sorted(nodes.items())})
+        return FlowerEngine(experiment, recorder, grid, nodes, timeout)
+
+    return run_experiment(config, Path(out), engine=engine, executor="flower")
+
+
+__all__ = ["FlowerEngine", "discover_nodes", "serve"]

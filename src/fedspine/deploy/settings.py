@@ -1,0 +1,60 @@
+"""What a Flower run carries: the fedspine config (run config) and each node's device (node config).
+
+The resolved fedspine config travels as TOML text under the run-config key ``fedspine-config``, so
+the ServerApp and every ClientApp build the same experiment from the same bytes, wherever they run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fedspine.config import Config, from_dict, tomllib
+from fedspine.errors import ConfigError, DeployError
+
+CONFIG_KEY = "fedspine-config"
+"""Run-config key holding the resolved fedspine config as TOML text."""
+OUT_KEY = "out-dir"
+"""Run-config key: the directory (on the server's machine) that receives the run's records."""
+TIMEOUT_KEY = "round-timeout"
+"""Run-config key: seconds the server waits for a round's replies when the config has no deadline."""
+NODES_KEY = "wait-for-nodes"
+"""Run-config key: seconds the server waits for every device's node to connect before starting."""
+DEVICE_KEY = "device-id"
+"""Node-config key: which device of the config's fleet this SuperNode is."""
+PARTITION_KEY = "partition-id"
+"""Node-config key Flower's simulation engine gives its virtual nodes; used when ``device-id`` is absent."""
+
+Value = bool | float | int | str
+"""A Flower run- or node-config value."""
+
+
+def config_from_run(run_config: Mapping[str, Value]) -> tuple[Config, str]:
+    """The fedspine config of the run and its TOML text."""
+    text = run_config.get(CONFIG_KEY)
+    if not isinstance(text, str) or not text.strip():
+        raise DeployError(f"the Flower run config has no '{CONFIG_KEY}' (the fedspine config as TOML text)")
+    try:
+        return from_dict(tomllib.loads(text)), text
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(CONFIG_KEY, f"invalid TOML: {exc}") from exc
+
+
+def device_id_from_node(node_config: Mapping[str, Value]) -> int:
+    """The device id given to this SuperNode with ``--node-config "device-id=N"``."""
+    value = node_config.get(DEVICE_KEY, node_config.get(PARTITION_KEY))
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise DeployError(
+            f"the SuperNode's node config needs '{DEVICE_KEY}' as a non-negative integer "
+            f'(flower-supernode --node-config "{DEVICE_KEY}=0"), got {value!r}'
+        )
+    return value
+
+
+def number(run_config: Mapping[str, Value], key: str, default: float) -> float:
+    """A numeric run-config setting, or ``default`` when absent."""
+    value = run_config.get(key, default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        raise DeployError(f"run config '{key}' must be a positive number, got {value!r}")
+    return float(value)

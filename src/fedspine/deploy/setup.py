@@ -1,0 +1,193 @@
+"""Files a Flower deployment needs: TLS certificates, SuperNode keys, the app folder, a CLI connection.
+
+* ``write_certificates``: a test CA and a server certificate for the SuperLink's names/addresses
+  (for production, use certificates from your own CA);
+* ``write_node_keys``: one ECDSA P-384 key pair per SuperNode, OpenSSH format (what
+  ``flower-supernode --auth-supernode-private-key`` reads and ``flwr supernode register`` takes);
+* ``write_app``: a Flower app folder whose run config carries the resolved fedspine config;
+* ``write_connection``: a ``[superlink.NAME]`` entry in the flwr CLI's ``config.toml``.
+
+Private keys are written with mode 0600.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import tomli_w
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedspine.config import Config, to_toml, tomllib
+from fedspine.deploy.settings import CONFIG_KEY, NODES_KEY, OUT_KEY, TIMEOUT_KEY
+from fedspine.errors import DeployError
+
+APP_NAME = "fedspine-app"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(data)
+
+
+def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+def write_certificates(
+    out: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"), days: int = 365
+) -> dict[str, Path]:
+    """A CA (``ca.crt``) and a server certificate (``server.pem``, ``server.key``) valid for ``hosts``."""
+    if not hosts:
+        raise DeployError("the server certificate needs at least one host name or IP address")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedspine test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "ca": out / "ca.crt",
+        "ca_key": out / "ca.key",
+        "cert": out / "server.pem",
+        "key": out / "server.key",
+    }
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    _write_private(paths["ca_key"], _pem(ca_key))
+    paths["cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    _write_private(paths["key"], _pem(server_key))
+    return paths
+
+
+def write_node_keys(out: Path, names: Sequence[str]) -> list[tuple[Path, Path]]:
+    """One key pair per name: ``NAME`` (private, OpenSSH) and ``NAME.pub`` (one-line OpenSSH)."""
+    pairs = []
+    for name in names:
+        key = ec.generate_private_key(ec.SECP384R1())
+        private = out / name
+        public = out / f"{name}.pub"
+        _write_private(
+            private,
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ),
+        )
+        public.write_bytes(
+            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            + b"\n"
+        )
+        pairs.append((private, public))
+    return pairs
+
+
+def write_app(
+    out: Path,
+    config: Config,
+    records: Path,
+    round_timeout: float = 3600.0,
+    wait_for_nodes: float = 120.0,
+) -> Path:
+    """A Flower app folder (``pyproject.toml``) running ``config``; records go to ``records``.
+
+    ``records`` is a path on the machine that runs the ServerApp (the SuperLink's); ``flwr run
+    --run-config`` may override any of the run-config keys.
+    """
+    if config.scheduler.name != "sync":
+        raise DeployError("a Flower deployment runs the synchronous scheduler: set scheduler.name = 'sync'")
+    project = {
+        "project": {
+            "name": APP_NAME,
+            "version": "1.0.0",
+            "description": f"fedspine experiment '{config.run.name}' on Flower",
+            "license": "Apache-2.0",
+            "dependencies": ["fedspine[flower]"],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedspine",
+                    "components": {
+                        "serverapp": "fedspine.deploy.app:server_app",
+                        "clientapp": "fedspine.deploy.app:client_app",
+                    },
+                    "config": {
+                        CONFIG_KEY: to_toml(config),
+                        OUT_KEY: str(records.resolve()),
+                        TIMEOUT_KEY: float(round_timeout),
+                        NODES_KEY: float(wait_for_nodes),
+                    },
+                }
+            }
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "pyproject.toml"
+    path.write_text(
+        "# A Flower app running a fedspine experiment; written by `fedspine deploy app`.\n"
+        + tomli_w.dumps(project),
+        encoding="utf-8",
+    )
+    return path
+
+
+def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None) -> Path:
+    """Add (or replace) ``[superlink.NAME]`` in ``FLWR_HOME/config.toml`` and make it the default.
+
+    Without ``root_certificates`` the connection is insecure (plain HTTP: loopback experiments only).
+    """
+    path = flwr_home / "config.toml"
+    data = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    links = data.setdefault("superlink", {})
+    entry: dict[str, object] = {"address": address}
+    if root_certificates is None:
+        entry["insecure"] = True
+    else:
+        entry["root-certificates"] = str(root_certificates.resolve())  # the flwr CLI needs an absolute path
+    links[name] = entry
+    links["default"] = name
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    return path

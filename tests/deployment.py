@@ -1,0 +1,195 @@
+"""A Flower deployment on loopback for tests: SuperLink, SuperNodes and the flwr CLI as real processes.
+
+Every process started is remembered by its PID and stopped, with its descendants (the SuperLink and
+SuperNodes start ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` in sessions of
+their own), when the deployment is closed, whatever happened in between.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from fedspine.deploy.setup import write_certificates, write_connection, write_node_keys
+
+BIN = Path(sys.executable).parent
+CONNECTION = "loopback"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class Loopback:
+    """A TLS SuperLink with node authentication on 127.0.0.1 and SuperNodes registered with it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.certs = write_certificates(root / "certs", ["localhost", "127.0.0.1"])
+        self.flwr_home = root / "flwr_home"
+        write_connection(self.flwr_home, CONNECTION, f"127.0.0.1:{self.port}", self.certs["ca"])
+        self.env = {
+            **os.environ,
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_HOME": str(self.flwr_home),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # SuperLink/SuperNode find superexec here
+        }
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    # --- processes ----------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def start_superlink(self, timeout: float = 60.0) -> None:
+        c = self.certs
+        self._spawn(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--ssl-ca-certfile", str(c["ca"]),
+                "--ssl-certfile", str(c["cert"]),
+                "--ssl-keyfile", str(c["key"]),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host", "127.0.0.1",
+                "--port", str(self.port),
+            ],
+        )  # fmt: skip
+        context = ssl.create_default_context(cafile=str(c["ca"]))
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.procs["superlink"].poll() is not None:
+                raise RuntimeError(f"the SuperLink exited:\n{self.log('superlink')}")
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{self.port}/health", context=context, timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"the SuperLink did not answer within {timeout} s:\n{self.log('superlink')}")
+
+    def keys(self, names: list[str]) -> list[tuple[Path, Path]]:
+        return write_node_keys(self.root / "keys", names)
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout
+        )
+
+    def register(self, public_key: Path) -> int:
+        done = self.flwr("supernode", "register", str(public_key), CONNECTION, "--format", "json")
+        if done.returncode != 0:
+            raise RuntimeError(f"register failed: {done.stdout}{done.stderr}")
+        return int(json.loads(done.stdout)["node-id"])
+
+    def start_supernode(self, name: str, private_key: Path, device_id: int, **extra: Any) -> subprocess.Popen[bytes]:
+        args = [
+            str(BIN / "flower-supernode"),
+            "--root-certificates", str(self.certs["ca"]),
+            "--superlink", f"127.0.0.1:{self.port}",
+            "--auth-supernode-private-key", str(private_key),
+            "--node-config", f"device-id={device_id}",
+            "--host", "127.0.0.1",
+            "--port", str(free_port()),
+        ]  # fmt: skip
+        for key, value in extra.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        return self._spawn(name, args)
+
+    def wait_connected(self, names: list[str], timeout: float = 60.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if all("SuperNode ID" in self.log(n) for n in names):
+                return
+            for n in names:
+                if self.procs[n].poll() is not None:
+                    raise RuntimeError(f"SuperNode {n} exited:\n{self.log(n)}")
+            time.sleep(0.2)
+        raise TimeoutError(f"SuperNodes {names} did not connect within {timeout} s")
+
+    def run_app(self, app_dir: Path, timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
+        """``flwr run APP CONNECTION --stream``; note its exit code is 0 even when the ServerApp fails."""
+        return self.flwr("run", str(app_dir), CONNECTION, "--stream", timeout=timeout)
+
+    def close(self) -> None:
+        """Stop every process started here, and their descendants, by PID: TERM, then KILL."""
+        pids: list[int] = []
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                pids += [proc.pid, *descendants(proc.pid)]
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.time() + 5
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+        for proc in self.procs.values():
+            proc.wait(timeout=10)
+
+    def __enter__(self) -> Loopback:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,57 @@
+"""An in-process stand-in for Flower's Grid: delivers messages to the ClientApp handlers directly.
+
+It exercises fedspine's server and client code and the Flower records between them without
+processes or sockets; the deployment tests run the real SuperLink and SuperNodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedspine.deploy import client
+
+Handler = Callable[[Message, Context], Message]
+
+
+class FakeGrid:
+    """Nodes ``1..n`` with device ids ``0..n-1``; replies are computed when pulled."""
+
+    def __init__(self, run_config: dict[str, str | int | float], devices: int) -> None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # the server is node 0
+        self.contexts = {
+            node: Context(1, node, {"device-id": node - 1}, RecordDict(), dict(run_config))
+            for node in range(1, devices + 1)
+        }
+        self.inbox: dict[str, Message] = {}
+        self.tamper: Callable[[Message], Message] | None = None
+        """Applied to each reply before the server sees it (to test rejection)."""
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            self.inbox[msg.object_id] = msg
+            ids.append(msg.object_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = []
+        for mid in list(message_ids):
+            msg = self.inbox.pop(mid, None)
+            if msg is None:
+                continue
+            handler: Handler = client.train if msg.metadata.message_type == MessageType.TRAIN else client.query
+            TaskIdentity.node_id = msg.metadata.dst_node_id  # the reply comes from that node
+            reply = handler(msg, self.contexts[msg.metadata.dst_node_id])
+            TaskIdentity.node_id = 0
+            replies.append(self.tamper(reply) if self.tamper else reply)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
