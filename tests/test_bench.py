@@ -41,3 +41,10 @@ def test_the_compression_benchmark_runs_and_prints_its_result_line() -> None:
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
     last = out.strip().splitlines()[-1]
     assert last.startswith("RESULT target=") and "topk_ef_reduction=" in last and "none_delta=" in last
+
+
+def test_the_flower_benchmark_runs_both_sides_to_the_same_model() -> None:
+    cmd = [sys.executable, "bench/flower_vs_sim.py", "--devices", "3", "--rounds", "1", "--quick"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("RESULT sim_speedup_vs_flower=") and last.endswith("same_model=1")

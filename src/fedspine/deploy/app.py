@@ -28,9 +28,11 @@ def make_apps(defaults: Mapping[str, Value] | None = None) -> tuple[ServerApp, C
     client_app = ClientApp()
 
     def configured(context: Context) -> Context:
-        if defaults:
-            context.run_config = {**defaults, **context.run_config}
-        return context
+        if not defaults:
+            return context
+        # a new Context (Flower's may not be modified) sharing the node's persistent state
+        run_config = {**defaults, **context.run_config}
+        return Context(context.run_id, context.node_id, context.node_config, context.state, run_config)
 
     @server_app.main()
     def _serve(grid: Grid, context: Context) -> None:

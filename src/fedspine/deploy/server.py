@@ -200,8 +200,10 @@ def serve(grid: Grid, context: Context) -> RunResult:
     timeout = number(context.run_config, TIMEOUT_KEY, 3600.0)
 
     def engine(experiment: Experiment, recorder: RunRecorder) -> FlowerEngine:
+        started = time.perf_counter()
         nodes = discover_nodes(grid, len(experiment.devices), wait)
-        recorder.event("deployment", nodes={str(d): n for d, n in sorted(nodes.items())})
+        seconds = time.perf_counter() - started
+        recorder.event("deployment", nodes={str(d): n for d, n in sorted(nodes.items())}, discovery_seconds=seconds)
         return FlowerEngine(experiment, recorder, grid, nodes, timeout)
 
     return run_experiment(config, Path(out), engine=engine, executor="flower")
