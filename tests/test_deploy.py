@@ -136,15 +136,27 @@ def test_run_and_node_settings_are_checked() -> None:
 
 @pytest.mark.parametrize(
     ("strategy", "rounds"),
-    [("fedit", 1), ("flora", 2), ("fedspine", 2)],
+    [("fedit", 1), ("flora", 2), ("fedspine", 2), ("hetlora", 2)],
 )
 def test_flower_rounds_match_the_simulator(tmp_path: Path, strategy: str, rounds: int) -> None:
     """Same config and seed: the same updates, aggregated into the same global state.
 
     FLoRA and FedSpine merge into the base weights: their second round trains on the merged base,
-    which a device only has if the server's base delta reached it.
+    which a device only has if the server's base delta reached it. HetLoRA devices train their own
+    ranks and may shrink them.
     """
     cfg = tiny(f"strategy.name={strategy}", f"scheduler.rounds={rounds}", "scheduler.clients_per_round=6")
+    if strategy == "hetlora":
+        cfg = load_config(
+            TINY,
+            [
+                *QUIET,
+                "strategy.name=hetlora",
+                "scheduler.rounds=2",
+                "scheduler.clients_per_round=6",
+                "lora.ranks=[2, 4, 8, 2, 4, 8]",
+            ],
+        )
     flower, _ = run_fake(cfg, tmp_path / "flower")
     sim = run_experiment(cfg, tmp_path / "sim")
     assert flower.summary["executor"] == "flower" and sim.summary["executor"] == "simulation"
@@ -156,7 +168,7 @@ def test_flower_rounds_match_the_simulator(tmp_path: Path, strategy: str, rounds
         for run in (flower, sim)
     ]
     assert [float(x) for x in losses[0]] == pytest.approx([float(x) for x in losses[1]], rel=1e-5)
-    if strategy == "fedit":
+    if strategy in ("fedit", "hetlora"):
         assert_same_state(load_global_adapter(flower.run_dir), load_global_adapter(sim.run_dir))
 
 
