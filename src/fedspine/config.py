@@ -211,6 +211,22 @@ DEFAULT_FLEET = (
 
 
 @dataclass
+class AttackSection:
+    """Devices that upload corrupted updates (robustness studies; off by default)."""
+
+    kind: Literal["none", "scale", "sign_flip", "nonfinite"] = "none"
+    """``scale``: change times ``factor``; ``sign_flip``: times ``-factor``; ``nonfinite``: NaN factors."""
+    devices: list[int] = field(default_factory=list)
+    """Ids of the attacking devices."""
+    factor: float = 10.0
+    """Magnitude of the scaled or sign-flipped change."""
+
+    def __post_init__(self) -> None:
+        for i, d in enumerate(self.devices):
+            _check(d >= 0, f"fleet.attack.devices[{i}]", f"must be a device id >= 0, got {d}")
+
+
+@dataclass
 class TraceSection:
     """When devices are online, over virtual time (see `fedspine.fleet.availability`)."""
 
@@ -242,6 +258,8 @@ class FleetSection:
     """Multiplies every device class's per-round slowdown sigma (0 = no compute jitter)."""
     trace: TraceSection = field(default_factory=TraceSection)
     """Availability over time; a device that goes offline during a task loses it."""
+    attack: AttackSection = field(default_factory=AttackSection)
+    """Devices that upload corrupted updates."""
 
     def __post_init__(self) -> None:
         for i, group in enumerate(self.groups):
@@ -514,6 +532,21 @@ class ServerSection:
     """Server aggregation throughput in GB/s of update data (charges aggregation virtual time)."""
     aggregation_overhead_seconds: float = 0.05
     """Fixed virtual cost per aggregation (scheduling, deserialisation)."""
+    max_update_norm: float = 0.0
+    """Reject an update whose change (L2, all factors) exceeds this (0 = no bound). Shapes, dtypes,
+    finiteness, rank and plan are always checked."""
+    robust: Literal["none", "clip", "median", "trimmed_mean"] = "none"
+    """Robust aggregation: clip each update's change to ``clip_norm``, or replace the average by the
+    coordinate-wise median / trimmed mean of the changes (global-adapter strategies, equal ranks, sync)."""
+    clip_norm: float = 1.0
+    """L2 bound of each update's change for ``robust = "clip"``."""
+    trim_fraction: float = 0.2
+    """Fraction of updates dropped at each end, per coordinate, for ``robust = "trimmed_mean"``."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_update_norm >= 0, "server.max_update_norm", "must be >= 0 (0 = no bound)")
+        _check(self.clip_norm > 0, "server.clip_norm", "must be > 0")
+        _check(0 <= self.trim_fraction < 0.5, "server.trim_fraction", "must be in [0, 0.5)")
 
 
 @dataclass

@@ -133,6 +133,7 @@ class FlowerEngine(Engine):
             message_bytes=sum(r.count_bytes() for r in reply.content.array_records.values()),
         )
         self.state.train_wall_seconds += update.host_train_seconds
+        self._validate(o)
 
     def _reject(self, o: TaskOutcome, reason: str, seconds: float) -> None:
         log.warning("round %s, device %s: %s", o.task.round if o.task else "?", o.device.device_id, reason)
@@ -203,7 +204,9 @@ def serve(grid: Grid, context: Context) -> RunResult:
         started = time.perf_counter()
         nodes = discover_nodes(grid, len(experiment.devices), wait)
         seconds = time.perf_counter() - started
-        recorder.event("deployment", nodes={str(d): n for d, n in sorted(nodes.items())}, discovery_seconds=seconds)
+        recorder.event(
+            "deployment", nodes={str(d): n for d, n in sorted(nodes.items())}, discovery_seconds=seconds
+        )
         return FlowerEngine(experiment, recorder, grid, nodes, timeout)
 
     return run_experiment(config, Path(out), engine=engine, executor="flower")

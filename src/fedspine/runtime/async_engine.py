@@ -134,10 +134,13 @@ class AsyncEngine(Engine):
 
     def _arrive(self, task: RunningTask) -> list[ServerStep]:
         o = task.outcome
-        assert o.update is not None
         device = o.device.device_id
         del self.running[task.task_id]
         self.busy.discard(device)
+        if o.status == "rejected":  # arrived, failed the server's checks: as if it never came
+            self._end_task(task)
+            return self.scheduler.on_lost(self.clock.now, device)
+        assert o.update is not None
         self._end_task(task)
         self.recent_seconds.append(o.arrival_seconds)
         self.arrived[task.task_id] = (task, o.update)

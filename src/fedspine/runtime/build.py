@@ -246,6 +246,30 @@ def build_scheduler(cfg: Config, num_devices: int, strategy: Strategy) -> Schedu
     return scheduler
 
 
+def check_robustness(cfg: Config, strategy: Strategy, device_lora: dict[int, DeviceLora]) -> None:
+    """Robust rules and attacks that cannot apply to this run are config errors."""
+    rule = cfg.server.robust
+    if rule in ("median", "trimmed_mean"):
+        if cfg.scheduler.name != "sync":
+            raise ConfigError(
+                "server.robust", f"'{rule}' combines a round's updates: needs scheduler.name = 'sync'"
+            )
+        if not strategy.has_global_adapter:
+            raise ConfigError(
+                "server.robust",
+                f"'{rule}' needs a strategy with a global adapter (fedit, zeropad, hetlora, flexlora), "
+                f"not {cfg.strategy.name}; use 'clip'",
+            )
+        if len({lora.rank for lora in device_lora.values()}) > 1:
+            raise ConfigError("server.robust", f"'{rule}' needs one LoRA rank on every device; use 'clip'")
+    attack = cfg.fleet.attack
+    for i, device in enumerate(attack.devices):
+        if device >= len(device_lora):
+            raise ConfigError(
+                f"fleet.attack.devices[{i}]", f"device {device} is not in the fleet of {len(device_lora)}"
+            )
+
+
 def build_stale_handler(cfg: Config) -> StaleUpdateHandler:
     """The configured stale-update handler."""
     st = cfg.scheduler.staleness
@@ -367,6 +391,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     devices = build_fleet_from_config(cfg)
     device_lora = build_device_lora(cfg, devices, strategy)
     scheduler = build_scheduler(cfg, len(devices), strategy)
+    check_robustness(cfg, strategy, device_lora)
     rng = np.random.default_rng(cfg.run.seed)
     say(f"loading data source '{cfg.data.source}'")
     examples = load_examples(cfg, rng)

@@ -8,6 +8,7 @@ host's speed is kept out of the records that must be reproducible.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -17,8 +18,10 @@ from typing import Any
 import torch
 
 from fedspine.algorithms.aggregate import aggregate
+from fedspine.algorithms.robust import clip, combine, corrupt
 from fedspine.algorithms.schedulers import SyncScheduler
 from fedspine.algorithms.strategies import TaskResult
+from fedspine.algorithms.validation import check_update
 from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.client.evaluate import Evaluation
 from fedspine.fleet.cost import CostModel
@@ -35,7 +38,7 @@ class TaskOutcome:
     """Virtual timing and result of one client task in a round (times relative to round start)."""
 
     device: Device
-    status: str  # ok | late | oom | dropped | cancelled
+    status: str  # ok | late | oom | dropped | cancelled | rejected
     downlink_bytes: int
     downlink_seconds: float = 0.0
     compute_seconds: float = 0.0
@@ -79,6 +82,8 @@ class RunState:
     updates: dict[str, int] = field(default_factory=dict)
     """Update accounting of asynchronous runs: dispatched, applied, unapplied_at_end."""
 
+
+log = logging.getLogger("fedspine.engine")
 
 ProgressCallback = Callable[[RoundRecord, "Evaluation | None"], None]
 
@@ -179,7 +184,8 @@ class Engine:
                 o.status = "late"
                 continue
             self._train(o)
-            arrivals.append(o.arrival_seconds)
+            if o.status == "ok":
+                arrivals.append(o.arrival_seconds)
         return outcomes
 
     def _prepare(
@@ -228,6 +234,9 @@ class Engine:
         update = self.exp.executor.run(outcome.task, outcome.prepared)
         if update.lora_rank != outcome.task.lora.rank:  # the device shrank its own rank (HetLoRA)
             self.device_lora[update.device_id] = DeviceLora(update.lora_rank, outcome.task.lora.scaling)
+        attack = self.exp.config.fleet.attack
+        if attack.kind != "none" and update.device_id in attack.devices:
+            update = corrupt(update, outcome.task.payload, attack.kind, attack.factor)
         if self.exp.uplink is not None:
             draws = torch.Generator().manual_seed(
                 task_seed(self.seed, outcome.task.round, update.device_id, 4)
@@ -245,6 +254,21 @@ class Engine:
         self.recorder.host_timing(
             "train", round=update.round, device_id=device.device_id, seconds=update.host_train_seconds
         )
+        self._validate(outcome)
+
+    def _validate(self, outcome: TaskOutcome) -> None:
+        """Reject (never aggregate) an update that fails the server's checks; log and record why."""
+        assert outcome.task is not None and outcome.update is not None
+        reason = check_update(outcome.update, outcome.task, self.exp.config.server.max_update_norm)
+        if reason is not None:
+            log.warning(
+                "round %s, device %s: update rejected: %s",
+                outcome.task.round,
+                outcome.device.device_id,
+                reason,
+            )
+            outcome.status, outcome.update = "rejected", None
+            outcome.extra["reason"] = f"rejected: {reason}"
 
     def _aggregate(
         self,
@@ -255,7 +279,7 @@ class Engine:
     ) -> float:
         """Aggregate ``updates`` (default: the accepted tasks' own) and charge the server's time."""
         if updates is None:
-            updates = [o.update for o in accepted if o.update is not None]
+            updates = self._robust([o for o in accepted if o.update is not None])
         nbytes = sum(o.uplink_bytes for o in accepted)
         wall = time.perf_counter()
         aggregate(self.exp.strategy, updates, self.exp.config.strategy.aggregation_fan_in)
@@ -275,6 +299,16 @@ class Engine:
             uplink_bytes=nbytes,
         )
         return seconds
+
+    def _robust(self, accepted: list[TaskOutcome]) -> list[ClientUpdate]:
+        """The accepted updates after the configured robust rule (``server.robust``)."""
+        server = self.exp.config.server
+        pairs = [(o.update, o.task.payload) for o in accepted if o.update is not None and o.task is not None]
+        if server.robust == "clip":
+            return [clip(u, start, server.clip_norm) for u, start in pairs]
+        if server.robust in ("median", "trimmed_mean") and pairs:
+            return [combine([u for u, _ in pairs], pairs[0][1], server.robust, server.trim_fraction)]
+        return [u for u, _ in pairs]
 
     def _merge_base(self, delta: dict[str, torch.Tensor]) -> None:
         """Add an aggregated weight change to the base model (FLoRA, FedSpine)."""
@@ -326,6 +360,7 @@ class Engine:
                 "oom": 0,
                 "dropped": 0,
                 "cancelled": 0,
+                "rejected": 0,
                 "compute_seconds": 0.0,
                 "communication_seconds": 0.0,
                 "uplink_bytes": 0,

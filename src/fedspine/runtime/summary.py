@@ -94,7 +94,7 @@ def make_summary(
         "seed": cfg.run.seed,
         "tasks": {
             s: sum(d.get(s, 0) for d in state.device_stats.values())
-            for s in ("ok", "late", "oom", "dropped", "cancelled")
+            for s in ("ok", "late", "oom", "dropped", "cancelled", "rejected")
         },
         "updates": state.updates or None,
         "staleness": _staleness(rounds),
