@@ -26,7 +26,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedspine.algorithms.wire import flatten_state, unflatten_state
-from fedspine.errors import DeployError
+from fedspine.errors import DeployError, FedspineError
 from fedspine.model.pruning import LayerKeep, PruningPlan
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
 
@@ -63,7 +63,7 @@ def plan_from_json(text: str) -> PruningPlan | None:
     try:
         raw = json.loads(text)
         return {int(layer): LayerKeep(tuple(kv), tuple(ch)) for layer, (kv, ch) in raw.items()}
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError, FedspineError) as exc:
         raise DeployError(f"task.plan is not a pruning plan: {exc}") from exc
 
 
@@ -100,7 +100,7 @@ def read_task(content: RecordDict) -> tuple[ClientTask, dict[str, torch.Tensor],
         lora=DeviceLora(_int(cfg, "task", "rank"), _float(cfg, "task", "scaling")),
         payload=unflatten_state(tensors(_arrays(content, "lora"))),
         downlink_bytes=_int(cfg, "task", "downlink_bytes"),
-        extra=json.loads(str(cfg.get("extra", "{}"))),
+        extra=_extra(cfg),
         plan=plan_from_json(str(cfg.get("plan", ""))),
         pruning_ratio=_float(cfg, "task", "pruning_ratio"),
     )
@@ -181,6 +181,16 @@ def read_update(content: RecordDict, task: ClientTask) -> tuple[ClientUpdate, Ti
         _float(cfg, "update", "setup_seconds"),
     )
     return update, timing
+
+
+def _extra(cfg: ConfigRecord) -> dict[str, Any]:
+    try:
+        extra = json.loads(str(cfg.get("extra", "{}")))
+    except ValueError as exc:
+        raise DeployError(f"task.extra is not JSON: {exc}") from exc
+    if not isinstance(extra, dict):
+        raise DeployError(f"task.extra must be a JSON object, got {type(extra).__name__}")
+    return extra
 
 
 def _config(content: RecordDict, name: str) -> ConfigRecord:
