@@ -18,13 +18,14 @@ from typing import Any
 
 from fedspine.algorithms.wire import decode_state, encode_state
 from fedspine.client.evaluate import Evaluation
-from fedspine.config import Config, to_toml
-from fedspine.errors import ConfigError
+from fedspine.config import Config, load_config, to_toml
+from fedspine.errors import CheckpointError, ConfigError
 from fedspine.fleet import fleet_table_rows
-from fedspine.metrics.records import RoundRecord, RunRecorder
+from fedspine.metrics.records import SUMMARY_FILE, RoundRecord, RunRecorder
 from fedspine.report.html import write_report
 from fedspine.runtime.async_engine import make_engine
 from fedspine.runtime.build import Experiment, build_experiment, build_fleet_from_config
+from fedspine.runtime.checkpoint import load_latest
 from fedspine.runtime.engine import Engine
 from fedspine.runtime.export import copy_device_models, export_models
 from fedspine.runtime.summary import make_summary
@@ -38,6 +39,7 @@ __all__ = [
     "export_device_models",
     "fleet_rows",
     "load_global_adapter",
+    "resume_experiment",
     "run_experiment",
     "write_report",
 ]
@@ -88,11 +90,59 @@ def run_experiment(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(config), encoding="utf-8")
     recorder = RunRecorder(run_dir)
+    return _execute(
+        experiment, recorder, engine(experiment, recorder), setup_seconds, on_round, status, executor
+    )
+
+
+def resume_experiment(
+    run_dir: Path,
+    on_round: RoundCallback | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Continue an interrupted run from its newest complete checkpoint, with its own ``config.toml``.
+
+    The records are cut back to where the checkpoint was taken and continue from there; the finished
+    run's records and ``summary.json`` metrics equal those of a run that was never interrupted.
+    """
+    status = on_status or (lambda _msg: None)
+    if (run_dir / SUMMARY_FILE).exists():
+        raise CheckpointError(f"{run_dir} already finished (it has {SUMMARY_FILE}); nothing to resume")
+    if not (run_dir / "config.toml").exists():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.toml)")
+    config = load_config(run_dir / "config.toml")
+    if config.scheduler.name != "sync":
+        raise ConfigError(
+            "--resume", "only synchronous runs are checkpointed; asynchronous ones cannot resume"
+        )
+    started = time.perf_counter()
+    experiment = build_experiment(config, status)
+    snapshot = load_latest(run_dir, experiment)
+    setup_seconds = time.perf_counter() - started
+    status(f"resuming {run_dir} after round {snapshot.round}")
+    (run_dir / "FAILED").unlink(missing_ok=True)
+    recorder = RunRecorder.resume(run_dir, snapshot.engine["positions"], snapshot.engine["rounds"])
+    engine = Engine(experiment, recorder)
+    engine.restore(snapshot)
+    return _execute(experiment, recorder, engine, setup_seconds, on_round, status, "simulation")
+
+
+def _execute(
+    experiment: Experiment,
+    recorder: RunRecorder,
+    engine: Engine,
+    setup_seconds: float,
+    on_round: RoundCallback | None,
+    status: Callable[[str], None],
+    executor: str,
+) -> RunResult:
+    """Run the engine, export the device models, write the summary and the report."""
+    config, run_dir = experiment.config, recorder.run_dir
     try:
         unit = "aggregations" if getattr(experiment.scheduler, "asynchronous", False) else "rounds"
         status(f"running {config.scheduler.rounds} {unit} on {len(experiment.devices)} devices -> {run_dir}")
         loop_started = time.perf_counter()
-        state = engine(experiment, recorder).run(on_round)
+        state = engine.run(on_round)
         loop_seconds = time.perf_counter() - loop_started
         status("measuring and saving the device models")
         models = export_models(experiment, run_dir)

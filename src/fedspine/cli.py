@@ -59,13 +59,24 @@ def run(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Run directory (must be new or empty)")
     ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="Continue an interrupted run directory from its newest checkpoint"),
+    ] = None,
 ) -> None:
     """Run an experiment (the default one with no --config) and write its run directory."""
     with _errors():
-        cfg = _load(config, set_)
-        unit = "round" if cfg.scheduler.name == "sync" else "aggregation"
-        with _progress(cfg.scheduler.rounds, unit) as on_round:
-            result = api.run_experiment(cfg, out, on_round=on_round, on_status=_status)
+        if resume is not None:
+            if config is not None or set_ or out is not None:
+                raise ConfigError("--resume", "a resumed run uses its own config.toml and directory")
+            cfg = _load(resume / "config.toml", None) if (resume / "config.toml").exists() else Config()
+            with _progress(cfg.scheduler.rounds) as on_round:
+                result = api.resume_experiment(resume, on_round=on_round, on_status=_status)
+        else:
+            cfg = _load(config, set_)
+            unit = "round" if cfg.scheduler.name == "sync" else "aggregation"
+            with _progress(cfg.scheduler.rounds, unit) as on_round:
+                result = api.run_experiment(cfg, out, on_round=on_round, on_status=_status)
         _print_summary(result.summary, result.run_dir)
 
 
@@ -207,11 +218,12 @@ def _progress(rounds: int, unit: str = "round") -> Iterator[api.RoundCallback]:
 
         def on_round(record: api.RoundRecord, evaluation: api.Evaluation | None) -> None:
             vtime = format_duration(record.virtual_end)
+            done = record.round  # a resumed run starts past the checkpoint's round
             if evaluation is None:
-                progress.update(task, advance=1, vtime=vtime)
+                progress.update(task, completed=done, vtime=vtime)
             else:
                 metric = f"{evaluation.metric_name} {evaluation.metric:.4g}"
-                progress.update(task, advance=1, vtime=vtime, metric=metric)
+                progress.update(task, completed=done, vtime=vtime, metric=metric)
 
         yield on_round
 

@@ -41,9 +41,15 @@ class RunSection:
     """Seed for every random choice: fleet, data split, sampling, initialisation, jitter."""
     threads: int = 2
     """Host CPU threads torch may use for the real training."""
+    checkpoint_every: int = 1
+    """Write an atomic checkpoint every k synchronous rounds (0 = never); ``--resume`` continues."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
 
     def __post_init__(self) -> None:
         _check(self.threads >= 1, "run.threads", f"must be >= 1, got {self.threads}")
+        _check(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0 (0 = never)")
+        _check(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
 
 
 @dataclass

@@ -30,3 +30,7 @@ class FleetError(FedspineError):
 
 class DeployError(FedspineError):
     """A deployment cannot start or a message between server and device is malformed."""
+
+
+class CheckpointError(FedspineError):
+    """A checkpoint is missing, torn or does not belong to the run being resumed."""

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -61,8 +60,6 @@ class FlowerEngine(Engine):
         self.nodes = nodes
         """Device id -> Flower node id."""
         self.round_timeout = round_timeout
-        self.base_delta: dict[str, torch.Tensor] = {}
-        """Everything merged into the base weights so far; sent with each task when not empty."""
         self._t0 = time.time()
 
     def _elapsed(self) -> float:
@@ -140,13 +137,11 @@ class FlowerEngine(Engine):
         o.status, o.update, o.compute_seconds = "dropped", None, seconds
         o.extra["reason"] = reason
 
-    def _merge_base(self, delta: dict[str, torch.Tensor]) -> None:
-        super()._merge_base(delta)
-        for key, value in delta.items():
-            self.base_delta[key] = self.base_delta.get(key, torch.zeros_like(value)) + value
-
     def _aggregation_seconds(self, nbytes: int, wall_seconds: float) -> float:
         return wall_seconds
+
+    def checkpoint(self, round_no: int) -> None:
+        """Deployed runs are not checkpointed (resuming one would need the SuperNodes' state too)."""
 
 
 def discover_nodes(grid: Grid, devices: int, wait_seconds: float) -> dict[int, int]:

@@ -93,6 +93,32 @@ class RunRecorder:
         self._rounds.writeheader()
         self.rounds: list[RoundRecord] = []
 
+    def positions(self) -> dict[str, int]:
+        """Byte length of each record file now (flushed), to resume from."""
+        out = {}
+        for name, f in (
+            (EVENTS_FILE, self._events),
+            (HOST_TIMINGS_FILE, self._host),
+            (ROUNDS_FILE, self._rounds_file),
+        ):
+            f.flush()
+            out[name] = f.tell()
+        return out
+
+    @classmethod
+    def resume(cls, run_dir: Path, positions: dict[str, int], rounds: list[RoundRecord]) -> RunRecorder:
+        """Reopen a run's record files cut back to ``positions``, for appending after a checkpoint."""
+        for name, size in positions.items():
+            os.truncate(run_dir / name, size)
+        recorder = cls.__new__(cls)
+        recorder.run_dir = run_dir
+        recorder._events = (run_dir / EVENTS_FILE).open("a", encoding="utf-8")
+        recorder._host = (run_dir / HOST_TIMINGS_FILE).open("a", encoding="utf-8")
+        recorder._rounds_file = (run_dir / ROUNDS_FILE).open("a", encoding="utf-8", newline="")
+        recorder._rounds = csv.DictWriter(recorder._rounds_file, fieldnames=ROUND_COLUMNS)
+        recorder.rounds = list(rounds)
+        return recorder
+
     def event(self, kind: str, **data: Any) -> None:
         """Record one event (``task``, ``aggregation``, ``evaluation``...)."""
         self._events.write(json.dumps(_clean({"event": kind, **data})) + "\n")

@@ -210,6 +210,22 @@ def add_to_base_weights(peft_model: PeftModel, deltas: dict[str, torch.Tensor]) 
             base.weight.add_(delta.to(base.weight.dtype))
 
 
+def base_weights(peft_model: PeftModel, names: list[str]) -> dict[str, torch.Tensor]:
+    """Copies of the base weights of the named adapted modules."""
+    layers: dict[str, Any] = dict(_lora_layers(peft_model))
+    return {name: layers[name].get_base_layer().weight.detach().clone() for name in names}
+
+
+def set_base_weights(peft_model: PeftModel, weights: dict[str, torch.Tensor]) -> None:
+    """Overwrite the base weights of the named adapted modules (exactly, e.g. from a checkpoint)."""
+    layers: dict[str, Any] = dict(_lora_layers(peft_model))
+    with torch.no_grad():
+        for name, value in weights.items():
+            if name not in layers:
+                raise ModelError(f"cannot set the base weight of {name}: not an adapted module")
+            layers[name].get_base_layer().weight.copy_(value)
+
+
 def lora_parameter_count(peft_model: PeftModel) -> int:
     """Number of LoRA parameters (all A and B entries) in the model."""
     return sum(a.numel() + b.numel() for a, b in (_a_b(layer) for _, layer in _lora_layers(peft_model)))

@@ -155,26 +155,33 @@ def build_policy(
     return bandit
 
 
-def _time_predictor(
-    cfg: Config,
-    strategy: FedSpine,
-    executor: SimExecutor,
-    devices: Sequence[Device],
-    device_lora: dict[int, DeviceLora],
-) -> Callable[[int, Arm], float]:
-    """Predicted task time of a device at an arm, from its profile (what only the oracle may read)."""
-    by_id = {d.device_id: d for d in devices}
+class _TimePredictor:
+    """Predicted task time of a device at an arm, from its profile (what only the oracle may read).
 
-    def predict(device_id: int, arm: Arm) -> float:
-        device = by_id[device_id]
+    A class rather than a closure, so a checkpoint can pickle the policy that holds it.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        strategy: FedSpine,
+        executor: SimExecutor,
+        devices: Sequence[Device],
+    ) -> None:
+        self.cfg, self.strategy, self.executor = cfg, strategy, executor
+        self.by_id = {d.device_id: d for d in devices}
+
+    def __call__(self, device_id: int, arm: Arm) -> float:
+        cfg, strategy = self.cfg, self.strategy
+        device = self.by_id[device_id]
         plan = strategy.plan_for(arm.ratio)
         workload = pruned_workload(
             plan,
-            executor.shape,
+            self.executor.shape,
             seq_lens=[cfg.data.max_length] * cfg.train.batch_size * cfg.train.local_steps,
             lora_rank=arm.rank,
             num_lora_targets=len(cfg.lora.target_modules),
-            logits_positions=executor.logits_positions,
+            logits_positions=self.executor.logits_positions,
             dtype_bytes=device.device_class.train_dtype_bytes,
             batch_size=cfg.train.batch_size,
             steps=cfg.train.local_steps,
@@ -183,33 +190,32 @@ def _time_predictor(
         upload = 4 * arm.rank * sum(o + i for o, i in strategy.kept_shapes(plan).values())
         return cost.train_seconds(workload, 1.0) + cost.transfer_seconds(upload, "up", 1.0)
 
-    return predict
 
+class _RelativeWork:
+    """An arm's training FLOPs relative to the dense model at the largest rank (model knowledge only).
 
-def _relative_work(cfg: Config, strategy: FedSpine, executor: SimExecutor) -> Callable[[Arm], float]:
-    """An arm's training FLOPs relative to the dense model at the largest rank (model knowledge only)."""
-    seq_lens = [cfg.data.max_length] * cfg.train.batch_size
-    targets = len(cfg.lora.target_modules)
+    Evaluated lazily (plans need the strategy's importance) and cached per arm.
+    """
 
-    def flops(arm: Arm) -> float:
-        plan = strategy.plan_for(arm.ratio)
+    def __init__(self, cfg: Config, strategy: FedSpine, executor: SimExecutor) -> None:
+        self.cfg, self.strategy, self.executor = cfg, strategy, executor
+        self.cache: dict[Arm, float] = {}
+
+    def _flops(self, arm: Arm) -> float:
+        cfg = self.cfg
         return pruned_workload(
-            plan,
-            executor.shape,
-            seq_lens=seq_lens,
+            self.strategy.plan_for(arm.ratio),
+            self.executor.shape,
+            seq_lens=[cfg.data.max_length] * cfg.train.batch_size,
             lora_rank=arm.rank,
-            num_lora_targets=targets,
-            logits_positions=executor.logits_positions,
+            num_lora_targets=len(cfg.lora.target_modules),
+            logits_positions=self.executor.logits_positions,
         ).flops
 
-    cache: dict[Arm, float] = {}
-
-    def relative(arm: Arm) -> float:  # evaluated lazily: plans need the strategy's importance
-        if arm not in cache:
-            cache[arm] = flops(arm) / flops(Arm(0.0, max(cfg.strategy.fedspine.ranks)))
-        return cache[arm]
-
-    return relative
+    def __call__(self, arm: Arm) -> float:
+        if arm not in self.cache:
+            self.cache[arm] = self._flops(arm) / self._flops(Arm(0.0, max(self.cfg.strategy.fedspine.ranks)))
+        return self.cache[arm]
 
 
 def build_scheduler(cfg: Config, num_devices: int, strategy: Strategy) -> Scheduler:
@@ -426,8 +432,8 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     if isinstance(strategy, FedSpine):
         assert initial_scores is not None
         executor.importance = strategy.settings.importance
-        predict = _time_predictor(cfg, strategy, executor, devices, device_lora)
-        work = _relative_work(cfg, strategy, executor)
+        predict = _TimePredictor(cfg, strategy, executor, devices)
+        work = _RelativeWork(cfg, strategy, executor)
         policy = build_policy(cfg, strategy, devices, device_lora, predict, work)
         strategy.setup(shape, initial_scores, policy, cfg.scheduler.rounds)
     return Experiment(

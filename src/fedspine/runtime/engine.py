@@ -27,6 +27,7 @@ from fedspine.client.evaluate import Evaluation
 from fedspine.fleet.cost import CostModel
 from fedspine.fleet.jitter import compute_slowdown, is_available, link_rate_factor
 from fedspine.metrics.records import RoundRecord, RunRecorder
+from fedspine.runtime import checkpoint as checkpoints
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.executor import PreparedTask, task_seed
 from fedspine.sim.clock import VirtualClock
@@ -99,6 +100,10 @@ class Engine:
         self.seed = experiment.config.run.seed
         self.device_lora = dict(experiment.device_lora)
         """Each device's current LoRA rank and scaling (HetLoRA devices shrink theirs)."""
+        self.base_delta: dict[str, torch.Tensor] = {}
+        """Everything merged into the base weights so far (FLoRA, FedSpine)."""
+        self.first_round = 1
+        """The round to start from (after :meth:`restore`, the one after the checkpoint's)."""
 
     @property
     def _sync(self) -> SyncScheduler:
@@ -109,15 +114,54 @@ class Engine:
     def run(self, on_round: ProgressCallback | None = None) -> RunState:
         """Run every round; returns the accumulated state for the summary."""
         exp = self.exp
-        rank = max(lora.rank for lora in self.device_lora.values())
-        exp.strategy.init_global(exp.module_shapes, rank, torch.Generator().manual_seed(self.seed))
-        if exp.config.eval.at_start:
-            self._evaluate(0)
-        for round_no in range(1, exp.scheduler.rounds + 1):
+        if self.first_round == 1:
+            rank = max(lora.rank for lora in self.device_lora.values())
+            exp.strategy.init_global(exp.module_shapes, rank, torch.Generator().manual_seed(self.seed))
+            if exp.config.eval.at_start:
+                self._evaluate(0)
+        every, last = exp.config.run.checkpoint_every, exp.scheduler.rounds
+        for round_no in range(self.first_round, last + 1):
             record, evaluation = self._round(round_no)
             if on_round is not None:
                 on_round(record, evaluation)
+            if every and round_no % every == 0 and round_no < last:
+                self.checkpoint(round_no)
         return self.state
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def checkpoint(self, round_no: int) -> None:
+        """Write an atomic checkpoint of everything needed to continue after ``round_no``."""
+        exp = self.exp
+        engine = {
+            "clock": self.clock.now,
+            "device_lora": self.device_lora,
+            "state": self.state,
+            "rounds": self.recorder.rounds,
+            "positions": self.recorder.positions(),
+        }
+        objects = {
+            "strategy": exp.strategy,
+            "scheduler": exp.scheduler,
+            "uplink": exp.uplink,
+            "stale_handler": exp.stale_handler,
+        }
+        weights = exp.executor.base_weights(sorted(self.base_delta))
+        snapshot = checkpoints.Snapshot(round_no, engine, objects, self.base_delta, weights)
+        checkpoints.save(self.recorder.run_dir, exp, snapshot, exp.config.run.keep_checkpoints)
+
+    def restore(self, snapshot: checkpoints.Snapshot) -> None:
+        """Continue from ``snapshot``: the checkpoint's objects replace the freshly built ones."""
+        exp = self.exp
+        for name, obj in snapshot.objects.items():
+            setattr(exp, name, obj)
+        exp.executor.set_base_weights(snapshot.base_weights)
+        self.base_delta = dict(snapshot.base_delta)
+        engine = snapshot.engine
+        self.clock.advance_to(engine["clock"])
+        self.device_lora = engine["device_lora"]
+        self.state = engine["state"]
+        self.first_round = snapshot.round + 1
 
     # --- one round -------------------------------------------------------------------------------
 
@@ -311,8 +355,10 @@ class Engine:
         return [u for u, _ in pairs]
 
     def _merge_base(self, delta: dict[str, torch.Tensor]) -> None:
-        """Add an aggregated weight change to the base model (FLoRA, FedSpine)."""
+        """Add an aggregated weight change to the base model (FLoRA, FedSpine), and to the running sum."""
         self.exp.executor.merge_into_base(delta)
+        for key, value in delta.items():
+            self.base_delta[key] = self.base_delta.get(key, torch.zeros_like(value)) + value
 
     def _aggregation_seconds(self, nbytes: int, wall_seconds: float) -> float:
         """Virtual time the server spends aggregating ``nbytes`` of updates (cost model, not host time)."""

@@ -29,9 +29,11 @@ from fedspine.model.lora import (
     activate_adapter,
     add_to_base_weights,
     apply_lora,
+    base_weights,
     ensure_adapter,
     get_lora_state,
     plain_copy,
+    set_base_weights,
     set_lora_state,
 )
 from fedspine.model.pruning import PruningPlan, prune_model, pruned_workload, scatter_to_full
@@ -251,6 +253,14 @@ class SimExecutor:
     def merge_into_base(self, deltas: dict[str, torch.Tensor]) -> None:
         """Add aggregated weight deltas to the shared base weights (FLoRA)."""
         add_to_base_weights(self.model, deltas)
+
+    def base_weights(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Copies of the shared base weights of the named modules."""
+        return base_weights(self.model, names)
+
+    def set_base_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Overwrite the shared base weights of the named modules (restoring a checkpoint)."""
+        set_base_weights(self.model, weights)
 
     def evaluate(self, data: EncodedDataset, batch_size: int, plan: PruningPlan | None = None) -> Evaluation:
         """Evaluate the model with the global adapter loaded by :meth:`load_global` (pruned by ``plan``)."""

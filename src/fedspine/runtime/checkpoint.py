@@ -1,0 +1,189 @@
+"""Atomic checkpoints of a synchronous run, and resuming from the newest complete one.
+
+A checkpoint is a directory ``checkpoints/round-000K`` holding
+
+* ``global_adapter.safetensors``: the global LoRA adapter (for inspection and export);
+* ``base_delta.safetensors``, ``base_weights.safetensors``: everything merged into the base weights
+  so far (FLoRA, FedSpine) and the merged modules' current weights, which a rebuilt model takes over
+  exactly (adding the delta again would round differently);
+* ``state.pkl``: the rest, pickled: the strategy (global state, pruning masks and importance, the
+  policy with its bandit statistics), the scheduler, the uplink codec's error-feedback memories on
+  both sides, the engine's counters, the virtual clock, per-device LoRA ranks, the round records so
+  far and the byte positions of the record files. Live objects (the model and its executor, the data)
+  are not pickled but referred to by name and re-attached from the rebuilt experiment;
+* ``MANIFEST.json``, written last: the round and the SHA-256 of every file.
+
+It is written into a temporary directory, fsynced, and renamed into place, so a crash leaves either a
+complete checkpoint or a ``.tmp-*`` directory that is ignored. A checkpoint whose manifest is missing
+or whose files do not match it is torn: it is never loaded. Random state needs no saving: every draw
+of a round comes from a generator seeded by (run seed, round, device).
+
+The pickle is trusted input: only resume run directories you wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedspine.algorithms.wire import flatten_state
+from fedspine.errors import CheckpointError
+from fedspine.runtime.build import Experiment
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "MANIFEST.json"
+FORMAT = 1
+
+
+@dataclass
+class Snapshot:
+    """What the engine needs to continue after round ``round``."""
+
+    round: int
+    engine: dict[str, Any]
+    """Clock, per-device LoRA, run state, round records and record-file positions."""
+    objects: dict[str, Any]
+    """Strategy, scheduler, uplink channel, stale-update handler."""
+    base_delta: dict[str, torch.Tensor]
+    base_weights: dict[str, torch.Tensor]
+    """Current weights of the modules in ``base_delta``."""
+
+
+def _named(exp: Experiment) -> dict[str, Any]:
+    """Objects referred to by name instead of pickled (they are rebuilt from the config)."""
+    named = {"executor": exp.executor, "model": exp.executor.model, "objective": exp.objective}
+    named.update(test_data=exp.test_data, train_data=exp.executor.train_data, tokenizer=exp.tokenizer)
+    return {name: obj for name, obj in named.items() if obj is not None}
+
+
+def _live(exp: Experiment) -> dict[int, str]:
+    return {id(obj): name for name, obj in _named(exp).items()}
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, live: dict[int, str]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.live = live
+
+    def persistent_id(self, obj: Any) -> str | None:
+        return self.live.get(id(obj))
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, live: dict[str, Any]) -> None:
+        super().__init__(file)
+        self.live = live
+
+    def persistent_load(self, pid: Any) -> Any:
+        if pid not in self.live:
+            raise CheckpointError(f"the checkpoint refers to '{pid}', which this run does not have")
+        return self.live[pid]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(run_dir: Path, exp: Experiment, snapshot: Snapshot, keep: int = 2) -> Path:
+    """Write ``snapshot`` atomically as ``checkpoints/round-000K``; keep the newest ``keep``."""
+    root = run_dir / CHECKPOINTS
+    root.mkdir(exist_ok=True)
+    final = root / f"round-{snapshot.round:06d}"
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {
+        "base_delta.safetensors": snapshot.base_delta,
+        "base_weights.safetensors": snapshot.base_weights,
+        "global_adapter.safetensors": flatten_state(exp.strategy.global_lora()),
+    }
+    for name, values in tensors.items():
+        save_file({k: v.contiguous() for k, v in values.items()}, str(tmp / name))
+    buffer = io.BytesIO()
+    _Pickler(buffer, _live(exp)).dump({"engine": snapshot.engine, "objects": snapshot.objects})
+    (tmp / "state.pkl").write_bytes(buffer.getvalue())
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    for name in files:
+        _fsync(tmp / name)
+    manifest = {"format": FORMAT, "round": snapshot.round, "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    _fsync(tmp / MANIFEST)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(root)
+    for old in sorted(complete(run_dir))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete(run_dir: Path) -> list[Path]:
+    """Checkpoint directories that verify against their manifest, oldest first."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return [d for d in sorted(root.glob("round-*")) if verify(d) is None]
+
+
+def verify(directory: Path) -> str | None:
+    """Why ``directory`` is not a complete checkpoint, or None if it is."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.exists():
+        return "no manifest (the checkpoint was not finished)"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if manifest.get("format") != FORMAT:
+            return f"format {manifest.get('format')!r}, expected {FORMAT}"
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"unreadable manifest: {exc}"
+    for name, digest in files.items():
+        path = directory / name
+        if not path.exists():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def load_latest(run_dir: Path, exp: Experiment) -> Snapshot:
+    """The newest complete checkpoint of ``run_dir``, re-attached to the rebuilt ``exp``."""
+    candidates = sorted((run_dir / CHECKPOINTS).glob("round-*")) if (run_dir / CHECKPOINTS).is_dir() else []
+    reasons = []
+    for directory in reversed(candidates):
+        reason = verify(directory)
+        if reason is not None:
+            reasons.append(f"{directory.name}: {reason}")
+            continue
+        try:
+            state = _Unpickler(io.BytesIO((directory / "state.pkl").read_bytes()), _named(exp)).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+            raise CheckpointError(f"{directory}: state.pkl cannot be read: {exc}") from exc
+        delta = load_file(str(directory / "base_delta.safetensors"))
+        weights = load_file(str(directory / "base_weights.safetensors"))
+        round_no = int(json.loads((directory / MANIFEST).read_text())["round"])
+        return Snapshot(round_no, state["engine"], state["objects"], delta, weights)
+    detail = f" ({'; '.join(reasons)})" if reasons else ""
+    raise CheckpointError(f"{run_dir} has no complete checkpoint to resume from{detail}")

@@ -1,0 +1,146 @@
+"""Atomic checkpoints and exact resume: a run killed and resumed ends as if never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedspine.api import RoundRecord, resume_experiment, run_experiment
+from fedspine.cli import app as cli
+from fedspine.config import load_config
+from fedspine.errors import CheckpointError
+from fedspine.runtime.checkpoint import complete, verify
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.toml"
+ARGS = ["scheduler.rounds=4", "export.speed=false", "export.save=false", "data.test_size=40"]
+SAME = (
+    "metric",
+    "final_eval_loss",
+    "evaluations",
+    "tasks",
+    "virtual_seconds",
+    "uplink_bytes",
+    "downlink_bytes",
+)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same summary metrics and identical (virtual-time) records."""
+    x, y = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    for key in SAME:
+        assert x[key] == y[key], key
+    for name in ("events.jsonl", "rounds.csv"):
+        assert (a / name).read_text() == (b / name).read_text(), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "run"
+    run_experiment(load_config(TINY, ARGS), out)
+    return out
+
+
+@pytest.mark.parametrize("kill_after", [1, 2])
+def test_a_run_killed_with_sigkill_resumes_to_the_same_result(
+    uninterrupted: Path, tmp_path: Path, kill_after: int
+) -> None:
+    """Kill the CLI at a random moment after checkpoint ``kill_after`` is complete, then resume."""
+    out = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "fedspine"), "run", "--config", str(TINY), "--out", str(out)]
+    cmd += [a for arg in ARGS for a in ("--set", arg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        manifest = out / "checkpoints" / f"round-{kill_after:06d}" / "MANIFEST.json"
+        deadline = time.time() + 300
+        while not manifest.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(random.Random(kill_after).uniform(0.0, 1.0))  # somewhere in the next round
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (out / "summary.json").exists()
+    result = CliRunner().invoke(cli, ["run", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    assert_same_run(uninterrupted, out)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_after(round_no: int):  # type: ignore[no-untyped-def]
+    def on_round(record: RoundRecord, _evaluation: object) -> None:
+        if record.round == round_no + 1:  # during the next round's bookkeeping: its checkpoint is not written
+            raise _Crash
+
+    return on_round
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["strategy.name=fedspine"],  # masks, importance, the bandit's statistics
+        ["strategy.name=flora"],  # adapters merged into the base weights
+        ["compression.codec=topk", "compression.feedback=ef21"],  # error-feedback memories
+        ["strategy.name=hetlora", "lora.ranks=[2, 4, 8, 2, 4, 8]"],  # ranks devices shrank
+    ],
+    ids=["fedspine", "flora", "ef21", "hetlora"],
+)
+def test_every_kind_of_state_survives_a_crash(tmp_path: Path, overrides: list[str]) -> None:
+    cfg = load_config(TINY, [*ARGS, *overrides])
+    run_experiment(cfg, tmp_path / "full")
+    with pytest.raises(_Crash):
+        run_experiment(cfg, tmp_path / "crashed", on_round=_crash_after(2))
+    assert (tmp_path / "crashed" / "FAILED").exists()
+    resume_experiment(tmp_path / "crashed")
+    assert not (tmp_path / "crashed" / "FAILED").exists()
+    assert_same_run(tmp_path / "full", tmp_path / "crashed")
+
+
+def test_a_torn_checkpoint_is_detected_and_never_loaded(uninterrupted: Path, tmp_path: Path) -> None:
+    cfg = load_config(TINY, ARGS)
+    out = tmp_path / "run"
+    with pytest.raises(_Crash):
+        run_experiment(cfg, out, on_round=_crash_after(2))
+    newest = out / "checkpoints" / "round-000002"
+    state = newest / "state.pkl"
+    state.write_bytes(state.read_bytes()[:-100])  # torn: shorter than its manifest says
+    assert "does not match its checksum" in str(verify(newest))
+    (out / "checkpoints" / ".tmp-round-000003").mkdir()  # an unfinished write is ignored too
+    assert [d.name for d in complete(out)] == ["round-000001"]
+    resume_experiment(out)  # from round 1, not from the torn round 2
+    assert_same_run(uninterrupted, out)
+
+
+def test_resume_refuses_what_it_cannot_continue(uninterrupted: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="already finished"):
+        resume_experiment(uninterrupted)
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "checkpoints")
+    result = CliRunner().invoke(cli, ["run", "--resume", str(run)])
+    assert result.exit_code == 1 and "no complete checkpoint" in result.output
+    (run / "checkpoints" / "round-000001").mkdir(parents=True)  # no manifest: never finished
+    with pytest.raises(CheckpointError, match="no manifest"):
+        resume_experiment(run)
+    result = CliRunner().invoke(cli, ["run", "--resume", str(run), "--set", "train.lr=1"])
+    assert result.exit_code == 2 and "--resume" in result.output
+
+
+def test_checkpoints_are_kept_to_the_newest_few(uninterrupted: Path) -> None:
+    names = sorted(d.name for d in (uninterrupted / "checkpoints").iterdir())
+    assert names == ["round-000002", "round-000003"]  # every round but the last, newest 2 kept
