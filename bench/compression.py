@@ -17,7 +17,7 @@ reached) and its ratio to ``none``. The last line is ``RESULT ...``; ``best`` is
 largest byte reduction among those that lose at most 1 point of the metric.
 
 Usage:
-    python bench/compression.py                 # 5 rounds each, FedIT, SmolLM2 (about 55 min on 2 cores)
+    python bench/compression.py                 # 5 rounds each, FedIT, SmolLM2 (about 65 min on 2 cores)
     python bench/compression.py --strategy flora
     python bench/compression.py --config configs/tiny.toml --quick   # seconds; a smoke test
 """
