@@ -23,7 +23,7 @@ from fedspine.runtime.checkpoint import complete, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.toml"
-ARGS = ["scheduler.rounds=4", "export.speed=false", "export.save=false", "data.test_size=40"]
+ARGS = ["scheduler.rounds=6", "export.speed=false", "export.save=false", "data.test_size=40"]
 SAME = (
     "metric",
     "final_eval_loss",
@@ -51,7 +51,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kill_after", [1, 2])
+@pytest.mark.parametrize("kill_after", [1, 3])
 def test_a_run_killed_with_sigkill_resumes_to_the_same_result(
     uninterrupted: Path, tmp_path: Path, kill_after: int
 ) -> None:
@@ -65,7 +65,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_result(
         deadline = time.time() + 300
         while not manifest.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
-        time.sleep(random.Random(kill_after).uniform(0.0, 1.0))  # somewhere in the next round
+        time.sleep(random.Random(kill_after).uniform(0.0, 0.05))  # somewhere early in the next round
         assert proc.poll() is None, "the run finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
@@ -133,7 +133,7 @@ def test_resume_refuses_what_it_cannot_continue(uninterrupted: Path, tmp_path: P
     (run / "summary.json").unlink()
     shutil.rmtree(run / "checkpoints")
     result = CliRunner().invoke(cli, ["run", "--resume", str(run)])
-    assert result.exit_code == 1 and "no complete checkpoint" in result.output
+    assert result.exit_code == 1 and "no complete checkpoint" in " ".join(result.output.split())
     (run / "checkpoints" / "round-000001").mkdir(parents=True)  # no manifest: never finished
     with pytest.raises(CheckpointError, match="no manifest"):
         resume_experiment(run)
@@ -143,4 +143,4 @@ def test_resume_refuses_what_it_cannot_continue(uninterrupted: Path, tmp_path: P
 
 def test_checkpoints_are_kept_to_the_newest_few(uninterrupted: Path) -> None:
     names = sorted(d.name for d in (uninterrupted / "checkpoints").iterdir())
-    assert names == ["round-000002", "round-000003"]  # every round but the last, newest 2 kept
+    assert names == ["round-000004", "round-000005"]  # every round but the last, newest 2 kept
