@@ -51,6 +51,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from fedspine.algorithms.lora_math import cut_to
 from fedspine.types import ClientUpdate, LoraState
 
 Payload = dict[str, torch.Tensor]
@@ -315,7 +316,7 @@ class UplinkChannel:
             for name, value in factors.items():
                 key = f"{module}/{name}"
                 payload = self.feedback.send(
-                    device, key, value.float() - _like(start[module][name], value), generator
+                    device, key, value.float() - cut_to(start[module][name], value), generator
                 )
                 wire.update({f"{key}/{part}": tensor for part, tensor in payload.items()})
         return wire
@@ -332,12 +333,5 @@ class UplinkChannel:
         for key, payload in payloads.items():
             module, _, name = key.rpartition("/")
             estimate = self.feedback.receive(server, key, payload)
-            received.setdefault(module, {})[name] = _like(start[module][name], estimate) + estimate
+            received.setdefault(module, {})[name] = cut_to(start[module][name], estimate) + estimate
         return dataclasses.replace(update, lora_state=received)
-
-
-def _like(start: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``start`` cut to ``value``'s shape (a device that shrank its rank uploads fewer components)."""
-    if start.shape == value.shape:
-        return start.float()
-    return start[tuple(slice(0, n) for n in value.shape)].float()

@@ -96,3 +96,11 @@ def fresh_factors(
     bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on an (r, in) weight
     a = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
     return a, torch.zeros(out_features, rank)
+
+
+def cut_to(start: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``start`` (float32) cut to ``like``'s shape: the received factor of a device that lowered its
+    rank and uploads fewer components."""
+    if start.shape == like.shape:
+        return start.float()
+    return start[tuple(slice(0, n) for n in like.shape)].float()

@@ -17,12 +17,12 @@ from collections.abc import Sequence
 
 import torch
 
+from fedspine.algorithms.lora_math import cut_to
 from fedspine.types import ClientUpdate, LoraState
 
 
 def _start(start: LoraState, module: str, name: str, like: torch.Tensor) -> torch.Tensor:
-    base = start[module][name]
-    return base[tuple(slice(0, n) for n in like.shape)].float()
+    return cut_to(start[module][name], like)
 
 
 def change_norm(update: ClientUpdate, start: LoraState) -> float:

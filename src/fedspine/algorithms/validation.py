@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from fedspine.algorithms.lora_math import cut_to
 from fedspine.types import ClientTask, ClientUpdate
 
 
@@ -42,7 +43,7 @@ def check_update(update: ClientUpdate, task: ClientTask, max_norm: float = 0.0) 
         if reason is not None:
             return reason
         for name in ("A", "B"):
-            base = start[name][tuple(slice(0, n) for n in factors[name].shape)].float()
+            base = cut_to(start[name], factors[name])
             squared += float((factors[name].float() - base).pow(2).sum())
     if not math.isfinite(squared):
         return "the change of its factors overflows"
