@@ -3,6 +3,9 @@
 Classification is verbalizer-style: the prompt is left-padded so that the last position predicts
 the label word, and only that position's logits are computed (``logits_to_keep=1``), restricted
 to the label words' token ids. Language modelling is next-token cross-entropy on the target tokens.
+
+``prepare_eval`` readies a model copy for evaluation only: the classifier cuts its output head to the
+label words (:mod:`fedspine.model.heads`), so evaluation never multiplies by the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from fedspine.model.heads import cut_output_head, label_head
 
 
 @dataclass
@@ -41,6 +46,9 @@ class Objective(Protocol):
     def metric(self, total: BatchResult) -> float:
         """The task metric from summed results."""
 
+    def prepare_eval(self, model: Any) -> None:
+        """Ready ``model`` (a copy used only for evaluation) for :meth:`evaluate`, in place."""
+
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     # Left padding: positions count real tokens only, as generate() does.   (B, T)
@@ -64,7 +72,15 @@ class ClassificationObjective:
             position_ids=_positions(batch.attention_mask),
             logits_to_keep=1,
         )
+        head = label_head(model)
+        if head is not None:  # a head cut to the label words by prepare_eval: column k is label k
+            if head.token_ids != tuple(self.label_token_ids.tolist()):
+                raise ValueError("the model's head is cut to other tokens than this task's label words")
+            return out.logits[:, -1].float()  # (B, K)
         return out.logits[:, -1, self.label_token_ids].float()  # (B, K)
+
+    def prepare_eval(self, model: Any) -> None:
+        cut_output_head(model, self.label_token_ids.tolist())
 
     def loss(self, model: Any, batch: Any) -> torch.Tensor:
         return F.cross_entropy(self.label_logits(model, batch), batch.label_index)
@@ -103,3 +119,6 @@ class LanguageModelingObjective:
 
     def metric(self, total: BatchResult) -> float:
         return math.exp(min(total.loss_sum / max(total.count, 1), 50.0))
+
+    def prepare_eval(self, model: Any) -> None:
+        """Every position's full distribution is needed: nothing to cut."""

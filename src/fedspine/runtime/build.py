@@ -32,6 +32,7 @@ from fedspine.algorithms.schedulers import AsyncLimits, AsyncScheduler, SyncSche
 from fedspine.algorithms.staleness import Identity, StalenessFunction, StaleUpdateHandler, make_handler
 from fedspine.algorithms.strategies import FedSpine, Strategy
 from fedspine.algorithms.strategies.fedspine import PRESETS
+from fedspine.client.evaluate import EvalSet
 from fedspine.client.objectives import ClassificationObjective, LanguageModelingObjective, Objective
 from fedspine.config import Config
 from fedspine.data import (
@@ -71,6 +72,8 @@ class Experiment:
     executor: SimExecutor
     objective: Objective
     test_data: EncodedDataset
+    test_set: EvalSet
+    """``test_data`` batched once, by length, for every evaluation."""
     partitions: list[np.ndarray]
     device_lora: dict[int, DeviceLora]
     module_shapes: dict[str, tuple[int, int]]
@@ -389,6 +392,27 @@ def check_fleet_fits(devices: Sequence[Device], shape: ModelShape, cfg: Config) 
         )
 
 
+def check_config(cfg: Config) -> None:
+    """The checks that need no data and no model: registered names, the fleet, ranks, the scheduler,
+    robustness, the availability trace, the codec. Milliseconds; raises what :func:`build_experiment`
+    would raise for them.
+
+    Raises:
+        ConfigError: a name or combination the config cannot run.
+        FleetError: the fleet is empty or unknown.
+    """
+    strategy = build_strategy(cfg)
+    devices = build_fleet_from_config(cfg)
+    device_lora = build_device_lora(cfg, devices, strategy)
+    build_scheduler(cfg, len(devices), strategy)
+    check_robustness(cfg, strategy, device_lora)
+    if isinstance(strategy, FedSpine):
+        POLICIES.get(strategy.settings.policy, "strategy.fedspine.policy")
+    build_trace(cfg)
+    build_stale_handler(cfg)
+    build_uplink(cfg)
+
+
 def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     """Validate names and the fleet, load data and model, and assemble the run."""
     say = status or (lambda _msg: None)
@@ -429,6 +453,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     )
     executor.target_modules = list(cfg.lora.target_modules)
     executor.lora_dropout = cfg.lora.dropout
+    executor.eval_dtype = cfg.eval.dtype
     if isinstance(strategy, FedSpine):
         assert initial_scores is not None
         executor.importance = strategy.settings.importance
@@ -444,6 +469,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         executor=executor,
         objective=objective,
         test_data=test_data,
+        test_set=EvalSet.from_dataset(test_data, cfg.eval.batch_size),
         partitions=parts,
         device_lora=device_lora,
         module_shapes=module_shapes(peft_model),

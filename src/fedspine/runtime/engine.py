@@ -471,9 +471,7 @@ class Engine:
     def _evaluate(self, round_no: int) -> Evaluation:
         wall = time.perf_counter()
         self.exp.executor.load_global(self.exp.strategy.global_lora())
-        evaluation = self.exp.executor.evaluate(
-            self.exp.test_data, self.exp.config.eval.batch_size, self.exp.strategy.eval_plan()
-        )
+        evaluation = self.exp.executor.evaluate(self.exp.test_set, self.exp.strategy.eval_plan())
         self.state.eval_wall_seconds += time.perf_counter() - wall
         entry = {
             "round": round_no,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fedspine.algorithms.strategies import Strategy
-from fedspine.client.evaluate import Evaluation, evaluate
+from fedspine.client.evaluate import EvalSet, Evaluation, evaluate, prepare_eval_model
 from fedspine.client.objectives import Objective
 from fedspine.client.train import make_optimizer, train_local
 from fedspine.data.batching import Batch, EncodedDataset, iterate_batches
@@ -32,6 +32,7 @@ from fedspine.model.lora import (
     base_weights,
     ensure_adapter,
     get_lora_state,
+    merged_model,
     plain_copy,
     set_base_weights,
     set_lora_state,
@@ -105,6 +106,8 @@ class SimExecutor:
         """Importance the devices measure while training pruned submodels (taylor, flap, magnitude)."""
         self.target_modules: list[str] = []
         self.lora_dropout = 0.0
+        self.eval_dtype = "model"
+        """Dtype of the copies evaluated (``eval.dtype``)."""
 
     def prepare(
         self,
@@ -262,15 +265,23 @@ class SimExecutor:
         """Overwrite the shared base weights of the named modules (restoring a checkpoint)."""
         set_base_weights(self.model, weights)
 
-    def evaluate(self, data: EncodedDataset, batch_size: int, plan: PruningPlan | None = None) -> Evaluation:
-        """Evaluate the model with the global adapter loaded by :meth:`load_global` (pruned by ``plan``)."""
-        batches = iterate_batches(data, np.arange(len(data)), batch_size, None, shuffle=False)
+    def eval_model(self, plan: PruningPlan | None = None) -> Any:
+        """A plain copy of the model under evaluation, ready for :func:`evaluate`.
+
+        The global adapter loaded by :meth:`load_global` is merged into the copy (none: the base as it
+        is); with a pruning ``plan`` the base is pruned instead (pruning strategies keep no adapter).
+        """
         if plan is not None:
-            return evaluate(self.pruned_model(plan), self.objective, batches)
-        if self._global_adapter is None:
-            with self.model.disable_adapter():
-                return evaluate(self.model, self.objective, batches)
-        return evaluate(self.model, self.objective, batches)
+            model = self.pruned_model(plan)
+        elif self._global_adapter is None:
+            model = plain_copy(self.model)
+        else:
+            model = merged_model(self.model)
+        return prepare_eval_model(model, self.objective, self.eval_dtype)
+
+    def evaluate(self, eval_set: EvalSet, plan: PruningPlan | None = None) -> Evaluation:
+        """Evaluate the model with the global adapter loaded by :meth:`load_global` (pruned by ``plan``)."""
+        return evaluate(self.eval_model(plan), self.objective, eval_set.batches)
 
 
 def _to_full(

@@ -19,15 +19,14 @@ import os
 import shutil
 import statistics
 import time
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedspine.algorithms.strategies import FedSpine
-from fedspine.client.evaluate import evaluate
-from fedspine.data.batching import iterate_batches
+from fedspine.client.evaluate import evaluate, prepare_eval_model
 from fedspine.errors import ConfigError, FedspineError
 from fedspine.model.lora import merged_model, plain_copy
 from fedspine.model.pruning import is_uniform, plan_to_json, pruned_hf_config, shape_of
@@ -136,9 +135,9 @@ def _tokens_per_second(model: Any, exp: Experiment, new_tokens: int) -> float:
 
 
 def _metric(model: Any, exp: Experiment) -> float:
-    data = exp.test_data
-    batches = iterate_batches(data, np.arange(len(data)), exp.config.eval.batch_size, None, shuffle=False)
-    return float(evaluate(model, exp.objective, batches).metric)
+    """The held-out metric of ``model``, measured like the run's evaluations (on a copy: it is saved)."""
+    copy = prepare_eval_model(deepcopy(model), exp.objective, exp.config.eval.dtype)
+    return float(evaluate(copy, exp.objective, exp.test_set.batches).metric)
 
 
 def _save(model: Any, exp: Experiment, out: Path) -> None:
