@@ -45,3 +45,88 @@ def host_line(extra: str = "") -> str:
     line = f"host: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
     line += f"threads {torch.get_num_threads()}"
     return f"{line}; {extra}" if extra else line
+
+
+SWEEPS = _HERE / "sweeps"
+ROOT = _HERE.parent
+
+
+def sweep_parser(description: str, name: str) -> Any:
+    """The command line every sweep-backed benchmark takes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"sweep directory (default: runs/bench-{name})"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="runs at once (local processes)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    parser.add_argument("--resume", action="store_true", help="continue the sweep directory")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the sweep file's)")
+    parser.add_argument("--only", nargs="*", default=None, help="arms to run (default: all)")
+    parser.add_argument("--config", type=Path, default=None, help="base config instead of the sweep file's")
+    parser.add_argument("--quick", action="store_true", help="a smoke test: 2 seeds, short runs")
+    return parser
+
+
+def run_bench_sweep(
+    name: str,
+    args: Any,
+    quick: dict[str, Any],
+    quick_arms: dict[str, dict[str, Any]] | None = None,
+    adjust: Any = None,
+) -> Any:
+    """Run ``bench/sweeps/NAME.toml`` (adjusted by ``args``) and return its comparison.
+
+    ``--quick`` adds ``quick`` to every arm (and ``quick_arms[arm]`` to that arm), runs 2 seeds and
+    writes into a temporary directory unless ``--out`` is given. ``adjust(sweep)`` may rewrite the
+    sweep once its base is known (e.g. per-group overrides for another ``--config``).
+    """
+    from dataclasses import replace
+
+    from fedspine.api import compare_runs
+    from fedspine.sweep import Arm, load_sweep, run_sweep
+    from fedspine.sweep.spec import check_sweep
+
+    sweep = load_sweep(SWEEPS / f"{name}.toml")
+    arms = [a for a in sweep.arms if args.only is None or a.name in args.only]
+    common = dict(sweep.common)
+    seeds = sweep.seeds
+    if args.quick:
+        common |= quick
+        arms = [Arm(a.name, {**a.overrides, **(quick_arms or {}).get(a.name, {})}) for a in arms]
+        seeds = [0, 1]
+    if args.seeds:
+        seeds = list(range(args.seeds))
+    reference = sweep.reference if sweep.reference in [a.name for a in arms] else None
+    base = args.config.resolve() if args.config else sweep.base
+    sweep = replace(sweep, base=base, common=common, arms=arms, seeds=seeds, reference=reference)
+    if adjust is not None:
+        sweep = adjust(sweep)
+    check_sweep(sweep)
+    out = args.out
+    if out is None:
+        out = (
+            Path(tempfile.mkdtemp(prefix=f"bench-{name}-")) if args.quick else ROOT / "runs" / f"bench-{name}"
+        )
+    print(host_line(f"sweep {name}: {len(arms)} arms x {len(seeds)} seeds -> {out}"), flush=True)
+
+    def report(kind: str, spec: Any, outcome: Any) -> None:
+        if outcome is not None:
+            extra = f": {outcome.error}" if outcome.error else ""
+            print(f"{spec.label}: {outcome.status} in {outcome.seconds:.0f} s{extra}", flush=True)
+
+    result = run_sweep(sweep, out, args.workers, args.threads, args.resume, None, report)
+    if result.failed:
+        raise SystemExit(f"{len(result.failed)} runs failed; see {out}/runs.json")
+    comparison, files = compare_runs([out])
+    print(files["md"].read_text(encoding="utf-8"))
+    return comparison
+
+
+def interval_pairs(prefix: str, interval: Any, digits: int = 4) -> list[str]:
+    """``prefix=mean prefix_ci=low:high`` for a RESULT line (``nan`` where undefined)."""
+    return [
+        f"{prefix}={interval.mean:.{digits}f}",
+        f"{prefix}_ci={interval.low:.{digits}f}:{interval.high:.{digits}f}",
+    ]

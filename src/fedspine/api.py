@@ -22,6 +22,8 @@ from fedspine.config import Config, load_config, to_toml
 from fedspine.errors import CheckpointError, ConfigError
 from fedspine.fleet import fleet_table_rows
 from fedspine.metrics.records import SUMMARY_FILE, RoundRecord, RunRecorder
+from fedspine.report.compare import Comparison, compare, find_runs, select_arms
+from fedspine.report.compare_write import write_comparison
 from fedspine.report.html import write_report
 from fedspine.runtime.async_engine import make_engine
 from fedspine.runtime.build import Experiment, build_experiment, build_fleet_from_config
@@ -32,10 +34,12 @@ from fedspine.runtime.summary import make_summary
 from fedspine.types import LoraState
 
 __all__ = [
+    "Comparison",
     "Evaluation",
     "RoundCallback",
     "RoundRecord",
     "RunResult",
+    "compare_runs",
     "export_device_models",
     "fleet_rows",
     "load_global_adapter",
@@ -183,3 +187,29 @@ def export_device_models(run_dir: Path, out: Path, device: int | None = None) ->
 def fleet_rows(config: Config) -> list[dict[str, str]]:
     """The fleet of ``config`` as table rows (one per device class and network)."""
     return fleet_table_rows(build_fleet_from_config(config))
+
+
+def compare_runs(
+    paths: list[Path],
+    reference: str | None = None,
+    arms: list[str] | None = None,
+    target: str | float | None = None,
+    out: Path | None = None,
+) -> tuple[Comparison, dict[str, Path]]:
+    """Compare the arms of a sweep directory (or of run directories) and write the comparison files.
+
+    ``out`` defaults to the sweep directory; comparing run directories needs it.
+
+    Raises:
+        ConfigError: an unknown arm or reference, a bad target, a path that holds no finished run, or
+            no ``out`` for run directories.
+    """
+    run_set = select_arms(find_runs(paths), arms)
+    comparison = compare(run_set, reference, target)
+    if out is None:
+        if len(paths) != 1 or (paths[0] / SUMMARY_FILE).exists():
+            raise ConfigError(
+                "--out", "name the directory for the comparison files when comparing run directories"
+            )
+        out = paths[0]
+    return comparison, write_comparison(comparison, out)

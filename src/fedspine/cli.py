@@ -14,7 +14,15 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markdown import Markdown
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from fedspine import api
@@ -116,6 +124,102 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A finished run director
     with _errors():
         path = api.write_report(run_dir)
     console.print(f"report: {path}")
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="Sweep file (TOML): base config, arms, seeds")],
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--out", "-o", help="Sweep directory (default: runs/sweep-NAME)"),
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Runs at once (local processes)")] = 1,
+    threads: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="torch threads per run (default: cores // workers; 1 on Ray)"),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Skip finished runs, resume killed ones from checkpoints")
+    ] = False,
+    ray: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--ray", help="Run on the Ray cluster at ADDRESS ('auto': the one this host is in)"),
+    ] = None,
+) -> None:
+    """Run every arm of a sweep file with every seed, in parallel, then compare them (comparison.md)."""
+    from fedspine.sweep import load_sweep, run_sweep
+
+    with _errors():
+        plan = load_sweep(sweep_file)
+        target = out or Path("runs") / f"sweep-{plan.name}"
+        with _sweep_progress() as (on_plan, on_event):
+            result = run_sweep(plan, target, workers, threads, resume, ray, on_event, on_plan)
+    if result.comparison_files:
+        Console().print(Markdown(result.comparison_files["md"].read_text(encoding="utf-8")))
+        console.print(f"comparison: {result.comparison_files['html']}")
+    if result.failed:
+        for outcome in result.failed:
+            console.print(f"[bold red]failed:[/] {outcome.arm}/seed-{outcome.seed}: {outcome.error}")
+        console.print(f"{len(result.failed)} of {len(result.outcomes)} runs failed; see {target}/runs.json")
+        raise typer.Exit(1)
+
+
+@app.command()
+def compare(
+    paths: Annotated[list[Path], typer.Argument(help="A sweep directory, or run directories")],
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--out", "-o", help="Where comparison.* go (default: the sweep directory)"),
+    ] = None,
+    reference: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Arm the others are paired against (default: the sweep's, else the first)"),
+    ] = None,
+    arms: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Comma-separated arms to compare, in this order (default: all)"),
+    ] = None,
+    target: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Metric target for time to target: a number, or FRACTION*ARM (e.g. 0.95*fedit)"),
+    ] = None,
+) -> None:
+    """Compare arms across seeds: mean and 95% interval per arm, paired differences, curves (HTML)."""
+    with _errors():
+        selected = [a.strip() for a in arms.split(",") if a.strip()] if arms else None
+        _, files = api.compare_runs(paths, reference, selected, target, out)
+    Console().print(Markdown(files["md"].read_text(encoding="utf-8")))
+    for path in files.values():
+        console.print(f"wrote {path}")
+
+
+@contextmanager
+def _sweep_progress() -> Iterator[tuple[Any, Any]]:
+    columns = (
+        TextColumn("[bold]runs"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[running]} running, {task.fields[failed]} failed{task.fields[skipped]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("runs", total=None, running=0, failed=0, skipped="")
+        counts = {"running": 0, "failed": 0}
+
+        def on_plan(to_run: int, finished: int) -> None:
+            skipped = f", {finished} finished before" if finished else ""
+            progress.update(task, total=to_run, skipped=skipped)
+
+        def on_event(kind: str, spec: Any, outcome: Any) -> None:
+            counts["running"] += 1 if kind == "started" else -1
+            if outcome is not None and outcome.status == "failed":
+                counts["failed"] += 1
+            advance = 0 if kind == "started" else 1
+            progress.update(task, advance=advance, running=counts["running"], failed=counts["failed"])
+
+        yield on_plan, on_event
 
 
 deploy_app = typer.Typer(

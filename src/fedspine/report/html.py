@@ -26,7 +26,7 @@ __all__ = ["ReportError", "RunData", "format_bytes", "format_duration", "load_ru
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
 
-_CSS = """
+PAGE_CSS = """
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
        background: #fafafa; margin: 0; }
 main { max-width: 980px; margin: 0 auto; padding: 24px 32px 48px; background: #fff; }
@@ -106,7 +106,7 @@ def _page(run: RunData, devices: Sequence[DeviceStats], figures: Sequence[tuple[
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(title)}</title>
-<style>{_CSS}</style>
+<style>{PAGE_CSS}</style>
 </head>
 <body><main>
 <h1>{_e(title)}</h1>

@@ -191,3 +191,73 @@ def _time_scale(longest_seconds: float) -> tuple[float, str]:
 
 def _finite(value: float | None) -> float:
     return 0.0 if value is None or not math.isfinite(value) else float(value)
+
+
+def plot_arm_curves(
+    curves: Mapping[str, Any],
+    target: float | None,
+    chance_level: float | None,
+    metric_name: str,
+    out: Path,
+) -> Path:
+    """Plots each arm's mean metric against virtual time with its 95% band (a comparison's curves).
+
+    Args:
+        curves: Per arm, a :class:`~fedspine.report.compare.Curve` (``times``, ``mean``, ``low``, ``high``).
+        target: The target metric, or None.
+        chance_level: The chance level, or None.
+        metric_name: Label of the y axis.
+        out: Path of the PNG to write.
+
+    Returns:
+        ``out``.
+    """
+    figure, axes = _new_figure(8.0, 4.4)
+    longest = max((c.times[-1] for c in curves.values() if c.times), default=0.0)
+    scale, unit = _time_scale(longest)
+    palette = colormaps["tab10"]
+    for index, (arm, curve) in enumerate(curves.items()):
+        if not curve.times:
+            continue
+        times = np.array(curve.times) / scale
+        color = palette(index % 10)
+        axes.step(times, curve.mean, where="post", color=color, label=arm)
+        axes.fill_between(times, curve.low, curve.high, step="post", color=color, alpha=0.18, linewidth=0)
+    if target is not None:
+        axes.axhline(target, color="#d62728", linestyle="--", linewidth=1, label="target")
+    if chance_level is not None:
+        axes.axhline(chance_level, color="#7f7f7f", linestyle=":", linewidth=1, label="chance")
+    axes.set_xlabel(f"virtual time ({unit})")
+    axes.set_ylabel(metric_name)
+    axes.legend(loc="best", fontsize="small", frameon=False)
+    return _save(figure, out)
+
+
+def plot_paired_differences(intervals: Mapping[str, Any], label: str, out: Path) -> Path:
+    """Plots each arm's paired difference to the reference: mean and 95% interval, a line at zero.
+
+    Args:
+        intervals: Per arm, an :class:`~fedspine.metrics.stats.Interval`.
+        label: Label of the x axis.
+        out: Path of the PNG to write.
+
+    Returns:
+        ``out``.
+    """
+    arms = list(intervals)
+    figure, axes = _new_figure(7.0, 0.9 + 0.45 * max(len(arms), 1))
+    axes.grid(axis="y", visible=False)
+    axes.grid(axis="x", alpha=0.3)
+    for row, arm in enumerate(arms):
+        interval = intervals[arm]
+        if interval.n == 0:
+            continue
+        if interval.n > 1:
+            axes.plot([interval.low, interval.high], [row, row], color="#1f77b4", linewidth=2)
+        axes.plot([interval.mean], [row], marker="o", color="#1f77b4")
+    axes.axvline(0.0, color="#555555", linewidth=1)
+    axes.set_yticks(range(len(arms)), arms)
+    axes.set_ylim(-0.6, len(arms) - 0.4)
+    axes.invert_yaxis()
+    axes.set_xlabel(label)
+    return _save(figure, out)

@@ -6,21 +6,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedspine.metrics.records import RoundRecord
+from fedspine.metrics.stats import time_to_target
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.engine import RunState
-
-
-def time_to_target(
-    evaluations: Sequence[dict[str, Any]], target: float, higher_is_better: bool
-) -> float | None:
-    """Virtual time of the first evaluation that reaches ``target`` (None if never, or no target)."""
-    if target <= 0:
-        return None
-    for entry in evaluations:
-        value = float(entry["value"])
-        if (value >= target) if higher_is_better else (value <= target):
-            return float(entry["virtual_time"])
-    return None
 
 
 def _devices(experiment: Experiment, state: RunState) -> list[dict[str, Any]]:

@@ -1,0 +1,420 @@
+"""Comparing arms across seeds: which runs belong together, and their statistics.
+
+A comparison reads finished run directories, groups them into arms, and computes per arm the mean and
+95% interval of each figure (:mod:`fedspine.metrics.stats`), and per arm against a reference arm the
+paired differences over the seeds both ran.
+
+Where runs come from:
+
+* a sweep directory (``DIR/<arm>/seed-<k>/``, as ``fedspine sweep`` writes it): every arm folder, in
+  the order of the sweep file when ``sweep.json`` is there; runs without ``summary.json`` (unfinished
+  or failed) are counted as missing;
+* any list of run directories: a run in a folder named ``seed-<k>`` belongs to the arm named by its
+  parent folder, any other run is an arm of its own named by its folder. Runs are paired by the seed
+  in their ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedspine.errors import ConfigError
+from fedspine.metrics.stats import (
+    NO_VALUES,
+    Interval,
+    Reached,
+    best_value,
+    paired_difference,
+    paired_ratio,
+    reached_summary,
+    t_interval,
+    time_to_target,
+)
+from fedspine.report.load import SUMMARY_FILE, read_summary
+
+SWEEP_FILE = "sweep.json"
+"""The plan a sweep directory was made from (arm order, seeds, reference, target)."""
+SEED_DIR = re.compile(r"^seed-(\d+)$")
+
+
+@dataclass(frozen=True)
+class ArmRun:
+    """One finished run of an arm."""
+
+    arm: str
+    seed: int
+    run_dir: Path
+    summary: dict[str, Any]
+
+    @property
+    def evaluations(self) -> list[dict[str, Any]]:
+        """The run's evaluations in time order (``virtual_time``, ``value``)."""
+        return list(self.summary.get("evaluations") or [])
+
+    @property
+    def higher_is_better(self) -> bool:
+        return bool((self.summary.get("metric") or {}).get("higher_is_better", True))
+
+
+@dataclass(frozen=True)
+class RunSet:
+    """The runs of a comparison, grouped by arm in display order."""
+
+    arms: dict[str, list[ArmRun]]
+    missing: dict[str, int] = field(default_factory=dict)
+    """Per arm, runs of the sweep that have no ``summary.json`` (not finished, or failed)."""
+    plan: dict[str, Any] = field(default_factory=dict)
+    """``sweep.json`` of a sweep directory (empty otherwise)."""
+
+
+# --- finding runs -------------------------------------------------------------------------------
+
+
+def find_runs(paths: Sequence[Path]) -> RunSet:
+    """The runs under ``paths``: one sweep directory, or run directories (see the module docstring).
+
+    Raises:
+        ConfigError: a path is neither, two runs claim one (arm, seed), or no run finished.
+    """
+    if not paths:
+        raise ConfigError("PATH", "name a sweep directory or at least one run directory")
+    if len(paths) == 1 and not (paths[0] / SUMMARY_FILE).exists():
+        return _sweep_runs(paths[0])
+    runs: dict[str, list[ArmRun]] = {}
+    for path in paths:
+        if not (path / SUMMARY_FILE).is_file():
+            raise ConfigError(str(path), "not a finished run directory (it has no summary.json)")
+        match = SEED_DIR.match(path.name)
+        arm = path.parent.name if match else path.name
+        _add(runs, _load(arm, path))
+    return RunSet(arms=runs)
+
+
+def _sweep_runs(root: Path) -> RunSet:
+    if not root.is_dir():
+        raise ConfigError(str(root), "no such directory")
+    plan = _read_plan(root)
+    order = list(plan.get("arms") or [])
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and any(_seed_dirs(p)))
+    order += [p.name for p in folders if p.name not in order]
+    runs: dict[str, list[ArmRun]] = {}
+    missing: dict[str, int] = {}
+    for arm in order:
+        for run_dir in _seed_dirs(root / arm):
+            if (run_dir / SUMMARY_FILE).is_file():
+                _add(runs, _load(arm, run_dir))
+            else:
+                missing[arm] = missing.get(arm, 0) + 1
+    if not runs:
+        raise ConfigError(str(root), "holds no finished run (no <arm>/seed-<k>/summary.json)")
+    return RunSet(arms=runs, missing=missing, plan=plan)
+
+
+def _seed_dirs(arm_dir: Path) -> list[Path]:
+    if not arm_dir.is_dir():
+        return []
+    found = [p for p in arm_dir.iterdir() if p.is_dir() and SEED_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(SEED_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def _read_plan(root: Path) -> dict[str, Any]:
+    path = root / SWEEP_FILE
+    if not path.is_file():
+        return {}
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(str(path), f"unreadable sweep plan ({error})") from error
+    return plan if isinstance(plan, dict) else {}
+
+
+def _load(arm: str, run_dir: Path) -> ArmRun:
+    summary = read_summary(run_dir / SUMMARY_FILE)
+    return ArmRun(arm=arm, seed=int(summary.get("seed", 0)), run_dir=run_dir, summary=summary)
+
+
+def _add(runs: dict[str, list[ArmRun]], run: ArmRun) -> None:
+    same = [r for r in runs.get(run.arm, []) if r.seed == run.seed]
+    if same:
+        raise ConfigError(
+            str(run.run_dir), f"arm '{run.arm}' already has a run with seed {run.seed} ({same[0].run_dir})"
+        )
+    runs.setdefault(run.arm, []).append(run)
+
+
+def select_arms(run_set: RunSet, arms: Sequence[str] | None) -> RunSet:
+    """Keep ``arms`` (in that order); every name must be an arm of the run set.
+
+    Raises:
+        ConfigError: an unknown arm (the error lists the known ones).
+    """
+    if not arms:
+        return run_set
+    unknown = [a for a in arms if a not in run_set.arms]
+    if unknown:
+        raise ConfigError("--arms", f"unknown arm '{unknown[0]}'; arms here: {', '.join(run_set.arms)}")
+    return RunSet(
+        arms={a: run_set.arms[a] for a in arms},
+        missing={a: n for a, n in run_set.missing.items() if a in arms},
+        plan=run_set.plan,
+    )
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """The metric value time-to-target is measured at, and where it came from."""
+
+    value: float | None
+    source: str
+    """How it was set, e.g. ``"0.4 (eval.target)"`` or ``"0.95 x fedit's mean final (0.532)"``."""
+
+
+def parse_target(text: str | float | None, run_set: RunSet, final_means: Mapping[str, float]) -> Target:
+    """Resolve a target: a number, ``"F*ARM"`` (F times ARM's mean final metric), or None (the runs'
+    common ``eval.target``).
+
+    Raises:
+        ConfigError: malformed text, an unknown arm, or a fraction that is not positive.
+    """
+    if text is None or text == "":
+        targets = {r.summary.get("target") for runs in run_set.arms.values() for r in runs}
+        value = targets.pop() if len(targets) == 1 else None
+        if value is None:
+            return Target(None, "none (the runs set no common eval.target)")
+        return Target(float(value), f"{value:g} (the runs' eval.target)")
+    if isinstance(text, (int, float)):
+        return Target(float(text), f"{text}")
+    if "*" not in text:
+        try:
+            return Target(float(text), text)
+        except ValueError:
+            raise ConfigError("target", f"expected a number or FRACTION*ARM, got {text!r}") from None
+    fraction_text, arm = (part.strip() for part in text.split("*", 1))
+    try:
+        fraction = float(fraction_text)
+    except ValueError:
+        raise ConfigError("target", f"expected FRACTION*ARM (e.g. 0.95*fedit), got {text!r}") from None
+    if fraction <= 0 or not math.isfinite(fraction):
+        raise ConfigError("target", f"the fraction must be positive, got {fraction_text}")
+    if arm not in final_means:
+        raise ConfigError("target", f"unknown arm '{arm}'; arms here: {', '.join(final_means)}")
+    value = fraction * final_means[arm]
+    return Target(value, f"{fraction:g} x {arm}'s mean final metric ({final_means[arm]:.4g})")
+
+
+@dataclass(frozen=True)
+class ArmStats:
+    """Per-arm statistics over its seeds (intervals from :func:`~fedspine.metrics.stats.t_interval`)."""
+
+    arm: str
+    seeds: list[int]
+    missing: int
+    final: Interval
+    best: Interval
+    time_to_target: Reached
+    virtual_seconds: Interval
+    host_seconds: Interval
+    uplink_bytes: Interval
+    downlink_bytes: Interval
+    deployed_metric: Interval
+    """Mean over devices of the metric of the model each device deploys."""
+    deployed_parameters: Interval
+    """Mean over devices of the parameter count of the model each device deploys."""
+
+
+@dataclass(frozen=True)
+class PairedStats:
+    """An arm against the reference, over the seeds both ran (differences are arm - reference)."""
+
+    arm: str
+    final: Interval
+    best: Interval
+    time_to_target: Interval
+    """Over the seeds where both reached the target."""
+    speedup: Interval
+    """Reference's time to target over the arm's (geometric mean; > 1: the arm is faster)."""
+    uplink_ratio: Interval
+    """Arm's uplink bytes over the reference's (geometric mean)."""
+    deployed_metric: Interval
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Everything the comparison files show."""
+
+    metric_name: str
+    higher_is_better: bool
+    chance_level: float | None
+    target: Target
+    reference: str
+    arms: list[ArmStats]
+    paired: list[PairedStats]
+    runs: dict[str, list[ArmRun]]
+
+
+PerSeed = dict[int, float | None]
+
+
+def per_seed(runs: Sequence[ArmRun], value: Callable[[ArmRun], float | None]) -> PerSeed:
+    """``value`` of each run, by seed."""
+    return {r.seed: value(r) for r in runs}
+
+
+def _interval(values: PerSeed) -> Interval:
+    finite = [float(v) for v in values.values() if v is not None and math.isfinite(v)]
+    return t_interval(finite) if finite else NO_VALUES
+
+
+def _final(run: ArmRun) -> float | None:
+    value = (run.summary.get("metric") or {}).get("value")
+    return None if value is None else float(value)
+
+
+def _number(key: str) -> Callable[[ArmRun], float | None]:
+    def read(run: ArmRun) -> float | None:
+        value = run.summary.get(key)
+        return None if value is None else float(value)
+
+    return read
+
+
+def _deployed(key: str) -> Callable[[ArmRun], float | None]:
+    """Mean over devices of ``key`` of the model each device deploys (``summary.device_models``)."""
+
+    def read(run: ArmRun) -> float | None:
+        manifest = run.summary.get("device_models") or {}
+        models = {m.get("dir"): m for m in manifest.get("models") or []}
+        values = [models.get(d.get("model"), {}).get(key) for d in (manifest.get("devices") or {}).values()]
+        values = [float(v) for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    return read
+
+
+def compare(run_set: RunSet, reference: str | None = None, target: str | float | None = None) -> Comparison:
+    """The comparison of ``run_set``'s arms against ``reference`` (default: the sweep's, else the first arm).
+
+    Raises:
+        ConfigError: an unknown reference arm, or a malformed target.
+    """
+    arms = list(run_set.arms)
+    reference = reference or run_set.plan.get("reference") or arms[0]
+    if reference not in run_set.arms:
+        raise ConfigError("--reference", f"unknown arm '{reference}'; arms here: {', '.join(arms)}")
+    finals = {a: per_seed(runs, _final) for a, runs in run_set.arms.items()}
+    means = {a: _interval(v).mean for a, v in finals.items()}
+    resolved = parse_target(target if target is not None else run_set.plan.get("target"), run_set, means)
+    first = run_set.arms[arms[0]][0]
+    ttts = {
+        a: per_seed(runs, lambda r: time_to_target(r.evaluations, resolved.value, r.higher_is_better))
+        for a, runs in run_set.arms.items()
+    }
+    stats = [
+        _arm_stats(a, runs, finals[a], ttts[a], run_set.missing.get(a, 0)) for a, runs in run_set.arms.items()
+    ]
+    ref_runs = run_set.arms[reference]
+    paired = [
+        _paired(a, runs, ref_runs, ttts[a], ttts[reference])
+        for a, runs in run_set.arms.items()
+        if a != reference
+    ]
+    metric = first.summary.get("metric") or {}
+    return Comparison(
+        metric_name=str(metric.get("name") or "metric"),
+        higher_is_better=first.higher_is_better,
+        chance_level=first.summary.get("chance_level"),
+        target=resolved,
+        reference=reference,
+        arms=stats,
+        paired=paired,
+        runs=run_set.arms,
+    )
+
+
+def _arm_stats(arm: str, runs: Sequence[ArmRun], finals: PerSeed, ttts: PerSeed, missing: int) -> ArmStats:
+    return ArmStats(
+        arm=arm,
+        seeds=sorted(r.seed for r in runs),
+        missing=missing,
+        final=_interval(finals),
+        best=_interval(per_seed(runs, lambda r: best_value(r.evaluations, r.higher_is_better))),
+        time_to_target=reached_summary(list(ttts.values())),
+        virtual_seconds=_interval(per_seed(runs, _number("virtual_seconds"))),
+        host_seconds=_interval(per_seed(runs, _number("wall_seconds"))),
+        uplink_bytes=_interval(per_seed(runs, _number("uplink_bytes"))),
+        downlink_bytes=_interval(per_seed(runs, _number("downlink_bytes"))),
+        deployed_metric=_interval(per_seed(runs, _deployed("metric"))),
+        deployed_parameters=_interval(per_seed(runs, _deployed("parameters"))),
+    )
+
+
+def _paired(
+    arm: str, runs: Sequence[ArmRun], ref_runs: Sequence[ArmRun], ttt: PerSeed, ref_ttt: PerSeed
+) -> PairedStats:
+    def both(value: Callable[[ArmRun], float | None]) -> tuple[PerSeed, PerSeed]:
+        return per_seed(ref_runs, value), per_seed(runs, value)
+
+    best = lambda r: best_value(r.evaluations, r.higher_is_better)  # noqa: E731
+    return PairedStats(
+        arm=arm,
+        final=paired_difference(*both(_final)),
+        best=paired_difference(*both(best)),
+        time_to_target=paired_difference(ref_ttt, ttt),
+        speedup=paired_ratio(ref_ttt, ttt),
+        uplink_ratio=paired_ratio(
+            per_seed(runs, _number("uplink_bytes")), per_seed(ref_runs, _number("uplink_bytes"))
+        ),
+        deployed_metric=paired_difference(*both(_deployed("metric"))),
+    )
+
+
+@dataclass(frozen=True)
+class Curve:
+    """An arm's metric against virtual time: mean and 95% band over seeds at each time.
+
+    At time t a run's value is its last evaluation at or before t (the model it had then); the curve
+    stops at the earliest end among the seeds, so every point averages every seed.
+    """
+
+    times: list[float]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+
+
+def mean_curve(runs: Sequence[ArmRun]) -> Curve:
+    """The metric-vs-virtual-time curve of an arm (see :class:`Curve`)."""
+    series = [sorted((float(e["virtual_time"]), float(e["value"])) for e in r.evaluations) for r in runs]
+    series = [s for s in series if s]
+    if not series:
+        return Curve([], [], [], [])
+    end = min(s[-1][0] for s in series)
+    start = max(s[0][0] for s in series)
+    times = sorted({t for s in series for t, _ in s if start <= t <= end})
+    out = Curve([], [], [], [])
+    for t in times:
+        interval = t_interval([_value_at(s, t) for s in series])
+        out.times.append(t)
+        out.mean.append(interval.mean)
+        out.low.append(interval.low if interval.n > 1 else interval.mean)
+        out.high.append(interval.high if interval.n > 1 else interval.mean)
+    return out
+
+
+def _value_at(series: Sequence[tuple[float, float]], time: float) -> float:
+    """The value of the last point at or before ``time`` (``series`` sorted, starting at or before it)."""
+    value = series[0][1]
+    for t, v in series:
+        if t > time:
+            break
+        value = v
+    return value

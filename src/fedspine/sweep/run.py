@@ -1,0 +1,158 @@
+"""A whole sweep: prepare its directory, run what is not finished, compare what is."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedspine import api
+from fedspine.errors import ConfigError
+from fedspine.report.compare import SWEEP_FILE
+from fedspine.sweep.runner import (
+    Event,
+    RunOutcome,
+    RunSpec,
+    is_finished,
+    run_local,
+    run_ray,
+    write_runs_file,
+)
+from fedspine.sweep.spec import Sweep
+
+
+@dataclass
+class SweepResult:
+    """A finished sweep: every run's outcome and the comparison files (none if no run finished)."""
+
+    out: Path
+    outcomes: list[RunOutcome]
+    comparison_files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def available_cores() -> int:
+    """CPU cores this process may use."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def thread_budget(workers: int, threads: int | None, ray: bool) -> int:
+    """torch threads per run: ``threads``, else cores // workers locally (1 per run on Ray).
+
+    Raises:
+        ConfigError: ``workers`` or ``threads`` below 1, or local workers x threads above the cores.
+    """
+    if workers < 1:
+        raise ConfigError("--workers", f"must be >= 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise ConfigError("--threads", f"must be >= 1, got {threads}")
+    if ray:
+        return threads or 1
+    cores = available_cores()
+    budget = threads or max(1, cores // workers)
+    if workers * budget > cores:
+        raise ConfigError(
+            "--threads",
+            f"{workers} workers x {budget} threads exceed this machine's {cores} cores (torch threads "
+            "fighting over cores make every run slower); lower --workers or --threads",
+        )
+    return budget
+
+
+def plan_runs(sweep: Sweep, out: Path, threads: int) -> list[RunSpec]:
+    """Every (arm, seed) of ``sweep`` as a run under ``out``, arm-major."""
+    from fedspine.config import to_toml
+
+    return [
+        RunSpec(arm.name, seed, out / arm.name / f"seed-{seed}", to_toml(sweep.config(arm, seed, threads)))
+        for arm in sweep.arms
+        for seed in sweep.seeds
+    ]
+
+
+def prepare_out(sweep: Sweep, out: Path, resume: bool) -> None:
+    """Create ``out`` with ``sweep.json``; with ``resume``, check it was made from the same sweep.
+
+    Raises:
+        ConfigError: ``out`` holds something else (without ``resume``), or another sweep's runs.
+    """
+    plan = sweep.plan()
+    plan_path = out / SWEEP_FILE
+    if out.exists() and any(out.iterdir()):
+        if not resume:
+            raise ConfigError(
+                "--out", f"{out} exists and is not empty; pass --resume to continue it, or choose a new one"
+            )
+        if plan_path.is_file():
+            _check_same(json.loads(plan_path.read_text(encoding="utf-8")), plan, out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f".{SWEEP_FILE}.partial"
+    partial.write_text(json.dumps(plan, indent=2, default=str) + "\n", encoding="utf-8")
+    partial.replace(plan_path)
+
+
+def _check_same(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
+    old_prints, new_prints = old.get("fingerprints") or {}, new["fingerprints"]
+    changed = [a for a in new_prints if a in old_prints and old_prints[a] != new_prints[a]]
+    if changed:
+        raise ConfigError(
+            "--resume",
+            f"{out} was made with other settings for arm(s) {', '.join(changed)} (the sweep file or its "
+            "base config changed); use a new --out",
+        )
+
+
+def run_sweep(
+    sweep: Sweep,
+    out: Path,
+    workers: int = 1,
+    threads: int | None = None,
+    resume: bool = False,
+    ray_address: str | None = None,
+    on_event: Event | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
+) -> SweepResult:
+    """Run every (arm, seed) of ``sweep`` under ``out``, then compare them.
+
+    ``on_plan(to_run, already_finished)`` is told the counts before any run starts; ``on_event`` is
+    told each run's start and end.
+
+    Raises:
+        ConfigError: bad ``workers``/``threads``, or ``out`` holds something else (see :func:`prepare_out`).
+    """
+    budget = thread_budget(workers, threads, ray_address is not None)
+    prepare_out(sweep, out, resume)
+    specs = plan_runs(sweep, out, budget)
+    done = [s for s in specs if is_finished(s.run_dir)]
+    todo = [s for s in specs if not is_finished(s.run_dir)]
+    if on_plan is not None:
+        on_plan(len(todo), len(done))
+    notify = on_event or (lambda *_: None)
+    outcomes = [RunOutcome(s.arm, s.seed, "skipped") for s in done]
+    finished: list[RunOutcome] = []
+
+    def record(kind: str, spec: RunSpec, outcome: RunOutcome | None) -> None:
+        if outcome is not None:
+            finished.append(outcome)
+            write_runs_file(out, outcomes + finished)
+        notify(kind, spec, outcome)
+
+    if todo:
+        if ray_address is not None:
+            run_ray(todo, ray_address, budget, record)
+        else:
+            run_local(todo, workers, record)
+    outcomes += finished
+    write_runs_file(out, outcomes)
+    result = SweepResult(out, outcomes)
+    if any(o.status != "failed" for o in outcomes):
+        _, result.comparison_files = api.compare_runs([out], out=out)
+    return result
