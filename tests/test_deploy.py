@@ -89,13 +89,13 @@ def test_an_update_travels_with_its_compressed_payload_importance_and_timing() -
     }
     importance = {"heads": [torch.rand(2), torch.rand(2)], "channels": [torch.rand(4), torch.rand(4)]}
     update = ClientUpdate(
-        2, 1, 50, {}, 0, 1.25, 640, 0.5, 4, 2.0, importance=importance, progress=None, wire=wire
+        2, 1, 50, {}, 0, 1.25, 640, 0.5, 4, 2.0, importance=importance, probe_loss=None, wire=wire
     )
     back, timing = read_update(update_record(update, Timing(10.0, 12.5, 0.75)), task)
     assert back.wire is not None and back.wire.keys() == wire.keys()
     assert back.wire["m.q_proj/A/indices"].dtype == torch.int16
     assert torch.equal(back.wire["m.q_proj/A/indices"], wire["m.q_proj/A/indices"])
-    assert back.progress is None and back.plan == task.plan and back.train_loss == 1.25
+    assert back.probe_loss is None and back.plan == task.plan and back.train_loss == 1.25
     assert back.importance is not None and torch.equal(
         back.importance["channels"][1], importance["channels"][1]
     )

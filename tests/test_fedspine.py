@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,9 @@ def random_lora(peft: Any, seed: int) -> None:
 
 
 def strategy_for(model: Any, **settings: Any) -> FedSpine:
-    strategy = FedSpine("samples", **settings)
-    strategy.setup(shape_of(model), magnitude_scores(model), SlidingWindowUCB([0.0, 0.5], [2]), rounds=4)
+    """A FedSpine whose devices play the schedule's floor at rank 2 (KV groups pruned too, by default)."""
+    strategy = FedSpine("samples", **{"granularity": "heads_and_channels", **settings})
+    strategy.setup(shape_of(model), magnitude_scores(model), SlidingWindowUCB([0.0], [2]), rounds=4)
     peft = adapted(copy.deepcopy(model))
     strategy.init_global(module_shapes(peft), 2, torch.Generator().manual_seed(0))
     return strategy
@@ -253,7 +255,8 @@ def test_assignment_respects_the_floor_and_dispatches_pruned_factors() -> None:
     model = tiny()
     strategy = strategy_for(model, target_sparsity=0.5, schedule="oneshot", importance="magnitude")
     assignment = strategy.assign(1, 0, DeviceLora(8, 2.0))
-    assert assignment.ratio == 0.5 and assignment.lora == DeviceLora(2, 2.0)
+    # rank 2 at the device's alpha 16: the scale alpha / r does not shrink with the rank
+    assert assignment.ratio == 0.5 and assignment.lora == DeviceLora(2, 8.0)
     dispatch = strategy.configure(1, 0, assignment.lora, torch.Generator().manual_seed(0))
     q = dispatch.lora_state["model.layers.0.self_attn.q_proj"]
     assert q["B"].shape == (32, 2) and q["A"].shape == (2, HIDDEN)  # one of two KV groups kept
@@ -280,6 +283,46 @@ def test_downlink_charges_missed_merges_on_kept_coordinates() -> None:
     strategy.assign(2, 1, DeviceLora(2, 2.0))
     newcomer = strategy.configure(2, 1, DeviceLora(2, 2.0), torch.Generator())
     assert newcomer.downlink_bytes > again.downlink_bytes  # it also gets the plan's indices
+
+
+def test_few_kv_groups_prune_channels_only_by_default() -> None:
+    model = tiny()  # 2 KV groups: one is half of the attention
+    auto = strategy_for(
+        model, granularity="auto", target_sparsity=0.5, schedule="oneshot", importance="magnitude"
+    )
+    plan = auto.plan_for(0.5)
+    assert all(keep.kv_groups == (0, 1) and len(keep.channels) == INTER // 2 for keep in plan.values())
+    both = strategy_for(model, target_sparsity=0.5, schedule="oneshot", importance="magnitude")
+    assert all(len(keep.kv_groups) == 1 for keep in both.plan_for(0.5).values())
+
+
+def test_arms_prune_beyond_the_schedules_floor() -> None:
+    model = tiny()
+    strategy = FedSpine("samples", target_sparsity=0.3, importance="magnitude", prune_rounds=2)
+    strategy.setup(
+        shape_of(model), magnitude_scores(model), FixedPolicy([0.0, 0.2], [2], {0: 0.2}, {0: 2}), 4
+    )
+    first = strategy.assign(1, 0, DeviceLora(4, 4.0))
+    assert first.ratio == pytest.approx(strategy.sparsity(1) + 0.2)
+    assert strategy.sparsity(1) < 0.3 and strategy.sparsity(2) == pytest.approx(0.3)
+    assert strategy.assign(2, 0, DeviceLora(4, 4.0)).ratio == pytest.approx(0.5)
+    assert strategy.deployment([0]) == {0: Arm(0.5, 2)}
+    assert strategy.eval_plan() == strategy.plan_for(0.3)
+
+
+def test_a_device_back_on_the_dense_model_gets_the_units_it_had_pruned() -> None:
+    """A device that pruned half the channels at its last task and keeps every unit now must receive the
+    server's rows of the half it had dropped (they were merged into while it did not hold them)."""
+    model = tiny()
+    strategy = strategy_for(model, target_sparsity=0.5, schedule="oneshot", importance="magnitude")
+    half = strategy.plan_for(0.5)
+    strategy._assigned[0] = (Arm(0.0, 2), half)
+    strategy.configure(1, 0, DeviceLora(2, 2.0), torch.Generator())
+    strategy._version = 1  # a merge happened since
+    sync = strategy.base_sync(0, {})
+    gate = "model.layers.0.mlp.gate_proj"
+    fresh = strategy.fresh_units(sync, gate)
+    assert sorted(fresh.tolist()) == sorted(set(range(INTER)) - set(half[0].channels))
 
 
 # --- importance meters ---------------------------------------------------------------------------
@@ -363,23 +406,38 @@ def test_the_bandit_adapts_when_the_best_arm_changes() -> None:
 
 
 def test_the_pooled_bandit_learns_from_the_whole_fleet() -> None:
-    """Twenty devices, each taking part only three times: progress is learned across the fleet, and a
-    slow device prunes to meet the deadline while fast ones keep the arm that trains the most."""
+    """Twenty devices, each taking part only three times: quality is learned across the fleet, and a
+    slow device prunes to meet the deadline while fast ones keep the arm that trains the best model."""
     ratios, ranks = [0.0, 0.25, 0.5], [4, 16]
     work = lambda a: (1 - a.ratio) * (1 + a.rank / 64)  # noqa: E731
-    progress = lambda a: 1.6 * (1 - 0.3 * a.ratio) * (1 + a.rank / 32) / 1.5  # noqa: E731  more model, more progress
+    quality = lambda a: (1 - 0.3 * a.ratio) * (1 + a.rank / 64)  # noqa: E731  more model, better model
     speed = {d: 1.0 if d < 19 else 3.0 for d in range(20)}  # device 19 is three times slower
-    pooled = PooledUCB(ratios, ranks, work, window=50, c=0.2)
+    pooled = PooledUCB(ratios, ranks, work, window=50, c=0.05)
     rng = random.Random(0)
+    played = []
     for _ in range(3):
         for device in range(20):
             arm = pooled.choose(device, 0.0)
+            played.append(arm)
             seconds = speed[device] * work(arm)
             deadline = 1.3
-            pooled.observe(device, arm, Outcome(0.0, seconds, progress(arm) + rng.gauss(0, 0.05), deadline))
+            pooled.observe(device, arm, Outcome(0.0, seconds, quality(arm) + rng.gauss(0, 0.02), deadline))
+    assert set(played) == set(pooled.arms)  # every arm was tried, once the fleet had measured speeds
     assert pooled.best(0, 0.0) == Arm(0.0, 16)
     slow = pooled.best(19, 0.0)
     assert slow.ratio == 0.5
+
+
+def test_the_pooled_bandit_tries_every_arm_before_repeating_one() -> None:
+    """An untried arm outranks any tried one, whatever the exploration bonus of the tried ones (a
+    window-capped bonus once kept a policy on its first arm for a whole run)."""
+    pooled = PooledUCB([0.0, 0.2], [4, 8], lambda a: 1.0 - a.ratio, window=20, c=1.0)
+    seen = []
+    for step in range(8):
+        arm = pooled.choose(step % 2, 0.0)
+        seen.append(arm)
+        pooled.observe(step % 2, arm, Outcome(1.0, 1.0, 1.0, 1.0))
+    assert set(seen[:6]) == set(pooled.arms)
 
 
 def test_the_pooled_bandit_avoids_arms_heavier_than_one_that_ran_out_of_memory() -> None:
@@ -417,17 +475,26 @@ def test_oracle_prunes_slow_devices_more() -> None:
 def test_rewards_penalise_late_and_out_of_memory_tasks() -> None:
     model = tiny()
     strategy = strategy_for(model, importance="magnitude")  # no calibration round
-    for device in (0, 1, 2):
+    for device in (0, 1, 2, 3):
         strategy.assign(1, device, DeviceLora(2, 2.0))
-    ok = ClientUpdate(1, 0, 1, {}, 0, 0.0, 0, 0.0, progress=0.1)
+    good = ClientUpdate(1, 0, 1, {}, 0, 0.0, 0, 0.0, probe_loss=1.0)
+    worse = ClientUpdate(1, 3, 1, {}, 0, 0.0, 0, 0.0, probe_loss=2.0)
     strategy.end_round(
         1,
-        [TaskResult(0, "ok", 10.0, ok), TaskResult(1, "late", 50.0, None), TaskResult(2, "oom", 0.0, None)],
+        [
+            TaskResult(0, "ok", 10.0, good),
+            TaskResult(1, "late", 50.0, None),
+            TaskResult(2, "oom", 0.0, None),
+            TaskResult(3, "ok", 20.0, worse),
+        ],
         0.0,
     )
     rewards = {r["device_id"]: r["reward"] for r in strategy.rewards}
     assert rewards[1] == rewards[2] == -1.0
-    assert rewards[0] == pytest.approx(0.5)  # progress at the fleet mean, on time: 1 / 2
+    mean = (math.exp(-1.0) + math.exp(-2.0)) / 2  # quality exp(-loss), relative to the round's mean
+    cap = 15.0  # the median time of the two tasks that arrived
+    assert rewards[0] == pytest.approx(math.exp(-1.0) / mean)  # on time: its quality
+    assert rewards[3] == pytest.approx(math.exp(-2.0) / mean * cap / 20.0)  # late: scaled by D / T
 
 
 # --- pruned workloads ----------------------------------------------------------------------------
@@ -454,8 +521,10 @@ def test_runs_record_each_tasks_pruning_ratio_and_rank(tmp_path: Path, tiny_conf
     result = run_experiment(tiny_config, tmp_path / "run")
     events = [json.loads(line) for line in (result.run_dir / "events.jsonl").read_text().splitlines()]
     tasks = [e for e in events if e["event"] == "task" and e["status"] == "ok"]
-    assert {t["pruning_ratio"] for t in tasks} <= set(tiny_config.strategy.fedspine.ratios) | {0.3}
-    assert any(t["pruning_ratio"] > 0 for t in tasks)
+    target = tiny_config.strategy.fedspine.target_sparsity
+    allowed = {round(target + e, 6) for e in tiny_config.strategy.fedspine.extra_ratios}
+    pruned = [round(t["pruning_ratio"], 6) for t in tasks if t["pruning_ratio"] > 0]
+    assert pruned and all(r <= max(allowed) for r in pruned)
     assert {t["lora_rank"] for t in tasks} <= set(tiny_config.strategy.fedspine.ranks)
 
 
@@ -501,6 +570,10 @@ def test_fedspine_run_exports_a_model_per_device(tmp_path: Path, tiny_config: An
     assert result.summary["device_models"] == manifest
     report = (result.run_dir / "report.html").read_text()
     assert "Device models" in report and report.count("sparsity-") >= 6  # a row per device
+    assert "plots/arms_by_class.png" in report and (result.run_dir / "plots" / "arms_by_class.png").is_file()
+    pruning = result.summary["pruning"]
+    assert pruning["untrained_units_evaluated"] == 0 and pruning["untrained_units_deployed"] == 0
+    assert pruning["units"] == "channels" and pruning["global_sparsity"] == 0.3
 
     out = tmp_path / "device-3"
     cli = CliRunner().invoke(app, ["export", str(result.run_dir), "--device", "3", "--out", str(out)])

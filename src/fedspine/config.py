@@ -319,36 +319,39 @@ class HetLoRASection:
 class FedSpineSection:
     """Prune-and-tune (fedspine, prune_then_tune, fedmp): importance, schedule and (ratio, rank) policy."""
 
-    importance: Literal["taylor", "flap", "magnitude"] = "taylor"
-    """Unit importance: LoRA-guided Taylor (on device), FLAP WIFV (on device, forward-only) or magnitude."""
+    importance: Literal["flap", "taylor", "magnitude"] = "flap"
+    """Unit importance: FLAP WIFV (on device, forward-only), LoRA-guided Taylor (on device) or magnitude."""
+    granularity: Literal["auto", "channels", "heads_and_channels"] = "auto"
+    """What is pruned: MLP channels, or KV groups too; auto prunes KV groups only with >= 8 of them."""
     target_sparsity: float = 0.3
-    """Final fraction of KV groups and MLP channels removed from every pruned layer."""
+    """Final fraction of the pruned units (MLP channels, and KV groups) removed from every pruned layer."""
     schedule: Literal["cubic", "oneshot"] = "cubic"
-    """How the sparsity floor rises: cubic over `prune_rounds`, or the target at once (after calibration)."""
-    prune_rounds: int = 0
+    """How the sparsity floor rises after calibration: cubic over `prune_rounds`, or the target at once."""
+    prune_rounds: int = 3
     """Rounds over which the cubic schedule reaches the target (0 = half of scheduler.rounds)."""
-    score_momentum: float = 0.5
-    """Global importance EMA: I <- momentum * I + (1 - momentum) * observed."""
-    freeze_mask: bool = False
-    """Freeze the importance once first observed: the mask never moves after pruning starts."""
+    score_momentum: float = 0.9
+    """Global importance EMA when the mask may move: I <- momentum * I + (1 - momentum) * observed."""
+    freeze_mask: bool = True
+    """Fix the unit order after the calibration round: masks only shrink, a pruned unit never returns."""
     dense_layers: list[int] = field(default_factory=list)
     """Layers never pruned, e.g. [0, 1, -1]; negative indices count from the end. Export needs []."""
     channel_multiple: int = 1
     """Kept MLP channel counts round to a multiple of this (hardware-friendly widths)."""
-    policy: Literal["swucb", "pooled", "fixed", "random", "oracle"] = "swucb"
-    """Who picks each device's (pruning ratio, LoRA rank): a UCB bandit (per device or pooled), a baseline."""
-    ratios: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
-    """Pruning ratios the policy may choose (arms below the schedule's floor are not eligible)."""
-    ranks: list[int] = field(default_factory=lambda: [4, 8, 16])
-    """LoRA ranks the policy may choose (the fixed policy uses each device's configured rank)."""
+    policy: Literal["pooled", "swucb", "fixed", "random", "oracle"] = "pooled"
+    """Who picks each device's (extra pruning, LoRA rank): a UCB bandit (pooled or per device), a baseline."""
+    extra_ratios: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2])
+    """Arms prune the schedule's floor plus one of these (the target, plus these, once it is reached)."""
+    ranks: list[int] = field(default_factory=lambda: [4, 8])
+    """LoRA ranks the policy may choose, at the device's alpha (the scale alpha / r keeps the update's
+    size independent of the rank); the fixed policy uses each device's configured rank."""
     explore: Literal["safest", "floor"] = "safest"
-    """A bandit's first arm: the most pruned, or the least pruned eligible (the schedule's floor)."""
+    """A bandit's first arm: the most pruned, or the least pruned."""
     window: int = 20
-    """Sliding window of the UCB bandit, in observations per device."""
-    ucb_c: float = 1.0
-    """Exploration constant of the UCB bandit."""
+    """Sliding window of the UCB bandits, in observations (per device, or per arm when pooled)."""
+    ucb_c: float = 0.25
+    """Exploration constant of the UCB bandits (rewards are about 1 at the fleet's mean quality)."""
     fixed_ratio: float = -1.0
-    """Ratio of the fixed policy (-1 = target_sparsity)."""
+    """Ratio of the fixed policy (-1 = target_sparsity; otherwise at least target_sparsity)."""
 
     def __post_init__(self) -> None:
         key = "strategy.fedspine."
@@ -357,17 +360,18 @@ class FedSpineSection:
         _check(0 <= self.score_momentum < 1, key + "score_momentum", "must be in [0, 1)")
         _check(self.channel_multiple >= 1, key + "channel_multiple", "must be >= 1")
         _check(
-            bool(self.ratios) and all(0 <= r < 1 for r in self.ratios),
-            key + "ratios",
-            "must be values in [0, 1)",
+            bool(self.extra_ratios)
+            and all(r >= 0 and self.target_sparsity + r < 1 for r in self.extra_ratios),
+            key + "extra_ratios",
+            "must be values >= 0 with target_sparsity + value < 1",
         )
         _check(bool(self.ranks) and all(r >= 1 for r in self.ranks), key + "ranks", "must be ranks >= 1")
         _check(self.window >= 1, key + "window", "must be >= 1")
         _check(self.ucb_c >= 0, key + "ucb_c", "must be >= 0")
         _check(
-            self.fixed_ratio == -1.0 or 0 <= self.fixed_ratio < 1,
+            self.fixed_ratio == -1.0 or self.target_sparsity <= self.fixed_ratio < 1,
             key + "fixed_ratio",
-            "must be -1 or in [0, 1)",
+            "must be -1 or in [target_sparsity, 1)",
         )
 
 

@@ -143,8 +143,9 @@ class ClientUpdate:
     importance: Any = None
     """Per-unit importance observed on the device: ``{"heads": [(kv_heads,)], "channels": [(inter,)]}``
     per layer, in full coordinates (zero where pruned), or None."""
-    progress: float | None = None
-    """Relative loss drop on the task's first batch, ``(before - after) / before``, when measured."""
+    probe_loss: float | None = None
+    """Loss of the trained (sub)model on a held-out local batch it did not train on in this task, when
+    measured (pruning strategies: the quality their policy learns from)."""
     wire: dict[str, Any] | None = None
     """The compressed payload tensors that travel instead of ``lora_state`` (None: uncompressed);
     ``lora_state`` then holds what the server reconstructs from them."""

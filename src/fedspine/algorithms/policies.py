@@ -5,8 +5,9 @@
   are played first (the most pruned, or with ``explore = "floor"`` the least pruned eligible one,
   lowest rank first); then the arm with the highest windowed
   mean reward plus ``c * sqrt(2 ln(min(t, W)) / n_W(a))``.
-* :class:`PooledUCB`: the same reward, but progress is learned per arm across the fleet and each
-  device's time at an untried arm is predicted from its own observed speed (sample-efficient).
+* :class:`PooledUCB` (the default): the same reward, but an arm's quality is learned across the
+  fleet and each device's time at any arm is predicted from its own observed speed, so a device's
+  first tasks are not blind.
 * :class:`FixedPolicy` (FedMP-like fixed ratios, and prune-then-tune), :class:`RandomPolicy`, and
   :class:`OraclePolicy`, which reads the device profiles through a time predictor.
 
@@ -37,16 +38,19 @@ class Outcome:
     Attributes:
         reward: the scalar reward in [-1, 1] (-1 = out of memory or late).
         seconds: the task's virtual time (download + compute + upload).
-        progress: normalised training progress (1 = the fleet's running mean), None if not measured.
+        quality: the trained submodel's quality on held-out local data, normalised so that 1 is the
+            round's mean (None if not measured).
         deadline: the round's deadline, or its median task time.
         failed: the task ran out of memory or missed the deadline.
+        work: the task's training work relative to the dense model's at the largest rank (0: unknown).
     """
 
     reward: float
     seconds: float = 0.0
-    progress: float | None = None
+    quality: float | None = None
     deadline: float = 0.0
     failed: bool = False
+    work: float = 0.0
 
 
 @dataclass(frozen=True, order=True)
@@ -95,6 +99,10 @@ class Policy(ABC):
     def best(self, device_id: int, floor: float) -> Arm:
         """The arm to deploy on the device at the end of the run."""
         return self.choose(device_id, floor)
+
+    def predicted_seconds(self, device_id: int, arm: Arm) -> float | None:
+        """The device's predicted task time at ``arm``, or None when the policy cannot tell."""
+        return None
 
     def state(self) -> dict[str, object]:
         """A JSON-ready summary of what the policy learned."""
@@ -154,6 +162,9 @@ class OraclePolicy(Policy):
         super().__init__(ratios, ranks)
         self.device_ids = list(device_ids)
         self.predict = predict_seconds
+
+    def predicted_seconds(self, device_id: int, arm: Arm) -> float | None:
+        return self.predict(device_id, arm)
 
     def choose(self, device_id: int, floor: float) -> Arm:
         arms = self.eligible(floor)
@@ -221,19 +232,22 @@ class SlidingWindowUCB(Policy):
 class PooledUCB(Policy):
     """A UCB policy that shares what does not depend on the device, and predicts what does.
 
-    The reward ``min(1, U / 2) * D / max(T, D)`` factors into progress ``U``, which depends on the arm
-    (how much of the model is trained, at what rank) and hardly on the device, and time ``T``, which
-    depends on the device. A per-device bandit must try every arm on every device; with tens of arms
-    and a device taking part every few rounds it never leaves exploration. This policy instead
+    The reward ``Q * D / max(T, D)`` factors into the quality ``Q`` of what an arm trains, which
+    depends on the arm (how much of the model is kept, at what rank) and hardly on the device, and the
+    task time ``T``, which depends on the device. A per-device bandit must try every arm on every
+    device; with a device taking part every few rounds it never leaves exploration. This policy
 
-    * estimates each arm's progress from every device's observations (sliding window of ``window``
-      outcomes per arm), with the UCB bonus ``c sqrt(2 ln N / n_a)`` on the pooled counts;
-    * predicts device i's time at an arm it has not played from its own observed times, scaled by
-      the arm's relative work (the submodel's training cost relative to the dense model's, which the
-      server knows from the model; no device profile is read);
+    * estimates each arm's quality from every device's observations (the last ``window`` per arm),
+      optimistically: ``mean + c sqrt(2 ln N / n_a)`` with ``N`` every observation in the windows and
+      ``n_a`` the arm's (an arm nobody has tried yet scores above every tried one, so each is tried
+      once before any is repeated);
+    * predicts device i's time at an arm from its own observed seconds per unit of work (the median
+      of its last ``window`` tasks) times the arm's relative work, which the server knows from the
+      model; no device profile is read;
     * after an out-of-memory failure at an arm, excludes arms with as much work or more on that device.
 
-    A device with no observation yet plays its first arm (:attr:`Policy.explore`) to measure its speed.
+    ``D`` is the round's deadline (or the median task time the server last saw). A device that has
+    not run a task yet plays its first arm (:attr:`Policy.explore`) to measure its speed.
     """
 
     name = "pooled"
@@ -244,13 +258,16 @@ class PooledUCB(Policy):
         ranks: Sequence[int],
         relative_work: Callable[[Arm], float],
         window: int = 20,
-        c: float = 1.0,
+        c: float = 0.25,
     ) -> None:
         super().__init__(ratios, ranks)
+        if window < 1 or c < 0:
+            raise ValueError("window must be >= 1 and c >= 0")
         self.work = relative_work
         self.window = window
         self.c = c
-        self.progress: dict[Arm, deque[float]] = {}
+        self.quality: dict[Arm, deque[float]] = {}
+        """Per arm, the normalised quality of the last ``window`` tasks that played it."""
         self.speed: dict[int, deque[float]] = {}
         """Per device, observed seconds per unit of relative work."""
         self.ceiling: dict[int, float] = {}
@@ -262,24 +279,43 @@ class PooledUCB(Policy):
         fits = [a for a in arms if self.work(a) < ceiling]
         return fits or [min(arms, key=self.work)]
 
-    def _score(self, device_id: int, arm: Arm, bonus: bool) -> float:
-        seconds = statistics.median(self.speed[device_id]) * self.work(arm)
-        cap = self.deadline if self.deadline > 0 else seconds
-        observed = self.progress.get(arm)
-        total = sum(len(v) for v in self.progress.values())
+    def quality_estimate(self, arm: Arm, bonus: bool) -> float:
+        """The arm's mean quality, plus the UCB bonus when exploring; inf (exploring) or NaN (deploying)
+        for an arm nobody has played."""
+        observed = self.quality.get(arm)
         if not observed:
-            utility = 1.0 if bonus else 0.0  # optimistic when exploring, unknown when deploying
-            extra = 0.0
-        else:
-            utility = min(1.0, statistics.fmean(observed) / 2)
-            extra = self.c * math.sqrt(2 * math.log(max(total, 2)) / len(observed)) if bonus else 0.0
-        return utility * cap / max(seconds, cap, EPS) + extra
+            return math.inf if bonus else math.nan
+        mean = statistics.fmean(observed)
+        if not bonus:
+            return mean
+        total = sum(len(v) for v in self.quality.values())
+        return mean + self.c * math.sqrt(2 * math.log(max(total, 2)) / len(observed))
+
+    def predicted_seconds(self, device_id: int, arm: Arm) -> float | None:
+        """Device ``device_id``'s predicted task time at ``arm`` (its seconds per work x the arm's work),
+        None before its first task."""
+        if not self.speed.get(device_id):
+            return None
+        return statistics.median(self.speed[device_id]) * self.work(arm)
+
+    def score(self, device_id: int, arm: Arm, bonus: bool) -> float:
+        """``Q * D / max(T, D)`` with the arm's estimated quality and the device's predicted time."""
+        quality = self.quality_estimate(arm, bonus)
+        if math.isinf(quality) or math.isnan(quality):
+            return quality
+        seconds = self.predicted_seconds(device_id, arm)
+        assert seconds is not None, "score() needs the device's speed"
+        cap = self.deadline if self.deadline > 0 else seconds
+        return quality * cap / max(seconds, cap, EPS)
 
     def choose(self, device_id: int, floor: float) -> Arm:
         arms = self._feasible(device_id, self.eligible(floor))
         if not self.speed.get(device_id):
             return self.first(arms)
-        return max(arms, key=lambda a: (self._score(device_id, a, bonus=True), a.ratio, -a.rank))
+        untried = [a for a in arms if not self.quality.get(a)]
+        if untried:
+            return self.first(untried)
+        return max(arms, key=lambda a: (self.score(device_id, a, bonus=True), a.ratio, -a.rank))
 
     def observe(self, device_id: int, arm: Arm, outcome: Outcome) -> None:
         if outcome.deadline > 0:
@@ -287,22 +323,23 @@ class PooledUCB(Policy):
         if outcome.failed and outcome.seconds <= 0:  # out of memory: never ran
             self.ceiling[device_id] = min(self.ceiling.get(device_id, math.inf), self.work(arm))
             return
+        work = outcome.work if outcome.work > 0 else self.work(arm)
         if outcome.seconds > 0:
-            self.speed.setdefault(device_id, deque(maxlen=self.window)).append(
-                outcome.seconds / self.work(arm)
-            )
-        if outcome.progress is not None:
-            self.progress.setdefault(arm, deque(maxlen=self.window)).append(outcome.progress)
+            self.speed.setdefault(device_id, deque(maxlen=self.window)).append(outcome.seconds / work)
+        if outcome.quality is not None:
+            self.quality.setdefault(arm, deque(maxlen=self.window)).append(outcome.quality)
 
     def best(self, device_id: int, floor: float) -> Arm:
+        """The arm with the highest estimated reward for the device (arms nobody played are unknown)."""
         arms = self._feasible(device_id, self.eligible(floor))
-        if not self.speed.get(device_id):
+        known = [a for a in arms if self.quality.get(a)]
+        if not self.speed.get(device_id) or not known:
             return max(arms, key=lambda a: (a.ratio, -a.rank))
-        return max(arms, key=lambda a: (self._score(device_id, a, bonus=False), a.ratio, -a.rank))
+        return max(known, key=lambda a: (self.score(device_id, a, bonus=False), a.ratio, -a.rank))
 
     def state(self) -> dict[str, object]:
         return {
-            "progress": {f"{a.ratio:g}/{a.rank}": list(v) for a, v in sorted(self.progress.items())},
+            "quality": {f"{a.ratio:g}/{a.rank}": list(v) for a, v in sorted(self.quality.items())},
             "seconds_per_work": {str(d): list(v) for d, v in sorted(self.speed.items())},
         }
 

@@ -51,8 +51,8 @@ def check_update(update: ClientUpdate, task: ClientTask, max_norm: float = 0.0) 
         return f"change norm {math.sqrt(squared):.4g} exceeds server.max_update_norm {max_norm:g}"
     if update.importance is not None:
         return _check_importance(update.importance)
-    if update.progress is not None and not math.isfinite(update.progress):
-        return "progress is not finite"
+    if update.probe_loss is not None and not (math.isfinite(update.probe_loss) and update.probe_loss >= 0):
+        return f"probe_loss {update.probe_loss!r} is not a finite loss >= 0"
     return None
 
 

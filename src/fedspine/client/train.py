@@ -40,12 +40,14 @@ def train_local(
     max_grad_norm: float = 0.0,
     penalty: Callable[[], torch.Tensor | None] | None = None,
     after_backward: Callable[[], None] | None = None,
+    before_forward: Callable[[Any], None] | None = None,
 ) -> LocalResult:
     """Run one optimizer step per batch on the trainable (LoRA) parameters of ``model``.
 
     ``penalty``, when given, adds a regulariser to each step's loss (e.g. HetLoRA's tail norm); the
     reported loss is the task loss alone. ``after_backward``, when given, runs after each backward pass,
-    before clipping and the optimizer step (e.g. to read gradients for importance scores).
+    before clipping and the optimizer step (e.g. to read gradients for importance scores);
+    ``before_forward(batch)`` before each forward pass (e.g. to tell a meter which positions are padding).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -53,6 +55,8 @@ def train_local(
     losses: list[float] = []
     for batch in batches:
         optimizer.zero_grad(set_to_none=True)
+        if before_forward is not None:
+            before_forward(batch)
         loss = objective.loss(model, batch)
         extra = penalty() if penalty is not None else None
         (loss if extra is None else loss + extra).backward()

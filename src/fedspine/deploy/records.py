@@ -133,7 +133,7 @@ def update_record(update: ClientUpdate, timing: Timing) -> RecordDict:
             "host_train_seconds": float(update.host_train_seconds),
             "lora_rank": update.lora_rank,
             "lora_scaling": float(update.lora_scaling),
-            "progress": float("nan") if update.progress is None else float(update.progress),
+            "probe_loss": float("nan") if update.probe_loss is None else float(update.probe_loss),
             "received_at": timing.received_at,
             "replied_at": timing.replied_at,
             "setup_seconds": timing.setup_seconds,
@@ -158,7 +158,7 @@ def read_update(content: RecordDict, task: ClientTask) -> tuple[ClientUpdate, Ti
         scores = tensors(content.array_records["importance"])
         layers = len(scores) // 2
         importance = {kind: [scores[f"{kind}/{i}"] for i in range(layers)] for kind in ("heads", "channels")}
-    progress = _float(cfg, "update", "progress")
+    probe_loss = _float(cfg, "update", "probe_loss")
     update = ClientUpdate(
         round=task.round,
         device_id=task.device_id,
@@ -172,7 +172,7 @@ def read_update(content: RecordDict, task: ClientTask) -> tuple[ClientUpdate, Ti
         lora_scaling=_float(cfg, "update", "lora_scaling"),
         plan=task.plan,
         importance=importance,
-        progress=None if math.isnan(progress) else progress,
+        probe_loss=None if math.isnan(probe_loss) else probe_loss,
         wire=wire,
     )
     timing = Timing(

@@ -75,6 +75,7 @@ class FlowerEngine(Engine):
 
     def _run_tasks(self, round_no: int, start: float, devices: list[Device]) -> list[TaskOutcome]:
         """Send every task that fits its device, then pull replies until all came or time ran out."""
+        self.exp.strategy.begin_round(round_no, [d.device_id for d in devices])
         outcomes = [self._prepare(round_no, d) for d in devices]
         sent_at = time.time()
         messages: list[Message] = []

@@ -11,8 +11,9 @@ of the model being trained (its kept units), higher meaning more important.
   ``sum_i W'_ji G_ji = s * rowsum(gB * (W' A^T) + B * (W' gA^T))`` with ``W' = W + s B A``, which costs
   ``O(r * out * in)``, about ``r / tokens`` of a training step. Scores are averaged over the local steps.
 * :class:`FlapMeter`, FLAP's forward-only WIFV score: for an input channel ``j`` of ``o_proj`` or
-  ``down_proj``, ``Var(X_j) * ||W'_{:,j}||^2``. A KV group sums its heads' channels. Positions are all
-  tokens of the batch, padding included (the variance is over the padded batch).
+  ``down_proj``, ``Var(X_j) * ||W'_{:,j}||^2``. A KV group sums its heads' channels. The variance is
+  over the batch's real tokens when :meth:`FlapMeter.set_mask` names them (padding would add the
+  activations of pad tokens), else over every position.
 
 Modules without a LoRA adapter contribute nothing to the Taylor score (they have no gradient to read).
 """
@@ -140,6 +141,15 @@ class FlapMeter(_Meter):
         super().__init__(model, head_dim, adapter)
         self._stats: dict[tuple[int, str], list[Any]] = {}
         self._handles: list[Any] = []
+        self._mask: Tensor | None = None
+
+    def set_mask(self, attention_mask: Tensor | None) -> None:
+        """The next forward pass's ``(B, T)`` attention mask: only positions where it is 1 are counted."""
+        self._mask = None if attention_mask is None else attention_mask.reshape(-1).bool()
+
+    def before_forward(self, batch: Any) -> None:
+        """For :func:`~fedspine.client.train.train_local`: count the real tokens of ``batch`` only."""
+        self.set_mask(getattr(batch, "attention_mask", None))
 
     def __enter__(self) -> FlapMeter:
         for index, block in enumerate(self.blocks):
@@ -155,7 +165,9 @@ class FlapMeter(_Meter):
 
     def _hook(self, index: int, name: str) -> Any:
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()  # (B*T, C)
+            if self._mask is not None and self._mask.numel() == x.shape[0]:
+                x = x[self._mask.to(x.device)]
             stats = self._stats.setdefault(
                 (index, name), [0, torch.zeros(x.shape[1]), torch.zeros(x.shape[1])]
             )

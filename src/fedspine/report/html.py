@@ -15,6 +15,7 @@ from fedspine.report.devices import TASK_STATUSES, DeviceStats, merge_device_sta
 from fedspine.report.formatting import format_bytes, format_duration
 from fedspine.report.load import ReportError, RunData, load_run
 from fedspine.report.plots import (
+    plot_arms_by_class,
     plot_bytes_per_round,
     plot_device_time,
     plot_metric_vs_time,
@@ -87,6 +88,13 @@ def _draw_figures(run: RunData, devices: Sequence[DeviceStats]) -> list[tuple[st
         "Bytes sent (uplink) and received (downlink) by the fleet in each round.",
         "Total compute and communication time per device, colored by device class.",
     ]
+    tasks = run.events_of("task")
+    if any(float(t.get("pruning_ratio") or 0.0) > 0 for t in tasks):
+        classes = {int(d["device_id"]): str(d["device_class"]) for d in summary.get("devices") or []}
+        paths.append(plot_arms_by_class(tasks, classes, plots / "arms_by_class.png"))
+        captions.append(
+            "The pruning ratio each device class trained at, task by task (marker size: LoRA rank)."
+        )
     return [
         (caption, path.relative_to(run.run_dir).as_posix())
         for caption, path in zip(captions, paths, strict=True)

@@ -261,3 +261,49 @@ def plot_paired_differences(intervals: Mapping[str, Any], label: str, out: Path)
     axes.invert_yaxis()
     axes.set_xlabel(label)
     return _save(figure, out)
+
+
+def plot_arms_by_class(tasks: Sequence[Mapping[str, Any]], classes: Mapping[int, str], out: Path) -> Path:
+    """Plots the pruning ratio (and LoRA rank) each device class trained at, task by task, over rounds.
+
+    Args:
+        tasks: ``task`` events with ``round``, ``device_id``, ``pruning_ratio``, ``lora_rank`` and
+            ``status``; only tasks that arrived (``ok``) are drawn.
+        classes: Device id -> device class name.
+        out: Path of the PNG to write.
+
+    Returns:
+        ``out``.
+    """
+    done = [t for t in tasks if t.get("status") == "ok" and t.get("device_id") in classes]
+    names = sorted({classes[int(t["device_id"])] for t in done})
+    columns = min(3, max(len(names), 1))
+    rows = max(1, math.ceil(len(names) / columns))
+    figure = Figure(figsize=(3.2 * columns, 2.3 * rows + 0.6), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    ranks = sorted({int(t.get("lora_rank") or 0) for t in done}) or [0]
+    sizes = {rank: 18 + 30 * i for i, rank in enumerate(ranks)}
+    top = max([float(t.get("pruning_ratio") or 0.0) for t in done] + [0.5])
+    for index, name in enumerate(names or ["no pruned task"]):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        axes.spines[["top", "right"]].set_visible(False)
+        mine = [t for t in done if classes[int(t["device_id"])] == name]
+        for rank in ranks:
+            points = [t for t in mine if int(t.get("lora_rank") or 0) == rank]
+            axes.scatter(
+                [int(t["round"]) for t in points],
+                [float(t.get("pruning_ratio") or 0.0) for t in points],
+                s=sizes[rank],
+                alpha=0.6,
+                label=f"rank {rank}",
+            )
+        axes.set_title(name, fontsize="small")
+        axes.set_ylim(-0.02, top + 0.05)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        if index % columns == 0:
+            axes.set_ylabel("pruning ratio")
+        if index == 0 and len(ranks) > 1:
+            axes.legend(fontsize="x-small", frameon=False)
+    figure.supxlabel("round (or aggregation)", fontsize="small")
+    return _save(figure, out)

@@ -53,7 +53,7 @@ from fedspine.fleet.cost import CostModel
 from fedspine.model.footprint import ModelShape, model_shape, train_workload
 from fedspine.model.load import default_cache_dir, resolve_model, resolve_model_config
 from fedspine.model.lora import apply_lora, module_shapes
-from fedspine.model.pruning import magnitude_scores, pruned_workload
+from fedspine.model.pruning import PruningPlan, magnitude_scores, pruned_workload
 from fedspine.runtime.executor import LocalTraining, SimExecutor
 from fedspine.types import Device, DeviceLora
 
@@ -132,17 +132,20 @@ def build_policy(
     predict_seconds: Callable[[int, Arm], float],
     relative_work: Callable[[Arm], float],
 ) -> Policy:
-    """The (ratio, rank) policy of a pruning strategy; presets fix it (prune_then_tune, fedmp use fixed)."""
+    """The (extra ratio, rank) policy of a pruning strategy; presets fix it (prune_then_tune, fedmp).
+
+    Arms' ratios are *extra* pruning beyond the schedule's floor (:meth:`FedSpine.ratio_of`).
+    """
     f = cfg.strategy.fedspine
     name = strategy.settings.policy
     POLICIES.get(name, "strategy.fedspine.policy")
-    ratios, ranks = f.ratios, f.ranks
+    ratios, ranks = f.extra_ratios, f.ranks
     if name == "fixed":
-        ratio = f.target_sparsity if f.fixed_ratio < 0 else f.fixed_ratio
+        extra = 0.0 if f.fixed_ratio < 0 else f.fixed_ratio - f.target_sparsity
         return FixedPolicy(
             ratios,
             ranks,
-            {d.device_id: ratio for d in devices},
+            {d.device_id: extra for d in devices},
             {i: lo.rank for i, lo in device_lora.items()},
         )
     if name == "random":
@@ -177,7 +180,7 @@ class _TimePredictor:
     def __call__(self, device_id: int, arm: Arm) -> float:
         cfg, strategy = self.cfg, self.strategy
         device = self.by_id[device_id]
-        plan = strategy.plan_for(arm.ratio)
+        plan = strategy.plan_for(strategy.ratio_of(arm))
         workload = pruned_workload(
             plan,
             self.executor.shape,
@@ -195,30 +198,34 @@ class _TimePredictor:
 
 
 class _RelativeWork:
-    """An arm's training FLOPs relative to the dense model at the largest rank (model knowledge only).
+    """Training FLOPs relative to the dense model at the largest rank (model knowledge only).
 
-    Evaluated lazily (plans need the strategy's importance) and cached per arm.
+    Called with an arm (the policy's prediction: the arm's ratio once the schedule reached its target)
+    or through :meth:`of_plan` with the plan a task actually trained (the strategy's observation).
     """
 
     def __init__(self, cfg: Config, strategy: FedSpine, executor: SimExecutor) -> None:
         self.cfg, self.strategy, self.executor = cfg, strategy, executor
-        self.cache: dict[Arm, float] = {}
+        self.dense: float | None = None
 
-    def _flops(self, arm: Arm) -> float:
+    def _flops(self, plan: PruningPlan | None, rank: int) -> float:
         cfg = self.cfg
         return pruned_workload(
-            self.strategy.plan_for(arm.ratio),
+            plan,
             self.executor.shape,
             seq_lens=[cfg.data.max_length] * cfg.train.batch_size,
-            lora_rank=arm.rank,
+            lora_rank=rank,
             num_lora_targets=len(cfg.lora.target_modules),
             logits_positions=self.executor.logits_positions,
         ).flops
 
+    def of_plan(self, plan: PruningPlan, rank: int) -> float:
+        if self.dense is None:
+            self.dense = self._flops(None, max(self.cfg.strategy.fedspine.ranks))
+        return self._flops(plan, rank) / self.dense
+
     def __call__(self, arm: Arm) -> float:
-        if arm not in self.cache:
-            self.cache[arm] = self._flops(arm) / self._flops(Arm(0.0, max(self.cfg.strategy.fedspine.ranks)))
-        return self.cache[arm]
+        return self.of_plan(self.strategy.plan_for(self.strategy.ratio_of(arm)), arm.rank)
 
 
 def build_scheduler(cfg: Config, num_devices: int, strategy: Strategy) -> Scheduler:
@@ -461,6 +468,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         work = _RelativeWork(cfg, strategy, executor)
         policy = build_policy(cfg, strategy, devices, device_lora, predict, work)
         strategy.setup(shape, initial_scores, policy, cfg.scheduler.rounds)
+        strategy.work_model = work.of_plan
     return Experiment(
         config=cfg,
         devices=devices,

@@ -211,6 +211,7 @@ class Engine:
         simulated fleet, so it is not trained on the host either (the result is identical). Nor is
         one whose device goes offline before its upload completes (``dropped``).
         """
+        self.exp.strategy.begin_round(round_no, [d.device_id for d in devices])
         outcomes = [self._prepare(round_no, d) for d in devices]
         runnable = sorted(
             (o for o in outcomes if o.status == "ok"), key=lambda o: (o.arrival_seconds, o.device.device_id)

@@ -21,7 +21,7 @@ from fedspine.algorithms.strategies import Strategy
 from fedspine.client.evaluate import EvalSet, Evaluation, evaluate, prepare_eval_model
 from fedspine.client.objectives import Objective
 from fedspine.client.train import make_optimizer, train_local
-from fedspine.data.batching import Batch, EncodedDataset, iterate_batches
+from fedspine.data.batching import Batch, EncodedDataset, collate, iterate_batches
 from fedspine.model.footprint import ModelShape
 from fedspine.model.importance import FlapMeter, TaylorMeter, make_meter
 from fedspine.model.lora import (
@@ -62,6 +62,8 @@ class PreparedTask:
     batches: list[Batch]
     workload: TrainWorkload
     num_samples: int
+    probe: Batch | None = None
+    """A held-out local batch (none of ``batches``' examples) the trained submodel is scored on."""
 
 
 def task_seed(seed: int, *parts: int) -> int:
@@ -136,7 +138,27 @@ class SimExecutor:
             batch_size=self.training.batch_size,
             steps=len(batches),
         )
-        return PreparedTask(round_no, device, lora, batches, workload, num_samples=len(indices))
+        probe = self._probe(indices, batches, round_no, device.device_id) if plan is not None else None
+        return PreparedTask(round_no, device, lora, batches, workload, len(indices), probe)
+
+    def _probe(
+        self, indices: np.ndarray, batches: list[Batch], round_no: int, device_id: int
+    ) -> Batch | None:
+        """A batch of the device's examples that this task does not train on (None if it trains on all).
+
+        Drawn from the device's data only when the task prunes: scoring it is how the policy tells the
+        quality of a submodel without rewarding what the device just memorised.
+        """
+        used = {
+            tuple(row[mask.bool()].tolist())
+            for b in batches
+            for row, mask in zip(b.input_ids, b.attention_mask, strict=True)
+        }
+        rng = np.random.default_rng(task_seed(self.seed, round_no, device_id, 5))
+        unused = [i for i in rng.permutation(indices) if tuple(self.train_data.input_ids[i]) not in used]
+        if not unused:
+            return None
+        return collate(self.train_data, unused[: self.training.batch_size])
 
     def _cycle(self, indices: np.ndarray, rng: np.random.Generator, steps: int) -> Iterator[Batch]:
         produced = 0
@@ -180,7 +202,7 @@ class SimExecutor:
         return prune_model(plain_copy(self.model), plan, inplace=True)
 
     def _run_pruned(self, task: ClientTask, prepared: PreparedTask) -> ClientUpdate:
-        """Train a fresh adapter on the physically pruned submodel; measure importance and progress."""
+        """Train a fresh adapter on the pruned submodel; measure importance and its held-out loss."""
         model = apply_lora(
             self.pruned_model(task.plan),
             task.lora.rank,
@@ -199,7 +221,14 @@ class SimExecutor:
         after_backward = meter.after_backward if isinstance(meter, TaylorMeter) else None
         if isinstance(meter, FlapMeter):
             with meter:
-                result = train_local(model, self.objective, prepared.batches, optimizer, t.max_grad_norm)
+                result = train_local(
+                    model,
+                    self.objective,
+                    prepared.batches,
+                    optimizer,
+                    t.max_grad_norm,
+                    before_forward=meter.before_forward,
+                )
         else:
             result = train_local(
                 model,
@@ -209,14 +238,15 @@ class SimExecutor:
                 t.max_grad_norm,
                 after_backward=after_backward,
             )
-        with torch.no_grad():
-            after = float(self.objective.loss(model, prepared.batches[0]))
+        probe_loss = None
+        if prepared.probe is not None:
+            with torch.no_grad():
+                probe_loss = float(self.objective.loss(model, prepared.probe))
         state = get_lora_state(model)
         importance = None
         if meter is not None:
             heads, channels = meter.result()
             importance = _to_full(heads, channels, task.plan, self.shape)
-        before = result.first_loss
         return ClientUpdate(
             round=task.round,
             device_id=task.device_id,
@@ -230,7 +260,7 @@ class SimExecutor:
             lora_scaling=task.lora.scaling,
             plan=task.plan,
             importance=importance,
-            progress=(before - after) / before if before > 0 else 0.0,
+            probe_loss=probe_loss,
         )
 
     def _activate(self, lora: DeviceLora) -> str:

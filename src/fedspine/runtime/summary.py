@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fedspine.algorithms.strategies import FedSpine
 from fedspine.metrics.records import RoundRecord
 from fedspine.metrics.stats import time_to_target
 from fedspine.runtime.build import Experiment
@@ -88,4 +89,25 @@ def make_summary(
         "staleness": _staleness(rounds),
         "evaluations": state.evaluations,
         "devices": _devices(experiment, state),
+        "pruning": _pruning(experiment),
+    }
+
+
+def _pruning(experiment: Experiment) -> dict[str, Any] | None:
+    """What a pruning strategy evaluated and deployed, and whether any of it went untrained."""
+    strategy = experiment.strategy
+    if not isinstance(strategy, FedSpine) or strategy.policy is None:
+        return None
+    deployed = strategy.deployment([d.device_id for d in experiment.devices])
+    eval_plan = strategy.eval_plan()
+    return {
+        "global_sparsity": strategy.settings.target_sparsity,
+        "units": "heads_and_channels" if strategy.prune_heads else "channels",
+        "policy": strategy.settings.policy,
+        "deployed_ratio_mean": sum(a.ratio for a in deployed.values()) / max(len(deployed), 1),
+        "untrained_units_evaluated": None if eval_plan is None else strategy.untrained_units(eval_plan),
+        "untrained_units_deployed": sum(
+            strategy.untrained_units(strategy.plan_for(r))
+            for r in sorted({a.ratio for a in deployed.values()})
+        ),
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -96,6 +96,9 @@ class Strategy(ABC):
     @abstractmethod
     def global_lora(self) -> LoraState:
         """The current global adapter at scaling 1 (empty when the strategy keeps none, e.g. FLoRA)."""
+
+    def begin_round(self, round: int, device_ids: Sequence[int]) -> None:  # noqa: B027 (optional hook)
+        """The devices selected for a synchronous round, before any of them is assigned."""
 
     def assign(self, round: int, device_id: int, lora: DeviceLora) -> Assignment:
         """The LoRA and submodel device ``device_id`` trains in ``round`` (before :meth:`configure`)."""

@@ -4,12 +4,17 @@ Specification: algorithms.md §1.4.
 
 Round t, for each selected device i:
 
-1. the policy picks an arm ``(p_i, r_i)`` with ``p_i`` at least the schedule's sparsity target ``s_t``
-   (cubic: ``s_t = s_final (1 - (1 - t / T_p)^3)``, or one-shot);
-2. the device's submodel keeps the top ``1 - p_i`` KV groups and MLP channels of every pruned layer by
-   the global importance ``I`` (nested: a less pruned device's kept set contains a more pruned one's);
+1. the policy picks an arm ``(e_i, r_i)``: the device prunes ``p_i = s_t + e_i``, the schedule's
+   sparsity floor (cubic: ``s_t = s_final (1 - (1 - t / T_p)^3)``, or one-shot) plus an extra ratio,
+   and trains LoRA rank ``r_i`` at the device's alpha (scale ``alpha / r_i``: the update's size does
+   not depend on the rank, so rank arms differ in cost and capacity, not in learning rate);
+2. the device's submodel keeps the top ``1 - p_i`` MLP channels (and KV groups, when the model has
+   enough of them: ``granularity``) of every pruned layer by the global importance ``I`` (nested: a
+   less pruned device's kept set contains a more pruned one's; with ``freeze_mask`` the order is fixed
+   after calibration, so masks also only shrink over time);
 3. it trains a fresh rank-``r_i`` LoRA on the physically pruned submodel, measures importance on its
-   kept units, and uploads factors (pruned coordinates) + importance;
+   kept units, scores the trained submodel on a held-out local batch, and uploads factors (pruned
+   coordinates) + importance + that loss;
 4. the server scatters every update to full coordinates and aggregates **coverage-normalised**: a
    coordinate is averaged over the devices that kept it,
    ``dW[j] = sum_i w_i m_i[j] s_i (B_i A_i)[j] / sum_i w_i m_i[j]``, exactly, by stacking
@@ -19,9 +24,10 @@ Round t, for each selected device i:
 5. the global importance moves towards the devices' scores: ``I <- b I + (1 - b) I_obs`` on covered
    units, each device's scores rescaled so that their mean over its kept units equals ``I``'s there
    (importance scales differ between devices, only the order within a layer matters);
-6. the policy observes each device's reward ``min(1, U / 2) * D / max(T, D)`` (``U`` the relative loss
-   drop on its first batch, divided by a fleet-wide running mean; ``T`` its task time; ``D`` the
-   deadline, or the round's median task time) or -1 for a task that ran out of memory or was late.
+6. the policy observes each device's reward ``Q * D / max(T, D)`` (``Q = exp(-loss)`` of the trained
+   submodel on held-out local data, divided by the round's mean: the quality of what the arm trains,
+   not how fast it recovered from its own pruning; ``T`` its task time; ``D`` the deadline, or the
+   round's median task time) or -1 for a task that ran out of memory or was late.
 
 Until the first importance scores arrive, devices train the dense model and measure importance (a
 calibration round): measured on SmolLM2-135M, pruning 30% by weight magnitude raised the held-out loss
@@ -29,13 +35,16 @@ from 2.44 to 5.54, by FLAP or LoRA-guided Taylor scores from one local task's da
 (``bench/pruning_damage.py``). The schedule then starts from the first pruned round. With ``importance =
 "magnitude"`` pruning starts at once.
 
-At the end every device deploys the base pruned at its policy's best ratio (at least ``s_final``).
+The global model is evaluated pruned at ``s_final`` from the first pruned round on (equal sparsity with
+the baselines). At the end every device deploys the base pruned at ``s_final`` plus its policy's best
+extra ratio.
 Prune-then-tune and FedMP-like fixed ratios are the same machinery with a one-shot schedule and a
 frozen mask, or a fixed policy.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from collections.abc import Sequence
@@ -58,6 +67,7 @@ from fedspine.config import FedSpineSection
 from fedspine.model.footprint import ModelShape
 from fedspine.model.pruning import (
     COLUMN_MODULES,
+    LayerKeep,
     PruningPlan,
     layer_index_map,
     plan_from_scores,
@@ -65,6 +75,8 @@ from fedspine.model.pruning import (
 from fedspine.types import ClientUpdate, DeviceLora, LoraState
 
 _MODULE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+MAX_RATIO = 0.95
+"""No device prunes more than this of a layer's units."""
 FLOAT_BYTES = 4
 INDEX_BYTES = 4
 
@@ -77,6 +89,24 @@ class TaskResult:
     status: str
     seconds: float
     update: ClientUpdate | None
+
+
+@dataclass(frozen=True)
+class BaseSync:
+    """What a device receives before a task to bring its base up to the server's on its kept units.
+
+    Attributes:
+        device_id: the device.
+        since, until: the merges ``since <= v < until`` it missed.
+        plan: what it keeps now.
+        previous: what it kept at its last task (None: it holds only the pretrained model).
+    """
+
+    device_id: int
+    since: int
+    until: int
+    plan: PruningPlan
+    previous: PruningPlan | None
 
 
 @dataclass
@@ -129,12 +159,19 @@ class FedSpine(Strategy):
         self._ranks_per_version: list[dict[str, int]] = []
         self._last_sync: dict[int, int] = {}
         self._last_plan: dict[int, PruningPlan] = {}
+        self.sync_log: list[BaseSync] = []
+        """Every :class:`BaseSync` dispatched, in order (what the downlink bytes are charged for)."""
         self._pending: dict[str, torch.Tensor] | None = None
-        self._progress_mean: float | None = None
+        self.coverage: dict[tuple[str, int], torch.Tensor] = {}
+        """Per (``"heads"`` or ``"channels"``, layer), how many accepted updates trained each unit since
+        the first pruned round."""
         self._observed = self.settings.importance == "magnitude"
         self._first_pruned_round: int | None = None
         self._warmup: set[int] = set()
         self.rewards: list[dict[str, Any]] = []
+        self._anchor: int | None = None
+        self.work_model: Any = None
+        """``(plan, rank) -> relative work``, set by the runtime from the model's FLOPs (None: 1)."""
 
     # --- set-up ----------------------------------------------------------------------------------
 
@@ -152,6 +189,10 @@ class FedSpine(Strategy):
         heads, channels = initial_scores
         self.head_scores = [_unit_mean(h.float()) for h in heads]
         self.channel_scores = [_unit_mean(c.float()) for c in channels]
+        granularity = self.settings.granularity
+        self.prune_heads = granularity == "heads_and_channels" or (
+            granularity == "auto" and shape.kv_heads >= 8
+        )
 
     def init_global(self, shapes: ModuleShapes, rank: int, generator: torch.Generator) -> None:
         self.module_shapes = shapes
@@ -180,35 +221,65 @@ class FedSpine(Strategy):
         key = round(ratio, 6)
         if key not in self._plans:
             s = self.settings
-            self._plans[key] = plan_from_scores(
+            plan = plan_from_scores(
                 self.head_scores, self.channel_scores, ratio, tuple(s.dense_layers), s.channel_multiple
             )
+            if not self.prune_heads:
+                every = tuple(range(self.shape.kv_heads))
+                plan = {layer: LayerKeep(every, keep.channels) for layer, keep in plan.items()}
+            self._plans[key] = plan
         return self._plans[key]
+
+    def ratio_of(self, arm: Arm, round_no: int | None = None) -> float:
+        """The pruning ratio a device plays at ``arm``: the schedule's floor plus the arm's extra ratio."""
+        floor = self.settings.target_sparsity if round_no is None else self.sparsity(round_no)
+        return min(floor + arm.ratio, MAX_RATIO)
+
+    def begin_round(self, round: int, device_ids: Sequence[int]) -> None:
+        """Pick the round's anchor: the selected device predicted fastest at the floor trains exactly the
+        floor's mask (at the rank its policy picks), so every unit of the evaluated model is trained in
+        every synchronous round, whatever the other devices' arms."""
+        self._anchor = None
+        if not device_ids or self.policy is None or self.settings.policy == "fixed":
+            return  # a fixed policy's ratios are the experiment: none is overridden
+        floor = Arm(0.0, min(a.rank for a in self.policy.arms))
+        predicted = {d: self.policy.predicted_seconds(d, floor) for d in device_ids}
+        known = {d: t for d, t in predicted.items() if t is not None}
+        self._anchor = min(known, key=lambda d: (known[d], d)) if known else device_ids[0]
 
     def assign(self, round: int, device_id: int, lora: DeviceLora) -> Assignment:
         assert self.policy is not None, "FedSpine.setup() was not called"
         if not self._observed:
             # No device has measured importance yet: train the dense model and measure it (calibration).
             arm = Arm(0.0, self.policy.choose(device_id, 0.0).rank)
+            ratio = 0.0
             self._warmup.add(device_id)
         else:
             self._first_pruned_round = self._first_pruned_round or round
-            arm = self.policy.choose(device_id, self.sparsity(round))
-        plan = self.plan_for(arm.ratio)
+            arm = self.policy.choose(device_id, 0.0)
+            if device_id == self._anchor:
+                arm = Arm(0.0, arm.rank)
+            ratio = self.ratio_of(arm, round)
+        plan = self.plan_for(ratio)
         self._assigned[device_id] = (arm, plan)
         measure = self.settings.importance != "magnitude" and not (
             self.settings.freeze_mask and self._observed
         )
-        return Assignment(DeviceLora(arm.rank, lora.scaling), plan, arm.ratio, measure)
+        return Assignment(DeviceLora(arm.rank, lora.alpha / arm.rank), plan, ratio, measure)
 
     def eval_plan(self) -> PruningPlan | None:
         """The deployable model: pruned at the target sparsity once importance has been observed."""
         return self.plan_for(self.settings.target_sparsity) if self._observed else None
 
     def deployment(self, device_ids: Sequence[int]) -> dict[int, Arm]:
-        """Each device's arm for its final model (the policy's best, at least the target sparsity)."""
+        """Each device's final model: the target sparsity plus its policy's best extra ratio, at the
+        policy's best rank (as an arm of absolute ratio)."""
         assert self.policy is not None
-        return {d: self.policy.best(d, self.settings.target_sparsity) for d in device_ids}
+        deployed = {}
+        for d in device_ids:
+            best = self.policy.best(d, 0.0)
+            deployed[d] = Arm(self.ratio_of(best), best.rank)
+        return deployed
 
     # --- dispatch --------------------------------------------------------------------------------
 
@@ -239,38 +310,55 @@ class FedSpine(Strategy):
         for module, (out_f, in_f) in kept.items():
             a, b = fresh_factors(out_f, in_f, lora.rank, generator)
             state[module] = {"A": a, "B": b}
-        nbytes = self._downlink_bytes(device_id, plan, kept)
+        sync = self.base_sync(device_id, plan)
+        nbytes = self._downlink_bytes(sync, kept)
         self._last_sync[device_id] = self._version
         self._last_plan[device_id] = plan
+        self.sync_log.append(sync)
         return Dispatch(state, nbytes)
 
-    def _downlink_bytes(self, device_id: int, plan: PruningPlan, kept: ModuleShapes) -> int:
-        """Missed merges on the kept coordinates (capped by the kept dense weights), newly kept rows or
-        columns of the current base, and the plan's indices when it changed.
+    def base_sync(self, device_id: int, plan: PruningPlan) -> BaseSync:
+        """What ``device_id`` must receive now for its base to equal the server's on what ``plan`` keeps.
 
-        A device holds the pretrained dense model; it needs every merge since it last synced, restricted
-        to what it keeps: per merge and module, the stacked factors ``R (kept_out + kept_in)`` floats.
+        A device holds the pretrained dense model and, on the units it kept at its last task, every
+        merge up to then. It needs the merges since then on the units it keeps now and kept then, and
+        the server's current rows (or columns) of the units it keeps now but did not keep then.
         """
-        missed = self._ranks_per_version[self._last_sync.get(device_id, 0) :]
+        return BaseSync(
+            device_id,
+            since=self._last_sync.get(device_id, 0),
+            until=self._version,
+            plan=plan,
+            previous=self._last_plan.get(device_id),
+        )
+
+    def fresh_units(self, sync: BaseSync, module: str) -> torch.Tensor:
+        """Rows (q/k/v/gate/up) or columns (o/down) of ``module`` kept now but not at the last sync."""
+        out_f, in_f = self.module_shapes[module]
+        size = in_f if self.module_info[module][1] in COLUMN_MODULES else out_f
+        if sync.previous is None or sync.until == 0:
+            return torch.empty(0, dtype=torch.long)  # pretrained and never merged since: current
+        now, before = self._module_index(sync.plan, module), self._module_index(sync.previous, module)
+        kept_now = torch.arange(size) if now is None else now[1]
+        kept_before = torch.arange(size) if before is None else before[1]
+        return kept_now[~torch.isin(kept_now, kept_before)]
+
+    def _downlink_bytes(self, sync: BaseSync, kept: ModuleShapes) -> int:
+        """Missed merges on the kept coordinates (capped by the kept dense weights), the current base's
+        newly kept rows or columns, and the plan's indices when it changed: per merge and module, the
+        stacked factors ``R (kept_out + kept_in)`` floats."""
+        missed = self._ranks_per_version[sync.since : sync.until]
         merges = sum(
             FLOAT_BYTES * ranks.get(m, 0) * (o + i) for ranks in missed for m, (o, i) in kept.items()
         )
         merges = min(merges, sum(FLOAT_BYTES * o * i for o, i in kept.values()))
-        previous = self._last_plan.get(device_id)
-        if previous is plan:
+        if sync.previous is sync.plan:
             return merges
         fresh = 0
         for module, (out_f, in_f) in self.module_shapes.items():
-            now, before = self._module_index(plan, module), self._module_index(previous or {}, module)
-            if now is None or self._last_sync.get(device_id, 0) == self._version == 0:
-                continue  # dense now, or nothing merged yet: the device's pretrained rows are current
-            kept_now = set(now[1].tolist())
-            kept_before = (
-                set(range(out_f if now[0] == 0 else in_f)) if before is None else set(before[1].tolist())
-            )
-            added = len(kept_now - kept_before)
-            fresh += FLOAT_BYTES * added * (in_f if now[0] == 0 else out_f)
-        indices = INDEX_BYTES * sum(len(k.kv_groups) + len(k.channels) for k in plan.values())
+            rows = self.module_info[module][1] not in COLUMN_MODULES
+            fresh += FLOAT_BYTES * self.fresh_units(sync, module).numel() * (in_f if rows else out_f)
+        indices = INDEX_BYTES * sum(len(k.kv_groups) + len(k.channels) for k in sync.plan.values())
         return merges + fresh + indices
 
     # --- aggregation -----------------------------------------------------------------------------
@@ -309,8 +397,38 @@ class FedSpine(Strategy):
         frozen = self.settings.freeze_mask and self._observed
         if update.importance is not None and not frozen:
             self._accumulate_importance(partial, update, plan, weight)
+        if self._observed and update.plan is not None:
+            self._count_coverage(plan)
         partial.weight += weight
         return partial
+
+    def _count_coverage(self, plan: PruningPlan) -> None:
+        """Add one to every unit ``plan`` keeps (a dense layer keeps all of its units)."""
+        for layer in range(self.shape.layers):
+            keep = plan.get(layer)
+            for kind, size, kept in (
+                ("heads", self.shape.kv_heads, None if keep is None else keep.kv_groups),
+                ("channels", self.shape.intermediate, None if keep is None else keep.channels),
+            ):
+                counts = self.coverage.setdefault((kind, layer), torch.zeros(size, dtype=torch.long))
+                if kept is None:
+                    counts += 1
+                else:
+                    counts[list(kept)] += 1
+
+    def untrained_units(self, plan: PruningPlan) -> int:
+        """How many units ``plan`` keeps that no accepted update trained since pruning began."""
+        missing = 0
+        for layer in range(self.shape.layers):
+            keep = plan.get(layer)
+            for kind, size, kept in (
+                ("heads", self.shape.kv_heads, None if keep is None else keep.kv_groups),
+                ("channels", self.shape.intermediate, None if keep is None else keep.channels),
+            ):
+                counts = self.coverage.get((kind, layer), torch.zeros(size, dtype=torch.long))
+                index = list(range(size)) if kept is None else list(kept)
+                missing += int((counts[index] == 0).sum())
+        return missing
 
     def _accumulate_importance(
         self, partial: CoverageSum, update: ClientUpdate, plan: PruningPlan, w: float
@@ -379,46 +497,54 @@ class FedSpine(Strategy):
     def end_round(self, round: int, results: Sequence[TaskResult], deadline: float) -> None:
         """Turn the round's outcomes into rewards for the policy (see the module docstring)."""
         assert self.policy is not None
-        progress = [
-            r.update.progress
+        qualities = [
+            math.exp(-r.update.probe_loss)
             for r in results
-            if r.status == "ok" and r.update and r.update.progress is not None
+            if r.status == "ok" and r.update is not None and r.update.probe_loss is not None
         ]
-        if progress:
-            mean = statistics.fmean(progress)
-            self._progress_mean = (
-                mean if self._progress_mean is None else 0.8 * self._progress_mean + 0.2 * mean
-            )
+        mean_quality = statistics.fmean(qualities) if qualities else 0.0
         times = [r.seconds for r in results if r.status == "ok"]
         cap = deadline if deadline > 0 else (statistics.median(times) if times else 0.0)
         for r in results:  # each device's task ends here: asynchronous schedulers report tasks one by one
             if r.device_id not in self._assigned:
                 continue
-            arm, _ = self._assigned.pop(r.device_id)
+            arm, plan = self._assigned.pop(r.device_id)
             if r.device_id in self._warmup:
                 self._warmup.discard(r.device_id)
                 continue  # a calibration task: the policy did not choose its ratio
-            seconds = r.seconds if r.status != "oom" else 0.0
+            work = self.relative_work(plan, arm.rank)
             if r.status in ("oom", "late"):
-                outcome = Outcome(-1.0, seconds, None, cap, failed=True)
-            elif r.update is None or r.update.progress is None:
+                seconds = r.seconds if r.status != "oom" else 0.0
+                outcome = Outcome(-1.0, seconds, None, cap, failed=True, work=work)
+            elif r.update is None or r.update.probe_loss is None or mean_quality <= 0:
                 continue
             else:
-                norm = self._progress_mean if self._progress_mean and self._progress_mean > 0 else 1.0
-                relative = r.update.progress / norm
-                reward = min(1.0, relative / 2) * cap / max(r.seconds, cap, 1e-9)
-                outcome = Outcome(reward, seconds, relative, cap)
-            reward = outcome.reward
+                quality = math.exp(-r.update.probe_loss) / mean_quality
+                reward = quality * cap / max(r.seconds, cap, 1e-9)
+                outcome = Outcome(reward, r.seconds, quality, cap, work=work)
             self.policy.observe(r.device_id, arm, outcome)
             self.rewards.append(
                 {
                     "round": round,
                     "device_id": r.device_id,
-                    "ratio": arm.ratio,
+                    "extra_ratio": arm.ratio,
+                    "ratio": self._ratio_of_plan(plan),
                     "rank": arm.rank,
-                    "reward": reward,
+                    "reward": outcome.reward,
+                    "quality": outcome.quality,
                 }
             )
+
+    def relative_work(self, plan: PruningPlan, rank: int) -> float:
+        """Training work of ``plan`` at ``rank`` relative to the dense model at the largest rank arm,
+        from the model's shapes (what the server knows without any device profile)."""
+        return self.work_model(plan, rank) if self.work_model is not None else 1.0
+
+    def _ratio_of_plan(self, plan: PruningPlan) -> float:
+        if not plan:
+            return 0.0
+        keep = next(iter(plan.values()))
+        return 1.0 - len(keep.channels) / self.shape.intermediate
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -452,4 +578,4 @@ def _unit_mean(scores: torch.Tensor) -> torch.Tensor:
     return scores / mean if mean > 0 else torch.ones_like(scores)
 
 
-__all__ = ["PRESETS", "CoverageSum", "FedSpine", "TaskResult"]
+__all__ = ["PRESETS", "BaseSync", "CoverageSum", "FedSpine", "TaskResult"]
