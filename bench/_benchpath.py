@@ -130,3 +130,36 @@ def interval_pairs(prefix: str, interval: Any, digits: int = 4) -> list[str]:
         f"{prefix}={interval.mean:.{digits}f}",
         f"{prefix}_ci={interval.low:.{digits}f}:{interval.high:.{digits}f}",
     ]
+
+
+def local_task_scores(exp: Any, base: Any, seed: int, count: int = 8) -> tuple[list[Any], dict[str, Any]]:
+    """One local task's worth of device data (``count`` batches across the fleet's partitions) and the
+    FLAP and LoRA-guided Taylor scores measured while an adapter trains on it."""
+    import copy
+
+    import numpy as np
+
+    from fedspine.client.train import make_optimizer, train_local
+    from fedspine.data.batching import iterate_batches
+    from fedspine.model.importance import FlapMeter, TaylorMeter
+    from fedspine.model.lora import apply_lora
+
+    cfg = exp.config
+    rng = np.random.default_rng(seed)
+    indices = np.concatenate(exp.partitions)
+    batches = list(iterate_batches(exp.executor.train_data, indices, cfg.train.batch_size, rng, shuffle=True))
+    batches = batches[:count]
+    peft = apply_lora(copy.deepcopy(base), cfg.lora.rank, cfg.lora.alpha, 0.0, cfg.lora.target_modules)
+    taylor, flap = TaylorMeter(peft, exp.shape.head_dim), FlapMeter(peft, exp.shape.head_dim)
+    params = [p for p in peft.parameters() if p.requires_grad]
+    with flap:
+        train_local(
+            peft,
+            exp.objective,
+            batches,
+            make_optimizer(params, "adamw", cfg.train.lr, 0.0),
+            cfg.train.max_grad_norm,
+            after_backward=taylor.after_backward,
+            before_forward=flap.before_forward,
+        )
+    return batches, {"flap": flap.result(), "taylor": taylor.result()}

@@ -33,13 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from _benchpath import host_line  # first: keeps bench/ off sys.path
+from _benchpath import host_line, local_task_scores  # first: keeps bench/ off sys.path
 from fedspine.client.evaluate import evaluate, prepare_eval_model
 from fedspine.client.train import make_optimizer, train_local
 from fedspine.config import load_config
 from fedspine.data.batching import iterate_batches
 from fedspine.metrics.stats import t_interval
-from fedspine.model.importance import FlapMeter, TaylorMeter
 from fedspine.model.lora import apply_lora, merged_model, plain_copy
 from fedspine.model.pruning import (
     LayerKeep,
@@ -82,25 +81,6 @@ def full_gradient_channels(base: Any, exp: Experiment, batches: list[Any]) -> li
                 value += (mlp.down_proj.weight * mlp.down_proj.weight.grad).sum(0)
                 sums[index] += value.abs()
     return sums
-
-
-def device_scores(base: Any, exp: Experiment, batches: list[Any]) -> dict[str, tuple[list[Any], list[Any]]]:
-    """FLAP and LoRA-guided Taylor scores from one local task of LoRA training on ``batches``."""
-    cfg = exp.config
-    peft = apply_lora(copy.deepcopy(base), cfg.lora.rank, cfg.lora.alpha, 0.0, ALL)
-    taylor, flap = TaylorMeter(peft, exp.shape.head_dim), FlapMeter(peft, exp.shape.head_dim)
-    params = [p for p in peft.parameters() if p.requires_grad]
-    with flap:
-        train_local(
-            peft,
-            exp.objective,
-            batches,
-            make_optimizer(params, "adamw", cfg.train.lr, 0.0),
-            cfg.train.max_grad_norm,
-            after_backward=taylor.after_backward,
-            before_forward=flap.before_forward,
-        )
-    return {"flap": flap.result(), "taylor": taylor.result()}
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -171,9 +151,8 @@ def main() -> None:
     add("dense_accuracy", accuracy(base, exp))
     for seed in range(args.seeds):
         print(f"seed {seed}", flush=True)
-        calibration = device_batches(exp, seed, 8)
+        calibration, scores = local_task_scores(exp, base, seed)
         training = device_batches(exp, seed + 1000, args.steps)
-        scores = device_scores(base, exp, calibration)
         full = full_gradient_channels(base, exp, calibration)
         for name, (_, channels) in scores.items():
             add(

@@ -13,7 +13,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import platform
 from typing import Any
 
@@ -21,13 +20,11 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-import _benchpath  # noqa: F401  (must precede the fedspine imports)
+from _benchpath import local_task_scores  # first: keeps bench/ off sys.path
 from fedspine.client.evaluate import evaluate
-from fedspine.client.train import make_optimizer, train_local
 from fedspine.config import load_config
 from fedspine.data.batching import iterate_batches
-from fedspine.model.importance import FlapMeter, TaylorMeter
-from fedspine.model.lora import apply_lora, plain_copy
+from fedspine.model.lora import plain_copy
 from fedspine.model.pruning import magnitude_scores, plan_from_scores, prune_model
 from fedspine.runtime.build import build_experiment
 
@@ -49,25 +46,8 @@ def main() -> None:
         result = evaluate(model, exp.objective, batches)
         return result.metric, result.loss
 
-    # One local task's worth of device data: 8 batches drawn across the fleet's partitions.
-    rng = np.random.default_rng(cfg.run.seed)
-    indices = np.concatenate(exp.partitions)
-    batches = list(
-        iterate_batches(exp.executor.train_data, indices, cfg.train.batch_size, rng, shuffle=True)
-    )[:8]
-    peft = apply_lora(copy.deepcopy(base), cfg.lora.rank, cfg.lora.alpha, 0.0, cfg.lora.target_modules)
-    taylor, flap = TaylorMeter(peft, exp.shape.head_dim), FlapMeter(peft, exp.shape.head_dim)
-    params = [p for p in peft.parameters() if p.requires_grad]
-    with flap:
-        train_local(
-            peft,
-            exp.objective,
-            batches,
-            make_optimizer(params, "adamw", cfg.train.lr, 0.0),
-            cfg.train.max_grad_norm,
-            after_backward=taylor.after_backward,
-        )
-    scores = {"magnitude": magnitude_scores(base), "flap": flap.result(), "taylor": taylor.result()}
+    _, measured = local_task_scores(exp, base, cfg.run.seed)  # one local task's worth of device data
+    scores = {"magnitude": magnitude_scores(base), **measured}
 
     dense_acc, dense_loss = score(base)
     print(f"\n{'score':10} {'ratio':>5} {'loss':>7} {'accuracy':>8}")

@@ -164,17 +164,17 @@ def _flora_reference(
     flora.finalize(partial)
     sub = flora.take_base_delta()
     assert sub is not None
-    full = {}
-    for module, value in sub.items():
-        out_f, in_f = strategy.module_shapes[module]
-        index = _kept_index(strategy, plan, module)
-        if index is None:
-            full[module] = value
-        elif index[0] == 0:
-            full[module] = scatter_to_full(value, index[1], out_f)
-        else:
-            full[module] = scatter_to_full(value, index[1], in_f, dim=1)
-    return full
+    return {module: _in_full(strategy, plan, module, value) for module, value in sub.items()}
+
+
+def _in_full(strategy: FedSpine, plan: PruningPlan, module: str, value: torch.Tensor) -> torch.Tensor:
+    """A weight change of ``module`` in ``plan``'s pruned coordinates, scattered to full coordinates."""
+    index = _kept_index(strategy, plan, module)
+    if index is None:
+        return value
+    out_f, in_f = strategy.module_shapes[module]
+    dim, kept = index
+    return scatter_to_full(value, kept, out_f) if dim == 0 else scatter_to_full(value, kept, in_f, dim=1)
 
 
 def test_with_every_device_on_one_mask_fedspine_aggregates_like_flora_on_the_subnetwork(
@@ -204,15 +204,7 @@ def test_with_one_device_fedspine_merges_exactly_what_fedit_would_apply(exp: Exp
     partial = fedit.accumulate(fedit.init_partial(), update)
     fedit.finalize(partial)
     for module, factors in fedit.global_lora().items():
-        product = factors["B"] @ factors["A"]
-        index = _kept_index(strategy, PLAN, module)
-        if index is not None:
-            out_f, in_f = strategy.module_shapes[module]
-            product = (
-                scatter_to_full(product, index[1], out_f)
-                if index[0] == 0
-                else scatter_to_full(product, index[1], in_f, dim=1)
-            )
+        product = _in_full(strategy, PLAN, module, factors["B"] @ factors["A"])
         torch.testing.assert_close(delta[module], product, **TOL)
 
 

@@ -10,6 +10,7 @@ train exactly their own configuration on the shared base model.
 from __future__ import annotations
 
 import zlib
+from contextlib import nullcontext
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -218,26 +219,13 @@ class SimExecutor:
         optimizer = make_optimizer(params, t.optimizer, t.lr, t.weight_decay)
         measure = task.extra.get("measure_importance", True)
         meter = make_meter(self.importance if measure else "magnitude", model, self.shape.head_dim)
-        after_backward = meter.after_backward if isinstance(meter, TaylorMeter) else None
+        hooks: dict[str, Any] = {}
+        if isinstance(meter, TaylorMeter):
+            hooks["after_backward"] = meter.after_backward
         if isinstance(meter, FlapMeter):
-            with meter:
-                result = train_local(
-                    model,
-                    self.objective,
-                    prepared.batches,
-                    optimizer,
-                    t.max_grad_norm,
-                    before_forward=meter.before_forward,
-                )
-        else:
-            result = train_local(
-                model,
-                self.objective,
-                prepared.batches,
-                optimizer,
-                t.max_grad_norm,
-                after_backward=after_backward,
-            )
+            hooks["before_forward"] = meter.before_forward
+        with meter if isinstance(meter, FlapMeter) else nullcontext():
+            result = train_local(model, self.objective, prepared.batches, optimizer, t.max_grad_norm, **hooks)
         probe_loss = None
         if prepared.probe is not None:
             with torch.no_grad():
