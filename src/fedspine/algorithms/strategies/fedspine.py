@@ -35,11 +35,14 @@ from 2.44 to 5.54, by FLAP or LoRA-guided Taylor scores from one local task's da
 (``bench/pruning_damage.py``). The schedule then starts from the first pruned round. With ``importance =
 "magnitude"`` pruning starts at once.
 
+In every synchronous round the selected device the policy predicts fastest at the floor trains exactly
+the floor's mask (the round's anchor, :meth:`FedSpine.begin_round`), so every unit of the evaluated
+model is trained every round, whatever arms the others play.
+
 The global model is evaluated pruned at ``s_final`` from the first pruned round on (equal sparsity with
 the baselines). At the end every device deploys the base pruned at ``s_final`` plus its policy's best
-extra ratio.
-Prune-then-tune and FedMP-like fixed ratios are the same machinery with a one-shot schedule and a
-frozen mask, or a fixed policy.
+extra ratio. Prune-then-tune and FedMP-like fixed ratios are the same machinery with a one-shot
+schedule and a frozen mask, or a fixed policy with a moving mask.
 """
 
 from __future__ import annotations
@@ -550,12 +553,13 @@ class FedSpine(Strategy):
 PRESETS: dict[str, dict[str, Any]] = {
     "fedspine": {},
     "prune_then_tune": {"schedule": "oneshot", "freeze_mask": True, "policy": "fixed"},
-    "fedmp": {"policy": "fixed"},
+    "fedmp": {"policy": "fixed", "freeze_mask": False},
 }
 """The pruning strategies: FedSpine, and its baselines as fixed settings of the same machinery.
 
 ``prune_then_tune`` prunes once to the target sparsity after the calibration round and keeps that
-mask; ``fedmp`` gives every device a fixed ratio under FedSpine's schedule and masks.
+mask; ``fedmp`` gives every device a fixed ratio under FedSpine's schedule, the mask moving with the
+importance the devices measure every round (FedMP re-prunes as it trains).
 """
 
 
