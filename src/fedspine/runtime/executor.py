@@ -10,8 +10,8 @@ train exactly their own configuration on the shared base model.
 from __future__ import annotations
 
 import zlib
-from contextlib import nullcontext
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
