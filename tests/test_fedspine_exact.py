@@ -8,6 +8,7 @@ on a tiny float32 model.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -76,14 +77,15 @@ def _kept_index(strategy: FedSpine, plan: PruningPlan, module: str) -> tuple[int
     return strategy._module_index(plan, module)
 
 
-def _merged_delta(strategy: FedSpine, updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+def _merged_delta(strategy: Any, updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+    """The base-weight delta a strategy that merges (FedSpine, FLoRA) makes of ``updates``."""
     partial = strategy.init_partial()
     for update in updates:
         partial = strategy.accumulate(partial, update)
     strategy.finalize(partial)
     deltas = strategy.take_base_delta()
     assert deltas is not None
-    return deltas
+    return dict(deltas)
 
 
 def test_a_pruned_devices_merged_update_equals_masked_dense_training(exp: Experiment) -> None:
@@ -158,12 +160,7 @@ def _flora_reference(
     assert isinstance(strategy, FedSpine)
     flora = STRATEGIES.get("flora", "strategy.name")(weighting="samples")
     flora.init_global(strategy.kept_shapes(plan), 4, torch.Generator().manual_seed(0))
-    partial = flora.init_partial()
-    for update in updates:
-        partial = flora.accumulate(partial, update)
-    flora.finalize(partial)
-    sub = flora.take_base_delta()
-    assert sub is not None
+    sub = _merged_delta(flora, updates)
     return {module: _in_full(strategy, plan, module, value) for module, value in sub.items()}
 
 
