@@ -8,13 +8,15 @@ import json
 import math
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Array, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from typer.testing import CliRunner
 
 from fedspine.api import RunResult, load_global_adapter, run_experiment
@@ -198,6 +200,150 @@ def test_a_malformed_or_failed_reply_is_rejected_logged_and_counted(tmp_path: Pa
     assert "malformed update: the message has no 'update' ConfigRecord" in events
     assert "device error: out of memory on the device" in events
     assert '"num_updates": 4' in events
+
+
+def _tampered_reply(reply: Message, device: int, mutate: dict[int, Callable[[RecordDict], None]]) -> Message:
+    if device in mutate:
+        mutate[device](reply.content)
+    return reply
+
+
+def _set_update(**fields: object) -> Callable[[RecordDict], None]:
+    def apply(content: RecordDict) -> None:
+        record = dict(content.config_records["update"])
+        record.update(fields)
+        content["update"] = ConfigRecord(record)  # type: ignore[arg-type]
+
+    return apply
+
+
+def _set_array(record: str, key: str, array: Array) -> Callable[[RecordDict], None]:
+    """Set ``key`` of the reply's ArrayRecord ``record``; ``*`` in ``key`` stands for the first
+    module there."""
+
+    def apply(content: RecordDict) -> None:
+        arrays = content.array_records[record]
+        module = next(iter(arrays)).split("/")[0]
+        arrays[key.replace("*", module)] = array
+
+    return apply
+
+
+def _index_out_of_range(content: RecordDict) -> None:
+    """The first top-k payload keeps its length, one index points far outside the factor."""
+    wire = content.array_records["wire"]
+    key = next(k for k in wire if k.endswith("/index"))
+    index = wire[key].numpy().copy()
+    index[0] = 30000
+    wire[key] = Array(index)
+
+
+def _mutate_replies(first_round: dict[int, Callable[[RecordDict], None]]) -> Callable[[Message], Message]:
+    """A tamper hook that applies ``first_round[device]`` to that device's round-1 reply."""
+
+    def tamper(reply: Message) -> Message:
+        if reply.metadata.message_type != MessageType.TRAIN or reply.has_error():
+            return reply
+        update = reply.content.config_records["update"]
+        return _tampered_reply(reply, int(update["device_id"]), first_round if update["round"] == 1 else {})  # type: ignore[arg-type]
+
+    return tamper
+
+
+def _rejections(result: RunResult) -> dict[int, str]:
+    """Device -> reason of its dropped or rejected round-1 task."""
+    events = [json.loads(line) for line in (result.run_dir / "events.jsonl").read_text().splitlines()]
+    return {
+        e["device_id"]: e.get("reason", "")
+        for e in events
+        if e.get("event") == "task" and e.get("round") == 1 and e.get("status") in ("dropped", "rejected")
+    }
+
+
+def test_replies_that_used_to_crash_or_poison_the_server_are_dropped_and_the_run_goes_on(
+    tmp_path: Path,
+) -> None:
+    """The review's reproductions on FedSpine's first (importance-measuring) round: a string-dtype
+    factor, importance for an extra layer, a scaling the task did not send, a sample count beyond the
+    device's partition, an infinite probe loss beside importance, and a factor over the byte cap. Each
+    drops its own task; the second round runs all six devices."""
+    big = Array(np.zeros((1024, 1024), np.float32))
+    first_round = {
+        0: _set_array("lora", "*/A", Array(np.array(["ab", "cd"]))),
+        1: lambda c: (
+            _set_array("importance", "heads/2", Array(np.ones(2, np.float32)))(c),  # tiny: layers 0, 1
+            _set_array("importance", "channels/2", Array(np.ones(2, np.float32)))(c),
+        ),
+        2: _set_update(lora_scaling=1e4),
+        3: _set_update(num_samples=10**9),
+        4: _set_update(probe_loss=float("inf")),
+        5: _set_array("lora", "*/B", big),
+    }
+    cfg = tiny("strategy.name=fedspine", "scheduler.rounds=2", "scheduler.clients_per_round=6")
+    result, _ = run_fake(cfg, tmp_path / "flower", _mutate_replies(first_round))
+    reasons = _rejections(result)
+    assert sorted(reasons) == [0, 1, 2, 3, 4, 5], reasons
+    assert "dtype <U2" in reasons[0]
+    assert "importance for 3 layers; the model has 2" in reasons[1]
+    assert "lora_scaling 10000.0 is not the task's" in reasons[2]
+    assert "num_samples 1000000000 outside" in reasons[3]
+    assert "probe_loss inf" in reasons[4]
+    assert "at most" in reasons[5] and "fit this task" in reasons[5]
+    assert result.summary["tasks"]["ok"] == 6  # round 2: every device, untouched
+
+
+def test_compressed_replies_are_checked_before_decoding_and_a_rejected_rank_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Top-k payloads with an index outside the factor or a claimed 16384 x 16384 shape, and ranks
+    1000 and 0, drop their tasks without touching the server's state: round 2 trains every device at
+    the rank it had (HetLoRA would keep a lowered rank only from an accepted update)."""
+    first_round = {
+        0: _index_out_of_range,
+        1: _set_array("wire", "*/A/shape", Array(np.array([16384, 16384], np.int32))),
+        2: _set_update(lora_rank=1000),
+        3: _set_update(lora_rank=0),
+        4: _set_update(train_loss=float("nan")),
+    }
+    cfg = tiny(
+        "strategy.name=hetlora",
+        "lora.ranks=[2, 4, 8, 2, 4, 8]",
+        "scheduler.rounds=2",
+        "scheduler.clients_per_round=6",
+        "compression.codec=topk",
+    )
+    result, _ = run_fake(cfg, tmp_path / "flower", _mutate_replies(first_round))
+    reasons = _rejections(result)
+    assert sorted(reasons) == [0, 1, 2, 3, 4], reasons
+    assert "index outside" in reasons[0]
+    assert "does not fit the factor sent" in reasons[1]
+    assert "rank 1000 outside" in reasons[2] and "rank 0 outside" in reasons[3]
+    assert "train_loss nan" in reasons[4]
+    assert result.summary["tasks"]["ok"] == 1 + 6
+
+
+def test_node_discovery_leaves_out_nodes_with_bad_claims(tmp_path: Path) -> None:
+    """A query reply without a device id, one claiming device -1, and one claiming a device another
+    node claimed first: those nodes are logged and not used; the run goes on with the others."""
+
+    def tamper(reply: Message) -> Message:
+        if reply.metadata.message_type != MessageType.QUERY:
+            return reply
+        node = reply.metadata.src_node_id
+        if node == 1:
+            del reply.content.config_records["node"]
+        elif node == 2:
+            reply.content["node"] = ConfigRecord({"device_id": -1})
+        elif node == 4:
+            reply.content["node"] = ConfigRecord({"device_id": 2})  # node 3 is device 2
+        return reply
+
+    cfg = tiny("scheduler.rounds=1", "scheduler.clients_per_round=6")
+    result, _ = run_fake(cfg, tmp_path / "flower", tamper)
+    events = [json.loads(line) for line in (result.run_dir / "events.jsonl").read_text().splitlines()]
+    nodes = next(e["nodes"] for e in events if e.get("event") == "deployment")
+    assert nodes == {"2": 3, "4": 5, "5": 6}
+    assert result.summary["tasks"]["ok"] == 3
 
 
 def _original(reply: Message) -> Message:

@@ -1,22 +1,35 @@
 """Property-based tests: random and mutated input to the config loader and the update decoder
-fails only with fedspine's typed errors, never with an arbitrary exception."""
+fails only with fedspine's typed errors, never with an arbitrary exception; and whatever mutated
+reply the server accepts is sound."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import io
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedspine.algorithms.compression import ErrorFeedback, FeedbackState, UplinkChannel, make_codec
 from fedspine.algorithms.validation import check_update
 from fedspine.config import Config, from_dict, load_config, to_dict
-from fedspine.deploy.records import Timing, read_task, read_update, task_record, update_record
+from fedspine.deploy.records import (
+    Timing,
+    max_reply_bytes,
+    read_task,
+    read_update,
+    task_record,
+    update_record,
+)
 from fedspine.errors import ConfigError, DeployError
+from fedspine.model.footprint import ModelShape
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
 
 SETTINGS = settings(
@@ -175,3 +188,111 @@ def test_a_mutated_task_decodes_or_raises_a_deploy_error(keys: list[str], value:
     content["task"] = ConfigRecord(fields)
     with contextlib.suppress(DeployError):
         read_task(content)
+
+
+# --- a compressed reply with importance scores, decoded and checked as the server does --------------------
+
+SHAPE = ModelShape(
+    hidden=5, layers=2, heads=2, kv_heads=2, head_dim=2, intermediate=3, vocab=11, tied_embeddings=True
+)
+SAMPLES = 9
+WIRE_TASK = ClientTask(
+    2,
+    1,
+    4,
+    DeviceLora(2, 2.0),
+    {"m.q": {"A": torch.randn(2, 5), "B": torch.zeros(3, 2)}},
+    0,
+    extra={"measure_importance": True},
+)
+_trained = {"m.q": {"A": torch.randn(2, 5), "B": torch.randn(3, 2)}}
+_honest = ClientUpdate(2, 1, SAMPLES, _trained, 0, 1.0, 10, 0.1, 2, 2.0, probe_loss=0.5)
+_honest.importance = {"heads": [torch.rand(2), torch.rand(2)], "channels": [torch.rand(3), torch.rand(3)]}
+_honest.wire = UplinkChannel(ErrorFeedback(make_codec("topk", 0.5))).send(
+    FeedbackState(), _honest, WIRE_TASK.payload, torch.Generator().manual_seed(0)
+)
+WIRE_GOOD = update_record(_honest, Timing(1.0, 2.0, 0.5))
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+raw_arrays = st.builds(
+    lambda dtype, shape, stype, data: Array(dtype=dtype, shape=shape, stype=stype, data=data),
+    st.sampled_from(["float32", "<U3", "int16", "object", "float64", ""]),
+    st.lists(st.integers(-2, 20000), max_size=3).map(tuple),
+    st.sampled_from(["numpy.ndarray", "torch.Tensor", ""]),
+    st.binary(max_size=64)
+    | st.sampled_from(
+        [_npy(np.array(["ab", "c"])), _npy(np.zeros((2, 2), np.float64)), _npy(np.arange(3, dtype=">i4"))]
+    ),
+)
+wire_arrays = st.one_of(
+    arrays,
+    raw_arrays,
+    st.builds(lambda n: torch.tensor([n, n], dtype=torch.int32), st.integers(-5, 2**31 - 1)),
+    st.builds(lambda n: torch.tensor([n], dtype=torch.int16), st.integers(-(2**15), 2**15 - 1)),
+    st.builds(lambda x: torch.tensor([x], dtype=torch.float32), st.floats(width=32)),
+)
+reply_scalars = scalars | st.sampled_from([0, -1, 10**9, 1e4, float("inf"), float("nan")])
+
+
+@st.composite
+def mutated_wire_updates(draw: st.DrawFn) -> RecordDict:
+    content = RecordDict()
+    for name, record in WIRE_GOOD.array_records.items():
+        if draw(st.integers(0, 9)) == 0:
+            continue  # the whole record dropped
+        items = {k: a for k, a in record.items()}
+        keys = [*items, "m.q/A/index", "m.q/B/values", "heads/2", "channels/2", "m.k/A/shape"]
+        for key in draw(st.lists(st.sampled_from(keys), max_size=3)):
+            value = draw(wire_arrays)
+            items[key] = value if isinstance(value, Array) else Array(value)
+        content[name] = ArrayRecord(items)
+    for name, record in WIRE_GOOD.config_records.items():
+        fields = dict(record)
+        for key in draw(st.lists(st.sampled_from(list(fields)), max_size=3)):
+            value = draw(reply_scalars)
+            if value is None:
+                fields.pop(key, None)
+            else:
+                fields[key] = value
+        content[name] = ConfigRecord(fields)
+    return content
+
+
+@SETTINGS
+@given(content=mutated_wire_updates())
+def test_a_mutated_compressed_reply_is_rejected_or_sound(content: RecordDict) -> None:
+    """The server's path: decode within the byte cap, decompress, check. A mutation may only end in a
+    typed error or a rejection reason; an update that passes holds the task's scaling, a sample count
+    within the device's partition, finite scalars and factors of the task's shapes."""
+    channel = UplinkChannel(ErrorFeedback(make_codec("topk", 0.5)))
+    try:
+        update, _ = read_update(content, WIRE_TASK, max_reply_bytes(WIRE_TASK, SHAPE))
+        if update.wire is None:
+            raise DeployError("no wire payload")
+        update = channel.receive(update, WIRE_TASK.payload)
+    except (DeployError, ValueError) as error:
+        assert not channel.server_states, f"state changed before the update passed ({error})"
+        return
+    reason = check_update(update, WIRE_TASK, max_samples=SAMPLES, shape=SHAPE)
+    if reason is not None:
+        return
+    assert update.lora_scaling == WIRE_TASK.lora.scaling and 1 <= update.num_samples <= SAMPLES
+    assert all(math.isfinite(v) for v in (update.train_loss, update.host_train_seconds))
+    for factors in update.lora_state.values():
+        assert (
+            factors["A"].shape[1] == 5 and factors["B"].shape[0] == 3 and torch.isfinite(factors["A"]).all()
+        )
+    assert update.importance is None or [s.numel() for s in update.importance["channels"]] == [3, 3]
+
+
+def test_the_honest_compressed_reply_passes_the_same_path() -> None:
+    channel = UplinkChannel(ErrorFeedback(make_codec("topk", 0.5)))
+    update, _ = read_update(WIRE_GOOD, WIRE_TASK, max_reply_bytes(WIRE_TASK, SHAPE))
+    update = channel.receive(update, WIRE_TASK.payload)
+    assert check_update(update, WIRE_TASK, max_samples=SAMPLES, shape=SHAPE) is None

@@ -35,6 +35,11 @@ Error feedback (``x`` the device's change this round; ``C`` encode then decode):
   ``h += m`` (both sides); the server uses ``h``. ``eta = 0`` is EF21; a test on a heterogeneous
   least-squares problem checks that this form converges where plain top-k does not.
 
+The server reads a payload only after :meth:`Codec.check` has passed: the claimed shape fits the
+factor the device was sent (so decoding never allocates more than that factor), and every part has the
+dtype and count that shape implies (top-k indices inside it, packed bits of the right length, finite
+scales). A payload that fails is rejected before any state changes.
+
 State is per device and per tensor; when a tensor's shape changes (a HetLoRA rank shrink, a FedSpine
 device on a different mask) its state starts again from zero on both sides, which both can tell from
 the shape in the payload.
@@ -59,8 +64,29 @@ CodecName = Literal["none", "topk", "randk", "sign", "qsgd", "int8"]
 FeedbackName = Literal["none", "ef", "ef21", "econtrol"]
 
 
+FLOATS = (torch.float32,)
+INDICES = (torch.int16, torch.int32)
+
+
 def _shape(x: torch.Tensor) -> torch.Tensor:
     return torch.tensor(list(x.shape), dtype=torch.int32)
+
+
+def _dims(payload: Payload) -> list[int]:
+    return [int(s) for s in payload["shape"]]
+
+
+def _expect(payload: Payload, part: str, dtypes: tuple[torch.dtype, ...], count: int) -> torch.Tensor:
+    """``payload[part]`` if it is a vector (or, for the fp32 factors, any shape) of ``count`` entries of
+    one of ``dtypes``, with finite values when floating point."""
+    tensor = payload[part]
+    if tensor.dtype not in dtypes:
+        raise ValueError(f"{part} is {tensor.dtype}, expected {' or '.join(map(str, dtypes))}")
+    if tensor.numel() != count:
+        raise ValueError(f"{part} has {tensor.numel()} entries, expected {count}")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{part} has NaN or Inf entries")
+    return tensor
 
 
 def pack_bits(values: np.ndarray, bits: int) -> torch.Tensor:
@@ -80,6 +106,20 @@ class Codec(ABC):
     """Turns a tensor into a payload of tensors and back."""
 
     name = ""
+    parts: tuple[str, ...] = ("shape",)
+    """The payload's keys."""
+
+    def dims(self, payload: Payload) -> list[int]:
+        """The shape the payload claims (two positive numbers for a LoRA factor), or ValueError."""
+        shape = payload.get("shape")
+        if shape is None or shape.dtype != torch.int32 or tuple(shape.shape) != (2,):
+            raise ValueError("the shape must be two int32 numbers")
+        return _dims(payload)
+
+    def check(self, payload: Payload, d: int) -> None:
+        """Raise ValueError unless ``payload`` is one this codec could have made of ``d`` entries."""
+        if set(payload) != set(self.parts):
+            raise ValueError(f"payload parts {sorted(payload)}, expected {sorted(self.parts)}")
 
     @abstractmethod
     def encode(self, x: torch.Tensor, generator: torch.Generator) -> Payload:
@@ -99,12 +139,23 @@ class Identity(Codec):
     """No compression: the fp32 tensor itself."""
 
     name = "none"
+    parts = ("values",)
 
     def encode(self, x: torch.Tensor, generator: torch.Generator) -> Payload:
         return {"values": x.detach().to(torch.float32).contiguous()}
 
     def decode(self, payload: Payload) -> torch.Tensor:
         return payload["values"]
+
+    def dims(self, payload: Payload) -> list[int]:
+        values = payload.get("values")
+        if values is None or values.dim() != 2:
+            raise ValueError("the values must be a matrix")
+        return list(values.shape)
+
+    def check(self, payload: Payload, d: int) -> None:
+        super().check(payload, d)
+        _expect(payload, "values", FLOATS, d)
 
 
 @dataclass
@@ -113,6 +164,7 @@ class TopK(Codec):
 
     ratio: float
     name = "topk"
+    parts = ("shape", "index", "values")
 
     def encode(self, x: torch.Tensor, generator: torch.Generator) -> Payload:
         flat = x.detach().reshape(-1).to(torch.float32)
@@ -122,10 +174,20 @@ class TopK(Codec):
         return {"shape": _shape(x), "index": index.to(dtype), "values": flat[index].contiguous()}
 
     def decode(self, payload: Payload) -> torch.Tensor:
-        shape = [int(s) for s in payload["shape"]]
+        shape = _dims(payload)
         out = torch.zeros(math.prod(shape), dtype=torch.float32)
         out[payload["index"].long()] = payload["values"]
         return out.reshape(shape)
+
+    def check(self, payload: Payload, d: int) -> None:
+        super().check(payload, d)
+        k = payload["values"].numel()
+        if not 1 <= k <= d:
+            raise ValueError(f"{k} values for {d} entries")
+        _expect(payload, "values", FLOATS, k)
+        index = _expect(payload, "index", INDICES, k)
+        if bool((index < 0).any()) or bool((index >= d).any()):
+            raise ValueError(f"index outside 0..{d - 1}")
 
 
 @dataclass
@@ -134,6 +196,7 @@ class RandK(Codec):
 
     ratio: float
     name = "randk"
+    parts = ("shape", "seed", "values")
 
     @staticmethod
     def _index(seed: int, d: int, k: int) -> torch.Tensor:
@@ -146,8 +209,16 @@ class RandK(Codec):
         index = self._index(seed, flat.numel(), k)
         return {"shape": _shape(x), "seed": torch.tensor([seed]), "values": flat[index].contiguous()}
 
+    def check(self, payload: Payload, d: int) -> None:
+        super().check(payload, d)
+        k = payload["values"].numel()
+        if not 1 <= k <= d:
+            raise ValueError(f"{k} values for {d} entries")
+        _expect(payload, "values", FLOATS, k)
+        _expect(payload, "seed", (torch.int64,), 1)
+
     def decode(self, payload: Payload) -> torch.Tensor:
-        shape = [int(s) for s in payload["shape"]]
+        shape = _dims(payload)
         d, k = math.prod(shape), payload["values"].numel()
         out = torch.zeros(d, dtype=torch.float32)
         out[self._index(int(payload["seed"][0]), d, k)] = payload["values"]
@@ -158,14 +229,20 @@ class ScaledSign(Codec):
     """``(|x|_1 / d) sign(x)``: one bit per coordinate and one scale."""
 
     name = "sign"
+    parts = ("shape", "scale", "signs")
 
     def encode(self, x: torch.Tensor, generator: torch.Generator) -> Payload:
         flat = x.detach().reshape(-1).to(torch.float32)
         scale = flat.abs().mean().reshape(1)
         return {"shape": _shape(x), "scale": scale, "signs": pack_bits((flat >= 0).numpy(), 1)}
 
+    def check(self, payload: Payload, d: int) -> None:
+        super().check(payload, d)
+        _expect(payload, "scale", FLOATS, 1)
+        _expect(payload, "signs", (torch.uint8,), math.ceil(d / 8))
+
     def decode(self, payload: Payload) -> torch.Tensor:
-        shape = [int(s) for s in payload["shape"]]
+        shape = _dims(payload)
         positive = unpack_bits(payload["signs"], 1, math.prod(shape))
         signs = torch.from_numpy(positive * 2.0 - 1.0).to(torch.float32)
         return (signs * payload["scale"]).reshape(shape)
@@ -177,6 +254,7 @@ class QSGD(Codec):
 
     levels: int
     name = "qsgd"
+    parts = ("shape", "norm", "signs", "levels")
 
     @property
     def bits(self) -> int:
@@ -195,11 +273,17 @@ class QSGD(Codec):
             "levels": pack_bits(level.to(torch.int64).numpy(), self.bits),
         }
 
+    def check(self, payload: Payload, d: int) -> None:
+        super().check(payload, d)
+        _expect(payload, "norm", FLOATS, 1)
+        _expect(payload, "signs", (torch.uint8,), math.ceil(d / 8))
+        _expect(payload, "levels", (torch.uint8,), math.ceil(d * self.bits / 8))
+
     def decode(self, payload: Payload) -> torch.Tensor:
-        shape = [int(s) for s in payload["shape"]]
+        shape = _dims(payload)
         d = math.prod(shape)
         signs = unpack_bits(payload["signs"], 1, d) * 2.0 - 1.0
-        levels = unpack_bits(payload["levels"], self.bits, d)
+        levels = unpack_bits(payload["levels"], self.bits, d).clip(0, self.levels)
         values = torch.from_numpy(signs * levels).to(torch.float32) * payload["norm"] / self.levels
         return values.reshape(shape)
 
@@ -208,6 +292,7 @@ class Int8(Codec):
     """Symmetric int8 quantisation with one absmax scale per tensor (round to nearest)."""
 
     name = "int8"
+    parts = ("shape", "scale", "values")
 
     def encode(self, x: torch.Tensor, generator: torch.Generator) -> Payload:
         flat = x.detach().reshape(-1).to(torch.float32)
@@ -215,8 +300,13 @@ class Int8(Codec):
         values = (flat / scale).round().clamp(-127, 127).to(torch.int8)
         return {"shape": _shape(x), "scale": scale, "values": values}
 
+    def check(self, payload: Payload, d: int) -> None:
+        super().check(payload, d)
+        _expect(payload, "scale", FLOATS, 1)
+        _expect(payload, "values", (torch.int8,), d)
+
     def decode(self, payload: Payload) -> torch.Tensor:
-        shape = [int(s) for s in payload["shape"]]
+        shape = _dims(payload)
         return (payload["values"].to(torch.float32) * payload["scale"]).reshape(shape)
 
 
@@ -322,16 +412,47 @@ class UplinkChannel:
         return wire
 
     def receive(self, update: ClientUpdate, start: LoraState) -> ClientUpdate:
-        """Server side: decode ``update.wire`` into ``start + estimate`` (keeps the server's estimates)."""
+        """Server side: decode ``update.wire`` into ``start + estimate`` (keeps the server's estimates).
+
+        Raises:
+            ValueError: the payload is not one the codec could have made of the factors in ``start``
+                (see :meth:`check`); the server's estimates are unchanged.
+        """
         assert update.wire is not None, "receive needs a compressed update"
+        payloads = self.check(update.wire, start)
         server = self.server_states.setdefault(update.device_id, FeedbackState())
-        payloads: dict[str, dict[str, torch.Tensor]] = {}
-        for wire_key, tensor in update.wire.items():
-            key, _, part = wire_key.rpartition("/")
-            payloads.setdefault(key, {})[part] = tensor
         received: LoraState = {}
         for key, payload in payloads.items():
             module, _, name = key.rpartition("/")
             estimate = self.feedback.receive(server, key, payload)
             received.setdefault(module, {})[name] = cut_to(start[module][name], estimate) + estimate
         return dataclasses.replace(update, lora_state=received)
+
+    def check(self, wire: dict[str, torch.Tensor], start: LoraState) -> dict[str, Payload]:
+        """``wire`` split into one payload per factor of ``start``, each checked by the codec.
+
+        Every factor of ``start`` has exactly one payload, and its claimed shape is 2-D and no larger
+        than the factor the device was sent in either dimension (a device may lower its rank).
+        """
+        payloads: dict[str, Payload] = {}
+        for wire_key, tensor in wire.items():
+            key, _, part = wire_key.rpartition("/")
+            payloads.setdefault(key, {})[part] = tensor
+        expected = {f"{module}/{name}": f[name] for module, f in start.items() for name in ("A", "B")}
+        if payloads.keys() != expected.keys():
+            unknown = sorted(set(payloads) - set(expected))[:3]
+            missing = sorted(set(expected) - set(payloads))[:3]
+            raise ValueError(
+                f"compressed factors differ from the task's (unexpected {unknown}, missing {missing})"
+            )
+        for key, payload in payloads.items():
+            sent = expected[key].shape
+            codec = self.feedback.codec
+            try:
+                dims = codec.dims(payload)
+                if not all(1 <= n <= limit for n, limit in zip(dims, sent, strict=True)):
+                    raise ValueError(f"shape {dims} does not fit the factor sent, {list(sent)}")
+                codec.check(payload, math.prod(dims))
+            except ValueError as error:
+                raise ValueError(f"{key}: {error}") from error
+        return payloads

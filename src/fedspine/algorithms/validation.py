@@ -6,6 +6,12 @@ device's factors have its submodel's shapes), the factors must be floating point
 change must stay under a norm bound when one is set, and importance scores (FedSpine) must have
 one score per unit of the full model, finite and non-negative. :func:`check_update` returns the
 reason for rejecting the update, or None.
+
+The scalars a device reports are checked as strictly as its factors, because each one steers the
+aggregate: ``lora_scaling`` multiplies the factors (it must be the scaling the task sent: a device
+cannot choose its own), ``num_samples`` is the update's weight (``1..`` the device's partition size,
+when the server knows it), and the loss, the probe loss (the bandit's reward) and the host seconds
+must be finite and non-negative.
 """
 
 from __future__ import annotations
@@ -15,19 +21,32 @@ import math
 import torch
 
 from fedspine.algorithms.lora_math import cut_to
+from fedspine.model.footprint import ModelShape
 from fedspine.types import ClientTask, ClientUpdate
 
 
-def check_update(update: ClientUpdate, task: ClientTask, max_norm: float = 0.0) -> str | None:
+def check_update(
+    update: ClientUpdate,
+    task: ClientTask,
+    max_norm: float = 0.0,
+    *,
+    max_samples: int | None = None,
+    shape: ModelShape | None = None,
+) -> str | None:
     """Why ``update`` must not be aggregated, or None if it may be.
 
     ``max_norm`` (0 = unbounded) bounds the L2 norm of the update's change against the adapter the
-    device received, over all factors together.
+    device received, over all factors together. ``max_samples`` (the device's partition size)
+    bounds the sample count it reports; ``shape`` (the full model's) fixes how many importance scores
+    each layer must have.
     """
     if update.round != task.round or update.device_id != task.device_id:
         return f"answers round {update.round} of device {update.device_id}, not the task's"
     if update.plan != task.plan:
         return "trained under a different pruning plan than the task's"
+    reason = _check_scalars(update, task, max_samples)
+    if reason is not None:
+        return reason
     if not update.lora_state:
         return "uploaded no LoRA factors"
     if set(update.lora_state) != set(task.payload):
@@ -50,9 +69,25 @@ def check_update(update: ClientUpdate, task: ClientTask, max_norm: float = 0.0) 
     if max_norm > 0 and math.sqrt(squared) > max_norm:
         return f"change norm {math.sqrt(squared):.4g} exceeds server.max_update_norm {max_norm:g}"
     if update.importance is not None:
-        return _check_importance(update.importance)
-    if update.probe_loss is not None and not (math.isfinite(update.probe_loss) and update.probe_loss >= 0):
-        return f"probe_loss {update.probe_loss!r} is not a finite loss >= 0"
+        return _check_importance(update.importance, shape)
+    return None
+
+
+def _check_scalars(update: ClientUpdate, task: ClientTask, max_samples: int | None) -> str | None:
+    if update.lora_scaling != task.lora.scaling:
+        return f"lora_scaling {update.lora_scaling!r} is not the task's {task.lora.scaling!r}"
+    if update.num_samples < 1 or (max_samples is not None and update.num_samples > max_samples):
+        bound = "" if max_samples is None else f"..{max_samples} (the device's partition)"
+        return f"num_samples {update.num_samples} outside 1{bound or '..'}"
+    for name, value in (
+        ("train_loss", update.train_loss),
+        ("host_train_seconds", update.host_train_seconds),
+        ("probe_loss", update.probe_loss),
+    ):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            return f"{name} {value!r} is not finite and >= 0"
+    if update.tokens < 0:
+        return f"tokens {update.tokens} < 0"
     return None
 
 
@@ -77,12 +112,22 @@ def _check_factors(
     return None
 
 
-def _check_importance(importance: dict[str, list[torch.Tensor]]) -> str | None:
+def _check_importance(importance: dict[str, list[torch.Tensor]], shape: ModelShape | None) -> str | None:
     heads, channels = importance.get("heads"), importance.get("channels")
     if heads is None or channels is None or len(heads) != len(channels):
         return "importance must hold heads and channels for every layer"
+    if shape is not None and len(heads) != shape.layers:
+        return f"importance for {len(heads)} layers; the model has {shape.layers}"
+    sizes = {
+        "heads": None if shape is None else shape.kv_heads,
+        "channels": None if shape is None else shape.intermediate,
+    }
     for kind, scores in (("heads", heads), ("channels", channels)):
         for layer, s in enumerate(scores):
-            if s.dim() != 1 or not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
-                return f"importance {kind}[{layer}] must be a finite, non-negative vector"
+            if not isinstance(s, torch.Tensor) or not s.is_floating_point() or s.dim() != 1:
+                return f"importance {kind}[{layer}] must be a floating-point vector"
+            if sizes[kind] is not None and s.numel() != sizes[kind]:
+                return f"importance {kind}[{layer}] has {s.numel()} scores; the layer has {sizes[kind]} units"
+            if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+                return f"importance {kind}[{layer}] must be finite and non-negative"
     return None

@@ -13,22 +13,40 @@ An update becomes ``"lora"`` (the trained factors, or ``"wire"``: the compressed
 them), ``"importance"`` (per-unit scores in full coordinates, FedSpine) and ``"update"`` (scalars and
 the device's receive / reply times). Decoding checks what it reads and raises
 :class:`~fedspine.errors.DeployError` naming the field, so a malformed reply is rejected, never merged.
+
+A reply is untrusted until :func:`read_update` has passed, and nothing is copied before its size is
+known to be sound: the arrays of a reply together may not exceed a byte cap the server derives from
+the task (:func:`max_reply_bytes`); each array's dtype (from an allow-list) and shape are read from its
+``.npy`` header and must agree with its declared metadata and its data length before its data is
+copied. What the arrays mean (factor shapes, importance per layer, scalars within range) is checked
+next by :func:`~fedspine.algorithms.validation.check_update`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedspine.algorithms.wire import flatten_state, unflatten_state
 from fedspine.errors import DeployError, FedspineError
+from fedspine.model.footprint import ModelShape
 from fedspine.model.pruning import LayerKeep, PruningPlan
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
+
+ALLOWED_DTYPES = frozenset(
+    np.dtype(name).newbyteorder("<")
+    for name in ("float32", "float16", "int8", "int16", "int32", "int64", "uint8")
+)
+"""What a reply's arrays may hold: fp32 factors and scores, and the codecs' integer parts."""
+REPLY_SLACK_BYTES = 1 << 20
+"""Room above the dense update for ``.npy`` headers and the codecs' small parts."""
 
 
 @dataclass
@@ -47,8 +65,56 @@ def arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
 
 
 def tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """The tensors of an ArrayRecord (copies: writable and owned by torch)."""
-    return {key: torch.from_numpy(array.numpy().copy()) for key, array in record.items()}
+    """The tensors of an ArrayRecord (copies: writable and owned by torch), each checked first.
+
+    Raises:
+        DeployError: an array is not a plain ``.npy`` of an allowed dtype whose header, declared
+            metadata and data length agree.
+    """
+    return {key: _tensor(key, array) for key, array in record.items()}
+
+
+def max_reply_bytes(task: ClientTask, shape: ModelShape | None) -> int:
+    """The most bytes the arrays of a sound reply to ``task`` hold.
+
+    Twice the task's factors at fp32 (a reply carries at most the factors, or a smaller compressed
+    form), the full model's importance scores when the task asks for them, and
+    :data:`REPLY_SLACK_BYTES`.
+    """
+    factors = sum(t.numel() for f in task.payload.values() for t in f.values()) * 4
+    scores = 0
+    if shape is not None and task.extra.get("measure_importance"):
+        scores = shape.layers * (shape.kv_heads + shape.intermediate) * 4
+    return 2 * factors + scores + REPLY_SLACK_BYTES
+
+
+def _tensor(key: str, array: Array) -> torch.Tensor:
+    data = array.data
+    if array.stype != "numpy.ndarray" or not isinstance(data, bytes):
+        raise DeployError(f"array {key!r} is not a numpy array (stype {array.stype!r})")
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buffer)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buffer)
+        else:
+            raise ValueError(f"npy format {version}")
+    except (ValueError, TypeError, SyntaxError) as exc:
+        raise DeployError(f"array {key!r} has no readable .npy header: {exc}") from exc
+    if dtype not in ALLOWED_DTYPES:
+        raise DeployError(f"array {key!r} has dtype {dtype}; allowed: {sorted(map(str, ALLOWED_DTYPES))}")
+    if fortran or str(dtype) != array.dtype or tuple(shape) != tuple(array.shape):
+        raise DeployError(
+            f"array {key!r}: header {dtype} {tuple(shape)} disagrees with its metadata "
+            f"{array.dtype} {tuple(array.shape)}"
+        )
+    count = math.prod(shape)
+    if len(data) - buffer.tell() != count * dtype.itemsize:
+        raise DeployError(f"array {key!r}: {len(data) - buffer.tell()} data bytes for shape {tuple(shape)}")
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=buffer.tell()).reshape(shape)
+    return torch.from_numpy(values.copy())
 
 
 def plan_to_json(plan: PruningPlan | None) -> str:
@@ -142,22 +208,28 @@ def update_record(update: ClientUpdate, timing: Timing) -> RecordDict:
     return content
 
 
-def read_update(content: RecordDict, task: ClientTask) -> tuple[ClientUpdate, Timing]:
+def read_update(
+    content: RecordDict, task: ClientTask, max_bytes: int | None = None
+) -> tuple[ClientUpdate, Timing]:
     """The update (and the device's timing) from :func:`update_record`'s content.
 
-    Checks it answers ``task`` (round and device); the plan is the task's own.
+    Checks it answers ``task`` (round and device), that its arrays together hold at most
+    ``max_bytes`` (None: no cap) before decoding any, and each array as :func:`tensors` does; the plan
+    is the task's own.
     """
     cfg = _config(content, "update")
     for key, expected in (("round", task.round), ("device_id", task.device_id)):
         if _int(cfg, "update", key) != expected:
             raise DeployError(f"update.{key} is {cfg[key]!r}, the task's is {expected}")
+    if max_bytes is not None:
+        size = sum(len(a.data) for r in content.array_records.values() for a in r.values())
+        if size > max_bytes:
+            raise DeployError(f"the reply's arrays hold {size} bytes; at most {max_bytes} fit this task")
     wire = tensors(content.array_records["wire"]) if "wire" in content.array_records else None
     state = unflatten_state(tensors(_arrays(content, "lora"))) if wire is None else {}
     importance = None
     if "importance" in content.array_records:
-        scores = tensors(content.array_records["importance"])
-        layers = len(scores) // 2
-        importance = {kind: [scores[f"{kind}/{i}"] for i in range(layers)] for kind in ("heads", "channels")}
+        importance = _importance(tensors(content.array_records["importance"]))
     probe_loss = _float(cfg, "update", "probe_loss")
     update = ClientUpdate(
         round=task.round,
@@ -181,6 +253,15 @@ def read_update(content: RecordDict, task: ClientTask) -> tuple[ClientUpdate, Ti
         _float(cfg, "update", "setup_seconds"),
     )
     return update, timing
+
+
+def _importance(scores: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Per kind, the scores of layers ``0..L-1`` (keys ``heads/<i>`` and ``channels/<i>``)."""
+    layers = len(scores) // 2
+    expected = {f"{kind}/{i}" for kind in ("heads", "channels") for i in range(layers)}
+    if set(scores) != expected:
+        raise DeployError("importance must hold heads/<i> and channels/<i> for the same layers 0..L-1")
+    return {kind: [scores[f"{kind}/{i}"] for i in range(layers)] for kind in ("heads", "channels")}
 
 
 def _extra(cfg: ConfigRecord) -> dict[str, Any]:

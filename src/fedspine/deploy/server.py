@@ -21,6 +21,7 @@ Only the synchronous scheduler runs here (see docs/deploy.md).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,13 @@ from flwr.serverapp import Grid
 
 from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.api import RunResult, run_experiment
-from fedspine.deploy.records import read_update, task_record
+from fedspine.deploy.records import max_reply_bytes, read_update, task_record
 from fedspine.deploy.settings import NODES_KEY, OUT_KEY, TIMEOUT_KEY, config_from_run, number
-from fedspine.errors import ConfigError, DeployError, FedspineError
+from fedspine.errors import ConfigError, DeployError
 from fedspine.metrics.records import RunRecorder
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.engine import Engine, TaskOutcome
-from fedspine.types import Device, DeviceLora
+from fedspine.types import Device
 
 log = logging.getLogger("fedspine.deploy")
 
@@ -104,22 +105,29 @@ class FlowerEngine(Engine):
         return outcomes
 
     def _receive(self, o: TaskOutcome, reply: Message, sent_at: float, arrived_at: float) -> None:
-        """Decode one reply into ``o``: its update and its measured downlink / compute / uplink times."""
-        assert o.task is not None
+        """Decode one reply into ``o``: its update and its measured downlink / compute / uplink times.
+
+        The reply is untrusted until it has been decoded within its byte cap and passed the server's
+        checks (:meth:`_validate`); whatever goes wrong on the way drops this task with the reason,
+        never the round, and changes nothing the server keeps.
+        """
+        task = o.task
+        assert task is not None
         if reply.has_error():
             self._reject(o, f"device error: {reply.error.reason}", arrived_at - sent_at)
             return
         try:
-            update, timing = read_update(reply.content, o.task)
+            update, timing = read_update(reply.content, task, max_reply_bytes(task, self.exp.shape))
             if update.wire is not None:
                 if self.exp.uplink is None:
                     raise DeployError("compressed update received but the run has no uplink codec")
-                update = self.exp.uplink.receive(update, o.task.payload)
-        except (FedspineError, KeyError, ValueError) as exc:
+                update = self.exp.uplink.receive(update, task.payload)
+            for name, value in vars(timing).items():
+                if not math.isfinite(value):
+                    raise DeployError(f"update.{name} {value!r} is not finite")
+        except Exception as exc:  # the trust boundary: no reply may end the run
             self._reject(o, f"malformed update: {exc}", arrived_at - sent_at)
             return
-        if update.lora_rank != o.task.lora.rank:  # the device shrank its own rank (HetLoRA)
-            self.device_lora[update.device_id] = DeviceLora(update.lora_rank, o.task.lora.scaling)
         update.uplink_bytes = update_payload_bytes(update)
         o.update, o.uplink_bytes = update, update.uplink_bytes
         o.downlink_seconds = max(0.0, timing.received_at - sent_at)
@@ -148,8 +156,9 @@ class FlowerEngine(Engine):
 def discover_nodes(grid: Grid, devices: int, wait_seconds: float) -> dict[int, int]:
     """Ask every connected SuperNode which device it is; wait up to ``wait_seconds`` for all ``devices``.
 
-    Returns device id -> node id. A device without a node is never sampled; two nodes claiming one
-    device, or a device id outside the fleet, stop the run.
+    Returns device id -> node id. A device without a node is never sampled. A node whose answer is
+    an error, malformed, a device id outside the fleet, or a device another node claimed first is
+    logged and left out; it does not stop the run.
     """
     found: dict[int, int] = {}
     asked: set[int] = set()
@@ -160,18 +169,13 @@ def discover_nodes(grid: Grid, devices: int, wait_seconds: float) -> dict[int, i
             asked.update(new)
             queries = [Message(RecordDict(), node, MessageType.QUERY) for node in new]
             for reply in grid.send_and_receive(queries, timeout=max(1.0, deadline - time.time())):
-                if reply.has_error():
-                    raise DeployError(
-                        f"node {reply.metadata.src_node_id} failed to answer: {reply.error.reason}"
-                    )
-                device = int(reply.content.config_records["node"]["device_id"])  # type: ignore[arg-type]
                 node = reply.metadata.src_node_id
-                if device >= devices:
-                    raise DeployError(
-                        f"node {node} says it is device {device}; the fleet has {devices} devices"
-                    )
-                if device in found:
-                    raise DeployError(f"nodes {found[device]} and {node} both say they are device {device}")
+                device, problem = _claimed_device(reply, devices)
+                if device is not None and device in found:
+                    problem = f"device {device} is node {found[device]} already"
+                if device is None or problem:
+                    log.warning("node %s is not used: %s", node, problem)
+                    continue
                 found[device] = node
         else:
             time.sleep(0.5)
@@ -181,6 +185,19 @@ def discover_nodes(grid: Grid, devices: int, wait_seconds: float) -> dict[int, i
     if missing:
         log.warning("devices without a SuperNode (never sampled): %s", missing)
     return found
+
+
+def _claimed_device(reply: Message, devices: int) -> tuple[int | None, str]:
+    """The device id a node's query reply claims, or None and why it cannot be used."""
+    if reply.has_error():
+        return None, f"it failed to answer ({reply.error.reason})"
+    record = reply.content.config_records.get("node")
+    device = None if record is None else record.get("device_id")
+    if not isinstance(device, int) or isinstance(device, bool):
+        return None, f"its answer names no integer device_id ({device!r})"
+    if not 0 <= device < devices:
+        return None, f"it says it is device {device}; the fleet has devices 0..{devices - 1}"
+    return device, ""
 
 
 def serve(grid: Grid, context: Context) -> RunResult:

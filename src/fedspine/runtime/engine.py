@@ -277,8 +277,6 @@ class Engine:
     def _train(self, outcome: TaskOutcome) -> None:
         assert outcome.prepared is not None and outcome.task is not None
         update = self.exp.executor.run(outcome.task, outcome.prepared)
-        if update.lora_rank != outcome.task.lora.rank:  # the device shrank its own rank (HetLoRA)
-            self.device_lora[update.device_id] = DeviceLora(update.lora_rank, outcome.task.lora.scaling)
         attack = self.exp.config.fleet.attack
         if attack.kind != "none" and update.device_id in attack.devices:
             update = corrupt(update, outcome.task.payload, attack.kind, attack.factor)
@@ -302,18 +300,31 @@ class Engine:
         self._validate(outcome)
 
     def _validate(self, outcome: TaskOutcome) -> None:
-        """Reject (never aggregate) an update that fails the server's checks; log and record why."""
-        assert outcome.task is not None and outcome.update is not None
-        reason = check_update(outcome.update, outcome.task, self.exp.config.server.max_update_norm)
+        """Reject (never aggregate) an update that fails the server's checks; log and record why.
+
+        Only an update that passed changes what the server keeps about its device (a HetLoRA device's
+        lowered rank).
+        """
+        task, update = outcome.task, outcome.update
+        assert task is not None and update is not None
+        reason = check_update(
+            update,
+            task,
+            self.exp.config.server.max_update_norm,
+            max_samples=len(self.exp.partitions[task.device_id]),
+            shape=self.exp.shape,
+        )
         if reason is not None:
             log.warning(
                 "round %s, device %s: update rejected: %s",
-                outcome.task.round,
+                task.round,
                 outcome.device.device_id,
                 reason,
             )
             outcome.status, outcome.update = "rejected", None
             outcome.extra["reason"] = f"rejected: {reason}"
+        elif update.lora_rank != task.lora.rank:  # the device shrank its own rank (HetLoRA)
+            self.device_lora[update.device_id] = DeviceLora(update.lora_rank, task.lora.scaling)
 
     def _aggregate(
         self,
