@@ -404,6 +404,59 @@ def test_deploy_commands_write_certificates_keys_app_and_connection(tmp_path: Pa
     assert flwr_config["superlink"]["fedspine"] == {"address": "h:1", "root-certificates": str(ca.resolve())}
 
 
+def test_key_files_are_created_never_overwritten_or_followed_and_the_ca_key_is_kept_apart(
+    tmp_path: Path,
+) -> None:
+    runner = CliRunner()
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "node0").write_text("old")
+    (keys / "node0").chmod(0o644)  # a world-readable leftover
+    target = tmp_path / "elsewhere"
+    target.write_text("do not touch")
+    (keys / "node1").symlink_to(target)
+
+    refused = runner.invoke(cli, ["deploy", "keys", str(keys), "--nodes", "2"])
+    assert refused.exit_code == 1 and "--force" in refused.output
+    assert (keys / "node0").read_text() == "old" and not (keys / "node0.pub").exists()  # nothing written
+
+    done = runner.invoke(cli, ["deploy", "keys", str(keys), "--nodes", "2", "--force"])
+    assert done.exit_code == 0, done.output
+    for name in ("node0", "node1"):
+        assert not (keys / name).is_symlink()
+        assert stat.S_IMODE(os.stat(keys / name).st_mode) == 0o600
+        load_ssh_private_key((keys / name).read_bytes(), None)
+    assert target.read_text() == "do not touch"  # the link was replaced, its target never written
+
+    certs = tmp_path / "certs"
+    done = runner.invoke(cli, ["deploy", "certs", str(certs)])
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in certs.iterdir()) == ["ca.crt", "server.key", "server.pem"]  # no ca.key
+    ca = (certs / "ca.crt").read_bytes()
+    again = runner.invoke(cli, ["deploy", "certs", str(certs)])
+    assert again.exit_code == 1 and "--force" in again.output and (certs / "ca.crt").read_bytes() == ca
+    inside = runner.invoke(cli, ["deploy", "certs", str(certs), "--force", "--ca-key", str(certs / "ca.key")])
+    assert inside.exit_code == 1 and "keep the CA key out" in inside.output
+    kept = tmp_path / "private" / "ca.key"
+    done = runner.invoke(cli, ["deploy", "certs", str(certs), "--force", "--ca-key", str(kept)])
+    assert done.exit_code == 0 and (certs / "ca.crt").read_bytes() != ca
+    assert stat.S_IMODE(os.stat(kept).st_mode) == 0o600
+
+
+def test_an_insecure_connection_must_be_asked_for(tmp_path: Path) -> None:
+    runner = CliRunner()
+    home = tmp_path / "home"
+    neither = runner.invoke(cli, ["deploy", "connection", str(home), "--address", "h:1"])
+    assert neither.exit_code == 1 and "--insecure" in neither.output
+    assert not (home / "config.toml").exists()
+    done = runner.invoke(cli, ["deploy", "connection", str(home), "--address", "h:1", "--insecure"])
+    assert done.exit_code == 0, done.output
+    assert tomllib.loads((home / "config.toml").read_text())["superlink"]["fedspine"] == {
+        "address": "h:1",
+        "insecure": True,
+    }
+
+
 # --- a real deployment on loopback --------------------------------------------------------------------
 
 DEPLOY = [

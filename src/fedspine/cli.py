@@ -246,10 +246,17 @@ def deploy_certs(
         typer.Option("--host", help="Name or IP the SuperNodes use to reach the SuperLink (repeatable)"),
     ] = None,
     days: Annotated[int, typer.Option(help="Validity in days")] = 365,
+    ca_key: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--ca-key", help="Keep the CA's private key here, outside OUT (default: discard it)"),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files (and the CA)")] = False,
 ) -> None:
     """Create a test CA and a SuperLink certificate (default hosts: localhost, 127.0.0.1)."""
     with _errors():
-        paths = _setup().write_certificates(out, host or ["localhost", "127.0.0.1"], days)
+        paths = _setup().write_certificates(
+            out, host or ["localhost", "127.0.0.1"], days, ca_key=ca_key, force=force
+        )
     for role, path in paths.items():
         console.print(f"{role}: {path}")
 
@@ -261,10 +268,11 @@ def deploy_keys(
     prefix: Annotated[
         str, typer.Option(help="File name prefix; files are PREFIX0, PREFIX0.pub, ...")
     ] = "node",
+    force: Annotated[bool, typer.Option("--force", help="Replace existing key files")] = False,
 ) -> None:
     """Create one authentication key pair per SuperNode (ECDSA P-384, OpenSSH format)."""
     with _errors():
-        pairs = _setup().write_node_keys(out, [f"{prefix}{i}" for i in range(nodes)])
+        pairs = _setup().write_node_keys(out, [f"{prefix}{i}" for i in range(nodes)], force=force)
     for private, public in pairs:
         console.print(f"{private}  (register {public} with: flwr supernode register {public} CONNECTION)")
 
@@ -295,12 +303,15 @@ def deploy_connection(
     name: Annotated[str, typer.Option(help="Connection name, used as `flwr run DIR NAME`")] = "fedspine",
     root_certificates: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option("--root-certificates", help="CA certificate of the SuperLink (omit: insecure)"),
+        typer.Option("--root-certificates", help="CA certificate of the SuperLink"),
     ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Plain HTTP instead of TLS (loopback experiments only)")
+    ] = False,
 ) -> None:
     """Add a SuperLink connection to the flwr CLI's config.toml (and make it the default)."""
     with _errors():
-        path = _setup().write_connection(flwr_home, name, address, root_certificates)
+        path = _setup().write_connection(flwr_home, name, address, root_certificates, insecure=insecure)
     console.print(f"flwr config: {path}")
 
 

@@ -7,7 +7,10 @@
 * ``write_app``: a Flower app folder whose run config carries the resolved fedspine config;
 * ``write_connection``: a ``[superlink.NAME]`` entry in the flwr CLI's ``config.toml``.
 
-Private keys are written with mode 0600.
+Every file is created, never overwritten unless ``force`` is given (then the old file, or a link in
+its place, is removed first; a link's target is never written). Private keys are created with
+``O_EXCL | O_NOFOLLOW`` and mode 0600 set on the open file. The test CA's private key is not kept
+beside ``ca.crt`` (which every device receives): it is discarded unless a separate path is named.
 """
 
 from __future__ import annotations
@@ -31,10 +34,26 @@ from fedspine.errors import DeployError
 APP_NAME = "fedspine-app"
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def _write_new(path: Path, data: bytes, force: bool, mode: int = 0o644) -> None:
+    """Create ``path`` with ``data`` and ``mode``; an existing file (or link) only with ``force``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+    if path.is_symlink() or path.exists():
+        if not force:
+            raise DeployError(f"{path} exists; pass --force to replace it")
+        if path.is_dir() and not path.is_symlink():
+            raise DeployError(f"{path} is a directory")
+        path.unlink()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    except OSError as exc:
+        raise DeployError(f"cannot create {path}: {exc.strerror}") from exc
+    with open(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)  # the umask may have narrowed or a race widened it
         f.write(data)
+
+
+def _write_private(path: Path, data: bytes, force: bool = False) -> None:
+    _write_new(path, data, force, 0o600)
 
 
 def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -46,19 +65,30 @@ def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def write_certificates(
-    out: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"), days: int = 365
+    out: Path,
+    hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+    days: int = 365,
+    *,
+    ca_key: Path | None = None,
+    force: bool = False,
 ) -> dict[str, Path]:
-    """A CA (``ca.crt``) and a server certificate (``server.pem``, ``server.key``) valid for ``hosts``."""
+    """A CA (``ca.crt``) and a server certificate (``server.pem``, ``server.key``) valid for ``hosts``.
+
+    The CA's private key is written to ``ca_key`` when given (it must not be inside ``out``, whose
+    ``ca.crt`` goes to every device), otherwise discarded: a test CA then signs only this server.
+    """
+    if ca_key is not None and out.resolve() in ca_key.resolve().parents:
+        raise DeployError(f"keep the CA key out of {out} (its ca.crt goes to every device): {ca_key}")
     if not hosts:
         raise DeployError("the server certificate needs at least one host name or IP address")
     now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_key_pair = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedspine test CA")])
     ca = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
         .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
+        .public_key(ca_key_pair.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
@@ -66,7 +96,7 @@ def write_certificates(
         .add_extension(
             x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
         )
-        .sign(ca_key, hashes.SHA256())
+        .sign(ca_key_pair, hashes.SHA256())
     )
     names: list[x509.GeneralName] = []
     for host in hosts:
@@ -86,24 +116,30 @@ def write_certificates(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
+        .sign(ca_key_pair, hashes.SHA256())
     )
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "ca": out / "ca.crt",
-        "ca_key": out / "ca.key",
-        "cert": out / "server.pem",
-        "key": out / "server.key",
-    }
-    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    _write_private(paths["ca_key"], _pem(ca_key))
-    paths["cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    _write_private(paths["key"], _pem(server_key))
+    paths = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key"}
+    if ca_key is not None:
+        paths["ca_key"] = ca_key
+    if not force:  # refuse before writing anything: never half a set
+        for path in paths.values():
+            if path.is_symlink() or path.exists():
+                raise DeployError(f"{path} exists; pass --force to replace it (and the CA with it)")
+    _write_new(paths["ca"], ca.public_bytes(serialization.Encoding.PEM), force)
+    _write_new(paths["cert"], server.public_bytes(serialization.Encoding.PEM), force)
+    _write_private(paths["key"], _pem(server_key), force)
+    if ca_key is not None:
+        _write_private(ca_key, _pem(ca_key_pair), force)
     return paths
 
 
-def write_node_keys(out: Path, names: Sequence[str]) -> list[tuple[Path, Path]]:
+def write_node_keys(out: Path, names: Sequence[str], *, force: bool = False) -> list[tuple[Path, Path]]:
     """One key pair per name: ``NAME`` (private, OpenSSH) and ``NAME.pub`` (one-line OpenSSH)."""
+    if not force:
+        for name in names:
+            for path in (out / name, out / f"{name}.pub"):
+                if path.is_symlink() or path.exists():
+                    raise DeployError(f"{path} exists; pass --force to replace it")
     pairs = []
     for name in names:
         key = ec.generate_private_key(ec.SECP384R1())
@@ -114,10 +150,13 @@ def write_node_keys(out: Path, names: Sequence[str]) -> list[tuple[Path, Path]]:
             key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
             ),
+            force,
         )
-        public.write_bytes(
+        _write_new(
+            public,
             key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-            + b"\n"
+            + b"\n",
+            force,
         )
         pairs.append((private, public))
     return pairs
@@ -173,11 +212,16 @@ def write_app(
     return path
 
 
-def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None) -> Path:
+def write_connection(
+    flwr_home: Path, name: str, address: str, root_certificates: Path | None, *, insecure: bool = False
+) -> Path:
     """Add (or replace) ``[superlink.NAME]`` in ``FLWR_HOME/config.toml`` and make it the default.
 
-    Without ``root_certificates`` the connection is insecure (plain HTTP: loopback experiments only).
+    A connection trusts ``root_certificates``, or is insecure (plain HTTP: loopback experiments only)
+    when ``insecure`` says so explicitly, as Flower's own CLI requires; exactly one of the two.
     """
+    if (root_certificates is None) == (not insecure):
+        raise DeployError("name the SuperLink's CA with --root-certificates, or pass --insecure (not both)")
     path = flwr_home / "config.toml"
     data = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     links = data.setdefault("superlink", {})
