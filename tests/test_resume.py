@@ -20,6 +20,7 @@ from fedspine.cli import app as cli
 from fedspine.config import load_config
 from fedspine.errors import CheckpointError
 from fedspine.runtime.checkpoint import complete, verify
+from fedspine.runtime.lock import run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.toml"
@@ -144,3 +145,41 @@ def test_resume_refuses_what_it_cannot_continue(uninterrupted: Path, tmp_path: P
 def test_checkpoints_are_kept_to_the_newest_few(uninterrupted: Path) -> None:
     names = sorted(d.name for d in (uninterrupted / "checkpoints").iterdir())
     assert names == ["round-000004", "round-000005"]  # every round but the last, newest 2 kept
+
+
+def test_a_second_process_on_a_run_directory_exits_at_once_and_the_first_finishes_intact(
+    uninterrupted: Path, tmp_path: Path
+) -> None:
+    """While a run holds its directory, another ``run --out`` into it and a ``--resume`` of it exit 1
+    without writing; the first run's records equal an uninterrupted run's."""
+    out = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "fedspine"), "run", "--config", str(TINY), "--out", str(out)]
+    cmd += [a for arg in ARGS for a in ("--set", arg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / "config.toml").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the first run ended before the second could start"
+        runner = CliRunner()
+        second = runner.invoke(cli, ["run", "--config", str(TINY), "--out", str(out), "--set", ARGS[0]])
+        assert second.exit_code == 2 and "not empty" in second.output, second.output
+        resumed = runner.invoke(cli, ["run", "--resume", str(out)])
+        assert resumed.exit_code == 1 and "another fedspine process" in resumed.output, resumed.output
+        assert proc.wait(timeout=600) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert_same_run(uninterrupted, out)
+
+
+def test_two_runs_that_both_found_the_directory_empty_cannot_both_write(tmp_path: Path) -> None:
+    """The race the emptiness check alone loses: a run holds the lock of a still-empty directory."""
+    out = tmp_path / "run"
+    with run_lock(out):
+        second = CliRunner().invoke(cli, ["run", "--config", str(TINY), "--out", str(out), "--set", ARGS[0]])
+        assert second.exit_code == 1 and "another fedspine process" in second.output, second.output
+        assert [p.name for p in out.iterdir()] == [".lock"]  # the second wrote nothing
+    with pytest.raises(CheckpointError), run_lock(tmp_path / "fails"):
+        raise CheckpointError("bad input")
+    assert not (tmp_path / "fails").exists()  # a directory the lock created is removed when nothing started

@@ -30,6 +30,7 @@ from fedspine.runtime.build import Experiment, build_experiment, build_fleet_fro
 from fedspine.runtime.checkpoint import load_latest
 from fedspine.runtime.engine import Engine
 from fedspine.runtime.export import copy_device_models, export_models
+from fedspine.runtime.lock import is_empty_run_dir, run_lock
 from fedspine.runtime.summary import make_summary
 from fedspine.types import LoraState
 
@@ -68,7 +69,9 @@ def _run_dir(config: Config, out: Path | None) -> Path:
     if out is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"{config.run.name}-{stamp}"
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{out} exists and is not a directory; choose a new run directory")
+    if out.exists() and not is_empty_run_dir(out):
         raise ConfigError("--out", f"run directory {out} already exists and is not empty; choose a new one")
     return out
 
@@ -88,15 +91,16 @@ def run_experiment(
     """
     status = on_status or (lambda _msg: None)
     run_dir = _run_dir(config, out)
-    started = time.perf_counter()
-    experiment = build_experiment(config, status)
-    setup_seconds = time.perf_counter() - started
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(config), encoding="utf-8")
-    recorder = RunRecorder(run_dir)
-    return _execute(
-        experiment, recorder, engine(experiment, recorder), setup_seconds, on_round, status, executor
-    )
+    with run_lock(run_dir):
+        _run_dir(config, run_dir)  # again under the lock: another run may have filled it meanwhile
+        started = time.perf_counter()
+        experiment = build_experiment(config, status)
+        setup_seconds = time.perf_counter() - started
+        (run_dir / "config.toml").write_text(to_toml(config), encoding="utf-8")
+        recorder = RunRecorder(run_dir)
+        return _execute(
+            experiment, recorder, engine(experiment, recorder), setup_seconds, on_round, status, executor
+        )
 
 
 def resume_experiment(
@@ -109,7 +113,11 @@ def resume_experiment(
     The records are cut back to where the checkpoint was taken and continue from there; the finished
     run's records and ``summary.json`` metrics equal those of a run that was never interrupted.
     """
-    status = on_status or (lambda _msg: None)
+    with run_lock(run_dir):
+        return _resume(run_dir, on_round, on_status or (lambda _msg: None))
+
+
+def _resume(run_dir: Path, on_round: RoundCallback | None, status: Callable[[str], None]) -> RunResult:
     if (run_dir / SUMMARY_FILE).exists():
         raise CheckpointError(f"{run_dir} already finished (it has {SUMMARY_FILE}); nothing to resume")
     if not (run_dir / "config.toml").exists():

@@ -35,3 +35,7 @@ class DeployError(FedspineError):
 
 class CheckpointError(FedspineError):
     """A checkpoint is missing, torn or does not belong to the run being resumed."""
+
+
+class RunDirectoryError(FedspineError):
+    """A run directory cannot be used: another process holds it, or it cannot be created."""
