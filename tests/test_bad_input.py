@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedspine.cli import app as cli
+from fedspine.config import BIBLE_GENRE_WORDS
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.toml")
 QUICK = ["scheduler.rounds=1", "data.test_size=40", "export.save=false", "export.speed=false"]
@@ -65,3 +66,106 @@ def test_a_fleet_where_no_device_holds_the_model_fails_before_loading_it(tmp_pat
 def test_bad_values_exit_2_and_write_nothing(tmp_path: Path, bad: str) -> None:
     code, output, out = _run(tmp_path, bad)
     assert code == 2 and bad.split("=")[0] in output and not out.exists()
+
+
+# --- the review's command-line cases: each exits 1 or 2 with one line naming the thing; nothing written
+
+REVIEW_VALUES = [
+    "model.tiny.heads=0",
+    "model.tiny.kv_heads=0",
+    "model.tiny.hidden=-64",
+    "run.seed=100000000000000000000000",
+    "data.max_labels=-1",
+    "data.max_examples=-7",
+    "server.aggregation_gbps=0",
+    "scheduler.over_selection=inf",
+    "eval.batch_size=0",
+    "server.aggregation_overhead_seconds=nan",
+    "train.weight_decay=nan",
+    "train.lr=inf",
+    "lora.alpha=inf",
+    'run.name="../../escaped"',
+    "fleet.groups[0].count=100000000",
+    "eval.target=nan",
+    "train.max_grad_norm=-1",
+    "run.threads=100000",
+]
+
+
+def _one_error_line(output: str) -> bool:
+    """One ``error:`` message (the console may wrap it), at most status lines before it, no traceback."""
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    return "Traceback" not in output and len(errors) == 1 and output.count("error:") == 1
+
+
+@pytest.mark.parametrize("bad", REVIEW_VALUES)
+def test_each_out_of_range_or_non_finite_value_exits_2_naming_its_key(tmp_path: Path, bad: str) -> None:
+    code, output, out = _run(tmp_path, bad)
+    assert code == 2 and bad.split("=")[0] in output and _one_error_line(output), output
+    assert not out.exists() and not (tmp_path.parent / "escaped").exists()
+
+
+def test_layers_the_model_does_not_have_exit_2_and_write_nothing(tmp_path: Path) -> None:
+    code, output, out = _run(tmp_path, "strategy.name=fedspine", "strategy.fedspine.dense_layers=[1000]")
+    assert code == 2 and "strategy.fedspine.dense_layers[0]" in output and _one_error_line(output), output
+    assert not out.exists()
+
+
+def test_single_label_data_is_refused_rather_than_scored_at_accuracy_one(tmp_path: Path) -> None:
+    data = tmp_path / "one.jsonl"
+    data.write_text("".join(f'{{"text": "verse {i}", "label": "law"}}\n' for i in range(80)))
+    code, output, out = _run(tmp_path, "data.source=jsonl", f"data.path={data}", "data.label_key=label")
+    assert code == 1 and "at least two labels" in output and _one_error_line(output), output
+    assert not out.exists()
+
+
+def test_an_unterminated_csv_quote_is_named_as_such(tmp_path: Path) -> None:
+    data = tmp_path / "bad.csv"
+    data.write_text('text,label\n"first verse,law\nsecond,gospels\n')
+    code, output, out = _run(tmp_path, "data.source=csv", f"data.path={data}", "data.label_key=label")
+    assert code == 1 and "malformed CSV" in output and "quotes" in output, output
+    assert not out.exists()
+
+
+def test_another_source_does_not_inherit_the_bible_label_words(tmp_path: Path) -> None:
+    """Switching the source without naming label words uses its labels, not the Bible's genres;
+    the data loads before any progress bar is shown."""
+    data = tmp_path / "quotes.jsonl"
+    data.write_text("".join(f'{{"text": "line {i}", "character": "{"ab"[i % 2]}"}}\n' for i in range(120)))
+    bible_words = [f'{label} = "{word}"' for label, word in BIBLE_GENRE_WORDS.items()]
+    code, output, _ = _run(
+        tmp_path,
+        "data.source=jsonl",
+        f"data.path={data}",
+        "data.label_key=character",
+        "data.test_size=20",
+        "data.label_words={" + ", ".join(bible_words) + "}",  # the built-in default, as if not set
+    )
+    assert code == 0, output
+    assert "label_words" not in output
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_an_out_that_cannot_be_a_run_directory_exits_with_one_line(tmp_path: Path, where: str) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    out = blocker if where == "file" else blocker / "run"
+    args = ["run", "--config", TINY, "--out", str(out), *[a for q in QUICK for a in ("--set", q)]]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code in (1, 2) and _one_error_line(result.output), result.output
+    assert "round" not in result.output  # no progress bar before the error
+    assert blocker.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("kind", ["directory", "binary"])
+def test_a_config_that_is_a_directory_or_binary_exits_2(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "config.toml"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(bytes(range(256)))
+    result = CliRunner().invoke(cli, ["run", "--config", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and str(path) in result.output and _one_error_line(result.output), (
+        result.output
+    )
+    assert not (tmp_path / "run").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
@@ -64,6 +65,12 @@ DEFAULT = to_dict(Config())
 PATHS = _paths(DEFAULT)
 
 
+def _lookup(tree: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
 def _set(tree: Any, path: tuple[Any, ...], value: Any) -> Any:
     tree = copy.deepcopy(tree)
     node = tree
@@ -82,6 +89,24 @@ def test_a_mutated_config_loads_or_raises_a_config_error(path: tuple[Any, ...], 
         assert exc.key  # names the field
     except ValueError as exc:  # pragma: no cover - the property's failure
         raise AssertionError(f"untyped error for {path}={value!r}: {exc!r}") from exc
+
+
+BOUNDARIES = [0, -1, 2**63, -(2**63) - 1, float("nan"), float("inf"), float("-inf"), -0.5, 1e308]
+NUMERIC_PATHS = [p for p in PATHS if type(_lookup(DEFAULT, p)) in (int, float)]
+
+
+@pytest.mark.parametrize("path", NUMERIC_PATHS, ids=lambda p: ".".join(map(str, p)))
+def test_every_numeric_field_at_its_boundaries_loads_or_names_itself(path: tuple[Any, ...]) -> None:
+    """Sampling can miss one bad value of one field (``model.tiny.heads = 0`` was missed): every
+    number of the config at every boundary value either loads or is a ConfigError naming that field."""
+    for value in BOUNDARIES:
+        try:
+            config = from_dict(_set(DEFAULT, path, value))
+        except ConfigError as exc:
+            assert str(path[0]) in exc.key, (path, value, exc.key)
+            continue
+        loaded = _lookup(to_dict(config), path)
+        assert not isinstance(loaded, float) or math.isfinite(loaded), (path, value)
 
 
 @SETTINGS

@@ -19,7 +19,7 @@ from typing import Any
 from fedspine.algorithms.wire import decode_state, encode_state
 from fedspine.client.evaluate import Evaluation
 from fedspine.config import Config, load_config, to_toml
-from fedspine.errors import CheckpointError, ConfigError
+from fedspine.errors import CheckpointError, ConfigError, RunFailedError
 from fedspine.fleet import fleet_table_rows
 from fedspine.metrics.records import SUMMARY_FILE, RoundRecord, RunRecorder
 from fedspine.report.compare import Comparison, compare, find_runs, select_arms
@@ -169,6 +169,11 @@ def _execute(
     summary["device_models"] = models
     recorder.write_summary(summary)
     write_report(run_dir)
+    if summary["tasks"]["ok"] == 0:  # the records stay for inspection; the run did not train anything
+        raise RunFailedError(
+            f"no update was aggregated: every task was rejected, dropped, late or cancelled "
+            f"({summary['tasks']}); see the reasons in {run_dir / 'events.jsonl'}"
+        )
     return RunResult(run_dir=run_dir, summary=summary)
 
 

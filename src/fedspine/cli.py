@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -78,13 +78,13 @@ def run(
             if config is not None or set_ or out is not None:
                 raise ConfigError("--resume", "a resumed run uses its own config.toml and directory")
             cfg = _load(resume / "config.toml", None) if (resume / "config.toml").exists() else Config()
-            with _progress(cfg.scheduler.rounds) as on_round:
-                result = api.resume_experiment(resume, on_round=on_round, on_status=_status)
+            with _progress(cfg.scheduler.rounds) as (on_round, on_status):
+                result = api.resume_experiment(resume, on_round=on_round, on_status=on_status)
         else:
             cfg = _load(config, set_)
             unit = "round" if cfg.scheduler.name == "sync" else "aggregation"
-            with _progress(cfg.scheduler.rounds, unit) as on_round:
-                result = api.run_experiment(cfg, out, on_round=on_round, on_status=_status)
+            with _progress(cfg.scheduler.rounds, unit) as (on_round, on_status):
+                result = api.run_experiment(cfg, out, on_round=on_round, on_status=on_status)
         _print_summary(result.summary, result.run_dir)
 
 
@@ -320,7 +320,9 @@ def _status(message: str) -> None:
 
 
 @contextmanager
-def _progress(rounds: int, unit: str = "round") -> Iterator[api.RoundCallback]:
+def _progress(rounds: int, unit: str = "round") -> Iterator[tuple[api.RoundCallback, Callable[[str], None]]]:
+    """``(on_round, on_status)``: status lines, and a progress bar shown from the moment the rounds
+    start, so that an error while building (bad data, a missing model) is never preceded by a bar."""
     columns = (
         TextColumn(f"[bold]{unit}"),
         MofNCompleteColumn(),
@@ -328,19 +330,28 @@ def _progress(rounds: int, unit: str = "round") -> Iterator[api.RoundCallback]:
         TextColumn("virtual {task.fields[vtime]}  {task.fields[metric]}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("rounds", total=rounds, vtime="0s", metric="")
+    progress = Progress(*columns, console=console, transient=False)
+    task = progress.add_task("rounds", total=rounds, vtime="0s", metric="")
 
-        def on_round(record: api.RoundRecord, evaluation: api.Evaluation | None) -> None:
-            vtime = format_duration(record.virtual_end)
-            done = record.round  # a resumed run starts past the checkpoint's round
-            if evaluation is None:
-                progress.update(task, completed=done, vtime=vtime)
-            else:
-                metric = f"{evaluation.metric_name} {evaluation.metric:.4g}"
-                progress.update(task, completed=done, vtime=vtime, metric=metric)
+    def on_status(message: str) -> None:
+        _status(message)
+        if message.startswith(("running", "resuming")) and not progress.live.is_started:
+            progress.start()
 
-        yield on_round
+    def on_round(record: api.RoundRecord, evaluation: api.Evaluation | None) -> None:
+        vtime = format_duration(record.virtual_end)
+        done = record.round  # a resumed run starts past the checkpoint's round
+        if evaluation is None:
+            progress.update(task, completed=done, vtime=vtime)
+        else:
+            metric = f"{evaluation.metric_name} {evaluation.metric:.4g}"
+            progress.update(task, completed=done, vtime=vtime, metric=metric)
+
+    try:
+        yield on_round, on_status
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:

@@ -2,14 +2,17 @@
 
 Every section is a dataclass whose fields carry a one-line docstring (the attribute docstring
 below the field). :func:`from_dict` checks types and unknown keys recursively and raises
-:class:`~fedspine.errors.ConfigError` naming the dotted key; each section's ``__post_init__``
-checks ranges. Names that refer to registries (``strategy.name``, ``scheduler.name``,
+:class:`~fedspine.errors.ConfigError` naming the dotted key, and refuses every non-finite float
+(NaN, ±inf) and every integer outside the 64-bit range; each section's ``__post_init__`` checks the
+ranges of its own fields. Names that refer to registries (``strategy.name``, ``scheduler.name``,
 ``fleet.groups[i].device_class``...) are resolved when the run is built, before anything starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import sys
 import types
 from dataclasses import dataclass, field
@@ -31,6 +34,12 @@ def _check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+MAX_DEVICES = 100_000
+"""More devices than any fleet study uses; a larger count is a typo (and would exhaust memory)."""
+MAX_THREADS = 1024
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
 @dataclass
 class RunSection:
     """Identity and reproducibility of the run."""
@@ -47,7 +56,17 @@ class RunSection:
     """How many of the newest checkpoints to keep."""
 
     def __post_init__(self) -> None:
-        _check(self.threads >= 1, "run.threads", f"must be >= 1, got {self.threads}")
+        _check(
+            bool(RUN_NAME.match(self.name)),
+            "run.name",
+            f"must be letters, digits, '.', '_' or '-' (a folder name under runs/), got {self.name!r}",
+        )
+        _check(self.seed >= 0, "run.seed", f"must be >= 0, got {self.seed}")
+        _check(
+            1 <= self.threads <= MAX_THREADS,
+            "run.threads",
+            f"must be in 1..{MAX_THREADS}, got {self.threads}",
+        )
         _check(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0 (0 = never)")
         _check(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
 
@@ -68,6 +87,9 @@ class TinyModelSection:
     """MLP intermediate size."""
 
     def __post_init__(self) -> None:
+        for name in ("hidden", "layers", "heads", "kv_heads", "intermediate"):
+            value = getattr(self, name)
+            _check(value >= 1, f"model.tiny.{name}", f"must be >= 1, got {value}")
         _check(self.hidden % self.heads == 0, "model.tiny.hidden", "must be a multiple of model.tiny.heads")
         _check(
             self.heads % self.kv_heads == 0, "model.tiny.heads", "must be a multiple of model.tiny.kv_heads"
@@ -141,6 +163,8 @@ BIBLE_GENRE_WORDS = {
     "epistles": "letter",
 }
 """Verbalizer of the default task: one natural English word per Bible genre (distinct first tokens)."""
+BIBLE_PROMPT = "Bible verse: {text}\nSection of the Bible:"
+"""Prompt of the default task."""
 
 
 @dataclass
@@ -159,8 +183,9 @@ class DataSection:
     """Keep only the most frequent labels (0 = all)."""
     label_words: dict[str, str] = field(default_factory=lambda: dict(BIBLE_GENRE_WORDS))
     """Verbalizer: the word the model answers for each label, e.g. {epistles = "letter"} (default: label)."""
-    prompt_template: str = "Bible verse: {text}\nSection of the Bible:"
-    """Prompt with a {text} placeholder (empty = the task's default)."""
+    prompt_template: str = BIBLE_PROMPT
+    """Prompt with a {text} placeholder (empty = the task's default). The default and the default
+    `label_words` belong to the Bible source: with another source they apply only when set explicitly."""
     label_prefix: str = " "
     """Put before each label word when tokenising ("" for byte tokenizers; end the prompt with a space)."""
     max_length: int = 48
@@ -180,6 +205,11 @@ class DataSection:
 
     def __post_init__(self) -> None:
         _check(self.max_length >= 8, "data.max_length", f"must be >= 8, got {self.max_length}")
+        _check(self.max_labels >= 0, "data.max_labels", f"must be >= 0 (0 = all), got {self.max_labels}")
+        _check(self.max_labels != 1, "data.max_labels", "must keep at least 2 labels (0 = all)")
+        _check(
+            self.max_examples >= 0, "data.max_examples", f"must be >= 0 (0 = all), got {self.max_examples}"
+        )
         _check(self.test_size >= 1, "data.test_size", f"must be >= 1, got {self.test_size}")
         _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
         _check(self.quantity_alpha > 0, "data.quantity_alpha", "must be > 0")
@@ -270,9 +300,15 @@ class FleetSection:
     def __post_init__(self) -> None:
         for i, group in enumerate(self.groups):
             key = f"fleet.groups[{i}]"
-            _check(group.count >= 1, f"{key}.count", f"must be >= 1, got {group.count}")
+            _check(
+                1 <= group.count <= MAX_DEVICES,
+                f"{key}.count",
+                f"must be in 1..{MAX_DEVICES}, got {group.count}",
+            )
             _check(0 < group.availability <= 1, f"{key}.availability", "must be in (0, 1]")
         _check(self.jitter_scale >= 0, "fleet.jitter_scale", "must be >= 0")
+        total = sum(g.count for g in self.groups)
+        _check(total <= MAX_DEVICES, "fleet.groups", f"hold {total} devices; at most {MAX_DEVICES}")
 
 
 @dataclass
@@ -296,6 +332,8 @@ class TrainSection:
         _check(self.local_steps >= 1, "train.local_steps", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = off)")
 
 
 @dataclass
@@ -554,6 +592,8 @@ class ServerSection:
     """Fraction of updates dropped at each end, per coordinate, for ``robust = "trimmed_mean"``."""
 
     def __post_init__(self) -> None:
+        _check(self.aggregation_gbps > 0, "server.aggregation_gbps", "must be > 0")
+        _check(self.aggregation_overhead_seconds >= 0, "server.aggregation_overhead_seconds", "must be >= 0")
         _check(self.max_update_norm >= 0, "server.max_update_norm", "must be >= 0 (0 = no bound)")
         _check(self.clip_norm > 0, "server.clip_norm", "must be > 0")
         _check(0 <= self.trim_fraction < 0.5, "server.trim_fraction", "must be in [0, 0.5)")
@@ -577,6 +617,8 @@ class EvalSection:
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, "eval.every", "must be >= 1")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.target >= 0, "eval.target", "must be >= 0 (0 = none)")
 
 
 @dataclass
@@ -672,12 +714,16 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 
 def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(key, f"expected {tp.__name__}, got bool {value!r}")
+    if isinstance(value, int) and tp in (int, float) and not -(2**63) <= value < 2**63:
+        raise ConfigError(key, f"{value} is outside the 64-bit integer range")
+    if tp is float and isinstance(value, int):
+        return float(value)
     if not isinstance(value, tp):
         raise ConfigError(key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, got {value!r}")
     return value
 
 
@@ -720,6 +766,12 @@ def read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(str(path), "config file not found") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(str(path), "is a directory, not a TOML config file") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"not a text file (not UTF-8 at byte {exc.start})") from exc
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the config file: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), f"invalid TOML: {exc}") from exc
 

@@ -39,3 +39,7 @@ class CheckpointError(FedspineError):
 
 class RunDirectoryError(FedspineError):
     """A run directory cannot be used: another process holds it, or it cannot be created."""
+
+
+class RunFailedError(FedspineError):
+    """A run finished without doing what a run is for (e.g. no update was aggregated)."""

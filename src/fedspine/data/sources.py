@@ -223,7 +223,7 @@ def load_csv(path: str | Path) -> list[Example]:
     path = Path(path)
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
-            examples = _csv_examples(csv.DictReader(handle), path)
+            examples = _csv_examples(csv.DictReader(handle, strict=True), path)
     except FileNotFoundError:
         raise DataError(f"data file not found: {path}") from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -235,7 +235,15 @@ def load_csv(path: str | Path) -> list[Example]:
 
 def _csv_examples(reader: csv.DictReader[str], path: Path) -> list[Example]:
     examples = []
-    for row in reader:
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # e.g. a quote never closed: name the last line read well
+            where = f"after line {reader.line_num}"
+            raise DataError(f"{path}: malformed CSV {where} ({exc}); check its quotes") from None
         line_no = reader.line_num  # the row's last physical line
         if None in row:  # DictReader stores surplus cells under the key None
             raise DataError(f"{path}:{line_no}: row has more cells than the header")

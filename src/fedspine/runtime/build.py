@@ -34,7 +34,7 @@ from fedspine.algorithms.strategies import FedSpine, Strategy
 from fedspine.algorithms.strategies.fedspine import PRESETS
 from fedspine.client.evaluate import EvalSet
 from fedspine.client.objectives import ClassificationObjective, LanguageModelingObjective, Objective
-from fedspine.config import Config
+from fedspine.config import BIBLE_GENRE_WORDS, BIBLE_PROMPT, Config
 from fedspine.data import (
     ClassificationTask,
     EncodedDataset,
@@ -347,12 +347,33 @@ def build_task(cfg: Config, examples: Sequence[Example]) -> ClassificationTask |
     if d.task == "lm":
         return LanguageModelingTask(d.prompt_template or "{text}")
     labels = sorted({ex.label for ex in examples if ex.label is not None})
-    unknown = sorted(set(d.label_words) - set(labels))
+    if len(labels) < 2:
+        raise DataError(
+            f"classification needs at least two labels; data.label_key '{d.label_key}' of this data "
+            f"gives {labels or 'none'}"
+        )
+    # The default verbalizer and prompt are the Bible genre task's: another source that does not
+    # set its own gets its labels as words and the task's generic prompt.
+    bible_defaults = d.source == "bible"
+    label_words = d.label_words if bible_defaults or d.label_words != BIBLE_GENRE_WORDS else {}
+    prompt = d.prompt_template if bible_defaults or d.prompt_template != BIBLE_PROMPT else ""
+    unknown = sorted(set(label_words) - set(labels))
     if unknown:
         raise ConfigError(f"data.label_words.{unknown[0]}", f"not a label of this data; labels: {labels}")
-    words = [d.label_words.get(label, label) for label in labels]
-    template = d.prompt_template or ClassificationTask(labels).prompt_template
+    words = [label_words.get(label, label) for label in labels]
+    template = prompt or ClassificationTask(labels).prompt_template
     return ClassificationTask(labels, words, template, d.label_prefix)
+
+
+def check_dense_layers(cfg: Config, shape: ModelShape) -> None:
+    """``strategy.fedspine.dense_layers`` must name layers of the model (negative: from the end)."""
+    for i, layer in enumerate(cfg.strategy.fedspine.dense_layers):
+        if not -shape.layers <= layer < shape.layers:
+            raise ConfigError(
+                f"strategy.fedspine.dense_layers[{i}]",
+                f"layer {layer} does not exist; the model has layers 0..{shape.layers - 1} "
+                f"(or -1..-{shape.layers})",
+            )
 
 
 def split_and_partition(
@@ -438,6 +459,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     _check_fits_before_loading(cfg, devices)
     model, tokenizer = _load_model(cfg)
     shape = model_shape(model.config, model.num_parameters())
+    check_dense_layers(cfg, shape)
     check_fleet_fits(devices, shape, cfg)
     train_data = task.encode(train, tokenizer, cfg.data.max_length)
     test_data = task.encode(test, tokenizer, cfg.data.max_length)
