@@ -169,3 +169,9 @@ def test_a_config_that_is_a_directory_or_binary_exits_2(tmp_path: Path, kind: st
         result.output
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_aggregated_nothing_exits_1_and_keeps_its_records(tmp_path: Path) -> None:
+    code, output, out = _run(tmp_path, "server.max_update_norm=1e-12")  # every update is rejected
+    assert code == 1 and "no update was aggregated" in output, output
+    assert (out / "events.jsonl").exists() and "rejected: change norm" in (out / "events.jsonl").read_text()
