@@ -175,3 +175,15 @@ def test_a_run_that_aggregated_nothing_exits_1_and_keeps_its_records(tmp_path: P
     code, output, out = _run(tmp_path, "server.max_update_norm=1e-12")  # every update is rejected
     assert code == 1 and "no update was aggregated" in output, output
     assert (out / "events.jsonl").exists() and "rejected: change norm" in (out / "events.jsonl").read_text()
+
+
+def test_a_failing_report_leaves_a_complete_run_and_says_how_to_rebuild_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(_run_dir: Path) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("fedspine.api.write_report", broken)
+    code, output, out = _run(tmp_path)
+    assert code == 0 and "fedspine report" in output and "disk full" in output, output
+    assert (out / "summary.json").exists() and not (out / "FAILED").exists()

@@ -173,15 +173,20 @@ def mutated_updates(draw: st.DrawFn) -> RecordDict:
             content[name] = ArrayRecord({k: Array(t) for k, t in tensors.items()})
     for name, record in GOOD.config_records.items():
         if draw(st.booleans()):
-            fields = dict(record)
-            for key in draw(st.lists(st.sampled_from([*fields, "extra"]), max_size=3)):
-                value = draw(scalars)
-                if value is None:
-                    fields.pop(key, None)
-                else:
-                    fields[key] = value
-            content[name] = ConfigRecord(fields)
+            content[name] = _mutated_fields(draw, record, [*record, "extra"], scalars)
     return content
+
+
+def _mutated_fields(draw: st.DrawFn, record: ConfigRecord, keys: list[str], values: Any) -> ConfigRecord:
+    """``record`` with up to three of ``keys`` set to a drawn value, or removed when it is None."""
+    fields = dict(record)
+    for key in draw(st.lists(st.sampled_from(keys), max_size=3)):
+        value = draw(values)
+        if value is None:
+            fields.pop(key, None)
+        else:
+            fields[key] = value
+    return ConfigRecord(fields)
 
 
 @SETTINGS
@@ -278,14 +283,7 @@ def mutated_wire_updates(draw: st.DrawFn) -> RecordDict:
             items[key] = value if isinstance(value, Array) else Array(value)
         content[name] = ArrayRecord(items)
     for name, record in WIRE_GOOD.config_records.items():
-        fields = dict(record)
-        for key in draw(st.lists(st.sampled_from(list(fields)), max_size=3)):
-            value = draw(reply_scalars)
-            if value is None:
-                fields.pop(key, None)
-            else:
-                fields[key] = value
-        content[name] = ConfigRecord(fields)
+        content[name] = _mutated_fields(draw, record, list(record), reply_scalars)
     return content
 
 

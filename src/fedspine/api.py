@@ -9,6 +9,7 @@ Usage:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ GLOBAL_ADAPTER = "global_adapter.safetensors"
 RoundCallback = Callable[[RoundRecord, "Evaluation | None"], None]
 EngineFactory = Callable[[Experiment, RunRecorder], Engine]
 """Builds the engine that runs an experiment (default: the simulator's, by scheduler)."""
+
+log = logging.getLogger("fedspine")
 
 
 @dataclass
@@ -168,7 +171,11 @@ def _execute(
     summary["executor"] = executor
     summary["device_models"] = models
     recorder.write_summary(summary)
-    write_report(run_dir)
+    try:
+        write_report(run_dir)
+    except Exception as exc:  # the run is complete; the report can be rebuilt from its records
+        log.warning("the report could not be written (%s); rebuild it with: fedspine report %s", exc, run_dir)
+        status(f"warning: no report ({exc}); rebuild it with: fedspine report {run_dir}")
     if summary["tasks"]["ok"] == 0:  # the records stay for inspection; the run did not train anything
         raise RunFailedError(
             f"no update was aggregated: every task was rejected, dropped, late or cancelled "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,6 +74,9 @@ def run(
     ] = None,
 ) -> None:
     """Run an experiment (the default one with no --config) and write its run directory."""
+    signal.signal(
+        signal.SIGTERM, _terminated
+    )  # unwinds like Ctrl-C: the run directory gets its FAILED marker
     with _errors():
         if resume is not None:
             if config is not None or set_ or out is not None:
@@ -313,6 +317,10 @@ def deploy_connection(
     with _errors():
         path = _setup().write_connection(flwr_home, name, address, root_certificates, insecure=insecure)
     console.print(f"flwr config: {path}")
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _status(message: str) -> None:

@@ -76,6 +76,15 @@ def _dims(payload: Payload) -> list[int]:
     return [int(s) for s in payload["shape"]]
 
 
+def _sparse_values(payload: Payload, d: int) -> int:
+    """How many fp32 values a sparse payload of ``d`` entries carries (1..d), or ValueError."""
+    k = payload["values"].numel()
+    if not 1 <= k <= d:
+        raise ValueError(f"{k} values for {d} entries")
+    _expect(payload, "values", FLOATS, k)
+    return k
+
+
 def _expect(payload: Payload, part: str, dtypes: tuple[torch.dtype, ...], count: int) -> torch.Tensor:
     """``payload[part]`` if it is a vector (or, for the fp32 factors, any shape) of ``count`` entries of
     one of ``dtypes``, with finite values when floating point."""
@@ -181,10 +190,7 @@ class TopK(Codec):
 
     def check(self, payload: Payload, d: int) -> None:
         super().check(payload, d)
-        k = payload["values"].numel()
-        if not 1 <= k <= d:
-            raise ValueError(f"{k} values for {d} entries")
-        _expect(payload, "values", FLOATS, k)
+        k = _sparse_values(payload, d)
         index = _expect(payload, "index", INDICES, k)
         if bool((index < 0).any()) or bool((index >= d).any()):
             raise ValueError(f"index outside 0..{d - 1}")
@@ -211,10 +217,7 @@ class RandK(Codec):
 
     def check(self, payload: Payload, d: int) -> None:
         super().check(payload, d)
-        k = payload["values"].numel()
-        if not 1 <= k <= d:
-            raise ValueError(f"{k} values for {d} entries")
-        _expect(payload, "values", FLOATS, k)
+        _sparse_values(payload, d)
         _expect(payload, "seed", (torch.int64,), 1)
 
     def decode(self, payload: Payload) -> torch.Tensor:

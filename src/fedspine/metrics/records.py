@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import IO, Any
 
+from fedspine.errors import CheckpointError
+
 EVENTS_FILE = "events.jsonl"
 ROUNDS_FILE = "rounds.csv"
 SUMMARY_FILE = "summary.json"
@@ -94,7 +96,8 @@ class RunRecorder:
         self.rounds: list[RoundRecord] = []
 
     def positions(self) -> dict[str, int]:
-        """Byte length of each record file now (flushed), to resume from."""
+        """Byte length of each record file now, flushed and fsynced: a checkpoint that records these
+        positions is committed only after the records up to them are on disk."""
         out = {}
         for name, f in (
             (EVENTS_FILE, self._events),
@@ -102,12 +105,26 @@ class RunRecorder:
             (ROUNDS_FILE, self._rounds_file),
         ):
             f.flush()
+            os.fsync(f.fileno())
             out[name] = f.tell()
         return out
 
     @classmethod
     def resume(cls, run_dir: Path, positions: dict[str, int], rounds: list[RoundRecord]) -> RunRecorder:
-        """Reopen a run's record files cut back to ``positions``, for appending after a checkpoint."""
+        """Reopen a run's record files cut back to ``positions``, for appending after a checkpoint.
+
+        Raises:
+            CheckpointError: a record file is shorter than at the checkpoint (its tail was lost, e.g.
+                to a power failure): resuming would pad it with zero bytes.
+        """
+        for name, size in positions.items():
+            path = run_dir / name
+            actual = path.stat().st_size if path.exists() else 0
+            if actual < size:
+                raise CheckpointError(
+                    f"{path} holds {actual} bytes, {size} at the checkpoint: its records were lost; "
+                    "the run cannot resume exactly"
+                )
         for name, size in positions.items():
             os.truncate(run_dir / name, size)
         recorder = cls.__new__(cls)

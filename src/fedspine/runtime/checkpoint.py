@@ -43,6 +43,10 @@ from fedspine.runtime.build import Experiment
 CHECKPOINTS = "checkpoints"
 MANIFEST = "MANIFEST.json"
 FORMAT = 1
+FILES = frozenset(
+    {"base_delta.safetensors", "base_weights.safetensors", "global_adapter.safetensors", "state.pkl"}
+)
+"""Exactly what a checkpoint holds besides its manifest."""
 
 
 @dataclass
@@ -159,6 +163,13 @@ def verify(directory: Path) -> str | None:
             return f"format {manifest.get('format')!r}, expected {FORMAT}"
     except (ValueError, KeyError, TypeError) as exc:
         return f"unreadable manifest: {exc}"
+    if not isinstance(files, dict) or set(files) != FILES:
+        return (
+            f"the manifest lists {sorted(files) if isinstance(files, dict) else files!r}, not {sorted(FILES)}"
+        )
+    present = {p.name for p in directory.iterdir()} - {MANIFEST}
+    if present - FILES:
+        return f"holds files a checkpoint does not have: {sorted(present - FILES)}"
     for name, digest in files.items():
         path = directory / name
         if not path.exists():
@@ -169,21 +180,27 @@ def verify(directory: Path) -> str | None:
 
 
 def load_latest(run_dir: Path, exp: Experiment) -> Snapshot:
-    """The newest complete checkpoint of ``run_dir``, re-attached to the rebuilt ``exp``."""
+    """The newest complete checkpoint of ``run_dir`` that loads, re-attached to the rebuilt ``exp``.
+
+    A checkpoint that fails its manifest or cannot be loaded is skipped for the next older one.
+    """
     candidates = sorted((run_dir / CHECKPOINTS).glob("round-*")) if (run_dir / CHECKPOINTS).is_dir() else []
     reasons = []
     for directory in reversed(candidates):
         reason = verify(directory)
-        if reason is not None:
-            reasons.append(f"{directory.name}: {reason}")
-            continue
-        try:
-            state = _Unpickler(io.BytesIO((directory / "state.pkl").read_bytes()), _named(exp)).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
-            raise CheckpointError(f"{directory}: state.pkl cannot be read: {exc}") from exc
-        delta = load_file(str(directory / "base_delta.safetensors"))
-        weights = load_file(str(directory / "base_weights.safetensors"))
-        round_no = int(json.loads((directory / MANIFEST).read_text())["round"])
-        return Snapshot(round_no, state["engine"], state["objects"], delta, weights)
+        if reason is None:
+            try:
+                return _load(directory, exp)
+            except Exception as exc:  # a checkpoint that verified but does not load: try an older one
+                reason = f"cannot be loaded ({type(exc).__name__}: {exc})"
+        reasons.append(f"{directory.name}: {reason}")
     detail = f" ({'; '.join(reasons)})" if reasons else ""
     raise CheckpointError(f"{run_dir} has no complete checkpoint to resume from{detail}")
+
+
+def _load(directory: Path, exp: Experiment) -> Snapshot:
+    state = _Unpickler(io.BytesIO((directory / "state.pkl").read_bytes()), _named(exp)).load()
+    delta = load_file(str(directory / "base_delta.safetensors"))
+    weights = load_file(str(directory / "base_weights.safetensors"))
+    round_no = int(json.loads((directory / MANIFEST).read_text())["round"])
+    return Snapshot(round_no, state["engine"], state["objects"], delta, weights)
