@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -107,7 +109,9 @@ def test_every_kind_of_state_survives_a_crash(tmp_path: Path, overrides: list[st
     with pytest.raises(_Crash):
         run_experiment(cfg, tmp_path / "crashed", on_round=_crash_after(2))
     assert (tmp_path / "crashed" / "FAILED").exists()
-    resume_experiment(tmp_path / "crashed")
+    said: list[str] = []
+    resume_experiment(tmp_path / "crashed", on_status=said.append)
+    assert [m.split()[-1] for m in said if m.startswith("resuming")] == ["2"], said  # the newest loaded
     assert not (tmp_path / "crashed" / "FAILED").exists()
     assert_same_run(tmp_path / "full", tmp_path / "crashed")
 
@@ -242,3 +246,32 @@ def test_sigterm_leaves_a_failed_marker_and_the_run_resumes(uninterrupted: Path,
     result = CliRunner().invoke(cli, ["run", "--resume", str(out)])
     assert result.exit_code == 0, result.output
     assert_same_run(uninterrupted, out)
+
+
+class _Payload:
+    """What an attacker pickles: unpickling it would create a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_crafted_checkpoint_cannot_run_code(tmp_path: Path) -> None:
+    """Every checkpoint's state.pkl replaced by a payload that calls os.system, with recomputed
+    manifests: resume refuses to load them and nothing runs."""
+    cfg = load_config(TINY, ARGS)
+    with pytest.raises(_Crash):
+        run_experiment(cfg, tmp_path / "crashed", on_round=_crash_after(3))
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"engine": _Payload(marker)})
+    for checkpoint in sorted((tmp_path / "crashed" / "checkpoints").glob("round-*")):
+        (checkpoint / "state.pkl").write_bytes(payload)
+        manifest = json.loads((checkpoint / "MANIFEST.json").read_text())
+        manifest["files"]["state.pkl"] = hashlib.sha256(payload).hexdigest()
+        (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
+        assert verify(checkpoint) is None
+    with pytest.raises(CheckpointError, match=r"may not refer to posix\.system|may not refer to os\.system"):
+        resume_experiment(tmp_path / "crashed")
+    assert not marker.exists()
