@@ -24,7 +24,15 @@ from fedspine.cli import app as cli
 from fedspine.config import Config, load_config, to_toml, tomllib
 from fedspine.deploy.records import Timing, read_task, read_update, task_record, update_record
 from fedspine.deploy.server import serve
-from fedspine.deploy.settings import CONFIG_KEY, NODES_KEY, OUT_KEY, config_from_run, device_id_from_node
+from fedspine.deploy.settings import (
+    BIND_KEY,
+    CONFIG_KEY,
+    NODES_KEY,
+    OUT_KEY,
+    config_from_run,
+    device_id_from_node,
+    node_bindings,
+)
 from fedspine.deploy.setup import write_app
 from fedspine.errors import ConfigError, DeployError
 from fedspine.model.pruning import LayerKeep
@@ -40,8 +48,13 @@ def tiny(*overrides: str) -> Config:
     return load_config(TINY, [*QUIET, *overrides])
 
 
-def run_fake(cfg: Config, out: Path, grid_hook: object = None) -> tuple[RunResult, FakeGrid]:
-    run_config: dict[str, str | int | float] = {CONFIG_KEY: to_toml(cfg), OUT_KEY: str(out), NODES_KEY: 5.0}
+def run_fake(cfg: Config, out: Path, grid_hook: object = None, bind: str = "") -> tuple[RunResult, FakeGrid]:
+    run_config: dict[str, str | int | float] = {
+        CONFIG_KEY: to_toml(cfg),
+        OUT_KEY: str(out),
+        NODES_KEY: 5.0,
+        BIND_KEY: bind,
+    }
     grid = FakeGrid(run_config, sum(g.count for g in cfg.fleet.groups))
     if grid_hook is not None:
         grid.tamper = grid_hook  # type: ignore[assignment]
@@ -344,6 +357,28 @@ def test_node_discovery_leaves_out_nodes_with_bad_claims(tmp_path: Path) -> None
     nodes = next(e["nodes"] for e in events if e.get("event") == "deployment")
     assert nodes == {"2": 3, "4": 5, "5": 6}
     assert result.summary["tasks"]["ok"] == 3
+
+
+def test_bound_nodes_are_their_devices_whatever_they_claim(tmp_path: Path) -> None:
+    """With node -> device bindings, a bound node claiming another device and unbound nodes are left
+    out; self-asserted ids no longer decide who is who."""
+
+    def tamper(reply: Message) -> Message:
+        if reply.metadata.message_type == MessageType.QUERY and reply.metadata.src_node_id == 2:
+            reply.content["node"] = ConfigRecord({"device_id": 5})  # bound to device 1
+        return reply
+
+    cfg = tiny("scheduler.rounds=1", "scheduler.clients_per_round=6")
+    result, _ = run_fake(cfg, tmp_path / "flower", tamper, bind="1=0,2=1,3=2")
+    events = [json.loads(line) for line in (result.run_dir / "events.jsonl").read_text().splitlines()]
+    assert next(e["nodes"] for e in events if e.get("event") == "deployment") == {"0": 1, "2": 3}
+    assert result.summary["tasks"]["ok"] == 2
+    assert node_bindings({BIND_KEY: " 7=3, 8=0"}) == {7: 3, 8: 0}
+    for bad in ("7=3,8=3", "7=3,7=4", "x=1", "7"):
+        with pytest.raises(DeployError, match=BIND_KEY):
+            node_bindings({BIND_KEY: bad})
+    with pytest.raises(DeployError, match="device 9"):
+        write_app(tmp_path / "app", cfg, tmp_path / "run", bindings=["1=9"])
 
 
 def _original(reply: Message) -> Message:

@@ -293,10 +293,20 @@ def deploy_app_folder(
     wait_for_nodes: Annotated[
         float, typer.Option(help="Seconds to wait for every device's SuperNode")
     ] = 120.0,
+    bind: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--bind",
+            help="NODE=DEVICE: the Flower node id (from `flwr supernode register`) that is that device "
+            "(repeatable; with any, only bound nodes take part)",
+        ),
+    ] = None,
 ) -> None:
     """Write a Flower app folder that runs the experiment; start it with `flwr run DIR CONNECTION`."""
     with _errors():
-        path = _setup().write_app(out, _load(config, set_), records, round_timeout, wait_for_nodes)
+        path = _setup().write_app(
+            out, _load(config, set_), records, round_timeout, wait_for_nodes, bind or []
+        )
     console.print(f"app: {path}")
 
 

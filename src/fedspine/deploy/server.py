@@ -32,7 +32,15 @@ from flwr.serverapp import Grid
 from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.api import RunResult, run_experiment
 from fedspine.deploy.records import max_reply_bytes, read_update, task_record
-from fedspine.deploy.settings import NODES_KEY, OUT_KEY, TIMEOUT_KEY, config_from_run, number
+from fedspine.deploy.settings import (
+    BIND_KEY,
+    NODES_KEY,
+    OUT_KEY,
+    TIMEOUT_KEY,
+    config_from_run,
+    node_bindings,
+    number,
+)
 from fedspine.errors import ConfigError, DeployError
 from fedspine.metrics.records import RunRecorder
 from fedspine.runtime.build import Experiment
@@ -153,8 +161,14 @@ class FlowerEngine(Engine):
         """Deployed runs are not checkpointed (resuming one would need the SuperNodes' state too)."""
 
 
-def discover_nodes(grid: Grid, devices: int, wait_seconds: float) -> dict[int, int]:
+def discover_nodes(
+    grid: Grid, devices: int, wait_seconds: float, bound: dict[int, int] | None = None
+) -> dict[int, int]:
     """Ask every connected SuperNode which device it is; wait up to ``wait_seconds`` for all ``devices``.
+
+    With ``bound`` (Flower node id -> device id, from the operator who registered the nodes' keys), a
+    node's own claim no longer decides: a node that is not bound, or claims another device than its
+    binding, is left out.
 
     Returns device id -> node id. A device without a node is never sampled. A node whose answer is
     an error, malformed, a device id outside the fleet, or a device another node claimed first is
@@ -171,6 +185,12 @@ def discover_nodes(grid: Grid, devices: int, wait_seconds: float) -> dict[int, i
             for reply in grid.send_and_receive(queries, timeout=max(1.0, deadline - time.time())):
                 node = reply.metadata.src_node_id
                 device, problem = _claimed_device(reply, devices)
+                if bound is not None and device is not None and bound.get(node) != device:
+                    problem = (
+                        f"it is not bound to a device ({BIND_KEY})"
+                        if node not in bound
+                        else f"it says it is device {device}, but it is bound to device {bound[node]}"
+                    )
                 if device is not None and device in found:
                     problem = f"device {device} is node {found[device]} already"
                 if device is None or problem:
@@ -211,11 +231,12 @@ def serve(grid: Grid, context: Context) -> RunResult:
     if not isinstance(out, str) or not out:
         raise DeployError(f"the Flower run config needs '{OUT_KEY}' (the directory for the run's records)")
     wait = number(context.run_config, NODES_KEY, 120.0)
+    bound = node_bindings(context.run_config)
     timeout = number(context.run_config, TIMEOUT_KEY, 3600.0)
 
     def engine(experiment: Experiment, recorder: RunRecorder) -> FlowerEngine:
         started = time.perf_counter()
-        nodes = discover_nodes(grid, len(experiment.devices), wait)
+        nodes = discover_nodes(grid, len(experiment.devices), wait, bound)
         seconds = time.perf_counter() - started
         recorder.event(
             "deployment", nodes={str(d): n for d, n in sorted(nodes.items())}, discovery_seconds=seconds

@@ -19,6 +19,9 @@ TIMEOUT_KEY = "round-timeout"
 """Run-config key: seconds the server waits for a round's replies when the config has no deadline."""
 NODES_KEY = "wait-for-nodes"
 """Run-config key: seconds the server waits for every device's node to connect before starting."""
+BIND_KEY = "node-devices"
+"""Run-config key: Flower node id -> device id, as ``"NODE=DEVICE,NODE=DEVICE"`` (empty: nodes say who
+they are). With it, only those nodes take part, each as its bound device."""
 DEVICE_KEY = "device-id"
 """Node-config key: which device of the config's fleet this SuperNode is."""
 PARTITION_KEY = "partition-id"
@@ -50,6 +53,24 @@ def device_id_from_node(node_config: Mapping[str, Value]) -> int:
             f'(flower-supernode --node-config "{DEVICE_KEY}=0"), got {value!r}'
         )
     return value
+
+
+def node_bindings(run_config: Mapping[str, Value]) -> dict[int, int] | None:
+    """The run's node -> device bindings (:data:`BIND_KEY`), or None when it has none."""
+    text = run_config.get(BIND_KEY, "")
+    if not isinstance(text, str):
+        raise DeployError(f"run config '{BIND_KEY}' must be text like \"12345=0,67890=1\", got {text!r}")
+    if not text.strip():
+        return None
+    bound: dict[int, int] = {}
+    for item in text.split(","):
+        node, sep, device = item.strip().partition("=")
+        if not sep or not node.strip().isdigit() or not device.strip().isdigit():
+            raise DeployError(f"run config '{BIND_KEY}': {item.strip()!r} is not NODE=DEVICE")
+        if int(device) in bound.values() or int(node) in bound:
+            raise DeployError(f"run config '{BIND_KEY}': node {node} or device {device} is bound twice")
+        bound[int(node)] = int(device)
+    return bound
 
 
 def number(run_config: Mapping[str, Value], key: str, default: float) -> float:

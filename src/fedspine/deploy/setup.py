@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedspine.config import Config, to_toml, tomllib
-from fedspine.deploy.settings import CONFIG_KEY, NODES_KEY, OUT_KEY, TIMEOUT_KEY
+from fedspine.deploy.settings import BIND_KEY, CONFIG_KEY, NODES_KEY, OUT_KEY, TIMEOUT_KEY, node_bindings
 from fedspine.errors import DeployError
 
 APP_NAME = "fedspine-app"
@@ -168,12 +168,20 @@ def write_app(
     records: Path,
     round_timeout: float = 3600.0,
     wait_for_nodes: float = 120.0,
+    bindings: Sequence[str] = (),
 ) -> Path:
     """A Flower app folder (``pyproject.toml``) running ``config``; records go to ``records``.
 
     ``records`` is a path on the machine that runs the ServerApp (the SuperLink's); ``flwr run
-    --run-config`` may override any of the run-config keys.
+    --run-config`` may override any of the run-config keys. ``bindings`` (``"NODE=DEVICE"``, Flower
+    node ids as ``flwr supernode register`` prints them) fix which node is which device.
     """
+    bind_text = ",".join(b.strip() for b in bindings)
+    bound = node_bindings({BIND_KEY: bind_text}) or {}
+    devices = sum(g.count for g in config.fleet.groups)
+    outside = sorted(d for d in bound.values() if d >= devices)
+    if outside:
+        raise DeployError(f"--bind names device {outside[0]}; the fleet has devices 0..{devices - 1}")
     if config.scheduler.name != "sync":
         raise DeployError("a Flower deployment runs the synchronous scheduler: set scheduler.name = 'sync'")
     project = {
@@ -197,6 +205,7 @@ def write_app(
                         OUT_KEY: str(records.resolve()),
                         TIMEOUT_KEY: float(round_timeout),
                         NODES_KEY: float(wait_for_nodes),
+                        BIND_KEY: bind_text,
                     },
                 }
             }
