@@ -52,6 +52,13 @@ def _write_new(path: Path, data: bytes, force: bool, mode: int = 0o644) -> None:
         f.write(data)
 
 
+def _refuse_existing(paths: Sequence[Path], force: bool) -> None:
+    """Refuse before writing anything (never half a set) when a path exists and ``force`` is off."""
+    for path in paths:
+        if not force and (path.is_symlink() or path.exists()):
+            raise DeployError(f"{path} exists; pass --force to replace it")
+
+
 def _write_private(path: Path, data: bytes, force: bool = False) -> None:
     _write_new(path, data, force, 0o600)
 
@@ -121,10 +128,7 @@ def write_certificates(
     paths = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key"}
     if ca_key is not None:
         paths["ca_key"] = ca_key
-    if not force:  # refuse before writing anything: never half a set
-        for path in paths.values():
-            if path.is_symlink() or path.exists():
-                raise DeployError(f"{path} exists; pass --force to replace it (and the CA with it)")
+    _refuse_existing(list(paths.values()), force)
     _write_new(paths["ca"], ca.public_bytes(serialization.Encoding.PEM), force)
     _write_new(paths["cert"], server.public_bytes(serialization.Encoding.PEM), force)
     _write_private(paths["key"], _pem(server_key), force)
@@ -135,11 +139,7 @@ def write_certificates(
 
 def write_node_keys(out: Path, names: Sequence[str], *, force: bool = False) -> list[tuple[Path, Path]]:
     """One key pair per name: ``NAME`` (private, OpenSSH) and ``NAME.pub`` (one-line OpenSSH)."""
-    if not force:
-        for name in names:
-            for path in (out / name, out / f"{name}.pub"):
-                if path.is_symlink() or path.exists():
-                    raise DeployError(f"{path} exists; pass --force to replace it")
+    _refuse_existing([p for name in names for p in (out / name, out / f"{name}.pub")], force)
     pairs = []
     for name in names:
         key = ec.generate_private_key(ec.SECP384R1())
