@@ -122,7 +122,7 @@ def test_a_torn_checkpoint_is_detected_and_never_loaded(uninterrupted: Path, tmp
     with pytest.raises(_Crash):
         run_experiment(cfg, out, on_round=_crash_after(2))
     newest = out / "checkpoints" / "round-000002"
-    state = newest / "state.pkl"
+    state = newest / "state.json"
     state.write_bytes(state.read_bytes()[:-100])  # torn: shorter than its manifest says
     assert "does not match its checksum" in str(verify(newest))
     (out / "checkpoints" / ".tmp-round-000003").mkdir()  # an unfinished write is ignored too
@@ -201,10 +201,7 @@ def test_a_checkpoint_that_does_not_load_falls_back_to_the_older_one(tmp_path: P
     checkpoints = sorted((tmp_path / "crashed" / "checkpoints").glob("round-*"))
     assert len(checkpoints) == 2
     newest = checkpoints[-1]
-    (newest / "state.pkl").write_bytes(b"not a pickle")
-    manifest = json.loads((newest / "MANIFEST.json").read_text())
-    manifest["files"]["state.pkl"] = hashlib.sha256(b"not a pickle").hexdigest()
-    (newest / "MANIFEST.json").write_text(json.dumps(manifest))
+    _replace_state(newest, b'{"$object": "fedspine.config:Config", "$id": 0, "fields": {}}')
     assert verify(newest) is None
     extra = tmp_path / "extra"
     shutil.copytree(checkpoints[0], extra)
@@ -248,6 +245,15 @@ def test_sigterm_leaves_a_failed_marker_and_the_run_resumes(uninterrupted: Path,
     assert_same_run(uninterrupted, out)
 
 
+def _replace_state(checkpoint: Path, state: bytes) -> None:
+    """Swap a checkpoint's state and recompute its manifest, as someone who can write the directory could."""
+    (checkpoint / "state.json").write_bytes(state)
+    manifest = json.loads((checkpoint / "MANIFEST.json").read_text())
+    manifest["files"]["state.json"] = hashlib.sha256(state).hexdigest()
+    (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
+    assert verify(checkpoint) is None
+
+
 class _Payload:
     """What an attacker pickles: unpickling it would create a file."""
 
@@ -259,19 +265,27 @@ class _Payload:
 
 
 def test_a_crafted_checkpoint_cannot_run_code(tmp_path: Path) -> None:
-    """Every checkpoint's state.pkl replaced by a payload that calls os.system, with recomputed
-    manifests: resume refuses to load them and nothing runs."""
+    """A checkpoint holds no pickle. States crafted to run ``os.system`` (a pickle payload, and JSON
+    naming ``os:system`` as a class, as a method, or through a fedspine module that imports ``os``), with
+    recomputed manifests: no checkpoint loads, resume exits with why, and nothing runs."""
     cfg = load_config(TINY, ARGS)
     with pytest.raises(_Crash):
         run_experiment(cfg, tmp_path / "crashed", on_round=_crash_after(3))
+    checkpoints = sorted((tmp_path / "crashed" / "checkpoints").glob("round-*"))
+    for checkpoint in checkpoints:
+        for path in checkpoint.iterdir():
+            assert not path.read_bytes().startswith(b"\x80"), f"{path.name} is a pickle"
     marker = tmp_path / "pwned"
-    payload = pickle.dumps({"engine": _Payload(marker)})
-    for checkpoint in sorted((tmp_path / "crashed" / "checkpoints").glob("round-*")):
-        (checkpoint / "state.pkl").write_bytes(payload)
-        manifest = json.loads((checkpoint / "MANIFEST.json").read_text())
-        manifest["files"]["state.pkl"] = hashlib.sha256(payload).hexdigest()
-        (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
-        assert verify(checkpoint) is None
-    with pytest.raises(CheckpointError, match=r"may not refer to posix\.system|may not refer to os\.system"):
-        resume_experiment(tmp_path / "crashed")
-    assert not marker.exists()
+    command = {"$tuple": [f"touch {marker}"], "$id": 1}
+    crafted = [
+        pickle.dumps({"engine": _Payload(marker)}),
+        json.dumps({"$object": "os:system", "$id": 0, "fields": {"command": command}}).encode(),
+        json.dumps({"$object": "fedspine.runtime.checkpoint:os", "$id": 0, "fields": {}}).encode(),
+        json.dumps({"$method": "system", "self": {"$object": "os:x", "$id": 1}, "$id": 0}).encode(),
+    ]
+    for state in crafted:
+        for checkpoint in checkpoints:
+            _replace_state(checkpoint, state)
+        with pytest.raises(CheckpointError, match="no complete checkpoint"):
+            resume_experiment(tmp_path / "crashed")
+        assert not marker.exists()

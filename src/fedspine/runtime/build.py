@@ -164,7 +164,7 @@ def build_policy(
 class _TimePredictor:
     """Predicted task time of a device at an arm, from its profile (what only the oracle may read).
 
-    A class rather than a closure, so a checkpoint can pickle the policy that holds it.
+    A class rather than a closure, so a checkpoint can save the policy that holds it.
     """
 
     def __init__(

@@ -6,12 +6,13 @@ A checkpoint is a directory ``checkpoints/round-000K`` holding
 * ``base_delta.safetensors``, ``base_weights.safetensors``: everything merged into the base weights
   so far (FLoRA, FedSpine) and the merged modules' current weights, which a rebuilt model takes over
   exactly (adding the delta again would round differently);
-* ``state.pkl``: the rest, pickled: the strategy (global state, pruning masks and importance, the
-  policy with its bandit statistics), the scheduler, the uplink codec's error-feedback memories on
-  both sides, the engine's counters, the virtual clock, per-device LoRA ranks, the round records so
-  far and the byte positions of the record files. Live objects (the model and its executor, the data)
-  are not pickled but referred to by name and re-attached from the rebuilt experiment;
-* ``state_tensors.safetensors``: every tensor of that state, which the pickle refers to by key;
+* ``state.json``: the rest, as JSON (:mod:`fedspine.runtime.statefile`): the strategy (global
+  state, pruning masks and importance, the policy with its bandit statistics), the scheduler, the
+  uplink codec's error-feedback memories on both sides, the engine's counters, the virtual clock,
+  per-device LoRA ranks, the round records so far and the byte positions of the record files. Live
+  objects (the model and its executor, the data) are not saved but referred to by name and
+  re-attached from the rebuilt experiment;
+* ``state_tensors.safetensors``: every tensor of that state, which the JSON refers to by key;
 * ``MANIFEST.json``, written last: the round and the SHA-256 of every file.
 
 It is written into a temporary directory, fsynced, and renamed into place, so a crash leaves either a
@@ -19,22 +20,19 @@ complete checkpoint or a ``.tmp-*`` directory that is ignored. A checkpoint whos
 or whose files do not match it is torn: it is never loaded. Random state needs no saving: every draw
 of a round comes from a generator seeded by (run seed, round, device).
 
-Loading the pickle cannot run code: the unpickler resolves only fedspine's own classes,
-``collections.OrderedDict``, ``collections.deque`` and ``random.Random``, and ``getattr`` for public
-names (a bound method of a fedspine object); tensors come from the safetensors file, never from
-pickled storages (whose loader is ``torch.load`` without ``weights_only``). Anything else fails the
-load, and the next older checkpoint is tried (with a warning). A crafted checkpoint can still hold
+A checkpoint holds no pickle, so loading one cannot run code: the JSON state can only rebuild
+fedspine's own classes (from their attributes, without calling any of their code), builtin
+containers and ``random.Random`` states, and tensors come from safetensors. A state that does not
+load is skipped for the next older checkpoint (with a warning). A crafted checkpoint can still hold
 wrong *values*: resume run directories you trust.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,19 +43,20 @@ from safetensors.torch import load_file, save_file
 
 from fedspine.algorithms.wire import flatten_state
 from fedspine.errors import CheckpointError
+from fedspine.runtime import statefile
 from fedspine.runtime.build import Experiment
 
 log = logging.getLogger("fedspine.checkpoint")
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "MANIFEST.json"
-FORMAT = 2
+FORMAT = 3
 FILES = frozenset(
     {
         "base_delta.safetensors",
         "base_weights.safetensors",
         "global_adapter.safetensors",
-        "state.pkl",
+        "state.json",
         "state_tensors.safetensors",
     }
 )
@@ -79,7 +78,7 @@ class Snapshot:
 
 
 def _named(exp: Experiment) -> dict[str, Any]:
-    """Objects referred to by name instead of pickled (they are rebuilt from the config)."""
+    """Objects referred to by name instead of saved (they are rebuilt from the config)."""
     named = {"executor": exp.executor, "model": exp.executor.model, "objective": exp.objective}
     named.update(test_data=exp.test_data, train_data=exp.executor.train_data, tokenizer=exp.tokenizer)
     return {name: obj for name, obj in named.items() if obj is not None}
@@ -87,64 +86,6 @@ def _named(exp: Experiment) -> dict[str, Any]:
 
 def _live(exp: Experiment) -> dict[int, str]:
     return {id(obj): name for name, obj in _named(exp).items()}
-
-
-class _Pickler(pickle.Pickler):
-    """Pickles the state with live objects by name and tensors by key into :attr:`tensors`."""
-
-    def __init__(self, file: io.BytesIO, live: dict[int, str]) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.live = live
-        self.tensors: dict[str, torch.Tensor] = {}
-        self._keys: dict[int, str] = {}
-
-    def persistent_id(self, obj: Any) -> Any:
-        if id(obj) in self.live:
-            return self.live[id(obj)]
-        if isinstance(obj, torch.Tensor):
-            key = self._keys.get(id(obj))
-            if key is None:
-                key = self._keys[id(obj)] = f"t{len(self._keys)}"
-                self.tensors[key] = obj.detach().cpu().clone().contiguous()
-            return ("tensor", key)
-        return None
-
-
-_SAFE_GLOBALS = {("collections", "OrderedDict"), ("collections", "deque"), ("random", "Random")}
-
-
-def _public_getattr(obj: Any, name: str) -> Any:
-    """``getattr`` as a checkpoint may use it: a bound method of a restored object, never a dunder."""
-    if not isinstance(name, str) or name.startswith("_"):
-        raise pickle.UnpicklingError(f"the checkpoint asks for attribute {name!r}")
-    return getattr(obj, name)
-
-
-class _Unpickler(pickle.Unpickler):
-    """Resolves only fedspine classes and :data:`_SAFE_GLOBALS`; tensors and live objects by reference."""
-
-    def __init__(self, file: io.BytesIO, live: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        super().__init__(file)
-        self.live = live
-        self.tensors = tensors
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("builtins", "getattr"):
-            return _public_getattr
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        if module.startswith("fedspine.") and "." not in name:
-            found = super().find_class(module, name)
-            if isinstance(found, type):
-                return found
-        raise pickle.UnpicklingError(f"a checkpoint may not refer to {module}.{name}")
-
-    def persistent_load(self, pid: Any) -> Any:
-        if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == "tensor" and pid[1] in self.tensors:
-            return self.tensors[pid[1]]
-        if isinstance(pid, str) and pid in self.live:
-            return self.live[pid]
-        raise CheckpointError(f"the checkpoint refers to {pid!r}, which this run does not have")
 
 
 def _sha256(path: Path) -> str:
@@ -178,11 +119,10 @@ def save(run_dir: Path, exp: Experiment, snapshot: Snapshot, keep: int = 2) -> P
     }
     for name, values in tensors.items():
         save_file({k: v.contiguous() for k, v in values.items()}, str(tmp / name))
-    buffer = io.BytesIO()
-    pickler = _Pickler(buffer, _live(exp))
-    pickler.dump({"engine": snapshot.engine, "objects": snapshot.objects})
-    (tmp / "state.pkl").write_bytes(buffer.getvalue())
-    save_file(pickler.tensors, str(tmp / "state_tensors.safetensors"))
+    everything = {"engine": snapshot.engine, "objects": snapshot.objects}
+    state, state_tensors = statefile.encode(everything, _live(exp))
+    (tmp / "state.json").write_text(json.dumps(state, allow_nan=False), encoding="utf-8")
+    save_file(state_tensors, str(tmp / "state_tensors.safetensors"))
     files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
     for name in files:
         _fsync(tmp / name)
@@ -256,7 +196,10 @@ def load_latest(run_dir: Path, exp: Experiment) -> Snapshot:
 
 def _load(directory: Path, exp: Experiment) -> Snapshot:
     tensors = load_file(str(directory / "state_tensors.safetensors"))
-    state = _Unpickler(io.BytesIO((directory / "state.pkl").read_bytes()), _named(exp), tensors).load()
+    data = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+    state = statefile.decode(data, _named(exp), tensors)
+    if not isinstance(state, dict) or set(state) != {"engine", "objects"}:
+        raise CheckpointError("the checkpoint's state is not an engine and its objects")
     delta = load_file(str(directory / "base_delta.safetensors"))
     weights = load_file(str(directory / "base_weights.safetensors"))
     round_no = int(json.loads((directory / MANIFEST).read_text())["round"])
