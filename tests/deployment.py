@@ -24,6 +24,9 @@ from fedspine.deploy.setup import write_certificates, write_connection, write_no
 
 BIN = Path(sys.executable).parent
 CONNECTION = "loopback"
+"""The operator's connection: the SuperLink's Control API address."""
+DEVICE_CONNECTION = "device"
+"""What a device can reach: the SuperLink's public address (Fleet API), with the CA certificate."""
 
 
 def free_port() -> int:
@@ -53,16 +56,19 @@ def descendants(pid: int) -> list[int]:
 
 
 class Loopback:
-    """A TLS SuperLink with node authentication on 127.0.0.1 and SuperNodes registered with it."""
+    """A TLS SuperLink with node authentication on 127.0.0.1 and SuperNodes registered with it, started
+    as docs/deploy.md says: ``fedspine deploy superlink``, with the Control API on a port of its own."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.control_port = free_port()
         self.certs = write_certificates(root / "certs", ["localhost", "127.0.0.1"])
         self.flwr_home = root / "flwr_home"
-        write_connection(self.flwr_home, CONNECTION, f"127.0.0.1:{self.port}", self.certs["ca"])
+        write_connection(self.flwr_home, DEVICE_CONNECTION, f"127.0.0.1:{self.port}", self.certs["ca"])
+        write_connection(self.flwr_home, CONNECTION, f"127.0.0.1:{self.control_port}", self.certs["ca"])
         self.env = {
             **os.environ,
             "FLWR_TELEMETRY_ENABLED": "0",
@@ -90,7 +96,8 @@ class Loopback:
         self._spawn(
             "superlink",
             [
-                str(BIN / "flower-superlink"),
+                str(BIN / "fedspine"), "deploy", "superlink",
+                "--control", f"127.0.0.1:{self.control_port}",
                 "--ssl-ca-certfile", str(c["ca"]),
                 "--ssl-certfile", str(c["cert"]),
                 "--ssl-keyfile", str(c["key"]),

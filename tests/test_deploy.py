@@ -37,7 +37,7 @@ from fedspine.deploy.setup import write_app
 from fedspine.errors import ConfigError, DeployError
 from fedspine.model.pruning import LayerKeep
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
-from tests.deployment import Loopback, alive
+from tests.deployment import DEVICE_CONNECTION, Loopback, alive
 from tests.flower_fakes import FakeGrid
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
@@ -567,3 +567,25 @@ def test_a_supernode_whose_key_is_not_registered_is_refused(loopback: Loopback) 
     assert proc.wait(timeout=60) != 0
     assert "Failed to activate SuperNode" in loopback.log("rogue")
     assert "SuperNode ID" not in loopback.log("rogue")
+
+
+def test_a_device_cannot_register_a_key_or_start_an_app(loopback: Loopback, tmp_path: Path) -> None:
+    """What a device holds (the CA certificate, the SuperLink's public address) does not reach the
+    Control API: registering a key, starting an app and listing runs are refused; the operator's
+    control address still registers keys."""
+    key = loopback.keys(["intruder"])[0][1]
+    app = tmp_path / "app"
+    cfg = tiny("scheduler.rounds=1", *DEPLOY)
+    write_app(app, cfg, tmp_path / "records", round_timeout=60, wait_for_nodes=5)
+    attempts = [
+        ("supernode", "register", str(key), DEVICE_CONNECTION, "--format", "json"),
+        ("run", str(app), DEVICE_CONNECTION, "--format", "json"),
+        ("ls", DEVICE_CONNECTION, "--format", "json"),
+    ]
+    for args in attempts:
+        done = loopback.flwr(*args)
+        assert "403 Forbidden" in done.stdout + done.stderr, (args, done.stdout, done.stderr)
+        assert '"success": false' in done.stdout, args  # (flwr exits 0 either way in json mode)
+    assert not (tmp_path / "records").exists()  # no app ran
+    assert loopback.log("superlink").count("refused a Control API request") >= len(attempts)
+    assert loopback.register(key) > 0  # the operator, on the control address

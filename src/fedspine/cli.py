@@ -310,6 +310,27 @@ def deploy_app_folder(
     console.print(f"app: {path}")
 
 
+@deploy_app.command("superlink", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def deploy_superlink(
+    ctx: typer.Context,
+    control: Annotated[
+        str,
+        typer.Option(help="HOST:PORT of the Control API (flwr run, flwr supernode register): operator only"),
+    ] = "127.0.0.1:9093",
+) -> None:
+    """Run Flower's SuperLink with the Control API on its own address, not on the devices' port.
+
+    Every other argument is flower-superlink's (--ssl-*, --enable-supernode-auth, --host, --port, ...).
+    """
+    try:
+        from fedspine.deploy import superlink
+    except ImportError as exc:  # the flower extra is not installed
+        console.print(f"[bold red]error:[/] {exc}; install the extra: pip install 'fedspine[flower]'")
+        raise typer.Exit(1) from None
+    with _errors():
+        superlink.serve(ctx.args, control)
+
+
 @deploy_app.command("connection")
 def deploy_connection(
     flwr_home: Annotated[Path, typer.Argument(help="The flwr CLI's home (FLWR_HOME; usually ~/.flwr)")],
