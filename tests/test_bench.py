@@ -6,7 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+# Each runs a benchmark script end to end in a fresh process (about 40-60 s each): `make test-slow`.
+pytestmark = pytest.mark.slow
 
 
 def test_the_fedspine_benchmark_runs_and_prints_its_result_line() -> None:

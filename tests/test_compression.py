@@ -187,6 +187,7 @@ def _least_squares(rule: str, steps: int, gamma: float = 0.02) -> tuple[float, f
     return float(grad(x).norm()), float(grad(torch.zeros(d, dtype=torch.float64)).norm())
 
 
+@pytest.mark.slow  # thousands of compressed gradient steps (about 45 s)
 def test_topk_without_feedback_stalls_while_ef_ef21_and_econtrol_converge() -> None:
     stalled, start = _least_squares("none", 3000)
     assert stalled > 0.3 * start

@@ -278,6 +278,7 @@ def _stop_ray(temp_dir: str, port: int) -> None:
             time.sleep(0.2)
 
 
+@pytest.mark.slow  # starts a local Ray cluster (about 85 s)
 @pytest.mark.skipif(
     shutil.which("ray", path=str(Path(sys.executable).parent)) is None, reason="Ray not installed"
 )
