@@ -172,6 +172,7 @@ def test_a_sweep_writes_every_run_directory_and_the_comparison(uninterrupted: Pa
     assert statuses == {"finished"}
 
 
+@pytest.mark.slow  # a sweep of worker processes, killed and resumed (about 80 s)
 def test_a_sweep_killed_with_sigkill_resumes_to_the_same_table(uninterrupted: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     sweep_file = _sweep_file(tmp_path, rounds=4, steps=6)  # rounds long enough to be caught mid-run
