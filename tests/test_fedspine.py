@@ -23,7 +23,7 @@ from fedspine.algorithms.policies import (
     RandomPolicy,
     SlidingWindowUCB,
 )
-from fedspine.algorithms.strategies import FedSpine, TaskResult
+from fedspine.algorithms.strategies import FedSpine
 from fedspine.algorithms.wire import payload_bytes, update_payload_bytes
 from fedspine.api import run_experiment
 from fedspine.errors import ModelError
@@ -42,7 +42,7 @@ from fedspine.model.pruning import (
     pruned_shapes,
     shape_of,
 )
-from fedspine.types import ClientUpdate, DeviceLora
+from fedspine.types import ClientUpdate, DeviceLora, TaskResult, TaskStatus
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 HIDDEN, LAYERS, HEADS, KV, INTER = 64, 2, 4, 2, 16
@@ -482,10 +482,10 @@ def test_rewards_penalise_late_and_out_of_memory_tasks() -> None:
     strategy.end_round(
         1,
         [
-            TaskResult(0, "ok", 10.0, good),
-            TaskResult(1, "late", 50.0, None),
-            TaskResult(2, "oom", 0.0, None),
-            TaskResult(3, "ok", 20.0, worse),
+            TaskResult(0, TaskStatus.OK, 10.0, good),
+            TaskResult(1, TaskStatus.LATE, 50.0, None),
+            TaskResult(2, TaskStatus.OOM, 0.0, None),
+            TaskResult(3, TaskStatus.OK, 20.0, worse),
         ],
         0.0,
     )

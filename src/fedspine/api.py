@@ -126,7 +126,7 @@ def _resume(run_dir: Path, on_round: RoundCallback | None, status: Callable[[str
     if not (run_dir / "config.toml").exists():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.toml)")
     config = load_config(run_dir / "config.toml")
-    if config.scheduler.name != "sync":
+    if not config.scheduler.synchronous:
         raise ConfigError(
             "--resume", "only synchronous runs are checkpointed; asynchronous ones cannot resume"
         )
@@ -154,7 +154,7 @@ def _execute(
     """Run the engine, export the device models, write the summary and the report."""
     config, run_dir = experiment.config, recorder.run_dir
     try:
-        unit = "aggregations" if getattr(experiment.scheduler, "asynchronous", False) else "rounds"
+        unit = "rounds" if config.scheduler.synchronous else "aggregations"
         status(f"running {config.scheduler.rounds} {unit} on {len(experiment.devices)} devices -> {run_dir}")
         loop_started = time.perf_counter()
         state = engine.run(on_round)

@@ -86,7 +86,7 @@ def run(
                 result = api.resume_experiment(resume, on_round=on_round, on_status=on_status)
         else:
             cfg = _load(config, set_)
-            unit = "round" if cfg.scheduler.name == "sync" else "aggregation"
+            unit = "round" if cfg.scheduler.synchronous else "aggregation"
             with _progress(cfg.scheduler.rounds, unit) as (on_round, on_status):
                 result = api.run_experiment(cfg, out, on_round=on_round, on_status=on_status)
         _print_summary(result.summary, result.run_dir)

@@ -540,6 +540,11 @@ class SchedulerSection:
     fedcompass: FedCompassSection = field(default_factory=FedCompassSection)
     """Parameters of fedcompass."""
 
+    @property
+    def synchronous(self) -> bool:
+        """Rounds with a cohort and a deadline (``sync``), not an event-driven asynchronous scheduler."""
+        return self.name == "sync"
+
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "scheduler.rounds", "must be >= 1")
         _check(self.clients_per_round >= 0, "scheduler.clients_per_round", "must be >= 0")

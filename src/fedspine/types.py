@@ -7,7 +7,28 @@ never imports torch; the algorithm layers hold ``torch.Tensor`` values in those 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
+
+
+class TaskStatus(str, Enum):
+    """How a client task ended. A ``str``: records and counters hold the plain value (``"ok"``)."""
+
+    OK = "ok"
+    """Its update arrived in time and passed the server's checks."""
+    LATE = "late"
+    """It missed the round's deadline (synchronous rounds); its work is wasted."""
+    OOM = "oom"
+    """The device cannot hold the task's model: never dispatched."""
+    DROPPED = "dropped"
+    """Lost: the device went offline, failed, or did not reply in time (deployments)."""
+    CANCELLED = "cancelled"
+    """Still running when the run ended (asynchronous schedulers)."""
+    REJECTED = "rejected"
+    """Arrived, but failed the server's checks (non-finite, too large, malformed)."""
+
+    __str__ = str.__str__  # "ok", not "TaskStatus.OK", wherever it is formatted or written
+
 
 # A LoRA state: module name -> {"A": tensor (r, in), "B": tensor (out, r)} plus scaling per module.
 LoraState = dict[str, dict[str, Any]]
@@ -149,3 +170,16 @@ class ClientUpdate:
     wire: dict[str, Any] | None = None
     """The compressed payload tensors that travel instead of ``lora_state`` (None: uncompressed);
     ``lora_state`` then holds what the server reconstructs from them."""
+
+
+@dataclass
+class TaskResult:
+    """What the server saw of one task: how it ended, when (seconds), and the update if it arrived.
+
+    Given to the strategy at the end of a round or on each arrival (the FedSpine policy learns from it).
+    """
+
+    device_id: int
+    status: TaskStatus
+    seconds: float
+    update: ClientUpdate | None

@@ -45,7 +45,7 @@ from fedspine.errors import ConfigError, DeployError
 from fedspine.metrics.records import RunRecorder
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.engine import Engine, TaskOutcome
-from fedspine.types import Device
+from fedspine.types import Device, TaskStatus
 
 log = logging.getLogger("fedspine.deploy")
 
@@ -89,15 +89,14 @@ class FlowerEngine(Engine):
         sent_at = time.time()
         messages: list[Message] = []
         for o in outcomes:
-            if o.status != "ok" or o.task is None:
+            if o.status != TaskStatus.OK or o.task is None:
                 continue
             content = task_record(o.task, self.base_delta, sent_at)
             o.downlink_bytes = sum(record.count_bytes() for record in content.array_records.values())
             node = self.nodes[o.device.device_id]
             messages.append(Message(content, node, MessageType.TRAIN, group_id=str(round_no)))
-        pending = dict(
-            zip(self.grid.push_messages(messages), (o for o in outcomes if o.status == "ok"), strict=True)
-        )
+        sent = [o for o in outcomes if o.status == TaskStatus.OK]
+        pending = dict(zip(self.grid.push_messages(messages), sent, strict=True))
         limit = self._sync.deadline_seconds or self.round_timeout
         while pending and time.time() - sent_at < limit:
             for reply in self.grid.pull_messages(list(pending)):
@@ -107,7 +106,7 @@ class FlowerEngine(Engine):
             if pending:
                 time.sleep(POLL_SECONDS)
         for o in pending.values():
-            o.status = "late" if self._sync.deadline_seconds else "dropped"
+            o.status = TaskStatus.LATE if self._sync.deadline_seconds else TaskStatus.DROPPED
             o.compute_seconds = limit
             o.extra["reason"] = f"no reply within {limit:g} s"
         return outcomes
@@ -151,7 +150,7 @@ class FlowerEngine(Engine):
 
     def _reject(self, o: TaskOutcome, reason: str, seconds: float) -> None:
         log.warning("round %s, device %s: %s", o.task.round if o.task else "?", o.device.device_id, reason)
-        o.status, o.update, o.compute_seconds = "dropped", None, seconds
+        o.status, o.update, o.compute_seconds = TaskStatus.DROPPED, None, seconds
         o.extra["reason"] = reason
 
     def _aggregation_seconds(self, nbytes: int, wall_seconds: float) -> float:
@@ -223,7 +222,7 @@ def _claimed_device(reply: Message, devices: int) -> tuple[int | None, str]:
 def serve(grid: Grid, context: Context) -> RunResult:
     """The ServerApp's main: run the configured experiment over the connected SuperNodes."""
     config, _ = config_from_run(context.run_config)
-    if config.scheduler.name != "sync":
+    if not config.scheduler.synchronous:
         raise ConfigError(
             "scheduler.name", "a Flower deployment runs the synchronous scheduler ('sync') only"
         )

@@ -36,14 +36,13 @@ from typing import Any
 import torch
 
 from fedspine.algorithms.schedulers import Arrival, AsyncScheduler, ServerStep, TaskOrder
-from fedspine.algorithms.strategies import TaskResult
 from fedspine.client.evaluate import Evaluation
 from fedspine.fleet.jitter import is_available
 from fedspine.metrics.records import RoundRecord
 from fedspine.runtime.engine import Engine, ProgressCallback, RunState, TaskOutcome
 from fedspine.runtime.executor import task_seed
 from fedspine.sim.clock import EventQueue
-from fedspine.types import ClientUpdate, LoraState
+from fedspine.types import ClientUpdate, LoraState, TaskResult, TaskStatus
 
 
 @dataclass
@@ -137,7 +136,7 @@ class AsyncEngine(Engine):
         device = o.device.device_id
         del self.running[task.task_id]
         self.busy.discard(device)
-        if o.status == "rejected":  # arrived, failed the server's checks: as if it never came
+        if o.status == TaskStatus.REJECTED:  # arrived, failed the server's checks: as if it never came
             self._end_task(task)
             return self.scheduler.on_lost(self.clock.now, device)
         assert o.update is not None
@@ -211,7 +210,7 @@ class AsyncEngine(Engine):
         outcome = self._prepare(self.version + 1, device, order.steps, task_key=offer)
         task = RunningTask(task_id, outcome, self.version, now)
         self._count("downlink_bytes", outcome.downlink_bytes)
-        if outcome.status == "oom":
+        if outcome.status == TaskStatus.OOM:
             self._end_task(task)
             self.failed.add(d)
             self._decline(d)
@@ -344,7 +343,7 @@ class AsyncEngine(Engine):
     def _finish(self) -> None:
         """Cancel what is still running, count what was never applied, evaluate the final model."""
         for task in sorted(self.running.values(), key=lambda t: t.task_id):
-            task.outcome.status = "cancelled"
+            task.outcome.status = TaskStatus.CANCELLED
             task.outcome.lost_seconds = max(0.0, self.clock.now - task.start)
             task.outcome.update = None
             self._record_task(task.version, task.start, task.outcome, task_id=task.task_id)
@@ -365,6 +364,6 @@ class AsyncEngine(Engine):
 
 def make_engine(experiment: Any, recorder: Any) -> Engine:
     """The engine the experiment's scheduler needs."""
-    if getattr(experiment.scheduler, "asynchronous", False):
+    if not experiment.config.scheduler.synchronous:
         return AsyncEngine(experiment, recorder)
     return Engine(experiment, recorder)

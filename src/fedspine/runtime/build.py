@@ -266,7 +266,7 @@ def check_robustness(cfg: Config, strategy: Strategy, device_lora: dict[int, Dev
     """Robust rules and attacks that cannot apply to this run are config errors."""
     rule = cfg.server.robust
     if rule in ("median", "trimmed_mean"):
-        if cfg.scheduler.name != "sync":
+        if not cfg.scheduler.synchronous:
             raise ConfigError(
                 "server.robust", f"'{rule}' combines a round's updates: needs scheduler.name = 'sync'"
             )

@@ -20,7 +20,6 @@ import torch
 from fedspine.algorithms.aggregate import aggregate
 from fedspine.algorithms.robust import clip, combine, corrupt
 from fedspine.algorithms.schedulers import SyncScheduler
-from fedspine.algorithms.strategies import TaskResult
 from fedspine.algorithms.validation import check_update
 from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.client.evaluate import Evaluation
@@ -31,7 +30,7 @@ from fedspine.runtime import checkpoint as checkpoints
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.executor import PreparedTask, task_seed
 from fedspine.sim.clock import VirtualClock
-from fedspine.types import ClientTask, ClientUpdate, Device, DeviceLora
+from fedspine.types import ClientTask, ClientUpdate, Device, DeviceLora, TaskResult, TaskStatus
 
 
 @dataclass
@@ -39,7 +38,7 @@ class TaskOutcome:
     """Virtual timing and result of one client task in a round (times relative to round start)."""
 
     device: Device
-    status: str  # ok | late | oom | dropped | cancelled | rejected
+    status: TaskStatus
     downlink_bytes: int
     downlink_seconds: float = 0.0
     compute_seconds: float = 0.0
@@ -59,7 +58,7 @@ class TaskOutcome:
 
     def lose(self, at_seconds: float) -> None:
         """The device went offline ``at_seconds`` after the task started: the task ends there, lost."""
-        self.status, self.lost_seconds = "dropped", at_seconds
+        self.status, self.lost_seconds = TaskStatus.DROPPED, at_seconds
         self.downlink_seconds = min(self.downlink_seconds, at_seconds)
         self.compute_seconds = max(0.0, min(self.compute_seconds, at_seconds - self.downlink_seconds))
         self.uplink_seconds = max(0.0, at_seconds - self.downlink_seconds - self.compute_seconds)
@@ -171,11 +170,11 @@ class Engine:
         online = self._online(round_no, start)
         selected = self._sync.select(online, random.Random(task_seed(self.seed, round_no)))
         outcomes = self._run_tasks(round_no, start, [exp.devices[i] for i in selected])
-        arrivals = {o.device.device_id: o.arrival_seconds for o in outcomes if o.status == "ok"}
+        arrivals = {o.device.device_id: o.arrival_seconds for o in outcomes if o.status == TaskStatus.OK}
         plan = self._sync.plan(arrivals)
         for o in outcomes:
-            if o.status == "ok" and o.device.device_id in plan.late:
-                o.status = "late"
+            if o.status == TaskStatus.OK and o.device.device_id in plan.late:
+                o.status = TaskStatus.LATE
         accepted = [o for d in plan.accepted for o in outcomes if o.device.device_id == d]
         for o in outcomes:
             self._record_task(round_no, start, o)
@@ -214,7 +213,8 @@ class Engine:
         self.exp.strategy.begin_round(round_no, [d.device_id for d in devices])
         outcomes = [self._prepare(round_no, d) for d in devices]
         runnable = sorted(
-            (o for o in outcomes if o.status == "ok"), key=lambda o: (o.arrival_seconds, o.device.device_id)
+            (o for o in outcomes if o.status == TaskStatus.OK),
+            key=lambda o: (o.arrival_seconds, o.device.device_id),
         )
         arrivals: list[float] = []
         k = self._sync.clients_per_round
@@ -226,10 +226,10 @@ class Engine:
                 continue
             bound = sorted(arrivals)[k - 1] if len(arrivals) >= k else float("inf")
             if (deadline > 0 and o.arrival_seconds > deadline) or o.arrival_seconds > bound:
-                o.status = "late"
+                o.status = TaskStatus.LATE
                 continue
             self._train(o)
-            if o.status == "ok":
+            if o.status == TaskStatus.OK:
                 arrivals.append(o.arrival_seconds)
         return outcomes
 
@@ -249,10 +249,10 @@ class Engine:
         lora = assignment.lora
         steps = steps or exp.config.train.local_steps
         prepared = exp.executor.prepare(key, device, lora, steps, assignment.plan)
-        outcome = TaskOutcome(device, "ok", 0, prepared=prepared)
+        outcome = TaskOutcome(device, TaskStatus.OK, 0, prepared=prepared)
         cost = CostModel.for_device(device)
         if not cost.fits(prepared.workload.peak_memory_bytes):
-            outcome.status = "oom"  # never dispatched: nothing is downloaded or trained
+            outcome.status = TaskStatus.OOM  # never dispatched: nothing is downloaded or trained
             return outcome
         generator = torch.Generator().manual_seed(task_seed(self.seed, key, device.device_id, 2))
         dispatch = exp.strategy.configure(round_no, device.device_id, lora, generator)
@@ -321,7 +321,7 @@ class Engine:
                 outcome.device.device_id,
                 reason,
             )
-            outcome.status, outcome.update = "rejected", None
+            outcome.status, outcome.update = TaskStatus.REJECTED, None
             outcome.extra["reason"] = f"rejected: {reason}"
         elif update.lora_rank != task.lora.rank:  # the device shrank its own rank (HetLoRA)
             self.device_lora[update.device_id] = DeviceLora(update.lora_rank, task.lora.scaling)
@@ -413,12 +413,7 @@ class Engine:
             o.device.device_id,
             {
                 "tasks": 0,
-                "ok": 0,
-                "late": 0,
-                "oom": 0,
-                "dropped": 0,
-                "cancelled": 0,
-                "rejected": 0,
+                **{status.value: 0 for status in TaskStatus},
                 "compute_seconds": 0.0,
                 "communication_seconds": 0.0,
                 "uplink_bytes": 0,
@@ -448,9 +443,9 @@ class Engine:
             closer,
             accepted,
             selected=len(outcomes),
-            late=sum(o.status == "late" for o in outcomes),
-            oom=sum(o.status == "oom" for o in outcomes),
-            dropped=sum(o.status == "dropped" for o in outcomes),
+            late=sum(o.status == TaskStatus.LATE for o in outcomes),
+            oom=sum(o.status == TaskStatus.OOM for o in outcomes),
+            dropped=sum(o.status == TaskStatus.DROPPED for o in outcomes),
             uplink_bytes=sum(o.uplink_bytes for o in outcomes),
             downlink_bytes=sum(o.downlink_bytes for o in outcomes),
         )

@@ -10,6 +10,7 @@ from fedspine.metrics.records import RoundRecord
 from fedspine.metrics.stats import time_to_target
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.engine import RunState
+from fedspine.types import TaskStatus
 
 
 def _devices(experiment: Experiment, state: RunState) -> list[dict[str, Any]]:
@@ -81,10 +82,7 @@ def make_summary(
         "model": cfg.model.source if cfg.model.source != "local" else cfg.model.path,
         "num_devices": len(experiment.devices),
         "seed": cfg.run.seed,
-        "tasks": {
-            s: sum(d.get(s, 0) for d in state.device_stats.values())
-            for s in ("ok", "late", "oom", "dropped", "cancelled", "rejected")
-        },
+        "tasks": {s: sum(d.get(s, 0) for d in state.device_stats.values()) for s in TaskStatus},
         "updates": state.updates or None,
         "staleness": _staleness(rounds),
         "evaluations": state.evaluations,

@@ -103,7 +103,6 @@ class AsyncScheduler(ABC):
     """
 
     name = ""
-    asynchronous = True
     fills = True
 
     def __init__(self, limits: AsyncLimits) -> None:

@@ -2,7 +2,7 @@
 
 from fedspine.algorithms.strategies.base import STRATEGIES, Assignment, Dispatch, Strategy
 from fedspine.algorithms.strategies.fedit import FedIT
-from fedspine.algorithms.strategies.fedspine import FedSpine, TaskResult
+from fedspine.algorithms.strategies.fedspine import FedSpine
 from fedspine.algorithms.strategies.flexlora import FlexLoRA
 from fedspine.algorithms.strategies.flora import FLoRA
 from fedspine.algorithms.strategies.hetlora import HetLoRA
@@ -18,6 +18,5 @@ __all__ = [
     "FlexLoRA",
     "HetLoRA",
     "Strategy",
-    "TaskResult",
     "ZeroPad",
 ]

@@ -19,7 +19,7 @@ import torch
 from fedspine.algorithms.lora_math import fresh_factors, truncate_rank
 from fedspine.algorithms.wire import payload_bytes
 from fedspine.registry import Registry
-from fedspine.types import ClientUpdate, DeviceLora, LoraState
+from fedspine.types import ClientUpdate, DeviceLora, LoraState, TaskResult
 
 Weighting = Literal["samples", "uniform"]
 Compensate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -108,7 +108,7 @@ class Strategy(ABC):
         """The pruning plan of the model to evaluate (None = dense)."""
         return None
 
-    def end_round(self, round: int, results: Any, deadline: float) -> None:  # noqa: B027 (optional hook)
+    def end_round(self, round: int, results: Sequence[TaskResult], deadline: float) -> None:  # noqa: B027
         """Observe the round's task outcomes (e.g. rewards for a policy)."""
 
     def take_base_delta(self) -> dict[str, torch.Tensor] | None:

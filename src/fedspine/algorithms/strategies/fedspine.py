@@ -75,23 +75,13 @@ from fedspine.model.pruning import (
     layer_index_map,
     plan_from_scores,
 )
-from fedspine.types import ClientUpdate, DeviceLora, LoraState
+from fedspine.types import ClientUpdate, DeviceLora, LoraState, TaskResult, TaskStatus
 
 _MODULE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 MAX_RATIO = 0.95
 """No device prunes more than this of a layer's units."""
 FLOAT_BYTES = 4
 INDEX_BYTES = 4
-
-
-@dataclass
-class TaskResult:
-    """What the server saw of one task in a round (for the policy)."""
-
-    device_id: int
-    status: str
-    seconds: float
-    update: ClientUpdate | None
 
 
 @dataclass(frozen=True)
@@ -503,10 +493,10 @@ class FedSpine(Strategy):
         qualities = [
             math.exp(-r.update.probe_loss)
             for r in results
-            if r.status == "ok" and r.update is not None and r.update.probe_loss is not None
+            if r.status == TaskStatus.OK and r.update is not None and r.update.probe_loss is not None
         ]
         mean_quality = statistics.fmean(qualities) if qualities else 0.0
-        times = [r.seconds for r in results if r.status == "ok"]
+        times = [r.seconds for r in results if r.status == TaskStatus.OK]
         cap = deadline if deadline > 0 else (statistics.median(times) if times else 0.0)
         for r in results:  # each device's task ends here: asynchronous schedulers report tasks one by one
             if r.device_id not in self._assigned:
@@ -516,8 +506,8 @@ class FedSpine(Strategy):
                 self._warmup.discard(r.device_id)
                 continue  # a calibration task: the policy did not choose its ratio
             work = self.relative_work(plan, arm.rank)
-            if r.status in ("oom", "late"):
-                seconds = r.seconds if r.status != "oom" else 0.0
+            if r.status in (TaskStatus.OOM, TaskStatus.LATE):
+                seconds = r.seconds if r.status != TaskStatus.OOM else 0.0
                 outcome = Outcome(-1.0, seconds, None, cap, failed=True, work=work)
             elif r.update is None or r.update.probe_loss is None or mean_quality <= 0:
                 continue
@@ -582,4 +572,4 @@ def _unit_mean(scores: torch.Tensor) -> torch.Tensor:
     return scores / mean if mean > 0 else torch.ones_like(scores)
 
 
-__all__ = ["PRESETS", "BaseSync", "CoverageSum", "FedSpine", "TaskResult"]
+__all__ = ["PRESETS", "BaseSync", "CoverageSum", "FedSpine"]
