@@ -492,6 +492,22 @@ def test_an_insecure_connection_must_be_asked_for(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--control", "nonsense"],
+        ["--control", "127.0.0.1:0"],
+        ["--control", "127.0.0.1:70000"],
+        ["--control", "127.0.0.1:9093", "--insecure", "--host", "127.0.0.1", "--port", "9093"],
+    ],
+    ids=["no-port", "port-0", "port-too-large", "same-as-public"],
+)
+def test_a_bad_control_address_is_one_line_and_starts_nothing(args: list[str]) -> None:
+    result = CliRunner().invoke(cli, ["deploy", "superlink", *args])
+    assert result.exit_code == 1 and result.output.startswith("error:"), result.output
+    assert "--control" in result.output and "Traceback" not in result.output
+
+
 # --- a real deployment on loopback --------------------------------------------------------------------
 
 DEPLOY = [

@@ -93,8 +93,11 @@ def serve(flower_args: Sequence[str], control: str = "127.0.0.1:9093") -> None:
     cli = importlib.import_module("flwr.superlink.cli.flower_superlink")
     from flwr.superlink.main import create_app
 
-    sys.argv = ["flower-superlink", *flower_args]  # Flower's parser reads them from there
-    config = cli._parse_superlink_lifespan_config()
+    saved, sys.argv = sys.argv, ["flower-superlink", *flower_args]  # Flower's parser reads sys.argv
+    try:
+        config = cli._parse_superlink_lifespan_config()
+    finally:
+        sys.argv = saved
     if (config.host, config.port) == (control_host, control_port):
         raise DeployError("--control must differ from the SuperLink's public --host/--port")
     app = create_app(config, cli.SuperLinkLifespan)
