@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 a runtime failure (model, data, fleet), 2 bad input (co
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -233,13 +234,13 @@ deploy_app = typer.Typer(
 app.add_typer(deploy_app, name="deploy")
 
 
-def _setup() -> Any:
+def _deploy(module: str) -> Any:
+    """``fedspine.deploy.<module>``, or one error line saying to install the flower extra."""
     try:
-        from fedspine.deploy import setup
+        return importlib.import_module(f"fedspine.deploy.{module}")
     except ImportError as exc:  # the flower extra is not installed
         console.print(f"[bold red]error:[/] {exc}; install the extra: pip install 'fedspine[flower]'")
         raise typer.Exit(1) from None
-    return setup
 
 
 @deploy_app.command("certs")
@@ -258,7 +259,7 @@ def deploy_certs(
 ) -> None:
     """Create a test CA and a SuperLink certificate (default hosts: localhost, 127.0.0.1)."""
     with _errors():
-        paths = _setup().write_certificates(
+        paths = _deploy("setup").write_certificates(
             out, host or ["localhost", "127.0.0.1"], days, ca_key=ca_key, force=force
         )
     for role, path in paths.items():
@@ -276,7 +277,7 @@ def deploy_keys(
 ) -> None:
     """Create one authentication key pair per SuperNode (ECDSA P-384, OpenSSH format)."""
     with _errors():
-        pairs = _setup().write_node_keys(out, [f"{prefix}{i}" for i in range(nodes)], force=force)
+        pairs = _deploy("setup").write_node_keys(out, [f"{prefix}{i}" for i in range(nodes)], force=force)
     for private, public in pairs:
         console.print(f"{private}  (register {public} with: flwr supernode register {public} CONNECTION)")
 
@@ -304,7 +305,7 @@ def deploy_app_folder(
 ) -> None:
     """Write a Flower app folder that runs the experiment; start it with `flwr run DIR CONNECTION`."""
     with _errors():
-        path = _setup().write_app(
+        path = _deploy("setup").write_app(
             out, _load(config, set_), records, round_timeout, wait_for_nodes, bind or []
         )
     console.print(f"app: {path}")
@@ -322,13 +323,8 @@ def deploy_superlink(
 
     Every other argument is flower-superlink's (--ssl-*, --enable-supernode-auth, --host, --port, ...).
     """
-    try:
-        from fedspine.deploy import superlink
-    except ImportError as exc:  # the flower extra is not installed
-        console.print(f"[bold red]error:[/] {exc}; install the extra: pip install 'fedspine[flower]'")
-        raise typer.Exit(1) from None
     with _errors():
-        superlink.serve(ctx.args, control)
+        _deploy("superlink").serve(ctx.args, control)
 
 
 @deploy_app.command("connection")
@@ -346,7 +342,8 @@ def deploy_connection(
 ) -> None:
     """Add a SuperLink connection to the flwr CLI's config.toml (and make it the default)."""
     with _errors():
-        path = _setup().write_connection(flwr_home, name, address, root_certificates, insecure=insecure)
+        setup = _deploy("setup")
+        path = setup.write_connection(flwr_home, name, address, root_certificates, insecure=insecure)
     console.print(f"flwr config: {path}")
 
 
