@@ -81,6 +81,56 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_result(
     assert_same_run(uninterrupted, out)
 
 
+ASYNC = {  # FedBuff keeps updates in flight across every checkpoint; FedCompass here loses devices
+    "fedbuff": ["scheduler.name=fedbuff", "scheduler.rounds=6"],
+    "fedcompass-sessions": [
+        "scheduler.name=fedcompass",
+        "scheduler.rounds=6",
+        "fleet.trace.kind=sessions",
+        "fleet.trace.mean_online_seconds=0.05",
+        "fleet.trace.mean_offline_seconds=0.02",
+    ],
+}
+
+
+def _events(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", sorted(ASYNC))
+def test_an_async_run_killed_with_sigkill_resumes_to_the_same_result(tmp_path: Path, name: str) -> None:
+    """Checkpoints of an event-driven run hold its queue, tasks in flight and buffered updates."""
+    args = [*ARGS[1:], *ASYNC[name]]
+    run_experiment(load_config(TINY, args), tmp_path / "full")
+    out = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "fedspine"), "run", "--config", str(TINY), "--out", str(out)]
+    cmd += [a for arg in args for a in ("--set", arg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        manifest = out / "checkpoints" / "round-000002" / "MANIFEST.json"
+        deadline = time.time() + 300
+        while not manifest.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(random.Random(name).uniform(0.0, 0.05))
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (out / "summary.json").exists()
+    state = (manifest.parent / "state.json").read_text()
+    assert "fedspine.runtime.async_engine:RunningTask" in state, "the checkpoint holds no task in flight"
+    result = CliRunner().invoke(cli, ["run", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    assert_same_run(tmp_path / "full", out)
+    events = _events(out)
+    statuses = {e["status"] for e in events if e["event"] == "task"}
+    steps = [e for e in events if e["event"] == "server_step"]
+    assert len(steps) == 6 and any(tau > 0 for e in steps for tau in e["staleness"])
+    if "sessions" in name:
+        assert "dropped" in statuses
+
+
 class _Crash(Exception):
     pass
 

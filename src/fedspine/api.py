@@ -126,18 +126,15 @@ def _resume(run_dir: Path, on_round: RoundCallback | None, status: Callable[[str
     if not (run_dir / "config.toml").exists():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.toml)")
     config = load_config(run_dir / "config.toml")
-    if not config.scheduler.synchronous:
-        raise ConfigError(
-            "--resume", "only synchronous runs are checkpointed; asynchronous ones cannot resume"
-        )
     started = time.perf_counter()
     experiment = build_experiment(config, status)
     snapshot = load_latest(run_dir, experiment)
     setup_seconds = time.perf_counter() - started
-    status(f"resuming {run_dir} after round {snapshot.round}")
+    unit = "round" if config.scheduler.synchronous else "server step"
+    status(f"resuming {run_dir} after {unit} {snapshot.round}")
     (run_dir / "FAILED").unlink(missing_ok=True)
     recorder = RunRecorder.resume(run_dir, snapshot.engine["positions"], snapshot.engine["rounds"])
-    engine = Engine(experiment, recorder)
+    engine = make_engine(experiment, recorder)
     engine.restore(snapshot)
     return _execute(experiment, recorder, engine, setup_seconds, on_round, status, "simulation")
 

@@ -51,7 +51,7 @@ class RunSection:
     threads: int = 2
     """Host CPU threads torch may use for the real training."""
     checkpoint_every: int = 1
-    """Write an atomic checkpoint every k synchronous rounds (0 = never); ``--resume`` continues."""
+    """Write an atomic checkpoint every k rounds, or k server steps of an asynchronous run (0 = never)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 import statistics
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,7 +38,9 @@ import torch
 from fedspine.algorithms.schedulers import Arrival, AsyncScheduler, ServerStep, TaskOrder
 from fedspine.client.evaluate import Evaluation
 from fedspine.fleet.jitter import is_available
-from fedspine.metrics.records import RoundRecord
+from fedspine.metrics.records import RoundRecord, RunRecorder
+from fedspine.runtime import checkpoint as checkpoints
+from fedspine.runtime.build import Experiment
 from fedspine.runtime.engine import Engine, ProgressCallback, RunState, TaskOutcome
 from fedspine.runtime.executor import task_seed
 from fedspine.sim.clock import EventQueue
@@ -57,52 +59,105 @@ class RunningTask:
     """Virtual dispatch time."""
 
 
+@dataclass
+class LoopState:
+    """Everything the event loop keeps between two events; a checkpoint saves it with the run."""
+
+    queue: EventQueue[tuple[str, Any]] = field(default_factory=EventQueue)
+    """Pending arrivals, losses, scheduler timers and devices coming back online."""
+    version: int = 0
+    """Server steps taken: the global version."""
+    applied: int = 0
+    dispatched: int = 0
+    running: dict[int, RunningTask] = field(default_factory=dict)
+    arrived: dict[int, tuple[RunningTask, ClientUpdate]] = field(default_factory=dict)
+    """Arrived updates the scheduler has not applied yet, by task id."""
+    busy: set[int] = field(default_factory=set)
+    offline: set[int] = field(default_factory=set)
+    """Devices waiting for their trace to bring them back online."""
+    declined: set[int] = field(default_factory=set)
+    """Devices that declined an offer: offered work again after an aggregation, or when idle."""
+    failed: set[int] = field(default_factory=set)
+    """Devices whose task did not fit in memory: offered work again after an aggregation."""
+    offers: dict[int, int] = field(default_factory=dict)
+    """Offers made to each device so far (keys its next task's batches and draws)."""
+    momentum: LoraState | None = None
+    recent_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=20))
+    since: dict[str, float] = field(default_factory=dict)
+    """Counts since the last server step, for its record."""
+    last_aggregation_end: float = 0.0
+    last_evaluated: int = -1
+    checkpointed: int = 0
+    """The version of the newest checkpoint."""
+
+
 class AsyncEngine(Engine):
     """Runs an experiment whose scheduler is an :class:`AsyncScheduler`."""
 
+    def __init__(self, experiment: Experiment, recorder: RunRecorder) -> None:
+        super().__init__(experiment, recorder)
+        self._loop: LoopState | None = None
+        """None until the run starts, or until :meth:`restore` brings back a checkpoint's."""
+        self.on_round: ProgressCallback | None = None
+        self.total_weight = sum(self._device_weight(d.device_id) for d in experiment.devices)
+
+    @property
+    def scheduler(self) -> AsyncScheduler:
+        scheduler = self.exp.scheduler
+        assert isinstance(scheduler, AsyncScheduler), "the event engine runs asynchronous schedulers"
+        return scheduler
+
+    @property
+    def loop(self) -> LoopState:
+        assert self._loop is not None, "the event loop has not started"
+        return self._loop
+
     def run(self, on_round: ProgressCallback | None = None) -> RunState:
-        exp = self.exp
-        self.scheduler: AsyncScheduler = exp.scheduler  # type: ignore[assignment]
         self.on_round = on_round
-        rank = max(lora.rank for lora in self.device_lora.values())
-        exp.strategy.init_global(exp.module_shapes, rank, torch.Generator().manual_seed(self.seed))
-        self.queue: EventQueue[tuple[str, Any]] = EventQueue()
-        self.version = 0
-        self.applied = 0
-        self.dispatched = 0
-        self.running: dict[int, RunningTask] = {}
-        self.arrived: dict[int, tuple[RunningTask, ClientUpdate]] = {}
-        self.busy: set[int] = set()
-        self.offline: set[int] = set()
-        """Devices waiting for their trace to bring them back online."""
-        self.declined: set[int] = set()
-        """Devices that declined an offer: offered work again after an aggregation, or when idle."""
-        self.failed: set[int] = set()
-        """Devices whose task did not fit in memory: offered work again after an aggregation."""
-        self.offers: dict[int, int] = {}
-        self.momentum: LoraState | None = None
-        self.recent_seconds: deque[float] = deque(maxlen=20)
-        self._since: dict[str, float] = {}
-        self._last_aggregation_end = 0.0
-        self._last_evaluated = -1
-        self.total_weight = sum(self._device_weight(d.device_id) for d in exp.devices)
-        if exp.config.eval.at_start:
-            self._evaluate(0)
-            self._last_evaluated = 0
-        self._dispatch(self.scheduler.start(0.0, [d.device_id for d in exp.devices]))
-        self._after_event()
-        while len(self.queue) and not self._done():
-            at, (kind, payload) = self.queue.pop()
+        if self._loop is None:
+            self._start_loop()
+        loop = self.loop
+        while len(loop.queue) and not self._done():
+            at, (kind, payload) = loop.queue.pop()
             if self._time_limit() and at > self._time_limit():
                 break
             self.clock.advance_to(max(at, self.clock.now))
             self._handle(kind, payload)
             self._after_event()
-            if not len(self.queue) and not self.running and self.declined:
+            if not len(loop.queue) and not loop.running and loop.declined:
                 self._offer_again(failed=False)  # nothing else can happen: ask those who declined again
                 self._after_event()
+            self._maybe_checkpoint()
         self._finish()
         return self.state
+
+    def _start_loop(self) -> None:
+        """The initial global state, the first evaluation, and the scheduler's first orders."""
+        exp = self.exp
+        rank = max(lora.rank for lora in self.device_lora.values())
+        exp.strategy.init_global(exp.module_shapes, rank, torch.Generator().manual_seed(self.seed))
+        self._loop = LoopState()
+        if exp.config.eval.at_start:
+            self._evaluate(0)
+            self._loop.last_evaluated = 0
+        self._dispatch(self.scheduler.start(0.0, [d.device_id for d in exp.devices]))
+        self._after_event()
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def _maybe_checkpoint(self) -> None:
+        """Checkpoint between two events, after every ``run.checkpoint_every`` server steps."""
+        loop, every = self.loop, self.exp.config.run.checkpoint_every
+        if every and loop.version % every == 0 and loop.version > loop.checkpointed and not self._done():
+            loop.checkpointed = loop.version
+            self.checkpoint(loop.version)
+
+    def _engine_state(self) -> dict[str, Any]:
+        return {**super()._engine_state(), "loop": self.loop}
+
+    def restore(self, snapshot: checkpoints.Snapshot) -> None:
+        super().restore(snapshot)
+        self._loop = snapshot.engine["loop"]
 
     # --- events ----------------------------------------------------------------------------------
 
@@ -115,7 +170,7 @@ class AsyncEngine(Engine):
         elif kind == "timer":
             steps = self.scheduler.on_timer(now, payload)
         else:  # "online"
-            self.offline.discard(payload)
+            self.loop.offline.discard(payload)
             self.scheduler.on_available(now, payload)
             steps = []
         for step in steps:
@@ -126,31 +181,31 @@ class AsyncEngine(Engine):
     def _after_event(self) -> None:
         if self._done():
             return
-        self._dispatch(self.scheduler.orders(self.clock.now, self.version))
+        self._dispatch(self.scheduler.orders(self.clock.now, self.loop.version))
         self._fill()
         for at, key in self.scheduler.take_timers():
-            self.queue.push(at, ("timer", key))
+            self.loop.queue.push(at, ("timer", key))
 
     def _arrive(self, task: RunningTask) -> list[ServerStep]:
         o = task.outcome
         device = o.device.device_id
-        del self.running[task.task_id]
-        self.busy.discard(device)
+        del self.loop.running[task.task_id]
+        self.loop.busy.discard(device)
         if o.status == TaskStatus.REJECTED:  # arrived, failed the server's checks: as if it never came
             self._end_task(task)
             return self.scheduler.on_lost(self.clock.now, device)
         assert o.update is not None
         self._end_task(task)
-        self.recent_seconds.append(o.arrival_seconds)
-        self.arrived[task.task_id] = (task, o.update)
+        self.loop.recent_seconds.append(o.arrival_seconds)
+        self.loop.arrived[task.task_id] = (task, o.update)
         weight = self._device_weight(device)
         arrival = Arrival(task.task_id, device, task.version, weight, self.clock.now)
         return self.scheduler.on_arrival(self.clock.now, arrival)
 
     def _lost(self, task: RunningTask) -> list[ServerStep]:
         device = task.outcome.device.device_id
-        del self.running[task.task_id]
-        self.busy.discard(device)
+        del self.loop.running[task.task_id]
+        self.loop.busy.discard(device)
         self._end_task(task)
         self._go_offline(device)
         return self.scheduler.on_lost(self.clock.now, device)
@@ -160,15 +215,15 @@ class AsyncEngine(Engine):
         self._record_task(task.version, task.start, o, task_id=task.task_id)
         self._count(o.status)
         self._count("uplink_bytes", o.uplink_bytes)
-        cap = statistics.median(self.recent_seconds) if self.recent_seconds else 0.0
+        cap = statistics.median(self.loop.recent_seconds) if self.loop.recent_seconds else 0.0
         result = TaskResult(o.device.device_id, o.status, o.end_seconds, o.update)
-        self.exp.strategy.end_round(self.version, [result], cap)
+        self.exp.strategy.end_round(self.loop.version, [result], cap)
 
     def _go_offline(self, device: int) -> None:
-        self.offline.add(device)
+        self.loop.offline.add(device)
         back = self.exp.trace.next_change(device, self.clock.now)
         if back != float("inf"):
-            self.queue.push(back, ("online", device))
+            self.loop.queue.push(back, ("online", device))
 
     # --- dispatch --------------------------------------------------------------------------------
 
@@ -176,15 +231,13 @@ class AsyncEngine(Engine):
         """Keep ``concurrency`` devices training (schedulers that fill)."""
         if not self.scheduler.fills:
             return
-        while len(self.busy) < self.scheduler.concurrency:
-            idle = sorted(
-                d.device_id
-                for d in self.exp.devices
-                if d.device_id not in self.busy | self.offline | self.declined | self.failed
-            )
+        loop = self.loop
+        while len(loop.busy) < self.scheduler.concurrency:
+            unavailable = loop.busy | loop.offline | loop.declined | loop.failed
+            idle = sorted(d.device_id for d in self.exp.devices if d.device_id not in unavailable)
             if not idle:
                 return
-            pick = random.Random(task_seed(self.seed, self.dispatched, len(self.busy))).choice(idle)
+            pick = random.Random(task_seed(self.seed, loop.dispatched, len(loop.busy))).choice(idle)
             self._dispatch([TaskOrder(pick, self.scheduler.local_steps)])
 
     def _dispatch(self, orders: list[TaskOrder]) -> None:
@@ -195,28 +248,28 @@ class AsyncEngine(Engine):
         now = self.clock.now
         device = self.exp.devices[order.device_id]
         d = device.device_id
-        offer = self.offers[d] = self.offers.get(d, 0) + 1
+        offer = self.loop.offers[d] = self.loop.offers.get(d, 0) + 1
         if not self.exp.trace.online(d, now):
             self._go_offline(d)
             self._decline(d)
             return
         if not is_available(device, self.seed, offer):
-            self.declined.add(d)
+            self.loop.declined.add(d)
             self._decline(d)
             return
-        task_id = self.dispatched
-        self.dispatched += 1
+        task_id = self.loop.dispatched
+        self.loop.dispatched += 1
         self._count("selected")
-        outcome = self._prepare(self.version + 1, device, order.steps, task_key=offer)
-        task = RunningTask(task_id, outcome, self.version, now)
+        outcome = self._prepare(self.loop.version + 1, device, order.steps, task_key=offer)
+        task = RunningTask(task_id, outcome, self.loop.version, now)
         self._count("downlink_bytes", outcome.downlink_bytes)
         if outcome.status == TaskStatus.OOM:
             self._end_task(task)
-            self.failed.add(d)
+            self.loop.failed.add(d)
             self._decline(d)
             return
-        self.busy.add(d)
-        self.running[task_id] = task
+        self.loop.busy.add(d)
+        self.loop.running[task_id] = task
         trace = self.exp.trace
         lost = trace.offline_during(d, now, now + outcome.downlink_seconds + outcome.compute_seconds)
         if lost is None:
@@ -224,17 +277,17 @@ class AsyncEngine(Engine):
             lost = trace.offline_during(d, now, now + outcome.arrival_seconds)
         if lost is not None:
             outcome.lose(lost - now)
-            self.queue.push(lost, ("lost", task))
+            self.loop.queue.push(lost, ("lost", task))
         else:
-            self.queue.push(now + outcome.arrival_seconds, ("arrive", task))
+            self.loop.queue.push(now + outcome.arrival_seconds, ("arrive", task))
 
     def _decline(self, device: int) -> None:
         self.scheduler.on_lost(self.clock.now, device)
 
     def _offer_again(self, failed: bool = True) -> None:
-        waiting = self.declined | self.failed if failed else set(self.declined)
-        self.declined -= waiting
-        self.failed -= waiting
+        waiting = self.loop.declined | self.loop.failed if failed else set(self.loop.declined)
+        self.loop.declined -= waiting
+        self.loop.failed -= waiting
         for device in sorted(waiting):
             self.scheduler.on_available(self.clock.now, device)
 
@@ -246,14 +299,14 @@ class AsyncEngine(Engine):
         strategy = exp.strategy
         entries = []
         for arrival in step.arrivals:
-            if arrival.task_id not in self.arrived:
+            if arrival.task_id not in self.loop.arrived:
                 raise RuntimeError(f"update of task {arrival.task_id} applied twice or never arrived")
-            entries.append(self.arrived.pop(arrival.task_id))
+            entries.append(self.loop.arrived.pop(arrival.task_id))
         step_weight = sum(a.weight for a in step.arrivals)
         lr = step.lr * (step_weight / self.total_weight if step.normalize == "fleet" else 1.0)
         handler = exp.stale_handler
         compensate = handler.compensate if handler.needs_drift else None
-        staleness = [self.version - task.version for task, _ in entries]
+        staleness = [self.loop.version - task.version for task, _ in entries]
         rebased = []
         for (task, update), tau in zip(entries, staleness, strict=True):
             assert task.outcome.task is not None
@@ -261,26 +314,26 @@ class AsyncEngine(Engine):
             rebased.append(strategy.rebase(update, start_state, lr * handler.scale(tau), compensate))
         before = strategy.global_lora() if step.momentum > 0 else None
         accepted = [task.outcome for task, _ in entries]
-        agg_seconds = self._aggregate(self.version + 1, self.clock.now, accepted, rebased)
+        agg_seconds = self._aggregate(self.loop.version + 1, self.clock.now, accepted, rebased)
         if before is not None:
             self._server_momentum(before, step.momentum)
-        self.version += 1
-        self.applied += len(entries)
-        start = self._last_aggregation_end
+        self.loop.version += 1
+        self.loop.applied += len(entries)
+        start = self.loop.last_aggregation_end
         self.clock.advance_to(self.clock.now + agg_seconds)
-        self._last_aggregation_end = self.clock.now
+        self.loop.last_aggregation_end = self.clock.now
         record = self._step_record(accepted, agg_seconds, start, staleness)
         self.recorder.event(
             "server_step",
-            round=self.version,
+            round=self.loop.version,
             task_ids=[a.task_id for a in step.arrivals],
             staleness=staleness,
             lr=lr,
         )
         evaluation = None
-        if self.version % exp.config.eval.every == 0 or self._done():
-            evaluation = self._evaluate(self.version)
-            self._last_evaluated = self.version
+        if self.loop.version % exp.config.eval.every == 0 or self._done():
+            evaluation = self._evaluate(self.loop.version)
+            self.loop.last_evaluated = self.loop.version
             record.metric, record.eval_loss = evaluation.metric, evaluation.loss
         self.recorder.round(record)
         self._report(record, evaluation)
@@ -291,13 +344,13 @@ class AsyncEngine(Engine):
         strategy: Any = self.exp.strategy
         after = strategy.global_lora()
         step = {m: {k: after[m][k] - before[m][k] for k in ("A", "B")} for m in after}
-        if self.momentum is None:
-            self.momentum = step
+        if self.loop.momentum is None:
+            self.loop.momentum = step
         else:
-            old = self.momentum
-            self.momentum = {m: {k: beta * old[m][k] + step[m][k] for k in ("A", "B")} for m in step}
+            old = self.loop.momentum
+            self.loop.momentum = {m: {k: beta * old[m][k] + step[m][k] for k in ("A", "B")} for m in step}
         strategy.set_global_lora(
-            {m: {k: before[m][k] + self.momentum[m][k] for k in ("A", "B")} for m in before}
+            {m: {k: before[m][k] + self.loop.momentum[m][k] for k in ("A", "B")} for m in before}
         )
 
     def _report(self, record: RoundRecord, evaluation: Evaluation | None) -> None:
@@ -307,9 +360,9 @@ class AsyncEngine(Engine):
     def _step_record(
         self, accepted: list[TaskOutcome], agg_seconds: float, start: float, staleness: list[int]
     ) -> RoundRecord:
-        since, self._since = self._since, {}
+        since, self.loop.since = self.loop.since, {}
         return self._record(
-            self.version,
+            self.loop.version,
             start,
             agg_seconds,
             accepted[-1] if accepted else None,
@@ -325,7 +378,7 @@ class AsyncEngine(Engine):
         )
 
     def _count(self, key: str, amount: float = 1) -> None:
-        self._since[key] = self._since.get(key, 0) + amount
+        self.loop.since[key] = self.loop.since.get(key, 0) + amount
 
     # --- stopping --------------------------------------------------------------------------------
 
@@ -335,26 +388,26 @@ class AsyncEngine(Engine):
     def _done(self) -> bool:
         limits = self.scheduler.limits
         return (
-            self.version >= limits.rounds
-            or (limits.max_updates > 0 and self.applied >= limits.max_updates)
+            self.loop.version >= limits.rounds
+            or (limits.max_updates > 0 and self.loop.applied >= limits.max_updates)
             or (limits.max_virtual_seconds > 0 and self.clock.now >= limits.max_virtual_seconds)
         )
 
     def _finish(self) -> None:
         """Cancel what is still running, count what was never applied, evaluate the final model."""
-        for task in sorted(self.running.values(), key=lambda t: t.task_id):
+        for task in sorted(self.loop.running.values(), key=lambda t: t.task_id):
             task.outcome.status = TaskStatus.CANCELLED
             task.outcome.lost_seconds = max(0.0, self.clock.now - task.start)
             task.outcome.update = None
             self._record_task(task.version, task.start, task.outcome, task_id=task.task_id)
-        self.running.clear()
+        self.loop.running.clear()
         self.state.updates = {
-            "dispatched": self.dispatched,
-            "applied": self.applied,
-            "unapplied_at_end": len(self.arrived),
+            "dispatched": self.loop.dispatched,
+            "applied": self.loop.applied,
+            "unapplied_at_end": len(self.loop.arrived),
         }
-        if self._last_evaluated != self.version or not self.state.evaluations:
-            self._evaluate(self.version)
+        if self.loop.last_evaluated != self.loop.version or not self.state.evaluations:
+            self._evaluate(self.loop.version)
 
     def _device_weight(self, device_id: int) -> float:
         if self.exp.config.strategy.weighting == "samples":

@@ -1,4 +1,4 @@
-"""Atomic checkpoints of a synchronous run, and resuming from the newest complete one.
+"""Atomic checkpoints of a run, and resuming from the newest complete one.
 
 A checkpoint is a directory ``checkpoints/round-000K`` holding
 
@@ -9,9 +9,10 @@ A checkpoint is a directory ``checkpoints/round-000K`` holding
 * ``state.json``: the rest, as JSON (:mod:`fedspine.runtime.statefile`): the strategy (global
   state, pruning masks and importance, the policy with its bandit statistics), the scheduler, the
   uplink codec's error-feedback memories on both sides, the engine's counters, the virtual clock,
-  per-device LoRA ranks, the round records so far and the byte positions of the record files. Live
-  objects (the model and its executor, the data) are not saved but referred to by name and
-  re-attached from the rebuilt experiment;
+  per-device LoRA ranks, the round records so far and the byte positions of the record files; for an
+  asynchronous run also its event loop (pending events, tasks in flight with their trained updates,
+  buffered arrivals, server momentum). Live objects (the model and its executor, the data, the
+  fleet's devices) are not saved but referred to by name and re-attached from the rebuilt experiment;
 * ``state_tensors.safetensors``: every tensor of that state, which the JSON refers to by key;
 * ``MANIFEST.json``, written last: the round and the SHA-256 of every file.
 
@@ -68,6 +69,7 @@ class Snapshot:
     """What the engine needs to continue after round ``round``."""
 
     round: int
+    """The round, or for an asynchronous run the global version (server steps), it was taken after."""
     engine: dict[str, Any]
     """Clock, per-device LoRA, run state, round records and record-file positions."""
     objects: dict[str, Any]
@@ -81,6 +83,7 @@ def _named(exp: Experiment) -> dict[str, Any]:
     """Objects referred to by name instead of saved (they are rebuilt from the config)."""
     named = {"executor": exp.executor, "model": exp.executor.model, "objective": exp.objective}
     named.update(test_data=exp.test_data, train_data=exp.executor.train_data, tokenizer=exp.tokenizer)
+    named.update({f"device-{d.device_id}": d for d in exp.devices})
     return {name: obj for name, obj in named.items() if obj is not None}
 
 

@@ -132,13 +132,7 @@ class Engine:
     def checkpoint(self, round_no: int) -> None:
         """Write an atomic checkpoint of everything needed to continue after ``round_no``."""
         exp = self.exp
-        engine = {
-            "clock": self.clock.now,
-            "device_lora": self.device_lora,
-            "state": self.state,
-            "rounds": self.recorder.rounds,
-            "positions": self.recorder.positions(),
-        }
+        engine = self._engine_state()
         objects = {
             "strategy": exp.strategy,
             "scheduler": exp.scheduler,
@@ -148,6 +142,16 @@ class Engine:
         weights = exp.executor.base_weights(sorted(self.base_delta))
         snapshot = checkpoints.Snapshot(round_no, engine, objects, self.base_delta, weights)
         checkpoints.save(self.recorder.run_dir, exp, snapshot, exp.config.run.keep_checkpoints)
+
+    def _engine_state(self) -> dict[str, Any]:
+        """The engine's own part of a checkpoint."""
+        return {
+            "clock": self.clock.now,
+            "device_lora": self.device_lora,
+            "state": self.state,
+            "rounds": self.recorder.rounds,
+            "positions": self.recorder.positions(),
+        }
 
     def restore(self, snapshot: checkpoints.Snapshot) -> None:
         """Continue from ``snapshot``: the checkpoint's objects replace the freshly built ones."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import heapq
-import itertools
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -40,11 +39,14 @@ class EventQueue(Generic[T]):
 
     def __init__(self) -> None:
         self._heap: list[_Entry[T]] = []
-        self._counter = itertools.count()
+        self._pushed = 0
+        """Events pushed so far: the tie-breaker that keeps insertion order (a plain int, so a
+        checkpoint can save the queue)."""
 
     def push(self, time: float, item: T) -> None:
         """Schedule ``item`` at virtual ``time``."""
-        heapq.heappush(self._heap, _Entry(time, next(self._counter), item))
+        heapq.heappush(self._heap, _Entry(time, self._pushed, item))
+        self._pushed += 1
 
     def pop(self) -> tuple[float, T]:
         """Remove and return the earliest event as ``(time, item)``."""

@@ -8,8 +8,7 @@ A run is executed by :func:`execute_run`, in the worker:
 
 * finished (``summary.json``): skipped;
 * interrupted with a complete checkpoint: resumed (``fedspine run --resume``);
-* interrupted before any checkpoint (or not resumable, e.g. asynchronous): its directory is cleared and
-  it starts again;
+* interrupted before any checkpoint: its directory is cleared and it starts again;
 * new: started.
 
 A failure is caught and returned with its error; it never stops the other runs. The worker holds an
