@@ -24,7 +24,7 @@ import tomli_w
 from fedspine.errors import ConfigError
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    import tomllib as tomllib  # re-exported: the deployment reads its TOML through this module
 else:  # pragma: no cover
     import tomli as tomllib
 

@@ -108,7 +108,8 @@ def pack_bits(values: np.ndarray, bits: int) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> np.ndarray:
     """Inverse of :func:`pack_bits` for ``count`` values."""
     flat = np.unpackbits(packed.numpy(), count=count * bits).reshape(count, bits).astype(np.int64)
-    return (flat << np.arange(bits)).sum(axis=1)
+    values: np.ndarray = (flat << np.arange(bits)).sum(axis=1)
+    return values
 
 
 class Codec(ABC):

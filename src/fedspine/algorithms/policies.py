@@ -206,7 +206,10 @@ class SlidingWindowUCB(Policy):
         if untried:
             return self.first(untried)
         t = min(self.pulls.get(device_id, 0), self.window)
-        bonus = lambda n: self.c * math.sqrt(2 * math.log(max(t, 2)) / n)  # noqa: E731
+
+        def bonus(n: int) -> float:
+            return self.c * math.sqrt(2 * math.log(max(t, 2)) / n)
+
         return max(arms, key=lambda a: (stats[a][1] + bonus(stats[a][0]), a.ratio, -a.rank))
 
     def observe(self, device_id: int, arm: Arm, outcome: Outcome) -> None:

@@ -72,12 +72,13 @@ class ClassificationObjective:
             position_ids=_positions(batch.attention_mask),
             logits_to_keep=1,
         )
+        logits: torch.Tensor = out.logits
         head = label_head(model)
         if head is not None:  # a head cut to the label words by prepare_eval: column k is label k
             if head.token_ids != tuple(self.label_token_ids.tolist()):
                 raise ValueError("the model's head is cut to other tokens than this task's label words")
-            return out.logits[:, -1].float()  # (B, K)
-        return out.logits[:, -1, self.label_token_ids].float()  # (B, K)
+            return logits[:, -1].float()  # (B, K)
+        return logits[:, -1, self.label_token_ids].float()  # (B, K)
 
     def prepare_eval(self, model: Any) -> None:
         cut_output_head(model, self.label_token_ids.tolist())

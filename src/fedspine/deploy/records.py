@@ -81,7 +81,7 @@ def max_reply_bytes(task: ClientTask, shape: ModelShape | None) -> int:
     form), the full model's importance scores when the task asks for them, and
     :data:`REPLY_SLACK_BYTES`.
     """
-    factors = sum(t.numel() for f in task.payload.values() for t in f.values()) * 4
+    factors = sum(int(t.numel()) for f in task.payload.values() for t in f.values()) * 4
     scores = 0
     if shape is not None and task.extra.get("measure_importance"):
         scores = shape.layers * (shape.kv_heads + shape.intermediate) * 4

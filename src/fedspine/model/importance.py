@@ -117,7 +117,7 @@ class TaylorMeter(_Meter):
         a, b, s = parts
         if a.grad is None or b.grad is None:
             return None
-        w = _base(module).weight.detach().float()
+        w: Tensor = _base(module).weight.detach().float()
         ga, gb = a.grad.float(), b.grad.float()
         a, b = a.detach().float(), b.detach().float()
         if name in COLUMN_MODULES:
@@ -198,7 +198,7 @@ class FlapMeter(_Meter):
 
 def _effective_weight(module: nn.Module, adapter: str) -> Tensor:
     """``W + s B A`` of a (possibly adapted) linear, fp32 on the CPU."""
-    w = _base(module).weight.detach().float()
+    w: Tensor = _base(module).weight.detach().float()
     parts = _lora_parts(module, adapter)
     if parts is not None:
         a, b, s = parts

@@ -259,7 +259,7 @@ def _load_causal_config(path: Path) -> PretrainedConfig:
     if not (path / "config.json").is_file():
         raise ModelError(f"model directory {path} has no config.json")
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config: PretrainedConfig = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelError(f"cannot read {path / 'config.json'}: {err}") from err
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
@@ -274,6 +274,7 @@ def _load_weights(path: Path, config: PretrainedConfig, dtype: torch.dtype) -> P
         )
     except Exception as err:  # safetensors, torch and transformers raise many unrelated types here
         raise ModelError(f"cannot load weights from {path}: {type(err).__name__}: {err}") from err
+    model: PreTrainedModel
     model, info = loaded  # output_loading_info=True: (model, {"missing_keys": ..., ...})
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])

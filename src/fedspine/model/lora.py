@@ -233,14 +233,14 @@ def lora_parameter_count(peft_model: PeftModel) -> int:
 
 def plain_copy(peft_model: PeftModel) -> PreTrainedModel:
     """A copy of the base model without any adapter (adapters are dropped, not merged)."""
-    plain = copy.deepcopy(peft_model).unload()
+    plain: PreTrainedModel = copy.deepcopy(peft_model).unload()
     plain.requires_grad_(False)
     return plain
 
 
 def merged_model(peft_model: PeftModel) -> PreTrainedModel:
     """A plain model with ``W + scaling · B A`` folded in, built on a copy (``peft_model`` is untouched)."""
-    merged = copy.deepcopy(peft_model).merge_and_unload()
+    merged: PreTrainedModel = copy.deepcopy(peft_model).merge_and_unload()
     merged.requires_grad_(False)
     return merged
 

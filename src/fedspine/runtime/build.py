@@ -55,7 +55,7 @@ from fedspine.model.load import default_cache_dir, resolve_model, resolve_model_
 from fedspine.model.lora import apply_lora, module_shapes
 from fedspine.model.pruning import PruningPlan, magnitude_scores, pruned_workload
 from fedspine.runtime.executor import LocalTraining, SimExecutor
-from fedspine.types import Device, DeviceLora
+from fedspine.types import Device, DeviceLora, TrainWorkload
 
 Status = Callable[[str], None]
 Scheduler = SyncScheduler | AsyncScheduler
@@ -401,16 +401,19 @@ def split_and_partition(
 
 def check_fleet_fits(devices: Sequence[Device], shape: ModelShape, cfg: Config) -> None:
     """Fail early when no device can hold even one local step of the model."""
-    workload_for = lambda d: train_workload(  # noqa: E731
-        shape,
-        seq_lens=[cfg.data.max_length] * cfg.train.batch_size,
-        lora_rank=cfg.lora.rank,
-        num_lora_targets=len(cfg.lora.target_modules),
-        logits_positions="all",
-        dtype_bytes=d.device_class.train_dtype_bytes,
-        batch_size=cfg.train.batch_size,
-        steps=1,
-    )
+
+    def workload_for(d: Device) -> TrainWorkload:
+        return train_workload(
+            shape,
+            seq_lens=[cfg.data.max_length] * cfg.train.batch_size,
+            lora_rank=cfg.lora.rank,
+            num_lora_targets=len(cfg.lora.target_modules),
+            logits_positions="all",
+            dtype_bytes=d.device_class.train_dtype_bytes,
+            batch_size=cfg.train.batch_size,
+            steps=1,
+        )
+
     if not any(CostModel.for_device(d).fits(workload_for(d).peak_memory_bytes) for d in devices):
         biggest = max(d.device_class.memory_bytes for d in devices)
         need = min(workload_for(d).peak_memory_bytes for d in devices)
