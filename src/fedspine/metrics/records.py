@@ -12,7 +12,7 @@ import csv
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -80,6 +80,45 @@ def write_json_atomic(path: Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@dataclass
+class DeviceStats:
+    """What one device did over a run: the engine's running totals, the summary's device entries and
+    the report's device table.
+
+    Attributes:
+        device_id: The device's id in the fleet.
+        device_class: Hardware class, e.g. ``raspberry_pi_4``.
+        network: Network kind, e.g. ``wifi``.
+        tasks: Tasks assigned to the device, whatever their outcome.
+        compute_seconds: Virtual seconds spent on local training (lost work of late tasks included).
+        communication_seconds: Virtual seconds spent on downlink plus uplink.
+        uplink_bytes: Bytes sent to the server.
+        downlink_bytes: Bytes received from the server.
+        statuses: Task count per status (:class:`fedspine.types.TaskStatus` values).
+    """
+
+    device_id: int
+    device_class: str = "unknown"
+    network: str = "unknown"
+    tasks: int = 0
+    compute_seconds: float = 0.0
+    communication_seconds: float = 0.0
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    def add_task(
+        self, status: str, compute_seconds: float, communication_seconds: float, uplink: int, downlink: int
+    ) -> None:
+        """Count one task of this device."""
+        self.tasks += 1
+        self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
+        self.compute_seconds += compute_seconds
+        self.communication_seconds += communication_seconds
+        self.uplink_bytes += uplink
+        self.downlink_bytes += downlink
 
 
 class RunRecorder:

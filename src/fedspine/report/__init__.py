@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from fedspine.report.devices import DeviceStats, device_stats, merge_device_stats
+from fedspine.metrics.records import DeviceStats
+from fedspine.report.devices import device_stats, merge_device_stats
 from fedspine.report.formatting import format_bytes, format_duration
 from fedspine.report.load import ReportError, RunData, load_run
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-TASK_STATUSES = ("ok", "late", "oom", "offline")
+from fedspine.metrics.records import DeviceStats
+from fedspine.types import TaskStatus
+
+TASK_STATUSES = tuple(status.value for status in TaskStatus)
 
 # Summary device-entry keys copied as they are onto DeviceStats (the summary is authoritative).
 _ENTRY_FIELDS = (
@@ -18,33 +20,6 @@ _ENTRY_FIELDS = (
     "uplink_bytes",
     "downlink_bytes",
 )
-
-
-@dataclass
-class DeviceStats:
-    """What one device did over a run.
-
-    Attributes:
-        device_id: The device's id in the fleet.
-        device_class: Hardware class, e.g. ``raspberry_pi_4``.
-        network: Network kind, e.g. ``wifi``.
-        tasks: Tasks assigned to the device, whatever their outcome.
-        compute_seconds: Virtual seconds spent on local training (lost work of late tasks included).
-        communication_seconds: Virtual seconds spent on downlink plus uplink.
-        uplink_bytes: Bytes sent to the server.
-        downlink_bytes: Bytes received from the server.
-        statuses: Task count per status (``ok``, ``late``, ``oom``, ``offline``).
-    """
-
-    device_id: int
-    device_class: str = "unknown"
-    network: str = "unknown"
-    tasks: int = 0
-    compute_seconds: float = 0.0
-    communication_seconds: float = 0.0
-    uplink_bytes: float = 0.0
-    downlink_bytes: float = 0.0
-    statuses: dict[str, int] = field(default_factory=dict)
 
 
 def device_stats(records: Sequence[Mapping[str, Any]]) -> list[DeviceStats]:
@@ -85,14 +60,13 @@ def merge_device_stats(
 def _add_task(stats: DeviceStats, event: Mapping[str, Any]) -> None:
     stats.device_class = str(event.get("device_class", stats.device_class))
     stats.network = str(event.get("network", stats.network))
-    stats.tasks += 1
-    stats.compute_seconds += _number(event.get("compute_seconds"))
-    stats.communication_seconds += _number(event.get("downlink_seconds"))
-    stats.communication_seconds += _number(event.get("uplink_seconds"))
-    stats.uplink_bytes += _number(event.get("uplink_bytes"))
-    stats.downlink_bytes += _number(event.get("downlink_bytes"))
-    status = str(event["status"])
-    stats.statuses[status] = stats.statuses.get(status, 0) + 1
+    stats.add_task(
+        str(event["status"]),
+        _number(event.get("compute_seconds")),
+        _number(event.get("downlink_seconds")) + _number(event.get("uplink_seconds")),
+        int(_number(event.get("uplink_bytes"))),
+        int(_number(event.get("downlink_bytes"))),
+    )
 
 
 def _apply_entry(stats: DeviceStats, entry: Mapping[str, Any]) -> None:
@@ -102,7 +76,9 @@ def _apply_entry(stats: DeviceStats, entry: Mapping[str, Any]) -> None:
     if entry.get("communication_seconds") is None and "uplink_seconds" in entry:
         downlink_seconds = _number(entry.get("downlink_seconds"))
         stats.communication_seconds = downlink_seconds + _number(entry["uplink_seconds"])
-    if isinstance(entry.get("statuses"), Mapping):
+    if any(status in entry for status in TASK_STATUSES):  # the summary counts every status
+        stats.statuses = {status: int(entry[status]) for status in TASK_STATUSES if entry.get(status)}
+    elif isinstance(entry.get("statuses"), Mapping):
         stats.statuses = {str(status): int(count) for status, count in entry["statuses"].items()}
 
 

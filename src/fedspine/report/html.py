@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedspine.report.devices import TASK_STATUSES, DeviceStats, merge_device_stats
+from fedspine.metrics.records import DeviceStats
+from fedspine.report.devices import TASK_STATUSES, merge_device_stats
 from fedspine.report.formatting import format_bytes, format_duration
 from fedspine.report.load import ReportError, RunData, load_run
 from fedspine.report.plots import (

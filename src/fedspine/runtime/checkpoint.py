@@ -51,7 +51,8 @@ log = logging.getLogger("fedspine.checkpoint")
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "MANIFEST.json"
-FORMAT = 3
+FORMAT = 4
+"""Bumped whenever the saved state changes shape: an older checkpoint is refused, never misread."""
 FILES = frozenset(
     {
         "base_delta.safetensors",

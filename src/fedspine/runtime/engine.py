@@ -25,7 +25,7 @@ from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.client.evaluate import Evaluation
 from fedspine.fleet.cost import CostModel
 from fedspine.fleet.jitter import compute_slowdown, is_available, link_rate_factor
-from fedspine.metrics.records import RoundRecord, RunRecorder
+from fedspine.metrics.records import DeviceStats, RoundRecord, RunRecorder
 from fedspine.runtime import checkpoint as checkpoints
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.executor import PreparedTask, task_seed
@@ -78,7 +78,7 @@ class RunState:
     train_wall_seconds: float = 0.0
     eval_wall_seconds: float = 0.0
     aggregation_wall_seconds: float = 0.0
-    device_stats: dict[int, dict[str, Any]] = field(default_factory=dict)
+    device_stats: dict[int, DeviceStats] = field(default_factory=dict)
     updates: dict[str, int] = field(default_factory=dict)
     """Update accounting of asynchronous runs: dispatched, applied, unapplied_at_end."""
 
@@ -413,23 +413,12 @@ class Engine:
         self._device_stats(o)
 
     def _device_stats(self, o: TaskOutcome) -> None:
+        device = o.device
         stats = self.state.device_stats.setdefault(
-            o.device.device_id,
-            {
-                "tasks": 0,
-                **{status.value: 0 for status in TaskStatus},
-                "compute_seconds": 0.0,
-                "communication_seconds": 0.0,
-                "uplink_bytes": 0,
-                "downlink_bytes": 0,
-            },
+            device.device_id, DeviceStats(device.device_id, device.device_class.name, device.network.name)
         )
-        stats["tasks"] += 1
-        stats[o.status] += 1
-        stats["compute_seconds"] += o.compute_seconds
-        stats["communication_seconds"] += o.downlink_seconds + o.uplink_seconds
-        stats["uplink_bytes"] += o.uplink_bytes
-        stats["downlink_bytes"] += o.downlink_bytes
+        communication = o.downlink_seconds + o.uplink_seconds
+        stats.add_task(o.status, o.compute_seconds, communication, o.uplink_bytes, o.downlink_bytes)
 
     def _round_record(
         self,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedspine.algorithms.strategies import FedSpine
-from fedspine.metrics.records import RoundRecord
+from fedspine.metrics.records import DeviceStats, RoundRecord
 from fedspine.metrics.stats import time_to_target
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.engine import RunState
@@ -14,16 +14,24 @@ from fedspine.types import TaskStatus
 
 
 def _devices(experiment: Experiment, state: RunState) -> list[dict[str, Any]]:
+    """One entry per device: its totals, with a count for every task status (zero included)."""
     rows = []
     for device in experiment.devices:
-        stats = state.device_stats.get(device.device_id, {})
+        stats = state.device_stats.get(device.device_id) or DeviceStats(
+            device.device_id, device.device_class.name, device.network.name
+        )
         rows.append(
             {
                 "device_id": device.device_id,
-                "device_class": device.device_class.name,
-                "network": device.network.name,
+                "device_class": stats.device_class,
+                "network": stats.network,
                 "train_examples": len(experiment.partitions[device.device_id]),
-                **stats,
+                "tasks": stats.tasks,
+                **{status.value: stats.statuses.get(status.value, 0) for status in TaskStatus},
+                "compute_seconds": stats.compute_seconds,
+                "communication_seconds": stats.communication_seconds,
+                "uplink_bytes": stats.uplink_bytes,
+                "downlink_bytes": stats.downlink_bytes,
             }
         )
     return rows
@@ -82,7 +90,10 @@ def make_summary(
         "model": cfg.model.source if cfg.model.source != "local" else cfg.model.path,
         "num_devices": len(experiment.devices),
         "seed": cfg.run.seed,
-        "tasks": {s: sum(d.get(s, 0) for d in state.device_stats.values()) for s in TaskStatus},
+        "tasks": {
+            status.value: sum(d.statuses.get(status.value, 0) for d in state.device_stats.values())
+            for status in TaskStatus
+        },
         "updates": state.updates or None,
         "staleness": _staleness(rounds),
         "evaluations": state.evaluations,
