@@ -55,20 +55,31 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _start_run(out: Path, args: list[str]) -> subprocess.Popen[bytes]:
+    """``fedspine run`` on the tiny config with ``args``, in a process of its own."""
+    cmd = [str(Path(sys.executable).parent / "fedspine"), "run", "--config", str(TINY), "--out", str(out)]
+    cmd += [a for arg in args for a in ("--set", arg)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen[bytes], out: Path, round_no: int) -> Path:
+    """Wait (up to 300 s) until checkpoint ``round_no`` is complete or the run ends; its manifest's path."""
+    manifest = out / "checkpoints" / f"round-{round_no:06d}" / "MANIFEST.json"
+    deadline = time.time() + 300
+    while not manifest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    return manifest
+
+
 @pytest.mark.parametrize("kill_after", [1, 3])
 def test_a_run_killed_with_sigkill_resumes_to_the_same_result(
     uninterrupted: Path, tmp_path: Path, kill_after: int
 ) -> None:
     """Kill the CLI at a random moment after checkpoint ``kill_after`` is complete, then resume."""
     out = tmp_path / "run"
-    cmd = [str(Path(sys.executable).parent / "fedspine"), "run", "--config", str(TINY), "--out", str(out)]
-    cmd += [a for arg in ARGS for a in ("--set", arg)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _start_run(out, ARGS)
     try:
-        manifest = out / "checkpoints" / f"round-{kill_after:06d}" / "MANIFEST.json"
-        deadline = time.time() + 300
-        while not manifest.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
+        _wait_for_checkpoint(proc, out, kill_after)
         time.sleep(random.Random(kill_after).uniform(0.0, 0.05))  # somewhere early in the next round
         assert proc.poll() is None, "the run finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
@@ -103,14 +114,9 @@ def test_an_async_run_killed_with_sigkill_resumes_to_the_same_result(tmp_path: P
     args = [*ARGS[1:], *ASYNC[name]]
     run_experiment(load_config(TINY, args), tmp_path / "full")
     out = tmp_path / "run"
-    cmd = [str(Path(sys.executable).parent / "fedspine"), "run", "--config", str(TINY), "--out", str(out)]
-    cmd += [a for arg in args for a in ("--set", arg)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _start_run(out, args)
     try:
-        manifest = out / "checkpoints" / "round-000002" / "MANIFEST.json"
-        deadline = time.time() + 300
-        while not manifest.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
+        manifest = _wait_for_checkpoint(proc, out, 2)
         time.sleep(random.Random(name).uniform(0.0, 0.05))
         assert proc.poll() is None, "the run finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
@@ -275,14 +281,9 @@ def test_records_shorter_than_the_checkpoint_refuse_to_resume(tmp_path: Path) ->
 
 def test_sigterm_leaves_a_failed_marker_and_the_run_resumes(uninterrupted: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cmd = [str(Path(sys.executable).parent / "fedspine"), "run", "--config", str(TINY), "--out", str(out)]
-    cmd += [a for arg in ARGS for a in ("--set", arg)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _start_run(out, ARGS)
     try:
-        manifest = out / "checkpoints" / "round-000001" / "MANIFEST.json"
-        deadline = time.time() + 300
-        while not manifest.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
+        _wait_for_checkpoint(proc, out, 1)
         assert proc.poll() is None, "the run finished before it could be terminated"
         proc.terminate()
         assert proc.wait(timeout=120) != 0
