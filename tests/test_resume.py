@@ -71,22 +71,28 @@ def _wait_for_checkpoint(proc: subprocess.Popen[bytes], out: Path, round_no: int
     return manifest
 
 
-@pytest.mark.parametrize("kill_after", [1, 3])
-def test_a_run_killed_with_sigkill_resumes_to_the_same_result(
-    uninterrupted: Path, tmp_path: Path, kill_after: int
-) -> None:
-    """Kill the CLI at a random moment after checkpoint ``kill_after`` is complete, then resume."""
-    out = tmp_path / "run"
-    proc = _start_run(out, ARGS)
+def _sigkill_after_checkpoint(out: Path, args: list[str], round_no: int, delay_key: object) -> Path:
+    """Run, SIGKILL it at a random moment just after checkpoint ``round_no``; its manifest's path."""
+    proc = _start_run(out, args)
     try:
-        _wait_for_checkpoint(proc, out, kill_after)
-        time.sleep(random.Random(kill_after).uniform(0.0, 0.05))  # somewhere early in the next round
+        manifest = _wait_for_checkpoint(proc, out, round_no)
+        time.sleep(random.Random(delay_key).uniform(0.0, 0.05))  # somewhere early in what follows
         assert proc.poll() is None, "the run finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
     assert not (out / "summary.json").exists()
+    return manifest
+
+
+@pytest.mark.parametrize("kill_after", [1, 3])
+def test_a_run_killed_with_sigkill_resumes_to_the_same_result(
+    uninterrupted: Path, tmp_path: Path, kill_after: int
+) -> None:
+    """Kill the CLI at a random moment after checkpoint ``kill_after`` is complete, then resume."""
+    out = tmp_path / "run"
+    _sigkill_after_checkpoint(out, ARGS, kill_after, kill_after)
     result = CliRunner().invoke(cli, ["run", "--resume", str(out)])
     assert result.exit_code == 0, result.output
     assert_same_run(uninterrupted, out)
@@ -114,16 +120,7 @@ def test_an_async_run_killed_with_sigkill_resumes_to_the_same_result(tmp_path: P
     args = [*ARGS[1:], *ASYNC[name]]
     run_experiment(load_config(TINY, args), tmp_path / "full")
     out = tmp_path / "run"
-    proc = _start_run(out, args)
-    try:
-        manifest = _wait_for_checkpoint(proc, out, 2)
-        time.sleep(random.Random(name).uniform(0.0, 0.05))
-        assert proc.poll() is None, "the run finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert not (out / "summary.json").exists()
+    manifest = _sigkill_after_checkpoint(out, args, 2, name)
     state = (manifest.parent / "state.json").read_text()
     assert "fedspine.runtime.async_engine:RunningTask" in state, "the checkpoint holds no task in flight"
     result = CliRunner().invoke(cli, ["run", "--resume", str(out)])

@@ -113,8 +113,9 @@ class DeviceStats:
         self, status: str, compute_seconds: float, communication_seconds: float, uplink: int, downlink: int
     ) -> None:
         """Count one task of this device."""
+        key = str(status)
         self.tasks += 1
-        self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
+        self.statuses[key] = self.statuses.get(key, 0) + 1
         self.compute_seconds += compute_seconds
         self.communication_seconds += communication_seconds
         self.uplink_bytes += uplink

@@ -78,8 +78,6 @@ def _apply_entry(stats: DeviceStats, entry: Mapping[str, Any]) -> None:
         stats.communication_seconds = downlink_seconds + _number(entry["uplink_seconds"])
     if any(status in entry for status in TASK_STATUSES):  # the summary counts every status
         stats.statuses = {status: int(entry[status]) for status in TASK_STATUSES if entry.get(status)}
-    elif isinstance(entry.get("statuses"), Mapping):
-        stats.statuses = {str(status): int(count) for status, count in entry["statuses"].items()}
 
 
 def _number(value: Any) -> float:

@@ -33,8 +33,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from fedspine.algorithms.schedulers import Arrival, AsyncScheduler, ServerStep, TaskOrder
 from fedspine.client.evaluate import Evaluation
 from fedspine.fleet.jitter import is_available
@@ -134,8 +132,7 @@ class AsyncEngine(Engine):
     def _start_loop(self) -> None:
         """The initial global state, the first evaluation, and the scheduler's first orders."""
         exp = self.exp
-        rank = max(lora.rank for lora in self.device_lora.values())
-        exp.strategy.init_global(exp.module_shapes, rank, torch.Generator().manual_seed(self.seed))
+        self._init_global()
         self._loop = LoopState()
         if exp.config.eval.at_start:
             self._evaluate(0)

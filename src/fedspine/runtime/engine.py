@@ -114,8 +114,7 @@ class Engine:
         """Run every round; returns the accumulated state for the summary."""
         exp = self.exp
         if self.first_round == 1:
-            rank = max(lora.rank for lora in self.device_lora.values())
-            exp.strategy.init_global(exp.module_shapes, rank, torch.Generator().manual_seed(self.seed))
+            self._init_global()
             if exp.config.eval.at_start:
                 self._evaluate(0)
         every, last = exp.config.run.checkpoint_every, exp.scheduler.rounds
@@ -126,6 +125,12 @@ class Engine:
             if every and round_no % every == 0 and round_no < last:
                 self.checkpoint(round_no)
         return self.state
+
+    def _init_global(self) -> None:
+        """The strategy's initial global state, at the largest rank any device trains."""
+        exp = self.exp
+        rank = max(lora.rank for lora in self.device_lora.values())
+        exp.strategy.init_global(exp.module_shapes, rank, torch.Generator().manual_seed(self.seed))
 
     # --- checkpoints -----------------------------------------------------------------------------
 
