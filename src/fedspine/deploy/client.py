@@ -29,7 +29,9 @@ from fedspine.runtime.executor import task_seed
 class _Built:
     experiment: Experiment
     base_applied: dict[str, torch.Tensor] = field(default_factory=dict)
-    """The base-weight change already merged into this process's model."""
+    """The base-weight change (the server's running sum) this process's model carries."""
+    initial: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The initial weights of every module whose base has been changed here."""
 
 
 _CACHE: dict[str, _Built] = {}
@@ -45,12 +47,26 @@ def _built(config: Config, text: str) -> _Built:
 
 
 def _sync_base(built: _Built, base: dict[str, torch.Tensor]) -> None:
-    """Bring the process's base weights to ``initial + base`` (``base``: the server's running sum)."""
-    diff = {k: v - built.base_applied.get(k, torch.zeros_like(v)) for k, v in base.items()}
-    diff = {k: v for k, v in diff.items() if bool(v.any())}
-    if diff:
-        built.experiment.executor.merge_into_base(diff)
-        built.base_applied = {k: v.clone() for k, v in base.items()}
+    """Set the process's base weights to ``initial + base`` (``base``: the server's running sum).
+
+    Computed from the initial weights, not from what this process merged before, so the result does
+    not depend on the process's history (an earlier run of the same config, or a resumed run whose
+    base is older than the last merge here): it is what a fresh process gets.
+    """
+    applied = built.base_applied
+    changed = sorted(
+        k
+        for k in base.keys() | applied.keys()
+        if k not in base or k not in applied or not torch.equal(base[k], applied[k])
+    )
+    if not changed:
+        return
+    executor = built.experiment.executor
+    built.initial.update(executor.base_weights([k for k in changed if k not in built.initial]))
+    executor.set_base_weights(
+        {k: built.initial[k] + base[k] if k in base else built.initial[k] for k in changed}
+    )
+    built.base_applied = {k: v.clone() for k, v in base.items()}
 
 
 def train(message: Message, context: Context) -> Message:
