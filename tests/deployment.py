@@ -167,9 +167,27 @@ class Loopback:
             time.sleep(0.2)
         raise TimeoutError(f"SuperNodes {names} did not connect within {timeout} s")
 
-    def run_app(self, app_dir: Path, timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
-        """``flwr run APP CONNECTION --stream``; note its exit code is 0 even when the ServerApp fails."""
-        return self.flwr("run", str(app_dir), CONNECTION, "--stream", timeout=timeout)
+    def run_app(
+        self, app_dir: Path, *run_config: str, timeout: float = 600.0
+    ) -> subprocess.CompletedProcess[str]:
+        """``flwr run APP CONNECTION --stream [--run-config K=V]``; note its exit code is 0 even when the
+        ServerApp fails."""
+        overrides = [arg for kv in run_config for arg in ("--run-config", kv)]
+        return self.flwr("run", str(app_dir), CONNECTION, "--stream", *overrides, timeout=timeout)
+
+    def start_app(self, app_dir: Path, name: str) -> subprocess.Popen[bytes]:
+        """``flwr run APP CONNECTION --stream`` in the background (its output in the log ``name``)."""
+        return self._spawn(name, [str(BIN / "flwr"), "run", str(app_dir), CONNECTION, "--stream"])
+
+    def processes(self, command: str) -> list[int]:
+        """PIDs of the live processes started here, or by them, whose command line contains ``command``."""
+        found = []
+        for proc in self.procs.values():
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                with contextlib.suppress(OSError):
+                    if command in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode():
+                        found.append(pid)
+        return found
 
     def close(self) -> None:
         """Stop every process started here, and their descendants, by PID: TERM, then KILL."""

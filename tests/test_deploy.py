@@ -7,7 +7,9 @@ import csv
 import json
 import math
 import os
+import signal
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,13 +31,15 @@ from fedspine.deploy.settings import (
     CONFIG_KEY,
     NODES_KEY,
     OUT_KEY,
+    RESUME_KEY,
     config_from_run,
     device_id_from_node,
     node_bindings,
 )
 from fedspine.deploy.setup import write_app
-from fedspine.errors import ConfigError, DeployError
+from fedspine.errors import CheckpointError, ConfigError, DeployError
 from fedspine.model.pruning import LayerKeep
+from fedspine.runtime import checkpoint as checkpoints
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
 from tests.deployment import DEVICE_CONNECTION, Loopback, alive
 from tests.flower_fakes import FakeGrid
@@ -48,12 +52,15 @@ def tiny(*overrides: str) -> Config:
     return load_config(TINY, [*QUIET, *overrides])
 
 
-def run_fake(cfg: Config, out: Path, grid_hook: object = None, bind: str = "") -> tuple[RunResult, FakeGrid]:
-    run_config: dict[str, str | int | float] = {
+def run_fake(
+    cfg: Config, out: Path, grid_hook: object = None, bind: str = "", resume: bool = False
+) -> tuple[RunResult, FakeGrid]:
+    run_config: dict[str, str | int | float | bool] = {
         CONFIG_KEY: to_toml(cfg),
         OUT_KEY: str(out),
         NODES_KEY: 5.0,
         BIND_KEY: bind,
+        RESUME_KEY: resume,
     }
     grid = FakeGrid(run_config, sum(g.count for g in cfg.fleet.groups))
     if grid_hook is not None:
@@ -389,6 +396,66 @@ def _original(reply: Message) -> Message:
     return msg
 
 
+class ServerKilled(BaseException):
+    """Stands for the ServerApp's process dying: nothing in fedspine catches it."""
+
+
+def _records(run_dir: Path) -> tuple[list[dict[str, str]], list[tuple[int, int, str]]]:
+    """What a deployment must reproduce: per round the aggregated count and train loss, and every
+    task's (round, device, status); wall-clock times differ from run to run."""
+    rounds = [
+        {k: r[k] for k in ("round", "selected", "aggregated", "train_loss", "metric")}
+        for r in csv.DictReader((run_dir / "rounds.csv").open())
+    ]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    tasks = [(e["round"], e["device_id"], e["status"]) for e in events if e["event"] == "task"]
+    return rounds, tasks
+
+
+def test_a_deployment_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path: Path) -> None:
+    """The ServerApp dies while round 2's replies come in; started again with ``resume = true`` it
+    continues from round 1's checkpoint, and its records and final state equal an uninterrupted run's.
+    FLoRA merges into the base weights, which the checkpoint and every later task must carry."""
+    cfg = tiny(
+        "strategy.name=flora", "scheduler.rounds=3", "scheduler.clients_per_round=3", "run.checkpoint_every=1"
+    )
+    whole, _ = run_fake(cfg, tmp_path / "whole")
+    replies = 0
+
+    def die_in_round_2(reply: Message) -> Message:
+        nonlocal replies
+        replies += reply.metadata.message_type == MessageType.TRAIN
+        if replies == 5:
+            raise ServerKilled
+        return reply
+
+    with pytest.raises(ServerKilled):
+        run_fake(cfg, tmp_path / "resumed", die_in_round_2)
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["round-000001"]
+    resumed, _ = run_fake(cfg, tmp_path / "resumed", resume=True)
+    assert _records(resumed.run_dir) == _records(whole.run_dir)
+    assert resumed.summary["tasks"] == whole.summary["tasks"]
+    for key in ("final_eval_loss", "uplink_bytes", "downlink_bytes"):
+        assert resumed.summary[key] == whole.summary[key], key
+    values = [[e["value"] for e in run.summary["evaluations"]] for run in (resumed, whole)]
+    assert values[0] == values[1] and len(values[0]) == 3
+    with pytest.raises(CheckpointError, match="already finished"):
+        run_fake(cfg, tmp_path / "resumed", resume=True)
+
+
+def test_a_deployment_resume_that_cannot_be_honoured_is_refused(tmp_path: Path) -> None:
+    cfg = tiny("scheduler.rounds=1")
+    with pytest.raises(CheckpointError, match=r"no config\.toml"):
+        run_fake(cfg, tmp_path / "nothing", resume=True)
+    done, _ = run_fake(cfg, tmp_path / "run")
+    with pytest.raises(DeployError, match="differs"):
+        run_fake(tiny("scheduler.rounds=2"), done.run_dir, resume=True)
+    ef21 = tiny("scheduler.rounds=1", "compression.codec=topk", "compression.feedback=ef21")
+    (done.run_dir / "config.toml").write_text(to_toml(ef21))
+    with pytest.raises(ConfigError, match=r"compression\.feedback"):
+        run_fake(ef21, done.run_dir, resume=True)
+
+
 def test_a_deployment_refuses_asynchronous_schedulers(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"scheduler\.name"):
         run_fake(tiny("scheduler.name=fedbuff"), tmp_path / "flower")
@@ -574,6 +641,44 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(loopback: Loopback, t
 def test_one_flower_round_gives_the_simulators_global_state(loopback: Loopback, tmp_path: Path) -> None:
     cfg = tiny("scheduler.rounds=1", *DEPLOY)
     out = _flower_run(loopback, cfg, "parity")
+    sim = run_experiment(cfg, tmp_path / "sim")
+    assert_same_state(load_global_adapter(out), load_global_adapter(sim.run_dir))
+
+
+@pytest.mark.slow
+def test_a_killed_serverapp_restarted_with_resume_continues_from_its_checkpoint(
+    loopback: Loopback, tmp_path: Path
+) -> None:
+    """SIGKILL the ServerApp process once round 1 is checkpointed, then ``flwr run`` the same app with
+    ``resume=true``: the run finishes from round 2 on, with the simulator's global state (as an
+    uninterrupted deployment has)."""
+    cfg = tiny("scheduler.rounds=3", "run.checkpoint_every=1", *DEPLOY)
+    out, app = loopback.root / "killed", loopback.root / "killed-app"
+    write_app(app, cfg, out, round_timeout=300, wait_for_nodes=60)
+    first = loopback.start_app(app, "killed-run")
+    checkpoint = out / "checkpoints" / "round-000001"
+    deadline = time.time() + 300
+    while not (checkpoint.is_dir() and checkpoints.verify(checkpoint) is None):
+        assert time.time() < deadline and first.poll() is None, loopback.log("killed-run")
+        time.sleep(0.2)
+    servers = loopback.processes("flwr-serverapp")
+    assert servers, "no ServerApp process found"
+    for pid in servers:
+        os.kill(pid, signal.SIGKILL)
+    first.kill()
+    first.wait(timeout=30)
+    assert not (out / "summary.json").exists()
+
+    # the nodes may still be training the killed run's round 2 (they run one task at a time)
+    done = loopback.run_app(app, "resume=true", "wait-for-nodes=300.0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (out / "summary.json").exists(), done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [e["round"] for e in summary["evaluations"]] == [0, 1, 2, 3]
+    assert summary["tasks"]["ok"] == 6
+    assert [r["round"] for r in csv.DictReader((out / "rounds.csv").open())] == ["1", "2", "3"]
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "deployment" for e in events) == 2  # node discovery again on restart
     sim = run_experiment(cfg, tmp_path / "sim")
     assert_same_state(load_global_adapter(out), load_global_adapter(sim.run_dir))
 

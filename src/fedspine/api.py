@@ -110,17 +110,26 @@ def resume_experiment(
     run_dir: Path,
     on_round: RoundCallback | None = None,
     on_status: Callable[[str], None] | None = None,
+    engine: EngineFactory = make_engine,
+    executor: str = "simulation",
 ) -> RunResult:
     """Continue an interrupted run from its newest complete checkpoint, with its own ``config.toml``.
 
     The records are cut back to where the checkpoint was taken and continue from there; the finished
     run's records and ``summary.json`` metrics equal those of a run that was never interrupted.
+    ``engine`` and ``executor`` are as in :func:`run_experiment` (a deployment passes its own).
     """
     with run_lock(run_dir):
-        return _resume(run_dir, on_round, on_status or (lambda _msg: None))
+        return _resume(run_dir, on_round, on_status or (lambda _msg: None), engine, executor)
 
 
-def _resume(run_dir: Path, on_round: RoundCallback | None, status: Callable[[str], None]) -> RunResult:
+def _resume(
+    run_dir: Path,
+    on_round: RoundCallback | None,
+    status: Callable[[str], None],
+    engine_factory: EngineFactory,
+    executor: str,
+) -> RunResult:
     if (run_dir / SUMMARY_FILE).exists():
         raise CheckpointError(f"{run_dir} already finished (it has {SUMMARY_FILE}); nothing to resume")
     if not (run_dir / "config.toml").exists():
@@ -134,9 +143,9 @@ def _resume(run_dir: Path, on_round: RoundCallback | None, status: Callable[[str
     status(f"resuming {run_dir} after {unit} {snapshot.round}")
     (run_dir / "FAILED").unlink(missing_ok=True)
     recorder = RunRecorder.resume(run_dir, snapshot.engine["positions"], snapshot.engine["rounds"])
-    engine = make_engine(experiment, recorder)
+    engine = engine_factory(experiment, recorder)
     engine.restore(snapshot)
-    return _execute(experiment, recorder, engine, setup_seconds, on_round, status, "simulation")
+    return _execute(experiment, recorder, engine, setup_seconds, on_round, status, executor)
 
 
 def _execute(

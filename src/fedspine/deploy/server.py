@@ -15,7 +15,11 @@ Device and server stamps come from different clocks: across machines they are on
 machines' clock synchronisation (NTP: milliseconds). Every measured time is wall time, so records of
 a deployment are not reproducible to the bit the way a simulation's are; the updates are.
 
-Only the synchronous scheduler runs here (see docs/deploy.md).
+Only the synchronous scheduler runs here (see docs/deploy.md). The server checkpoints after every
+``run.checkpoint_every`` rounds, as in simulation; a ServerApp started with the run-config key
+``resume = true`` continues the interrupted run in ``out-dir`` from its newest checkpoint. The devices
+keep nothing a task needs between rounds (every task carries the global state and the base change),
+except error-feedback memory, so runs with ``compression.feedback`` are not resumed.
 """
 
 from __future__ import annotations
@@ -30,19 +34,23 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedspine.algorithms.wire import update_payload_bytes
-from fedspine.api import RunResult, run_experiment
+from fedspine.api import RunResult, resume_experiment, run_experiment
+from fedspine.config import Config, load_config
 from fedspine.deploy.records import max_reply_bytes, read_update, task_record
 from fedspine.deploy.settings import (
     BIND_KEY,
     NODES_KEY,
     OUT_KEY,
+    RESUME_KEY,
     TIMEOUT_KEY,
     config_from_run,
+    flag,
     node_bindings,
     number,
 )
-from fedspine.errors import ConfigError, DeployError
+from fedspine.errors import CheckpointError, ConfigError, DeployError
 from fedspine.metrics.records import RunRecorder
+from fedspine.runtime import checkpoint as checkpoints
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.engine import Engine, TaskOutcome
 from fedspine.types import Device, TaskStatus
@@ -156,8 +164,10 @@ class FlowerEngine(Engine):
     def _aggregation_seconds(self, nbytes: int, wall_seconds: float) -> float:
         return wall_seconds
 
-    def checkpoint(self, round_no: int) -> None:
-        """Deployed runs are not checkpointed (resuming one would need the SuperNodes' state too)."""
+    def restore(self, snapshot: checkpoints.Snapshot) -> None:
+        """Continue after ``snapshot``'s round; the wall clock goes on from the checkpoint's time."""
+        super().restore(snapshot)
+        self._t0 = time.time() - self.clock.now
 
 
 def discover_nodes(
@@ -233,6 +243,10 @@ def serve(grid: Grid, context: Context) -> RunResult:
     bound = node_bindings(context.run_config)
     timeout = number(context.run_config, TIMEOUT_KEY, 3600.0)
 
+    resume = flag(context.run_config, RESUME_KEY)
+    if resume:
+        _check_resumable(config, Path(out))
+
     def engine(experiment: Experiment, recorder: RunRecorder) -> FlowerEngine:
         started = time.perf_counter()
         nodes = discover_nodes(grid, len(experiment.devices), wait, bound)
@@ -242,7 +256,28 @@ def serve(grid: Grid, context: Context) -> RunResult:
         )
         return FlowerEngine(experiment, recorder, grid, nodes, timeout)
 
+    if resume:
+        return resume_experiment(Path(out), engine=engine, executor="flower")
     return run_experiment(config, Path(out), engine=engine, executor="flower")
+
+
+def _check_resumable(config: Config, run_dir: Path) -> None:
+    """Refuse, before anything starts, a resume the run in ``run_dir`` cannot honour."""
+    if not (run_dir / "config.toml").is_file():
+        raise CheckpointError(
+            f"{run_dir} holds no run to resume (no config.toml); start it without '{RESUME_KEY}'"
+        )
+    if load_config(run_dir / "config.toml") != config:
+        raise DeployError(
+            f"the app's fedspine config differs from the one the run in {run_dir} started with; "
+            "resume it with the same app"
+        )
+    if config.compression.feedback != "none":
+        raise ConfigError(
+            "compression.feedback",
+            f"a deployment with error feedback ({config.compression.feedback!r}) cannot be resumed: "
+            "each device's feedback memory belonged to the interrupted Flower run",
+        )
 
 
 __all__ = ["FlowerEngine", "discover_nodes", "serve"]

@@ -22,6 +22,9 @@ NODES_KEY = "wait-for-nodes"
 BIND_KEY = "node-devices"
 """Run-config key: Flower node id -> device id, as ``"NODE=DEVICE,NODE=DEVICE"`` (empty: nodes say who
 they are). With it, only those nodes take part, each as its bound device."""
+RESUME_KEY = "resume"
+"""Run-config key: ``true`` continues the interrupted run in ``out-dir`` from its newest checkpoint
+(``flwr run APP --run-config "resume=true"``); ``false`` (the app's default) starts a new run."""
 DEVICE_KEY = "device-id"
 """Node-config key: which device of the config's fleet this SuperNode is."""
 PARTITION_KEY = "partition-id"
@@ -79,3 +82,11 @@ def number(run_config: Mapping[str, Value], key: str, default: float) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
         raise DeployError(f"run config '{key}' must be a positive number, got {value!r}")
     return float(value)
+
+
+def flag(run_config: Mapping[str, Value], key: str) -> bool:
+    """A boolean run-config setting (absent: false)."""
+    value = run_config.get(key, False)
+    if not isinstance(value, bool):
+        raise DeployError(f"run config '{key}' must be true or false, got {value!r}")
+    return value

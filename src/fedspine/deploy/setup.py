@@ -28,7 +28,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedspine.config import Config, to_toml, tomllib
-from fedspine.deploy.settings import BIND_KEY, CONFIG_KEY, NODES_KEY, OUT_KEY, TIMEOUT_KEY, node_bindings
+from fedspine.deploy.settings import (
+    BIND_KEY,
+    CONFIG_KEY,
+    NODES_KEY,
+    OUT_KEY,
+    RESUME_KEY,
+    TIMEOUT_KEY,
+    node_bindings,
+)
 from fedspine.errors import DeployError
 
 APP_NAME = "fedspine-app"
@@ -206,6 +214,7 @@ def write_app(
                         TIMEOUT_KEY: float(round_timeout),
                         NODES_KEY: float(wait_for_nodes),
                         BIND_KEY: bind_text,
+                        RESUME_KEY: False,
                     },
                 }
             }
