@@ -456,11 +456,44 @@ def test_a_deployment_resume_that_cannot_be_honoured_is_refused(tmp_path: Path) 
         run_fake(ef21, done.run_dir, resume=True)
 
 
-def test_a_deployment_refuses_asynchronous_schedulers(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"scheduler\.name"):
-        run_fake(tiny("scheduler.name=fedbuff"), tmp_path / "flower")
-    with pytest.raises(DeployError, match="synchronous"):
-        write_app(tmp_path / "app", tiny("scheduler.name=fedbuff"), tmp_path / "run")
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        ["scheduler.name=fedbuff", "scheduler.concurrency=4", "scheduler.fedbuff.buffer_size=2"],
+        ["scheduler.name=fedcompass", "scheduler.fedcompass.q_min=1", "scheduler.fedcompass.q_max=2"],
+    ],
+    ids=["fedbuff", "fedcompass"],
+)
+def test_asynchronous_schedulers_run_over_flower_with_staleness_recorded(
+    tmp_path: Path, scheduler: list[str]
+) -> None:
+    """Each dispatched task is a message; a reply is an arrival when pulled. A malformed reply is
+    dropped and its device offered work again; staleness is recorded as in simulation."""
+    cfg = tiny(*scheduler, "scheduler.rounds=4", "scheduler.max_updates=8", "train.local_steps=2")
+    bad = {"left": 1}
+
+    def one_malformed(reply: Message) -> Message:
+        if reply.metadata.message_type == MessageType.TRAIN and bad["left"]:
+            bad["left"] -= 1
+            del reply.content.config_records["update"]
+        return reply
+
+    flower, _ = run_fake(cfg, tmp_path / "flower", one_malformed)
+    summary = flower.summary
+    assert summary["executor"] == "flower" and summary["scheduler"] == cfg.scheduler.name
+    assert summary["tasks"]["dropped"] == 1 and summary["tasks"]["ok"] >= summary["updates"]["applied"] > 0
+    events = [json.loads(line) for line in (flower.run_dir / "events.jsonl").read_text().splitlines()]
+    steps = [e for e in events if e["event"] == "server_step"]
+    assert 0 < len(steps) <= 4 and [e["round"] for e in steps] == list(range(1, len(steps) + 1))
+    assert any(tau > 0 for e in steps for tau in e["staleness"])  # updates built on an older version
+    dropped = [e for e in events if e["event"] == "task" and e["status"] == "dropped"]
+    assert "malformed update" in dropped[0]["reason"]
+    rounds = list(csv.DictReader((flower.run_dir / "rounds.csv").open()))
+    assert rounds and all(r["max_staleness"] != "" for r in rounds)
+    for e in (e for e in events if e["event"] == "task" and e["status"] == "ok"):  # measured times
+        assert e["compute_seconds"] >= e["train_seconds"] > 0 and e["uplink_bytes"] > 0
+    with pytest.raises(ConfigError, match=r"scheduler\.name"):  # its tasks in flight are gone
+        run_fake(cfg, flower.run_dir, resume=True)
 
 
 # --- the deploy CLI ---------------------------------------------------------------------------------
@@ -586,17 +619,18 @@ DEPLOY = [
 
 @pytest.fixture(scope="module")
 def loopback(tmp_path_factory: pytest.TempPathFactory) -> object:
-    """A TLS SuperLink with node authentication and two registered SuperNodes (devices 0 and 1)."""
+    """A TLS SuperLink with node authentication and three registered SuperNodes (devices 0, 1, 2; the
+    two-device fleets leave device 2's node out)."""
     dep = Loopback(tmp_path_factory.mktemp("loopback"))
     try:
         dep.start_superlink()
-        pairs = dep.keys(["node0", "node1", "rogue"])
-        for _, public in pairs[:2]:
+        pairs = dep.keys(["node0", "node1", "node2", "rogue"])
+        for _, public in pairs[:3]:
             dep.register(public)
-        for i, (private, _) in enumerate(pairs[:2]):
+        for i, (private, _) in enumerate(pairs[:3]):
             dep.start_supernode(f"node{i}", private, i)
-        dep.wait_connected(["node0", "node1"])
-        dep.rogue_key = pairs[2][0]  # type: ignore[attr-defined]
+        dep.wait_connected(["node0", "node1", "node2"])
+        dep.rogue_key = pairs[3][0]  # type: ignore[attr-defined]
         yield dep
     finally:
         pids = [p.pid for p in dep.procs.values()]
@@ -681,6 +715,33 @@ def test_a_killed_serverapp_restarted_with_resume_continues_from_its_checkpoint(
     assert sum(e["event"] == "deployment" for e in events) == 2  # node discovery again on restart
     sim = run_experiment(cfg, tmp_path / "sim")
     assert_same_state(load_global_adapter(out), load_global_adapter(sim.run_dir))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        ["scheduler.name=fedbuff", "scheduler.concurrency=3", "scheduler.fedbuff.buffer_size=2"],
+        ["scheduler.name=fedcompass", "scheduler.fedcompass.q_min=1", "scheduler.fedcompass.q_max=2"],
+    ],
+    ids=["fedbuff", "fedcompass"],
+)
+def test_asynchronous_schedulers_over_three_supernodes(
+    loopback: Loopback, tmp_path: Path, scheduler: list[str]
+) -> None:
+    fleet = 'fleet.groups=[{device_class = "jetson_orin_nano", count = 3, network = "wifi"}]'
+    cfg = tiny(*DEPLOY, fleet, *scheduler, "scheduler.rounds=3", "scheduler.max_updates=5")
+    out = _flower_run(loopback, cfg, f"async-{cfg.scheduler.name}")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["executor"] == "flower" and summary["updates"]["applied"] >= 3
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert len(next(e for e in events if e["event"] == "deployment")["nodes"]) == 3
+    steps = [e for e in events if e["event"] == "server_step"]
+    assert [e["round"] for e in steps] == list(range(1, len(steps) + 1)) and len(steps) <= 3
+    assert all(len(e["staleness"]) == len(e["task_ids"]) for e in steps)
+    tasks = [e for e in events if e["event"] == "task" and e["status"] == "ok"]
+    assert {e["device_id"] for e in tasks} == {0, 1, 2}
+    assert all(e["compute_seconds"] >= e["train_seconds"] > 0 for e in tasks)
 
 
 def test_a_supernode_whose_key_is_not_registered_is_refused(loopback: Loopback) -> None:

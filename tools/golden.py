@@ -2,6 +2,7 @@
 
     python tools/golden.py record DIR     # before the change: records of every pair that runs today
     python tools/golden.py check DIR      # after it: rerun each pair, compare, list the differences
+    python tools/golden.py check DIR --scheduler fedbuff --scheduler fedcompass   # only those pairs
 
 Each (strategy, scheduler) pair runs ``configs/tiny.toml`` for a few rounds with dropouts
 (``fleet.trace.kind = "sessions"``), and ``events.jsonl`` and ``rounds.csv`` are kept under
@@ -42,8 +43,9 @@ COMMON = [
 ]
 
 
-def pairs() -> list[tuple[str, str]]:
-    return [(strategy, scheduler) for strategy in STRATEGIES.names() for scheduler in SCHEDULERS.names()]
+def pairs(schedulers: list[str] | None = None) -> list[tuple[str, str]]:
+    chosen = [s for s in SCHEDULERS.names() if not schedulers or s in schedulers]
+    return [(strategy, scheduler) for strategy in STRATEGIES.names() for scheduler in chosen]
 
 
 def produce(strategy: str, scheduler: str, out: Path) -> None:
@@ -80,17 +82,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("mode", choices=("record", "check"))
     parser.add_argument("dir", type=Path)
+    parser.add_argument(
+        "--scheduler", action="append", choices=SCHEDULERS.names(), help="only this scheduler's pairs"
+    )
     args = parser.parse_args()
+    chosen = pairs(args.scheduler)
     if args.mode == "record":
         if args.dir.exists():
             parser.error(f"{args.dir} exists; golden records are never overwritten")
-        for strategy, scheduler in pairs():
+        for strategy, scheduler in chosen:
             produce(strategy, scheduler, args.dir / f"{strategy}-{scheduler}")
             print(f"recorded {strategy}-{scheduler}", flush=True)
         return 0
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for strategy, scheduler in pairs():
+        for strategy, scheduler in chosen:
             name = f"{strategy}-{scheduler}"
             produce(strategy, scheduler, Path(tmp) / name)
             if not (args.dir / name).is_dir():
@@ -100,7 +106,7 @@ def main() -> int:
             found = differences(args.dir / name, Path(tmp) / name)
             failed += bool(found)
             print(f"{name}: " + ("identical" if not found else "DIFFERS\n" + "\n".join(found)), flush=True)
-    print(f"RESULT pairs={len(pairs())} differing={failed}")
+    print(f"RESULT pairs={len(chosen)} differing={failed}")
     return 1 if failed else 0
 
 

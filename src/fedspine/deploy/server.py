@@ -1,7 +1,10 @@
-"""The server side of a Flower deployment: fedspine's round engine with Flower as the executor.
+"""The server side of a Flower deployment: fedspine's engines with Flower carrying the tasks.
 
-The strategy, policy, scheduler, codec and records are the simulator's own objects
-(:class:`~fedspine.runtime.engine.Engine`); what changes is how a round's tasks run. Instead of training
+The strategy, policy, scheduler, codec and records are the simulator's own objects: synchronous
+rounds run on :class:`~fedspine.runtime.engine.Engine` (:class:`FlowerEngine`), FedAsync, FedBuff and
+FedCompass on the event-driven :class:`~fedspine.runtime.async_engine.AsyncEngine` with a
+:class:`FlowerTransport`; both send and receive through one :class:`FlowerLink`. What changes is how a
+task runs. Instead of training
 in-process and charging virtual time from the cost model, the tasks travel to the devices' SuperNodes
 as Flower messages and the clock is the wall clock. Each task's time is split from four stamps:
 
@@ -15,11 +18,12 @@ Device and server stamps come from different clocks: across machines they are on
 machines' clock synchronisation (NTP: milliseconds). Every measured time is wall time, so records of
 a deployment are not reproducible to the bit the way a simulation's are; the updates are.
 
-Only the synchronous scheduler runs here (see docs/deploy.md). The server checkpoints after every
-``run.checkpoint_every`` rounds, as in simulation; a ServerApp started with the run-config key
-``resume = true`` continues the interrupted run in ``out-dir`` from its newest checkpoint. The devices
-keep nothing a task needs between rounds (every task carries the global state and the base change),
-except error-feedback memory, so runs with ``compression.feedback`` are not resumed.
+The server checkpoints after every ``run.checkpoint_every`` rounds, as in simulation; a ServerApp
+started with the run-config key ``resume = true`` continues the interrupted synchronous run in
+``out-dir`` from its newest checkpoint. The devices keep nothing a task needs between rounds (every
+task carries the global state and the base change), except error-feedback memory, so runs with
+``compression.feedback`` are not resumed; nor are asynchronous ones, whose tasks in flight went to
+the killed run.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -51,6 +56,7 @@ from fedspine.deploy.settings import (
 from fedspine.errors import CheckpointError, ConfigError, DeployError
 from fedspine.metrics.records import RunRecorder
 from fedspine.runtime import checkpoint as checkpoints
+from fedspine.runtime.async_engine import AsyncEngine, RunningTask
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.engine import Engine, TaskOutcome
 from fedspine.types import Device, TaskStatus
@@ -61,87 +67,61 @@ POLL_SECONDS = 0.05
 """How often the server pulls replies: the resolution of the measured arrival times."""
 
 
-class FlowerEngine(Engine):
-    """Synchronous rounds whose tasks run on Flower SuperNodes, timed by the wall clock."""
+class FlowerLink:
+    """Tasks to the devices' SuperNodes as Flower messages, and their replies back, on the wall clock.
 
-    def __init__(
-        self,
-        experiment: Experiment,
-        recorder: RunRecorder,
-        grid: Grid,
-        nodes: dict[int, int],
-        round_timeout: float,
-    ) -> None:
-        super().__init__(experiment, recorder)
+    A reply is untrusted until it has been decoded within its byte cap and passed the server's checks
+    (:meth:`Engine.validate`); whatever goes wrong on the way drops that task with the reason, never
+    the run, and changes nothing the server keeps.
+    """
+
+    def __init__(self, grid: Grid, nodes: dict[int, int], timeout: float) -> None:
         self.grid = grid
         self.nodes = nodes
         """Device id -> Flower node id."""
-        self.round_timeout = round_timeout
-        self._t0 = time.time()
+        self.timeout = timeout
+        """Seconds a task may wait for its reply (when the scheduler sets no deadline)."""
+        self.t0 = time.time()
+        """The wall time at which the run's clock reads 0."""
 
-    def _elapsed(self) -> float:
-        return time.time() - self._t0
+    def elapsed(self) -> float:
+        return time.time() - self.t0
 
-    def _online(self, round_no: int, start: float) -> list[int]:
+    def connected(self) -> list[int]:
+        """The devices whose SuperNode is connected now."""
         connected = set(self.grid.get_node_ids())
         return [d for d, node in sorted(self.nodes.items()) if node in connected]
 
-    def _round(self, round_no: int) -> Any:
-        self.clock.advance_to(max(self.clock.now, self._elapsed()))  # evaluation time passed too
-        return super()._round(round_no)
+    def message(
+        self, o: TaskOutcome, base_delta: dict[str, torch.Tensor], sent_at: float, group: str
+    ) -> Message:
+        """The message carrying ``o``'s task (and the base change so far); records its bytes in ``o``."""
+        assert o.task is not None
+        content = task_record(o.task, base_delta, sent_at)
+        o.downlink_bytes = sum(record.count_bytes() for record in content.array_records.values())
+        return Message(content, self.nodes[o.device.device_id], MessageType.TRAIN, group_id=group)
 
-    def _run_tasks(self, round_no: int, start: float, devices: list[Device]) -> list[TaskOutcome]:
-        """Send every task that fits its device, then pull replies until all came or time ran out."""
-        self.exp.strategy.begin_round(round_no, [d.device_id for d in devices])
-        outcomes = [self._prepare(round_no, d) for d in devices]
-        sent_at = time.time()
-        messages: list[Message] = []
-        for o in outcomes:
-            if o.status != TaskStatus.OK or o.task is None:
-                continue
-            content = task_record(o.task, self.base_delta, sent_at)
-            o.downlink_bytes = sum(record.count_bytes() for record in content.array_records.values())
-            node = self.nodes[o.device.device_id]
-            messages.append(Message(content, node, MessageType.TRAIN, group_id=str(round_no)))
-        sent = [o for o in outcomes if o.status == TaskStatus.OK]
-        pending = dict(zip(self.grid.push_messages(messages), sent, strict=True))
-        limit = self._sync.deadline_seconds or self.round_timeout
-        while pending and time.time() - sent_at < limit:
-            for reply in self.grid.pull_messages(list(pending)):
-                outcome = pending.pop(reply.metadata.reply_to_message_id, None)
-                if outcome is not None:
-                    self._receive(outcome, reply, sent_at, time.time())
-            if pending:
-                time.sleep(POLL_SECONDS)
-        for o in pending.values():
-            o.status = TaskStatus.LATE if self._sync.deadline_seconds else TaskStatus.DROPPED
-            o.compute_seconds = limit
-            o.extra["reason"] = f"no reply within {limit:g} s"
-        return outcomes
-
-    def _receive(self, o: TaskOutcome, reply: Message, sent_at: float, arrived_at: float) -> None:
-        """Decode one reply into ``o``: its update and its measured downlink / compute / uplink times.
-
-        The reply is untrusted until it has been decoded within its byte cap and passed the server's
-        checks (:meth:`_validate`); whatever goes wrong on the way drops this task with the reason,
-        never the round, and changes nothing the server keeps.
-        """
+    def receive(
+        self, engine: Engine, o: TaskOutcome, reply: Message, sent_at: float, arrived_at: float
+    ) -> None:
+        """Decode one reply into ``o``: its update and its measured downlink / compute / uplink times."""
         task = o.task
         assert task is not None
         if reply.has_error():
-            self._reject(o, f"device error: {reply.error.reason}", arrived_at - sent_at)
+            self.drop(o, f"device error: {reply.error.reason}", arrived_at - sent_at)
             return
+        exp = engine.exp
         try:
-            update, timing = read_update(reply.content, task, max_reply_bytes(task, self.exp.shape))
+            update, timing = read_update(reply.content, task, max_reply_bytes(task, exp.shape))
             if update.wire is not None:
-                if self.exp.uplink is None:
+                if exp.uplink is None:
                     raise DeployError("compressed update received but the run has no uplink codec")
-                update = self.exp.uplink.receive(update, task.payload)
+                update = exp.uplink.receive(update, task.payload)
             for name, value in vars(timing).items():
                 if not math.isfinite(value):
                     raise DeployError(f"update.{name} {value!r} is not finite")
         except Exception as exc:  # the trust boundary: no reply may end the run
-            self._reject(o, f"malformed update: {exc}", arrived_at - sent_at)
+            self.drop(o, f"malformed update: {exc}", arrived_at - sent_at)
             return
         update.uplink_bytes = update_payload_bytes(update)
         o.update, o.uplink_bytes = update, update.uplink_bytes
@@ -153,13 +133,54 @@ class FlowerEngine(Engine):
             train_seconds=update.host_train_seconds,
             message_bytes=sum(r.count_bytes() for r in reply.content.array_records.values()),
         )
-        self.state.train_wall_seconds += update.host_train_seconds
-        self._validate(o)
+        engine.state.train_wall_seconds += update.host_train_seconds
+        engine.validate(o)
 
-    def _reject(self, o: TaskOutcome, reason: str, seconds: float) -> None:
-        log.warning("round %s, device %s: %s", o.task.round if o.task else "?", o.device.device_id, reason)
-        o.status, o.update, o.compute_seconds = TaskStatus.DROPPED, None, seconds
+    @staticmethod
+    def drop(o: TaskOutcome, reason: str, seconds: float, status: TaskStatus = TaskStatus.DROPPED) -> None:
+        """``o`` ends without an update after ``seconds``, for ``reason`` (logged and recorded)."""
+        log.warning(
+            "task of device %s (round %s): %s", o.device.device_id, o.task.round if o.task else "?", reason
+        )
+        o.status, o.update, o.compute_seconds = status, None, seconds
         o.extra["reason"] = reason
+
+
+class FlowerEngine(Engine):
+    """Synchronous rounds whose tasks run on Flower SuperNodes, timed by the wall clock."""
+
+    def __init__(self, experiment: Experiment, recorder: RunRecorder, link: FlowerLink) -> None:
+        super().__init__(experiment, recorder)
+        self.link = link
+
+    def _online(self, round_no: int, start: float) -> list[int]:
+        return self.link.connected()
+
+    def _round(self, round_no: int) -> Any:
+        self.clock.advance_to(max(self.clock.now, self.link.elapsed()))  # evaluation time passed too
+        return super()._round(round_no)
+
+    def _run_tasks(self, round_no: int, start: float, devices: list[Device]) -> list[TaskOutcome]:
+        """Send every task that fits its device, then pull replies until all came or time ran out."""
+        self.exp.strategy.begin_round(round_no, [d.device_id for d in devices])
+        outcomes = [self._prepare(round_no, d) for d in devices]
+        sent_at = time.time()
+        sent = [o for o in outcomes if o.status == TaskStatus.OK]
+        messages = [self.link.message(o, self.base_delta, sent_at, str(round_no)) for o in sent]
+        grid = self.link.grid
+        pending = dict(zip(grid.push_messages(messages), sent, strict=True))
+        limit = self._sync.deadline_seconds or self.link.timeout
+        while pending and time.time() - sent_at < limit:
+            for reply in grid.pull_messages(list(pending)):
+                outcome = pending.pop(reply.metadata.reply_to_message_id, None)
+                if outcome is not None:
+                    self.link.receive(self, outcome, reply, sent_at, time.time())
+            if pending:
+                time.sleep(POLL_SECONDS)
+        for o in pending.values():
+            status = TaskStatus.LATE if self._sync.deadline_seconds else TaskStatus.DROPPED
+            self.link.drop(o, f"no reply within {limit:g} s", limit, status)
+        return outcomes
 
     def _aggregation_seconds(self, nbytes: int, wall_seconds: float) -> float:
         return wall_seconds
@@ -167,7 +188,59 @@ class FlowerEngine(Engine):
     def restore(self, snapshot: checkpoints.Snapshot) -> None:
         """Continue after ``snapshot``'s round; the wall clock goes on from the checkpoint's time."""
         super().restore(snapshot)
-        self._t0 = time.time() - self.clock.now
+        self.link.t0 = time.time() - self.clock.now
+
+
+class FlowerTransport:
+    """The asynchronous engine's tasks over Flower: each dispatched task is one message to its
+    device's SuperNode; a reply is an arrival at the moment it is pulled (the event loop polls every
+    :data:`POLL_SECONDS`), a task without a reply within the link's timeout is lost (``dropped``).
+    Scheduler timers fire on the wall clock; the availability trace and per-offer draws of the
+    simulator do not apply (a device is offline when its node is not connected)."""
+
+    def __init__(self, link: FlowerLink) -> None:
+        self.link = link
+        self.out: dict[str, tuple[RunningTask, float]] = {}
+        """Message id -> the task it carries and when it was sent."""
+
+    def admit(self, engine: AsyncEngine, device: Device, offer: int) -> str:
+        return "ok" if device.device_id in self.link.connected() else "offline"
+
+    def launch(self, engine: AsyncEngine, task: RunningTask) -> None:
+        sent_at = time.time()
+        message = self.link.message(task.outcome, engine.base_delta, sent_at, str(task.version + 1))
+        (message_id,) = self.link.grid.push_messages([message])
+        self.out[message_id] = (task, sent_at)
+
+    def collect(self, engine: AsyncEngine) -> bool:
+        if not self.out:
+            return False
+        for reply in self.link.grid.pull_messages(list(self.out)):
+            entry = self.out.pop(reply.metadata.reply_to_message_id, None)
+            if entry is not None:
+                self.link.receive(engine, entry[0].outcome, reply, entry[1], time.time())
+                self._arrived(engine, entry[0])
+        for message_id, (task, sent_at) in list(self.out.items()):
+            if time.time() - sent_at > self.link.timeout:
+                del self.out[message_id]
+                self.link.drop(task.outcome, f"no reply within {self.link.timeout:g} s", self.link.timeout)
+                self._arrived(engine, task)
+        return bool(self.out)
+
+    def _arrived(self, engine: AsyncEngine, task: RunningTask) -> None:
+        """Queue ``task``'s end (with or without an update) at the current wall time."""
+        engine.clock.advance_to(max(engine.clock.now, self.link.elapsed()))
+        engine.loop.queue.push(engine.clock.now, ("arrive", task))
+
+    def due(self, engine: AsyncEngine, at: float) -> bool:
+        engine.clock.advance_to(max(engine.clock.now, self.link.elapsed()))
+        return at <= engine.clock.now
+
+    def wait(self) -> None:
+        time.sleep(POLL_SECONDS)
+
+    def aggregation_seconds(self, engine: AsyncEngine, nbytes: int, wall_seconds: float) -> float:
+        return wall_seconds
 
 
 def discover_nodes(
@@ -232,10 +305,6 @@ def _claimed_device(reply: Message, devices: int) -> tuple[int | None, str]:
 def serve(grid: Grid, context: Context) -> RunResult:
     """The ServerApp's main: run the configured experiment over the connected SuperNodes."""
     config, _ = config_from_run(context.run_config)
-    if not config.scheduler.synchronous:
-        raise ConfigError(
-            "scheduler.name", "a Flower deployment runs the synchronous scheduler ('sync') only"
-        )
     out = context.run_config.get(OUT_KEY)
     if not isinstance(out, str) or not out:
         raise DeployError(f"the Flower run config needs '{OUT_KEY}' (the directory for the run's records)")
@@ -247,14 +316,17 @@ def serve(grid: Grid, context: Context) -> RunResult:
     if resume:
         _check_resumable(config, Path(out))
 
-    def engine(experiment: Experiment, recorder: RunRecorder) -> FlowerEngine:
+    def engine(experiment: Experiment, recorder: RunRecorder) -> Engine:
         started = time.perf_counter()
         nodes = discover_nodes(grid, len(experiment.devices), wait, bound)
         seconds = time.perf_counter() - started
         recorder.event(
             "deployment", nodes={str(d): n for d, n in sorted(nodes.items())}, discovery_seconds=seconds
         )
-        return FlowerEngine(experiment, recorder, grid, nodes, timeout)
+        link = FlowerLink(grid, nodes, timeout)
+        if config.scheduler.synchronous:
+            return FlowerEngine(experiment, recorder, link)
+        return AsyncEngine(experiment, recorder, FlowerTransport(link))
 
     if resume:
         return resume_experiment(Path(out), engine=engine, executor="flower")
@@ -272,6 +344,12 @@ def _check_resumable(config: Config, run_dir: Path) -> None:
             f"the app's fedspine config differs from the one the run in {run_dir} started with; "
             "resume it with the same app"
         )
+    if not config.scheduler.synchronous:
+        raise ConfigError(
+            "scheduler.name",
+            f"an asynchronous deployment ({config.scheduler.name!r}) cannot be resumed: the tasks it "
+            "had out went to the killed Flower run; start it again without 'resume'",
+        )
     if config.compression.feedback != "none":
         raise ConfigError(
             "compression.feedback",
@@ -280,4 +358,4 @@ def _check_resumable(config: Config, run_dir: Path) -> None:
         )
 
 
-__all__ = ["FlowerEngine", "discover_nodes", "serve"]
+__all__ = ["FlowerEngine", "FlowerLink", "FlowerTransport", "discover_nodes", "serve"]

@@ -190,8 +190,6 @@ def write_app(
     outside = sorted(d for d in bound.values() if d >= devices)
     if outside:
         raise DeployError(f"--bind names device {outside[0]}; the fleet has devices 0..{devices - 1}")
-    if not config.scheduler.synchronous:
-        raise DeployError("a Flower deployment runs the synchronous scheduler: set scheduler.name = 'sync'")
     project = {
         "project": {
             "name": APP_NAME,

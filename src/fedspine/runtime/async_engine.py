@@ -1,8 +1,10 @@
 """The event-driven engine of the asynchronous schedulers (FedAsync, FedBuff, FedCompass).
 
-Events on the virtual clock: a task's arrival, a task lost when its device goes offline, a
+Events on the run's clock: a task's arrival, a task lost when its device goes offline, a
 scheduler's timer, a device coming back online. The scheduler turns events into server steps and task
-orders; the engine does everything else:
+orders; a :class:`Transport` carries tasks to devices and their updates back (the simulated fleet
+below, or Flower in a deployment: ``fedspine.deploy.server.FlowerTransport``); the engine does
+everything else (as described here for the simulated transport):
 
 * **dispatch**: a device that is offline (availability trace) or declines the offer (its per-offer
   ``availability`` draw) does not start; it is offered work again when it comes back online, or
@@ -31,7 +33,7 @@ import random
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from fedspine.algorithms.schedulers import Arrival, AsyncScheduler, ServerStep, TaskOrder
 from fedspine.client.evaluate import Evaluation
@@ -42,7 +44,7 @@ from fedspine.runtime.build import Experiment
 from fedspine.runtime.engine import Engine, ProgressCallback, RunState, TaskOutcome
 from fedspine.runtime.executor import task_seed
 from fedspine.sim.clock import EventQueue
-from fedspine.types import ClientUpdate, LoraState, TaskResult, TaskStatus
+from fedspine.types import ClientUpdate, Device, LoraState, TaskResult, TaskStatus
 
 
 @dataclass
@@ -89,11 +91,79 @@ class LoopState:
     """The version of the newest checkpoint."""
 
 
+class Transport(Protocol):
+    """How an asynchronous engine's task reaches its device and its update comes back."""
+
+    def admit(self, engine: AsyncEngine, device: Device, offer: int) -> str:
+        """Whether ``device`` takes its ``offer``-th task now: ``"ok"``, ``"offline"`` or ``"declined"``."""
+        ...
+
+    def launch(self, engine: AsyncEngine, task: RunningTask) -> None:
+        """Start ``task``; its arrival (or loss) reaches the engine's queue now or through :meth:`collect`."""
+        ...
+
+    def collect(self, engine: AsyncEngine) -> bool:
+        """Queue what has come back; True while tasks are out that only this transport can bring back."""
+        ...
+
+    def due(self, engine: AsyncEngine, at: float) -> bool:
+        """Whether the event at time ``at`` can be handled now."""
+        ...
+
+    def wait(self) -> None:
+        """Let time pass until something may have come back."""
+        ...
+
+    def aggregation_seconds(self, engine: AsyncEngine, nbytes: int, wall_seconds: float) -> float:
+        """The time a server step's aggregation takes on the run's clock."""
+        ...
+
+
+class SimulatedTransport:
+    """The simulated fleet: a task trains on the host when it is dispatched (on the current base); its
+    arrival, or its loss when the availability trace takes the device offline first, is scheduled on the
+    virtual clock from the cost model. Nothing is ever out of the queue, and time jumps to each event."""
+
+    def admit(self, engine: AsyncEngine, device: Device, offer: int) -> str:
+        if not engine.exp.trace.online(device.device_id, engine.clock.now):
+            return "offline"
+        return "ok" if is_available(device, engine.seed, offer) else "declined"
+
+    def launch(self, engine: AsyncEngine, task: RunningTask) -> None:
+        o, now = task.outcome, task.start
+        d = o.device.device_id
+        trace = engine.exp.trace
+        lost = trace.offline_during(d, now, now + o.downlink_seconds + o.compute_seconds)
+        if lost is None:
+            engine.train(o)  # trained now, on the base of the current version
+            lost = trace.offline_during(d, now, now + o.arrival_seconds)
+        if lost is not None:
+            o.lose(lost - now)
+            engine.loop.queue.push(lost, ("lost", task))
+        else:
+            engine.loop.queue.push(now + o.arrival_seconds, ("arrive", task))
+
+    def collect(self, engine: AsyncEngine) -> bool:
+        return False
+
+    def due(self, engine: AsyncEngine, at: float) -> bool:
+        return True
+
+    def wait(self) -> None:
+        raise AssertionError("the simulated transport never waits")  # collect() is never True
+
+    def aggregation_seconds(self, engine: AsyncEngine, nbytes: int, wall_seconds: float) -> float:
+        return Engine._aggregation_seconds(engine, nbytes, wall_seconds)
+
+
 class AsyncEngine(Engine):
     """Runs an experiment whose scheduler is an :class:`AsyncScheduler`."""
 
-    def __init__(self, experiment: Experiment, recorder: RunRecorder) -> None:
+    def __init__(
+        self, experiment: Experiment, recorder: RunRecorder, transport: Transport | None = None
+    ) -> None:
         super().__init__(experiment, recorder)
+        self.transport: Transport = transport or SimulatedTransport()
         self._loop: LoopState | None = None
         """None until the run starts, or until :meth:`restore` brings back a checkpoint's."""
         self.on_round: ProgressCallback | None = None
@@ -115,7 +185,7 @@ class AsyncEngine(Engine):
         if self._loop is None:
             self._start_loop()
         loop = self.loop
-        while len(loop.queue) and not self._done():
+        while not self._done() and self._event_due():
             at, (kind, payload) = loop.queue.pop()
             if self._time_limit() and at > self._time_limit():
                 break
@@ -128,6 +198,18 @@ class AsyncEngine(Engine):
             self._maybe_checkpoint()
         self._finish()
         return self.state
+
+    def _event_due(self) -> bool:
+        """Whether an event is due, after waiting for one while the transport has tasks out (a
+        deployment); False when none can come."""
+        while True:
+            waiting = self.transport.collect(self)
+            at = self.loop.queue.peek_time()
+            if at is not None and self.transport.due(self, at):
+                return True
+            if at is None and not waiting:
+                return False
+            self.transport.wait()
 
     def _start_loop(self) -> None:
         """The initial global state, the first evaluation, and the scheduler's first orders."""
@@ -188,10 +270,9 @@ class AsyncEngine(Engine):
         device = o.device.device_id
         del self.loop.running[task.task_id]
         self.loop.busy.discard(device)
-        if o.status == TaskStatus.REJECTED:  # arrived, failed the server's checks: as if it never came
+        if o.update is None:  # rejected by the server's checks, or a deployed device's failed reply
             self._end_task(task)
             return self.scheduler.on_lost(self.clock.now, device)
-        assert o.update is not None
         self._end_task(task)
         self.loop.recent_seconds.append(o.arrival_seconds)
         self.loop.arrived[task.task_id] = (task, o.update)
@@ -246,12 +327,12 @@ class AsyncEngine(Engine):
         device = self.exp.devices[order.device_id]
         d = device.device_id
         offer = self.loop.offers[d] = self.loop.offers.get(d, 0) + 1
-        if not self.exp.trace.online(d, now):
-            self._go_offline(d)
-            self._decline(d)
-            return
-        if not is_available(device, self.seed, offer):
-            self.loop.declined.add(d)
+        reach = self.transport.admit(self, device, offer)
+        if reach != "ok":
+            if reach == "offline":
+                self._go_offline(d)
+            else:
+                self.loop.declined.add(d)
             self._decline(d)
             return
         task_id = self.loop.dispatched
@@ -259,7 +340,6 @@ class AsyncEngine(Engine):
         self._count("selected")
         outcome = self._prepare(self.loop.version + 1, device, order.steps, task_key=offer)
         task = RunningTask(task_id, outcome, self.loop.version, now)
-        self._count("downlink_bytes", outcome.downlink_bytes)
         if outcome.status == TaskStatus.OOM:
             self._end_task(task)
             self.loop.failed.add(d)
@@ -267,16 +347,8 @@ class AsyncEngine(Engine):
             return
         self.loop.busy.add(d)
         self.loop.running[task_id] = task
-        trace = self.exp.trace
-        lost = trace.offline_during(d, now, now + outcome.downlink_seconds + outcome.compute_seconds)
-        if lost is None:
-            self._train(outcome)  # trained now, on the base of the current version
-            lost = trace.offline_during(d, now, now + outcome.arrival_seconds)
-        if lost is not None:
-            outcome.lose(lost - now)
-            self.loop.queue.push(lost, ("lost", task))
-        else:
-            self.loop.queue.push(now + outcome.arrival_seconds, ("arrive", task))
+        self.transport.launch(self, task)
+        self._count("downlink_bytes", outcome.downlink_bytes)
 
     def _decline(self, device: int) -> None:
         self.scheduler.on_lost(self.clock.now, device)
@@ -378,6 +450,9 @@ class AsyncEngine(Engine):
         self.loop.since[key] = self.loop.since.get(key, 0) + amount
 
     # --- stopping --------------------------------------------------------------------------------
+
+    def _aggregation_seconds(self, nbytes: int, wall_seconds: float) -> float:
+        return self.transport.aggregation_seconds(self, nbytes, wall_seconds)
 
     def _time_limit(self) -> float:
         return self.scheduler.limits.max_virtual_seconds

@@ -237,7 +237,7 @@ class Engine:
             if (deadline > 0 and o.arrival_seconds > deadline) or o.arrival_seconds > bound:
                 o.status = TaskStatus.LATE
                 continue
-            self._train(o)
+            self.train(o)
             if o.status == TaskStatus.OK:
                 arrivals.append(o.arrival_seconds)
         return outcomes
@@ -283,7 +283,8 @@ class Engine:
         outcome.compute_seconds = cost.train_seconds(prepared.workload, slowdown)
         return outcome
 
-    def _train(self, outcome: TaskOutcome) -> None:
+    def train(self, outcome: TaskOutcome) -> None:
+        """Train ``outcome``'s task on the host, as its device would, and check the update."""
         assert outcome.prepared is not None and outcome.task is not None
         update = self.exp.executor.run(outcome.task, outcome.prepared)
         attack = self.exp.config.fleet.attack
@@ -306,9 +307,9 @@ class Engine:
         self.recorder.host_timing(
             "train", round=update.round, device_id=device.device_id, seconds=update.host_train_seconds
         )
-        self._validate(outcome)
+        self.validate(outcome)
 
-    def _validate(self, outcome: TaskOutcome) -> None:
+    def validate(self, outcome: TaskOutcome) -> None:
         """Reject (never aggregate) an update that fails the server's checks; log and record why.
 
         Only an update that passed changes what the server keeps about its device (a HetLoRA device's
