@@ -1,12 +1,10 @@
 """The server side of a Flower deployment: fedspine's engines with Flower carrying the tasks.
 
-The strategy, policy, scheduler, codec and records are the simulator's own objects: synchronous
-rounds run on :class:`~fedspine.runtime.engine.Engine` (:class:`FlowerEngine`), FedAsync, FedBuff and
-FedCompass on the event-driven :class:`~fedspine.runtime.async_engine.AsyncEngine` with a
-:class:`FlowerTransport`; both send and receive through one :class:`FlowerLink`. What changes is how a
-task runs. Instead of training
-in-process and charging virtual time from the cost model, the tasks travel to the devices' SuperNodes
-as Flower messages and the clock is the wall clock. Each task's time is split from four stamps:
+The engines, strategy, policy, scheduler, codec and records are the simulator's own objects; only
+the engine's transport differs (:class:`FlowerTransport` over a :class:`FlowerLink` instead of the
+simulated fleet). Instead of training in-process and charging virtual time from the cost model, the
+tasks travel to the devices' SuperNodes as Flower messages and the clock is the wall clock. Each
+task's time is split from four stamps:
 
 * ``downlink_seconds``: server send -> device receive (serialisation, transfer, ClientApp start);
 * ``compute_seconds``: device receive -> device reply (model and data setup, training, encoding;
@@ -16,7 +14,8 @@ as Flower messages and the clock is the wall clock. Each task's time is split fr
 
 Device and server stamps come from different clocks: across machines they are only as good as the
 machines' clock synchronisation (NTP: milliseconds). Every measured time is wall time, so records of
-a deployment are not reproducible to the bit the way a simulation's are; the updates are.
+a deployment are not reproducible to the bit the way a simulation's are. Nor, in its last bits, is
+the global model: a step sums its arrivals in the order they came in, which is the wall clock's.
 
 The server checkpoints after every ``run.checkpoint_every`` rounds, as in simulation; a ServerApp
 started with the run-config key ``resume = true`` continues the interrupted synchronous run in
@@ -32,7 +31,6 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
@@ -55,10 +53,10 @@ from fedspine.deploy.settings import (
 )
 from fedspine.errors import CheckpointError, ConfigError, DeployError
 from fedspine.metrics.records import RunRecorder
-from fedspine.runtime import checkpoint as checkpoints
-from fedspine.runtime.async_engine import AsyncEngine, RunningTask
+from fedspine.runtime.async_engine import make_engine
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.engine import Engine, TaskOutcome
+from fedspine.runtime.transport import Events, RunningTask
 from fedspine.types import Device, TaskStatus
 
 log = logging.getLogger("fedspine.deploy")
@@ -92,14 +90,19 @@ class FlowerLink:
         connected = set(self.grid.get_node_ids())
         return [d for d, node in sorted(self.nodes.items()) if node in connected]
 
-    def message(
-        self, o: TaskOutcome, base_delta: dict[str, torch.Tensor], sent_at: float, group: str
-    ) -> Message:
+    def message(self, o: TaskOutcome, base_delta: dict[str, torch.Tensor], group: str) -> Message:
         """The message carrying ``o``'s task (and the base change so far); records its bytes in ``o``."""
         assert o.task is not None
-        content = task_record(o.task, base_delta, sent_at)
+        content = task_record(o.task, base_delta, sent_at=0.0)  # stamped when pushed
         o.downlink_bytes = sum(record.count_bytes() for record in content.array_records.values())
         return Message(content, self.nodes[o.device.device_id], MessageType.TRAIN, group_id=group)
+
+    def push(self, messages: list[Message]) -> tuple[list[str], float]:
+        """Send ``messages`` in one push, stamped with one send time; their ids and that time."""
+        sent_at = time.time()
+        for message in messages:
+            message.content.config_records["task"]["sent_at"] = sent_at
+        return list(self.grid.push_messages(messages)), sent_at
 
     def receive(
         self, engine: Engine, o: TaskOutcome, reply: Message, sent_at: float, arrived_at: float
@@ -146,100 +149,72 @@ class FlowerLink:
         o.extra["reason"] = reason
 
 
-class FlowerEngine(Engine):
-    """Synchronous rounds whose tasks run on Flower SuperNodes, timed by the wall clock."""
-
-    def __init__(self, experiment: Experiment, recorder: RunRecorder, link: FlowerLink) -> None:
-        super().__init__(experiment, recorder)
-        self.link = link
-
-    def _online(self, round_no: int, start: float) -> list[int]:
-        return self.link.connected()
-
-    def _round(self, round_no: int) -> Any:
-        self.clock.advance_to(max(self.clock.now, self.link.elapsed()))  # evaluation time passed too
-        return super()._round(round_no)
-
-    def _run_tasks(self, round_no: int, start: float, devices: list[Device]) -> list[TaskOutcome]:
-        """Send every task that fits its device, then pull replies until all came or time ran out."""
-        self.exp.strategy.begin_round(round_no, [d.device_id for d in devices])
-        outcomes = [self._prepare(round_no, d) for d in devices]
-        sent_at = time.time()
-        sent = [o for o in outcomes if o.status == TaskStatus.OK]
-        messages = [self.link.message(o, self.base_delta, sent_at, str(round_no)) for o in sent]
-        grid = self.link.grid
-        pending = dict(zip(grid.push_messages(messages), sent, strict=True))
-        limit = self._sync.deadline_seconds or self.link.timeout
-        while pending and time.time() - sent_at < limit:
-            for reply in grid.pull_messages(list(pending)):
-                outcome = pending.pop(reply.metadata.reply_to_message_id, None)
-                if outcome is not None:
-                    self.link.receive(self, outcome, reply, sent_at, time.time())
-            if pending:
-                time.sleep(POLL_SECONDS)
-        for o in pending.values():
-            status = TaskStatus.LATE if self._sync.deadline_seconds else TaskStatus.DROPPED
-            self.link.drop(o, f"no reply within {limit:g} s", limit, status)
-        return outcomes
-
-    def _aggregation_seconds(self, nbytes: int, wall_seconds: float) -> float:
-        return wall_seconds
-
-    def restore(self, snapshot: checkpoints.Snapshot) -> None:
-        """Continue after ``snapshot``'s round; the wall clock goes on from the checkpoint's time."""
-        super().restore(snapshot)
-        self.link.t0 = time.time() - self.clock.now
-
-
 class FlowerTransport:
-    """The asynchronous engine's tasks over Flower: each dispatched task is one message to its
-    device's SuperNode; a reply is an arrival at the moment it is pulled (the event loop polls every
-    :data:`POLL_SECONDS`), a task without a reply within the link's timeout is lost (``dropped``).
-    Scheduler timers fire on the wall clock; the availability trace and per-offer draws of the
+    """An engine's tasks over Flower: each task is one message to its device's SuperNode (the tasks
+    launched together are pushed together); a reply is an arrival at the moment it is pulled (the
+    engine polls every :data:`POLL_SECONDS`). A task without a reply by its round's deadline is
+    ``late``; one without a reply within the link's timeout is lost (``dropped``). The clock is the
+    wall clock, so scheduler timers fire on it; the availability trace and per-offer draws of the
     simulator do not apply (a device is offline when its node is not connected)."""
 
     def __init__(self, link: FlowerLink) -> None:
         self.link = link
+        self.unsent: list[tuple[RunningTask, Message]] = []
+        """Tasks launched since the engine last collected: pushed together by :meth:`collect`."""
         self.out: dict[str, tuple[RunningTask, float]] = {}
         """Message id -> the task it carries and when it was sent."""
 
-    def admit(self, engine: AsyncEngine, device: Device, offer: int) -> str:
+    def reachable(self, engine: Engine, round_no: int, start: float) -> list[int]:
+        return self.link.connected()
+
+    def admit(self, engine: Engine, device: Device, offer: int) -> str:
         return "ok" if device.device_id in self.link.connected() else "offline"
 
-    def launch(self, engine: AsyncEngine, task: RunningTask) -> None:
-        sent_at = time.time()
-        message = self.link.message(task.outcome, engine.base_delta, sent_at, str(task.version + 1))
-        (message_id,) = self.link.grid.push_messages([message])
-        self.out[message_id] = (task, sent_at)
+    def launch(self, engine: Engine, task: RunningTask, events: Events, train_now: bool) -> None:
+        message = self.link.message(task.outcome, engine.base_delta, str(task.version + 1))
+        self.unsent.append((task, message))
 
-    def collect(self, engine: AsyncEngine) -> bool:
+    def deliver(self, engine: Engine, task: RunningTask) -> None:
+        pass  # the update came with the reply
+
+    def collect(self, engine: Engine, events: Events) -> bool:
+        if self.unsent:  # the tasks launched since the last call go out together, with one send time
+            ids, sent_at = self.link.push([message for _, message in self.unsent])
+            self.out.update((i, (task, sent_at)) for i, (task, _) in zip(ids, self.unsent, strict=True))
+            self.unsent = []
         if not self.out:
             return False
         for reply in self.link.grid.pull_messages(list(self.out)):
             entry = self.out.pop(reply.metadata.reply_to_message_id, None)
             if entry is not None:
                 self.link.receive(engine, entry[0].outcome, reply, entry[1], time.time())
-                self._arrived(engine, entry[0])
+                events.push(self.link.elapsed(), ("arrive", entry[0]))
         for message_id, (task, sent_at) in list(self.out.items()):
-            if time.time() - sent_at > self.link.timeout:
-                del self.out[message_id]
-                self.link.drop(task.outcome, f"no reply within {self.link.timeout:g} s", self.link.timeout)
-                self._arrived(engine, task)
+            waited = time.time() - sent_at
+            if task.deadline and waited > task.deadline:
+                limit, status = task.deadline, TaskStatus.LATE
+            elif waited > self.link.timeout:
+                limit, status = self.link.timeout, TaskStatus.DROPPED
+            else:
+                continue
+            del self.out[message_id]
+            self.link.drop(task.outcome, f"no reply within {limit:g} s", limit, status)
+            events.push(self.link.elapsed(), ("arrive", task))
         return bool(self.out)
 
-    def _arrived(self, engine: AsyncEngine, task: RunningTask) -> None:
-        """Queue ``task``'s end (with or without an update) at the current wall time."""
-        engine.clock.advance_to(max(engine.clock.now, self.link.elapsed()))
-        engine.loop.queue.push(engine.clock.now, ("arrive", task))
-
-    def due(self, engine: AsyncEngine, at: float) -> bool:
-        engine.clock.advance_to(max(engine.clock.now, self.link.elapsed()))
-        return at <= engine.clock.now
+    def due(self, at: float) -> bool:
+        return at <= self.link.elapsed()
 
     def wait(self) -> None:
         time.sleep(POLL_SECONDS)
 
-    def aggregation_seconds(self, engine: AsyncEngine, nbytes: int, wall_seconds: float) -> float:
+    def present(self, now: float) -> float:
+        return max(now, self.link.elapsed())
+
+    def resume_at(self, now: float) -> None:
+        self.link.t0 = time.time() - now  # the wall clock goes on from the checkpoint's time
+
+    def aggregation_seconds(self, engine: Engine, nbytes: int, wall_seconds: float) -> float:
         return wall_seconds
 
 
@@ -323,10 +298,7 @@ def serve(grid: Grid, context: Context) -> RunResult:
         recorder.event(
             "deployment", nodes={str(d): n for d, n in sorted(nodes.items())}, discovery_seconds=seconds
         )
-        link = FlowerLink(grid, nodes, timeout)
-        if config.scheduler.synchronous:
-            return FlowerEngine(experiment, recorder, link)
-        return AsyncEngine(experiment, recorder, FlowerTransport(link))
+        return make_engine(experiment, recorder, FlowerTransport(FlowerLink(grid, nodes, timeout)))
 
     if resume:
         return resume_experiment(Path(out), engine=engine, executor="flower")
@@ -358,4 +330,4 @@ def _check_resumable(config: Config, run_dir: Path) -> None:
         )
 
 
-__all__ = ["FlowerEngine", "FlowerLink", "FlowerTransport", "discover_nodes", "serve"]
+__all__ = ["FlowerLink", "FlowerTransport", "discover_nodes", "serve"]

@@ -2,9 +2,9 @@
 
 Events on the run's clock: a task's arrival, a task lost when its device goes offline, a
 scheduler's timer, a device coming back online. The scheduler turns events into server steps and task
-orders; a :class:`Transport` carries tasks to devices and their updates back (the simulated fleet
-below, or Flower in a deployment: ``fedspine.deploy.server.FlowerTransport``); the engine does
-everything else (as described here for the simulated transport):
+orders; the engine's :class:`~fedspine.runtime.transport.Transport` carries tasks to devices and
+their updates back (the simulated fleet, or Flower in a deployment); the engine does everything else
+(as described here for the simulated fleet):
 
 * **dispatch**: a device that is offline (availability trace) or declines the offer (its per-offer
   ``availability`` draw) does not start; it is offered work again when it comes back online, or
@@ -33,30 +33,18 @@ import random
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from fedspine.algorithms.schedulers import Arrival, AsyncScheduler, ServerStep, TaskOrder
 from fedspine.client.evaluate import Evaluation
-from fedspine.fleet.jitter import is_available
 from fedspine.metrics.records import RoundRecord, RunRecorder
 from fedspine.runtime import checkpoint as checkpoints
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.engine import Engine, ProgressCallback, RunState, TaskOutcome
 from fedspine.runtime.executor import task_seed
+from fedspine.runtime.transport import RunningTask, Transport
 from fedspine.sim.clock import EventQueue
-from fedspine.types import ClientUpdate, Device, LoraState, TaskResult, TaskStatus
-
-
-@dataclass
-class RunningTask:
-    """A dispatched task, from its start until it arrives, is lost or is cancelled."""
-
-    task_id: int
-    outcome: TaskOutcome
-    version: int
-    """Global version the device received."""
-    start: float
-    """Virtual dispatch time."""
+from fedspine.types import ClientUpdate, LoraState, TaskResult, TaskStatus
 
 
 @dataclass
@@ -91,79 +79,13 @@ class LoopState:
     """The version of the newest checkpoint."""
 
 
-class Transport(Protocol):
-    """How an asynchronous engine's task reaches its device and its update comes back."""
-
-    def admit(self, engine: AsyncEngine, device: Device, offer: int) -> str:
-        """Whether ``device`` takes its ``offer``-th task now: ``"ok"``, ``"offline"`` or ``"declined"``."""
-        ...
-
-    def launch(self, engine: AsyncEngine, task: RunningTask) -> None:
-        """Start ``task``; its arrival (or loss) reaches the engine's queue now or through :meth:`collect`."""
-        ...
-
-    def collect(self, engine: AsyncEngine) -> bool:
-        """Queue what has come back; True while tasks are out that only this transport can bring back."""
-        ...
-
-    def due(self, engine: AsyncEngine, at: float) -> bool:
-        """Whether the event at time ``at`` can be handled now."""
-        ...
-
-    def wait(self) -> None:
-        """Let time pass until something may have come back."""
-        ...
-
-    def aggregation_seconds(self, engine: AsyncEngine, nbytes: int, wall_seconds: float) -> float:
-        """The time a server step's aggregation takes on the run's clock."""
-        ...
-
-
-class SimulatedTransport:
-    """The simulated fleet: a task trains on the host when it is dispatched (on the current base); its
-    arrival, or its loss when the availability trace takes the device offline first, is scheduled on the
-    virtual clock from the cost model. Nothing is ever out of the queue, and time jumps to each event."""
-
-    def admit(self, engine: AsyncEngine, device: Device, offer: int) -> str:
-        if not engine.exp.trace.online(device.device_id, engine.clock.now):
-            return "offline"
-        return "ok" if is_available(device, engine.seed, offer) else "declined"
-
-    def launch(self, engine: AsyncEngine, task: RunningTask) -> None:
-        o, now = task.outcome, task.start
-        d = o.device.device_id
-        trace = engine.exp.trace
-        lost = trace.offline_during(d, now, now + o.downlink_seconds + o.compute_seconds)
-        if lost is None:
-            engine.train(o)  # trained now, on the base of the current version
-            lost = trace.offline_during(d, now, now + o.arrival_seconds)
-        if lost is not None:
-            o.lose(lost - now)
-            engine.loop.queue.push(lost, ("lost", task))
-        else:
-            engine.loop.queue.push(now + o.arrival_seconds, ("arrive", task))
-
-    def collect(self, engine: AsyncEngine) -> bool:
-        return False
-
-    def due(self, engine: AsyncEngine, at: float) -> bool:
-        return True
-
-    def wait(self) -> None:
-        raise AssertionError("the simulated transport never waits")  # collect() is never True
-
-    def aggregation_seconds(self, engine: AsyncEngine, nbytes: int, wall_seconds: float) -> float:
-        return Engine._aggregation_seconds(engine, nbytes, wall_seconds)
-
-
 class AsyncEngine(Engine):
     """Runs an experiment whose scheduler is an :class:`AsyncScheduler`."""
 
     def __init__(
         self, experiment: Experiment, recorder: RunRecorder, transport: Transport | None = None
     ) -> None:
-        super().__init__(experiment, recorder)
-        self.transport: Transport = transport or SimulatedTransport()
+        super().__init__(experiment, recorder, transport)
         self._loop: LoopState | None = None
         """None until the run starts, or until :meth:`restore` brings back a checkpoint's."""
         self.on_round: ProgressCallback | None = None
@@ -185,7 +107,7 @@ class AsyncEngine(Engine):
         if self._loop is None:
             self._start_loop()
         loop = self.loop
-        while not self._done() and self._event_due():
+        while not self._done() and self._next_event(loop.queue):
             at, (kind, payload) = loop.queue.pop()
             if self._time_limit() and at > self._time_limit():
                 break
@@ -198,18 +120,6 @@ class AsyncEngine(Engine):
             self._maybe_checkpoint()
         self._finish()
         return self.state
-
-    def _event_due(self) -> bool:
-        """Whether an event is due, after waiting for one while the transport has tasks out (a
-        deployment); False when none can come."""
-        while True:
-            waiting = self.transport.collect(self)
-            at = self.loop.queue.peek_time()
-            if at is not None and self.transport.due(self, at):
-                return True
-            if at is None and not waiting:
-                return False
-            self.transport.wait()
 
     def _start_loop(self) -> None:
         """The initial global state, the first evaluation, and the scheduler's first orders."""
@@ -347,7 +257,7 @@ class AsyncEngine(Engine):
             return
         self.loop.busy.add(d)
         self.loop.running[task_id] = task
-        self.transport.launch(self, task)
+        self.transport.launch(self, task, self.loop.queue, train_now=True)
         self._count("downlink_bytes", outcome.downlink_bytes)
 
     def _decline(self, device: int) -> None:
@@ -451,9 +361,6 @@ class AsyncEngine(Engine):
 
     # --- stopping --------------------------------------------------------------------------------
 
-    def _aggregation_seconds(self, nbytes: int, wall_seconds: float) -> float:
-        return self.transport.aggregation_seconds(self, nbytes, wall_seconds)
-
     def _time_limit(self) -> float:
         return self.scheduler.limits.max_virtual_seconds
 
@@ -487,8 +394,8 @@ class AsyncEngine(Engine):
         return 1.0
 
 
-def make_engine(experiment: Any, recorder: Any) -> Engine:
-    """The engine the experiment's scheduler needs."""
+def make_engine(experiment: Any, recorder: Any, transport: Transport | None = None) -> Engine:
+    """The engine the experiment's scheduler needs, over ``transport`` (default: the simulated fleet)."""
     if not experiment.config.scheduler.synchronous:
-        return AsyncEngine(experiment, recorder)
-    return Engine(experiment, recorder)
+        return AsyncEngine(experiment, recorder, transport)
+    return Engine(experiment, recorder, transport)

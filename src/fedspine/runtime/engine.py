@@ -1,9 +1,11 @@
-"""The engine: one loop over synchronous rounds on the virtual clock.
+"""The engine: one loop over synchronous rounds on the run's clock.
 
-Per round: sample online devices, configure their tasks, run the real local training of the ones
-that can still matter, charge virtual time from the cost model (downlink, compute, uplink), let
-the scheduler decide which arrivals count, aggregate, and evaluate. Everything that depends on the
-host's speed is kept out of the records that must be reproducible.
+Per round: sample the reachable devices, configure their tasks, hand them to the
+:class:`~fedspine.runtime.transport.Transport` and take their arrivals in time order (in
+simulation: the real local training of the ones that can still matter, virtual time charged from the
+cost model for downlink, compute and uplink), let the scheduler decide which arrivals count,
+aggregate, and evaluate. Everything that depends on the host's speed is kept out of the records that
+must be reproducible.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from fedspine.algorithms.validation import check_update
 from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.client.evaluate import Evaluation
 from fedspine.fleet.cost import CostModel
-from fedspine.fleet.jitter import compute_slowdown, is_available, link_rate_factor
+from fedspine.fleet.jitter import compute_slowdown, link_rate_factor
 from fedspine.metrics.records import DeviceStats, RoundRecord, RunRecorder
 from fedspine.runtime import checkpoint as checkpoints
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.executor import PreparedTask, task_seed
-from fedspine.sim.clock import VirtualClock
+from fedspine.runtime.transport import Events, RunningTask, SimulatedTransport, Transport
+from fedspine.sim.clock import EventQueue, VirtualClock
 from fedspine.types import ClientTask, ClientUpdate, Device, DeviceLora, TaskResult, TaskStatus
 
 
@@ -91,9 +94,12 @@ ProgressCallback = Callable[[RoundRecord, "Evaluation | None"], None]
 class Engine:
     """Runs an :class:`Experiment` and writes its records into a run directory."""
 
-    def __init__(self, experiment: Experiment, recorder: RunRecorder) -> None:
+    def __init__(
+        self, experiment: Experiment, recorder: RunRecorder, transport: Transport | None = None
+    ) -> None:
         self.exp = experiment
         self.recorder = recorder
+        self.transport: Transport = transport or SimulatedTransport()
         self.clock = VirtualClock()
         self.state = RunState()
         self.seed = experiment.config.run.seed
@@ -170,13 +176,15 @@ class Engine:
         self.device_lora = engine["device_lora"]
         self.state = engine["state"]
         self.first_round = snapshot.round + 1
+        self.transport.resume_at(self.clock.now)
 
     # --- one round -------------------------------------------------------------------------------
 
     def _round(self, round_no: int) -> tuple[RoundRecord, Evaluation | None]:
         exp = self.exp
+        self.clock.advance_to(self.transport.present(self.clock.now))  # a wall clock ran on
         start = self.clock.now
-        online = self._online(round_no, start)
+        online = self.transport.reachable(self, round_no, start)
         selected = self._sync.select(online, random.Random(task_seed(self.seed, round_no)))
         outcomes = self._run_tasks(round_no, start, [exp.devices[i] for i in selected])
         arrivals = {o.device.device_id: o.arrival_seconds for o in outcomes if o.status == TaskStatus.OK}
@@ -202,22 +210,13 @@ class Engine:
         self.recorder.round(record)
         return record, evaluation
 
-    def _online(self, round_no: int, start: float) -> list[int]:
-        """The devices that can be sampled for the round starting at ``start``."""
-        exp = self.exp
-        return [
-            d.device_id
-            for d in exp.devices
-            if exp.trace.online(d.device_id, start) and is_available(d, self.seed, round_no)
-        ]
-
     def _run_tasks(self, round_no: int, start: float, devices: list[Device]) -> list[TaskOutcome]:
-        """Prepare every task, then train them fastest-first, skipping those that cannot count.
+        """Prepare every task, launch the ones that fit, and take their arrivals in time order.
 
-        A task whose downlink + compute time already exceeds the deadline, or the k-th earliest
-        complete arrival so far, cannot be among the aggregated updates: its work is lost in the
-        simulated fleet, so it is not trained on the host either (the result is identical). Nor is
-        one whose device goes offline before its upload completes (``dropped``).
+        An arrival after the deadline, or after the k-th earliest complete arrival so far, cannot be
+        among the aggregated updates: it is ``late``, and the simulated transport never trains it
+        (its work is lost in the fleet; the result is identical). A task whose device goes offline
+        first is ``dropped``.
         """
         self.exp.strategy.begin_round(round_no, [d.device_id for d in devices])
         outcomes = [self._prepare(round_no, d) for d in devices]
@@ -225,22 +224,37 @@ class Engine:
             (o for o in outcomes if o.status == TaskStatus.OK),
             key=lambda o: (o.arrival_seconds, o.device.device_id),
         )
+        k, deadline = self._sync.clients_per_round, self._sync.deadline_seconds
+        events: Events = EventQueue()
+        for i, o in enumerate(runnable):
+            task = RunningTask(i, o, round_no - 1, start, deadline)
+            self.transport.launch(self, task, events, train_now=False)
         arrivals: list[float] = []
-        k = self._sync.clients_per_round
-        deadline = self._sync.deadline_seconds
-        for o in runnable:
-            lost = self.exp.trace.offline_during(o.device.device_id, start, start + o.arrival_seconds)
-            if lost is not None:
-                o.lose(lost - start)
+        while self._next_event(events):
+            _, (kind, task) = events.pop()
+            o = task.outcome
+            if kind != "arrive" or o.status != TaskStatus.OK:
                 continue
             bound = sorted(arrivals)[k - 1] if len(arrivals) >= k else float("inf")
             if (deadline > 0 and o.arrival_seconds > deadline) or o.arrival_seconds > bound:
                 o.status = TaskStatus.LATE
                 continue
-            self.train(o)
+            self.transport.deliver(self, task)
             if o.status == TaskStatus.OK:
                 arrivals.append(o.arrival_seconds)
         return outcomes
+
+    def _next_event(self, events: Events) -> bool:
+        """Whether an event is due, after waiting for one while the transport has tasks out (a
+        deployment); False when none can come."""
+        while True:
+            waiting = self.transport.collect(self, events)
+            at = events.peek_time()
+            if at is not None and self.transport.due(at):
+                return True
+            if at is None and not waiting:
+                return False
+            self.transport.wait()
 
     def _prepare(
         self, round_no: int, device: Device, steps: int | None = None, task_key: int | None = None
@@ -354,7 +368,7 @@ class Engine:
             self._merge_base(delta)
         wall = time.perf_counter() - wall
         self.state.aggregation_wall_seconds += wall
-        seconds = self._aggregation_seconds(nbytes, wall) if updates else 0.0
+        seconds = self.transport.aggregation_seconds(self, nbytes, wall) if updates else 0.0
         self.recorder.event(
             "aggregation",
             round=round_no,
@@ -381,11 +395,6 @@ class Engine:
         self.exp.executor.merge_into_base(delta)
         for key, value in delta.items():
             self.base_delta[key] = self.base_delta.get(key, torch.zeros_like(value)) + value
-
-    def _aggregation_seconds(self, nbytes: int, wall_seconds: float) -> float:
-        """Virtual time the server spends aggregating ``nbytes`` of updates (cost model, not host time)."""
-        server = self.exp.config.server
-        return server.aggregation_overhead_seconds + nbytes / (server.aggregation_gbps * 1e9)
 
     # --- records ---------------------------------------------------------------------------------
 

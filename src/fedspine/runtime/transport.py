@@ -1,0 +1,149 @@
+"""How a task reaches its device and its update comes back: the engines' one variable part.
+
+Both engines (synchronous rounds and the asynchronous schedulers' event loop) hand every task to a
+:class:`Transport` and take back its end as an event on a queue: ``("arrive", task)`` when its reply
+is in (with an update, or without one when the device failed), ``("lost", task)`` when its device
+went offline first. :class:`SimulatedTransport` is the simulated fleet (the cost model's times on a
+virtual clock, training on the host); a deployment's is ``fedspine.deploy.server.FlowerTransport``
+(Flower messages, the wall clock).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fedspine.fleet.jitter import is_available
+from fedspine.sim.clock import EventQueue
+from fedspine.types import Device, TaskStatus
+
+if TYPE_CHECKING:
+    from fedspine.runtime.engine import Engine, TaskOutcome
+
+Events = EventQueue[tuple[str, Any]]
+"""A queue of ``(kind, payload)`` events on the run's clock."""
+
+
+@dataclass
+class RunningTask:
+    """A dispatched task, from its start until it arrives, is lost or is cancelled."""
+
+    task_id: int
+    outcome: TaskOutcome
+    version: int
+    """Global version the device received."""
+    start: float
+    """Dispatch time on the run's clock."""
+    deadline: float = 0.0
+    """Seconds after ``start`` after which the task is late (a synchronous round's deadline); 0: none."""
+
+
+class Transport(Protocol):
+    """Carries an engine's tasks to their devices and their ends back onto the engine's event queue."""
+
+    def reachable(self, engine: Engine, round_no: int, start: float) -> list[int]:
+        """The devices a synchronous round starting at ``start`` may sample."""
+        ...
+
+    def admit(self, engine: Engine, device: Device, offer: int) -> str:
+        """Whether ``device`` takes its ``offer``-th task now: ``"ok"``, ``"offline"`` or ``"declined"``."""
+        ...
+
+    def launch(self, engine: Engine, task: RunningTask, events: Events, train_now: bool) -> None:
+        """Start ``task``; its end reaches ``events`` now or through :meth:`collect`.
+
+        ``train_now`` False lets a transport that trains on the host put that off until
+        :meth:`deliver` (a synchronous round: the base cannot change before the task arrives, and a
+        task that arrives too late to count is never trained).
+        """
+        ...
+
+    def deliver(self, engine: Engine, task: RunningTask) -> None:
+        """The engine takes ``task``'s arrival: its update must be there now."""
+        ...
+
+    def collect(self, engine: Engine, events: Events) -> bool:
+        """Queue what has come back; True while tasks are out that only this transport can bring back."""
+        ...
+
+    def due(self, at: float) -> bool:
+        """Whether the event at time ``at`` can be handled now."""
+        ...
+
+    def wait(self) -> None:
+        """Let time pass until something may have come back."""
+        ...
+
+    def present(self, now: float) -> float:
+        """The run's clock reading now, given the engine's ``now`` (a wall clock runs on by itself)."""
+        ...
+
+    def resume_at(self, now: float) -> None:
+        """A checkpoint taken at ``now`` on the run's clock has been restored."""
+        ...
+
+    def aggregation_seconds(self, engine: Engine, nbytes: int, wall_seconds: float) -> float:
+        """The time a server step's aggregation takes on the run's clock."""
+        ...
+
+
+class SimulatedTransport:
+    """The simulated fleet: a task trains on the host (when it is launched, or when it is delivered);
+    its arrival, or its loss when the availability trace takes the device offline first, is queued on
+    the virtual clock from the cost model. Nothing is ever out of the queue, and time jumps to each
+    event."""
+
+    def reachable(self, engine: Engine, round_no: int, start: float) -> list[int]:
+        trace = engine.exp.trace
+        return [
+            d.device_id
+            for d in engine.exp.devices
+            if trace.online(d.device_id, start) and is_available(d, engine.seed, round_no)
+        ]
+
+    def admit(self, engine: Engine, device: Device, offer: int) -> str:
+        if not engine.exp.trace.online(device.device_id, engine.clock.now):
+            return "offline"
+        return "ok" if is_available(device, engine.seed, offer) else "declined"
+
+    def launch(self, engine: Engine, task: RunningTask, events: Events, train_now: bool) -> None:
+        o, now = task.outcome, task.start
+        d = o.device.device_id
+        trace = engine.exp.trace
+        if train_now:
+            lost = trace.offline_during(d, now, now + o.downlink_seconds + o.compute_seconds)
+            if lost is None:
+                engine.train(o)  # trained now, on the base of the current version
+                lost = trace.offline_during(d, now, now + o.arrival_seconds)
+        else:  # the upload's time is known once trained: queued when the device's compute ends
+            lost = trace.offline_during(d, now, now + o.arrival_seconds)
+        if lost is not None:
+            o.lose(lost - now)
+            events.push(lost, ("lost", task))
+        else:
+            events.push(now + o.arrival_seconds, ("arrive", task))
+
+    def deliver(self, engine: Engine, task: RunningTask) -> None:
+        o = task.outcome
+        if o.update is None and o.status == TaskStatus.OK:
+            engine.train(o)
+
+    def collect(self, engine: Engine, events: Events) -> bool:
+        return False
+
+    def due(self, at: float) -> bool:
+        return True
+
+    def wait(self) -> None:
+        raise AssertionError("the simulated transport never waits")  # collect() is never True
+
+    def present(self, now: float) -> float:
+        return now
+
+    def resume_at(self, now: float) -> None:
+        pass
+
+    def aggregation_seconds(self, engine: Engine, nbytes: int, wall_seconds: float) -> float:
+        """The cost model's time for ``nbytes`` of updates, not the host's."""
+        server = engine.exp.config.server
+        return server.aggregation_overhead_seconds + nbytes / (server.aggregation_gbps * 1e9)
