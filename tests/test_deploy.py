@@ -492,8 +492,50 @@ def test_asynchronous_schedulers_run_over_flower_with_staleness_recorded(
     assert rounds and all(r["max_staleness"] != "" for r in rounds)
     for e in (e for e in events if e["event"] == "task" and e["status"] == "ok"):  # measured times
         assert e["compute_seconds"] >= e["train_seconds"] > 0 and e["uplink_bytes"] > 0
-    with pytest.raises(ConfigError, match=r"scheduler\.name"):  # its tasks in flight are gone
-        run_fake(cfg, flower.run_dir, resume=True)
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        ["scheduler.name=fedbuff", "scheduler.concurrency=4", "scheduler.fedbuff.buffer_size=2"],
+        ["scheduler.name=fedcompass", "scheduler.fedcompass.q_min=1", "scheduler.fedcompass.q_max=2"],
+    ],
+    ids=["fedbuff", "fedcompass"],
+)
+def test_an_asynchronous_deployment_killed_after_a_checkpoint_resumes_with_its_tasks_out_dropped(
+    tmp_path: Path, scheduler: list[str]
+) -> None:
+    """The ServerApp of an asynchronous run dies after its first server step's checkpoint. Started
+    again with ``resume = true``, it continues from that checkpoint: the tasks that were out went to
+    the dead server, so they end as ``dropped`` (with the reason) and their devices get new work
+    (replies already pulled, queued in the checkpoint, still arrive); the run then takes all its
+    server steps, each update applied once."""
+    cfg = tiny(
+        *scheduler,
+        "scheduler.rounds=4",
+        "scheduler.max_updates=8",
+        "train.local_steps=2",
+        "run.checkpoint_every=1",
+    )
+    out = tmp_path / "run"
+
+    def die_after_first_checkpoint(reply: Message) -> Message:
+        if (out / "checkpoints" / "round-000001").is_dir():
+            raise ServerKilled
+        return reply
+
+    with pytest.raises(ServerKilled):
+        run_fake(cfg, out, die_after_first_checkpoint)
+    resumed, _ = run_fake(cfg, out, resume=True)
+    applied_count = resumed.summary["updates"]["applied"]
+    assert 4 <= applied_count <= 8  # four server steps (FedBuff: of two updates each)
+    assert [int(r["round"]) for r in csv.DictReader((out / "rounds.csv").open())] == [1, 2, 3, 4]
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    restarted = [e for e in events if e["event"] == "task" and "server restarted" in e.get("reason", "")]
+    assert restarted and all(e["status"] == "dropped" and e["uplink_bytes"] == 0 for e in restarted)
+    applied = [t for e in events if e["event"] == "server_step" for t in e["task_ids"]]
+    assert len(applied) == len(set(applied)) == applied_count
+    assert not {e["task_id"] for e in restarted} & set(applied)
 
 
 # --- the deploy CLI ---------------------------------------------------------------------------------

@@ -17,12 +17,12 @@ machines' clock synchronisation (NTP: milliseconds). Every measured time is wall
 a deployment are not reproducible to the bit the way a simulation's are. Nor, in its last bits, is
 the global model: a step sums its arrivals in the order they came in, which is the wall clock's.
 
-The server checkpoints after every ``run.checkpoint_every`` rounds, as in simulation; a ServerApp
-started with the run-config key ``resume = true`` continues the interrupted synchronous run in
+The server checkpoints after every ``run.checkpoint_every`` rounds (server steps), as in simulation;
+a ServerApp started with the run-config key ``resume = true`` continues the interrupted run in
 ``out-dir`` from its newest checkpoint. The devices keep nothing a task needs between rounds (every
 task carries the global state and the base change), except error-feedback memory, so runs with
-``compression.feedback`` are not resumed; nor are asynchronous ones, whose tasks in flight went to
-the killed run.
+``compression.feedback`` are not resumed. An asynchronous run's tasks that were out at the checkpoint
+went to the interrupted run: they end as ``dropped`` when it resumes, and their devices get new work.
 """
 
 from __future__ import annotations
@@ -211,8 +211,9 @@ class FlowerTransport:
     def present(self, now: float) -> float:
         return max(now, self.link.elapsed())
 
-    def resume_at(self, now: float) -> None:
+    def resume_at(self, now: float) -> bool:
         self.link.t0 = time.time() - now  # the wall clock goes on from the checkpoint's time
+        return False  # replies to the interrupted ServerApp's messages never reach this one
 
     def aggregation_seconds(self, engine: Engine, nbytes: int, wall_seconds: float) -> float:
         return wall_seconds
@@ -315,12 +316,6 @@ def _check_resumable(config: Config, run_dir: Path) -> None:
         raise DeployError(
             f"the app's fedspine config differs from the one the run in {run_dir} started with; "
             "resume it with the same app"
-        )
-    if not config.scheduler.synchronous:
-        raise ConfigError(
-            "scheduler.name",
-            f"an asynchronous deployment ({config.scheduler.name!r}) cannot be resumed: the tasks it "
-            "had out went to the killed Flower run; start it again without 'resume'",
         )
     if config.compression.feedback != "none":
         raise ConfigError(

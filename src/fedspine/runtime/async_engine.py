@@ -145,8 +145,23 @@ class AsyncEngine(Engine):
         return {**super()._engine_state(), "loop": self.loop}
 
     def restore(self, snapshot: checkpoints.Snapshot) -> None:
-        super().restore(snapshot)
         self._loop = snapshot.engine["loop"]
+        super().restore(snapshot)
+
+    def _reconnect(self) -> None:
+        """After a restore: tasks that were out and can no longer come back (a deployment's, sent by
+        the interrupted server; not those whose arrival was already queued) end now as ``dropped``,
+        and their devices are offered work again."""
+        if self.transport.resume_at(self.clock.now):
+            return
+        now = self.clock.now
+        queued = {item[1].task_id for item in self.loop.queue.items() if item[0] in ("arrive", "lost")}
+        for task in sorted(self.loop.running.values(), key=lambda t: t.task_id):
+            if task.task_id in queued:
+                continue
+            task.outcome.lose(max(0.0, now - task.start))
+            task.outcome.extra["reason"] = "the server restarted; the task went to the interrupted run"
+            self.loop.queue.push(now, ("arrive", task))
 
     # --- events ----------------------------------------------------------------------------------
 

@@ -176,6 +176,10 @@ class Engine:
         self.device_lora = engine["device_lora"]
         self.state = engine["state"]
         self.first_round = snapshot.round + 1
+        self._reconnect()
+
+    def _reconnect(self) -> None:
+        """After a restore: tell the transport (a round's checkpoint has no task out)."""
         self.transport.resume_at(self.clock.now)
 
     # --- one round -------------------------------------------------------------------------------

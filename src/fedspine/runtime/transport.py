@@ -78,8 +78,9 @@ class Transport(Protocol):
         """The run's clock reading now, given the engine's ``now`` (a wall clock runs on by itself)."""
         ...
 
-    def resume_at(self, now: float) -> None:
-        """A checkpoint taken at ``now`` on the run's clock has been restored."""
+    def resume_at(self, now: float) -> bool:
+        """A checkpoint taken at ``now`` on the run's clock has been restored; whether the tasks that
+        were out then still come back (False: they went to the interrupted run)."""
         ...
 
     def aggregation_seconds(self, engine: Engine, nbytes: int, wall_seconds: float) -> float:
@@ -140,8 +141,8 @@ class SimulatedTransport:
     def present(self, now: float) -> float:
         return now
 
-    def resume_at(self, now: float) -> None:
-        pass
+    def resume_at(self, now: float) -> bool:
+        return True  # their arrivals are in the checkpoint's queue
 
     def aggregation_seconds(self, engine: Engine, nbytes: int, wall_seconds: float) -> float:
         """The cost model's time for ``nbytes`` of updates, not the host's."""

@@ -57,5 +57,9 @@ class EventQueue(Generic[T]):
         """Time of the earliest event, or None when empty."""
         return self._heap[0].time if self._heap else None
 
+    def items(self) -> list[T]:
+        """The pending events' items, in no particular order."""
+        return [entry.item for entry in self._heap]
+
     def __len__(self) -> int:
         return len(self._heap)
