@@ -456,7 +456,7 @@ def test_a_deployment_resume_that_cannot_be_honoured_is_refused(tmp_path: Path) 
         run_fake(ef21, done.run_dir, resume=True)
 
 
-@pytest.mark.parametrize(
+ASYNC_SCHEDULERS = pytest.mark.parametrize(
     "scheduler",
     [
         ["scheduler.name=fedbuff", "scheduler.concurrency=4", "scheduler.fedbuff.buffer_size=2"],
@@ -464,6 +464,10 @@ def test_a_deployment_resume_that_cannot_be_honoured_is_refused(tmp_path: Path) 
     ],
     ids=["fedbuff", "fedcompass"],
 )
+"""FedBuff and FedCompass, small enough for the tiny fleet."""
+
+
+@ASYNC_SCHEDULERS
 def test_asynchronous_schedulers_run_over_flower_with_staleness_recorded(
     tmp_path: Path, scheduler: list[str]
 ) -> None:
@@ -494,14 +498,7 @@ def test_asynchronous_schedulers_run_over_flower_with_staleness_recorded(
         assert e["compute_seconds"] >= e["train_seconds"] > 0 and e["uplink_bytes"] > 0
 
 
-@pytest.mark.parametrize(
-    "scheduler",
-    [
-        ["scheduler.name=fedbuff", "scheduler.concurrency=4", "scheduler.fedbuff.buffer_size=2"],
-        ["scheduler.name=fedcompass", "scheduler.fedcompass.q_min=1", "scheduler.fedcompass.q_max=2"],
-    ],
-    ids=["fedbuff", "fedcompass"],
-)
+@ASYNC_SCHEDULERS
 def test_an_asynchronous_deployment_killed_after_a_checkpoint_resumes_with_its_tasks_out_dropped(
     tmp_path: Path, scheduler: list[str]
 ) -> None:
