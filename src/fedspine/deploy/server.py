@@ -56,7 +56,7 @@ from fedspine.metrics.records import RunRecorder
 from fedspine.runtime.async_engine import make_engine
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.engine import Engine, TaskOutcome
-from fedspine.runtime.transport import Events, RunningTask
+from fedspine.runtime.transport import Admission, Events, RunningTask
 from fedspine.types import Device, TaskStatus
 
 log = logging.getLogger("fedspine.deploy")
@@ -167,7 +167,7 @@ class FlowerTransport:
     def reachable(self, engine: Engine, round_no: int, start: float) -> list[int]:
         return self.link.connected()
 
-    def admit(self, engine: Engine, device: Device, offer: int) -> str:
+    def admit(self, engine: Engine, device: Device, offer: int) -> Admission:
         return "ok" if device.device_id in self.link.connected() else "offline"
 
     def launch(self, engine: Engine, task: RunningTask, events: Events, train_now: bool) -> None:

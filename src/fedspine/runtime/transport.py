@@ -11,7 +11,7 @@ virtual clock, training on the host); a deployment's is ``fedspine.deploy.server
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from fedspine.fleet.jitter import is_available
 from fedspine.sim.clock import EventQueue
@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 Events = EventQueue[tuple[str, Any]]
 """A queue of ``(kind, payload)`` events on the run's clock."""
+
+Admission = Literal["ok", "offline", "declined"]
+"""Whether a device takes a task offered now: it does, it is offline, or it declines this offer."""
 
 
 @dataclass
@@ -45,8 +48,8 @@ class Transport(Protocol):
         """The devices a synchronous round starting at ``start`` may sample."""
         ...
 
-    def admit(self, engine: Engine, device: Device, offer: int) -> str:
-        """Whether ``device`` takes its ``offer``-th task now: ``"ok"``, ``"offline"`` or ``"declined"``."""
+    def admit(self, engine: Engine, device: Device, offer: int) -> Admission:
+        """Whether ``device`` takes its ``offer``-th task now."""
         ...
 
     def launch(self, engine: Engine, task: RunningTask, events: Events, train_now: bool) -> None:
@@ -102,7 +105,7 @@ class SimulatedTransport:
             if trace.online(d.device_id, start) and is_available(d, engine.seed, round_no)
         ]
 
-    def admit(self, engine: Engine, device: Device, offer: int) -> str:
+    def admit(self, engine: Engine, device: Device, offer: int) -> Admission:
         if not engine.exp.trace.online(device.device_id, engine.clock.now):
             return "offline"
         return "ok" if is_available(device, engine.seed, offer) else "declined"
