@@ -11,10 +11,10 @@ import torch
 
 from fedspine.algorithms.schedulers import (
     Arrival,
-    AsyncLimits,
-    AsyncScheduler,
     FedBuff,
     FedCompass,
+    Limits,
+    Scheduler,
     ServerStep,
 )
 from fedspine.algorithms.staleness import DCASGD, StalenessFunction, StalenessWeight, make_handler
@@ -23,8 +23,8 @@ from fedspine.config import load_config
 from fedspine.errors import ConfigError
 from fedspine.fleet.availability import PeriodicTrace, SessionTrace
 from fedspine.metrics.records import RunRecorder, read_events
-from fedspine.runtime.async_engine import AsyncEngine
 from fedspine.runtime.build import build_experiment, build_scheduler, build_strategy
+from fedspine.runtime.engine import Engine
 from fedspine.sim.clock import EventQueue
 from fedspine.types import ClientUpdate, DeviceLora
 from tests.conftest import CONFIGS
@@ -113,7 +113,7 @@ def test_fresh_adapter_updates_are_scaled_not_moved() -> None:
 # --- schedulers without an engine ---------------------------------------------------------------
 
 
-def _simulate(scheduler: AsyncScheduler, speeds: dict[int, float], until: float) -> dict[str, Any]:
+def _simulate(scheduler: Scheduler, speeds: dict[int, float], until: float) -> dict[str, Any]:
     """Drive a scheduler with devices of fixed seconds-per-step: arrival = start + steps * speed."""
     queue: EventQueue[tuple[str, Any]] = EventQueue()
     version, task = 0, 0
@@ -151,7 +151,7 @@ def _simulate(scheduler: AsyncScheduler, speeds: dict[int, float], until: float)
 
 
 def _compass(**kwargs: Any) -> FedCompass:
-    return FedCompass(AsyncLimits(rounds=100, local_steps=8, concurrency=3), q_min=2, q_max=8, **kwargs)
+    return FedCompass(Limits(rounds=100, local_steps=8, concurrency=3), q_min=2, q_max=8, **kwargs)
 
 
 def test_fedcompass_assigns_steps_as_computed_by_hand() -> None:
@@ -198,7 +198,7 @@ def test_fedcompass_late_arrivals_ride_along_with_the_next_group() -> None:
 
 
 def test_fedbuff_steps_every_k_arrivals() -> None:
-    buff = FedBuff(AsyncLimits(10, 2, 4), buffer_size=3, server_lr=0.5)
+    buff = FedBuff(Limits(10, 2, 4), buffer_size=3, server_lr=0.5)
     arrivals = [Arrival(i, i, 0, 1.0, float(i)) for i in range(7)]
     steps: list[ServerStep] = [s for a in arrivals for s in buff.on_arrival(a.time, a)]
     assert [[a.task_id for a in s.arrivals] for s in steps] == [[0, 1, 2], [3, 4, 5]]
@@ -240,7 +240,7 @@ def test_session_trace_flips_at_its_changes_and_is_fixed_by_the_seed() -> None:
 def _run_async(tmp_path: Path, *overrides: str) -> tuple[list[dict], dict]:
     exp = build_experiment(load_config(CONFIGS / "tiny.toml", [*FAST, *overrides]))
     recorder = RunRecorder(tmp_path)
-    engine = AsyncEngine(exp, recorder)
+    engine = Engine(exp, recorder)
     state = engine.run()
     recorder.close()
     return read_events(tmp_path), state.updates

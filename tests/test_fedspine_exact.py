@@ -212,7 +212,7 @@ def test_the_evaluated_and_deployed_models_hold_only_units_devices_trained(
     """After calibration every accepted update trained a mask; the model evaluated at the target sparsity
     and every device's deployed model keep no unit that no accepted update trained."""
     from fedspine.metrics.records import RunRecorder
-    from fedspine.runtime.async_engine import make_engine
+    from fedspine.runtime.engine import Engine
 
     config = load_config(
         ROOT / "configs" / "tiny.toml",
@@ -227,7 +227,7 @@ def test_the_evaluated_and_deployed_models_hold_only_units_devices_trained(
     )
     experiment = build_experiment(config)
     recorder = RunRecorder(tmp_path / "run")
-    make_engine(experiment, recorder).run()
+    Engine(experiment, recorder).run()
     recorder.close()
     strategy = experiment.strategy
     assert isinstance(strategy, FedSpine)
@@ -244,7 +244,7 @@ def test_a_device_that_syncs_holds_the_servers_base_on_every_unit_it_keeps(tmp_p
     current rows of units it keeps anew. Its base must then equal the server's on what it keeps.
     Moving masks and random arms make devices gain and lose units between their tasks."""
     from fedspine.metrics.records import RunRecorder
-    from fedspine.runtime.async_engine import make_engine
+    from fedspine.runtime.engine import Engine
 
     config = load_config(
         ROOT / "configs" / "tiny.toml",
@@ -279,7 +279,7 @@ def test_a_device_that_syncs_holds_the_servers_base_on_every_unit_it_keeps(tmp_p
 
     strategy.take_base_delta = recording  # type: ignore[method-assign]
     recorder = RunRecorder(tmp_path / "run")
-    make_engine(experiment, recorder).run()
+    Engine(experiment, recorder).run()
     recorder.close()
 
     def server(version: int) -> dict[str, torch.Tensor]:

@@ -26,7 +26,6 @@ from fedspine.metrics.records import SUMMARY_FILE, RoundRecord, RunRecorder
 from fedspine.report.compare import Comparison, compare, find_runs, select_arms
 from fedspine.report.compare_write import write_comparison
 from fedspine.report.html import write_report
-from fedspine.runtime.async_engine import make_engine
 from fedspine.runtime.build import Experiment, build_experiment, build_fleet_from_config
 from fedspine.runtime.checkpoint import load_latest
 from fedspine.runtime.engine import Engine
@@ -84,7 +83,7 @@ def run_experiment(
     out: Path | None = None,
     on_round: RoundCallback | None = None,
     on_status: Callable[[str], None] | None = None,
-    engine: EngineFactory = make_engine,
+    engine: EngineFactory = Engine,
     executor: str = "simulation",
 ) -> RunResult:
     """Build everything (validating names first: nothing is written on bad input), run, report.
@@ -110,7 +109,7 @@ def resume_experiment(
     run_dir: Path,
     on_round: RoundCallback | None = None,
     on_status: Callable[[str], None] | None = None,
-    engine: EngineFactory = make_engine,
+    engine: EngineFactory = Engine,
     executor: str = "simulation",
 ) -> RunResult:
     """Continue an interrupted run from its newest complete checkpoint, with its own ``config.toml``.

@@ -1,6 +1,6 @@
-"""The server side of a Flower deployment: fedspine's engines with Flower carrying the tasks.
+"""The server side of a Flower deployment: fedspine's engine with Flower carrying the tasks.
 
-The engines, strategy, policy, scheduler, codec and records are the simulator's own objects; only
+The engine, strategy, policy, scheduler, codec and records are the simulator's own objects; only
 the engine's transport differs (:class:`FlowerTransport` over a :class:`FlowerLink` instead of the
 simulated fleet). Instead of training in-process and charging virtual time from the cost model, the
 tasks travel to the devices' SuperNodes as Flower messages and the clock is the wall clock. Each
@@ -53,7 +53,6 @@ from fedspine.deploy.settings import (
 )
 from fedspine.errors import CheckpointError, ConfigError, DeployError
 from fedspine.metrics.records import RunRecorder
-from fedspine.runtime.async_engine import make_engine
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.engine import Engine, TaskOutcome
 from fedspine.runtime.transport import Admission, Events, RunningTask
@@ -299,7 +298,7 @@ def serve(grid: Grid, context: Context) -> RunResult:
         recorder.event(
             "deployment", nodes={str(d): n for d, n in sorted(nodes.items())}, discovery_seconds=seconds
         )
-        return make_engine(experiment, recorder, FlowerTransport(FlowerLink(grid, nodes, timeout)))
+        return Engine(experiment, recorder, FlowerTransport(FlowerLink(grid, nodes, timeout)))
 
     if resume:
         return resume_experiment(Path(out), engine=engine, executor="flower")

@@ -28,7 +28,7 @@ from fedspine.algorithms.policies import (
     RandomPolicy,
     SlidingWindowUCB,
 )
-from fedspine.algorithms.schedulers import AsyncLimits, AsyncScheduler, SyncScheduler
+from fedspine.algorithms.schedulers import Limits, Scheduler, SyncScheduler
 from fedspine.algorithms.staleness import Identity, StalenessFunction, StaleUpdateHandler, make_handler
 from fedspine.algorithms.strategies import FedSpine, Strategy
 from fedspine.algorithms.strategies.fedspine import PRESETS
@@ -58,7 +58,6 @@ from fedspine.runtime.executor import LocalTraining, SimExecutor
 from fedspine.types import Device, DeviceLora, TrainWorkload
 
 Status = Callable[[str], None]
-Scheduler = SyncScheduler | AsyncScheduler
 
 
 @dataclass
@@ -237,7 +236,7 @@ def build_scheduler(cfg: Config, num_devices: int, strategy: Strategy) -> Schedu
     """
     cls = schedulers.SCHEDULERS.get(cfg.scheduler.name, "scheduler.name")
     s = cfg.scheduler
-    if not issubclass(cls, AsyncScheduler):
+    if cls is SyncScheduler:
         k = s.clients_per_round or max(1, round(s.clients_fraction * num_devices))
         return SyncScheduler(s.rounds, min(k, num_devices), s.over_selection, s.deadline_seconds)
     if s.staleness.handler == "dcasgd" and not strategy.supports_compensation:
@@ -254,11 +253,11 @@ def build_scheduler(cfg: Config, num_devices: int, strategy: Strategy) -> Schedu
             "base or keeps SVD factors (use fedit, zeropad or hetlora, or momentum 0)",
         )
     concurrency = min(s.concurrency, num_devices) if s.concurrency else num_devices
-    limits = AsyncLimits(s.rounds, cfg.train.local_steps, concurrency, s.max_updates, s.max_virtual_seconds)
+    limits = Limits(s.rounds, cfg.train.local_steps, concurrency, s.max_updates, s.max_virtual_seconds)
     table = getattr(s, cfg.scheduler.name, None)
     is_table = dataclasses.is_dataclass(table) and not isinstance(table, type)
     kwargs = dataclasses.asdict(table) if is_table else {}  # type: ignore[arg-type]
-    scheduler: AsyncScheduler = cls(limits, **kwargs)
+    scheduler: Scheduler = cls(limits, **kwargs)
     return scheduler
 
 

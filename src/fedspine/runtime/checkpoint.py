@@ -9,9 +9,9 @@ A checkpoint is a directory ``checkpoints/round-000K`` holding
 * ``state.json``: the rest, as JSON (:mod:`fedspine.runtime.statefile`): the strategy (global
   state, pruning masks and importance, the policy with its bandit statistics), the scheduler, the
   uplink codec's error-feedback memories on both sides, the engine's counters, the virtual clock,
-  per-device LoRA ranks, the round records so far and the byte positions of the record files; for an
-  asynchronous run also its event loop (pending events, tasks in flight with their trained updates,
-  buffered arrivals, server momentum). Live objects (the model and its executor, the data, the
+  per-device LoRA ranks, the round records so far and the byte positions of the record files, and the
+  event loop (pending events, such as the next synchronous round's cohort; an asynchronous run's tasks
+  in flight with their trained updates, buffered arrivals, server momentum). Live objects (the model and its executor, the data, the
   fleet's devices) are not saved but referred to by name and re-attached from the rebuilt experiment;
 * ``state_tensors.safetensors``: every tensor of that state, which the JSON refers to by key;
 * ``MANIFEST.json``, written last: the round and the SHA-256 of every file.
@@ -51,7 +51,7 @@ log = logging.getLogger("fedspine.checkpoint")
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "MANIFEST.json"
-FORMAT = 4
+FORMAT = 5
 """Bumped whenever the saved state changes shape: an older checkpoint is refused, never misread."""
 FILES = frozenset(
     {

@@ -1,19 +1,49 @@
-"""The engine: one loop over synchronous rounds on the run's clock.
+"""The engine: one event loop on the run's clock, for every scheduler and transport.
 
-Per round: sample the reachable devices, configure their tasks, hand them to the
-:class:`~fedspine.runtime.transport.Transport` and take their arrivals in time order (in
-simulation: the real local training of the ones that can still matter, virtual time charged from the
-cost model for downlink, compute and uplink), let the scheduler decide which arrivals count,
-aggregate, and evaluate. Everything that depends on the host's speed is kept out of the records that
-must be reproducible.
+Events on the run's clock: a task's arrival, a task lost when its device goes offline, a scheduler's
+timer, a device coming back online, a synchronous round's cohort. The scheduler turns events into
+server steps and orders; the :class:`~fedspine.runtime.transport.Transport` carries tasks to devices
+and their updates back (the simulated fleet, or Flower in a deployment); the engine does everything
+else (as described here for the simulated fleet):
+
+* **synchronous rounds** (:class:`~fedspine.algorithms.schedulers.Cohort` orders): sample the
+  reachable devices, configure every task, launch them and take their arrivals in time order. An
+  arrival after the deadline, or after the k-th valid one, cannot be among the aggregated updates: it
+  is ``late``, and the simulated transport never trains it (its work is lost in the fleet; the result
+  is identical). When every task of the cohort has ended, the scheduler's plan says which arrivals
+  count; they are aggregated as they are (they all started from the current version), the round's
+  tasks are recorded in selection order, and the clock moves to the round's close plus aggregation.
+* **tasks** (:class:`~fedspine.algorithms.schedulers.TaskOrder`, and the engine's filling): a device
+  that is offline (availability trace) or declines the offer (its per-offer ``availability`` draw)
+  does not start; it is offered work again when it comes back online, or after the next aggregation.
+  A task that does not fit in memory fails (``oom``). Otherwise the device receives the current
+  global state and trains *now*, on the host (the base it trains on is the current one); its arrival
+  is scheduled from the cost model. A device that goes offline before its upload completes loses the
+  task (``dropped``): its time is spent, its update never reaches the server.
+* **server steps** of the asynchronous schedulers: each arrival is rebased onto the current global
+  state with its change scaled by ``lr * s(tau)`` (``Strategy.rebase``, the stale-update handler's
+  scale and compensation), then the strategy aggregates the step's updates; server momentum, when
+  set, acts on the global adapter. Every update is applied at most once (an internal check raises
+  otherwise); the summary's ``updates`` counts dispatched, applied and unapplied updates.
+* **stopping**: after ``scheduler.rounds`` aggregations, ``max_updates`` applied updates or
+  ``max_virtual_seconds``; tasks still running are recorded as ``cancelled``, buffered arrivals as
+  unapplied.
+
+Each task draws its batches and jitter from its own key (a round's number, or the device's offer
+count), and events at equal times keep their insertion order, so a run is deterministic for its
+seed. Everything that depends on the host's speed is kept out of the records that must be
+reproducible. A checkpoint is taken between two events, after every ``run.checkpoint_every`` server
+steps, with the event loop in it.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import statistics
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +51,15 @@ import torch
 
 from fedspine.algorithms.aggregate import aggregate
 from fedspine.algorithms.robust import clip, combine, corrupt
-from fedspine.algorithms.schedulers import SyncScheduler
+from fedspine.algorithms.schedulers import (
+    Arrival,
+    Cohort,
+    Order,
+    Scheduler,
+    ServerStep,
+    SyncScheduler,
+    TaskOrder,
+)
 from fedspine.algorithms.validation import check_update
 from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.client.evaluate import Evaluation
@@ -33,7 +71,7 @@ from fedspine.runtime.build import Experiment
 from fedspine.runtime.executor import PreparedTask, task_seed
 from fedspine.runtime.transport import Events, RunningTask, SimulatedTransport, Transport
 from fedspine.sim.clock import EventQueue, VirtualClock
-from fedspine.types import ClientTask, ClientUpdate, Device, DeviceLora, TaskResult, TaskStatus
+from fedspine.types import ClientTask, ClientUpdate, Device, DeviceLora, LoraState, TaskResult, TaskStatus
 
 
 @dataclass
@@ -83,7 +121,55 @@ class RunState:
     aggregation_wall_seconds: float = 0.0
     device_stats: dict[int, DeviceStats] = field(default_factory=dict)
     updates: dict[str, int] = field(default_factory=dict)
-    """Update accounting of asynchronous runs: dispatched, applied, unapplied_at_end."""
+    """Update accounting: dispatched, applied, unapplied_at_end."""
+
+
+@dataclass
+class OpenRound:
+    """A synchronous round whose cohort is out."""
+
+    round: int
+    start: float
+    outcomes: list[TaskOutcome]
+    """Every selected device's task, in selection order (those that did not fit in memory too)."""
+    out: set[int] = field(default_factory=set)
+    """Ids of the launched tasks that have not ended yet."""
+    arrivals: list[float] = field(default_factory=list)
+    """Seconds after ``start`` of the round's valid arrivals so far."""
+
+
+@dataclass
+class LoopState:
+    """Everything the event loop keeps between two events; a checkpoint saves it with the run."""
+
+    queue: Events = field(default_factory=EventQueue)
+    """Pending arrivals, losses, scheduler timers, devices coming back online and cohorts."""
+    version: int = 0
+    """Server steps taken: the global version (synchronous: rounds done)."""
+    applied: int = 0
+    dispatched: int = 0
+    running: dict[int, RunningTask] = field(default_factory=dict)
+    round: OpenRound | None = None
+    """The synchronous round in progress."""
+    arrived: dict[int, tuple[RunningTask, ClientUpdate]] = field(default_factory=dict)
+    """Arrived updates the scheduler has not applied yet, by task id."""
+    busy: set[int] = field(default_factory=set)
+    offline: set[int] = field(default_factory=set)
+    """Devices waiting for their trace to bring them back online."""
+    declined: set[int] = field(default_factory=set)
+    """Devices that declined an offer: offered work again after an aggregation, or when idle."""
+    failed: set[int] = field(default_factory=set)
+    """Devices whose task did not fit in memory: offered work again after an aggregation."""
+    offers: dict[int, int] = field(default_factory=dict)
+    """Offers made to each device so far (keys its next task's batches and draws)."""
+    momentum: LoraState | None = None
+    recent_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=20))
+    since: dict[str, float] = field(default_factory=dict)
+    """Counts since the last server step, for its record."""
+    last_aggregation_end: float = 0.0
+    last_evaluated: int = -1
+    checkpointed: int = 0
+    """The version of the newest checkpoint."""
 
 
 log = logging.getLogger("fedspine.engine")
@@ -107,146 +193,58 @@ class Engine:
         """Each device's current LoRA rank and scaling (HetLoRA devices shrink theirs)."""
         self.base_delta: dict[str, torch.Tensor] = {}
         """Everything merged into the base weights so far (FLoRA, FedSpine)."""
-        self.first_round = 1
-        """The round to start from (after :meth:`restore`, the one after the checkpoint's)."""
+        self._loop: LoopState | None = None
+        """None until the run starts, or until :meth:`restore` brings back a checkpoint's."""
+        self.on_round: ProgressCallback | None = None
+        self.total_weight = sum(self._device_weight(d.device_id) for d in experiment.devices)
 
     @property
-    def _sync(self) -> SyncScheduler:
-        scheduler = self.exp.scheduler
-        assert isinstance(scheduler, SyncScheduler), "the round engine runs synchronous schedulers"
+    def scheduler(self) -> Scheduler:
+        scheduler: Scheduler = self.exp.scheduler
         return scheduler
 
+    @property
+    def loop(self) -> LoopState:
+        assert self._loop is not None, "the event loop has not started"
+        return self._loop
+
     def run(self, on_round: ProgressCallback | None = None) -> RunState:
-        """Run every round; returns the accumulated state for the summary."""
-        exp = self.exp
-        if self.first_round == 1:
-            self._init_global()
-            if exp.config.eval.at_start:
-                self._evaluate(0)
-        every, last = exp.config.run.checkpoint_every, exp.scheduler.rounds
-        for round_no in range(self.first_round, last + 1):
-            record, evaluation = self._round(round_no)
-            if on_round is not None:
-                on_round(record, evaluation)
-            if every and round_no % every == 0 and round_no < last:
-                self.checkpoint(round_no)
+        """Run until the scheduler's limits; returns the accumulated state for the summary."""
+        self.on_round = on_round
+        if self._loop is None:
+            self._start_loop()
+        loop = self.loop
+        while not self._done() and self._next_event(loop.queue):
+            at, (kind, payload) = loop.queue.pop()
+            if self._time_limit() and at > self._time_limit():
+                break
+            if loop.round is None:  # a round's events happen inside it: its close sets the clock
+                self.clock.advance_to(max(at, self.clock.now))
+            self._handle(kind, payload)
+            self._after_event()
+            if not len(loop.queue) and not loop.running and loop.declined:
+                self._offer_again(failed=False)  # nothing else can happen: ask those who declined again
+                self._after_event()
+            self._maybe_checkpoint()
+        self._finish()
         return self.state
+
+    def _start_loop(self) -> None:
+        """The initial global state, the first evaluation, and the scheduler's first orders."""
+        exp = self.exp
+        self._init_global()
+        self._loop = LoopState()
+        if exp.config.eval.at_start:
+            self._evaluate(0)
+            self._loop.last_evaluated = 0
+        self._dispatch(self.scheduler.start(0.0, [d.device_id for d in exp.devices]))
+        self._after_event()
 
     def _init_global(self) -> None:
         """The strategy's initial global state, at the largest rank any device trains."""
         exp = self.exp
         rank = max(lora.rank for lora in self.device_lora.values())
         exp.strategy.init_global(exp.module_shapes, rank, torch.Generator().manual_seed(self.seed))
-
-    # --- checkpoints -----------------------------------------------------------------------------
-
-    def checkpoint(self, round_no: int) -> None:
-        """Write an atomic checkpoint of everything needed to continue after ``round_no``."""
-        exp = self.exp
-        engine = self._engine_state()
-        objects = {
-            "strategy": exp.strategy,
-            "scheduler": exp.scheduler,
-            "uplink": exp.uplink,
-            "stale_handler": exp.stale_handler,
-        }
-        weights = exp.executor.base_weights(sorted(self.base_delta))
-        snapshot = checkpoints.Snapshot(round_no, engine, objects, self.base_delta, weights)
-        checkpoints.save(self.recorder.run_dir, exp, snapshot, exp.config.run.keep_checkpoints)
-
-    def _engine_state(self) -> dict[str, Any]:
-        """The engine's own part of a checkpoint."""
-        return {
-            "clock": self.clock.now,
-            "device_lora": self.device_lora,
-            "state": self.state,
-            "rounds": self.recorder.rounds,
-            "positions": self.recorder.positions(),
-        }
-
-    def restore(self, snapshot: checkpoints.Snapshot) -> None:
-        """Continue from ``snapshot``: the checkpoint's objects replace the freshly built ones."""
-        exp = self.exp
-        for name, obj in snapshot.objects.items():
-            setattr(exp, name, obj)
-        exp.executor.set_base_weights(snapshot.base_weights)
-        self.base_delta = dict(snapshot.base_delta)
-        engine = snapshot.engine
-        self.clock.advance_to(engine["clock"])
-        self.device_lora = engine["device_lora"]
-        self.state = engine["state"]
-        self.first_round = snapshot.round + 1
-        self._reconnect()
-
-    def _reconnect(self) -> None:
-        """After a restore: tell the transport (a round's checkpoint has no task out)."""
-        self.transport.resume_at(self.clock.now)
-
-    # --- one round -------------------------------------------------------------------------------
-
-    def _round(self, round_no: int) -> tuple[RoundRecord, Evaluation | None]:
-        exp = self.exp
-        self.clock.advance_to(self.transport.present(self.clock.now))  # a wall clock ran on
-        start = self.clock.now
-        online = self.transport.reachable(self, round_no, start)
-        selected = self._sync.select(online, random.Random(task_seed(self.seed, round_no)))
-        outcomes = self._run_tasks(round_no, start, [exp.devices[i] for i in selected])
-        arrivals = {o.device.device_id: o.arrival_seconds for o in outcomes if o.status == TaskStatus.OK}
-        plan = self._sync.plan(arrivals)
-        for o in outcomes:
-            if o.status == TaskStatus.OK and o.device.device_id in plan.late:
-                o.status = TaskStatus.LATE
-        accepted = [o for d in plan.accepted for o in outcomes if o.device.device_id == d]
-        for o in outcomes:
-            self._record_task(round_no, start, o)
-        exp.strategy.end_round(
-            round_no,
-            [TaskResult(o.device.device_id, o.status, o.arrival_seconds, o.update) for o in outcomes],
-            exp.scheduler.deadline_seconds,
-        )
-        agg_seconds = self._aggregate(round_no, start + plan.close_seconds, accepted)
-        self.clock.advance_to(start + plan.close_seconds + agg_seconds)
-        record = self._round_record(round_no, start, outcomes, accepted, agg_seconds)
-        evaluation = None
-        if round_no % exp.config.eval.every == 0 or round_no == exp.scheduler.rounds:
-            evaluation = self._evaluate(round_no)
-            record.metric, record.eval_loss = evaluation.metric, evaluation.loss
-        self.recorder.round(record)
-        return record, evaluation
-
-    def _run_tasks(self, round_no: int, start: float, devices: list[Device]) -> list[TaskOutcome]:
-        """Prepare every task, launch the ones that fit, and take their arrivals in time order.
-
-        An arrival after the deadline, or after the k-th earliest complete arrival so far, cannot be
-        among the aggregated updates: it is ``late``, and the simulated transport never trains it
-        (its work is lost in the fleet; the result is identical). A task whose device goes offline
-        first is ``dropped``.
-        """
-        self.exp.strategy.begin_round(round_no, [d.device_id for d in devices])
-        outcomes = [self._prepare(round_no, d) for d in devices]
-        runnable = sorted(
-            (o for o in outcomes if o.status == TaskStatus.OK),
-            key=lambda o: (o.arrival_seconds, o.device.device_id),
-        )
-        k, deadline = self._sync.clients_per_round, self._sync.deadline_seconds
-        events: Events = EventQueue()
-        for i, o in enumerate(runnable):
-            task = RunningTask(i, o, round_no - 1, start, deadline)
-            self.transport.launch(self, task, events, train_now=False)
-        arrivals: list[float] = []
-        while self._next_event(events):
-            _, (kind, task) = events.pop()
-            o = task.outcome
-            if kind != "arrive" or o.status != TaskStatus.OK:
-                continue
-            bound = sorted(arrivals)[k - 1] if len(arrivals) >= k else float("inf")
-            if (deadline > 0 and o.arrival_seconds > deadline) or o.arrival_seconds > bound:
-                o.status = TaskStatus.LATE
-                continue
-            self.transport.deliver(self, task)
-            if o.status == TaskStatus.OK:
-                arrivals.append(o.arrival_seconds)
-        return outcomes
 
     def _next_event(self, events: Events) -> bool:
         """Whether an event is due, after waiting for one while the transport has tasks out (a
@@ -259,6 +257,383 @@ class Engine:
             if at is None and not waiting:
                 return False
             self.transport.wait()
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def _maybe_checkpoint(self) -> None:
+        """Checkpoint between two events, after every ``run.checkpoint_every`` server steps."""
+        loop, every = self.loop, self.exp.config.run.checkpoint_every
+        if every and loop.version % every == 0 and loop.version > loop.checkpointed and not self._done():
+            loop.checkpointed = loop.version
+            self.checkpoint(loop.version)
+
+    def checkpoint(self, version: int) -> None:
+        """Write an atomic checkpoint of everything needed to continue after server step ``version``."""
+        exp = self.exp
+        engine = {
+            "clock": self.clock.now,
+            "device_lora": self.device_lora,
+            "state": self.state,
+            "rounds": self.recorder.rounds,
+            "positions": self.recorder.positions(),
+            "loop": self.loop,
+        }
+        objects = {
+            "strategy": exp.strategy,
+            "scheduler": exp.scheduler,
+            "uplink": exp.uplink,
+            "stale_handler": exp.stale_handler,
+        }
+        weights = exp.executor.base_weights(sorted(self.base_delta))
+        snapshot = checkpoints.Snapshot(version, engine, objects, self.base_delta, weights)
+        checkpoints.save(self.recorder.run_dir, exp, snapshot, exp.config.run.keep_checkpoints)
+
+    def restore(self, snapshot: checkpoints.Snapshot) -> None:
+        """Continue from ``snapshot``: the checkpoint's objects replace the freshly built ones.
+
+        Tasks that were out and can no longer come back (a deployment's, sent by the interrupted
+        server; not those whose arrival was already queued) end now as ``dropped``, and their devices
+        are offered work again.
+        """
+        exp = self.exp
+        for name, obj in snapshot.objects.items():
+            setattr(exp, name, obj)
+        exp.executor.set_base_weights(snapshot.base_weights)
+        self.base_delta = dict(snapshot.base_delta)
+        engine = snapshot.engine
+        self.clock.advance_to(engine["clock"])
+        self.device_lora = engine["device_lora"]
+        self.state = engine["state"]
+        self._loop = engine["loop"]
+        if self.transport.resume_at(self.clock.now):
+            return
+        now, loop = self.clock.now, self.loop
+        queued = {item[1].task_id for item in loop.queue.items() if item[0] in ("arrive", "lost")}
+        for task in sorted(loop.running.values(), key=lambda t: t.task_id):
+            if task.task_id in queued:
+                continue
+            task.outcome.lose(max(0.0, now - task.start))
+            task.outcome.extra["reason"] = "the server restarted; the task went to the interrupted run"
+            loop.queue.push(now, ("arrive", task))
+
+    # --- events ----------------------------------------------------------------------------------
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        now = self.clock.now
+        if kind == "cohort":
+            self._open_round(payload)
+            return
+        if kind == "arrive":
+            steps = self._arrive(payload)
+        elif kind == "lost":
+            steps = self._lost(payload)
+        elif kind == "timer":
+            steps = self.scheduler.on_timer(now, payload)
+        else:  # "online"
+            self.loop.offline.discard(payload)
+            self.scheduler.on_available(now, payload)
+            steps = []
+        for step in steps:
+            self._apply(step)
+            if self._done():
+                break
+
+    def _after_event(self) -> None:
+        if self._done():
+            return
+        self._dispatch(self.scheduler.orders(self.clock.now, self.loop.version))
+        self._fill()
+        for at, key in self.scheduler.take_timers():
+            self.loop.queue.push(at, ("timer", key))
+
+    def _arrive(self, task: RunningTask) -> list[ServerStep]:
+        """A task's reply reached the server (with an update, or without one when the server's checks
+        rejected it or a deployed device failed)."""
+        o = task.outcome
+        device = o.device.device_id
+        del self.loop.running[task.task_id]
+        self.loop.busy.discard(device)
+        cohort = self.loop.round
+        if cohort is not None and task.task_id in cohort.out:
+            if o.status == TaskStatus.OK:
+                if self._rounds.admits(o.arrival_seconds, cohort.arrivals):
+                    self.transport.deliver(self, task)
+                    if o.status == TaskStatus.OK:
+                        cohort.arrivals.append(o.arrival_seconds)
+                else:
+                    o.status = TaskStatus.LATE
+            self._end_in_round(cohort, task)
+            return []
+        self._end_task(task)
+        if o.update is None:
+            return self.scheduler.on_lost(self.clock.now, device)
+        self.loop.recent_seconds.append(o.arrival_seconds)
+        self.loop.arrived[task.task_id] = (task, o.update)
+        weight = self._device_weight(device)
+        arrival = Arrival(task.task_id, device, task.version, weight, self.clock.now)
+        return self.scheduler.on_arrival(self.clock.now, arrival)
+
+    def _lost(self, task: RunningTask) -> list[ServerStep]:
+        """A task's device went offline before its update was in."""
+        device = task.outcome.device.device_id
+        del self.loop.running[task.task_id]
+        self.loop.busy.discard(device)
+        cohort = self.loop.round
+        if cohort is not None and task.task_id in cohort.out:
+            self._end_in_round(cohort, task)  # a round samples among the devices online at its start
+            return []
+        self._end_task(task)
+        self._go_offline(device)
+        return self.scheduler.on_lost(self.clock.now, device)
+
+    def _end_task(self, task: RunningTask) -> None:
+        """Record a task outside a round as it ends, and tell the strategy."""
+        o = task.outcome
+        self._record_task(task.version, task.start, o, task_id=task.task_id)
+        self._count(o.status)
+        self._count("uplink_bytes", o.uplink_bytes)
+        cap = statistics.median(self.loop.recent_seconds) if self.loop.recent_seconds else 0.0
+        result = TaskResult(o.device.device_id, o.status, o.end_seconds, o.update)
+        self.exp.strategy.end_round(self.loop.version, [result], cap)
+
+    def _go_offline(self, device: int) -> None:
+        self.loop.offline.add(device)
+        back = self.exp.trace.next_change(device, self.clock.now)
+        if back != float("inf"):
+            self.loop.queue.push(back, ("online", device))
+
+    # --- dispatch --------------------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        """Keep ``concurrency`` devices training (schedulers that fill)."""
+        if not self.scheduler.fills:
+            return
+        loop = self.loop
+        while len(loop.busy) < self.scheduler.concurrency:
+            unavailable = loop.busy | loop.offline | loop.declined | loop.failed
+            idle = sorted(d.device_id for d in self.exp.devices if d.device_id not in unavailable)
+            if not idle:
+                return
+            pick = random.Random(task_seed(self.seed, loop.dispatched, len(loop.busy))).choice(idle)
+            self._dispatch([TaskOrder(pick, self.scheduler.local_steps)])
+
+    def _dispatch(self, orders: Sequence[Order]) -> None:
+        for order in orders:
+            if isinstance(order, Cohort):  # opened as an event, so a checkpoint can come before it
+                self.loop.queue.push(self.clock.now, ("cohort", order))
+            else:
+                self._start(order)
+
+    def _start(self, order: TaskOrder) -> None:
+        now = self.clock.now
+        device = self.exp.devices[order.device_id]
+        d = device.device_id
+        offer = self.loop.offers[d] = self.loop.offers.get(d, 0) + 1
+        reach = self.transport.admit(self, device, offer)
+        if reach != "ok":
+            if reach == "offline":
+                self._go_offline(d)
+            else:
+                self.loop.declined.add(d)
+            self._decline(d)
+            return
+        task_id = self.loop.dispatched
+        self.loop.dispatched += 1
+        self._count("selected")
+        outcome = self._prepare(self.loop.version + 1, device, order.steps, task_key=offer)
+        task = RunningTask(task_id, outcome, self.loop.version, now)
+        if outcome.status == TaskStatus.OOM:
+            self._end_task(task)
+            self.loop.failed.add(d)
+            self._decline(d)
+            return
+        self.loop.busy.add(d)
+        self.loop.running[task_id] = task
+        self.transport.launch(self, task, self.loop.queue, train_now=True)
+        self._count("downlink_bytes", outcome.downlink_bytes)
+
+    def _decline(self, device: int) -> None:
+        self.scheduler.on_lost(self.clock.now, device)
+
+    def _offer_again(self, failed: bool = True) -> None:
+        waiting = self.loop.declined | self.loop.failed if failed else set(self.loop.declined)
+        self.loop.declined -= waiting
+        self.loop.failed -= waiting
+        for device in sorted(waiting):
+            self.scheduler.on_available(self.clock.now, device)
+
+    # --- synchronous rounds ----------------------------------------------------------------------
+
+    @property
+    def _rounds(self) -> SyncScheduler:
+        scheduler = self.exp.scheduler
+        assert isinstance(scheduler, SyncScheduler), "only synchronous schedulers order cohorts"
+        return scheduler
+
+    def _open_round(self, order: Cohort) -> None:
+        """Sample the round's cohort, prepare every task, and launch the ones that fit in memory.
+
+        Tasks are launched in the order of their arrivals (known in simulation) and trained only when
+        they arrive in time to count (:meth:`SyncScheduler.admits`): the base cannot change while the
+        round is open.
+        """
+        exp, loop, round_no = self.exp, self.loop, order.round
+        self.clock.advance_to(self.transport.present(self.clock.now))  # a wall clock ran on
+        start = self.clock.now
+        online = self.transport.reachable(self, round_no, start)
+        selected = self._rounds.select(online, random.Random(task_seed(self.seed, round_no)))
+        exp.strategy.begin_round(round_no, selected)
+        outcomes = [self._prepare(round_no, exp.devices[d]) for d in selected]
+        cohort = loop.round = OpenRound(round_no, start, outcomes)
+        runnable = sorted(
+            (o for o in outcomes if o.status == TaskStatus.OK),
+            key=lambda o: (o.arrival_seconds, o.device.device_id),
+        )
+        loop.dispatched += len(outcomes) - len(runnable)  # out of memory: never sent
+        for o in runnable:
+            task = RunningTask(loop.dispatched, o, round_no - 1, start, self._rounds.deadline_seconds)
+            loop.dispatched += 1
+            loop.running[task.task_id] = task
+            cohort.out.add(task.task_id)
+            self.transport.launch(self, task, loop.queue, train_now=False)
+        if not cohort.out:
+            self._close_round(cohort)
+
+    def _end_in_round(self, cohort: OpenRound, task: RunningTask) -> None:
+        cohort.out.discard(task.task_id)
+        if not cohort.out:
+            self._close_round(cohort)
+
+    def _close_round(self, cohort: OpenRound) -> None:
+        """Every task of the round has ended: keep the arrivals the plan keeps and take the server step."""
+        exp, round_no, start, outcomes = self.exp, cohort.round, cohort.start, cohort.outcomes
+        self.loop.round = None
+        arrivals = {o.device.device_id: o.arrival_seconds for o in outcomes if o.status == TaskStatus.OK}
+        plan = self._rounds.plan(arrivals)
+        for o in outcomes:
+            if o.status == TaskStatus.OK and o.device.device_id in plan.late:
+                o.status = TaskStatus.LATE
+        accepted = [o for d in plan.accepted for o in outcomes if o.device.device_id == d]
+        for o in outcomes:
+            self._record_task(round_no, start, o)
+        exp.strategy.end_round(
+            round_no,
+            [TaskResult(o.device.device_id, o.status, o.arrival_seconds, o.update) for o in outcomes],
+            self._rounds.deadline_seconds,
+        )
+        agg_seconds = self._aggregate(round_no, start + plan.close_seconds, accepted)
+        self.clock.advance_to(start + plan.close_seconds + agg_seconds)
+        self.loop.version += 1
+        self.loop.applied += len(accepted)
+        self.loop.last_aggregation_end = self.clock.now
+        self._conclude(self._round_record(round_no, start, outcomes, accepted, agg_seconds))
+
+    # --- server steps ----------------------------------------------------------------------------
+
+    def _apply(self, step: ServerStep) -> None:
+        """Rebase and scale the step's updates, aggregate them, and record the new version."""
+        exp = self.exp
+        strategy = exp.strategy
+        entries = []
+        for arrival in step.arrivals:
+            if arrival.task_id not in self.loop.arrived:
+                raise RuntimeError(f"update of task {arrival.task_id} applied twice or never arrived")
+            entries.append(self.loop.arrived.pop(arrival.task_id))
+        step_weight = sum(a.weight for a in step.arrivals)
+        lr = step.lr * (step_weight / self.total_weight if step.normalize == "fleet" else 1.0)
+        handler = exp.stale_handler
+        compensate = handler.compensate if handler.needs_drift else None
+        staleness = [self.loop.version - task.version for task, _ in entries]
+        rebased = []
+        for (task, update), tau in zip(entries, staleness, strict=True):
+            assert task.outcome.task is not None
+            start_state = task.outcome.task.payload
+            rebased.append(strategy.rebase(update, start_state, lr * handler.scale(tau), compensate))
+        before = strategy.global_lora() if step.momentum > 0 else None
+        accepted = [task.outcome for task, _ in entries]
+        agg_seconds = self._aggregate(self.loop.version + 1, self.clock.now, accepted, rebased)
+        if before is not None:
+            self._server_momentum(before, step.momentum)
+        self.loop.version += 1
+        self.loop.applied += len(entries)
+        start = self.loop.last_aggregation_end
+        self.clock.advance_to(self.clock.now + agg_seconds)
+        self.loop.last_aggregation_end = self.clock.now
+        record = self._step_record(accepted, agg_seconds, start, staleness)
+        self.recorder.event(
+            "server_step",
+            round=self.loop.version,
+            task_ids=[a.task_id for a in step.arrivals],
+            staleness=staleness,
+            lr=lr,
+        )
+        self._conclude(record)
+        self._offer_again()
+
+    def _conclude(self, record: RoundRecord) -> None:
+        """After a server step: evaluate when due, write the step's record and report it."""
+        evaluation = None
+        version = self.loop.version
+        if version % self.exp.config.eval.every == 0 or self._done():
+            evaluation = self._evaluate(version)
+            self.loop.last_evaluated = version
+            record.metric, record.eval_loss = evaluation.metric, evaluation.loss
+        self.recorder.round(record)
+        if self.on_round is not None:
+            self.on_round(record, evaluation)
+
+    def _server_momentum(self, before: LoraState, beta: float) -> None:
+        """``m <- beta m + (after - before)``; the global adapter becomes ``before + m``."""
+        strategy: Any = self.exp.strategy
+        after = strategy.global_lora()
+        step = {m: {k: after[m][k] - before[m][k] for k in ("A", "B")} for m in after}
+        if self.loop.momentum is None:
+            self.loop.momentum = step
+        else:
+            old = self.loop.momentum
+            self.loop.momentum = {m: {k: beta * old[m][k] + step[m][k] for k in ("A", "B")} for m in step}
+        strategy.set_global_lora(
+            {m: {k: before[m][k] + self.loop.momentum[m][k] for k in ("A", "B")} for m in before}
+        )
+
+    def _count(self, key: str, amount: float = 1) -> None:
+        self.loop.since[key] = self.loop.since.get(key, 0) + amount
+
+    # --- stopping --------------------------------------------------------------------------------
+
+    def _time_limit(self) -> float:
+        return self.scheduler.limits.max_virtual_seconds
+
+    def _done(self) -> bool:
+        limits = self.scheduler.limits
+        return (
+            self.loop.version >= limits.rounds
+            or (limits.max_updates > 0 and self.loop.applied >= limits.max_updates)
+            or (limits.max_virtual_seconds > 0 and self.clock.now >= limits.max_virtual_seconds)
+        )
+
+    def _finish(self) -> None:
+        """Cancel what is still running, count what was never applied, evaluate the final model."""
+        for task in sorted(self.loop.running.values(), key=lambda t: t.task_id):
+            task.outcome.status = TaskStatus.CANCELLED
+            task.outcome.lost_seconds = max(0.0, self.clock.now - task.start)
+            task.outcome.update = None
+            self._record_task(task.version, task.start, task.outcome, task_id=task.task_id)
+        self.loop.running.clear()
+        self.state.updates = {
+            "dispatched": self.loop.dispatched,
+            "applied": self.loop.applied,
+            "unapplied_at_end": len(self.loop.arrived),
+        }
+        if self.loop.last_evaluated != self.loop.version or not self.state.evaluations:
+            self._evaluate(self.loop.version)
+
+    def _device_weight(self, device_id: int) -> float:
+        if self.exp.config.strategy.weighting == "samples":
+            return float(len(self.exp.partitions[device_id]))
+        return 1.0
+
+    # --- tasks -----------------------------------------------------------------------------------
 
     def _prepare(
         self, round_no: int, device: Device, steps: int | None = None, task_key: int | None = None
@@ -460,6 +835,26 @@ class Engine:
             dropped=sum(o.status == TaskStatus.DROPPED for o in outcomes),
             uplink_bytes=sum(o.uplink_bytes for o in outcomes),
             downlink_bytes=sum(o.downlink_bytes for o in outcomes),
+        )
+
+    def _step_record(
+        self, accepted: list[TaskOutcome], agg_seconds: float, start: float, staleness: list[int]
+    ) -> RoundRecord:
+        since, self.loop.since = self.loop.since, {}
+        return self._record(
+            self.loop.version,
+            start,
+            agg_seconds,
+            accepted[-1] if accepted else None,
+            accepted,
+            selected=int(since.get("selected", 0)),
+            late=0,
+            oom=int(since.get("oom", 0)),
+            uplink_bytes=int(since.get("uplink_bytes", 0)),
+            downlink_bytes=int(since.get("downlink_bytes", 0)),
+            dropped=int(since.get("dropped", 0)),
+            mean_staleness=statistics.fmean(staleness) if staleness else None,
+            max_staleness=max(staleness) if staleness else None,
         )
 
     def _record(

@@ -1,6 +1,7 @@
-"""How a task reaches its device and its update comes back: the engines' one variable part.
+"""How a task reaches its device and its update comes back: the engine's variable part besides the
+scheduler.
 
-Both engines (synchronous rounds and the asynchronous schedulers' event loop) hand every task to a
+The engine (synchronous rounds and asynchronous schedulers alike) hands every task to a
 :class:`Transport` and take back its end as an event on a queue: ``("arrive", task)`` when its reply
 is in (with an update, or without one when the device failed), ``("lost", task)`` when its device
 went offline first. :class:`SimulatedTransport` is the simulated fleet (the cost model's times on a
@@ -42,7 +43,7 @@ class RunningTask:
 
 
 class Transport(Protocol):
-    """Carries an engine's tasks to their devices and their ends back onto the engine's event queue."""
+    """Carries the engine's tasks to their devices and their ends back onto the engine's event queue."""
 
     def reachable(self, engine: Engine, round_no: int, start: float) -> list[int]:
         """The devices a synchronous round starting at ``start`` may sample."""

@@ -28,9 +28,6 @@ class RoundPlan:
 SCHEDULERS: Registry[type] = Registry("scheduler")
 
 
-# --- asynchronous schedulers ---------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Arrival:
     """An update that reached the server.
@@ -75,12 +72,23 @@ class TaskOrder:
 
 
 @dataclass(frozen=True)
-class AsyncLimits:
-    """What every asynchronous scheduler is given.
+class Cohort:
+    """Start synchronous round ``round``: sample the reachable devices and give each a task; the round
+    closes, with one server step, when every task of the cohort has ended."""
+
+    round: int
+
+
+Order = TaskOrder | Cohort
+
+
+@dataclass(frozen=True)
+class Limits:
+    """When a run stops, and how many devices the engine keeps training.
 
     Attributes:
-        rounds: stop after this many aggregations (global versions).
-        local_steps: optimizer steps of a task the engine hands out when it fills.
+        rounds: stop after this many aggregations (global versions; synchronous rounds).
+        local_steps: optimizer steps of a task the engine hands out when it fills (0: it never does).
         concurrency: devices training at once when the engine fills (>= 1).
         max_updates: stop once this many updates were applied (0 = no limit).
         max_virtual_seconds: stop at this virtual time (0 = no limit).
@@ -93,19 +101,19 @@ class AsyncLimits:
     max_virtual_seconds: float = 0.0
 
 
-class AsyncScheduler(ABC):
+class Scheduler(ABC):
     """An event-driven scheduler: reacts to arrivals, losses and timers with server steps and orders.
 
     The engine owns the clock, the devices and the updates; a scheduler sees only arrivals and
     decides when to aggregate what, and (FedCompass) who trains how many steps. Schedulers that
     ``fill`` let the engine keep ``concurrency`` devices busy with ``local_steps``-step tasks, drawn at
-    random among idle online devices.
+    random among idle online devices. Synchronous rounds order :class:`Cohort` s instead of tasks.
     """
 
     name = ""
     fills = True
 
-    def __init__(self, limits: AsyncLimits) -> None:
+    def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.rounds = limits.rounds
         self.local_steps = limits.local_steps
@@ -128,7 +136,7 @@ class AsyncScheduler(ABC):
         """A timer set through :meth:`take_timers` fired."""
         return []
 
-    def orders(self, now: float, version: int) -> list[TaskOrder]:
+    def orders(self, now: float, version: int) -> Sequence[Order]:
         """Orders to dispatch now, after the current event's server steps (at global ``version``)."""
         return []
 

@@ -16,19 +16,19 @@ from __future__ import annotations
 from fedspine.algorithms.schedulers.base import (
     SCHEDULERS,
     Arrival,
-    AsyncLimits,
-    AsyncScheduler,
+    Limits,
+    Scheduler,
     ServerStep,
 )
 
 
 @SCHEDULERS.register("fedasync")
-class FedAsync(AsyncScheduler):
+class FedAsync(Scheduler):
     """Apply each update on arrival with mixing weight ``alpha`` (times the staleness scale)."""
 
     name = "fedasync"
 
-    def __init__(self, limits: AsyncLimits, alpha: float = 0.6) -> None:
+    def __init__(self, limits: Limits, alpha: float = 0.6) -> None:
         super().__init__(limits)
         self.alpha = alpha
 
@@ -37,14 +37,14 @@ class FedAsync(AsyncScheduler):
 
 
 @SCHEDULERS.register("fedbuff")
-class FedBuff(AsyncScheduler):
+class FedBuff(Scheduler):
     """Aggregate every ``buffer_size`` arrivals with a server learning rate and momentum."""
 
     name = "fedbuff"
 
     def __init__(
         self,
-        limits: AsyncLimits,
+        limits: Limits,
         buffer_size: int = 4,
         server_lr: float = 1.0,
         server_momentum: float = 0.0,

@@ -26,8 +26,8 @@ from typing import Any
 from fedspine.algorithms.schedulers.base import (
     SCHEDULERS,
     Arrival,
-    AsyncLimits,
-    AsyncScheduler,
+    Limits,
+    Scheduler,
     ServerStep,
     TaskOrder,
 )
@@ -51,7 +51,7 @@ class ArrivalGroup:
 
 
 @SCHEDULERS.register("fedcompass")
-class FedCompass(AsyncScheduler):
+class FedCompass(Scheduler):
     """Computing-power-aware step assignment and arrival groups."""
 
     name = "fedcompass"
@@ -59,7 +59,7 @@ class FedCompass(AsyncScheduler):
 
     def __init__(
         self,
-        limits: AsyncLimits,
+        limits: Limits,
         q_min: int = 2,
         q_max: int = 8,
         latest_time_factor: float = 1.5,
