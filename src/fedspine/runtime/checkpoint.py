@@ -11,8 +11,9 @@ A checkpoint is a directory ``checkpoints/round-000K`` holding
   uplink codec's error-feedback memories on both sides, the engine's counters, the virtual clock,
   per-device LoRA ranks, the round records so far and the byte positions of the record files, and the
   event loop (pending events, such as the next synchronous round's cohort; an asynchronous run's tasks
-  in flight with their trained updates, buffered arrivals, server momentum). Live objects (the model and its executor, the data, the
-  fleet's devices) are not saved but referred to by name and re-attached from the rebuilt experiment;
+  in flight with their trained updates, buffered arrivals, server momentum). Live objects (the model
+  and its executor, the data, the fleet's devices) are not saved but referred to by name and
+  re-attached from the rebuilt experiment;
 * ``state_tensors.safetensors``: every tensor of that state, which the JSON refers to by key;
 * ``MANIFEST.json``, written last: the round and the SHA-256 of every file.
 
