@@ -64,6 +64,7 @@ def test_named_arms_grid_and_seeds_become_runs(tmp_path: Path) -> None:
     assert [a.name for a in sweep.arms] == ["a,lr=0.001", "a,lr=0.002", "b,lr=0.001", "b,lr=0.002"]
     runs = plan_runs(sweep, tmp_path / "out", threads=1)
     assert len(runs) == 8 and runs[0].run_dir == tmp_path / "out" / "a,lr=0.001" / "seed-3"
+    assert [(r.arm, r.seed) for r in runs[3:5]] == [("b,lr=0.002", 3), ("a,lr=0.001", 5)]  # seed-major
     config = sweep.config(sweep.arms[3], seed=5, threads=1)
     assert (config.strategy.name, config.train.lr, config.run.seed, config.run.threads) == (
         "flora",

@@ -68,13 +68,14 @@ def thread_budget(workers: int, threads: int | None, ray: bool) -> int:
 
 
 def plan_runs(sweep: Sweep, out: Path, threads: int) -> list[RunSpec]:
-    """Every (arm, seed) of ``sweep`` as a run under ``out``, arm-major."""
+    """Every (arm, seed) of ``sweep`` as a run under ``out``, seed-major: a sweep stopped early has
+    every arm at its first seeds, so its finished runs are already paired comparisons."""
     from fedspine.config import to_toml
 
     return [
         RunSpec(arm.name, seed, out / arm.name / f"seed-{seed}", to_toml(sweep.config(arm, seed, threads)))
-        for arm in sweep.arms
         for seed in sweep.seeds
+        for arm in sweep.arms
     ]
 
 
