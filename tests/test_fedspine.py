@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -516,8 +517,11 @@ def test_pruned_workload_is_the_layer_weighted_sum() -> None:
 
 
 def test_runs_record_each_tasks_pruning_ratio_and_rank(tmp_path: Path, tiny_config: Any) -> None:
-    tiny_config.strategy.name = "fedspine"
-    tiny_config.scheduler.rounds = 3
+    tiny_config = replace(
+        tiny_config,
+        strategy=replace(tiny_config.strategy, name="fedspine"),
+        scheduler=replace(tiny_config.scheduler, rounds=3),
+    )
     result = run_experiment(tiny_config, tmp_path / "run")
     events = [json.loads(line) for line in (result.run_dir / "events.jsonl").read_text().splitlines()]
     tasks = [e for e in events if e["event"] == "task" and e["status"] == "ok"]
@@ -560,7 +564,7 @@ def test_fedspine_run_exports_a_model_per_device(tmp_path: Path, tiny_config: An
 
     from fedspine.cli import app
 
-    tiny_config.strategy.name = "fedspine"
+    tiny_config = replace(tiny_config, strategy=replace(tiny_config.strategy, name="fedspine"))
     result = run_experiment(tiny_config, tmp_path / "run")
     manifest = json.loads((result.run_dir / "models" / "manifest.json").read_text())
     assert set(manifest["devices"]) == {str(i) for i in range(6)}

@@ -40,7 +40,7 @@ MAX_THREADS = 1024
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSection:
     """Identity and reproducibility of the run."""
 
@@ -71,7 +71,7 @@ class RunSection:
         _check(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TinyModelSection:
     """Shape of the tiny random Llama used by tests and the quick config."""
 
@@ -96,7 +96,7 @@ class TinyModelSection:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSection:
     """Which causal LM is fine-tuned."""
 
@@ -122,7 +122,7 @@ LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 host time per step on SmolLM2: the backward pass through the frozen weights dominates either way."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraSection:
     """LoRA adapters (peft)."""
 
@@ -167,7 +167,7 @@ BIBLE_PROMPT = "Bible verse: {text}\nSection of the Bible:"
 """Prompt of the default task."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataSection:
     """Dataset, task and partitioning across devices."""
 
@@ -221,7 +221,7 @@ class DataSection:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class FleetGroup:
     """A group of identical devices."""
 
@@ -246,7 +246,7 @@ DEFAULT_FLEET = (
 """The default experiment's fleet: ten devices spanning a >50x compute spread and three link kinds."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttackSection:
     """Devices that upload corrupted updates (robustness studies; off by default)."""
 
@@ -262,7 +262,7 @@ class AttackSection:
             _check(d >= 0, f"fleet.attack.devices[{i}]", f"must be a device id >= 0, got {d}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TraceSection:
     """When devices are online, over virtual time (see `fedspine.fleet.availability`)."""
 
@@ -284,7 +284,7 @@ class TraceSection:
         _check(self.mean_offline_seconds > 0, "fleet.trace.mean_offline_seconds", "must be > 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FleetSection:
     """The simulated fleet."""
 
@@ -311,7 +311,7 @@ class FleetSection:
         _check(total <= MAX_DEVICES, "fleet.groups", f"hold {total} devices; at most {MAX_DEVICES}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSection:
     """Local training on each device."""
 
@@ -336,7 +336,7 @@ class TrainSection:
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = off)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class HetLoRASection:
     """HetLoRA's local rank self-pruning."""
 
@@ -353,7 +353,7 @@ class HetLoRASection:
         _check(self.penalty >= 0, "strategy.hetlora.penalty", "must be >= 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FedSpineSection:
     """Prune-and-tune (fedspine, prune_then_tune, fedmp): importance, schedule and (ratio, rank) policy."""
 
@@ -413,7 +413,7 @@ class FedSpineSection:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class StrategySection:
     """How updates are configured and aggregated (see `fedspine.algorithms.strategies`)."""
 
@@ -436,7 +436,7 @@ class StrategySection:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class StalenessSection:
     """How asynchronous schedulers treat stale updates (see `fedspine.algorithms.staleness`)."""
 
@@ -457,7 +457,7 @@ class StalenessSection:
         _check(self.dcasgd_lambda >= 0, "scheduler.staleness.dcasgd_lambda", "must be >= 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FedAsyncSection:
     """FedAsync: every update is applied on arrival."""
 
@@ -468,7 +468,7 @@ class FedAsyncSection:
         _check(0 < self.alpha <= 1, "scheduler.fedasync.alpha", "must be in (0, 1]")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FedBuffSection:
     """FedBuff: aggregate every K arrivals with a server optimizer step."""
 
@@ -485,7 +485,7 @@ class FedBuffSection:
         _check(0 <= self.server_momentum < 1, "scheduler.fedbuff.server_momentum", "must be in [0, 1)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FedCompassSection:
     """FedCompass: per-device local steps in [q_min, q_max] so that devices arrive in groups."""
 
@@ -509,7 +509,7 @@ class FedCompassSection:
         _check(0 < self.alpha <= 1, key + "alpha", "must be in (0, 1]")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchedulerSection:
     """Who trains when (see `fedspine.algorithms.schedulers`)."""
 
@@ -556,7 +556,7 @@ class SchedulerSection:
         _check(self.max_virtual_seconds >= 0, "scheduler.max_virtual_seconds", "must be >= 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompressionSection:
     """Compressed uploads (see `fedspine.algorithms.compression`): what a device sends of its change."""
 
@@ -577,7 +577,7 @@ class CompressionSection:
         _check(0 <= self.eta <= 1, "compression.eta", "must be in [0, 1]")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServerSection:
     """The aggregation server."""
 
@@ -604,7 +604,7 @@ class ServerSection:
         _check(0 <= self.trim_fraction < 0.5, "server.trim_fraction", "must be in [0, 0.5)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalSection:
     """Global evaluation on the held-out test set."""
 
@@ -626,7 +626,7 @@ class EvalSection:
         _check(self.target >= 0, "eval.target", "must be >= 0 (0 = none)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportSection:
     """The models every device gets at the end of a run (see `fedspine.runtime.export`)."""
 
@@ -641,7 +641,7 @@ class ExportSection:
         _check(self.generate_tokens >= 1, "export.generate_tokens", "must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """The whole run."""
 
