@@ -22,7 +22,7 @@ def run_summary(config: Any) -> dict[str, Any]:
     from fedspine.api import run_experiment
 
     with tempfile.TemporaryDirectory() as tmp:
-        return run_experiment(config, Path(tmp) / "run").summary
+        return run_experiment(config, Path(tmp) / "run").summary.to_json()
 
 
 def first_time(summary: dict[str, Any], target: float) -> float | None:

@@ -36,7 +36,7 @@ QUICK = {
 
 def final(run: Any) -> float:
     """A run's final metric (the global model, at the target sparsity for pruning methods)."""
-    return float(run.summary["metric"]["value"])
+    return float(run.summary.metric.value or "nan")
 
 
 def main() -> None:

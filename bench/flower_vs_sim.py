@@ -53,7 +53,7 @@ def config(devices: int, rounds: int, quick: bool) -> Config:
 
 def run_sim(cfg: Config, out: Path) -> tuple[float, dict[str, Any]]:
     started = time.perf_counter()
-    summary = run_experiment(cfg, out).summary
+    summary = run_experiment(cfg, out).summary.to_json()
     return time.perf_counter() - started, summary
 
 

@@ -42,7 +42,7 @@ def main() -> None:
     ]
     cfg = load_config(config_file, overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        summary = run_experiment(cfg, Path(tmp) / "run").summary
+        summary = run_experiment(cfg, Path(tmp) / "run").summary.to_json()
     wall, train, evaluation = (
         summary["wall_seconds"],
         summary["train_wall_seconds"],

@@ -174,10 +174,9 @@ def test_flower_rounds_match_the_simulator(tmp_path: Path, strategy: str, rounds
     )
     flower, _ = run_fake(cfg, tmp_path / "flower")
     sim = run_experiment(cfg, tmp_path / "sim")
-    assert flower.summary["executor"] == "flower" and sim.summary["executor"] == "simulation"
-    assert flower.summary["tasks"]["ok"] == sim.summary["tasks"]["ok"] == 6 * rounds
-    for key in ("final_eval_loss",):
-        assert flower.summary[key] == pytest.approx(sim.summary[key], rel=1e-5)
+    assert flower.summary.executor == "flower" and sim.summary.executor == "simulation"
+    assert flower.summary.tasks["ok"] == sim.summary.tasks["ok"] == 6 * rounds
+    assert flower.summary.final_eval_loss == pytest.approx(sim.summary.final_eval_loss, rel=1e-5)
     losses = [
         [float(r["train_loss"]) for r in csv.DictReader((run.run_dir / "rounds.csv").open())]
         for run in (flower, sim)
@@ -198,7 +197,7 @@ def test_error_feedback_state_lives_on_the_device_across_rounds(tmp_path: Path) 
     flower, grid = run_fake(cfg, tmp_path / "flower")
     sim = run_experiment(cfg, tmp_path / "sim")
     assert_same_state(load_global_adapter(flower.run_dir), load_global_adapter(sim.run_dir))
-    assert flower.summary["uplink_bytes"] == sim.summary["uplink_bytes"]
+    assert flower.summary.uplink_bytes == sim.summary.uplink_bytes
     assert all("fedspine.ef.estimate" in c.state.array_records for c in grid.contexts.values())
 
 
@@ -215,7 +214,7 @@ def test_a_malformed_or_failed_reply_is_rejected_logged_and_counted(tmp_path: Pa
 
     cfg = tiny("scheduler.rounds=1", "scheduler.clients_per_round=6")
     result, _ = run_fake(cfg, tmp_path / "flower", tamper)
-    assert result.summary["tasks"]["dropped"] == 2 and result.summary["tasks"]["ok"] == 4
+    assert result.summary.tasks["dropped"] == 2 and result.summary.tasks["ok"] == 4
     events = (result.run_dir / "events.jsonl").read_text()
     assert "malformed update: the message has no 'update' ConfigRecord" in events
     assert "device error: out of memory on the device" in events
@@ -309,7 +308,7 @@ def test_replies_that_used_to_crash_or_poison_the_server_are_dropped_and_the_run
     assert "num_samples 1000000000 outside" in reasons[3]
     assert "probe_loss inf" in reasons[4]
     assert "at most" in reasons[5] and "fit this task" in reasons[5]
-    assert result.summary["tasks"]["ok"] == 6  # round 2: every device, untouched
+    assert result.summary.tasks["ok"] == 6  # round 2: every device, untouched
 
 
 def test_compressed_replies_are_checked_before_decoding_and_a_rejected_rank_changes_nothing(
@@ -339,7 +338,7 @@ def test_compressed_replies_are_checked_before_decoding_and_a_rejected_rank_chan
     assert "does not fit the factor sent" in reasons[1]
     assert "rank 1000 outside" in reasons[2] and "rank 0 outside" in reasons[3]
     assert "train_loss nan" in reasons[4]
-    assert result.summary["tasks"]["ok"] == 1 + 6
+    assert result.summary.tasks["ok"] == 1 + 6
 
 
 def test_node_discovery_leaves_out_nodes_with_bad_claims(tmp_path: Path) -> None:
@@ -363,7 +362,7 @@ def test_node_discovery_leaves_out_nodes_with_bad_claims(tmp_path: Path) -> None
     events = [json.loads(line) for line in (result.run_dir / "events.jsonl").read_text().splitlines()]
     nodes = next(e["nodes"] for e in events if e.get("event") == "deployment")
     assert nodes == {"2": 3, "4": 5, "5": 6}
-    assert result.summary["tasks"]["ok"] == 3
+    assert result.summary.tasks["ok"] == 3
 
 
 def test_bound_nodes_are_their_devices_whatever_they_claim(tmp_path: Path) -> None:
@@ -379,7 +378,7 @@ def test_bound_nodes_are_their_devices_whatever_they_claim(tmp_path: Path) -> No
     result, _ = run_fake(cfg, tmp_path / "flower", tamper, bind="1=0,2=1,3=2")
     events = [json.loads(line) for line in (result.run_dir / "events.jsonl").read_text().splitlines()]
     assert next(e["nodes"] for e in events if e.get("event") == "deployment") == {"0": 1, "2": 3}
-    assert result.summary["tasks"]["ok"] == 2
+    assert result.summary.tasks["ok"] == 2
     assert node_bindings({BIND_KEY: " 7=3, 8=0"}) == {7: 3, 8: 0}
     for bad in ("7=3,8=3", "7=3,7=4", "x=1", "7"):
         with pytest.raises(DeployError, match=BIND_KEY):
@@ -434,10 +433,10 @@ def test_a_deployment_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_p
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["round-000001"]
     resumed, _ = run_fake(cfg, tmp_path / "resumed", resume=True)
     assert _records(resumed.run_dir) == _records(whole.run_dir)
-    assert resumed.summary["tasks"] == whole.summary["tasks"]
+    assert resumed.summary.tasks == whole.summary.tasks
     for key in ("final_eval_loss", "uplink_bytes", "downlink_bytes"):
-        assert resumed.summary[key] == whole.summary[key], key
-    values = [[e["value"] for e in run.summary["evaluations"]] for run in (resumed, whole)]
+        assert getattr(resumed.summary, key) == getattr(whole.summary, key), key
+    values = [[e["value"] for e in run.summary.evaluations] for run in (resumed, whole)]
     assert values[0] == values[1] and len(values[0]) == 3
     with pytest.raises(CheckpointError, match="already finished"):
         run_fake(cfg, tmp_path / "resumed", resume=True)
@@ -484,8 +483,9 @@ def test_asynchronous_schedulers_run_over_flower_with_staleness_recorded(
 
     flower, _ = run_fake(cfg, tmp_path / "flower", one_malformed)
     summary = flower.summary
-    assert summary["executor"] == "flower" and summary["scheduler"] == cfg.scheduler.name
-    assert summary["tasks"]["dropped"] == 1 and summary["tasks"]["ok"] >= summary["updates"]["applied"] > 0
+    assert summary.executor == "flower" and summary.scheduler == cfg.scheduler.name
+    assert summary.updates is not None
+    assert summary.tasks["dropped"] == 1 and summary.tasks["ok"] >= summary.updates["applied"] > 0
     events = [json.loads(line) for line in (flower.run_dir / "events.jsonl").read_text().splitlines()]
     steps = [e for e in events if e["event"] == "server_step"]
     assert 0 < len(steps) <= 4 and [e["round"] for e in steps] == list(range(1, len(steps) + 1))
@@ -524,7 +524,8 @@ def test_an_asynchronous_deployment_killed_after_a_checkpoint_resumes_with_its_t
     with pytest.raises(ServerKilled):
         run_fake(cfg, out, die_after_first_checkpoint)
     resumed, _ = run_fake(cfg, out, resume=True)
-    applied_count = resumed.summary["updates"]["applied"]
+    assert resumed.summary.updates is not None
+    applied_count = resumed.summary.updates["applied"]
     assert 4 <= applied_count <= 8  # four server steps (FedBuff: of two updates each)
     assert [int(r["round"]) for r in csv.DictReader((out / "rounds.csv").open())] == [1, 2, 3, 4]
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]

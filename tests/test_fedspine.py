@@ -571,11 +571,11 @@ def test_fedspine_run_exports_a_model_per_device(tmp_path: Path, tiny_config: An
     for entry in manifest["models"]:
         assert entry["parameters"] < manifest["dense_base"]["parameters"]
         assert entry["tokens_per_second"] > 0 and entry["saved"]
-    assert result.summary["device_models"] == manifest
+    assert result.summary.device_models == manifest
     report = (result.run_dir / "report.html").read_text()
     assert "Device models" in report and report.count("sparsity-") >= 6  # a row per device
     assert "plots/arms_by_class.png" in report and (result.run_dir / "plots" / "arms_by_class.png").is_file()
-    pruning = result.summary["pruning"]
+    pruning = result.summary.pruning
     assert pruning["untrained_units_evaluated"] == 0 and pruning["untrained_units_deployed"] == 0
     assert pruning["units"] == "channels" and pruning["global_sparsity"] == 0.3
 

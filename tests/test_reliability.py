@@ -132,7 +132,7 @@ FLIP = ["fleet.attack.kind=sign_flip", "fleet.attack.devices=[0]", "fleet.attack
 
 def _loss(tmp_path: Path, name: str, *overrides: str) -> float:
     summary = run_experiment(load_config(TINY, [*POISON, *overrides]), tmp_path / name).summary
-    return float(summary["final_eval_loss"])
+    return float(summary.final_eval_loss or "nan")
 
 
 def test_robust_aggregation_holds_the_metric_that_a_poisoning_device_ruins(tmp_path: Path) -> None:
@@ -152,8 +152,8 @@ def test_robust_aggregation_holds_the_metric_that_a_poisoning_device_ruins(tmp_p
 def test_non_finite_updates_are_rejected_counted_and_the_run_goes_on(tmp_path: Path) -> None:
     cfg = load_config(TINY, [*POISON, "fleet.attack.kind=nonfinite", "fleet.attack.devices=[0, 3]"])
     summary = run_experiment(cfg, tmp_path / "run").summary
-    assert summary["tasks"]["rejected"] == 6 and summary["tasks"]["ok"] == 12
-    assert summary["final_eval_loss"] == pytest.approx(summary["final_eval_loss"])  # finite: not NaN
+    assert summary.tasks["rejected"] == 6 and summary.tasks["ok"] == 12
+    assert summary.final_eval_loss == pytest.approx(summary.final_eval_loss)  # finite: not NaN
     events = (tmp_path / "run" / "events.jsonl").read_text()
     assert events.count('"status": "rejected"') == 6 and "has NaN or Inf entries" in events
 
@@ -171,7 +171,7 @@ def test_a_wrong_shape_update_from_a_flower_device_is_rejected(tmp_path: Path) -
     result, _ = run_fake(
         load_config(TINY, ["scheduler.rounds=1", "scheduler.clients_per_round=6", *QUIET]), tmp_path, truncate
     )
-    assert result.summary["tasks"]["rejected"] == 1 and result.summary["tasks"]["ok"] == 5
+    assert result.summary.tasks["rejected"] == 1 and result.summary.tasks["ok"] == 5
     assert "rejected: " in (result.run_dir / "events.jsonl").read_text()
 
 

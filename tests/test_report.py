@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from fedspine.errors import FedspineError
+from fedspine.metrics.summary import Metric, Summary
 from fedspine.report import (
     ReportError,
     device_stats,
@@ -248,6 +250,34 @@ def test_corrupt_file_is_named_in_the_error(tmp_path: Path, name: str, content: 
         load_run(run_dir)
 
     assert problem in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("rounds", "3", "key 'rounds' must be a number"),
+        ("virtual_seconds", None, "key 'virtual_seconds' must be a number"),
+        ("target", "high", "key 'target' must be a number or null"),
+        ("strategy", 7, "key 'strategy' must be text"),
+        ("seed", True, "key 'seed' must be a number or null"),
+        ("devices", {"0": {}}, "key 'devices' must be a JSON list"),
+        ("metric", {"name": "accuracy", "value": "0.5"}, "key 'metric' must be"),
+    ],
+)
+def test_a_summary_with_a_wrong_type_is_refused_naming_the_key(key: str, value: Any, problem: str) -> None:
+    data = {**_summary(evaluated=True), key: value}
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        Summary.from_json(data)
+
+
+def test_a_summary_round_trips_through_json_and_reads_missing_detail_as_empty() -> None:
+    summary = Summary.from_json(_summary(evaluated=True))
+    assert summary.metric == Metric("accuracy", 0.52, higher_is_better=True)
+    assert (summary.rounds, summary.uplink_bytes, summary.seed) == (3, 13_500_000, 0)
+    assert summary.tasks == {} and summary.updates is None and summary.evaluations == []
+    assert summary.eval_wall_seconds == 0.0 and summary.executor is None
+    assert Summary.from_json(json.loads(json.dumps(summary.to_json()))) == summary
+    assert list(summary.to_json())[:3] == ["task", "metric", "chance_level"]  # the file's key order
 
 
 def test_load_run_parses_rounds_as_floats_and_keeps_events(tmp_path: Path) -> None:

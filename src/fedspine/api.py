@@ -4,7 +4,7 @@ Usage:
     >>> from fedspine.config import load_config
     >>> from fedspine.api import run_experiment
     >>> result = run_experiment(load_config(Path("configs/tiny.toml")), Path("runs/tiny"))
-    >>> result.summary["metric"]
+    >>> result.summary.metric
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from fedspine.algorithms.wire import decode_state, encode_state
 from fedspine.client.evaluate import Evaluation
@@ -23,6 +22,7 @@ from fedspine.config import Config, load_config, to_toml
 from fedspine.errors import CheckpointError, ConfigError, RunFailedError
 from fedspine.fleet import fleet_table_rows
 from fedspine.metrics.records import SUMMARY_FILE, RoundRecord, RunRecorder
+from fedspine.metrics.summary import Summary
 from fedspine.report.compare import Comparison, compare, find_runs, select_arms
 from fedspine.report.compare_write import write_comparison
 from fedspine.report.html import write_report
@@ -61,10 +61,10 @@ log = logging.getLogger("fedspine")
 
 @dataclass
 class RunResult:
-    """A finished run: its directory and the contents of its ``summary.json``."""
+    """A finished run: its directory and its summary (what ``summary.json`` holds)."""
 
     run_dir: Path
-    summary: dict[str, Any]
+    summary: Summary
 
 
 def _run_dir(config: Config, out: Path | None) -> Path:
@@ -172,19 +172,17 @@ def _execute(
         raise
     recorder.close()
     save_global_adapter(experiment.strategy.global_lora(), run_dir / GLOBAL_ADAPTER)
-    summary = make_summary(experiment, state, recorder.rounds, loop_seconds, setup_seconds)
-    summary["executor"] = executor
-    summary["device_models"] = models
+    summary = make_summary(experiment, state, recorder.rounds, loop_seconds, setup_seconds, executor, models)
     recorder.write_summary(summary)
     try:
         write_report(run_dir)
     except Exception as exc:  # the run is complete; the report can be rebuilt from its records
         log.warning("the report could not be written (%s); rebuild it with: fedspine report %s", exc, run_dir)
         status(f"warning: no report ({exc}); rebuild it with: fedspine report {run_dir}")
-    if summary["tasks"]["ok"] == 0:  # the records stay for inspection; the run did not train anything
+    if summary.tasks["ok"] == 0:  # the records stay for inspection; the run did not train anything
         raise RunFailedError(
             f"no update was aggregated: every task was rejected, dropped, late or cancelled "
-            f"({summary['tasks']}); see the reasons in {run_dir / 'events.jsonl'}"
+            f"({summary.tasks}); see the reasons in {run_dir / 'events.jsonl'}"
         )
     return RunResult(run_dir=run_dir, summary=summary)
 

@@ -30,6 +30,7 @@ from rich.table import Table
 from fedspine import api
 from fedspine.config import Config, load_config
 from fedspine.errors import ConfigError, FedspineError
+from fedspine.metrics.summary import Summary
 from fedspine.report.formatting import format_bytes, format_duration
 
 HELP = """Federated fine-tuning of LLMs across simulated heterogeneous device fleets.
@@ -390,33 +391,33 @@ def _progress(rounds: int, unit: str = "round") -> Iterator[tuple[api.RoundCallb
             progress.stop()
 
 
-def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    metric = summary["metric"]
-    ttt = summary["time_to_target_seconds"]
+def _print_summary(summary: Summary, run_dir: Path) -> None:
+    metric, ttt, chance = summary.metric, summary.time_to_target_seconds, summary.chance_level
+    value = "not evaluated" if metric.value is None else f"{metric.value:.4f}"
     rows = [
-        (str(metric["name"]), f"{metric['value']:.4f}  (chance {summary['chance_level']:.4f})"),
-        ("rounds" if summary.get("scheduler") == "sync" else "aggregations", str(summary["rounds"])),
-        ("client tasks", ", ".join(f"{n} {status}" for status, n in summary["tasks"].items() if n)),
+        (metric.name, value if chance is None else f"{value}  (chance {chance:.4f})"),
+        ("rounds" if summary.scheduler == "sync" else "aggregations", str(summary.rounds)),
+        ("client tasks", ", ".join(f"{n} {status}" for status, n in summary.tasks.items() if n)),
         *_updates_row(summary),
-        ("virtual time", format_duration(summary["virtual_seconds"])),
+        ("virtual time", format_duration(summary.virtual_seconds)),
         ("time to target", "not reached" if ttt is None else format_duration(ttt)),
         (
             "uplink / downlink",
-            f"{format_bytes(summary['uplink_bytes'])} / {format_bytes(summary['downlink_bytes'])}",
+            f"{format_bytes(summary.uplink_bytes)} / {format_bytes(summary.downlink_bytes)}",
         ),
-        ("host wall / training", f"{summary['wall_seconds']:.1f} s / {summary['train_wall_seconds']:.1f} s"),
-        *_models_row(summary.get("device_models")),
+        ("host wall / training", f"{summary.wall_seconds:.1f} s / {summary.train_wall_seconds:.1f} s"),
+        *_models_row(summary.device_models),
         ("run directory", str(run_dir)),
     ]
-    table = Table(title=f"{summary['strategy']} on {summary['task']}", show_header=False)
+    table = Table(title=f"{summary.strategy} on {summary.task}", show_header=False)
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
 
 
-def _updates_row(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """Asynchronous runs: updates dispatched, applied and left in buffers, and their staleness."""
-    updates, stale = summary.get("updates"), summary.get("staleness")
+def _updates_row(summary: Summary) -> list[tuple[str, str]]:
+    """Updates dispatched, applied and left in buffers, and (asynchronous runs) their staleness."""
+    updates, stale = summary.updates, summary.staleness
     if not updates:
         return []
     text = f"{updates['applied']} applied of {updates['dispatched']} dispatched"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedspine.errors import CheckpointError
+from fedspine.metrics.summary import Summary
 
 EVENTS_FILE = "events.jsonl"
 ROUNDS_FILE = "rounds.csv"
@@ -197,10 +198,10 @@ class RunRecorder:
         for f in (self._events, self._host, self._rounds_file):
             f.close()
 
-    def write_summary(self, summary: dict[str, Any]) -> Path:
+    def write_summary(self, summary: Summary) -> Path:
         """Write ``summary.json`` atomically; call it last, when the run has finished."""
         path = self.run_dir / SUMMARY_FILE
-        write_json_atomic(path, summary)
+        write_json_atomic(path, summary.to_json())
         return path
 
 

@@ -36,6 +36,7 @@ from fedspine.metrics.stats import (
     t_interval,
     time_to_target,
 )
+from fedspine.metrics.summary import Summary
 from fedspine.report.load import SUMMARY_FILE, read_summary
 
 SWEEP_FILE = "sweep.json"
@@ -50,16 +51,16 @@ class ArmRun:
     arm: str
     seed: int
     run_dir: Path
-    summary: dict[str, Any]
+    summary: Summary
 
     @property
     def evaluations(self) -> list[dict[str, Any]]:
         """The run's evaluations in time order (``virtual_time``, ``value``)."""
-        return list(self.summary.get("evaluations") or [])
+        return list(self.summary.evaluations)
 
     @property
     def higher_is_better(self) -> bool:
-        return bool((self.summary.get("metric") or {}).get("higher_is_better", True))
+        return self.summary.metric.higher_is_better
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def _read_plan(root: Path) -> dict[str, Any]:
 
 def _load(arm: str, run_dir: Path) -> ArmRun:
     summary = read_summary(run_dir / SUMMARY_FILE)
-    return ArmRun(arm=arm, seed=int(summary.get("seed", 0)), run_dir=run_dir, summary=summary)
+    return ArmRun(arm=arm, seed=summary.seed or 0, run_dir=run_dir, summary=summary)
 
 
 def _add(runs: dict[str, list[ArmRun]], run: ArmRun) -> None:
@@ -186,7 +187,7 @@ def parse_target(text: str | float | None, run_set: RunSet, final_means: Mapping
         ConfigError: malformed text, an unknown arm, or a fraction that is not positive.
     """
     if text is None or text == "":
-        targets = {r.summary.get("target") for runs in run_set.arms.values() for r in runs}
+        targets = {r.summary.target for runs in run_set.arms.values() for r in runs}
         value = targets.pop() if len(targets) == 1 else None
         if value is None:
             return Target(None, "none (the runs set no common eval.target)")
@@ -275,23 +276,25 @@ def _interval(values: PerSeed) -> Interval:
 
 
 def _final(run: ArmRun) -> float | None:
-    value = (run.summary.get("metric") or {}).get("value")
+    value = run.summary.metric.value
     return None if value is None else float(value)
 
 
-def _number(key: str) -> Callable[[ArmRun], float | None]:
+def _number(field: Callable[[Summary], float]) -> Callable[[ArmRun], float | None]:
     def read(run: ArmRun) -> float | None:
-        value = run.summary.get(key)
-        return None if value is None else float(value)
+        return float(field(run.summary))
 
     return read
+
+
+_uplink = _number(lambda s: s.uplink_bytes)
 
 
 def _deployed(key: str) -> Callable[[ArmRun], float | None]:
     """Mean over devices of ``key`` of the model each device deploys (``summary.device_models``)."""
 
     def read(run: ArmRun) -> float | None:
-        manifest = run.summary.get("device_models") or {}
+        manifest = run.summary.device_models or {}
         models = {m.get("dir"): m for m in manifest.get("models") or []}
         values = [models.get(d.get("model"), {}).get(key) for d in (manifest.get("devices") or {}).values()]
         values = [float(v) for v in values if v is not None]
@@ -327,11 +330,10 @@ def compare(run_set: RunSet, reference: str | None = None, target: str | float |
         for a, runs in run_set.arms.items()
         if a != reference
     ]
-    metric = first.summary.get("metric") or {}
     return Comparison(
-        metric_name=str(metric.get("name") or "metric"),
+        metric_name=first.summary.metric.name,
         higher_is_better=first.higher_is_better,
-        chance_level=first.summary.get("chance_level"),
+        chance_level=first.summary.chance_level,
         target=resolved,
         reference=reference,
         arms=stats,
@@ -348,10 +350,10 @@ def _arm_stats(arm: str, runs: Sequence[ArmRun], finals: PerSeed, ttts: PerSeed,
         final=_interval(finals),
         best=_interval(per_seed(runs, lambda r: best_value(r.evaluations, r.higher_is_better))),
         time_to_target=reached_summary(list(ttts.values())),
-        virtual_seconds=_interval(per_seed(runs, _number("virtual_seconds"))),
-        host_seconds=_interval(per_seed(runs, _number("wall_seconds"))),
-        uplink_bytes=_interval(per_seed(runs, _number("uplink_bytes"))),
-        downlink_bytes=_interval(per_seed(runs, _number("downlink_bytes"))),
+        virtual_seconds=_interval(per_seed(runs, _number(lambda s: s.virtual_seconds))),
+        host_seconds=_interval(per_seed(runs, _number(lambda s: s.wall_seconds))),
+        uplink_bytes=_interval(per_seed(runs, _uplink)),
+        downlink_bytes=_interval(per_seed(runs, _number(lambda s: s.downlink_bytes))),
         deployed_metric=_interval(per_seed(runs, _deployed("metric"))),
         deployed_parameters=_interval(per_seed(runs, _deployed("parameters"))),
     )
@@ -371,7 +373,8 @@ def _paired(
         time_to_target=paired_difference(ref_ttt, ttt),
         speedup=paired_ratio(ref_ttt, ttt),
         uplink_ratio=paired_ratio(
-            per_seed(runs, _number("uplink_bytes")), per_seed(ref_runs, _number("uplink_bytes"))
+            per_seed(runs, _number(lambda s: s.uplink_bytes)),
+            per_seed(ref_runs, _number(lambda s: s.uplink_bytes)),
         ),
         deployed_metric=paired_difference(*both(_deployed("metric"))),
     )

@@ -26,7 +26,7 @@ def device_stats(records: Sequence[Mapping[str, Any]]) -> list[DeviceStats]:
     """Totals per device from either events (those with an ``event`` key) or summary device entries.
 
     Args:
-        records: ``events.jsonl`` records (only ``task`` events count) or ``summary["devices"]``.
+        records: ``events.jsonl`` records (only ``task`` events count) or ``Summary.devices``.
 
     Returns:
         One entry per device, sorted by device id.
@@ -42,7 +42,7 @@ def merge_device_stats(
     """Totals per device from task events, overridden by whatever the summary's device entries state.
 
     Args:
-        devices: ``summary["devices"]`` entries (may be empty).
+        devices: ``Summary.devices`` entries (may be empty).
         events: ``events.jsonl`` records (may be empty).
 
     Returns:

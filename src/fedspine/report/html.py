@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedspine.metrics.records import DeviceStats
+from fedspine.metrics.summary import Summary
 from fedspine.report.devices import TASK_STATUSES, merge_device_stats
 from fedspine.report.formatting import format_bytes, format_duration
 from fedspine.report.load import ReportError, RunData, load_run
@@ -61,7 +62,7 @@ def write_report(run_dir: Path) -> Path:
         ReportError: If an input file is missing or malformed (the message names it).
     """
     run = load_run(Path(run_dir))
-    devices = merge_device_stats(run.summary.get("devices") or [], run.events)
+    devices = merge_device_stats(run.summary.devices, run.events)
     figures = _draw_figures(run, devices)
     out = run.run_dir / REPORT_FILE
     out.write_text(_page(run, devices, figures), encoding="utf-8")
@@ -75,8 +76,8 @@ def _draw_figures(run: RunData, devices: Sequence[DeviceStats]) -> list[tuple[st
     paths = [
         plot_metric_vs_time(
             run.events_of("evaluation"),
-            summary["target"],
-            summary["chance_level"],
+            summary.target,
+            summary.chance_level,
             plots / "metric_vs_time.png",
         ),
         plot_round_breakdown(run.rounds, plots / "round_breakdown.png"),
@@ -91,7 +92,7 @@ def _draw_figures(run: RunData, devices: Sequence[DeviceStats]) -> list[tuple[st
     ]
     tasks = run.events_of("task")
     if any(float(t.get("pruning_ratio") or 0.0) > 0 for t in tasks):
-        classes = {int(d["device_id"]): str(d["device_class"]) for d in summary.get("devices") or []}
+        classes = {int(d["device_id"]): str(d["device_class"]) for d in summary.devices}
         paths.append(plot_arms_by_class(tasks, classes, plots / "arms_by_class.png"))
         captions.append(
             "The pruning ratio each device class trained at, task by task (marker size: LoRA rank)."
@@ -104,7 +105,7 @@ def _draw_figures(run: RunData, devices: Sequence[DeviceStats]) -> list[tuple[st
 
 def _page(run: RunData, devices: Sequence[DeviceStats], figures: Sequence[tuple[str, str]]) -> str:
     summary = run.summary
-    title = f"{summary['strategy']} · {summary.get('model', '?')} · {summary['task']}"
+    title = f"{summary.strategy} · {summary.model} · {summary.task}"
     figure_html = "\n".join(
         f'<figure><img src="{_e(src)}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
         for caption, src in figures
@@ -126,7 +127,7 @@ def _page(run: RunData, devices: Sequence[DeviceStats], figures: Sequence[tuple[
 {figure_html}
 <h2>Devices</h2>
 {_device_table(devices)}
-{_models_section(summary.get("device_models"))}
+{_models_section(summary.device_models)}
 <h2>Resolved config</h2>
 <pre>{_e(run.config_text)}</pre>
 </main></body>
@@ -136,29 +137,29 @@ def _page(run: RunData, devices: Sequence[DeviceStats], figures: Sequence[tuple[
 
 def _subtitle(run: RunData) -> str:
     summary = run.summary
-    parts = [f"run {run.run_dir.name}", f"scheduler {summary.get('scheduler', '?')}"]
-    if summary.get("num_devices") is not None:
-        parts.append(f"{summary['num_devices']} devices")
-    if summary.get("seed") is not None:
-        parts.append(f"seed {summary['seed']}")
+    parts = [f"run {run.run_dir.name}", f"scheduler {summary.scheduler}"]
+    if summary.num_devices is not None:
+        parts.append(f"{summary.num_devices} devices")
+    if summary.seed is not None:
+        parts.append(f"seed {summary.seed}")
     return " · ".join(parts)
 
 
 def _summary_table(run: RunData) -> str:
     summary = run.summary
-    rows = [(run.metric_name, _metric_cell(run)), ("chance level", _number(summary["chance_level"]))]
-    if summary.get("initial_metric") is not None:
-        rows.append((f"initial {run.metric_name}", _number(summary["initial_metric"])))
+    rows = [(run.metric_name, _metric_cell(run)), ("chance level", _number(summary.chance_level))]
+    if summary.initial_metric is not None:
+        rows.append((f"initial {run.metric_name}", _number(summary.initial_metric)))
     rows += [
-        ("target", _number(summary["target"])),
+        ("target", _number(summary.target)),
         ("time to target (virtual)", _time_to_target(summary)),
-        ("rounds", str(summary["rounds"])),
-        ("virtual time", format_duration(summary["virtual_seconds"])),
-        ("wall time", format_duration(summary["wall_seconds"])),
-        ("train wall time", format_duration(summary["train_wall_seconds"])),
-        ("overhead (wall / train)", _ratio(summary["wall_seconds"], summary["train_wall_seconds"])),
-        ("bytes up", format_bytes(summary["uplink_bytes"])),
-        ("bytes down", format_bytes(summary["downlink_bytes"])),
+        ("rounds", str(summary.rounds)),
+        ("virtual time", format_duration(summary.virtual_seconds)),
+        ("wall time", format_duration(summary.wall_seconds)),
+        ("train wall time", format_duration(summary.train_wall_seconds)),
+        ("overhead (wall / train)", _ratio(summary.wall_seconds, summary.train_wall_seconds)),
+        ("bytes up", format_bytes(summary.uplink_bytes)),
+        ("bytes down", format_bytes(summary.downlink_bytes)),
         ("tasks", _status_counts(run)),
     ]
     body = "\n".join(f"<tr><th>{_e(label)}</th><td>{_e(value)}</td></tr>" for label, value in rows)
@@ -166,7 +167,7 @@ def _summary_table(run: RunData) -> str:
 
 
 def _metric_cell(run: RunData) -> str:
-    value, chance = run.metric_value, run.summary["chance_level"]
+    value, chance = run.metric_value, run.summary.chance_level
     if value is None:
         return "not evaluated yet"
     if chance is None:
@@ -174,11 +175,11 @@ def _metric_cell(run: RunData) -> str:
     return f"{_number(value)} ({value - chance:+.4g} vs chance)"
 
 
-def _time_to_target(summary: dict[str, object]) -> str:
-    seconds = summary["time_to_target_seconds"]
-    if isinstance(seconds, (int, float)):
+def _time_to_target(summary: Summary) -> str:
+    seconds = summary.time_to_target_seconds
+    if seconds is not None:
         return format_duration(seconds)
-    return "no target" if summary["target"] is None else "not reached"
+    return "no target" if summary.target is None else "not reached"
 
 
 def _status_counts(run: RunData) -> str:

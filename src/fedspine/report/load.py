@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedspine.errors import FedspineError
+from fedspine.metrics.summary import Summary
 
 SUMMARY_FILE = "summary.json"
 ROUNDS_FILE = "rounds.csv"
@@ -40,19 +41,6 @@ ROUND_COLUMNS = (
     "eval_loss",
 )
 
-# The first dozen summary keys are guaranteed by the engine; the nullable ones are null before any
-# evaluation or when no target was set. Every other key is optional and read with `.get`.
-_SUMMARY_TEXT_KEYS = ("task", "strategy")
-_SUMMARY_NUMBER_KEYS = (
-    "rounds",
-    "virtual_seconds",
-    "wall_seconds",
-    "train_wall_seconds",
-    "uplink_bytes",
-    "downlink_bytes",
-)
-_SUMMARY_NULLABLE_NUMBER_KEYS = ("chance_level", "target", "time_to_target_seconds")
-
 # Keys (and their types) each known event kind must carry; unknown kinds are kept unchecked.
 _NUMBER = (int, float)
 _EVENT_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -76,7 +64,7 @@ class RunData:
 
     Attributes:
         run_dir: The run directory.
-        summary: ``summary.json`` as a dict (the first dozen keys checked, the rest optional).
+        summary: ``summary.json``, checked.
         rounds: ``rounds.csv`` rows, every cell a float; empty cells (``metric`` and ``eval_loss`` of
             rounds that were not evaluated) are NaN.
         events: ``events.jsonl`` records in file order, each with an ``event`` key.
@@ -84,7 +72,7 @@ class RunData:
     """
 
     run_dir: Path
-    summary: dict[str, Any]
+    summary: Summary
     rounds: list[dict[str, float]]
     events: list[dict[str, Any]]
     config_text: str
@@ -95,14 +83,13 @@ class RunData:
 
     @property
     def metric_name(self) -> str:
-        """The name of the evaluation metric (``"metric"`` when the summary does not say)."""
-        metric = self.summary.get("metric") or {}
-        return str(metric.get("name") or "metric")
+        """The name of the evaluation metric."""
+        return self.summary.metric.name
 
     @property
     def metric_value(self) -> float | None:
         """The final metric, or None when the run has not been evaluated yet."""
-        value = (self.summary.get("metric") or {}).get("value")
+        value = self.summary.metric.value
         return None if value is None else float(value)
 
 
@@ -128,16 +115,14 @@ def load_run(run_dir: Path) -> RunData:
     )
 
 
-def read_summary(path: Path) -> dict[str, Any]:
-    """Reads ``summary.json`` and checks its guaranteed keys."""
+def read_summary(path: Path) -> Summary:
+    """Reads ``summary.json`` and checks it (:meth:`Summary.from_json`)."""
     try:
-        summary = json.loads(_read_text(path))
+        return Summary.from_json(json.loads(_read_text(path)))
     except json.JSONDecodeError as error:
         raise ReportError(path, f"invalid JSON ({error})") from error
-    if not isinstance(summary, dict):
-        raise ReportError(path, "expected a JSON object")
-    _check_summary(path, summary)
-    return summary
+    except ValueError as error:
+        raise ReportError(path, str(error)) from error
 
 
 def read_rounds(path: Path) -> list[dict[str, float]]:
@@ -166,28 +151,6 @@ def _read_text(path: Path) -> str:
         raise ReportError(path, "file not found") from error
     except (OSError, UnicodeDecodeError) as error:
         raise ReportError(path, f"cannot read ({error})") from error
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_summary(path: Path, summary: dict[str, Any]) -> None:
-    for key in (*_SUMMARY_TEXT_KEYS, *_SUMMARY_NUMBER_KEYS, *_SUMMARY_NULLABLE_NUMBER_KEYS, "metric"):
-        if key not in summary:
-            raise ReportError(path, f"missing key '{key}'")
-    for key in _SUMMARY_NUMBER_KEYS:
-        if not _is_number(summary[key]):
-            raise ReportError(path, f"key '{key}' must be a number, got {summary[key]!r}")
-    for key in _SUMMARY_NULLABLE_NUMBER_KEYS:
-        if summary[key] is not None and not _is_number(summary[key]):
-            raise ReportError(path, f"key '{key}' must be a number or null, got {summary[key]!r}")
-    metric = summary["metric"]
-    value = metric.get("value") if isinstance(metric, dict) else None
-    if metric is not None and (not isinstance(metric, dict) or not (value is None or _is_number(value))):
-        raise ReportError(
-            path, f"key 'metric' must be {{'name': …, 'value': number or null}}, got {metric!r}"
-        )
 
 
 def _parse_round(path: Path, line_number: int, row: dict[str, str | None]) -> dict[str, float]:

@@ -123,7 +123,7 @@ def plot_device_time(devices: Sequence[Mapping[str, Any]], out: Path) -> Path:
     """Plots, per device, total compute and communication seconds, colored by device class.
 
     Args:
-        devices: ``summary["devices"]`` entries or ``events.jsonl`` records (task events are summed).
+        devices: ``Summary.devices`` entries or ``events.jsonl`` records (task events are summed).
         out: Path of the PNG to write.
 
     Returns:

@@ -1,4 +1,4 @@
-"""The run's ``summary.json``: the figures a user or a benchmark reads first."""
+"""Assembling a run's :class:`~fedspine.metrics.summary.Summary` from its experiment and records."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 from fedspine.algorithms.strategies import FedSpine
 from fedspine.metrics.records import DeviceStats, RoundRecord
 from fedspine.metrics.stats import time_to_target
+from fedspine.metrics.summary import Metric, Summary
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.engine import RunState
 from fedspine.types import TaskStatus
@@ -53,53 +54,49 @@ def make_summary(
     rounds: Sequence[RoundRecord],
     loop_seconds: float,
     setup_seconds: float,
-) -> dict[str, Any]:
-    """Assemble ``summary.json``.
-
-    ``wall_seconds`` is the host time of the federated loop (rounds, evaluation included);
-    ``train_wall_seconds`` the part spent in local training; ``eval_wall_seconds`` the part spent
-    in global evaluation; ``setup_wall_seconds`` model and data loading before the loop.
-    """
+    executor: str,
+    device_models: dict[str, Any] | None,
+) -> Summary:
+    """The run's summary: ``loop_seconds`` of host time in the federated loop, ``setup_seconds``
+    before it, the ``executor``'s name and the exported ``device_models``' manifest."""
     cfg = experiment.config
     final = state.evaluations[-1]
-    return {
-        "task": experiment.task_name,
-        "metric": {
-            "name": final["metric"],
-            "value": final["value"],
-            "higher_is_better": experiment.objective.higher_is_better,
-        },
-        "chance_level": experiment.chance_level,
-        "initial_metric": state.evaluations[0]["value"] if cfg.eval.at_start else None,
-        "final_eval_loss": final["loss"],
-        "rounds": len(rounds),
-        "virtual_seconds": rounds[-1].virtual_end if rounds else 0.0,
-        "wall_seconds": loop_seconds,
-        "train_wall_seconds": state.train_wall_seconds,
-        "eval_wall_seconds": state.eval_wall_seconds,
-        "aggregation_wall_seconds": state.aggregation_wall_seconds,
-        "setup_wall_seconds": setup_seconds,
-        "uplink_bytes": sum(r.uplink_bytes for r in rounds),
-        "downlink_bytes": sum(r.downlink_bytes for r in rounds),
-        "target": cfg.eval.target if cfg.eval.target > 0 else None,
-        "time_to_target_seconds": time_to_target(
+    return Summary(
+        task=experiment.task_name,
+        metric=Metric(final["metric"], final["value"], experiment.objective.higher_is_better),
+        chance_level=experiment.chance_level,
+        initial_metric=state.evaluations[0]["value"] if cfg.eval.at_start else None,
+        final_eval_loss=final["loss"],
+        rounds=len(rounds),
+        virtual_seconds=rounds[-1].virtual_end if rounds else 0.0,
+        wall_seconds=loop_seconds,
+        train_wall_seconds=state.train_wall_seconds,
+        eval_wall_seconds=state.eval_wall_seconds,
+        aggregation_wall_seconds=state.aggregation_wall_seconds,
+        setup_wall_seconds=setup_seconds,
+        uplink_bytes=sum(r.uplink_bytes for r in rounds),
+        downlink_bytes=sum(r.downlink_bytes for r in rounds),
+        target=cfg.eval.target if cfg.eval.target > 0 else None,
+        time_to_target_seconds=time_to_target(
             state.evaluations, cfg.eval.target, experiment.objective.higher_is_better
         ),
-        "strategy": cfg.strategy.name,
-        "scheduler": cfg.scheduler.name,
-        "model": cfg.model.source if cfg.model.source != "local" else cfg.model.path,
-        "num_devices": len(experiment.devices),
-        "seed": cfg.run.seed,
-        "tasks": {
+        strategy=cfg.strategy.name,
+        scheduler=cfg.scheduler.name,
+        model=cfg.model.source if cfg.model.source != "local" else cfg.model.path,
+        num_devices=len(experiment.devices),
+        seed=cfg.run.seed,
+        tasks={
             status.value: sum(d.statuses.get(status.value, 0) for d in state.device_stats.values())
             for status in TaskStatus
         },
-        "updates": state.updates or None,
-        "staleness": _staleness(rounds),
-        "evaluations": state.evaluations,
-        "devices": _devices(experiment, state),
-        "pruning": _pruning(experiment),
-    }
+        updates=state.updates or None,
+        staleness=_staleness(rounds),
+        evaluations=state.evaluations,
+        devices=_devices(experiment, state),
+        pruning=_pruning(experiment),
+        executor=executor,
+        device_models=device_models,
+    )
 
 
 def _pruning(experiment: Experiment) -> dict[str, Any] | None:
