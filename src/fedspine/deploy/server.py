@@ -52,6 +52,7 @@ from fedspine.deploy.settings import (
     number,
 )
 from fedspine.errors import CheckpointError, ConfigError, DeployError
+from fedspine.metrics.events import DeploymentEvent
 from fedspine.metrics.records import RunRecorder
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.engine import Engine, TaskOutcome
@@ -295,9 +296,7 @@ def serve(grid: Grid, context: Context) -> RunResult:
         started = time.perf_counter()
         nodes = discover_nodes(grid, len(experiment.devices), wait, bound)
         seconds = time.perf_counter() - started
-        recorder.event(
-            "deployment", nodes={str(d): n for d, n in sorted(nodes.items())}, discovery_seconds=seconds
-        )
+        recorder.event(DeploymentEvent({str(d): n for d, n in sorted(nodes.items())}, seconds))
         return Engine(experiment, recorder, FlowerTransport(FlowerLink(grid, nodes, timeout)))
 
     if resume:

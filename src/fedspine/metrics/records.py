@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedspine.errors import CheckpointError
+from fedspine.metrics.events import Event
 from fedspine.metrics.summary import Summary
 
 EVENTS_FILE = "events.jsonl"
@@ -177,9 +178,9 @@ class RunRecorder:
         recorder.rounds = list(rounds)
         return recorder
 
-    def event(self, kind: str, **data: Any) -> None:
-        """Record one event (``task``, ``aggregation``, ``evaluation``...)."""
-        self._events.write(json.dumps(_clean({"event": kind, **data})) + "\n")
+    def event(self, event: Event) -> None:
+        """Record one event (:mod:`fedspine.metrics.events`)."""
+        self._events.write(json.dumps(_clean({"event": event.kind, **event.record()})) + "\n")
         self._events.flush()
 
     def host_timing(self, kind: str, **data: Any) -> None:

@@ -65,6 +65,7 @@ from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.client.evaluate import Evaluation
 from fedspine.fleet.cost import CostModel
 from fedspine.fleet.jitter import compute_slowdown, link_rate_factor
+from fedspine.metrics.events import AggregationEvent, EvaluationEvent, ServerStepEvent, TaskEvent
 from fedspine.metrics.records import DeviceStats, RoundRecord, RunRecorder
 from fedspine.runtime import checkpoint as checkpoints
 from fedspine.runtime.build import Experiment
@@ -561,11 +562,7 @@ class Engine:
         self.loop.last_aggregation_end = self.clock.now
         record = self._step_record(accepted, agg_seconds, start, staleness)
         self.recorder.event(
-            "server_step",
-            round=self.loop.version,
-            task_ids=[a.task_id for a in step.arrivals],
-            staleness=staleness,
-            lr=lr,
+            ServerStepEvent(self.loop.version, [a.task_id for a in step.arrivals], staleness, lr)
         )
         self._conclude(record)
         self._offer_again()
@@ -748,15 +745,7 @@ class Engine:
         wall = time.perf_counter() - wall
         self.state.aggregation_wall_seconds += wall
         seconds = self.transport.aggregation_seconds(self, nbytes, wall) if updates else 0.0
-        self.recorder.event(
-            "aggregation",
-            round=round_no,
-            virtual_start=start,
-            virtual_end=start + seconds,
-            aggregation_seconds=seconds,
-            num_updates=len(updates),
-            uplink_bytes=nbytes,
-        )
+        self.recorder.event(AggregationEvent(round_no, start, start + seconds, seconds, len(updates), nbytes))
         return seconds
 
     def _robust(self, accepted: list[TaskOutcome]) -> list[ClientUpdate]:
@@ -780,10 +769,8 @@ class Engine:
     def _record_task(self, round_no: int, start: float, o: TaskOutcome, **extra: Any) -> None:
         prepared = o.prepared
         workload = prepared.workload if prepared else None
-        self.recorder.event(
-            "task",
-            **o.extra,
-            **extra,
+        event = TaskEvent(
+            detail={**o.extra, **extra},
             round=round_no,
             device_id=o.device.device_id,
             device_class=o.device.device_class.name,
@@ -804,6 +791,7 @@ class Engine:
             train_loss=o.update.train_loss if o.update else None,
             peak_memory_bytes=workload.peak_memory_bytes if workload else 0,
         )
+        self.recorder.event(event)
         self._device_stats(o)
 
     def _device_stats(self, o: TaskOutcome) -> None:
@@ -887,13 +875,9 @@ class Engine:
         self.exp.executor.load_global(self.exp.strategy.global_lora())
         evaluation = self.exp.executor.evaluate(self.exp.test_set, self.exp.strategy.eval_plan())
         self.state.eval_wall_seconds += time.perf_counter() - wall
-        entry = {
-            "round": round_no,
-            "virtual_time": self.clock.now,
-            "metric": evaluation.metric_name,
-            "value": evaluation.metric,
-            "loss": evaluation.loss,
-        }
-        self.state.evaluations.append(entry)
-        self.recorder.event("evaluation", **entry)
+        event = EvaluationEvent(
+            round_no, self.clock.now, evaluation.metric_name, evaluation.metric, evaluation.loss
+        )
+        self.state.evaluations.append(event.record())
+        self.recorder.event(event)
         return evaluation

@@ -1,0 +1,123 @@
+"""The events a run writes to ``events.jsonl``: one dataclass per kind.
+
+Each line is ``{"event": KIND, ...the event's fields}``, in the order the fields are declared here
+(a task's ``detail`` first). Everything in an event is reproducible for a seed in simulation; host
+wall-clock measurements go to ``host_timings.jsonl`` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Protocol
+
+
+class Event(Protocol):
+    """What the recorder writes: a kind and the fields of one line."""
+
+    kind: ClassVar[str]
+
+    def record(self) -> dict[str, Any]:
+        """The event's fields, in file order."""
+        ...
+
+
+def _fields(event: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {f.name: getattr(event, f.name) for f in fields(event) if f.name not in skip}
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """A client task ended: arrived (``ok``, ``rejected``), late, out of memory, dropped or cancelled.
+
+    Times are on the run's clock; ``round`` is the synchronous round, or the global version an
+    asynchronous task started from.
+    """
+
+    kind: ClassVar[str] = "task"
+
+    round: int
+    device_id: int
+    device_class: str
+    network: str
+    status: str
+    virtual_start: float
+    virtual_end: float
+    downlink_seconds: float
+    compute_seconds: float
+    uplink_seconds: float
+    downlink_bytes: int
+    uplink_bytes: int
+    tokens: int
+    num_samples: int
+    local_steps: int
+    lora_rank: int
+    pruning_ratio: float
+    train_loss: float | None
+    peak_memory_bytes: int
+    detail: dict[str, Any] = field(default_factory=dict)
+    """What depends on the scheduler and transport (``task_id`` of an asynchronous task, the
+    ``reason`` a task failed, a deployment's measured ``setup_seconds``...), written first."""
+
+    def record(self) -> dict[str, Any]:
+        return {**self.detail, **_fields(self, skip=("detail",))}
+
+
+@dataclass(frozen=True)
+class AggregationEvent:
+    """The server aggregated ``num_updates`` updates (``uplink_bytes`` of them) into version ``round``."""
+
+    kind: ClassVar[str] = "aggregation"
+
+    round: int
+    virtual_start: float
+    virtual_end: float
+    aggregation_seconds: float
+    num_updates: int
+    uplink_bytes: int
+
+    def record(self) -> dict[str, Any]:
+        return _fields(self)
+
+
+@dataclass(frozen=True)
+class ServerStepEvent:
+    """An asynchronous scheduler's server step: the tasks it applied, their staleness and its rate."""
+
+    kind: ClassVar[str] = "server_step"
+
+    round: int
+    task_ids: list[int]
+    staleness: list[int]
+    lr: float
+
+    def record(self) -> dict[str, Any]:
+        return _fields(self)
+
+
+@dataclass(frozen=True)
+class EvaluationEvent:
+    """The global model evaluated after ``round`` server steps, at ``virtual_time``."""
+
+    kind: ClassVar[str] = "evaluation"
+
+    round: int
+    virtual_time: float
+    metric: str
+    value: float
+    loss: float
+
+    def record(self) -> dict[str, Any]:
+        return _fields(self)
+
+
+@dataclass(frozen=True)
+class DeploymentEvent:
+    """A deployment found its devices' SuperNodes (device id -> Flower node id)."""
+
+    kind: ClassVar[str] = "deployment"
+
+    nodes: dict[str, int]
+    discovery_seconds: float
+
+    def record(self) -> dict[str, Any]:
+        return _fields(self)
