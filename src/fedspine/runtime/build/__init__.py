@@ -1,0 +1,193 @@
+"""Turn a :class:`~fedspine.config.Config` into the objects of a run (the only place that reads config).
+
+By concern: :mod:`.algorithms` (strategy, ranks, policy, scheduler, staleness, codec), :mod:`.fleet`
+(devices, availability), :mod:`.data` (examples, task, split, objective) and :mod:`.model` (loading,
+shape checks, the task-workload helper); this module assembles them into an :class:`Experiment`.
+
+The cheap checks come first (registered names, the fleet) so that a bad config fails in
+milliseconds, before the model is loaded, and before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedspine.algorithms.compression import UplinkChannel
+from fedspine.algorithms.policies import POLICIES
+from fedspine.algorithms.schedulers import Scheduler
+from fedspine.algorithms.staleness import Identity, StaleUpdateHandler
+from fedspine.algorithms.strategies import FedSpine, Strategy
+from fedspine.client.evaluate import EvalSet
+from fedspine.client.objectives import Objective
+from fedspine.config import Config
+from fedspine.data import EncodedDataset
+from fedspine.fleet.availability import AlwaysOnline, AvailabilityTrace
+from fedspine.model.footprint import ModelShape, model_shape
+from fedspine.model.lora import apply_lora, module_shapes
+from fedspine.model.pruning import magnitude_scores
+from fedspine.runtime.build.algorithms import (
+    RelativeWork,
+    TimePredictor,
+    build_device_lora,
+    build_policy,
+    build_scheduler,
+    build_stale_handler,
+    build_strategy,
+    build_uplink,
+    check_robustness,
+)
+from fedspine.runtime.build.data import (
+    build_task,
+    load_examples,
+    objective_for,
+    split_and_partition,
+    task_name,
+)
+from fedspine.runtime.build.fleet import build_fleet_from_config, build_trace
+from fedspine.runtime.build.model import (
+    check_dense_layers,
+    check_fits_before_loading,
+    check_fleet_fits,
+    load_model,
+)
+from fedspine.runtime.executor import LocalTraining, SimExecutor
+from fedspine.types import Device, DeviceLora
+
+Status = Callable[[str], None]
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs, built and validated."""
+
+    config: Config
+    devices: list[Device]
+    strategy: Strategy
+    scheduler: Scheduler
+    executor: SimExecutor
+    objective: Objective
+    test_data: EncodedDataset
+    test_set: EvalSet
+    """``test_data`` batched once, by length, for every evaluation."""
+    partitions: list[np.ndarray]
+    device_lora: dict[int, DeviceLora]
+    module_shapes: dict[str, tuple[int, int]]
+    task_name: str
+    chance_level: float
+    shape: ModelShape
+    tokenizer: Any = None
+    trace: AvailabilityTrace = field(default_factory=AlwaysOnline)
+    stale_handler: StaleUpdateHandler = field(default_factory=Identity)
+    uplink: UplinkChannel | None = None
+    """Compressed uploads (None: the factors travel as they are)."""
+
+
+def check_config(cfg: Config) -> None:
+    """The checks that need no data and no model: registered names, the fleet, ranks, the scheduler,
+    robustness, the availability trace, the codec. Milliseconds; raises what :func:`build_experiment`
+    would raise for them.
+
+    Raises:
+        ConfigError: a name or combination the config cannot run.
+        FleetError: the fleet is empty or unknown.
+    """
+    strategy = build_strategy(cfg)
+    devices = build_fleet_from_config(cfg)
+    device_lora = build_device_lora(cfg, devices, strategy)
+    build_scheduler(cfg, len(devices), strategy)
+    check_robustness(cfg, strategy, device_lora)
+    if isinstance(strategy, FedSpine):
+        POLICIES.get(strategy.settings.policy, "strategy.fedspine.policy")
+    build_trace(cfg)
+    build_stale_handler(cfg)
+    build_uplink(cfg)
+
+
+def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
+    """Validate names and the fleet, load data and model, and assemble the run."""
+    say = status or (lambda _msg: None)
+    torch.set_num_threads(cfg.run.threads)
+    strategy = build_strategy(cfg)
+    devices = build_fleet_from_config(cfg)
+    device_lora = build_device_lora(cfg, devices, strategy)
+    scheduler = build_scheduler(cfg, len(devices), strategy)
+    check_robustness(cfg, strategy, device_lora)
+    rng = np.random.default_rng(cfg.run.seed)
+    say(f"loading data source '{cfg.data.source}'")
+    examples = load_examples(cfg, rng)
+    task = build_task(cfg, examples)
+    train, test, parts = split_and_partition(cfg, examples, len(devices), rng)
+    say(f"loading model '{cfg.model.source}'")
+    check_fits_before_loading(cfg, devices)
+    model, tokenizer = load_model(cfg)
+    shape = model_shape(model.config, model.num_parameters())
+    check_dense_layers(cfg, shape)
+    check_fleet_fits(devices, shape, cfg)
+    train_data = task.encode(train, tokenizer, cfg.data.max_length)
+    test_data = task.encode(test, tokenizer, cfg.data.max_length)
+    objective = objective_for(train_data)
+    initial_scores = magnitude_scores(model) if strategy.prunes else None
+    peft_model = apply_lora(
+        model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, seed=cfg.run.seed
+    )
+    t = cfg.train
+    executor = SimExecutor(
+        peft_model,
+        objective,
+        strategy,
+        train_data,
+        parts,
+        LocalTraining(t.batch_size, t.lr, t.optimizer, t.weight_decay, t.max_grad_norm),
+        shape,
+        len(cfg.lora.target_modules),
+        cfg.run.seed,
+    )
+    executor.target_modules = list(cfg.lora.target_modules)
+    executor.lora_dropout = cfg.lora.dropout
+    executor.eval_dtype = cfg.eval.dtype
+    if isinstance(strategy, FedSpine):
+        assert initial_scores is not None
+        executor.importance = strategy.settings.importance
+        predict = TimePredictor(cfg, strategy, executor, devices)
+        work = RelativeWork(cfg, strategy, executor)
+        policy = build_policy(cfg, strategy, devices, device_lora, predict, work)
+        strategy.setup(shape, initial_scores, policy, cfg.scheduler.rounds)
+        strategy.work_model = work.of_plan
+    return Experiment(
+        config=cfg,
+        devices=devices,
+        strategy=strategy,
+        scheduler=scheduler,
+        executor=executor,
+        objective=objective,
+        test_data=test_data,
+        test_set=EvalSet.from_dataset(test_data, cfg.eval.batch_size),
+        partitions=parts,
+        device_lora=device_lora,
+        module_shapes=module_shapes(peft_model),
+        task_name=task_name(cfg),
+        chance_level=task.chance_level(test_data),
+        shape=shape,
+        tokenizer=tokenizer,
+        trace=build_trace(cfg),
+        stale_handler=build_stale_handler(cfg),
+        uplink=build_uplink(cfg),
+    )
+
+
+__all__ = [
+    "Experiment",
+    "Status",
+    "build_device_lora",
+    "build_experiment",
+    "build_fleet_from_config",
+    "build_scheduler",
+    "build_strategy",
+    "check_config",
+    "check_fleet_fits",
+]

@@ -1,0 +1,237 @@
+"""Building a run's algorithms from its config: the strategy, each device's LoRA rank, FedSpine's
+policy and its time and work predictors, the scheduler, the stale-update handler and the uplink codec."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import fedspine.algorithms.schedulers as schedulers
+import fedspine.algorithms.strategies as strategies
+from fedspine.algorithms.compression import ErrorFeedback, UplinkChannel, make_codec
+from fedspine.algorithms.policies import (
+    POLICIES,
+    Arm,
+    FixedPolicy,
+    OraclePolicy,
+    Policy,
+    PooledUCB,
+    RandomPolicy,
+    SlidingWindowUCB,
+)
+from fedspine.algorithms.schedulers import Limits, Scheduler, SyncScheduler
+from fedspine.algorithms.staleness import StalenessFunction, StaleUpdateHandler, make_handler
+from fedspine.algorithms.strategies import FedSpine, Strategy
+from fedspine.algorithms.strategies.fedspine import PRESETS
+from fedspine.config import Config
+from fedspine.errors import ConfigError
+from fedspine.fleet.cost import CostModel
+from fedspine.model.pruning import PruningPlan
+from fedspine.runtime.build.model import task_workload
+from fedspine.runtime.executor import SimExecutor
+from fedspine.types import Device, DeviceLora
+
+
+def build_strategy(cfg: Config) -> Strategy:
+    """The configured strategy; its own sub-table (e.g. ``[strategy.hetlora]``) supplies its parameters.
+
+    The pruning strategies (fedspine, prune_then_tune, fedmp) share ``[strategy.fedspine]``.
+    """
+    factory = strategies.STRATEGIES.get(cfg.strategy.name, "strategy.name")
+    table = "fedspine" if cfg.strategy.name in PRESETS else cfg.strategy.name
+    params = getattr(cfg.strategy, table, None)
+    is_table = dataclasses.is_dataclass(params) and not isinstance(params, type)
+    kwargs = dataclasses.asdict(params) if is_table else {}  # type: ignore[arg-type]
+    return factory(weighting=cfg.strategy.weighting, **kwargs)
+
+
+def build_device_lora(cfg: Config, devices: Sequence[Device], strategy: Strategy) -> dict[int, DeviceLora]:
+    """Each device's LoRA rank (per device, per class, or the default) and scaling."""
+    lora = cfg.lora
+    if lora.ranks and len(lora.ranks) != len(devices):
+        raise ConfigError("lora.ranks", f"has {len(lora.ranks)} entries for {len(devices)} devices")
+    if lora.alphas and len(lora.alphas) != len(devices):
+        raise ConfigError("lora.alphas", f"has {len(lora.alphas)} entries for {len(devices)} devices")
+    unknown = sorted(set(lora.class_ranks) - {d.device_class.name for d in devices})
+    if unknown:
+        raise ConfigError(f"lora.class_ranks.{unknown[0]}", "no device of this class in the fleet")
+    table = {}
+    for d in devices:
+        rank = lora.ranks[d.device_id] if lora.ranks else lora.class_ranks.get(d.device_class.name, lora.rank)
+        alpha = lora.alphas[d.device_id] if lora.alphas else lora.alpha / lora.rank * rank
+        table[d.device_id] = DeviceLora(rank=rank, scaling=alpha / rank)
+    if strategy.uniform_rank_only and len({v.rank for v in table.values()}) > 1:
+        raise ConfigError(
+            "lora.ranks",
+            f"strategy '{strategy.name}' needs one rank for every device; "
+            "use zeropad, hetlora, flexlora or flora for heterogeneous ranks",
+        )
+    return table
+
+
+def build_policy(
+    cfg: Config,
+    strategy: FedSpine,
+    devices: Sequence[Device],
+    device_lora: dict[int, DeviceLora],
+    predict_seconds: Callable[[int, Arm], float],
+    relative_work: Callable[[Arm], float],
+) -> Policy:
+    """The (extra ratio, rank) policy of a pruning strategy; presets fix it (prune_then_tune, fedmp).
+
+    Arms' ratios are *extra* pruning beyond the schedule's floor (:meth:`FedSpine.ratio_of`).
+    """
+    f = cfg.strategy.fedspine
+    name = strategy.settings.policy
+    POLICIES.get(name, "strategy.fedspine.policy")
+    ratios, ranks = f.extra_ratios, f.ranks
+    if name == "fixed":
+        extra = 0.0 if f.fixed_ratio < 0 else f.fixed_ratio - f.target_sparsity
+        return FixedPolicy(
+            ratios,
+            ranks,
+            {d.device_id: extra for d in devices},
+            {i: lo.rank for i, lo in device_lora.items()},
+        )
+    if name == "random":
+        return RandomPolicy(ratios, ranks, cfg.run.seed)
+    if name == "oracle":
+        return OraclePolicy(ratios, ranks, [d.device_id for d in devices], predict_seconds)
+    bandit: Policy = (
+        PooledUCB(ratios, ranks, relative_work, f.window, f.ucb_c)
+        if name == "pooled"
+        else SlidingWindowUCB(ratios, ranks, f.window, f.ucb_c)
+    )
+    bandit.explore = f.explore
+    return bandit
+
+
+class TimePredictor:
+    """Predicted task time of a device at an arm, from its profile (what only the oracle may read).
+
+    A class rather than a closure, so a checkpoint can save the policy that holds it.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        strategy: FedSpine,
+        executor: SimExecutor,
+        devices: Sequence[Device],
+    ) -> None:
+        self.cfg, self.strategy, self.executor = cfg, strategy, executor
+        self.by_id = {d.device_id: d for d in devices}
+
+    def __call__(self, device_id: int, arm: Arm) -> float:
+        cfg, strategy = self.cfg, self.strategy
+        device = self.by_id[device_id]
+        plan = strategy.plan_for(strategy.ratio_of(arm))
+        workload = task_workload(
+            cfg,
+            self.executor.shape,
+            plan,
+            arm.rank,
+            cfg.train.local_steps,
+            self.executor.logits_positions,
+            device.device_class.train_dtype_bytes,
+        )
+        cost = CostModel.for_device(device)
+        upload = 4 * arm.rank * sum(o + i for o, i in strategy.kept_shapes(plan).values())
+        return cost.train_seconds(workload, 1.0) + cost.transfer_seconds(upload, "up", 1.0)
+
+
+class RelativeWork:
+    """Training FLOPs relative to the dense model at the largest rank (model knowledge only).
+
+    Called with an arm (the policy's prediction: the arm's ratio once the schedule reached its target)
+    or through :meth:`of_plan` with the plan a task actually trained (the strategy's observation).
+    """
+
+    def __init__(self, cfg: Config, strategy: FedSpine, executor: SimExecutor) -> None:
+        self.cfg, self.strategy, self.executor = cfg, strategy, executor
+        self.dense: float | None = None
+
+    def _flops(self, plan: PruningPlan | None, rank: int) -> float:
+        return task_workload(
+            self.cfg, self.executor.shape, plan, rank, 1, self.executor.logits_positions
+        ).flops
+
+    def of_plan(self, plan: PruningPlan, rank: int) -> float:
+        if self.dense is None:
+            self.dense = self._flops(None, max(self.cfg.strategy.fedspine.ranks))
+        return self._flops(plan, rank) / self.dense
+
+    def __call__(self, arm: Arm) -> float:
+        return self.of_plan(self.strategy.plan_for(self.strategy.ratio_of(arm)), arm.rank)
+
+
+def build_scheduler(cfg: Config, num_devices: int, strategy: Strategy) -> Scheduler:
+    """The configured scheduler.
+
+    Synchronous: ``clients_per_round`` falls back to a fraction of the fleet. Asynchronous: the
+    scheduler's own table supplies its parameters; combinations the strategy cannot run are
+    rejected here, naming the key.
+    """
+    cls = schedulers.SCHEDULERS.get(cfg.scheduler.name, "scheduler.name")
+    s = cfg.scheduler
+    if cls is SyncScheduler:
+        k = s.clients_per_round or max(1, round(s.clients_fraction * num_devices))
+        return SyncScheduler(s.rounds, min(k, num_devices), s.over_selection, s.deadline_seconds)
+    if s.staleness.handler == "dcasgd" and not strategy.supports_compensation:
+        raise ConfigError(
+            "scheduler.staleness.handler",
+            f"'dcasgd' compensates element-wise in a global adapter's coordinates; strategy "
+            f"'{strategy.name}' has none (allowed here: identity, weight)",
+        )
+    momentum = s.fedbuff.server_momentum if cfg.scheduler.name == "fedbuff" else 0.0
+    if momentum > 0 and not strategy.supports_compensation:
+        raise ConfigError(
+            "scheduler.fedbuff.server_momentum",
+            f"server momentum adds up global-adapter steps; strategy '{strategy.name}' merges into the "
+            "base or keeps SVD factors (use fedit, zeropad or hetlora, or momentum 0)",
+        )
+    concurrency = min(s.concurrency, num_devices) if s.concurrency else num_devices
+    limits = Limits(s.rounds, cfg.train.local_steps, concurrency, s.max_updates, s.max_virtual_seconds)
+    table = getattr(s, cfg.scheduler.name, None)
+    is_table = dataclasses.is_dataclass(table) and not isinstance(table, type)
+    kwargs = dataclasses.asdict(table) if is_table else {}  # type: ignore[arg-type]
+    scheduler: Scheduler = cls(limits, **kwargs)
+    return scheduler
+
+
+def check_robustness(cfg: Config, strategy: Strategy, device_lora: dict[int, DeviceLora]) -> None:
+    """Robust rules and attacks that cannot apply to this run are config errors."""
+    rule = cfg.server.robust
+    if rule in ("median", "trimmed_mean"):
+        if not cfg.scheduler.synchronous:
+            raise ConfigError(
+                "server.robust", f"'{rule}' combines a round's updates: needs scheduler.name = 'sync'"
+            )
+        if not strategy.has_global_adapter:
+            raise ConfigError(
+                "server.robust",
+                f"'{rule}' needs a strategy with a global adapter (fedit, zeropad, hetlora, flexlora), "
+                f"not {cfg.strategy.name}; use 'clip'",
+            )
+        if len({lora.rank for lora in device_lora.values()}) > 1:
+            raise ConfigError("server.robust", f"'{rule}' needs one LoRA rank on every device; use 'clip'")
+    attack = cfg.fleet.attack
+    for i, device in enumerate(attack.devices):
+        if device >= len(device_lora):
+            raise ConfigError(
+                f"fleet.attack.devices[{i}]", f"device {device} is not in the fleet of {len(device_lora)}"
+            )
+
+
+def build_stale_handler(cfg: Config) -> StaleUpdateHandler:
+    """The configured stale-update handler."""
+    st = cfg.scheduler.staleness
+    return make_handler(st.handler, StalenessFunction(st.function, st.a, st.b), st.dcasgd_lambda)
+
+
+def build_uplink(cfg: Config) -> UplinkChannel | None:
+    """The compressed uplink, or None when nothing is compressed."""
+    c = cfg.compression
+    if c.codec == "none" and c.feedback == "none":
+        return None
+    return UplinkChannel(ErrorFeedback(make_codec(c.codec, c.ratio, c.levels), c.feedback, c.eta))

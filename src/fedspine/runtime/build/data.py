@@ -1,0 +1,105 @@
+"""Building a run's data from its config: the examples, the task that encodes them, the held-out test
+set and the devices' partitions, and the training objective."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedspine.client.objectives import ClassificationObjective, LanguageModelingObjective, Objective
+from fedspine.config import BIBLE_GENRE_WORDS, BIBLE_PROMPT, Config
+from fedspine.data import (
+    ClassificationTask,
+    EncodedDataset,
+    Example,
+    LanguageModelingTask,
+    load_source,
+    partition,
+    top_labels,
+    train_test_split,
+    with_label,
+)
+from fedspine.errors import ConfigError, DataError
+
+
+def load_examples(cfg: Config, rng: np.random.Generator) -> list[Example]:
+    """Read the data source, attach labels (classification) and subsample."""
+    d = cfg.data
+    examples = load_source(d.source, d.path, "data.source")
+    if d.task == "classification":
+        if d.label_key in examples[0].meta:
+            examples = with_label(examples, d.label_key)
+        elif any(ex.label is None for ex in examples):
+            raise ConfigError(
+                "data.label_key", f"examples have neither a label nor the meta key '{d.label_key}'"
+            )
+        if d.max_labels:
+            examples = top_labels(examples, d.max_labels)
+    if d.max_examples and len(examples) > d.max_examples:
+        keep = np.sort(rng.choice(len(examples), d.max_examples, replace=False))
+        examples = [examples[i] for i in keep]
+    needed = d.test_size + len(cfg.fleet.groups)
+    if len(examples) < needed:
+        raise DataError(f"data source '{d.source}' has {len(examples)} examples; need at least {needed}")
+    return examples
+
+
+def build_task(cfg: Config, examples: Sequence[Example]) -> ClassificationTask | LanguageModelingTask:
+    """The task object that encodes examples for the model."""
+    d = cfg.data
+    if d.task == "lm":
+        return LanguageModelingTask(d.prompt_template or "{text}")
+    labels = sorted({ex.label for ex in examples if ex.label is not None})
+    if len(labels) < 2:
+        raise DataError(
+            f"classification needs at least two labels; data.label_key '{d.label_key}' of this data "
+            f"gives {labels or 'none'}"
+        )
+    # The default verbalizer and prompt are the Bible genre task's: another source that does not
+    # set its own gets its labels as words and the task's generic prompt.
+    bible_defaults = d.source == "bible"
+    label_words = d.label_words if bible_defaults or d.label_words != BIBLE_GENRE_WORDS else {}
+    prompt = d.prompt_template if bible_defaults or d.prompt_template != BIBLE_PROMPT else ""
+    unknown = sorted(set(label_words) - set(labels))
+    if unknown:
+        raise ConfigError(f"data.label_words.{unknown[0]}", f"not a label of this data; labels: {labels}")
+    words = [label_words.get(label, label) for label in labels]
+    template = prompt or ClassificationTask(labels).prompt_template
+    return ClassificationTask(labels, words, template, d.label_prefix)
+
+
+def split_and_partition(
+    cfg: Config, examples: Sequence[Example], num_devices: int, rng: np.random.Generator
+) -> tuple[list[Example], list[Example], list[np.ndarray]]:
+    """Hold out the global test set, then split the rest across devices."""
+    d = cfg.data
+    labels = [ex.label or "" for ex in examples] if d.task == "classification" else None
+    train_idx, test_idx = train_test_split(len(examples), d.test_size / len(examples), rng, stratify=labels)
+    train = [examples[i] for i in train_idx]
+    test = [examples[i] for i in test_idx]
+    groups = [ex.meta.get(d.partition_key, "") for ex in train] if d.partition == "natural" else None
+    parts = partition(
+        d.partition,
+        num_clients=num_devices,
+        rng=rng,
+        key="data.partition",
+        n=len(train),
+        labels=[ex.label or "" for ex in train] if d.partition == "dirichlet" else None,
+        groups=groups,
+        alpha=d.dirichlet_alpha if d.partition == "dirichlet" else d.quantity_alpha,
+    )
+    return train, test, parts
+
+
+def objective_for(train_data: EncodedDataset) -> Objective:
+    if train_data.label_token_ids is not None:
+        return ClassificationObjective(train_data.label_token_ids)
+    return LanguageModelingObjective()
+
+
+def task_name(cfg: Config) -> str:
+    d = cfg.data
+    if d.task == "classification":
+        return f"{d.source}-{d.label_key} classification"
+    return f"{d.source} language modelling"

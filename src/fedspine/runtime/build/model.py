@@ -1,0 +1,98 @@
+"""Loading a run's model from its config, the checks that need its shape, and the one workload helper
+that predictions and checks share."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from fedspine.config import Config
+from fedspine.errors import ConfigError, FleetError, ModelError
+from fedspine.fleet.cost import CostModel
+from fedspine.model.footprint import ModelShape, model_shape
+from fedspine.model.load import default_cache_dir, resolve_model, resolve_model_config
+from fedspine.model.pruning import PruningPlan, pruned_workload
+from fedspine.types import Device, TrainWorkload
+
+
+def check_dense_layers(cfg: Config, shape: ModelShape) -> None:
+    """``strategy.fedspine.dense_layers`` must name layers of the model (negative: from the end)."""
+    for i, layer in enumerate(cfg.strategy.fedspine.dense_layers):
+        if not -shape.layers <= layer < shape.layers:
+            raise ConfigError(
+                f"strategy.fedspine.dense_layers[{i}]",
+                f"layer {layer} does not exist; the model has layers 0..{shape.layers - 1} "
+                f"(or -1..-{shape.layers})",
+            )
+
+
+def task_workload(
+    cfg: Config,
+    shape: ModelShape,
+    plan: PruningPlan | None,
+    rank: int,
+    steps: int,
+    logits_positions: Literal["all", "last"],
+    dtype_bytes: int = 4,
+) -> TrainWorkload:
+    """What a task of ``steps`` local steps over full batches of full-length sequences costs on the
+    submodel ``plan`` describes (None: dense): what predictions and checks charge before any real
+    batch is drawn (a task's own workload comes from its batches, :meth:`SimExecutor.prepare`)."""
+    t = cfg.train
+    return pruned_workload(
+        plan,
+        shape,
+        seq_lens=[cfg.data.max_length] * t.batch_size * steps,
+        lora_rank=rank,
+        num_lora_targets=len(cfg.lora.target_modules),
+        logits_positions=logits_positions,
+        dtype_bytes=dtype_bytes,
+        batch_size=t.batch_size,
+        steps=steps,
+    )
+
+
+def check_fleet_fits(devices: Sequence[Device], shape: ModelShape, cfg: Config) -> None:
+    """Fail early when no device can hold even one local step of the model."""
+
+    def workload_for(d: Device) -> TrainWorkload:
+        return task_workload(cfg, shape, None, cfg.lora.rank, 1, "all", d.device_class.train_dtype_bytes)
+
+    if not any(CostModel.for_device(d).fits(workload_for(d).peak_memory_bytes) for d in devices):
+        biggest = max(d.device_class.memory_bytes for d in devices)
+        need = min(workload_for(d).peak_memory_bytes for d in devices)
+        raise FleetError(
+            f"no device in the fleet can hold the model: it needs {need / 2**30:.2f} GiB, "
+            f"the largest device has {biggest / 2**30:.2f} GiB"
+        )
+
+
+def model_args(cfg: Config) -> tuple[str, str | None, Path, dict[str, int]]:
+    m = cfg.model
+    cache = Path(m.cache_dir) if m.cache_dir else default_cache_dir()
+    tiny = {
+        "hidden": m.tiny.hidden,
+        "layers": m.tiny.layers,
+        "heads": m.tiny.heads,
+        "kv_heads": m.tiny.kv_heads,
+        "intermediate": m.tiny.intermediate,
+        "seed": cfg.run.seed,
+    }
+    return m.source, m.path or None, cache, tiny
+
+
+def load_model(cfg: Config) -> tuple[Any, Any]:
+    return resolve_model(*model_args(cfg), cfg.model.dtype)
+
+
+def check_fits_before_loading(cfg: Config, devices: Sequence[Device]) -> None:
+    """Reject a fleet that cannot hold the model from its config alone, before reading weights.
+
+    Architectures whose shape needs the real parameter count are checked after loading instead.
+    """
+    try:
+        shape = model_shape(resolve_model_config(*model_args(cfg)))
+    except ModelError:
+        return
+    check_fleet_fits(devices, shape, cfg)
