@@ -215,7 +215,7 @@ def test_hetlora_self_pruning_shrinks_a_rank_whose_tail_is_small() -> None:
     assert self_pruned_rank(a, b, gamma=0.8, threshold=0.05) == 8
     strategy = HetLoRA(gamma=0.8, prune_threshold=0.05)
     state = {m: {"A": a.clone(), "B": b.clone()} for m in ("x", "y")}
-    pruned = strategy.client_finish(state, DeviceLora(rank=10, scaling=1.0))
+    pruned = strategy.device_side.finish(state, DeviceLora(rank=10, scaling=1.0))
     assert all(f["A"].shape == (8, 16) and f["B"].shape == (12, 8) for f in pruned.values())
 
 
@@ -223,7 +223,7 @@ def test_hetlora_penalises_the_tail_and_weights_by_update_norm() -> None:
     strategy = HetLoRA(gamma=0.5, penalty=0.1)
     a = torch.ones(4, 3, requires_grad=True)
     b = torch.ones(2, 4, requires_grad=True)
-    penalty = strategy.client_penalty([(a, b)])
+    penalty = strategy.device_side.penalty([(a, b)])
     assert penalty is not None
     penalty.backward()
     assert a.grad is not None and a.grad[:2].abs().sum() == 0 and a.grad[2:].abs().sum() > 0

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from fedspine.algorithms.strategies import Strategy
+from fedspine.algorithms.strategies.base import DeviceSide
 from fedspine.client.evaluate import EvalSet, Evaluation, evaluate, prepare_eval_model
 from fedspine.client.objectives import Objective
 from fedspine.client.train import make_optimizer, train_local
@@ -84,7 +84,7 @@ class SimExecutor:
         self,
         model: Any,
         objective: Objective,
-        strategy: Strategy,
+        device_side: DeviceSide,
         train_data: EncodedDataset,
         partitions: Sequence[np.ndarray],
         training: LocalTraining,
@@ -94,7 +94,7 @@ class SimExecutor:
     ) -> None:
         self.model = model
         self.objective = objective
-        self.strategy = strategy
+        self.device_side = device_side
         self.train_data = train_data
         self.partitions = partitions
         self.training = training
@@ -184,7 +184,7 @@ class SimExecutor:
         result = train_local(
             self.model, self.objective, prepared.batches, optimizer, t.max_grad_norm, self._penalty(name)
         )
-        state = self.strategy.client_finish(get_lora_state(self.model, name), task.lora)
+        state = self.device_side.finish(get_lora_state(self.model, name), task.lora)
         return ClientUpdate(
             round=task.round,
             device_id=task.device_id,
@@ -260,7 +260,7 @@ class SimExecutor:
     def _penalty(self, name: str) -> Any:
         layers = [m for m in self.model.modules() if hasattr(m, "lora_A") and name in m.lora_A]
         factors = [(m.lora_A[name].weight, m.lora_B[name].weight) for m in layers]
-        return lambda: self.strategy.client_penalty(factors)
+        return lambda: self.device_side.penalty(factors)
 
     def load_global(self, state: LoraState) -> None:
         """Put the global adapter (scaling 1) into the model; an empty state means base weights only."""

@@ -12,7 +12,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -59,6 +59,30 @@ class Assignment:
     measure_importance: bool = False
 
 
+class DeviceSide(Protocol):
+    """What a strategy changes in a device's local training: the server never calls it, a device
+    (the simulator's executor, a deployed ClientApp) does."""
+
+    def penalty(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+        """An extra local loss term over the device's (A, B) parameters, or None."""
+        ...
+
+    def finish(self, state: LoraState, lora: DeviceLora) -> LoraState:
+        """Post-process the trained adapter before upload (e.g. rank self-pruning)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PlainTraining:
+    """Local training as it is: no extra loss term, the trained adapter uploaded as it is."""
+
+    def penalty(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+        return None
+
+    def finish(self, state: LoraState, lora: DeviceLora) -> LoraState:
+        return state
+
+
 class Strategy(ABC):
     """Configures client tasks and aggregates their updates into the global state.
 
@@ -80,6 +104,8 @@ class Strategy(ABC):
 
     def __init__(self, weighting: Weighting = "samples") -> None:
         self.weighting = weighting
+        self.device_side: DeviceSide = PlainTraining()
+        """What the strategy changes in local training (HetLoRA's rank self-pruning)."""
 
     def update_weight(self, update: ClientUpdate) -> float:
         """Aggregation weight of an update before normalisation."""
@@ -133,16 +159,6 @@ class Strategy(ABC):
             )
         state = {m: {"A": f["A"], "B": f["B"] * scale} for m, f in update.lora_state.items()}
         return dataclasses.replace(update, lora_state=state)
-
-    # --- device side -----------------------------------------------------------------------------
-
-    def client_penalty(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
-        """An extra local loss term over the device's (A, B) parameters (HetLoRA), or None."""
-        return None
-
-    def client_finish(self, state: LoraState, lora: DeviceLora) -> LoraState:
-        """Post-process the trained adapter on the device before upload (e.g. rank self-pruning)."""
-        return state
 
     # --- aggregation -----------------------------------------------------------------------------
 

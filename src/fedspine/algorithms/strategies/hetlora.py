@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -34,28 +35,37 @@ class HetLoRA(PaddedAverage):
         penalty: float = 1e-3,
     ) -> None:
         super().__init__(weighting)
-        self.gamma = gamma
-        self.prune_threshold = prune_threshold
-        self.penalty = penalty
+        self.device_side = RankSelfPruning(gamma, prune_threshold, penalty)
 
     def weight_of(self, update: ClientUpdate) -> float:
         """``||s_k B_k A_k||_F`` summed over modules (the update's Frobenius norm)."""
         squares = sum(delta_norm(f["A"], f["B"]) ** 2 for f in update.lora_state.values())
         return update.lora_scaling * math.sqrt(squares)
 
-    def client_penalty(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
-        if self.penalty <= 0 or not factors:
+
+@dataclass(frozen=True)
+class RankSelfPruning:
+    """HetLoRA's device side: a penalty ``weight * (||A_tail|| + ||B_tail||)`` on the last
+    ``(1 - gamma) r`` components while training, then the tail dropped when its share of ``||B A||``
+    is below ``threshold`` in every module."""
+
+    gamma: float
+    threshold: float
+    weight: float
+
+    def penalty(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+        if self.weight <= 0 or not factors:
             return None
         rank = factors[0][0].shape[0]
         keep = max(1, math.floor(self.gamma * rank))
         if keep >= rank:
             return None
         tails = [a[keep:].norm() + b[:, keep:].norm() for a, b in factors]
-        return self.penalty * torch.stack(tails).sum()
+        return self.weight * torch.stack(tails).sum()
 
-    def client_finish(self, state: LoraState, lora: DeviceLora) -> LoraState:
+    def finish(self, state: LoraState, lora: DeviceLora) -> LoraState:
         """Drop the tail of every module when it is small in all of them (one rank per device)."""
-        ranks = [self_pruned_rank(f["A"], f["B"], self.gamma, self.prune_threshold) for f in state.values()]
+        ranks = [self_pruned_rank(f["A"], f["B"], self.gamma, self.threshold) for f in state.values()]
         new_rank = max(ranks) if ranks else lora.rank
         if new_rank >= lora.rank:
             return state

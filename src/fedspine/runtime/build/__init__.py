@@ -139,7 +139,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     executor = SimExecutor(
         peft_model,
         objective,
-        strategy,
+        strategy.device_side,
         train_data,
         parts,
         LocalTraining(t.batch_size, t.lr, t.optimizer, t.weight_decay, t.max_grad_norm),
