@@ -27,6 +27,7 @@ from fedspine.algorithms.policies import (
 from fedspine.algorithms.strategies import FedSpine
 from fedspine.algorithms.wire import payload_bytes, update_payload_bytes
 from fedspine.api import run_experiment
+from fedspine.config import FedSpineSection
 from fedspine.errors import ModelError
 from fedspine.model.footprint import combine_workloads, train_workload
 from fedspine.model.importance import FlapMeter, TaylorMeter
@@ -81,7 +82,7 @@ def random_lora(peft: Any, seed: int) -> None:
 
 def strategy_for(model: Any, **settings: Any) -> FedSpine:
     """A FedSpine whose devices play the schedule's floor at rank 2 (KV groups pruned too, by default)."""
-    strategy = FedSpine("samples", **{"granularity": "heads_and_channels", **settings})
+    strategy = FedSpine("samples", FedSpineSection(**{"granularity": "heads_and_channels", **settings}))
     strategy.setup(shape_of(model), magnitude_scores(model), SlidingWindowUCB([0.0], [2]), rounds=4)
     peft = adapted(copy.deepcopy(model))
     strategy.init_global(module_shapes(peft), 2, torch.Generator().manual_seed(0))
@@ -299,7 +300,9 @@ def test_few_kv_groups_prune_channels_only_by_default() -> None:
 
 def test_arms_prune_beyond_the_schedules_floor() -> None:
     model = tiny()
-    strategy = FedSpine("samples", target_sparsity=0.3, importance="magnitude", prune_rounds=2)
+    strategy = FedSpine(
+        "samples", FedSpineSection(target_sparsity=0.3, importance="magnitude", prune_rounds=2)
+    )
     strategy.setup(
         shape_of(model), magnitude_scores(model), FixedPolicy([0.0, 0.2], [2], {0: 0.2}, {0: 2}), 4
     )

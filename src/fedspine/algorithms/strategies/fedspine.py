@@ -47,6 +47,7 @@ schedule and a frozen mask, or a fixed policy with a moving mask.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import statistics
@@ -141,9 +142,9 @@ class FedSpine(Strategy):
     name = "fedspine"
     prunes = True
 
-    def __init__(self, weighting: Weighting = "samples", **settings: Any) -> None:
+    def __init__(self, weighting: Weighting = "samples", settings: FedSpineSection | None = None) -> None:
         super().__init__(weighting)
-        self.settings = FedSpineSection(**settings)
+        self.settings = settings or FedSpineSection()
         """The ``[strategy.fedspine]`` table (its policy keys configure the policy, built beside)."""
         self.policy: Policy | None = None
         self._assigned: dict[int, tuple[Arm, PruningPlan]] = {}
@@ -554,8 +555,8 @@ importance the devices measure every round (FedMP re-prunes as it trains).
 
 
 def _preset(name: str) -> Any:
-    def factory(weighting: Weighting = "samples", **settings: Any) -> FedSpine:
-        strategy = FedSpine(weighting, **{**settings, **PRESETS[name]})
+    def factory(weighting: Weighting = "samples", settings: FedSpineSection | None = None) -> FedSpine:
+        strategy = FedSpine(weighting, dataclasses.replace(settings or FedSpineSection(), **PRESETS[name]))
         strategy.name = name
         return strategy
 

@@ -38,8 +38,9 @@ def build_strategy(cfg: Config) -> Strategy:
     The pruning strategies (fedspine, prune_then_tune, fedmp) share ``[strategy.fedspine]``.
     """
     factory = strategies.STRATEGIES.get(cfg.strategy.name, "strategy.name")
-    table = "fedspine" if cfg.strategy.name in PRESETS else cfg.strategy.name
-    params = getattr(cfg.strategy, table, None)
+    if cfg.strategy.name in PRESETS:  # the pruning strategies take their table whole
+        return factory(weighting=cfg.strategy.weighting, settings=cfg.strategy.fedspine)
+    params = getattr(cfg.strategy, cfg.strategy.name, None)
     is_table = dataclasses.is_dataclass(params) and not isinstance(params, type)
     kwargs = dataclasses.asdict(params) if is_table else {}  # type: ignore[arg-type]
     return factory(weighting=cfg.strategy.weighting, **kwargs)
