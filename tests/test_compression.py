@@ -217,5 +217,5 @@ def test_compressed_runs_work_with_each_strategy_and_send_fewer_bytes(tmp_path: 
         load_config(CONFIGS / "tiny.toml", [*base, "compression.codec=sign", "compression.feedback=ef"]),
         tmp_path / "sign",
     ).summary
-    assert compressed["tasks"]["ok"] == plain["tasks"]["ok"] > 0
-    assert compressed["uplink_bytes"] < 0.5 * plain["uplink_bytes"]
+    assert compressed.tasks["ok"] == plain.tasks["ok"] > 0
+    assert compressed.uplink_bytes < 0.5 * plain.uplink_bytes
