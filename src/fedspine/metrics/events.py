@@ -25,6 +25,13 @@ def _fields(event: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     return {f.name: getattr(event, f.name) for f in fields(event) if f.name not in skip}
 
 
+class _Fields:
+    """An event whose line is its fields, as declared."""
+
+    def record(self) -> dict[str, Any]:
+        return _fields(self)
+
+
 @dataclass(frozen=True)
 class TaskEvent:
     """A client task ended: arrived (``ok``, ``rejected``), late, out of memory, dropped or cancelled.
@@ -63,7 +70,7 @@ class TaskEvent:
 
 
 @dataclass(frozen=True)
-class AggregationEvent:
+class AggregationEvent(_Fields):
     """The server aggregated ``num_updates`` updates (``uplink_bytes`` of them) into version ``round``."""
 
     kind: ClassVar[str] = "aggregation"
@@ -75,12 +82,9 @@ class AggregationEvent:
     num_updates: int
     uplink_bytes: int
 
-    def record(self) -> dict[str, Any]:
-        return _fields(self)
-
 
 @dataclass(frozen=True)
-class ServerStepEvent:
+class ServerStepEvent(_Fields):
     """An asynchronous scheduler's server step: the tasks it applied, their staleness and its rate."""
 
     kind: ClassVar[str] = "server_step"
@@ -90,12 +94,9 @@ class ServerStepEvent:
     staleness: list[int]
     lr: float
 
-    def record(self) -> dict[str, Any]:
-        return _fields(self)
-
 
 @dataclass(frozen=True)
-class EvaluationEvent:
+class EvaluationEvent(_Fields):
     """The global model evaluated after ``round`` server steps, at ``virtual_time``."""
 
     kind: ClassVar[str] = "evaluation"
@@ -106,18 +107,12 @@ class EvaluationEvent:
     value: float
     loss: float
 
-    def record(self) -> dict[str, Any]:
-        return _fields(self)
-
 
 @dataclass(frozen=True)
-class DeploymentEvent:
+class DeploymentEvent(_Fields):
     """A deployment found its devices' SuperNodes (device id -> Flower node id)."""
 
     kind: ClassVar[str] = "deployment"
 
     nodes: dict[str, int]
     discovery_seconds: float
-
-    def record(self) -> dict[str, Any]:
-        return _fields(self)

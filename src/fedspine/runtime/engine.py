@@ -352,10 +352,8 @@ class Engine:
         rejected it or a deployed device failed)."""
         o = task.outcome
         device = o.device.device_id
-        del self.loop.running[task.task_id]
-        self.loop.busy.discard(device)
-        cohort = self.loop.round
-        if cohort is not None and task.task_id in cohort.out:
+        cohort = self._ended(task)
+        if cohort is not None:
             if o.status == TaskStatus.OK:
                 if self._rounds.admits(o.arrival_seconds, cohort.arrivals):
                     self.transport.deliver(self, task)
@@ -377,15 +375,20 @@ class Engine:
     def _lost(self, task: RunningTask) -> list[ServerStep]:
         """A task's device went offline before its update was in."""
         device = task.outcome.device.device_id
-        del self.loop.running[task.task_id]
-        self.loop.busy.discard(device)
-        cohort = self.loop.round
-        if cohort is not None and task.task_id in cohort.out:
+        cohort = self._ended(task)
+        if cohort is not None:
             self._end_in_round(cohort, task)  # a round samples among the devices online at its start
             return []
         self._end_task(task)
         self._go_offline(device)
         return self.scheduler.on_lost(self.clock.now, device)
+
+    def _ended(self, task: RunningTask) -> OpenRound | None:
+        """``task`` is no longer running; the open round it belongs to, if any."""
+        del self.loop.running[task.task_id]
+        self.loop.busy.discard(task.outcome.device.device_id)
+        cohort = self.loop.round
+        return cohort if cohort is not None and task.task_id in cohort.out else None
 
     def _end_task(self, task: RunningTask) -> None:
         """Record a task outside a round as it ends, and tell the strategy."""
