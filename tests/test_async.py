@@ -23,7 +23,7 @@ from fedspine.config import load_config
 from fedspine.errors import ConfigError
 from fedspine.fleet.availability import PeriodicTrace, SessionTrace
 from fedspine.metrics.records import RunRecorder, read_events
-from fedspine.runtime.build import build_experiment, build_scheduler, build_strategy
+from fedspine.runtime.build import build_experiment, build_scheduler, strategy_class
 from fedspine.runtime.engine import Engine
 from fedspine.sim.clock import EventQueue
 from fedspine.types import ClientUpdate, DeviceLora
@@ -369,7 +369,7 @@ def test_dcasgd_runs_with_a_global_adapter(tmp_path: Path) -> None:
 def test_combinations_a_strategy_cannot_run_are_rejected(overrides: list[str], key: str) -> None:
     cfg = load_config(CONFIGS / "tiny.toml", ["scheduler.name=fedbuff", *overrides])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        build_scheduler(cfg, 8, build_strategy(cfg))
+        build_scheduler(cfg, 8, strategy_class(cfg))
 
 
 def test_scheduler_parameters_are_validated() -> None:

@@ -8,7 +8,13 @@ import pytest
 
 from fedspine.config import Config, from_dict, load_config, parse_override, read_toml, to_dict, to_toml
 from fedspine.errors import ConfigError
-from fedspine.runtime.build import build_device_lora, build_fleet_from_config, build_scheduler, build_strategy
+from fedspine.runtime.build import (
+    build_device_lora,
+    build_fleet_from_config,
+    build_scheduler,
+    build_strategy,
+    strategy_class,
+)
 from tests.conftest import CONFIGS
 
 
@@ -27,7 +33,7 @@ def test_every_shipped_config_loads_and_resolves(path: Path) -> None:
     cfg = load_config(path)
     devices = build_fleet_from_config(cfg)
     assert len(devices) == sum(g.count for g in cfg.fleet.groups)
-    build_scheduler(cfg, len(devices), build_strategy(cfg))
+    build_scheduler(cfg, len(devices), strategy_class(cfg))
 
 
 def test_the_paper_like_fleet_has_80_devices() -> None:
@@ -62,7 +68,7 @@ def test_unknown_registered_names_list_the_known_ones() -> None:
         build_strategy(load_config(None, ["strategy.name=fedavgx"]))
     with pytest.raises(ConfigError, match=r"scheduler.name.*known: .*sync"):
         cfg = load_config(None, ["scheduler.name=nope"])
-        build_scheduler(cfg, 10, build_strategy(cfg))
+        build_scheduler(cfg, 10, strategy_class(cfg))
 
 
 def test_unknown_device_class_names_the_group() -> None:
@@ -103,22 +109,22 @@ def test_fedit_refuses_heterogeneous_ranks_and_lists_the_alternatives() -> None:
     cfg = load_config(CONFIGS / "hetero.toml", ["strategy.name=fedit"])
     devices = build_fleet_from_config(cfg)
     with pytest.raises(ConfigError, match=r"lora.ranks.*one rank for every device.*flora"):
-        build_device_lora(cfg, devices, build_strategy(cfg))
+        build_device_lora(cfg, devices, strategy_class(cfg))
 
 
 def test_device_ranks_and_alphas() -> None:
     cfg = load_config(CONFIGS / "hetero.toml")
     devices = build_fleet_from_config(cfg)
-    table = build_device_lora(cfg, devices, build_strategy(cfg))
+    table = build_device_lora(cfg, devices, strategy_class(cfg))
     assert {d.device_class.name: table[d.device_id].rank for d in devices}["raspberry_pi_4"] == 4
     assert {lora.scaling for lora in table.values()} == {2.0}
     ranks = list(range(1, 11))
     cfg = load_config(
         None, [f"lora.ranks={ranks}", f"lora.alphas={[2.0 * r + 1 for r in ranks]}", "strategy.name=flora"]
     )
-    table = build_device_lora(cfg, build_fleet_from_config(cfg), build_strategy(cfg))
+    table = build_device_lora(cfg, build_fleet_from_config(cfg), strategy_class(cfg))
     assert [table[i].rank for i in range(10)] == ranks
     assert table[3].alpha == pytest.approx(9.0)
     with pytest.raises(ConfigError, match=r"lora.ranks.*3 entries for 10 devices"):
         bad = load_config(None, ["lora.ranks=[4, 8, 16]", "strategy.name=flora"])
-        build_device_lora(bad, build_fleet_from_config(bad), build_strategy(bad))
+        build_device_lora(bad, build_fleet_from_config(bad), strategy_class(bad))

@@ -25,6 +25,7 @@ from fedspine.algorithms.policies import (
     SlidingWindowUCB,
 )
 from fedspine.algorithms.strategies import FedSpine
+from fedspine.algorithms.strategies.masks import PruningMasks
 from fedspine.algorithms.wire import payload_bytes, update_payload_bytes
 from fedspine.api import run_experiment
 from fedspine.config import FedSpineSection
@@ -82,11 +83,14 @@ def random_lora(peft: Any, seed: int) -> None:
 
 def strategy_for(model: Any, **settings: Any) -> FedSpine:
     """A FedSpine whose devices play the schedule's floor at rank 2 (KV groups pruned too, by default)."""
-    strategy = FedSpine("samples", FedSpineSection(**{"granularity": "heads_and_channels", **settings}))
-    strategy.setup(shape_of(model), magnitude_scores(model), SlidingWindowUCB([0.0], [2]), rounds=4)
-    peft = adapted(copy.deepcopy(model))
-    strategy.init_global(module_shapes(peft), 2, torch.Generator().manual_seed(0))
-    return strategy
+    section = FedSpineSection(**{"granularity": "heads_and_channels", **settings})
+    return FedSpine("samples", masks_for(model, section), SlidingWindowUCB([0.0], [2]))
+
+
+def masks_for(model: Any, section: FedSpineSection, rounds: int = 4) -> PruningMasks:
+    """The masks of ``model`` with LoRA on every projection, from its magnitude scores."""
+    shapes = module_shapes(adapted(copy.deepcopy(model)))
+    return PruningMasks(section, shape_of(model), shapes, magnitude_scores(model), rounds)
 
 
 def update_from(peft: Any, plan: PruningPlan, samples: int, scaling: float, device: int = 0) -> ClientUpdate:
@@ -193,17 +197,17 @@ def test_tree_aggregation_equals_flat() -> None:
 def test_importance_moves_the_global_score_on_covered_units_only() -> None:
     model = tiny()
     strategy = strategy_for(model, score_momentum=0.5)
-    before = [c.clone() for c in strategy.channel_scores]
+    before = [c.clone() for c in strategy.masks.channel_scores]
     plan = {0: LayerKeep((0, 1), tuple(range(8))), 1: LayerKeep((0, 1), tuple(range(16)))}
     channels = [torch.zeros(INTER), torch.ones(INTER)]
     channels[0][:8] = torch.arange(8, dtype=torch.float32)  # reversed order on layer 0's kept units
     importance = {"heads": [torch.ones(KV), torch.ones(KV)], "channels": channels}
     update = ClientUpdate(1, 0, 1, {}, 0, 0.0, 0, 0.0, plan=plan, importance=importance)
     strategy.finalize(strategy.accumulate(strategy.init_partial(), update))
-    assert torch.equal(strategy.channel_scores[0][8:], before[0][8:])  # not kept: not observed
-    assert not torch.equal(strategy.channel_scores[0][:8], before[0][:8])
+    assert torch.equal(strategy.masks.channel_scores[0][8:], before[0][8:])  # not kept: not observed
+    assert not torch.equal(strategy.masks.channel_scores[0][:8], before[0][:8])
     # the observed scores were rescaled to the current mean on the kept units before mixing
-    torch.testing.assert_close(strategy.channel_scores[0][:8].mean(), before[0][:8].mean())
+    torch.testing.assert_close(strategy.masks.channel_scores[0][:8].mean(), before[0][:8].mean())
 
 
 def test_uploaded_importance_is_charged_for_the_kept_units() -> None:
@@ -224,11 +228,13 @@ def test_uploaded_importance_is_charged_for_the_kept_units() -> None:
 def test_cubic_schedule_rises_to_the_target_and_oneshot_starts_there() -> None:
     model = tiny()
     cubic = strategy_for(model, target_sparsity=0.4, prune_rounds=4, importance="magnitude")
-    values = [cubic.sparsity(t) for t in range(1, 7)]
+    values = [cubic.masks.sparsity(t) for t in range(1, 7)]
     assert all(a < b for a, b in itertools.pairwise(values[:4]))
     assert values[3] == pytest.approx(0.4) and values[5] == pytest.approx(0.4)
     assert values[0] == pytest.approx(0.4 * (1 - 0.75**3))
-    assert strategy_for(model, target_sparsity=0.4, schedule="oneshot").sparsity(1) == pytest.approx(0.4)
+    assert strategy_for(model, target_sparsity=0.4, schedule="oneshot").masks.sparsity(1) == pytest.approx(
+        0.4
+    )
 
 
 def test_devices_train_densely_until_importance_is_observed() -> None:
@@ -280,7 +286,7 @@ def test_downlink_charges_missed_merges_on_kept_coordinates() -> None:
     strategy.take_base_delta()
     strategy.assign(2, 0, DeviceLora(2, 2.0))
     again = strategy.configure(2, 0, DeviceLora(2, 2.0), torch.Generator())
-    kept = strategy.kept_shapes(plan)
+    kept = strategy.masks.kept_shapes(plan)
     assert again.downlink_bytes == sum(4 * 2 * (o + i) for o, i in kept.values())  # one merge, rank 2
     strategy.assign(2, 1, DeviceLora(2, 2.0))
     newcomer = strategy.configure(2, 1, DeviceLora(2, 2.0), torch.Generator())
@@ -300,15 +306,11 @@ def test_few_kv_groups_prune_channels_only_by_default() -> None:
 
 def test_arms_prune_beyond_the_schedules_floor() -> None:
     model = tiny()
-    strategy = FedSpine(
-        "samples", FedSpineSection(target_sparsity=0.3, importance="magnitude", prune_rounds=2)
-    )
-    strategy.setup(
-        shape_of(model), magnitude_scores(model), FixedPolicy([0.0, 0.2], [2], {0: 0.2}, {0: 2}), 4
-    )
+    section = FedSpineSection(target_sparsity=0.3, importance="magnitude", prune_rounds=2)
+    strategy = FedSpine("samples", masks_for(model, section), FixedPolicy([0.0, 0.2], [2], {0: 0.2}, {0: 2}))
     first = strategy.assign(1, 0, DeviceLora(4, 4.0))
-    assert first.ratio == pytest.approx(strategy.sparsity(1) + 0.2)
-    assert strategy.sparsity(1) < 0.3 and strategy.sparsity(2) == pytest.approx(0.3)
+    assert first.ratio == pytest.approx(strategy.masks.sparsity(1) + 0.2)
+    assert strategy.masks.sparsity(1) < 0.3 and strategy.masks.sparsity(2) == pytest.approx(0.3)
     assert strategy.assign(2, 0, DeviceLora(4, 4.0)).ratio == pytest.approx(0.5)
     assert strategy.deployment([0]) == {0: Arm(0.5, 2)}
     assert strategy.eval_plan() == strategy.plan_for(0.3)

@@ -56,7 +56,7 @@ PLAN: PruningPlan = {
 def _fresh_payload(strategy: FedSpine, plan: PruningPlan, rank: int, seed: int) -> LoraState:
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for module, (out_f, in_f) in strategy.kept_shapes(plan).items():
+    for module, (out_f, in_f) in strategy.masks.kept_shapes(plan).items():
         a, b = fresh_factors(out_f, in_f, rank, generator)
         state[module] = {"A": a, "B": b}
     return state
@@ -74,7 +74,7 @@ def _train_pruned(exp: Experiment, plan: PruningPlan, device: int, round_no: int
 
 
 def _kept_index(strategy: FedSpine, plan: PruningPlan, module: str) -> tuple[int, torch.Tensor] | None:
-    return strategy._module_index(plan, module)
+    return strategy.masks.module_index(plan, module)
 
 
 def _merged_delta(strategy: Any, updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
@@ -112,7 +112,7 @@ def test_a_pruned_devices_merged_update_equals_masked_dense_training(exp: Experi
     masks: dict[str, tuple[int, torch.Tensor]] = {}
     for module, factors in payload.items():
         a, b = factors["A"], factors["B"]
-        out_f, in_f = strategy.module_shapes[module]
+        out_f, in_f = strategy.masks.module_shapes[module]
         index = _kept_index(strategy, PLAN, module)
         if index is not None:
             dim, kept = index
@@ -159,7 +159,7 @@ def _flora_reference(
     strategy = exp.strategy
     assert isinstance(strategy, FedSpine)
     flora = STRATEGIES.get("flora", "strategy.name")(weighting="samples")
-    flora.init_global(strategy.kept_shapes(plan), 4, torch.Generator().manual_seed(0))
+    flora.init_global(strategy.masks.kept_shapes(plan), 4, torch.Generator().manual_seed(0))
     sub = _merged_delta(flora, updates)
     return {module: _in_full(strategy, plan, module, value) for module, value in sub.items()}
 
@@ -169,7 +169,7 @@ def _in_full(strategy: FedSpine, plan: PruningPlan, module: str, value: torch.Te
     index = _kept_index(strategy, plan, module)
     if index is None:
         return value
-    out_f, in_f = strategy.module_shapes[module]
+    out_f, in_f = strategy.masks.module_shapes[module]
     dim, kept = index
     return scatter_to_full(value, kept, out_f) if dim == 0 else scatter_to_full(value, kept, in_f, dim=1)
 
@@ -197,7 +197,7 @@ def test_with_one_device_fedspine_merges_exactly_what_fedit_would_apply(exp: Exp
     update = _train_pruned(exp, PLAN, 5, 4, 4)
     delta = _merged_delta(strategy, [update])
     fedit = STRATEGIES.get("fedit", "strategy.name")(weighting="samples")
-    fedit.init_global(strategy.kept_shapes(PLAN), 4, torch.Generator().manual_seed(0))
+    fedit.init_global(strategy.masks.kept_shapes(PLAN), 4, torch.Generator().manual_seed(0))
     partial = fedit.accumulate(fedit.init_partial(), update)
     fedit.finalize(partial)
     for module, factors in fedit.global_lora().items():
@@ -294,7 +294,7 @@ def test_a_device_that_syncs_holds_the_servers_base_on_every_unit_it_keeps(tmp_p
         base = replicas.setdefault(sync.device_id, {m: w.clone() for m, w in pretrained.items()})
         current = server(sync.until)
         for module in modules:
-            column = strategy.module_info[module][1] in ("o_proj", "down_proj")
+            column = strategy.masks.is_column(module)
             fresh = strategy.fresh_units(sync, module)
             gained += fresh.numel()
             kept_now = _kept_index(strategy, sync.plan, module)

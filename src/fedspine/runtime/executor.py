@@ -77,6 +77,11 @@ def adapter_name(lora: DeviceLora) -> str:
     return f"r{lora.rank}_s{lora.scaling:g}".replace(".", "p")
 
 
+def logits_positions(objective: Objective) -> Literal["all", "last"]:
+    """Where a training step needs logits: the last position for classification, every one otherwise."""
+    return "last" if objective.metric_name == "accuracy" else "all"
+
+
 class SimExecutor:
     """Trains client tasks on one shared in-process model, swapping LoRA states in and out."""
 
@@ -89,8 +94,11 @@ class SimExecutor:
         partitions: Sequence[np.ndarray],
         training: LocalTraining,
         shape: ModelShape,
-        lora_targets: int,
+        target_modules: Sequence[str],
         seed: int,
+        importance: str = "magnitude",
+        lora_dropout: float = 0.0,
+        eval_dtype: str = "model",
     ) -> None:
         self.model = model
         self.objective = objective
@@ -99,17 +107,15 @@ class SimExecutor:
         self.partitions = partitions
         self.training = training
         self.shape = shape
-        self.lora_targets = lora_targets
+        self.target_modules = list(target_modules)
+        self.lora_targets = len(self.target_modules)
         self.seed = seed
-        self.logits_positions: Literal["all", "last"] = (
-            "last" if objective.metric_name == "accuracy" else "all"
-        )
+        self.logits_positions = logits_positions(objective)
         self._global_adapter: str | None = ADAPTER
-        self.importance = "magnitude"
+        self.importance = importance
         """Importance the devices measure while training pruned submodels (taylor, flap, magnitude)."""
-        self.target_modules: list[str] = []
-        self.lora_dropout = 0.0
-        self.eval_dtype = "model"
+        self.lora_dropout = lora_dropout
+        self.eval_dtype = eval_dtype
         """Dtype of the copies evaluated (``eval.dtype``)."""
 
     def prepare(

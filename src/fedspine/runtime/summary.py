@@ -102,13 +102,13 @@ def make_summary(
 def _pruning(experiment: Experiment) -> dict[str, Any] | None:
     """What a pruning strategy evaluated and deployed, and whether any of it went untrained."""
     strategy = experiment.strategy
-    if not isinstance(strategy, FedSpine) or strategy.policy is None:
+    if not isinstance(strategy, FedSpine):
         return None
     deployed = strategy.deployment([d.device_id for d in experiment.devices])
     eval_plan = strategy.eval_plan()
     return {
         "global_sparsity": strategy.settings.target_sparsity,
-        "units": "heads_and_channels" if strategy.prune_heads else "channels",
+        "units": "heads_and_channels" if strategy.masks.prune_heads else "channels",
         "policy": strategy.settings.policy,
         "deployed_ratio_mean": sum(a.ratio for a in deployed.values()) / max(len(deployed), 1),
         "untrained_units_evaluated": None if eval_plan is None else strategy.untrained_units(eval_plan),

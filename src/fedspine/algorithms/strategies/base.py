@@ -232,7 +232,7 @@ class TruncatedGlobalAdapter(Strategy):
         return dataclasses.replace(update, lora_state=state)
 
 
-STRATEGIES: Registry[Callable[..., Strategy]] = Registry("strategy")
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
 
 def scaled_copy(state: LoraState, a_scale: float = 1.0, b_scale: float = 1.0) -> LoraState:

@@ -49,9 +49,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,20 +66,11 @@ from fedspine.algorithms.strategies.base import (
     Strategy,
     Weighting,
 )
+from fedspine.algorithms.strategies.masks import PruningMasks
 from fedspine.config import FedSpineSection
-from fedspine.model.footprint import ModelShape
-from fedspine.model.pruning import (
-    COLUMN_MODULES,
-    LayerKeep,
-    PruningPlan,
-    layer_index_map,
-    plan_from_scores,
-)
+from fedspine.model.pruning import PruningPlan
 from fedspine.types import ClientUpdate, DeviceLora, LoraState, TaskResult, TaskStatus
 
-_MODULE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
-MAX_RATIO = 0.95
-"""No device prunes more than this of a layer's units."""
 FLOAT_BYTES = 4
 INDEX_BYTES = 4
 
@@ -142,13 +132,28 @@ class FedSpine(Strategy):
     name = "fedspine"
     prunes = True
 
-    def __init__(self, weighting: Weighting = "samples", settings: FedSpineSection | None = None) -> None:
+    def __init__(
+        self,
+        weighting: Weighting,
+        masks: PruningMasks,
+        policy: Policy,
+        work_model: Callable[[PruningPlan, int], float] | None = None,
+    ) -> None:
+        """
+        Args:
+            weighting: how updates are weighted.
+            masks: the unit order and schedule (its settings are this strategy's ``[strategy.fedspine]``).
+            policy: who picks each device's (extra ratio, rank) arm.
+            work_model: ``(plan, rank) -> training work`` relative to the dense model at the largest
+                rank, from the model's FLOPs (None: every arm costs 1).
+        """
         super().__init__(weighting)
-        self.settings = settings or FedSpineSection()
-        """The ``[strategy.fedspine]`` table (its policy keys configure the policy, built beside)."""
-        self.policy: Policy | None = None
+        self.masks = masks
+        self.settings = masks.settings
+        """The ``[strategy.fedspine]`` table, with the preset applied."""
+        self.policy = policy
+        self.work_model = work_model
         self._assigned: dict[int, tuple[Arm, PruningPlan]] = {}
-        self._plans: dict[float, PruningPlan] = {}
         self._version = 0
         self._ranks_per_version: list[dict[str, int]] = []
         self._last_sync: dict[int, int] = {}
@@ -159,82 +164,31 @@ class FedSpine(Strategy):
         self.coverage: dict[tuple[str, int], torch.Tensor] = {}
         """Per (``"heads"`` or ``"channels"``, layer), how many accepted updates trained each unit since
         the first pruned round."""
-        self._observed = self.settings.importance == "magnitude"
-        self._first_pruned_round: int | None = None
         self._warmup: set[int] = set()
         self.rewards: list[dict[str, Any]] = []
         self._anchor: int | None = None
-        self.work_model: Any = None
-        """``(plan, rank) -> relative work``, set by the runtime from the model's FLOPs (None: 1)."""
 
-    # --- set-up ----------------------------------------------------------------------------------
-
-    def setup(
-        self,
-        shape: ModelShape,
-        initial_scores: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
-        policy: Policy,
-        rounds: int,
-    ) -> None:
-        """Bind the model's shape, the starting importance (e.g. magnitude), the policy and the horizon."""
-        self.shape = shape
-        self.policy = policy
-        self.rounds = rounds
-        heads, channels = initial_scores
-        self.head_scores = [_unit_mean(h.float()) for h in heads]
-        self.channel_scores = [_unit_mean(c.float()) for c in channels]
-        granularity = self.settings.granularity
-        self.prune_heads = granularity == "heads_and_channels" or (
-            granularity == "auto" and shape.kv_heads >= 8
-        )
+    @classmethod
+    def settings_for(cls, section: FedSpineSection) -> FedSpineSection:
+        """``section`` with this strategy's preset applied (FedSpine itself has none)."""
+        return dataclasses.replace(section, **PRESETS[cls.name])
 
     def init_global(self, shapes: ModuleShapes, rank: int, generator: torch.Generator) -> None:
-        self.module_shapes = shapes
-        self.module_info: dict[str, tuple[int, str]] = {}
-        for module in shapes:
-            match = _MODULE.search(module)
-            if match is None:
-                raise ValueError(f"fedspine prunes Llama-family decoder projections; cannot place '{module}'")
-            self.module_info[module] = (int(match.group(1)), match.group(2))
-        self._dense_bytes = sum(FLOAT_BYTES * o * i for o, i in shapes.values())
+        if dict(shapes) != self.masks.module_shapes:
+            raise ValueError("the engine's adapted modules differ from those the masks were built for")
 
     # --- schedule, masks, assignment --------------------------------------------------------------
 
-    def sparsity(self, round_no: int) -> float:
-        """The schedule's sparsity target in ``round_no``, counted from the first pruned round."""
-        s = self.settings
-        if s.schedule == "oneshot":
-            return s.target_sparsity
-        start = self._first_pruned_round or 1
-        horizon = s.prune_rounds or max(1, (self.rounds + 1) // 2)
-        progress = min((round_no - start + 1) / horizon, 1.0)
-        return s.target_sparsity * (1.0 - (1.0 - progress) ** 3)
-
     def plan_for(self, ratio: float) -> PruningPlan:
-        """The nested plan that prunes ``ratio`` of every pruned layer by the current global importance."""
-        key = round(ratio, 6)
-        if key not in self._plans:
-            s = self.settings
-            plan = plan_from_scores(
-                self.head_scores, self.channel_scores, ratio, tuple(s.dense_layers), s.channel_multiple
-            )
-            if not self.prune_heads:
-                every = tuple(range(self.shape.kv_heads))
-                plan = {layer: LayerKeep(every, keep.channels) for layer, keep in plan.items()}
-            self._plans[key] = plan
-        return self._plans[key]
-
-    def ratio_of(self, arm: Arm, round_no: int | None = None) -> float:
-        """The pruning ratio a device plays at ``arm``: the schedule's floor plus the arm's extra ratio."""
-        floor = self.settings.target_sparsity if round_no is None else self.sparsity(round_no)
-        return min(floor + arm.ratio, MAX_RATIO)
+        """The nested plan that prunes ``ratio`` of every pruned layer (:meth:`PruningMasks.plan_for`)."""
+        return self.masks.plan_for(ratio)
 
     def begin_round(self, round: int, device_ids: Sequence[int]) -> None:
         """Pick the round's anchor: the selected device predicted fastest at the floor trains exactly the
         floor's mask (at the rank its policy picks), so every unit of the evaluated model is trained in
         every synchronous round, whatever the other devices' arms."""
         self._anchor = None
-        if not device_ids or self.policy is None or self.settings.policy == "fixed":
+        if not device_ids or self.settings.policy == "fixed":
             return  # a fixed policy's ratios are the experiment: none is overridden
         floor = Arm(0.0, min(a.rank for a in self.policy.arms))
         predicted = {d: self.policy.predicted_seconds(d, floor) for d in device_ids}
@@ -242,64 +196,43 @@ class FedSpine(Strategy):
         self._anchor = min(known, key=lambda d: (known[d], d)) if known else device_ids[0]
 
     def assign(self, round: int, device_id: int, lora: DeviceLora) -> Assignment:
-        assert self.policy is not None, "FedSpine.setup() was not called"
-        if not self._observed:
+        masks = self.masks
+        if not masks.observed:
             # No device has measured importance yet: train the dense model and measure it (calibration).
             arm = Arm(0.0, self.policy.choose(device_id, 0.0).rank)
             ratio = 0.0
             self._warmup.add(device_id)
         else:
-            self._first_pruned_round = self._first_pruned_round or round
+            masks.first_pruned_round = masks.first_pruned_round or round
             arm = self.policy.choose(device_id, 0.0)
             if device_id == self._anchor:
                 arm = Arm(0.0, arm.rank)
-            ratio = self.ratio_of(arm, round)
+            ratio = masks.ratio_of(arm, round)
         plan = self.plan_for(ratio)
         self._assigned[device_id] = (arm, plan)
         measure = self.settings.importance != "magnitude" and not (
-            self.settings.freeze_mask and self._observed
+            self.settings.freeze_mask and masks.observed
         )
         return Assignment(DeviceLora(arm.rank, lora.alpha / arm.rank), plan, ratio, measure)
 
     def eval_plan(self) -> PruningPlan | None:
         """The deployable model: pruned at the target sparsity once importance has been observed."""
-        return self.plan_for(self.settings.target_sparsity) if self._observed else None
+        return self.plan_for(self.settings.target_sparsity) if self.masks.observed else None
 
     def deployment(self, device_ids: Sequence[int]) -> dict[int, Arm]:
         """Each device's final model: the target sparsity plus its policy's best extra ratio, at the
         policy's best rank (as an arm of absolute ratio)."""
-        assert self.policy is not None
         deployed = {}
         for d in device_ids:
             best = self.policy.best(d, 0.0)
-            deployed[d] = Arm(self.ratio_of(best), best.rank)
+            deployed[d] = Arm(self.masks.ratio_of(best), best.rank)
         return deployed
 
     # --- dispatch --------------------------------------------------------------------------------
 
-    def _module_index(self, plan: PruningPlan, module: str) -> tuple[int, torch.Tensor] | None:
-        """``(dim, kept indices)`` of ``module`` under ``plan`` (dim 0 rows, 1 columns), None if dense."""
-        layer, proj = self.module_info[module]
-        keep = plan.get(layer)
-        if keep is None:
-            return None
-        return (1 if proj in COLUMN_MODULES else 0), layer_index_map(keep, self.shape)[proj]
-
-    def kept_shapes(self, plan: PruningPlan) -> ModuleShapes:
-        """``(out, in)`` of every adapted module of the submodel ``plan`` describes."""
-        shapes = {}
-        for module, (out_f, in_f) in self.module_shapes.items():
-            index = self._module_index(plan, module)
-            if index is None:
-                shapes[module] = (out_f, in_f)
-            else:
-                dim, kept = index
-                shapes[module] = (kept.numel(), in_f) if dim == 0 else (out_f, kept.numel())
-        return shapes
-
     def configure(self, round: int, device_id: int, lora: DeviceLora, generator: torch.Generator) -> Dispatch:
         _, plan = self._assigned[device_id]
-        kept = self.kept_shapes(plan)
+        kept = self.masks.kept_shapes(plan)
         state: LoraState = {}
         for module, (out_f, in_f) in kept.items():
             a, b = fresh_factors(out_f, in_f, lora.rank, generator)
@@ -328,11 +261,12 @@ class FedSpine(Strategy):
 
     def fresh_units(self, sync: BaseSync, module: str) -> torch.Tensor:
         """Rows (q/k/v/gate/up) or columns (o/down) of ``module`` kept now but not at the last sync."""
-        out_f, in_f = self.module_shapes[module]
-        size = in_f if self.module_info[module][1] in COLUMN_MODULES else out_f
+        out_f, in_f = self.masks.module_shapes[module]
+        size = in_f if self.masks.is_column(module) else out_f
         if sync.previous is None or sync.until == 0:
             return torch.empty(0, dtype=torch.long)  # pretrained and never merged since: current
-        now, before = self._module_index(sync.plan, module), self._module_index(sync.previous, module)
+        now = self.masks.module_index(sync.plan, module)
+        before = self.masks.module_index(sync.previous, module)
         kept_now = torch.arange(size) if now is None else now[1]
         kept_before = torch.arange(size) if before is None else before[1]
         return kept_now[~torch.isin(kept_now, kept_before)]
@@ -349,8 +283,8 @@ class FedSpine(Strategy):
         if sync.previous is sync.plan:
             return merges
         fresh = 0
-        for module, (out_f, in_f) in self.module_shapes.items():
-            rows = self.module_info[module][1] not in COLUMN_MODULES
+        for module, (out_f, in_f) in self.masks.module_shapes.items():
+            rows = not self.masks.is_column(module)
             fresh += FLOAT_BYTES * self.fresh_units(sync, module).numel() * (in_f if rows else out_f)
         indices = INDEX_BYTES * sum(len(k.kv_groups) + len(k.channels) for k in sync.plan.values())
         return merges + fresh + indices
@@ -372,12 +306,10 @@ class FedSpine(Strategy):
         plan: PruningPlan = update.plan or {}
         for module, factors in update.lora_state.items():
             a, b = factors["A"].to(torch.float32), factors["B"].to(torch.float32)
-            out_f, in_f = self.module_shapes[module]
-            index = self._module_index(plan, module)
+            out_f, in_f = self.masks.module_shapes[module]
+            index = self.masks.module_index(plan, module)
             if index is None:
-                cover = torch.full(
-                    (in_f if self.module_info[module][1] in COLUMN_MODULES else out_f,), weight
-                )
+                cover = torch.full((in_f if self.masks.is_column(module) else out_f,), weight)
             else:
                 dim, kept = index
                 size = out_f if dim == 0 else in_f
@@ -388,21 +320,22 @@ class FedSpine(Strategy):
                 cover = torch.zeros(size).index_fill_(0, kept, weight)
             partial.blocks.setdefault(module, []).append((a, b, weight * update.lora_scaling))
             _add(partial.coverage, module, cover)
-        frozen = self.settings.freeze_mask and self._observed
+        frozen = self.settings.freeze_mask and self.masks.observed
         if update.importance is not None and not frozen:
             self._accumulate_importance(partial, update, plan, weight)
-        if self._observed and update.plan is not None:
+        if self.masks.observed and update.plan is not None:
             self._count_coverage(plan)
         partial.weight += weight
         return partial
 
     def _count_coverage(self, plan: PruningPlan) -> None:
         """Add one to every unit ``plan`` keeps (a dense layer keeps all of its units)."""
-        for layer in range(self.shape.layers):
+        shape = self.masks.shape
+        for layer in range(shape.layers):
             keep = plan.get(layer)
             for kind, size, kept in (
-                ("heads", self.shape.kv_heads, None if keep is None else keep.kv_groups),
-                ("channels", self.shape.intermediate, None if keep is None else keep.channels),
+                ("heads", shape.kv_heads, None if keep is None else keep.kv_groups),
+                ("channels", shape.intermediate, None if keep is None else keep.channels),
             ):
                 counts = self.coverage.setdefault((kind, layer), torch.zeros(size, dtype=torch.long))
                 if kept is None:
@@ -413,11 +346,12 @@ class FedSpine(Strategy):
     def untrained_units(self, plan: PruningPlan) -> int:
         """How many units ``plan`` keeps that no accepted update trained since pruning began."""
         missing = 0
-        for layer in range(self.shape.layers):
+        shape = self.masks.shape
+        for layer in range(shape.layers):
             keep = plan.get(layer)
             for kind, size, kept in (
-                ("heads", self.shape.kv_heads, None if keep is None else keep.kv_groups),
-                ("channels", self.shape.intermediate, None if keep is None else keep.channels),
+                ("heads", shape.kv_heads, None if keep is None else keep.kv_groups),
+                ("channels", shape.intermediate, None if keep is None else keep.channels),
             ):
                 counts = self.coverage.get((kind, layer), torch.zeros(size, dtype=torch.long))
                 index = list(range(size)) if kept is None else list(kept)
@@ -427,12 +361,13 @@ class FedSpine(Strategy):
     def _accumulate_importance(
         self, partial: CoverageSum, update: ClientUpdate, plan: PruningPlan, w: float
     ) -> None:
+        masks = self.masks
         for kind, observed, current, sums, cover in (
-            ("heads", update.importance["heads"], self.head_scores, partial.head_sums, partial.head_cover),
+            ("heads", update.importance["heads"], masks.head_scores, partial.head_sums, partial.head_cover),
             (
                 "channels",
                 update.importance["channels"],
-                self.channel_scores,
+                masks.channel_scores,
                 partial.channel_sums,
                 partial.channel_cover,
             ),
@@ -461,7 +396,7 @@ class FedSpine(Strategy):
         for module, blocks in partial.blocks.items():
             a_s, b_s = stack_factors(blocks)
             inverse = torch.where(partial.coverage[module] > 0, 1.0 / partial.coverage[module], 0.0)
-            if self.module_info[module][1] in COLUMN_MODULES:
+            if self.masks.is_column(module):
                 a_s.mul_(inverse[None, :])
             else:
                 b_s.mul_(inverse[:, None])
@@ -475,22 +410,20 @@ class FedSpine(Strategy):
     def _update_importance(self, partial: CoverageSum) -> None:
         beta = self.settings.score_momentum
         for sums, cover, scores in (
-            (partial.head_sums, partial.head_cover, self.head_scores),
-            (partial.channel_sums, partial.channel_cover, self.channel_scores),
+            (partial.head_sums, partial.head_cover, self.masks.head_scores),
+            (partial.channel_sums, partial.channel_cover, self.masks.channel_scores),
         ):
             for layer, total in sums.items():
                 seen = cover[layer] > 0
                 observed = total[seen] / cover[layer][seen]
                 scores[layer][seen] = beta * scores[layer][seen] + (1 - beta) * observed
         if partial.head_sums or partial.channel_sums:
-            self._plans.clear()
-            self._observed = True
+            self.masks.rescored()
 
     # --- policy feedback -------------------------------------------------------------------------
 
     def end_round(self, round: int, results: Sequence[TaskResult], deadline: float) -> None:
         """Turn the round's outcomes into rewards for the policy (see the module docstring)."""
-        assert self.policy is not None
         qualities = [
             math.exp(-r.update.probe_loss)
             for r in results
@@ -522,7 +455,7 @@ class FedSpine(Strategy):
                     "round": round,
                     "device_id": r.device_id,
                     "extra_ratio": arm.ratio,
-                    "ratio": self._ratio_of_plan(plan),
+                    "ratio": self.masks.ratio_of_plan(plan),
                     "rank": arm.rank,
                     "reward": outcome.reward,
                     "quality": outcome.quality,
@@ -533,12 +466,6 @@ class FedSpine(Strategy):
         """Training work of ``plan`` at ``rank`` relative to the dense model at the largest rank arm,
         from the model's shapes (what the server knows without any device profile)."""
         return self.work_model(plan, rank) if self.work_model is not None else 1.0
-
-    def _ratio_of_plan(self, plan: PruningPlan) -> float:
-        if not plan:
-            return 0.0
-        keep = next(iter(plan.values()))
-        return 1.0 - len(keep.channels) / self.shape.intermediate
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -554,23 +481,18 @@ importance the devices measure every round (FedMP re-prunes as it trains).
 """
 
 
-def _preset(name: str) -> Any:
-    def factory(weighting: Weighting = "samples", settings: FedSpineSection | None = None) -> FedSpine:
-        strategy = FedSpine(weighting, dataclasses.replace(settings or FedSpineSection(), **PRESETS[name]))
-        strategy.name = name
-        return strategy
+@STRATEGIES.register("prune_then_tune")
+class PruneThenTune(FedSpine):
+    """One calibration round, then the target sparsity at once with a frozen mask, fixed ratios."""
 
-    return factory
+    name = "prune_then_tune"
 
 
-for _name in ("prune_then_tune", "fedmp"):
-    STRATEGIES.register(_name)(_preset(_name))
+@STRATEGIES.register("fedmp")
+class FedMP(FedSpine):
+    """Every device at a fixed ratio under FedSpine's schedule, the mask moving with fresh importance."""
+
+    name = "fedmp"
 
 
-def _unit_mean(scores: torch.Tensor) -> torch.Tensor:
-    """``scores`` scaled to mean 1 (all-zero scores become all ones)."""
-    mean = scores.mean()
-    return scores / mean if mean > 0 else torch.ones_like(scores)
-
-
-__all__ = ["PRESETS", "BaseSync", "CoverageSum", "FedSpine"]
+__all__ = ["PRESETS", "BaseSync", "CoverageSum", "FedMP", "FedSpine", "PruneThenTune"]

@@ -31,15 +31,14 @@ from fedspine.model.footprint import ModelShape, model_shape
 from fedspine.model.lora import apply_lora, module_shapes
 from fedspine.model.pruning import magnitude_scores
 from fedspine.runtime.build.algorithms import (
-    RelativeWork,
-    TimePredictor,
     build_device_lora,
-    build_policy,
+    build_pruning_strategy,
     build_scheduler,
     build_stale_handler,
     build_strategy,
     build_uplink,
     check_robustness,
+    strategy_class,
 )
 from fedspine.runtime.build.data import (
     build_task,
@@ -50,12 +49,13 @@ from fedspine.runtime.build.data import (
 )
 from fedspine.runtime.build.fleet import build_fleet_from_config, build_trace
 from fedspine.runtime.build.model import (
+    TaskWorkloads,
     check_dense_layers,
     check_fits_before_loading,
     check_fleet_fits,
     load_model,
 )
-from fedspine.runtime.executor import LocalTraining, SimExecutor
+from fedspine.runtime.executor import LocalTraining, SimExecutor, logits_positions
 from fedspine.types import Device, DeviceLora
 
 Status = Callable[[str], None]
@@ -96,13 +96,15 @@ def check_config(cfg: Config) -> None:
         ConfigError: a name or combination the config cannot run.
         FleetError: the fleet is empty or unknown.
     """
-    strategy = build_strategy(cfg)
+    cls = strategy_class(cfg)
+    if issubclass(cls, FedSpine):
+        POLICIES.get(cls.settings_for(cfg.strategy.fedspine).policy, "strategy.fedspine.policy")
+    else:
+        build_strategy(cfg)  # its table's parameters are checked by its constructor
     devices = build_fleet_from_config(cfg)
-    device_lora = build_device_lora(cfg, devices, strategy)
-    build_scheduler(cfg, len(devices), strategy)
-    check_robustness(cfg, strategy, device_lora)
-    if isinstance(strategy, FedSpine):
-        POLICIES.get(strategy.settings.policy, "strategy.fedspine.policy")
+    device_lora = build_device_lora(cfg, devices, cls)
+    build_scheduler(cfg, len(devices), cls)
+    check_robustness(cfg, cls, device_lora)
     build_trace(cfg)
     build_stale_handler(cfg)
     build_uplink(cfg)
@@ -112,11 +114,11 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     """Validate names and the fleet, load data and model, and assemble the run."""
     say = status or (lambda _msg: None)
     torch.set_num_threads(cfg.run.threads)
-    strategy = build_strategy(cfg)
+    cls = strategy_class(cfg)
     devices = build_fleet_from_config(cfg)
-    device_lora = build_device_lora(cfg, devices, strategy)
-    scheduler = build_scheduler(cfg, len(devices), strategy)
-    check_robustness(cfg, strategy, device_lora)
+    device_lora = build_device_lora(cfg, devices, cls)
+    scheduler = build_scheduler(cfg, len(devices), cls)
+    check_robustness(cfg, cls, device_lora)
     rng = np.random.default_rng(cfg.run.seed)
     say(f"loading data source '{cfg.data.source}'")
     examples = load_examples(cfg, rng)
@@ -131,10 +133,17 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     train_data = task.encode(train, tokenizer, cfg.data.max_length)
     test_data = task.encode(test, tokenizer, cfg.data.max_length)
     objective = objective_for(train_data)
-    initial_scores = magnitude_scores(model) if strategy.prunes else None
+    initial_scores = magnitude_scores(model) if cls.prunes else None
     peft_model = apply_lora(
         model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, seed=cfg.run.seed
     )
+    shapes = module_shapes(peft_model)
+    strategy: Strategy
+    if initial_scores is not None:
+        workloads = TaskWorkloads.from_config(cfg, shape, logits_positions(objective))
+        strategy = build_pruning_strategy(cfg, shape, shapes, initial_scores, workloads, devices, device_lora)
+    else:
+        strategy = build_strategy(cfg)
     t = cfg.train
     executor = SimExecutor(
         peft_model,
@@ -144,20 +153,12 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         parts,
         LocalTraining(t.batch_size, t.lr, t.optimizer, t.weight_decay, t.max_grad_norm),
         shape,
-        len(cfg.lora.target_modules),
+        list(cfg.lora.target_modules),
         cfg.run.seed,
+        importance=cfg.strategy.fedspine.importance if cls.prunes else "magnitude",
+        lora_dropout=cfg.lora.dropout,
+        eval_dtype=cfg.eval.dtype,
     )
-    executor.target_modules = list(cfg.lora.target_modules)
-    executor.lora_dropout = cfg.lora.dropout
-    executor.eval_dtype = cfg.eval.dtype
-    if isinstance(strategy, FedSpine):
-        assert initial_scores is not None
-        executor.importance = strategy.settings.importance
-        predict = TimePredictor(cfg, strategy, executor, devices)
-        work = RelativeWork(cfg, strategy, executor)
-        policy = build_policy(cfg, strategy, devices, device_lora, predict, work)
-        strategy.setup(shape, initial_scores, policy, cfg.scheduler.rounds)
-        strategy.work_model = work.of_plan
     return Experiment(
         config=cfg,
         devices=devices,
@@ -169,7 +170,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         test_set=EvalSet.from_dataset(test_data, cfg.eval.batch_size),
         partitions=parts,
         device_lora=device_lora,
-        module_shapes=module_shapes(peft_model),
+        module_shapes=shapes,
         task_name=task_name(cfg),
         chance_level=task.chance_level(test_data),
         shape=shape,
@@ -186,8 +187,10 @@ __all__ = [
     "build_device_lora",
     "build_experiment",
     "build_fleet_from_config",
+    "build_pruning_strategy",
     "build_scheduler",
     "build_strategy",
     "check_config",
     "check_fleet_fits",
+    "strategy_class",
 ]

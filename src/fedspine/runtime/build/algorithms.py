@@ -22,31 +22,61 @@ from fedspine.algorithms.policies import (
 from fedspine.algorithms.schedulers import Limits, Scheduler, SyncScheduler
 from fedspine.algorithms.staleness import StalenessFunction, StaleUpdateHandler, make_handler
 from fedspine.algorithms.strategies import FedSpine, Strategy
-from fedspine.algorithms.strategies.fedspine import PRESETS
-from fedspine.config import Config
+from fedspine.algorithms.strategies.base import ModuleShapes
+from fedspine.algorithms.strategies.masks import PruningMasks
+from fedspine.config import Config, FedSpineSection
 from fedspine.errors import ConfigError
 from fedspine.fleet.cost import CostModel
+from fedspine.model.footprint import ModelShape
+from fedspine.model.importance import Scores
 from fedspine.model.pruning import PruningPlan
-from fedspine.runtime.build.model import task_workload
-from fedspine.runtime.executor import SimExecutor
+from fedspine.runtime.build.model import TaskWorkloads
 from fedspine.types import Device, DeviceLora
+
+
+def strategy_class(cfg: Config) -> type[Strategy]:
+    """The configured strategy's class: what the checks before the model loads need (its capabilities)."""
+    return strategies.STRATEGIES.get(cfg.strategy.name, "strategy.name")
 
 
 def build_strategy(cfg: Config) -> Strategy:
     """The configured strategy; its own sub-table (e.g. ``[strategy.hetlora]``) supplies its parameters.
 
-    The pruning strategies (fedspine, prune_then_tune, fedmp) share ``[strategy.fedspine]``.
+    The pruning strategies need the model: :func:`build_pruning_strategy`.
     """
-    factory = strategies.STRATEGIES.get(cfg.strategy.name, "strategy.name")
-    if cfg.strategy.name in PRESETS:  # the pruning strategies take their table whole
-        return factory(weighting=cfg.strategy.weighting, settings=cfg.strategy.fedspine)
+    cls = strategy_class(cfg)
+    if issubclass(cls, FedSpine):
+        raise TypeError(f"'{cfg.strategy.name}' prunes the model: build it with build_pruning_strategy")
     params = getattr(cfg.strategy, cfg.strategy.name, None)
     is_table = dataclasses.is_dataclass(params) and not isinstance(params, type)
     kwargs = dataclasses.asdict(params) if is_table else {}  # type: ignore[arg-type]
-    return factory(weighting=cfg.strategy.weighting, **kwargs)
+    return cls(weighting=cfg.strategy.weighting, **kwargs)
 
 
-def build_device_lora(cfg: Config, devices: Sequence[Device], strategy: Strategy) -> dict[int, DeviceLora]:
+def build_pruning_strategy(
+    cfg: Config,
+    shape: ModelShape,
+    shapes: ModuleShapes,
+    initial_scores: Scores,
+    workloads: TaskWorkloads,
+    devices: Sequence[Device],
+    device_lora: dict[int, DeviceLora],
+) -> FedSpine:
+    """fedspine, prune_then_tune or fedmp: the masks from the model, then the policy and its predictors
+    (which read plans from the masks), then the strategy. They share ``[strategy.fedspine]``."""
+    cls = strategy_class(cfg)
+    assert issubclass(cls, FedSpine)
+    settings = cls.settings_for(cfg.strategy.fedspine)
+    masks = PruningMasks(settings, shape, shapes, initial_scores, cfg.scheduler.rounds)
+    predict = TimePredictor(masks, workloads, devices, cfg.train.local_steps)
+    work = RelativeWork(masks, workloads, max(settings.ranks))
+    policy = build_policy(settings, cfg.run.seed, devices, device_lora, predict, work)
+    return cls(cfg.strategy.weighting, masks, policy, work.of_plan)
+
+
+def build_device_lora(
+    cfg: Config, devices: Sequence[Device], strategy: type[Strategy]
+) -> dict[int, DeviceLora]:
     """Each device's LoRA rank (per device, per class, or the default) and scaling."""
     lora = cfg.lora
     if lora.ranks and len(lora.ranks) != len(devices):
@@ -71,23 +101,22 @@ def build_device_lora(cfg: Config, devices: Sequence[Device], strategy: Strategy
 
 
 def build_policy(
-    cfg: Config,
-    strategy: FedSpine,
+    settings: FedSpineSection,
+    seed: int,
     devices: Sequence[Device],
     device_lora: dict[int, DeviceLora],
     predict_seconds: Callable[[int, Arm], float],
     relative_work: Callable[[Arm], float],
 ) -> Policy:
-    """The (extra ratio, rank) policy of a pruning strategy; presets fix it (prune_then_tune, fedmp).
+    """The (extra ratio, rank) policy of a pruning strategy (``settings`` with its preset applied).
 
-    Arms' ratios are *extra* pruning beyond the schedule's floor (:meth:`FedSpine.ratio_of`).
+    Arms' ratios are *extra* pruning beyond the schedule's floor (:meth:`PruningMasks.ratio_of`).
     """
-    f = cfg.strategy.fedspine
-    name = strategy.settings.policy
+    name = settings.policy
     POLICIES.get(name, "strategy.fedspine.policy")
-    ratios, ranks = f.extra_ratios, f.ranks
+    ratios, ranks = settings.extra_ratios, settings.ranks
     if name == "fixed":
-        extra = 0.0 if f.fixed_ratio < 0 else f.fixed_ratio - f.target_sparsity
+        extra = 0.0 if settings.fixed_ratio < 0 else settings.fixed_ratio - settings.target_sparsity
         return FixedPolicy(
             ratios,
             ranks,
@@ -95,15 +124,15 @@ def build_policy(
             {i: lo.rank for i, lo in device_lora.items()},
         )
     if name == "random":
-        return RandomPolicy(ratios, ranks, cfg.run.seed)
+        return RandomPolicy(ratios, ranks, seed)
     if name == "oracle":
         return OraclePolicy(ratios, ranks, [d.device_id for d in devices], predict_seconds)
     bandit: Policy = (
-        PooledUCB(ratios, ranks, relative_work, f.window, f.ucb_c)
+        PooledUCB(ratios, ranks, relative_work, settings.window, settings.ucb_c)
         if name == "pooled"
-        else SlidingWindowUCB(ratios, ranks, f.window, f.ucb_c)
+        else SlidingWindowUCB(ratios, ranks, settings.window, settings.ucb_c)
     )
-    bandit.explore = f.explore
+    bandit.explore = settings.explore
     return bandit
 
 
@@ -114,30 +143,17 @@ class TimePredictor:
     """
 
     def __init__(
-        self,
-        cfg: Config,
-        strategy: FedSpine,
-        executor: SimExecutor,
-        devices: Sequence[Device],
+        self, masks: PruningMasks, workloads: TaskWorkloads, devices: Sequence[Device], local_steps: int
     ) -> None:
-        self.cfg, self.strategy, self.executor = cfg, strategy, executor
+        self.masks, self.workloads, self.local_steps = masks, workloads, local_steps
         self.by_id = {d.device_id: d for d in devices}
 
     def __call__(self, device_id: int, arm: Arm) -> float:
-        cfg, strategy = self.cfg, self.strategy
         device = self.by_id[device_id]
-        plan = strategy.plan_for(strategy.ratio_of(arm))
-        workload = task_workload(
-            cfg,
-            self.executor.shape,
-            plan,
-            arm.rank,
-            cfg.train.local_steps,
-            self.executor.logits_positions,
-            device.device_class.train_dtype_bytes,
-        )
+        plan = self.masks.plan_for(self.masks.ratio_of(arm))
+        workload = self.workloads.of(plan, arm.rank, self.local_steps, device.device_class.train_dtype_bytes)
         cost = CostModel.for_device(device)
-        upload = 4 * arm.rank * sum(o + i for o, i in strategy.kept_shapes(plan).values())
+        upload = 4 * arm.rank * sum(o + i for o, i in self.masks.kept_shapes(plan).values())
         return cost.train_seconds(workload, 1.0) + cost.transfer_seconds(upload, "up", 1.0)
 
 
@@ -148,25 +164,18 @@ class RelativeWork:
     or through :meth:`of_plan` with the plan a task actually trained (the strategy's observation).
     """
 
-    def __init__(self, cfg: Config, strategy: FedSpine, executor: SimExecutor) -> None:
-        self.cfg, self.strategy, self.executor = cfg, strategy, executor
-        self.dense: float | None = None
-
-    def _flops(self, plan: PruningPlan | None, rank: int) -> float:
-        return task_workload(
-            self.cfg, self.executor.shape, plan, rank, 1, self.executor.logits_positions
-        ).flops
+    def __init__(self, masks: PruningMasks, workloads: TaskWorkloads, max_rank: int) -> None:
+        self.masks, self.workloads = masks, workloads
+        self.dense = workloads.of(None, max_rank, 1).flops
 
     def of_plan(self, plan: PruningPlan, rank: int) -> float:
-        if self.dense is None:
-            self.dense = self._flops(None, max(self.cfg.strategy.fedspine.ranks))
-        return self._flops(plan, rank) / self.dense
+        return self.workloads.of(plan, rank, 1).flops / self.dense
 
     def __call__(self, arm: Arm) -> float:
-        return self.of_plan(self.strategy.plan_for(self.strategy.ratio_of(arm)), arm.rank)
+        return self.of_plan(self.masks.plan_for(self.masks.ratio_of(arm)), arm.rank)
 
 
-def build_scheduler(cfg: Config, num_devices: int, strategy: Strategy) -> Scheduler:
+def build_scheduler(cfg: Config, num_devices: int, strategy: type[Strategy]) -> Scheduler:
     """The configured scheduler.
 
     Synchronous: ``clients_per_round`` falls back to a fraction of the fleet. Asynchronous: the
@@ -200,7 +209,7 @@ def build_scheduler(cfg: Config, num_devices: int, strategy: Strategy) -> Schedu
     return scheduler
 
 
-def check_robustness(cfg: Config, strategy: Strategy, device_lora: dict[int, DeviceLora]) -> None:
+def check_robustness(cfg: Config, strategy: type[Strategy], device_lora: dict[int, DeviceLora]) -> None:
     """Robust rules and attacks that cannot apply to this run are config errors."""
     rule = cfg.server.robust
     if rule in ("median", "trimmed_mean"):

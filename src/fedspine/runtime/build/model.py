@@ -4,6 +4,7 @@ that predictions and checks share."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,37 +28,48 @@ def check_dense_layers(cfg: Config, shape: ModelShape) -> None:
             )
 
 
-def task_workload(
-    cfg: Config,
-    shape: ModelShape,
-    plan: PruningPlan | None,
-    rank: int,
-    steps: int,
-    logits_positions: Literal["all", "last"],
-    dtype_bytes: int = 4,
-) -> TrainWorkload:
-    """What a task of ``steps`` local steps over full batches of full-length sequences costs on the
-    submodel ``plan`` describes (None: dense): what predictions and checks charge before any real
-    batch is drawn (a task's own workload comes from its batches, :meth:`SimExecutor.prepare`)."""
-    t = cfg.train
-    return pruned_workload(
-        plan,
-        shape,
-        seq_lens=[cfg.data.max_length] * t.batch_size * steps,
-        lora_rank=rank,
-        num_lora_targets=len(cfg.lora.target_modules),
-        logits_positions=logits_positions,
-        dtype_bytes=dtype_bytes,
-        batch_size=t.batch_size,
-        steps=steps,
-    )
+@dataclass(frozen=True)
+class TaskWorkloads:
+    """What a task of full batches of full-length sequences costs on a submodel: what predictions and
+    checks charge before any real batch is drawn (a task's own workload comes from its batches,
+    :meth:`SimExecutor.prepare`). The one workload helper of the build."""
+
+    shape: ModelShape
+    seq_len: int
+    batch_size: int
+    lora_targets: int
+    logits_positions: Literal["all", "last"]
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, shape: ModelShape, logits_positions: Literal["all", "last"]
+    ) -> TaskWorkloads:
+        return cls(
+            shape, cfg.data.max_length, cfg.train.batch_size, len(cfg.lora.target_modules), logits_positions
+        )
+
+    def of(self, plan: PruningPlan | None, rank: int, steps: int, dtype_bytes: int = 4) -> TrainWorkload:
+        """``steps`` local steps at LoRA ``rank`` on the submodel ``plan`` describes (None: dense)."""
+        return pruned_workload(
+            plan,
+            self.shape,
+            seq_lens=[self.seq_len] * self.batch_size * steps,
+            lora_rank=rank,
+            num_lora_targets=self.lora_targets,
+            logits_positions=self.logits_positions,
+            dtype_bytes=dtype_bytes,
+            batch_size=self.batch_size,
+            steps=steps,
+        )
 
 
 def check_fleet_fits(devices: Sequence[Device], shape: ModelShape, cfg: Config) -> None:
     """Fail early when no device can hold even one local step of the model."""
 
+    workloads = TaskWorkloads.from_config(cfg, shape, "all")
+
     def workload_for(d: Device) -> TrainWorkload:
-        return task_workload(cfg, shape, None, cfg.lora.rank, 1, "all", d.device_class.train_dtype_bytes)
+        return workloads.of(None, cfg.lora.rank, 1, d.device_class.train_dtype_bytes)
 
     if not any(CostModel.for_device(d).fits(workload_for(d).peak_memory_bytes) for d in devices):
         biggest = max(d.device_class.memory_bytes for d in devices)
