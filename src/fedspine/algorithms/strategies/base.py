@@ -83,6 +83,17 @@ class PlainTraining:
         return state
 
 
+class Partial(Protocol):
+    """A partial aggregate: sums of weighted updates that merge associatively (stacked blocks, padded
+    factor sums, coverage-normalised blocks)."""
+
+    def add(self, update: ClientUpdate, weight: float) -> Any:
+        """Fold in one update with ``weight``; returns the partial."""
+
+    def merge(self, other: Any) -> Any:
+        """Fold in another partial of the same kind; returns the partial."""
+
+
 class Strategy(ABC):
     """Configures client tasks and aggregates their updates into the global state.
 
@@ -110,6 +121,10 @@ class Strategy(ABC):
     def update_weight(self, update: ClientUpdate) -> float:
         """Aggregation weight of an update before normalisation."""
         return float(update.num_samples) if self.weighting == "samples" else 1.0
+
+    def weight_of(self, update: ClientUpdate) -> float:
+        """The weight :meth:`accumulate` gives an update (HetLoRA: its norm): :meth:`update_weight`."""
+        return self.update_weight(update)
 
     @abstractmethod
     def init_global(self, shapes: ModuleShapes, rank: int, generator: torch.Generator) -> None:
@@ -164,15 +179,16 @@ class Strategy(ABC):
 
     @abstractmethod
     def init_partial(self) -> Any:
-        """An empty partial aggregate."""
+        """An empty partial aggregate: the strategy's choice of aggregator. The default
+        :meth:`accumulate` and :meth:`merge` need a :class:`Partial`; FedSpine folds updates itself."""
 
-    @abstractmethod
     def accumulate(self, partial: Any, update: ClientUpdate) -> Any:
-        """Fold one update into ``partial``."""
+        """Fold one update into ``partial``, with the weight :meth:`weight_of` gives it."""
+        return partial.add(update, self.weight_of(update))
 
-    @abstractmethod
     def merge(self, left: Any, right: Any) -> Any:
         """Combine two partials."""
+        return left.merge(right)
 
     @abstractmethod
     def finalize(self, partial: Any) -> None:

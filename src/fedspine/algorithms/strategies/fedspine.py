@@ -386,9 +386,6 @@ class FedSpine(Strategy):
                 _add(sums, layer, w * mask * scores.float() * scale)
                 _add(cover, layer, w * mask)
 
-    def merge(self, left: CoverageSum, right: CoverageSum) -> CoverageSum:
-        return left.merge(right)
-
     def finalize(self, partial: CoverageSum) -> None:
         if partial.weight <= 0:
             return

@@ -14,12 +14,12 @@ import torch
 
 from fedspine.algorithms.lora_math import lowrank_svd, truncate_rank
 from fedspine.algorithms.strategies.base import STRATEGIES, Compensate, TruncatedGlobalAdapter
-from fedspine.algorithms.strategies.stacked import StackedAggregation, StackedSum
+from fedspine.algorithms.strategies.stacked import StackedSum
 from fedspine.types import ClientUpdate, LoraState
 
 
 @STRATEGIES.register("flexlora")
-class FlexLoRA(StackedAggregation, TruncatedGlobalAdapter):
+class FlexLoRA(TruncatedGlobalAdapter):
     """Weighted sum of full LoRA products, truncated SVD back to each device's rank."""
 
     name = "flexlora"
@@ -47,6 +47,9 @@ class FlexLoRA(StackedAggregation, TruncatedGlobalAdapter):
                 ),
             }
         return dataclasses.replace(update, lora_state=state)
+
+    def init_partial(self) -> StackedSum:
+        return StackedSum()
 
     def finalize(self, partial: StackedSum) -> None:
         if partial.weight <= 0:

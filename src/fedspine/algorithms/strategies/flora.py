@@ -15,14 +15,14 @@ from __future__ import annotations
 import torch
 
 from fedspine.algorithms.lora_math import fresh_factors
-from fedspine.algorithms.strategies.base import STRATEGIES, Dispatch, ModuleShapes, Weighting
-from fedspine.algorithms.strategies.stacked import StackedAggregation, StackedSum
+from fedspine.algorithms.strategies.base import STRATEGIES, Dispatch, ModuleShapes, Strategy, Weighting
+from fedspine.algorithms.strategies.stacked import StackedSum
 from fedspine.algorithms.wire import payload_bytes
 from fedspine.types import DeviceLora, LoraState
 
 
 @STRATEGIES.register("flora")
-class FLoRA(StackedAggregation):
+class FLoRA(Strategy):
     """Exact stacking aggregation, merged into the base weights every round."""
 
     name = "flora"
@@ -53,6 +53,9 @@ class FLoRA(StackedAggregation):
     def take_base_delta(self) -> dict[str, torch.Tensor] | None:
         pending, self._pending = self._pending, None
         return pending
+
+    def init_partial(self) -> StackedSum:
+        return StackedSum()
 
     def finalize(self, partial: StackedSum) -> None:
         if partial.weight <= 0:

@@ -24,8 +24,20 @@ class PaddedSum:
     and updated in place; padding is implicit (update k adds into the first r_k rows / columns).
     """
 
+    rank: int
     sums: LoraState = field(default_factory=dict)
     weight: float = 0.0
+
+    def add(self, update: ClientUpdate, weight: float) -> PaddedSum:
+        """Add ``weight`` pad(A) and, in scaling 1, ``weight`` s pad(B)."""
+        _add_padded(self.sums, update.lora_state, self.rank, weight, weight * update.lora_scaling)
+        self.weight += weight
+        return self
+
+    def merge(self, other: PaddedSum) -> PaddedSum:
+        _add_padded(self.sums, other.sums, self.rank, 1.0, 1.0)
+        self.weight += other.weight
+        return self
 
 
 def _zero_sums(a: torch.Tensor, b: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
@@ -73,24 +85,8 @@ def _add_padded(sums: LoraState, state: LoraState, rank: int, a_weight: float, b
 class PaddedAverage(TruncatedGlobalAdapter):
     """Zero-pad every update to the global rank and average A and B separately."""
 
-    def weight_of(self, update: ClientUpdate) -> float:
-        """Aggregation weight of an update (HetLoRA overrides it with the update's norm)."""
-        return self.update_weight(update)
-
     def init_partial(self) -> PaddedSum:
-        return PaddedSum()
-
-    def accumulate(self, partial: PaddedSum, update: ClientUpdate) -> PaddedSum:
-        w = self.weight_of(update)
-        # B is averaged in scaling 1: w_k s_k B_k
-        _add_padded(partial.sums, update.lora_state, self.rank, w, w * update.lora_scaling)
-        partial.weight += w
-        return partial
-
-    def merge(self, left: PaddedSum, right: PaddedSum) -> PaddedSum:
-        _add_padded(left.sums, right.sums, self.rank, 1.0, 1.0)
-        left.weight += right.weight
-        return left
+        return PaddedSum(self.rank)
 
     def finalize(self, partial: PaddedSum) -> None:
         if partial.weight <= 0:

@@ -1,4 +1,4 @@
-"""Exact aggregation by stacking along the rank dimension, shared by FLoRA and FlexLoRA.
+"""Exact aggregation by stacking along the rank dimension: the partial of FLoRA and FlexLoRA.
 
 Update k contributes the blocks ``w_k s_k A_k`` and ``B_k``; concatenating them gives
 ``B_s A_s = sum_k w_k s_k B_k A_k`` with no cross terms. Partials are concatenations plus the weight
@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import torch
 
 from fedspine.algorithms.lora_math import stack_factors
-from fedspine.algorithms.strategies.base import Strategy
 from fedspine.types import ClientUpdate
 
 Blocks = dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]
@@ -46,16 +45,3 @@ class StackedSum:
             a_s, b_s = stack_factors(blocks)  # fresh tensors, so A_s is normalised in place
             out[module] = (a_s.div_(self.weight), b_s)
         return out
-
-
-class StackedAggregation(Strategy):
-    """The aggregation half of FLoRA and FlexLoRA: partials are stacked blocks."""
-
-    def init_partial(self) -> StackedSum:
-        return StackedSum()
-
-    def accumulate(self, partial: StackedSum, update: ClientUpdate) -> StackedSum:
-        return partial.add(update, self.update_weight(update))
-
-    def merge(self, left: StackedSum, right: StackedSum) -> StackedSum:
-        return left.merge(right)
