@@ -132,6 +132,25 @@ def interval_pairs(prefix: str, interval: Any, digits: int = 4) -> list[str]:
     ]
 
 
+def lm_loss(model: Any, exp: Any) -> float:
+    """Next-token cross-entropy of ``model`` over the test verses' tokens (padding excluded)."""
+    import torch
+
+    total, count = 0.0, 0
+    model.eval()
+    with torch.inference_mode():
+        for batch in exp.test_set.batches:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            targets = batch.input_ids[:, 1:].clone()
+            targets[batch.attention_mask[:, 1:] == 0] = -100
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+            )
+            total += float(loss)
+            count += int((targets != -100).sum())
+    return total / max(count, 1)
+
+
 def local_task_scores(exp: Any, base: Any, seed: int, count: int = 8) -> tuple[list[Any], dict[str, Any]]:
     """One local task's worth of device data (``count`` batches across the fleet's partitions) and the
     FLAP and LoRA-guided Taylor scores measured while an adapter trains on it."""

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from _benchpath import host_line, local_task_scores  # first: keeps bench/ off sys.path
+from _benchpath import host_line, lm_loss, local_task_scores  # first: keeps bench/ off sys.path
 from fedspine.client.evaluate import evaluate, prepare_eval_model
 from fedspine.client.train import make_optimizer, train_local
 from fedspine.config import load_config
@@ -87,23 +87,6 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra = torch.argsort(torch.argsort(a.float())).float()
     rb = torch.argsort(torch.argsort(b.float())).float()
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
-
-
-def lm_loss(model: Any, exp: Experiment) -> float:
-    """Next-token cross-entropy of ``model`` over the test verses' prompt tokens."""
-    total, count = 0.0, 0
-    model.eval()
-    with torch.inference_mode():
-        for batch in exp.test_set.batches:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            targets = batch.input_ids[:, 1:].clone()
-            targets[batch.attention_mask[:, 1:] == 0] = -100
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
-            )
-            total += float(loss)
-            count += int((targets != -100).sum())
-    return total / max(count, 1)
 
 
 def accuracy(model: Any, exp: Experiment) -> float:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from _benchpath import host_line  # first: keeps bench/ off sys.path
+from _benchpath import host_line, lm_loss  # first: keeps bench/ off sys.path
 from fedspine.client.evaluate import evaluate, prepare_eval_model
 from fedspine.client.train import make_optimizer, train_local
 from fedspine.config import load_config
@@ -96,23 +96,6 @@ def compensated(base: Any, plan: PruningPlan, means: list[torch.Tensor]) -> Any:
         bias = weight[:, removed] @ means[index][removed]
         layer.mlp.down_proj.bias = torch.nn.Parameter(bias, requires_grad=False)
     return pruned
-
-
-def lm_loss(model: Any, exp: Experiment) -> float:
-    """Next-token cross-entropy of ``model`` over the test verses' tokens."""
-    total, count = 0.0, 0
-    model.eval()
-    with torch.inference_mode():
-        for batch in exp.test_set.batches:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            targets = batch.input_ids[:, 1:].clone()
-            targets[batch.attention_mask[:, 1:] == 0] = -100
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
-            )
-            total += float(loss)
-            count += int((targets != -100).sum())
-    return total / max(count, 1)
 
 
 def label_eval(model: Any, exp: Experiment) -> tuple[float, float]:
