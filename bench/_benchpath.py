@@ -151,7 +151,9 @@ def lm_loss(model: Any, exp: Any) -> float:
     return total / max(count, 1)
 
 
-def local_task_scores(exp: Any, base: Any, seed: int, count: int = 8) -> tuple[list[Any], dict[str, Any]]:
+def local_task_scores(
+    exp: Any, cfg: Any, base: Any, seed: int, count: int = 8
+) -> tuple[list[Any], dict[str, Any]]:
     """One local task's worth of device data (``count`` batches across the fleet's partitions) and the
     FLAP and LoRA-guided Taylor scores measured while an adapter trains on it."""
     import copy
@@ -163,7 +165,6 @@ def local_task_scores(exp: Any, base: Any, seed: int, count: int = 8) -> tuple[l
     from fedspine.model.importance import FlapMeter, TaylorMeter
     from fedspine.model.lora import apply_lora
 
-    cfg = exp.config
     rng = np.random.default_rng(seed)
     indices = np.concatenate(exp.partitions)
     batches = list(iterate_batches(exp.executor.train_data, indices, cfg.train.batch_size, rng, shuffle=True))

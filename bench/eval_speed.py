@@ -43,7 +43,7 @@ def train_one_task(exp: Any) -> float:
     executor, strategy = exp.executor, exp.strategy
     device = exp.devices[0]
     lora = exp.device_lora[device.device_id]
-    steps = exp.config.train.local_steps
+    steps = exp.settings.local_steps
     strategy.init_global(exp.module_shapes, lora.rank, torch.Generator().manual_seed(0))
     prepared = executor.prepare(1, device, lora, steps)
     dispatch = strategy.configure(1, device.device_id, lora, torch.Generator().manual_seed(0))
@@ -56,14 +56,14 @@ def train_one_task(exp: Any) -> float:
     return seconds
 
 
-def before(exp: Any) -> tuple[float, list[int]]:
+def before(exp: Any, batch_size: int) -> tuple[float, list[int]]:
     """The evaluation path as it was: peft model, stored order, no_grad, full head."""
     data, model, objective = exp.test_data, exp.executor.model, exp.objective
     started = time.perf_counter()
     predictions: list[int] = []
     model.eval()
     with torch.no_grad():
-        for batch in iterate_batches(data, np.arange(len(data)), exp.config.eval.batch_size, None, False):
+        for batch in iterate_batches(data, np.arange(len(data)), batch_size, None, False):
             predictions += objective.label_logits(model, batch).argmax(-1).tolist()
     return time.perf_counter() - started, predictions
 
@@ -93,14 +93,15 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=600)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    exp = build_experiment(load_config(args.config, [f"data.test_size={args.test_size}"]))
+    cfg = load_config(args.config, [f"data.test_size={args.test_size}"])
+    exp = build_experiment(cfg)
     n = len(exp.test_data)
     print(host_line(f"{n} test examples, padding {exp.test_set.padding_fraction():.1%} after sorting"))
     task_seconds = train_one_task(exp)
     times: dict[str, list[float]] = {"before": [], "after": [], "after-bf16": []}
     accuracy: dict[str, float] = {}
     for _ in range(args.repeats):
-        seconds, preds = before(exp)
+        seconds, preds = before(exp, cfg.eval.batch_size)
         times["before"].append(seconds)
         accuracy["before"] = float(np.mean(np.array(preds) == np.array(exp.test_data.label_index)))
         for name, dtype in (("after", "model"), ("after-bf16", "bfloat16")):

@@ -52,13 +52,11 @@ from fedspine.runtime.build import Experiment, build_experiment
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def device_batches(exp: Experiment, seed: int, count: int, skip: int = 0) -> list[Any]:
+def device_batches(exp: Experiment, batch_size: int, seed: int, count: int, skip: int = 0) -> list[Any]:
     """``count`` training batches drawn across the fleet's partitions (one local task's worth)."""
     rng = np.random.default_rng(seed)
     indices = np.concatenate(exp.partitions)
-    batches = iterate_batches(
-        exp.executor.train_data, indices, exp.config.train.batch_size, rng, shuffle=True
-    )
+    batches = iterate_batches(exp.executor.train_data, indices, batch_size, rng, shuffle=True)
     return list(batches)[skip : skip + count]
 
 
@@ -94,13 +92,14 @@ def accuracy(model: Any, exp: Experiment) -> float:
     return float(evaluate(copy_, exp.objective, exp.test_set.batches).metric)
 
 
-def recover(model: Any, exp: Experiment, batches: list[Any], rank: int, alpha: float, seed: int) -> Any:
+def recover(
+    model: Any, exp: Experiment, lr: float, batches: list[Any], rank: int, alpha: float, seed: int
+) -> Any:
     """``model`` after LoRA training on ``batches`` (every linear layer), the adapter merged."""
-    cfg = exp.config
     peft = apply_lora(copy.deepcopy(model), rank, alpha, 0.0, ALL, seed=seed)
     params = [p for p in peft.parameters() if p.requires_grad]
     torch.manual_seed(seed)
-    train_local(peft, exp.objective, batches, make_optimizer(params, "adamw", cfg.train.lr, 0.0), 1.0)
+    train_local(peft, exp.objective, batches, make_optimizer(params, "adamw", lr, 0.0), 1.0)
     return merged_model(peft)
 
 
@@ -120,7 +119,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--test-size", type=int, default=300)
     args = parser.parse_args()
-    exp = build_experiment(load_config(args.config, [f"data.test_size={args.test_size}"]))
+    cfg = load_config(args.config, [f"data.test_size={args.test_size}"])
+    exp = build_experiment(cfg)
     base = plain_copy(exp.executor.model)
     kv, layers = exp.shape.kv_heads, exp.shape.layers
     print(host_line(f"{args.seeds} seeds, {args.steps} steps, {len(exp.test_data)} test verses"), flush=True)
@@ -134,8 +134,8 @@ def main() -> None:
     add("dense_accuracy", accuracy(base, exp))
     for seed in range(args.seeds):
         print(f"seed {seed}", flush=True)
-        calibration, scores = local_task_scores(exp, base, seed)
-        training = device_batches(exp, seed + 1000, args.steps)
+        calibration, scores = local_task_scores(exp, cfg, base, seed)
+        training = device_batches(exp, cfg.train.batch_size, seed + 1000, args.steps)
         full = full_gradient_channels(base, exp, calibration)
         for name, (_, channels) in scores.items():
             add(
@@ -155,10 +155,19 @@ def main() -> None:
             pruned = prune_model(base, plan)
             add(f"{label}_lm_loss", lm_loss(pruned, exp))
             add(f"{label}_accuracy", accuracy(pruned, exp))
-            add(f"{label}_recovered", accuracy(recover(pruned, exp, training, 8, 16.0, seed), exp))
+            add(
+                f"{label}_recovered",
+                accuracy(recover(pruned, exp, cfg.train.lr, training, 8, 16.0, seed), exp),
+            )
         for rank in (4, 8, 16):
-            add(f"rank{rank}_scale2", accuracy(recover(base, exp, training, rank, 2.0 * rank, seed), exp))
-            add(f"rank{rank}_alpha16", accuracy(recover(base, exp, training, rank, 16.0, seed), exp))
+            add(
+                f"rank{rank}_scale2",
+                accuracy(recover(base, exp, cfg.train.lr, training, rank, 2.0 * rank, seed), exp),
+            )
+            add(
+                f"rank{rank}_alpha16",
+                accuracy(recover(base, exp, cfg.train.lr, training, rank, 16.0, seed), exp),
+            )
     print(f"\n{'measure':32} mean [95% interval over seeds]")
     for key, values in results.items():
         print(f"{key:32} {interval(values)}")

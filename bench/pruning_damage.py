@@ -46,7 +46,7 @@ def main() -> None:
         result = evaluate(model, exp.objective, batches)
         return result.metric, result.loss
 
-    _, measured = local_task_scores(exp, base, cfg.run.seed)  # one local task's worth of device data
+    _, measured = local_task_scores(exp, cfg, base, cfg.run.seed)  # one local task's worth of device data
     scores = {"magnitude": magnitude_scores(base), **measured}
 
     dense_acc, dense_loss = score(base)

@@ -38,13 +38,11 @@ from fedspine.runtime.build import Experiment, build_experiment
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def device_batches(exp: Experiment, seed: int, count: int) -> list[Any]:
+def device_batches(exp: Experiment, batch_size: int, seed: int, count: int) -> list[Any]:
     """``count`` training batches drawn across the fleet's partitions."""
     rng = np.random.default_rng(seed)
     indices = np.concatenate(exp.partitions)
-    batches = iterate_batches(
-        exp.executor.train_data, indices, exp.config.train.batch_size, rng, shuffle=True
-    )
+    batches = iterate_batches(exp.executor.train_data, indices, batch_size, rng, shuffle=True)
     return list(batches)[:count]
 
 
@@ -106,12 +104,12 @@ def label_eval(model: Any, exp: Experiment) -> tuple[float, float]:
     return float(result.metric), float(result.loss)
 
 
-def recover(model: Any, exp: Experiment, batches: list[Any], seed: int) -> Any:
+def recover(model: Any, exp: Experiment, lr: float, batches: list[Any], seed: int) -> Any:
     """``model`` after LoRA training (rank 8, alpha 16, every linear layer) on ``batches``, merged."""
     peft = apply_lora(copy.deepcopy(model), 8, 16.0, 0.0, ALL, seed=seed)
     params = [p for p in peft.parameters() if p.requires_grad]
     torch.manual_seed(seed)
-    train_local(peft, exp.objective, batches, make_optimizer(params, "adamw", exp.config.train.lr, 0.0), 1.0)
+    train_local(peft, exp.objective, batches, make_optimizer(params, "adamw", lr, 0.0), 1.0)
     return merged_model(peft)
 
 
@@ -123,11 +121,14 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=16, help="batches for scores and means")
     parser.add_argument("--test-size", type=int, default=300)
     args = parser.parse_args()
-    exp = build_experiment(load_config(args.config, [f"data.test_size={args.test_size}"]))
+    cfg = load_config(args.config, [f"data.test_size={args.test_size}"])
+    exp = build_experiment(cfg)
     base = plain_copy(exp.executor.model)
     layers, kv = exp.shape.layers, exp.shape.kv_heads
     print(host_line(f"seed {args.seed}, {args.steps} steps, {len(exp.test_data)} test verses"), flush=True)
-    means, scores = down_input_stats(base, device_batches(exp, args.seed, args.calibration))
+    means, scores = down_input_stats(
+        base, device_batches(exp, cfg.train.batch_size, args.seed, args.calibration)
+    )
     heads = [torch.ones(kv) for _ in range(layers)]  # every KV group kept: channels only
     dense_ends = (0, 1, 2, layers - 1) if layers > 4 else ()
     plans = {
@@ -147,11 +148,11 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"{label:24} {params:7.1f}M {ce:7.3f} {loss:10.3f} {accuracy:8.3f}", flush=True)
         results[f"{label}_ce"] = ce
-    training = device_batches(exp, args.seed + 1000, args.steps)
+    training = device_batches(exp, cfg.train.batch_size, args.seed + 1000, args.steps)
     start = time.perf_counter()
     print(f"\nafter {args.steps} LoRA steps")
     for label in ("dense", "ch0.3", "ch0.3+bias", "ch0.3_dense_ends", "ch0.3_dense_ends+bias"):
-        accuracy, loss = label_eval(recover(models[label], exp, training, args.seed), exp)
+        accuracy, loss = label_eval(recover(models[label], exp, cfg.train.lr, training, args.seed), exp)
         print(
             f"{label:24} label loss {loss:.3f} accuracy {accuracy:.3f} ({time.perf_counter() - start:.0f} s)",
             flush=True,

@@ -28,21 +28,24 @@ ALL_LINEARS = '["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 TOL = {"rtol": 1e-4, "atol": 1e-6}
 
 
+CONFIG = load_config(
+    ROOT / "configs" / "tiny.toml",
+    [
+        "strategy.name=fedspine",
+        f"lora.target_modules={ALL_LINEARS}",
+        "data.max_examples=600",
+        "data.test_size=60",
+        "train.local_steps=3",
+        "export.speed=false",
+    ],
+)
+"""A tiny FedSpine experiment: 2 layers, 2 KV groups of 2 heads, 128 channels, LoRA everywhere."""
+
+
 @pytest.fixture(scope="module")
 def exp() -> Experiment:
-    """A tiny FedSpine experiment: 2 layers, 2 KV groups of 2 heads, 128 channels, LoRA everywhere."""
-    config = load_config(
-        ROOT / "configs" / "tiny.toml",
-        [
-            "strategy.name=fedspine",
-            f"lora.target_modules={ALL_LINEARS}",
-            "data.max_examples=600",
-            "data.test_size=60",
-            "train.local_steps=3",
-            "export.speed=false",
-        ],
-    )
-    experiment = build_experiment(config)
+    """The experiment of :data:`CONFIG`."""
+    experiment = build_experiment(CONFIG)
     experiment.strategy.init_global(experiment.module_shapes, 4, torch.Generator().manual_seed(0))
     return experiment
 
@@ -64,11 +67,11 @@ def _fresh_payload(strategy: FedSpine, plan: PruningPlan, rank: int, seed: int) 
 
 def _train_pruned(exp: Experiment, plan: PruningPlan, device: int, round_no: int, rank: int) -> ClientUpdate:
     """FedSpine's device path: the executor trains a fresh adapter on the physically pruned submodel."""
-    lora = DeviceLora(rank, exp.config.lora.alpha / rank)
+    lora = DeviceLora(rank, CONFIG.lora.alpha / rank)
     strategy = exp.strategy
     assert isinstance(strategy, FedSpine)
     payload = _fresh_payload(strategy, plan, rank, seed=device)
-    prepared = exp.executor.prepare(round_no, exp.devices[device], lora, exp.config.train.local_steps, plan)
+    prepared = exp.executor.prepare(round_no, exp.devices[device], lora, CONFIG.train.local_steps, plan)
     task = ClientTask(round_no, device, len(prepared.batches), lora, payload, 0, plan=plan)
     return exp.executor.run(task, prepared)
 
@@ -99,14 +102,14 @@ def test_a_pruned_devices_merged_update_equals_masked_dense_training(exp: Experi
     delta = _merged_delta(strategy, [update])
 
     # The reference: the dense model with the plan as a mask, its adapter scattered to full coordinates.
-    lora = DeviceLora(rank, exp.config.lora.alpha / rank)
+    lora = DeviceLora(rank, CONFIG.lora.alpha / rank)
     payload = _fresh_payload(strategy, PLAN, rank, seed=device)
     dense = apply_lora(
         masked_model(plain_copy(exp.executor.model), PLAN),
         rank,
-        exp.config.lora.alpha,
+        CONFIG.lora.alpha,
         0.0,
-        list(exp.config.lora.target_modules),
+        list(CONFIG.lora.target_modules),
     )
     full: LoraState = {}
     masks: dict[str, tuple[int, torch.Tensor]] = {}
@@ -134,8 +137,8 @@ def test_a_pruned_devices_merged_update_equals_masked_dense_training(exp: Experi
             assert factor.grad is not None
             factor.grad.index_fill_(dim, dropped.nonzero().flatten(), 0.0)
 
-    prepared = exp.executor.prepare(round_no, exp.devices[device], lora, exp.config.train.local_steps, PLAN)
-    torch.manual_seed(task_seed(exp.config.run.seed, round_no, device, 1))
+    prepared = exp.executor.prepare(round_no, exp.devices[device], lora, CONFIG.train.local_steps, PLAN)
+    torch.manual_seed(task_seed(CONFIG.run.seed, round_no, device, 1))
     t = exp.executor.training
     params = [p for p in dense.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, t.optimizer, t.lr, t.weight_decay)
@@ -143,7 +146,7 @@ def test_a_pruned_devices_merged_update_equals_masked_dense_training(exp: Experi
         dense, exp.objective, prepared.batches, optimizer, t.max_grad_norm, after_backward=mask_gradients
     )
     trained = get_lora_state(dense)
-    scaling = exp.config.lora.alpha / rank
+    scaling = CONFIG.lora.alpha / rank
     weight = strategy.update_weight(update)
     assert weight > 0
     for module, factors_ in trained.items():

@@ -157,10 +157,10 @@ def _execute(
     executor: str,
 ) -> RunResult:
     """Run the engine, export the device models, write the summary and the report."""
-    config, run_dir = experiment.config, recorder.run_dir
+    run, run_dir = experiment.settings, recorder.run_dir
     try:
-        unit = "rounds" if config.scheduler.synchronous else "aggregations"
-        status(f"running {config.scheduler.rounds} {unit} on {len(experiment.devices)} devices -> {run_dir}")
+        unit = "rounds" if run.synchronous else "aggregations"
+        status(f"running {run.rounds} {unit} on {len(experiment.devices)} devices -> {run_dir}")
         loop_started = time.perf_counter()
         state = engine.run(on_round)
         loop_seconds = time.perf_counter() - loop_started

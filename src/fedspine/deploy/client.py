@@ -87,7 +87,7 @@ def train(message: Message, context: Context) -> Message:
     update = exp.executor.run(task, prepared)
     if exp.uplink is not None:
         state = _load_feedback(context)
-        draws = torch.Generator().manual_seed(task_seed(exp.config.run.seed, task.round, device_id, 4))
+        draws = torch.Generator().manual_seed(task_seed(exp.settings.seed, task.round, device_id, 4))
         update.wire = exp.uplink.send(state, update, task.payload, draws)
         _save_feedback(context, state)
     timing = Timing(received_at, time.time(), setup_seconds)

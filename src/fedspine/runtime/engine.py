@@ -189,7 +189,7 @@ class Engine:
         self.transport: Transport = transport or SimulatedTransport()
         self.clock = VirtualClock()
         self.state = RunState()
-        self.seed = experiment.config.run.seed
+        self.seed = experiment.settings.seed
         self.device_lora = dict(experiment.device_lora)
         """Each device's current LoRA rank and scaling (HetLoRA devices shrink theirs)."""
         self.base_delta: dict[str, torch.Tensor] = {}
@@ -235,7 +235,7 @@ class Engine:
         exp = self.exp
         self._init_global()
         self._loop = LoopState()
-        if exp.config.eval.at_start:
+        if exp.settings.eval_at_start:
             self._evaluate(0)
             self._loop.last_evaluated = 0
         self._dispatch(self.scheduler.start(0.0, [d.device_id for d in exp.devices]))
@@ -263,7 +263,7 @@ class Engine:
 
     def _maybe_checkpoint(self) -> None:
         """Checkpoint between two events, after every ``run.checkpoint_every`` server steps."""
-        loop, every = self.loop, self.exp.config.run.checkpoint_every
+        loop, every = self.loop, self.exp.settings.checkpoint_every
         if every and loop.version % every == 0 and loop.version > loop.checkpointed and not self._done():
             loop.checkpointed = loop.version
             self.checkpoint(loop.version)
@@ -287,7 +287,7 @@ class Engine:
         }
         weights = exp.executor.base_weights(sorted(self.base_delta))
         snapshot = checkpoints.Snapshot(version, engine, objects, self.base_delta, weights)
-        checkpoints.save(self.recorder.run_dir, exp, snapshot, exp.config.run.keep_checkpoints)
+        checkpoints.save(self.recorder.run_dir, exp, snapshot, exp.settings.keep_checkpoints)
 
     def restore(self, snapshot: checkpoints.Snapshot) -> None:
         """Continue from ``snapshot``: the checkpoint's objects replace the freshly built ones.
@@ -574,7 +574,7 @@ class Engine:
         """After a server step: evaluate when due, write the step's record and report it."""
         evaluation = None
         version = self.loop.version
-        if version % self.exp.config.eval.every == 0 or self._done():
+        if version % self.exp.settings.eval_every == 0 or self._done():
             evaluation = self._evaluate(version)
             self.loop.last_evaluated = version
             record.metric, record.eval_loss = evaluation.metric, evaluation.loss
@@ -629,7 +629,7 @@ class Engine:
             self._evaluate(self.loop.version)
 
     def _device_weight(self, device_id: int) -> float:
-        if self.exp.config.strategy.weighting == "samples":
+        if self.exp.strategy.weighting == "samples":
             return float(len(self.exp.partitions[device_id]))
         return 1.0
 
@@ -649,7 +649,7 @@ class Engine:
         key = round_no if task_key is None else task_key
         assignment = exp.strategy.assign(round_no, device.device_id, self.device_lora[device.device_id])
         lora = assignment.lora
-        steps = steps or exp.config.train.local_steps
+        steps = steps or exp.settings.local_steps
         prepared = exp.executor.prepare(key, device, lora, steps, assignment.plan)
         outcome = TaskOutcome(device, TaskStatus.OK, 0, prepared=prepared)
         cost = CostModel.for_device(device)
@@ -672,7 +672,7 @@ class Engine:
         outcome.downlink_bytes = dispatch.downlink_bytes
         rate = link_rate_factor(device, self.seed, key, "down")
         outcome.downlink_seconds = cost.transfer_seconds(dispatch.downlink_bytes, "down", rate)
-        slowdown = compute_slowdown(device, self.seed, key, exp.config.fleet.jitter_scale)
+        slowdown = compute_slowdown(device, self.seed, key, exp.settings.jitter_scale)
         outcome.compute_seconds = cost.train_seconds(prepared.workload, slowdown)
         return outcome
 
@@ -680,7 +680,7 @@ class Engine:
         """Train ``outcome``'s task on the host, as its device would, and check the update."""
         assert outcome.prepared is not None and outcome.task is not None
         update = self.exp.executor.run(outcome.task, outcome.prepared)
-        attack = self.exp.config.fleet.attack
+        attack = self.exp.settings.attack
         if attack.kind != "none" and update.device_id in attack.devices:
             update = corrupt(update, outcome.task.payload, attack.kind, attack.factor)
         if self.exp.uplink is not None:
@@ -713,7 +713,7 @@ class Engine:
         reason = check_update(
             update,
             task,
-            self.exp.config.server.max_update_norm,
+            self.exp.settings.server.max_update_norm,
             max_samples=len(self.exp.partitions[task.device_id]),
             shape=self.exp.shape,
         )
@@ -741,7 +741,7 @@ class Engine:
             updates = self._robust([o for o in accepted if o.update is not None])
         nbytes = sum(o.uplink_bytes for o in accepted)
         wall = time.perf_counter()
-        aggregate(self.exp.strategy, updates, self.exp.config.strategy.aggregation_fan_in)
+        aggregate(self.exp.strategy, updates, self.exp.settings.aggregation_fan_in)
         delta = self.exp.strategy.take_base_delta()
         if delta:
             self._merge_base(delta)
@@ -753,7 +753,7 @@ class Engine:
 
     def _robust(self, accepted: list[TaskOutcome]) -> list[ClientUpdate]:
         """The accepted updates after the configured robust rule (``server.robust``)."""
-        server = self.exp.config.server
+        server = self.exp.settings.server
         pairs = [(o.update, o.task.payload) for o in accepted if o.update is not None and o.task is not None]
         if server.robust == "clip":
             return [clip(u, start, server.clip_norm) for u, start in pairs]

@@ -37,7 +37,7 @@ MANIFEST = "manifest.json"
 
 def export_models(exp: Experiment, run_dir: Path) -> dict[str, Any]:
     """Save (if configured) and measure every distinct device model; returns the manifest."""
-    cfg = exp.config.export
+    cfg = exp.settings.export
     strategy = exp.strategy
     executor = exp.executor
     models_dir = run_dir / "models"
@@ -136,7 +136,7 @@ def _tokens_per_second(model: Any, exp: Experiment, new_tokens: int) -> float:
 
 def _metric(model: Any, exp: Experiment) -> float:
     """The held-out metric of ``model``, measured like the run's evaluations (on a copy: it is saved)."""
-    copy = prepare_eval_model(deepcopy(model), exp.objective, exp.config.eval.dtype)
+    copy = prepare_eval_model(deepcopy(model), exp.objective, exp.settings.eval_dtype)
     return float(evaluate(copy, exp.objective, exp.test_set.batches).metric)
 
 

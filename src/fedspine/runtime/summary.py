@@ -59,13 +59,13 @@ def make_summary(
 ) -> Summary:
     """The run's summary: ``loop_seconds`` of host time in the federated loop, ``setup_seconds``
     before it, the ``executor``'s name and the exported ``device_models``' manifest."""
-    cfg = experiment.config
+    run = experiment.settings
     final = state.evaluations[-1]
     return Summary(
         task=experiment.task_name,
         metric=Metric(final["metric"], final["value"], experiment.objective.higher_is_better),
         chance_level=experiment.chance_level,
-        initial_metric=state.evaluations[0]["value"] if cfg.eval.at_start else None,
+        initial_metric=state.evaluations[0]["value"] if run.eval_at_start else None,
         final_eval_loss=final["loss"],
         rounds=len(rounds),
         virtual_seconds=rounds[-1].virtual_end if rounds else 0.0,
@@ -76,15 +76,15 @@ def make_summary(
         setup_wall_seconds=setup_seconds,
         uplink_bytes=sum(r.uplink_bytes for r in rounds),
         downlink_bytes=sum(r.downlink_bytes for r in rounds),
-        target=cfg.eval.target if cfg.eval.target > 0 else None,
+        target=run.eval_target if run.eval_target > 0 else None,
         time_to_target_seconds=time_to_target(
-            state.evaluations, cfg.eval.target, experiment.objective.higher_is_better
+            state.evaluations, run.eval_target, experiment.objective.higher_is_better
         ),
-        strategy=cfg.strategy.name,
-        scheduler=cfg.scheduler.name,
-        model=cfg.model.source if cfg.model.source != "local" else cfg.model.path,
+        strategy=run.strategy_name,
+        scheduler=run.scheduler_name,
+        model=run.model_name,
         num_devices=len(experiment.devices),
-        seed=cfg.run.seed,
+        seed=run.seed,
         tasks={
             status.value: sum(d.statuses.get(status.value, 0) for d in state.device_stats.values())
             for status in TaskStatus

@@ -150,5 +150,5 @@ class SimulatedTransport:
 
     def aggregation_seconds(self, engine: Engine, nbytes: int, wall_seconds: float) -> float:
         """The cost model's time for ``nbytes`` of updates, not the host's."""
-        server = engine.exp.config.server
+        server = engine.exp.settings.server
         return server.aggregation_overhead_seconds + nbytes / (server.aggregation_gbps * 1e9)

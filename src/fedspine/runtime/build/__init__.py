@@ -56,6 +56,7 @@ from fedspine.runtime.build.model import (
     load_model,
 )
 from fedspine.runtime.executor import LocalTraining, SimExecutor, logits_positions
+from fedspine.runtime.settings import Attack, ExportSettings, RunSettings, ServerRules
 from fedspine.types import Device, DeviceLora
 
 Status = Callable[[str], None]
@@ -65,7 +66,7 @@ Status = Callable[[str], None]
 class Experiment:
     """Everything a run needs, built and validated."""
 
-    config: Config
+    settings: RunSettings
     devices: list[Device]
     strategy: Strategy
     scheduler: Scheduler
@@ -85,6 +86,38 @@ class Experiment:
     stale_handler: StaleUpdateHandler = field(default_factory=Identity)
     uplink: UplinkChannel | None = None
     """Compressed uploads (None: the factors travel as they are)."""
+
+
+def run_settings(cfg: Config) -> RunSettings:
+    """The loose values of ``cfg`` that the engine, the summary and the export read."""
+    attack, server, export = cfg.fleet.attack, cfg.server, cfg.export
+    return RunSettings(
+        seed=cfg.run.seed,
+        local_steps=cfg.train.local_steps,
+        rounds=cfg.scheduler.rounds,
+        synchronous=cfg.scheduler.synchronous,
+        eval_at_start=cfg.eval.at_start,
+        eval_every=cfg.eval.every,
+        eval_target=cfg.eval.target,
+        eval_dtype=cfg.eval.dtype,
+        checkpoint_every=cfg.run.checkpoint_every,
+        keep_checkpoints=cfg.run.keep_checkpoints,
+        aggregation_fan_in=cfg.strategy.aggregation_fan_in,
+        jitter_scale=cfg.fleet.jitter_scale,
+        attack=Attack(attack.kind, frozenset(attack.devices), attack.factor),
+        server=ServerRules(
+            server.max_update_norm,
+            server.robust,
+            server.clip_norm,
+            server.trim_fraction,
+            server.aggregation_gbps,
+            server.aggregation_overhead_seconds,
+        ),
+        export=ExportSettings(export.save, export.speed, export.generate_tokens),
+        strategy_name=cfg.strategy.name,
+        scheduler_name=cfg.scheduler.name,
+        model_name=cfg.model.source if cfg.model.source != "local" else cfg.model.path,
+    )
 
 
 def check_config(cfg: Config) -> None:
@@ -160,7 +193,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         eval_dtype=cfg.eval.dtype,
     )
     return Experiment(
-        config=cfg,
+        settings=run_settings(cfg),
         devices=devices,
         strategy=strategy,
         scheduler=scheduler,
@@ -192,5 +225,6 @@ __all__ = [
     "build_strategy",
     "check_config",
     "check_fleet_fits",
+    "run_settings",
     "strategy_class",
 ]
