@@ -142,7 +142,12 @@ class Strategy(ABC):
         """The devices selected for a synchronous round, before any of them is assigned."""
 
     def assign(self, round: int, device_id: int, lora: DeviceLora) -> Assignment:
-        """The LoRA and submodel device ``device_id`` trains in ``round`` (before :meth:`configure`)."""
+        """The LoRA and submodel device ``device_id`` trains in ``round`` (before :meth:`configure`).
+
+        Deciding and dispatching are two calls on purpose: between them the engine checks that the
+        assigned submodel fits the device's memory, and a task that does not fit is never configured,
+        so it changes none of the state :meth:`configure` keeps about what each device holds.
+        """
         return Assignment(lora)
 
     def eval_plan(self) -> Any:
