@@ -375,6 +375,9 @@ class FedSpineSection:
     """Layers never pruned, e.g. [0, 1, -1]; negative indices count from the end. Export needs []."""
     channel_multiple: int = 1
     """Kept MLP channel counts round to a multiple of this (hardware-friendly widths)."""
+    compensate: bool = False
+    """FLAP's bias compensation: a pruned MLP channel's mean output (from the devices' measured mean
+    inputs) is kept as a bias of down_proj. Needs importance = "flap"."""
     policy: Literal["pooled", "swucb", "fixed", "random", "oracle"] = "pooled"
     """Who picks each device's (extra pruning, LoRA rank): a UCB bandit (pooled or per device), a baseline."""
     extra_ratios: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2])
@@ -397,6 +400,11 @@ class FedSpineSection:
         _check(self.prune_rounds >= 0, key + "prune_rounds", "must be >= 0")
         _check(0 <= self.score_momentum < 1, key + "score_momentum", "must be in [0, 1)")
         _check(self.channel_multiple >= 1, key + "channel_multiple", "must be >= 1")
+        _check(
+            not self.compensate or self.importance == "flap",
+            key + "compensate",
+            "needs importance = 'flap' (the FLAP meter measures the mean inputs it compensates with)",
+        )
         _check(
             bool(self.extra_ratios)
             and all(r >= 0 and self.target_sparsity + r < 1 for r in self.extra_ratios),

@@ -139,6 +139,9 @@ class ClientTask:
     """Pruning plan of the submodel the device trains (``fedspine.model.pruning.PruningPlan``), or None."""
     pruning_ratio: float = 0.0
     """Fraction of KV groups and MLP channels removed from every pruned layer."""
+    channel_means: Any = None
+    """Per layer, the mean input of every MLP channel (full coordinates) when pruning keeps a removed
+    channel's mean output as a bias (FedSpine's ``compensate``); None: plain pruning."""
 
 
 @dataclass

@@ -118,16 +118,24 @@ def _check_importance(importance: dict[str, list[torch.Tensor]], shape: ModelSha
         return "importance must hold heads and channels for every layer"
     if shape is not None and len(heads) != shape.layers:
         return f"importance for {len(heads)} layers; the model has {shape.layers}"
+    means = importance.get("means")
+    if means is not None and len(means) != len(channels):
+        return f"channel means for {len(means)} layers; the scores are for {len(channels)}"
+    if set(importance) - {"heads", "channels", "means"}:
+        return f"unknown importance kinds {sorted(set(importance) - {'heads', 'channels', 'means'})}"
     sizes = {
         "heads": None if shape is None else shape.kv_heads,
         "channels": None if shape is None else shape.intermediate,
+        "means": None if shape is None else shape.intermediate,
     }
-    for kind, scores in (("heads", heads), ("channels", channels)):
+    for kind, scores in (("heads", heads), ("channels", channels), ("means", means or [])):
         for layer, s in enumerate(scores):
             if not isinstance(s, torch.Tensor) or not s.is_floating_point() or s.dim() != 1:
                 return f"importance {kind}[{layer}] must be a floating-point vector"
             if sizes[kind] is not None and s.numel() != sizes[kind]:
                 return f"importance {kind}[{layer}] has {s.numel()} scores; the layer has {sizes[kind]} units"
-            if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
-                return f"importance {kind}[{layer}] must be finite and non-negative"
+            if not bool(torch.isfinite(s).all()):
+                return f"importance {kind}[{layer}] must be finite"
+            if kind != "means" and bool((s < 0).any()):
+                return f"importance {kind}[{layer}] must be non-negative"
     return None

@@ -51,13 +51,18 @@ def update_tensors(update: ClientUpdate) -> dict[str, torch.Tensor]:
     """
     flat = dict(update.wire) if update.wire is not None else flatten_state(update.lora_state)
     if update.importance is not None:
-        for kind in ("heads", "channels"):
-            for layer, scores in enumerate(update.importance[kind]):
+        for kind in IMPORTANCE_KINDS:
+            for layer, scores in enumerate(update.importance.get(kind) or []):
                 kept = _kept(update.plan, layer, kind, scores.numel())
                 flat[f"importance/{kind}/{layer}"] = (
                     scores.index_select(0, kept).to(torch.float32).contiguous()
                 )
     return flat
+
+
+IMPORTANCE_KINDS = ("heads", "channels", "means")
+"""What a device measuring importance uploads per layer: KV-group and MLP-channel scores, and (for bias
+compensation) the MLP channels' mean inputs."""
 
 
 def _kept(plan: object, layer: int, kind: str, size: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedspine.algorithms.wire import flatten_state, unflatten_state
+from fedspine.algorithms.wire import IMPORTANCE_KINDS, flatten_state, unflatten_state
 from fedspine.errors import DeployError, FedspineError
 from fedspine.model.footprint import ModelShape
 from fedspine.model.pruning import LayerKeep, PruningPlan
@@ -78,13 +78,13 @@ def max_reply_bytes(task: ClientTask, shape: ModelShape | None) -> int:
     """The most bytes the arrays of a sound reply to ``task`` hold.
 
     Twice the task's factors at fp32 (a reply carries at most the factors, or a smaller compressed
-    form), the full model's importance scores when the task asks for them, and
+    form), the full model's importance scores and channel means when the task asks for them, and
     :data:`REPLY_SLACK_BYTES`.
     """
     factors = sum(int(t.numel()) for f in task.payload.values() for t in f.values()) * 4
     scores = 0
     if shape is not None and task.extra.get("measure_importance"):
-        scores = shape.layers * (shape.kv_heads + shape.intermediate) * 4
+        scores = shape.layers * (shape.kv_heads + 2 * shape.intermediate) * 4  # scores and channel means
     return 2 * factors + scores + REPLY_SLACK_BYTES
 
 
@@ -139,6 +139,8 @@ def task_record(task: ClientTask, base_delta: dict[str, torch.Tensor], sent_at: 
     content["lora"] = arrays(flatten_state(task.payload))
     if base_delta:
         content["base"] = arrays(base_delta)
+    if task.channel_means is not None:
+        content["means"] = arrays({str(layer): m for layer, m in enumerate(task.channel_means)})
     content["task"] = ConfigRecord(
         {
             "round": task.round,
@@ -170,6 +172,8 @@ def read_task(content: RecordDict) -> tuple[ClientTask, dict[str, torch.Tensor],
         plan=plan_from_json(str(cfg.get("plan", ""))),
         pruning_ratio=_float(cfg, "task", "pruning_ratio"),
     )
+    if "means" in content.array_records:
+        task.channel_means = _layers(tensors(content.array_records["means"]), "means")
     base = tensors(content.array_records["base"]) if "base" in content.array_records else {}
     return task, base, _float(cfg, "task", "sent_at")
 
@@ -185,8 +189,8 @@ def update_record(update: ClientUpdate, timing: Timing) -> RecordDict:
         content["importance"] = arrays(
             {
                 f"{kind}/{layer}": s
-                for kind in ("heads", "channels")
-                for layer, s in enumerate(update.importance[kind])
+                for kind in IMPORTANCE_KINDS
+                for layer, s in enumerate(update.importance.get(kind) or [])
             }
         )
     content["update"] = ConfigRecord(
@@ -256,12 +260,28 @@ def read_update(
 
 
 def _importance(scores: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-    """Per kind, the scores of layers ``0..L-1`` (keys ``heads/<i>`` and ``channels/<i>``)."""
-    layers = len(scores) // 2
-    expected = {f"{kind}/{i}" for kind in ("heads", "channels") for i in range(layers)}
+    """Per kind, the scores of layers ``0..L-1`` (keys ``heads/<i>``, ``channels/<i>`` and, for bias
+    compensation, ``means/<i>``)."""
+    kinds = (
+        ("heads", "channels", "means")
+        if any(k.startswith("means/") for k in scores)
+        else ("heads", "channels")
+    )
+    layers = len(scores) // len(kinds)
+    expected = {f"{kind}/{i}" for kind in kinds for i in range(layers)}
     if set(scores) != expected:
-        raise DeployError("importance must hold heads/<i> and channels/<i> for the same layers 0..L-1")
-    return {kind: [scores[f"{kind}/{i}"] for i in range(layers)] for kind in ("heads", "channels")}
+        raise DeployError(f"importance must hold {'/'.join(kinds)}/<i> for the same layers 0..L-1")
+    return {kind: [scores[f"{kind}/{i}"] for i in range(layers)] for kind in kinds}
+
+
+def _layers(values: dict[str, torch.Tensor], what: str) -> list[torch.Tensor]:
+    """``values`` keyed ``"0" .. "L-1"`` as a list of finite floating-point vectors."""
+    if set(values) != {str(i) for i in range(len(values))}:
+        raise DeployError(f"{what} must be keyed by the layers 0..L-1")
+    out = [values[str(i)] for i in range(len(values))]
+    if any(not v.is_floating_point() or v.dim() != 1 or not bool(torch.isfinite(v).all()) for v in out):
+        raise DeployError(f"{what} must be finite floating-point vectors")
+    return out
 
 
 def _extra(cfg: ConfigRecord) -> dict[str, Any]:

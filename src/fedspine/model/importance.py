@@ -195,6 +195,17 @@ class FlapMeter(_Meter):
             channels.append(scores["down_proj"].reshape(width))
         return heads, channels
 
+    def channel_means(self) -> list[Tensor]:
+        """Per layer, the mean input of every kept ``down_proj`` channel over the tokens counted (what
+        bias compensation replaces a removed channel with)."""
+        means = []
+        for index in range(len(self.blocks)):
+            if (index, "down_proj") not in self._stats:
+                raise ModelError("FlapMeter saw no forward pass; wrap training in 'with meter:'")
+            count, total, _ = self._stats[(index, "down_proj")]
+            means.append((total / count).float())
+        return means
+
 
 def _effective_weight(module: nn.Module, adapter: str) -> Tensor:
     """``W + s B A`` of a (possibly adapted) linear, fp32 on the CPU."""

@@ -248,7 +248,12 @@ def gather_kept(full: Tensor, index: Tensor, dim: int = 0) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def prune_model(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> Any:
+def prune_model(
+    model: nn.Module,
+    plan: PruningPlan,
+    inplace: bool = False,
+    channel_means: Sequence[Tensor] | None = None,
+) -> Any:
     """``model`` (a deep copy unless ``inplace``) with the pruned KV groups and MLP channels removed.
 
     Slices q/k/v/gate/up output rows (and biases) and o/down input columns; ``in_features`` and
@@ -261,18 +266,52 @@ def prune_model(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> A
         model: a Llama-family causal LM (untouched unless ``inplace``).
         plan: what each layer keeps.
         inplace: slice ``model`` itself instead of a copy.
+        channel_means: per layer, the mean input of every ``down_proj`` channel (full coordinates);
+            given, each removed channel's mean output is added to ``down_proj``'s bias (FLAP's bias
+            compensation, :func:`compensate_removed_channels`).
 
     Returns:
         The pruned model.
     """
     shape = shape_of(model)
-    pruned = _apply_to_linears(model, plan, _slice_linear, inplace)
+    model = model if inplace else copy.deepcopy(model)
+    if channel_means is not None:
+        compensate_removed_channels(model, plan, channel_means)
+    pruned = _apply_to_linears(model, plan, _slice_linear, inplace=True)
     layers = decoder_layers(pruned)
     for layer, keep in plan.items():
         attn: Any = layers[layer].self_attn
         attn.num_key_value_heads = len(keep.kv_groups)
         attn.num_attention_heads = len(keep.kv_groups) * (shape.heads // shape.kv_heads)
     return pruned
+
+
+def compensate_removed_channels(model: nn.Module, plan: PruningPlan, channel_means: Sequence[Tensor]) -> None:
+    """Add ``W_down[:, removed] @ mean[removed]`` to ``down_proj``'s bias in each layer of ``plan``, in place.
+
+    Over the tokens the means came from, the MLP's mean output is then unchanged by removing the
+    channels (FLAP's baseline bias compensation); what is lost is only their variation around the mean,
+    which FLAP's score (variance times the column's squared norm) ranks.
+
+    Raises:
+        ModelError: a layer's means do not have one entry per MLP channel.
+    """
+    layers = decoder_layers(model)
+    for layer, keep in plan.items():
+        block: Any = layers[layer]
+        down: Any = block.mlp.down_proj
+        means = channel_means[layer]
+        if means.shape != (down.weight.shape[1],):
+            raise ModelError(
+                f"layer {layer}: {tuple(means.shape)} channel means for {down.weight.shape[1]} channels"
+            )
+        removed = torch.ones(down.weight.shape[1], dtype=torch.bool)
+        removed[list(keep.channels)] = False
+        with torch.no_grad():
+            bias = down.weight[:, removed].float() @ means[removed].float()
+            if down.bias is not None:
+                bias += down.bias.float()
+        down.bias = nn.Parameter(bias.to(down.weight.dtype), requires_grad=False)
 
 
 def _apply_to_linears(model: nn.Module, plan: PruningPlan, edit: Any, inplace: bool = False) -> Any:
@@ -371,8 +410,9 @@ def is_uniform(plan: PruningPlan, shape: ModelShape) -> bool:
     return len(set(layer_widths(plan, shape))) == 1
 
 
-def pruned_hf_config(hf_config: Any, plan: PruningPlan) -> Any:
-    """A copy of ``hf_config`` describing the pruned model, for ``save_pretrained``.
+def pruned_hf_config(hf_config: Any, plan: PruningPlan, mlp_bias: bool = False) -> Any:
+    """A copy of ``hf_config`` describing the pruned model, for ``save_pretrained``; ``mlp_bias`` for a
+    model whose MLPs carry biases (bias compensation: see :func:`add_zero_mlp_biases`).
 
     Raises:
         ModelError: the plan's layers differ in width (keep-dense layers): a stock Llama config has one
@@ -391,7 +431,20 @@ def pruned_hf_config(hf_config: Any, plan: PruningPlan) -> Any:
     config.num_attention_heads = kv * (shape.heads // shape.kv_heads)
     config.intermediate_size = channels
     config.head_dim = shape.head_dim
+    config.mlp_bias = mlp_bias or bool(getattr(hf_config, "mlp_bias", False))
     return config
+
+
+def add_zero_mlp_biases(model: nn.Module) -> None:
+    """Give every MLP projection without a bias a zero one, in place: a Llama config with ``mlp_bias``
+    expects biases on gate, up and down alike, and would initialise missing ones at random."""
+    for layer in decoder_layers(model):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            linear: Any = getattr(layer.mlp, name)
+            if linear.bias is None:
+                linear.bias = nn.Parameter(
+                    torch.zeros(linear.out_features, dtype=linear.weight.dtype), requires_grad=False
+                )
 
 
 def plan_to_json(plan: PruningPlan) -> dict[str, dict[str, list[int]]]:
@@ -407,6 +460,8 @@ __all__ = [
     "ROW_MODULES",
     "LayerKeep",
     "PruningPlan",
+    "add_zero_mlp_biases",
+    "compensate_removed_channels",
     "decoder_layers",
     "gather_kept",
     "index_maps",

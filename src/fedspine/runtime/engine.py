@@ -668,6 +668,7 @@ class Engine:
             extra={"measure_importance": assignment.measure_importance},
             plan=assignment.plan,
             pruning_ratio=assignment.ratio,
+            channel_means=None if assignment.plan is None else exp.strategy.channel_means(),
         )
         outcome.downlink_bytes = dispatch.downlink_bytes
         rate = link_rate_factor(device, self.seed, key, "down")
@@ -876,7 +877,10 @@ class Engine:
     def _evaluate(self, round_no: int) -> Evaluation:
         wall = time.perf_counter()
         self.exp.executor.load_global(self.exp.strategy.global_lora())
-        evaluation = self.exp.executor.evaluate(self.exp.test_set, self.exp.strategy.eval_plan())
+        strategy = self.exp.strategy
+        evaluation = self.exp.executor.evaluate(
+            self.exp.test_set, strategy.eval_plan(), strategy.channel_means()
+        )
         self.state.eval_wall_seconds += time.perf_counter() - wall
         event = EvaluationEvent(
             round_no, self.clock.now, evaluation.metric_name, evaluation.metric, evaluation.loss

@@ -99,6 +99,7 @@ class SimExecutor:
         importance: str = "magnitude",
         lora_dropout: float = 0.0,
         eval_dtype: str = "model",
+        measure_means: bool = False,
     ) -> None:
         self.model = model
         self.objective = objective
@@ -117,6 +118,9 @@ class SimExecutor:
         self.lora_dropout = lora_dropout
         self.eval_dtype = eval_dtype
         """Dtype of the copies evaluated (``eval.dtype``)."""
+        self.measure_means = measure_means
+        """Devices that measure FLAP importance also report their MLP channels' mean inputs (for bias
+        compensation)."""
 
     def prepare(
         self,
@@ -204,14 +208,15 @@ class SimExecutor:
             lora_scaling=task.lora.scaling,
         )
 
-    def pruned_model(self, plan: PruningPlan) -> Any:
-        """A plain (adapter-free) copy of the current base model, pruned by ``plan``."""
-        return prune_model(plain_copy(self.model), plan, inplace=True)
+    def pruned_model(self, plan: PruningPlan, channel_means: list[torch.Tensor] | None = None) -> Any:
+        """A plain (adapter-free) copy of the current base model, pruned by ``plan`` (with the removed
+        MLP channels' mean outputs kept as biases when ``channel_means`` are given)."""
+        return prune_model(plain_copy(self.model), plan, inplace=True, channel_means=channel_means)
 
     def _run_pruned(self, task: ClientTask, prepared: PreparedTask) -> ClientUpdate:
         """Train a fresh adapter on the pruned submodel; measure importance and its held-out loss."""
         model = apply_lora(
-            self.pruned_model(task.plan),
+            self.pruned_model(task.plan, task.channel_means),
             task.lora.rank,
             task.lora.alpha,
             self.lora_dropout,
@@ -241,6 +246,10 @@ class SimExecutor:
         if meter is not None:
             heads, channels = meter.result()
             importance = _to_full(heads, channels, task.plan, self.shape)
+            if self.measure_means and isinstance(meter, FlapMeter):
+                importance["means"] = _to_full(heads, meter.channel_means(), task.plan, self.shape)[
+                    "channels"
+                ]
         return ClientUpdate(
             round=task.round,
             device_id=task.device_id,
@@ -289,23 +298,31 @@ class SimExecutor:
         """Overwrite the shared base weights of the named modules (restoring a checkpoint)."""
         set_base_weights(self.model, weights)
 
-    def eval_model(self, plan: PruningPlan | None = None) -> Any:
+    def eval_model(
+        self, plan: PruningPlan | None = None, channel_means: list[torch.Tensor] | None = None
+    ) -> Any:
         """A plain copy of the model under evaluation, ready for :func:`evaluate`.
 
         The global adapter loaded by :meth:`load_global` is merged into the copy (none: the base as it
         is); with a pruning ``plan`` the base is pruned instead (pruning strategies keep no adapter).
         """
         if plan is not None:
-            model = self.pruned_model(plan)
+            model = self.pruned_model(plan, channel_means)
         elif self._global_adapter is None:
             model = plain_copy(self.model)
         else:
             model = merged_model(self.model)
         return prepare_eval_model(model, self.objective, self.eval_dtype)
 
-    def evaluate(self, eval_set: EvalSet, plan: PruningPlan | None = None) -> Evaluation:
-        """Evaluate the model with the global adapter loaded by :meth:`load_global` (pruned by ``plan``)."""
-        return evaluate(self.eval_model(plan), self.objective, eval_set.batches)
+    def evaluate(
+        self,
+        eval_set: EvalSet,
+        plan: PruningPlan | None = None,
+        channel_means: list[torch.Tensor] | None = None,
+    ) -> Evaluation:
+        """Evaluate the model with the global adapter loaded by :meth:`load_global` (pruned by ``plan``,
+        compensated with ``channel_means``)."""
+        return evaluate(self.eval_model(plan, channel_means), self.objective, eval_set.batches)
 
 
 def _to_full(

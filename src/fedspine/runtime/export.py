@@ -29,7 +29,7 @@ from fedspine.algorithms.strategies import FedSpine
 from fedspine.client.evaluate import evaluate, prepare_eval_model
 from fedspine.errors import ConfigError, FedspineError
 from fedspine.model.lora import merged_model, plain_copy
-from fedspine.model.pruning import is_uniform, plan_to_json, pruned_hf_config, shape_of
+from fedspine.model.pruning import add_zero_mlp_biases, is_uniform, plan_to_json, pruned_hf_config, shape_of
 from fedspine.runtime.build import Experiment
 
 MANIFEST = "manifest.json"
@@ -50,7 +50,10 @@ def export_models(exp: Experiment, run_dir: Path) -> dict[str, Any]:
         arms = strategy.deployment(device_ids)
         for ratio in sorted({arm.ratio for arm in arms.values()}):
             plan = strategy.plan_for(ratio)
-            model = executor.pruned_model(plan)
+            means = strategy.channel_means()
+            model = executor.pruned_model(plan, means)
+            if means is not None:
+                add_zero_mlp_biases(model)  # a stock config with mlp_bias has biases on gate/up too
             name = f"sparsity-{ratio:.2f}"
             entry = {
                 "dir": name,
@@ -61,7 +64,7 @@ def export_models(exp: Experiment, run_dir: Path) -> dict[str, Any]:
             entry["saved"] = False
             if cfg.save:
                 if is_uniform(plan, exp.shape):
-                    model.config = pruned_hf_config(model.config, plan)
+                    model.config = pruned_hf_config(model.config, plan, mlp_bias=means is not None)
                     _save(model, exp, models_dir / name)
                     entry["saved"] = True
                 else:

@@ -154,6 +154,11 @@ class Strategy(ABC):
         """The pruning plan of the model to evaluate (None = dense)."""
         return None
 
+    def channel_means(self) -> list[torch.Tensor] | None:
+        """Per layer, the mean MLP channel inputs whose removed channels pruned models keep as a bias
+        (FedSpine with ``compensate``); None: pruning removes channels without compensation."""
+        return None
+
     def end_round(self, round: int, results: Sequence[TaskResult], deadline: float) -> None:  # noqa: B027
         """Observe the round's task outcomes (e.g. rewards for a policy)."""
 

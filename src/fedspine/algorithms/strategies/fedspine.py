@@ -103,6 +103,8 @@ class CoverageSum:
     head_cover: dict[int, torch.Tensor] = field(default_factory=dict)
     channel_sums: dict[int, torch.Tensor] = field(default_factory=dict)
     channel_cover: dict[int, torch.Tensor] = field(default_factory=dict)
+    mean_sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    mean_cover: dict[int, torch.Tensor] = field(default_factory=dict)
     weight: float = 0.0
 
     def merge(self, other: CoverageSum) -> CoverageSum:
@@ -114,6 +116,8 @@ class CoverageSum:
             (self.head_cover, other.head_cover),
             (self.channel_sums, other.channel_sums),
             (self.channel_cover, other.channel_cover),
+            (self.mean_sums, other.mean_sums),
+            (self.mean_cover, other.mean_cover),
         ):
             for key, value in theirs.items():
                 mine[key] = mine[key] + value if key in mine else value.clone()  # type: ignore[index]
@@ -182,6 +186,10 @@ class FedSpine(Strategy):
     def plan_for(self, ratio: float) -> PruningPlan:
         """The nested plan that prunes ``ratio`` of every pruned layer (:meth:`PruningMasks.plan_for`)."""
         return self.masks.plan_for(ratio)
+
+    def channel_means(self) -> list[torch.Tensor] | None:
+        """With ``compensate``, the mean MLP channel inputs that pruned models keep as biases."""
+        return self.masks.channel_means if self.settings.compensate else None
 
     def begin_round(self, round: int, device_ids: Sequence[int]) -> None:
         """Pick the round's anchor: the selected device predicted fastest at the floor trains exactly the
@@ -273,8 +281,9 @@ class FedSpine(Strategy):
 
     def _downlink_bytes(self, sync: BaseSync, kept: ModuleShapes) -> int:
         """Missed merges on the kept coordinates (capped by the kept dense weights), the current base's
-        newly kept rows or columns, and the plan's indices when it changed: per merge and module, the
-        stacked factors ``R (kept_out + kept_in)`` floats."""
+        newly kept rows or columns, the plan's indices and (with ``compensate``) the removed channels'
+        mean inputs when it changed: per merge and module, the stacked factors ``R (kept_out + kept_in)``
+        floats."""
         missed = self._ranks_per_version[sync.since : sync.until]
         merges = sum(
             FLOAT_BYTES * ranks.get(m, 0) * (o + i) for ranks in missed for m, (o, i) in kept.items()
@@ -287,7 +296,11 @@ class FedSpine(Strategy):
             rows = not self.masks.is_column(module)
             fresh += FLOAT_BYTES * self.fresh_units(sync, module).numel() * (in_f if rows else out_f)
         indices = INDEX_BYTES * sum(len(k.kv_groups) + len(k.channels) for k in sync.plan.values())
-        return merges + fresh + indices
+        means = 0
+        if self.channel_means() is not None:  # the removed channels' means, when the plan changes
+            intermediate = self.masks.shape.intermediate
+            means = FLOAT_BYTES * sum(intermediate - len(k.channels) for k in sync.plan.values())
+        return merges + fresh + indices + means
 
     # --- aggregation -----------------------------------------------------------------------------
 
@@ -385,6 +398,13 @@ class FedSpine(Strategy):
                 scale = current[layer][kept].mean() / seen if seen > 0 else torch.tensor(0.0)
                 _add(sums, layer, w * mask * scores.float() * scale)
                 _add(cover, layer, w * mask)
+        for layer, means in enumerate(update.importance.get("means") or []):
+            keep = plan.get(layer)
+            mask = torch.ones(means.numel())
+            if keep is not None:
+                mask = torch.zeros(means.numel()).index_fill_(0, torch.tensor(keep.channels), 1.0)
+            _add(partial.mean_sums, layer, w * mask * means.float())
+            _add(partial.mean_cover, layer, w * mask)
 
     def finalize(self, partial: CoverageSum) -> None:
         if partial.weight <= 0:
@@ -414,8 +434,22 @@ class FedSpine(Strategy):
                 seen = cover[layer] > 0
                 observed = total[seen] / cover[layer][seen]
                 scores[layer][seen] = beta * scores[layer][seen] + (1 - beta) * observed
+        if partial.mean_sums:
+            self._update_means(partial, beta)
         if partial.head_sums or partial.channel_sums:
             self.masks.rescored()
+
+    def _update_means(self, partial: CoverageSum, beta: float) -> None:
+        """The first measured means are taken as they are; later ones move them like the scores."""
+        masks = self.masks
+        first = masks.channel_means is None
+        if masks.channel_means is None:
+            masks.channel_means = [torch.zeros(masks.shape.intermediate) for _ in range(masks.shape.layers)]
+        for layer, total in partial.mean_sums.items():
+            seen = partial.mean_cover[layer] > 0
+            observed = total[seen] / partial.mean_cover[layer][seen]
+            current = masks.channel_means[layer]
+            current[seen] = observed if first else beta * current[seen] + (1 - beta) * observed
 
     # --- policy feedback -------------------------------------------------------------------------
 

@@ -67,6 +67,8 @@ class PruningMasks:
         self.observed = settings.importance == "magnitude"
         """Whether the importance has been measured (until then devices train densely: calibration)."""
         self.first_pruned_round: int | None = None
+        self.channel_means: list[torch.Tensor] | None = None
+        """Per layer, the devices' mean input of every MLP channel (None until measured)."""
         self._plans: dict[float, PruningPlan] = {}
 
     def sparsity(self, round_no: int) -> float:

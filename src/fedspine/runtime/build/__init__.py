@@ -191,6 +191,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         importance=cfg.strategy.fedspine.importance if cls.prunes else "magnitude",
         lora_dropout=cfg.lora.dropout,
         eval_dtype=cfg.eval.dtype,
+        measure_means=cls.prunes and cfg.strategy.fedspine.compensate,
     )
     return Experiment(
         settings=run_settings(cfg),
