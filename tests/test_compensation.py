@@ -18,7 +18,7 @@ from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.api import run_experiment
 from fedspine.config import FedSpineSection, load_config
 from fedspine.deploy.records import Timing, read_task, read_update, task_record, update_record
-from fedspine.errors import ConfigError
+from fedspine.errors import ConfigError, DeployError
 from fedspine.model.importance import FlapMeter
 from fedspine.model.pruning import (
     LayerKeep,
@@ -112,6 +112,8 @@ def test_channel_means_may_be_negative_but_must_be_finite_and_one_per_channel() 
     assert "finite" in (check_update(_update(nan, None, state=STATE), task, shape=shape) or "")
     short = _scores([torch.zeros(INTER - 1) for _ in range(LAYERS)])
     assert "units" in (check_update(_update(short, None, state=STATE), task, shape=shape) or "")
+    extra = {**_scores([torch.zeros(INTER) for _ in range(LAYERS)]), "biases": [torch.zeros(INTER)]}
+    assert "unknown" in (check_update(_update(extra, None, state=STATE), task, shape=shape) or "")
     one_layer = _scores([torch.zeros(INTER)])
     assert "layers" in (check_update(_update(one_layer, None, state=STATE), task, shape=shape) or "")
 
@@ -154,6 +156,11 @@ def test_channel_means_travel_to_and_from_a_device_and_are_charged_on_the_uplink
     update = _update(_scores(means), None)
     returned, _ = read_update(update_record(update, Timing(0, 1, 0)), task)
     assert returned.importance is not None and torch.equal(returned.importance["means"][1], means[1])
+    bad = ClientTask(
+        1, 0, 2, DeviceLora(2, 1.0), {}, 0, plan=task.plan, channel_means=[torch.tensor([float("inf")])]
+    )
+    with pytest.raises(DeployError, match="finite"):
+        read_task(task_record(bad, {}, 0.0))
     without = _update({k: v for k, v in _scores(means).items() if k != "means"}, None)
     assert update_payload_bytes(update) >= update_payload_bytes(without) + 4 * INTER * LAYERS
 
