@@ -121,22 +121,29 @@ def test_channel_means_may_be_negative_but_must_be_finite_and_one_per_channel() 
 def test_fedspine_averages_channel_means_over_the_devices_that_kept_each_channel() -> None:
     model = tiny()
     section = FedSpineSection(importance="flap", compensate=True, granularity="channels")
-    strategy = FedSpine("samples", masks_for(model, section), SlidingWindowUCB([0.0], [2]))
     half: Any = {layer: LayerKeep((0, 1), tuple(range(INTER // 2))) for layer in range(LAYERS)}
     ones = [torch.ones(INTER) for _ in range(LAYERS)]
     threes = [torch.full((INTER,), 3.0) for _ in range(LAYERS)]
-    partial = strategy.init_partial()
-    partial = strategy.accumulate(partial, _update(_scores(ones), None, samples=10))
-    partial = strategy.accumulate(partial, _update(_scores(threes), half, samples=30))
-    strategy.finalize(partial)
-    means = strategy.channel_means()
-    assert means is not None
+    strategies = {}
+    for compensate in (True, False):
+        strategy = FedSpine(
+            "samples", masks_for(model, replace(section, compensate=compensate)), SlidingWindowUCB([0.0], [2])
+        )
+        partial = strategy.init_partial()
+        partial = strategy.accumulate(partial, _update(_scores(ones), None, samples=10))
+        partial = strategy.accumulate(partial, _update(_scores(threes), half, samples=30))
+        strategy.finalize(partial)
+        strategies[compensate] = strategy
+    means = strategies[True].channel_means()
+    assert means is not None and strategies[False].channel_means() is None
     torch.testing.assert_close(means[0][: INTER // 2], torch.full((INTER // 2,), 2.5))  # (10*1 + 30*3) / 40
     torch.testing.assert_close(means[0][INTER // 2 :], torch.ones(INTER // 2))  # only the dense device
-    off = FedSpine(
-        "samples", masks_for(model, replace(section, compensate=False)), SlidingWindowUCB([0.0], [2])
-    )
-    assert off.channel_means() is None
+
+    sent = {}
+    for compensate, strategy in strategies.items():
+        lora = strategy.assign(2, 0, DeviceLora(2, 1.0)).lora
+        sent[compensate] = strategy.configure(2, 0, lora, torch.Generator().manual_seed(0)).downlink_bytes
+    assert sent[True] - sent[False] == 4 * INTER * LAYERS  # every layer's means travel with the task
 
 
 def test_compensation_needs_flap_importance() -> None:

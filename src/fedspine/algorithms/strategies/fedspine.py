@@ -281,26 +281,24 @@ class FedSpine(Strategy):
 
     def _downlink_bytes(self, sync: BaseSync, kept: ModuleShapes) -> int:
         """Missed merges on the kept coordinates (capped by the kept dense weights), the current base's
-        newly kept rows or columns, the plan's indices and (with ``compensate``) the removed channels'
-        mean inputs when it changed: per merge and module, the stacked factors ``R (kept_out + kept_in)``
+        newly kept rows or columns and the plan's indices when it changed, and (with ``compensate``) every
+        layer's channel means: per merge and module, the stacked factors ``R (kept_out + kept_in)``
         floats."""
         missed = self._ranks_per_version[sync.since : sync.until]
         merges = sum(
             FLOAT_BYTES * ranks.get(m, 0) * (o + i) for ranks in missed for m, (o, i) in kept.items()
         )
         merges = min(merges, sum(FLOAT_BYTES * o * i for o, i in kept.values()))
+        shape = self.masks.shape
+        means = 0 if self.channel_means() is None else FLOAT_BYTES * shape.intermediate * shape.layers
         if sync.previous is sync.plan:
-            return merges
+            return merges + means
         fresh = 0
         for module, (out_f, in_f) in self.masks.module_shapes.items():
             rows = not self.masks.is_column(module)
             fresh += FLOAT_BYTES * self.fresh_units(sync, module).numel() * (in_f if rows else out_f)
         indices = INDEX_BYTES * sum(len(k.kv_groups) + len(k.channels) for k in sync.plan.values())
-        means = 0
-        if self.channel_means() is not None:  # the removed channels' means, when the plan changes
-            intermediate = self.masks.shape.intermediate
-            means = FLOAT_BYTES * sum(intermediate - len(k.channels) for k in sync.plan.values())
-        return merges + fresh + indices + means
+        return merges + means + fresh + indices
 
     # --- aggregation -----------------------------------------------------------------------------
 
