@@ -21,6 +21,7 @@ import math
 import torch
 
 from fedspine.algorithms.lora_math import cut_to
+from fedspine.algorithms.wire import IMPORTANCE_KINDS
 from fedspine.model.footprint import ModelShape
 from fedspine.types import ClientTask, ClientUpdate
 
@@ -121,8 +122,9 @@ def _check_importance(importance: dict[str, list[torch.Tensor]], shape: ModelSha
     means = importance.get("means")
     if means is not None and len(means) != len(channels):
         return f"channel means for {len(means)} layers; the scores are for {len(channels)}"
-    if set(importance) - {"heads", "channels", "means"}:
-        return f"unknown importance kinds {sorted(set(importance) - {'heads', 'channels', 'means'})}"
+    unknown = set(importance) - set(IMPORTANCE_KINDS)
+    if unknown:
+        return f"unknown importance kinds {sorted(unknown)}"
     sizes = {
         "heads": None if shape is None else shape.kv_heads,
         "channels": None if shape is None else shape.intermediate,

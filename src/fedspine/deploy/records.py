@@ -262,11 +262,8 @@ def read_update(
 def _importance(scores: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
     """Per kind, the scores of layers ``0..L-1`` (keys ``heads/<i>``, ``channels/<i>`` and, for bias
     compensation, ``means/<i>``)."""
-    kinds = (
-        ("heads", "channels", "means")
-        if any(k.startswith("means/") for k in scores)
-        else ("heads", "channels")
-    )
+    measured_means = any(k.startswith("means/") for k in scores)
+    kinds = IMPORTANCE_KINDS if measured_means else IMPORTANCE_KINDS[:2]
     layers = len(scores) // len(kinds)
     expected = {f"{kind}/{i}" for kind in kinds for i in range(layers)}
     if set(scores) != expected:

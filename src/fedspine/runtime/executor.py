@@ -245,11 +245,13 @@ class SimExecutor:
         importance = None
         if meter is not None:
             heads, channels = meter.result()
-            importance = _to_full(heads, channels, task.plan, self.shape)
+            importance = {
+                "heads": _in_full(heads, task.plan, "heads", self.shape.kv_heads),
+                "channels": _in_full(channels, task.plan, "channels", self.shape.intermediate),
+            }
             if self.measure_means and isinstance(meter, FlapMeter):
-                importance["means"] = _to_full(heads, meter.channel_means(), task.plan, self.shape)[
-                    "channels"
-                ]
+                means = meter.channel_means()
+                importance["means"] = _in_full(means, task.plan, "channels", self.shape.intermediate)
         return ClientUpdate(
             round=task.round,
             device_id=task.device_id,
@@ -325,17 +327,15 @@ class SimExecutor:
         return evaluate(self.eval_model(plan, channel_means), self.objective, eval_set.batches)
 
 
-def _to_full(
-    heads: list[torch.Tensor], channels: list[torch.Tensor], plan: PruningPlan, shape: ModelShape
-) -> dict[str, list[torch.Tensor]]:
-    """Per-layer scores of the kept units, placed in full coordinates (zero where pruned)."""
-    full_heads, full_channels = [], []
-    for layer, (h, c) in enumerate(zip(heads, channels, strict=True)):
+def _in_full(values: list[torch.Tensor], plan: PruningPlan, kind: str, size: int) -> list[torch.Tensor]:
+    """Per layer, ``values`` of the kept units (KV groups or MLP channels: ``kind``) placed in full
+    coordinates of ``size`` units (zero where pruned)."""
+    full = []
+    for layer, v in enumerate(values):
         keep = plan.get(layer)
         if keep is None:
-            full_heads.append(h.float())
-            full_channels.append(c.float())
-            continue
-        full_heads.append(scatter_to_full(h.float(), torch.tensor(keep.kv_groups), shape.kv_heads))
-        full_channels.append(scatter_to_full(c.float(), torch.tensor(keep.channels), shape.intermediate))
-    return {"heads": full_heads, "channels": full_channels}
+            full.append(v.float())
+        else:
+            kept = keep.kv_groups if kind == "heads" else keep.channels
+            full.append(scatter_to_full(v.float(), torch.tensor(kept), size))
+    return full

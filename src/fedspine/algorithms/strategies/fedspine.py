@@ -373,7 +373,9 @@ class FedSpine(Strategy):
         self, partial: CoverageSum, update: ClientUpdate, plan: PruningPlan, w: float
     ) -> None:
         masks = self.masks
-        for kind, observed, current, sums, cover in (
+        kinds: list[
+            tuple[str, list[torch.Tensor], list[torch.Tensor] | None, dict[int, torch.Tensor], Any]
+        ] = [
             ("heads", update.importance["heads"], masks.head_scores, partial.head_sums, partial.head_cover),
             (
                 "channels",
@@ -382,7 +384,10 @@ class FedSpine(Strategy):
                 partial.channel_sums,
                 partial.channel_cover,
             ),
-        ):
+        ]
+        if "means" in update.importance:  # channel means (compensation) are averaged as they are
+            kinds.append(("means", update.importance["means"], None, partial.mean_sums, partial.mean_cover))
+        for kind, observed, current, sums, cover in kinds:
             for layer, scores in enumerate(observed):
                 keep = plan.get(layer)
                 size = scores.numel()
@@ -392,17 +397,12 @@ class FedSpine(Strategy):
                     else torch.tensor(keep.kv_groups if kind == "heads" else keep.channels, dtype=torch.long)
                 )
                 mask = torch.zeros(size).index_fill_(0, kept, 1.0)
-                seen = scores.float()[kept].mean()
-                scale = current[layer][kept].mean() / seen if seen > 0 else torch.tensor(0.0)
+                scale: Any = 1.0
+                if current is not None:
+                    seen = scores.float()[kept].mean()
+                    scale = current[layer][kept].mean() / seen if seen > 0 else torch.tensor(0.0)
                 _add(sums, layer, w * mask * scores.float() * scale)
                 _add(cover, layer, w * mask)
-        for layer, means in enumerate(update.importance.get("means") or []):
-            keep = plan.get(layer)
-            mask = torch.ones(means.numel())
-            if keep is not None:
-                mask = torch.zeros(means.numel()).index_fill_(0, torch.tensor(keep.channels), 1.0)
-            _add(partial.mean_sums, layer, w * mask * means.float())
-            _add(partial.mean_cover, layer, w * mask)
 
     def finalize(self, partial: CoverageSum) -> None:
         if partial.weight <= 0:
@@ -424,30 +424,22 @@ class FedSpine(Strategy):
 
     def _update_importance(self, partial: CoverageSum) -> None:
         beta = self.settings.score_momentum
-        for sums, cover, scores in (
-            (partial.head_sums, partial.head_cover, self.masks.head_scores),
-            (partial.channel_sums, partial.channel_cover, self.masks.channel_scores),
+        masks = self.masks
+        means_beta = beta  # the first measured channel means are taken as they are
+        if partial.mean_sums and masks.channel_means is None:
+            masks.channel_means = [torch.zeros(masks.shape.intermediate) for _ in range(masks.shape.layers)]
+            means_beta = 0.0
+        for sums, cover, values, momentum in (
+            (partial.head_sums, partial.head_cover, masks.head_scores, beta),
+            (partial.channel_sums, partial.channel_cover, masks.channel_scores, beta),
+            (partial.mean_sums, partial.mean_cover, masks.channel_means or [], means_beta),
         ):
             for layer, total in sums.items():
                 seen = cover[layer] > 0
                 observed = total[seen] / cover[layer][seen]
-                scores[layer][seen] = beta * scores[layer][seen] + (1 - beta) * observed
-        if partial.mean_sums:
-            self._update_means(partial, beta)
+                values[layer][seen] = momentum * values[layer][seen] + (1 - momentum) * observed
         if partial.head_sums or partial.channel_sums:
-            self.masks.rescored()
-
-    def _update_means(self, partial: CoverageSum, beta: float) -> None:
-        """The first measured means are taken as they are; later ones move them like the scores."""
-        masks = self.masks
-        first = masks.channel_means is None
-        if masks.channel_means is None:
-            masks.channel_means = [torch.zeros(masks.shape.intermediate) for _ in range(masks.shape.layers)]
-        for layer, total in partial.mean_sums.items():
-            seen = partial.mean_cover[layer] > 0
-            observed = total[seen] / partial.mean_cover[layer][seen]
-            current = masks.channel_means[layer]
-            current[seen] = observed if first else beta * current[seen] + (1 - beta) * observed
+            masks.rescored()
 
     # --- policy feedback -------------------------------------------------------------------------
 
