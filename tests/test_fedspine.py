@@ -29,7 +29,6 @@ from fedspine.algorithms.strategies.masks import PruningMasks
 from fedspine.algorithms.wire import payload_bytes, update_payload_bytes
 from fedspine.api import run_experiment
 from fedspine.config import FedSpineSection
-from fedspine.errors import ModelError
 from fedspine.model.footprint import combine_workloads, train_workload
 from fedspine.model.importance import FlapMeter, TaylorMeter
 from fedspine.model.load import build_tiny_llama
@@ -44,6 +43,7 @@ from fedspine.model.pruning import (
     pruned_hf_config,
     pruned_shapes,
     shape_of,
+    write_model_code,
 )
 from fedspine.types import ClientUpdate, DeviceLora, TaskResult, TaskStatus
 
@@ -557,11 +557,33 @@ def test_an_exported_pruned_model_loads_with_plain_transformers(tmp_path: Path) 
     assert out.shape == (1, 15)
 
 
-def test_layers_of_different_widths_cannot_be_described_by_a_stock_config() -> None:
+def test_a_model_with_dense_layers_saves_with_its_code_and_loads_with_plain_transformers(
+    tmp_path: Path,
+) -> None:
+    from transformers import AutoModelForCausalLM
+
     model = tiny()
     plan = plan_from_scores(*magnitude_scores(model), ratio=0.5, dense_layers=[0])
-    with pytest.raises(ModelError, match="dense_layers"):
-        pruned_hf_config(model.config, plan)
+    pruned = prune_model(model, plan)
+    pruned.config = pruned_hf_config(pruned.config, plan)
+    pruned.save_pretrained(tmp_path / "m")
+    write_model_code(pruned.config, tmp_path / "m")
+
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "m")  # custom code runs only when asked
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True)
+    widths = [
+        (layer.self_attn.k_proj.out_features, layer.mlp.gate_proj.out_features)
+        for layer in loaded.model.layers
+    ]
+    assert widths[0] != widths[1] and widths == [
+        (layer.self_attn.k_proj.out_features, layer.mlp.gate_proj.out_features)
+        for layer in pruned.model.layers
+    ]
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in pruned.parameters())
+    torch.testing.assert_close(loaded(**tokens()).logits, pruned(**tokens()).logits)
+    out = loaded.generate(tokens()["input_ids"][:1], max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 15)
 
 
 def test_fedspine_run_exports_a_model_per_device(tmp_path: Path, tiny_config: Any) -> None:

@@ -372,7 +372,8 @@ class FedSpineSection:
     freeze_mask: bool = True
     """Fix the unit order after the calibration round: masks only shrink, a pruned unit never returns."""
     dense_layers: list[int] = field(default_factory=list)
-    """Layers never pruned, e.g. [0, 1, -1]; negative indices count from the end. Export needs []."""
+    """Layers never pruned, e.g. [0, 1, -1]; negative indices count from the end. Their models are saved
+    with a config listing each layer's widths (loads with trust_remote_code=True)."""
     channel_multiple: int = 1
     """Kept MLP channel counts round to a multiple of this (hardware-friendly widths)."""
     compensate: bool = False

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +30,7 @@ from torch import Tensor, nn
 
 from fedspine.errors import ModelError
 from fedspine.model.footprint import ModelShape, combine_workloads, model_shape, train_workload
+from fedspine.model.layerwise_llama import LayerwiseLlamaConfig, LayerwiseLlamaForCausalLM
 from fedspine.types import TrainWorkload
 
 ROW_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -405,34 +409,48 @@ def pruned_workload(plan: PruningPlan | None, shape: ModelShape, **workload: Any
     return combine_workloads([(train_workload(part, **workload), fraction) for part, fraction in parts])
 
 
-def is_uniform(plan: PruningPlan, shape: ModelShape) -> bool:
-    """Whether every layer keeps the same widths (then a stock Llama config describes the model)."""
-    return len(set(layer_widths(plan, shape))) == 1
+LAYERWISE_MODULE = "layerwise_llama"
+"""Module name of a saved model's own code when its layers differ in width."""
+_NOT_CARRIED = ("model_type", "architectures", "auto_map", "transformers_version")
+"""Config fields a :class:`LayerwiseLlamaConfig` sets itself (or ``save_pretrained`` writes)."""
 
 
 def pruned_hf_config(hf_config: Any, plan: PruningPlan, mlp_bias: bool = False) -> Any:
-    """A copy of ``hf_config`` describing the pruned model, for ``save_pretrained``; ``mlp_bias`` for a
-    model whose MLPs carry biases (bias compensation: see :func:`add_zero_mlp_biases`).
+    """A config describing the pruned model, for ``save_pretrained``; ``mlp_bias`` for a model whose MLPs
+    carry biases (bias compensation: see :func:`add_zero_mlp_biases`).
 
-    Raises:
-        ModelError: the plan's layers differ in width (keep-dense layers): a stock Llama config has one
-            width for every layer.
+    A plan that keeps every layer at one width gets a copy of ``hf_config`` (a stock Llama config). A plan
+    with dense layers gets a :class:`~fedspine.model.layerwise_llama.LayerwiseLlamaConfig` listing each
+    layer's widths, whose ``auto_map`` names the classes that load it; the saved directory then needs
+    their source beside the weights (:func:`write_model_code`) and loads with ``trust_remote_code=True``.
     """
     shape = model_shape(hf_config)
-    widths = set(layer_widths(plan, shape))
-    if len(widths) != 1:
-        raise ModelError(
-            f"the pruned layers keep different widths {sorted(widths)}; a Hugging Face Llama config holds "
-            "one width per model (prune every layer, strategy.fedspine.dense_layers = [], to export)"
-        )
-    ((kv, channels),) = widths
+    widths = layer_widths(plan, shape)
+    mlp_bias = mlp_bias or bool(getattr(hf_config, "mlp_bias", False))
+    if len(set(widths)) > 1:
+        fields = {k: v for k, v in hf_config.to_dict().items() if k not in _NOT_CARRIED}
+        config = LayerwiseLlamaConfig(layer_widths=[list(w) for w in widths], **fields)
+        config.head_dim = shape.head_dim
+        config.mlp_bias = mlp_bias
+        config.auto_map = {
+            "AutoConfig": f"{LAYERWISE_MODULE}.{LayerwiseLlamaConfig.__name__}",
+            "AutoModelForCausalLM": f"{LAYERWISE_MODULE}.{LayerwiseLlamaForCausalLM.__name__}",
+        }
+        return config
+    ((kv, channels),) = set(widths)
     config = copy.deepcopy(hf_config)
     config.num_key_value_heads = kv
     config.num_attention_heads = kv * (shape.heads // shape.kv_heads)
     config.intermediate_size = channels
     config.head_dim = shape.head_dim
-    config.mlp_bias = mlp_bias or bool(getattr(hf_config, "mlp_bias", False))
+    config.mlp_bias = mlp_bias
     return config
+
+
+def write_model_code(config: Any, directory: Path) -> None:
+    """Put the source a config's ``auto_map`` names into ``directory`` (nothing for a stock config)."""
+    if isinstance(config, LayerwiseLlamaConfig):
+        shutil.copyfile(inspect.getfile(LayerwiseLlamaConfig), directory / f"{LAYERWISE_MODULE}.py")
 
 
 def add_zero_mlp_biases(model: nn.Module) -> None:
@@ -457,6 +475,7 @@ def plan_to_json(plan: PruningPlan) -> dict[str, dict[str, list[int]]]:
 
 __all__ = [
     "COLUMN_MODULES",
+    "LAYERWISE_MODULE",
     "ROW_MODULES",
     "LayerKeep",
     "PruningPlan",
@@ -465,7 +484,6 @@ __all__ = [
     "decoder_layers",
     "gather_kept",
     "index_maps",
-    "is_uniform",
     "kept_count",
     "layer_index_map",
     "layer_widths",
@@ -480,4 +498,5 @@ __all__ = [
     "scatter_to_full",
     "shape_of",
     "top_indices",
+    "write_model_code",
 ]

@@ -29,7 +29,13 @@ from fedspine.algorithms.strategies import FedSpine
 from fedspine.client.evaluate import evaluate, prepare_eval_model
 from fedspine.errors import ConfigError, FedspineError
 from fedspine.model.lora import merged_model, plain_copy
-from fedspine.model.pruning import add_zero_mlp_biases, is_uniform, plan_to_json, pruned_hf_config, shape_of
+from fedspine.model.pruning import (
+    add_zero_mlp_biases,
+    plan_to_json,
+    pruned_hf_config,
+    shape_of,
+    write_model_code,
+)
 from fedspine.runtime.build import Experiment
 
 MANIFEST = "manifest.json"
@@ -61,16 +67,11 @@ def export_models(exp: Experiment, run_dir: Path) -> dict[str, Any]:
                 **_describe(model, exp, cfg.generate_tokens if cfg.speed else 0),
             }
             entry["metric"] = _metric(model, exp)
-            entry["saved"] = False
+            entry["saved"] = bool(cfg.save)
             if cfg.save:
-                if is_uniform(plan, exp.shape):
-                    model.config = pruned_hf_config(model.config, plan, mlp_bias=means is not None)
-                    _save(model, exp, models_dir / name)
-                    entry["saved"] = True
-                else:
-                    entry["not_saved_because"] = (
-                        "layers keep different widths (strategy.fedspine.dense_layers)"
-                    )
+                model.config = pruned_hf_config(model.config, plan, mlp_bias=means is not None)
+                entry["format"] = model.config.model_type
+                _save(model, exp, models_dir / name)
             (models_dir).mkdir(parents=True, exist_ok=True)
             (models_dir / f"{name}.plan.json").write_text(json.dumps(plan_to_json(plan)), encoding="utf-8")
             entries.append(entry)
@@ -148,6 +149,7 @@ def _save(model: Any, exp: Experiment, out: Path) -> None:
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
+    write_model_code(model.config, partial)
     if exp.tokenizer is not None:
         exp.tokenizer.save_pretrained(partial)
     os.replace(partial, out)
