@@ -337,6 +337,19 @@ class TrainSection:
 
 
 @dataclass(frozen=True)
+class ExecutorSection:
+    """How the simulator trains the client tasks of a round on this host."""
+
+    batch_clients: int = 0
+    """Tasks of a synchronous round trained together, one forward/backward over all their batches with
+    an adapter each (1 = one by one; 0 = auto: one by one on a CPU, where a step is compute-bound and
+    batching gains little, so records stay bit-identical). Needs lora.dropout = 0 when above 1."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_clients >= 0, "executor.batch_clients", "must be >= 0 (0 = auto, 1 = one by one)")
+
+
+@dataclass(frozen=True)
 class HetLoRASection:
     """HetLoRA's local rank self-pruning."""
 
@@ -666,6 +679,8 @@ class Config:
     """Simulated devices."""
     train: TrainSection = field(default_factory=TrainSection)
     """Local training."""
+    executor: ExecutorSection = field(default_factory=ExecutorSection)
+    """How the simulator trains client tasks."""
     strategy: StrategySection = field(default_factory=StrategySection)
     """Aggregation strategy."""
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
@@ -680,6 +695,11 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(len(self.fleet.groups) > 0, "fleet.groups", "the fleet needs at least one device group")
+        _check(
+            self.executor.batch_clients <= 1 or self.lora.dropout == 0,
+            "executor.batch_clients",
+            "batched clients train without LoRA dropout: set lora.dropout = 0 or executor.batch_clients = 1",
+        )
 
 
 # --- dict <-> dataclass ------------------------------------------------------------------------

@@ -40,6 +40,10 @@ class Objective(Protocol):
     def loss(self, model: Any, batch: Any) -> torch.Tensor:
         """Mean training loss of the batch (differentiable)."""
 
+    def example_losses(self, model: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example, the summed loss and what it is summed over, both (B,): the mean training loss
+        of any set of rows is their loss sum over their count (batched training of several clients)."""
+
     def evaluate(self, model: Any, batch: Any) -> BatchResult:
         """Summed loss and counts of the batch (no gradient)."""
 
@@ -86,6 +90,10 @@ class ClassificationObjective:
     def loss(self, model: Any, batch: Any) -> torch.Tensor:
         return F.cross_entropy(self.label_logits(model, batch), batch.label_index)
 
+    def example_losses(self, model: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        losses = F.cross_entropy(self.label_logits(model, batch), batch.label_index, reduction="none")
+        return losses, torch.ones_like(losses)
+
     def evaluate(self, model: Any, batch: Any) -> BatchResult:
         logits = self.label_logits(model, batch)
         loss = F.cross_entropy(logits, batch.label_index, reduction="sum")
@@ -113,6 +121,11 @@ class LanguageModelingObjective:
     def loss(self, model: Any, batch: Any) -> torch.Tensor:
         losses, mask = self._token_losses(model, batch)
         return losses.sum() / mask.sum().clamp(min=1)
+
+    def example_losses(self, model: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, mask = self._token_losses(model, batch)
+        rows = batch.input_ids.shape[0]
+        return losses.view(rows, -1).sum(-1), mask.view(rows, -1).sum(-1).to(losses.dtype)
 
     def evaluate(self, model: Any, batch: Any) -> BatchResult:
         losses, mask = self._token_losses(model, batch)

@@ -680,7 +680,48 @@ class Engine:
     def train(self, outcome: TaskOutcome) -> None:
         """Train ``outcome``'s task on the host, as its device would, and check the update."""
         assert outcome.prepared is not None and outcome.task is not None
-        update = self.exp.executor.run(outcome.task, outcome.prepared)
+        self._trained(outcome, self.exp.executor.run(outcome.task, outcome.prepared))
+
+    def train_together(self, outcomes: Sequence[TaskOutcome]) -> None:
+        """Train tasks that start from the same base in one batch (``executor.batch_clients``), then
+        handle each update as :meth:`train` does, in the order given."""
+        tasks, prepared = [], []
+        for o in outcomes:
+            assert o.task is not None and o.prepared is not None
+            tasks.append(o.task)
+            prepared.append(o.prepared)
+        updates = self.exp.executor.run_many(tasks, prepared)
+        for outcome, update in zip(outcomes, updates, strict=True):
+            self._trained(outcome, update)
+
+    def batch_with(self, first: TaskOutcome) -> list[TaskOutcome]:
+        """``first`` (the round's next arrival) and the tasks to train in one batch with it: the other
+        tasks of its round that will be aggregated unless an update is rejected — still out, not lost,
+        within the deadline, the earliest arrivals up to the round's k. A later one, admitted after a
+        rejection, trains alone when it arrives, as it would one by one. Only ``first`` outside a round
+        or with ``executor.batch_clients`` 1."""
+        cohort = self.loop.round
+        if self.exp.executor.batch_clients <= 1 or cohort is None:
+            return [first]
+        deadline = self._rounds.deadline_seconds
+        waiting = sorted(
+            (
+                o
+                for o in (self.loop.running[t].outcome for t in cohort.out if t in self.loop.running)
+                if o is not first
+                and o.status == TaskStatus.OK
+                and o.update is None
+                and o.lost_seconds is None
+                and (deadline <= 0 or o.arrival_seconds <= deadline)
+            ),
+            key=lambda o: (o.arrival_seconds, o.device.device_id),
+        )
+        places = self._rounds.clients_per_round - len(cohort.arrivals)
+        return [first, *waiting][: max(places, 1)]
+
+    def _trained(self, outcome: TaskOutcome, update: ClientUpdate) -> None:
+        """Take a trained update through the device's attack and uplink, then the server's checks."""
+        assert outcome.task is not None
         attack = self.exp.settings.attack
         if attack.kind != "none" and update.device_id in attack.devices:
             update = corrupt(update, outcome.task.payload, attack.kind, attack.factor)

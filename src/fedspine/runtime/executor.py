@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from fedspine.algorithms.strategies.base import DeviceSide
+from fedspine.client.batched import Lane, train_lanes
 from fedspine.client.evaluate import EvalSet, Evaluation, evaluate, prepare_eval_model
 from fedspine.client.objectives import Objective
-from fedspine.client.train import make_optimizer, train_local
+from fedspine.client.train import LocalResult, make_optimizer, train_local
 from fedspine.data.batching import Batch, EncodedDataset, collate, iterate_batches
 from fedspine.model.footprint import ModelShape
 from fedspine.model.importance import FlapMeter, TaylorMeter, make_meter
@@ -100,6 +101,7 @@ class SimExecutor:
         lora_dropout: float = 0.0,
         eval_dtype: str = "model",
         measure_means: bool = False,
+        batch_clients: int = 1,
     ) -> None:
         self.model = model
         self.objective = objective
@@ -121,6 +123,8 @@ class SimExecutor:
         self.measure_means = measure_means
         """Devices that measure FLAP importance also report their MLP channels' mean inputs (for bias
         compensation)."""
+        self.batch_clients = batch_clients
+        """How many tasks :meth:`run_many` trains in one batch (1: one by one)."""
 
     def prepare(
         self,
@@ -194,7 +198,49 @@ class SimExecutor:
         result = train_local(
             self.model, self.objective, prepared.batches, optimizer, t.max_grad_norm, self._penalty(name)
         )
-        state = self.device_side.finish(get_lora_state(self.model, name), task.lora)
+        return self._update(task, prepared, get_lora_state(self.model, name), result)
+
+    def run_many(self, tasks: Sequence[ClientTask], prepared: Sequence[PreparedTask]) -> list[ClientUpdate]:
+        """Train tasks that start from the same base, ``batch_clients`` at a time in one batch
+        (:func:`~fedspine.client.batched.train_lanes`); the updates are :meth:`run`'s, up to the order
+        of floating-point sums. Tasks on pruned submodels train one by one."""
+        updates: dict[int, ClientUpdate] = {}
+        together = [i for i, task in enumerate(tasks) if task.plan is None] if self.batch_clients > 1 else []
+        for i, task in enumerate(tasks):
+            if i not in together:
+                updates[i] = self.run(task, prepared[i])
+        t = self.training
+        for first in range(0, len(together), self.batch_clients):
+            group = together[first : first + self.batch_clients]
+            lanes = [
+                Lane(
+                    _factors_only(tasks[i].payload),
+                    tasks[i].lora.scaling,
+                    prepared[i].batches,
+                    self.device_side.penalty,
+                )
+                for i in group
+            ]
+            results = train_lanes(
+                self.model,
+                self.objective,
+                lanes,
+                optimizer=t.optimizer,
+                lr=t.lr,
+                weight_decay=t.weight_decay,
+                max_grad_norm=t.max_grad_norm,
+                padding_side=self.train_data.padding_side,
+                pad_id=self.train_data.pad_id,
+            )
+            for i, (state, result) in zip(group, results, strict=True):
+                updates[i] = self._update(tasks[i], prepared[i], state, result)
+        return [updates[i] for i in range(len(tasks))]
+
+    def _update(
+        self, task: ClientTask, prepared: PreparedTask, trained: LoraState, result: LocalResult
+    ) -> ClientUpdate:
+        """The update of a task trained on the shared model: its factors, post-processed by the device."""
+        state = self.device_side.finish(trained, task.lora)
         return ClientUpdate(
             round=task.round,
             device_id=task.device_id,
@@ -325,6 +371,11 @@ class SimExecutor:
         """Evaluate the model with the global adapter loaded by :meth:`load_global` (pruned by ``plan``,
         compensated with ``channel_means``)."""
         return evaluate(self.eval_model(plan, channel_means), self.objective, eval_set.batches)
+
+
+def _factors_only(state: LoraState) -> LoraState:
+    """``state``'s A and B per module (a strategy's other per-module keys are not trained)."""
+    return {name: {"A": entry["A"], "B": entry["B"]} for name, entry in state.items()}
 
 
 def _in_full(values: list[torch.Tensor], plan: PruningPlan, kind: str, size: int) -> list[torch.Tensor]:

@@ -131,7 +131,11 @@ class SimulatedTransport:
     def deliver(self, engine: Engine, task: RunningTask) -> None:
         o = task.outcome
         if o.update is None and o.status == TaskStatus.OK:
-            engine.train(o)
+            together = engine.batch_with(o)
+            if len(together) > 1:
+                engine.train_together(together)
+            else:
+                engine.train(o)
 
     def collect(self, engine: Engine, events: Events) -> bool:
         return False

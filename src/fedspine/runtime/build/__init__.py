@@ -192,6 +192,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         lora_dropout=cfg.lora.dropout,
         eval_dtype=cfg.eval.dtype,
         measure_means=cls.prunes and cfg.strategy.fedspine.compensate,
+        batch_clients=cfg.executor.batch_clients or 1,  # auto: one by one on the CPU
     )
     return Experiment(
         settings=run_settings(cfg),

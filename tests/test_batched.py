@@ -1,0 +1,113 @@
+"""Batched client training: tasks trained together in one forward/backward give the updates they get
+trained one by one (tiny model, float32), whatever their ranks, scalings, steps, objective or penalty."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fedspine.api import run_experiment
+from fedspine.config import load_config
+from fedspine.errors import ConfigError
+from fedspine.model.lora import lora_module_names
+from fedspine.runtime.build import build_experiment
+from fedspine.types import ClientTask, ClientUpdate, DeviceLora
+from tests.conftest import CONFIGS
+
+FAST = ["data.max_examples=600", "data.test_size=60", "eval.every=100"]
+TOLERANCE = {"atol": 2e-5, "rtol": 1e-4}
+"""The lanes' rows are summed in another order than one by one: float32 agreement, not bit equality."""
+
+
+def _random_payload(model: Any, rank: int, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    base = model.get_base_model()
+    payload = {}
+    for name in lora_module_names(model):
+        linear = base.get_submodule(name).base_layer
+        payload[name] = {
+            "A": torch.randn(rank, linear.in_features, generator=gen) * 0.1,
+            "B": torch.randn(linear.out_features, rank, generator=gen) * 0.1,
+        }
+    return payload
+
+
+def _tasks(exp: Any, loras: list[DeviceLora], steps: list[int]) -> tuple[list[ClientTask], list[Any]]:
+    tasks, prepared = [], []
+    for device_id, (lora, n) in enumerate(zip(loras, steps, strict=True)):
+        device = exp.devices[device_id]
+        prepared.append(exp.executor.prepare(1, device, lora, n))
+        payload = _random_payload(exp.executor.model, lora.rank, seed=device_id)
+        tasks.append(ClientTask(1, device_id, n, lora, payload, 0))
+    return tasks, prepared
+
+
+def _assert_same(one: ClientUpdate, other: ClientUpdate) -> None:
+    assert one.device_id == other.device_id and one.lora_rank == other.lora_rank
+    assert one.tokens == other.tokens and one.num_samples == other.num_samples
+    assert one.train_loss == pytest.approx(other.train_loss, rel=1e-5)
+    assert set(one.lora_state) == set(other.lora_state)
+    for name, entry in one.lora_state.items():
+        for key in ("A", "B"):
+            torch.testing.assert_close(entry[key], other.lora_state[name][key], **TOLERANCE)
+
+
+@pytest.mark.parametrize("task", ["classification", "lm"])
+def test_tasks_of_mixed_ranks_scalings_and_steps_train_together_as_one_by_one(task: str) -> None:
+    exp = build_experiment(load_config(CONFIGS / "tiny.toml", [*FAST, f"data.task={task}"]))
+    loras = [DeviceLora(2, 2.0), DeviceLora(4, 0.5), DeviceLora(8, 1.0), DeviceLora(4, 2.0)]
+    tasks, prepared = _tasks(exp, loras, steps=[3, 1, 4, 3])
+    alone = [exp.executor.run(t, p) for t, p in zip(tasks, prepared, strict=True)]
+    exp.executor.batch_clients = 3  # two batches: three lanes, then one
+    together = exp.executor.run_many(tasks, prepared)
+    for one, other in zip(alone, together, strict=True):
+        _assert_same(one, other)
+    moved = [
+        float((u.lora_state[n]["B"] - t.payload[n]["B"]).abs().max())
+        for u, t in zip(together, tasks, strict=True)
+        for n in u.lora_state
+    ]
+    assert min(moved) > 0  # every lane really trained
+
+
+def test_the_shared_base_model_is_unchanged_by_batched_training() -> None:
+    exp = build_experiment(load_config(CONFIGS / "tiny.toml", FAST))
+    before = {k: v.clone() for k, v in exp.executor.model.state_dict().items()}
+    tasks, prepared = _tasks(exp, [DeviceLora(4, 2.0)] * 2, steps=[2, 2])
+    exp.executor.batch_clients = 2
+    exp.executor.run_many(tasks, prepared)
+    after = exp.executor.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(h for m in exp.executor.model.modules() for h in m._forward_hooks.values())
+
+
+def _task_records(run_dir: Path) -> list[dict[str, Any]]:
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    return sorted((e for e in events if e["event"] == "task"), key=lambda e: (e["round"], e["device_id"]))
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "flora", "hetlora"])
+def test_a_run_with_batched_clients_records_what_one_by_one_records(tmp_path: Path, strategy: str) -> None:
+    overrides = [*FAST, "scheduler.rounds=2", "train.local_steps=2", f"strategy.name={strategy}"]
+    results = {}
+    for batch in (1, 6):
+        config = load_config(CONFIGS / "tiny.toml", [*overrides, f"executor.batch_clients={batch}"])
+        results[batch] = run_experiment(config, tmp_path / f"b{batch}")
+    one, six = _task_records(results[1].run_dir), _task_records(results[6].run_dir)
+    assert [(e["round"], e["device_id"], e["status"]) for e in one] == [
+        (e["round"], e["device_id"], e["status"]) for e in six
+    ]
+    for a, b in zip(one, six, strict=True):
+        if a["train_loss"] is not None:
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["uplink_bytes"] == b["uplink_bytes"] and a["compute_seconds"] == b["compute_seconds"]
+    assert results[6].summary.final_eval_loss == pytest.approx(results[1].summary.final_eval_loss, rel=1e-4)
+
+
+def test_batched_clients_need_lora_dropout_off() -> None:
+    with pytest.raises(ConfigError, match=r"executor\.batch_clients"):
+        load_config(CONFIGS / "tiny.toml", ["executor.batch_clients=4", "lora.dropout=0.1"])
