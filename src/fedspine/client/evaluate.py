@@ -85,9 +85,10 @@ def prepare_eval_model(model: Any, objective: Objective, dtype: str = "model") -
 def evaluate(model: Any, objective: Objective, batches: Iterable[Batch]) -> Evaluation:
     """Evaluate ``model`` (in eval mode, no dropout) over all ``batches``."""
     model.eval()
+    device = next(model.parameters()).device
     total = BatchResult(0.0, 0, 0)
     for batch in batches:
-        result = objective.evaluate(model, batch)
+        result = objective.evaluate(model, batch.to(device))
         total = BatchResult(
             total.loss_sum + result.loss_sum, total.count + result.count, total.correct + result.correct
         )

@@ -82,7 +82,7 @@ class ClassificationObjective:
             if head.token_ids != tuple(self.label_token_ids.tolist()):
                 raise ValueError("the model's head is cut to other tokens than this task's label words")
             return logits[:, -1].float()  # (B, K)
-        return logits[:, -1, self.label_token_ids].float()  # (B, K)
+        return logits[:, -1, self.label_token_ids.to(logits.device)].float()  # (B, K)
 
     def prepare_eval(self, model: Any) -> None:
         cut_output_head(model, self.label_token_ids.tolist())

@@ -50,10 +50,12 @@ def train_local(
     ``before_forward(batch)`` before each forward pass (e.g. to tell a meter which positions are padding).
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    device = next(model.parameters()).device
     model.train()
     start = time.perf_counter()
     losses: list[float] = []
     for batch in batches:
+        batch = batch.to(device)  # the model's device: a no-op on the CPU
         optimizer.zero_grad(set_to_none=True)
         if before_forward is not None:
             before_forward(batch)

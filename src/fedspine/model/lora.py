@@ -88,11 +88,11 @@ def lora_module_names(peft_model: PeftModel) -> list[str]:
 
 
 def get_lora_state(peft_model: PeftModel, adapter: str = ADAPTER) -> LoraState:
-    """Returns detached copies of every adapter: ``{name: {"A": (r, in), "B": (out, r)}}``."""
+    """Returns detached copies of every adapter, on the CPU: ``{name: {"A": (r, in), "B": (out, r)}}``."""
     state: LoraState = {}
     for name, layer in _lora_layers(peft_model, adapter):
         a, b = _a_b(layer, adapter)
-        state[name] = {"A": a.detach().clone(), "B": b.detach().clone()}
+        state[name] = {"A": a.detach().to("cpu", copy=True), "B": b.detach().to("cpu", copy=True)}
     return state
 
 
@@ -207,13 +207,13 @@ def add_to_base_weights(peft_model: PeftModel, deltas: dict[str, torch.Tensor]) 
             if name not in layers:
                 raise ModelError(f"cannot merge into {name}: not an adapted module")
             base: Any = layers[name].get_base_layer()
-            base.weight.add_(delta.to(base.weight.dtype))
+            base.weight.add_(delta.to(base.weight.device, base.weight.dtype))
 
 
 def base_weights(peft_model: PeftModel, names: list[str]) -> dict[str, torch.Tensor]:
-    """Copies of the base weights of the named adapted modules."""
+    """Copies of the base weights of the named adapted modules, on the CPU."""
     layers: dict[str, Any] = dict(_lora_layers(peft_model))
-    return {name: layers[name].get_base_layer().weight.detach().clone() for name in names}
+    return {name: layers[name].get_base_layer().weight.detach().to("cpu", copy=True) for name in names}
 
 
 def set_base_weights(peft_model: PeftModel, weights: dict[str, torch.Tensor]) -> None:

@@ -312,6 +312,8 @@ def compensate_removed_channels(model: nn.Module, plan: PruningPlan, channel_mea
         removed = torch.ones(down.weight.shape[1], dtype=torch.bool)
         removed[list(keep.channels)] = False
         with torch.no_grad():
+            means = means.to(down.weight.device)
+            removed = removed.to(down.weight.device)
             bias = down.weight[:, removed].float() @ means[removed].float()
             if down.bias is not None:
                 bias += down.bias.float()
@@ -334,6 +336,7 @@ def _apply_to_linears(model: nn.Module, plan: PruningPlan, edit: Any, inplace: b
 def _slice_linear(linear: nn.Linear, index: Tensor, dim: int) -> None:
     """Keeps ``index`` rows (``dim=0``, with the bias) or columns (``dim=1``) of ``linear`` in place."""
     weight = linear.weight
+    index = index.to(weight.device)
     linear.weight = nn.Parameter(weight.detach().index_select(dim, index).clone(), weight.requires_grad)
     if dim == 0:
         linear.out_features = index.numel()

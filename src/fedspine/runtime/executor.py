@@ -286,7 +286,8 @@ class SimExecutor:
         probe_loss = None
         if prepared.probe is not None:
             with torch.no_grad():
-                probe_loss = float(self.objective.loss(model, prepared.probe))
+                probe = prepared.probe.to(next(model.parameters()).device)
+                probe_loss = float(self.objective.loss(model, probe))
         state = get_lora_state(model)
         importance = None
         if meter is not None:
@@ -385,8 +386,8 @@ def _in_full(values: list[torch.Tensor], plan: PruningPlan, kind: str, size: int
     for layer, v in enumerate(values):
         keep = plan.get(layer)
         if keep is None:
-            full.append(v.float())
+            full.append(v.float().cpu())
         else:
             kept = keep.kv_groups if kind == "heads" else keep.channels
-            full.append(scatter_to_full(v.float(), torch.tensor(kept), size))
+            full.append(scatter_to_full(v.float().cpu(), torch.tensor(kept), size))
     return full

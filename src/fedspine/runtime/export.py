@@ -122,7 +122,8 @@ def _describe(model: Any, exp: Experiment, new_tokens: int) -> dict[str, Any]:
 def _tokens_per_second(model: Any, exp: Experiment, new_tokens: int) -> float:
     """Median greedy-generation speed (new tokens / s) over three runs after one warm-up run."""
     model.eval()
-    row = torch.tensor([exp.test_data.input_ids[0]])
+    device = next(model.parameters()).device
+    row = torch.tensor([exp.test_data.input_ids[0]], device=device)
     kwargs = {
         "max_new_tokens": new_tokens,
         "min_new_tokens": new_tokens,
@@ -134,6 +135,8 @@ def _tokens_per_second(model: Any, exp: Experiment, new_tokens: int) -> float:
     for _ in range(3):
         start = time.perf_counter()
         model.generate(row, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         speeds.append(new_tokens / (time.perf_counter() - start))
     return statistics.median(speeds)
 

@@ -54,6 +54,7 @@ from fedspine.runtime.build.model import (
     check_fits_before_loading,
     check_fleet_fits,
     load_model,
+    resolve_device,
 )
 from fedspine.runtime.executor import LocalTraining, SimExecutor, logits_positions
 from fedspine.runtime.settings import Attack, ExportSettings, RunSettings, ServerRules
@@ -120,6 +121,14 @@ def run_settings(cfg: Config) -> RunSettings:
     )
 
 
+def batch_clients(cfg: Config, device: torch.device, fleet_size: int) -> int:
+    """``executor.batch_clients`` resolved: "auto" (0) trains a whole round in one batch on a GPU, and
+    one task at a time on a CPU (a step is compute-bound there) or with LoRA dropout."""
+    if cfg.executor.batch_clients:
+        return cfg.executor.batch_clients
+    return 1 if device.type == "cpu" or cfg.lora.dropout > 0 else max(fleet_size, 1)
+
+
 def check_config(cfg: Config) -> None:
     """The checks that need no data and no model: registered names, the fleet, ranks, the scheduler,
     robustness, the availability trace, the codec. Milliseconds; raises what :func:`build_experiment`
@@ -129,6 +138,7 @@ def check_config(cfg: Config) -> None:
         ConfigError: a name or combination the config cannot run.
         FleetError: the fleet is empty or unknown.
     """
+    resolve_device(cfg)
     cls = strategy_class(cfg)
     if issubclass(cls, FedSpine):
         POLICIES.get(cls.settings_for(cfg.strategy.fedspine).policy, "strategy.fedspine.policy")
@@ -147,6 +157,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     """Validate names and the fleet, load data and model, and assemble the run."""
     say = status or (lambda _msg: None)
     torch.set_num_threads(cfg.run.threads)
+    device = resolve_device(cfg)
     cls = strategy_class(cfg)
     devices = build_fleet_from_config(cfg)
     device_lora = build_device_lora(cfg, devices, cls)
@@ -159,7 +170,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     train, test, parts = split_and_partition(cfg, examples, len(devices), rng)
     say(f"loading model '{cfg.model.source}'")
     check_fits_before_loading(cfg, devices)
-    model, tokenizer = load_model(cfg)
+    model, tokenizer = load_model(cfg, device)
     shape = model_shape(model.config, model.num_parameters())
     check_dense_layers(cfg, shape)
     check_fleet_fits(devices, shape, cfg)
@@ -167,6 +178,8 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     test_data = task.encode(test, tokenizer, cfg.data.max_length)
     objective = objective_for(train_data)
     initial_scores = magnitude_scores(model) if cls.prunes else None
+    if initial_scores is not None:
+        initial_scores = ([s.cpu() for s in initial_scores[0]], [s.cpu() for s in initial_scores[1]])
     peft_model = apply_lora(
         model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, seed=cfg.run.seed
     )
@@ -192,7 +205,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         lora_dropout=cfg.lora.dropout,
         eval_dtype=cfg.eval.dtype,
         measure_means=cls.prunes and cfg.strategy.fedspine.compensate,
-        batch_clients=cfg.executor.batch_clients or 1,  # auto: one by one on the CPU
+        batch_clients=batch_clients(cfg, device, len(devices)),
     )
     return Experiment(
         settings=run_settings(cfg),

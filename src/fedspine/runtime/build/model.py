@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from fedspine.config import Config
 from fedspine.errors import ConfigError, FleetError, ModelError
 from fedspine.fleet.cost import CostModel
@@ -94,8 +96,38 @@ def model_args(cfg: Config) -> tuple[str, str | None, Path, dict[str, int]]:
     return m.source, m.path or None, cache, tiny
 
 
-def load_model(cfg: Config) -> tuple[Any, Any]:
-    return resolve_model(*model_args(cfg), cfg.model.dtype)
+def resolve_device(cfg: Config) -> torch.device:
+    """The torch device of ``run.device`` ("auto": the first CUDA device when there is one).
+
+    Raises:
+        ConfigError: CUDA requested but not available, or no such CUDA device.
+    """
+    name = cfg.run.device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("run.device", f"CUDA requested ({name!r}) but not available on this host")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                "run.device", f"no CUDA device {index}; this host has {torch.cuda.device_count()}"
+            )
+    return torch.device(name)
+
+
+def model_dtype(cfg: Config, device: torch.device) -> str:
+    """``model.dtype`` resolved: "auto" is float32 on a CPU and bfloat16 on a GPU."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return "float32" if device.type == "cpu" else "bfloat16"
+
+
+def load_model(cfg: Config, device: torch.device) -> tuple[Any, Any]:
+    """The run's model and tokenizer, in ``model.dtype`` on ``device``."""
+    model: Any
+    model, tokenizer = resolve_model(*model_args(cfg), model_dtype(cfg, device))
+    return model.to(device), tokenizer
 
 
 def check_fits_before_loading(cfg: Config, devices: Sequence[Device]) -> None:
