@@ -91,6 +91,8 @@ def _round(exp: Any, clients: int, steps: int) -> tuple[list[Any], list[Any]]:
     """The first ``clients`` devices' tasks of round 1, from the global adapter, as the engine makes them."""
     from fedspine.types import ClientTask
 
+    rank = max(lora.rank for lora in exp.device_lora.values())
+    exp.strategy.init_global(exp.module_shapes, rank, torch.Generator().manual_seed(0))
     tasks, prepared = [], []
     for device in exp.devices[:clients]:
         lora = exp.device_lora[device.device_id]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedspine.config import Config, from_dict, load_config, parse_override, read_toml, to_dict, to_toml
@@ -15,6 +16,7 @@ from fedspine.runtime.build import (
     build_strategy,
     strategy_class,
 )
+from fedspine.runtime.build.data import load_examples, split_and_partition
 from tests.conftest import CONFIGS
 
 
@@ -36,8 +38,12 @@ def test_every_shipped_config_loads_and_resolves(path: Path) -> None:
     build_scheduler(cfg, len(devices), strategy_class(cfg))
 
 
-def test_the_paper_like_fleet_has_80_devices() -> None:
-    assert len(build_fleet_from_config(load_config(CONFIGS / "fleet80.toml"))) == 80
+def test_the_paper_like_fleet_has_80_devices_each_with_data() -> None:
+    cfg = load_config(CONFIGS / "fleet80.toml")
+    assert len(build_fleet_from_config(cfg)) == 80
+    rng = np.random.default_rng(cfg.run.seed)
+    _, _, parts = split_and_partition(cfg, load_examples(cfg, rng), 80, rng)
+    assert len(parts) == 80 and min(len(p) for p in parts) >= cfg.train.batch_size
 
 
 @pytest.mark.parametrize(
