@@ -111,3 +111,23 @@ def test_a_run_with_batched_clients_records_what_one_by_one_records(tmp_path: Pa
 def test_batched_clients_need_lora_dropout_off() -> None:
     with pytest.raises(ConfigError, match=r"executor\.batch_clients"):
         load_config(CONFIGS / "tiny.toml", ["executor.batch_clients=4", "lora.dropout=0.1"])
+
+
+@pytest.mark.slow  # starts a local Ray instance and two workers (about a minute)
+@pytest.mark.parametrize("strategy", ["flora", "fedspine"])
+def test_the_ray_executor_gives_the_records_of_the_in_process_one(tmp_path: Path, strategy: str) -> None:
+    pytest.importorskip("ray")
+    overrides = [*FAST, "scheduler.rounds=2", "train.local_steps=2", f"strategy.name={strategy}"]
+    results = {}
+    for name in ("simulation", "ray"):
+        config = load_config(CONFIGS / "tiny.toml", [*overrides, f"executor.name={name}", "run.threads=1"])
+        results[name] = run_experiment(config, tmp_path / name)
+    local, remote = results["simulation"], results["ray"]
+    assert remote.summary.executor == "ray" and local.summary.executor == "simulation"
+    strip = ("host_train_seconds", "host_seconds", "wall_seconds")
+
+    def records(run: Any) -> list[dict[str, Any]]:
+        return [{k: v for k, v in e.items() if k not in strip} for e in _task_records(run.run_dir)]
+
+    assert records(remote) == records(local)  # bit for bit: the same base, seeds and threads
+    assert remote.summary.evaluations == local.summary.evaluations

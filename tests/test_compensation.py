@@ -207,3 +207,16 @@ def test_a_fedspine_run_with_compensation_evaluates_and_deploys_compensated_mode
     assert all(b is not None for b in biases) and any(float(b.detach().abs().sum()) > 0 for b in biases)
     gate_biases = [layer.mlp.gate_proj.bias for layer in decoder_layers(loaded)]
     assert all(b is not None and float(b.detach().abs().sum()) == 0 for b in gate_biases)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "compensates"),
+    [
+        ([], True),  # auto, with the default FLAP importance
+        (["strategy.fedspine.importance=magnitude"], False),  # auto: no means measured, none used
+        (["strategy.fedspine.compensate=false"], False),
+        (["strategy.fedspine.compensate=true"], True),
+    ],
+)
+def test_compensation_is_on_with_flap_unless_turned_off(overrides: list[str], compensates: bool) -> None:
+    assert load_config(None, overrides).strategy.fedspine.compensates is compensates

@@ -254,3 +254,12 @@ def test_pruned_model_trains() -> None:
 
     grad = block(pruned, 1).self_attn.q_proj.weight.grad
     assert grad is not None and grad.shape == (48, GQA_HIDDEN)
+
+
+def test_auto_dense_layers_keep_the_first_tenth_and_the_last_layer_of_larger_models() -> None:
+    from fedspine.model.pruning import dense_layer_indices
+
+    assert dense_layer_indices("auto", 30) == (0, 1, 2, 29)  # SmolLM2-135M
+    assert dense_layer_indices("auto", 32) == (0, 1, 2, 31)
+    assert dense_layer_indices("auto", 9) == ()  # small models: nothing measured, nothing kept
+    assert dense_layer_indices([0, -1], 4) == (0, 3)

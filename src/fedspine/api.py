@@ -100,9 +100,13 @@ def run_experiment(
         setup_seconds = time.perf_counter() - started
         (run_dir / "config.toml").write_text(to_toml(config), encoding="utf-8")
         recorder = RunRecorder(run_dir)
-        return _execute(
-            experiment, recorder, engine(experiment, recorder), setup_seconds, on_round, status, executor
-        )
+        name = config.executor.name if executor == "simulation" else executor
+        try:
+            return _execute(
+                experiment, recorder, engine(experiment, recorder), setup_seconds, on_round, status, name
+            )
+        finally:
+            experiment.executor.close()
 
 
 def resume_experiment(
@@ -136,15 +140,19 @@ def _resume(
     config = load_config(run_dir / "config.toml")
     started = time.perf_counter()
     experiment = build_experiment(config, status)
-    snapshot = load_latest(run_dir, experiment)
-    setup_seconds = time.perf_counter() - started
-    unit = "round" if config.scheduler.synchronous else "server step"
-    status(f"resuming {run_dir} after {unit} {snapshot.round}")
-    (run_dir / "FAILED").unlink(missing_ok=True)
-    recorder = RunRecorder.resume(run_dir, snapshot.engine["positions"], snapshot.engine["rounds"])
-    engine = engine_factory(experiment, recorder)
-    engine.restore(snapshot)
-    return _execute(experiment, recorder, engine, setup_seconds, on_round, status, executor)
+    try:
+        snapshot = load_latest(run_dir, experiment)
+        setup_seconds = time.perf_counter() - started
+        unit = "round" if config.scheduler.synchronous else "server step"
+        status(f"resuming {run_dir} after {unit} {snapshot.round}")
+        (run_dir / "FAILED").unlink(missing_ok=True)
+        recorder = RunRecorder.resume(run_dir, snapshot.engine["positions"], snapshot.engine["rounds"])
+        engine = engine_factory(experiment, recorder)
+        engine.restore(snapshot)
+        name = config.executor.name if executor == "simulation" else executor
+        return _execute(experiment, recorder, engine, setup_seconds, on_round, status, name)
+    finally:
+        experiment.executor.close()
 
 
 def _execute(

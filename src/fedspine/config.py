@@ -347,7 +347,18 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class ExecutorSection:
-    """How the simulator trains the client tasks of a round on this host."""
+    """Where and how the simulator trains client tasks: this process, or the workers of a Ray cluster."""
+
+    name: Literal["simulation", "ray"] = "simulation"
+    """Train in this process, or on Ray workers that each hold a replica of the model (same records)."""
+    address: str = ""
+    """Ray cluster to join ("auto", "host:port"); empty: start a local Ray instance for the run."""
+    workers: int = 2
+    """Ray workers (model replicas)."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves per worker (the worker's torch threads are run.threads)."""
+    gpus_per_worker: float = 0.0
+    """GPUs Ray reserves per worker (a worker with one trains on it: run.device = "auto")."""
 
     batch_clients: int = 0
     """Tasks of a synchronous round trained together, one forward/backward over all their batches with
@@ -356,6 +367,9 @@ class ExecutorSection:
 
     def __post_init__(self) -> None:
         _check(self.batch_clients >= 0, "executor.batch_clients", "must be >= 0 (0 = auto, 1 = one by one)")
+        _check(self.workers >= 1, "executor.workers", "must be >= 1")
+        _check(self.cpus_per_worker >= 0, "executor.cpus_per_worker", "must be >= 0")
+        _check(self.gpus_per_worker >= 0, "executor.gpus_per_worker", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -393,14 +407,15 @@ class FedSpineSection:
     """Global importance EMA when the mask may move: I <- momentum * I + (1 - momentum) * observed."""
     freeze_mask: bool = True
     """Fix the unit order after the calibration round: masks only shrink, a pruned unit never returns."""
-    dense_layers: list[int] = field(default_factory=list)
-    """Layers never pruned, e.g. [0, 1, -1]; negative indices count from the end. Their models are saved
-    with a config listing each layer's widths (loads with trust_remote_code=True)."""
+    dense_layers: list[int] | Literal["auto"] = "auto"
+    """Layers never pruned, e.g. [0, 1, -1] (negative: from the end); "auto": the first tenth and the
+    last layer of a model with >= 10 layers, none below. Models with dense layers are saved with a config
+    listing each layer's widths (they load with trust_remote_code=True)."""
     channel_multiple: int = 1
     """Kept MLP channel counts round to a multiple of this (hardware-friendly widths)."""
-    compensate: bool = False
+    compensate: bool | Literal["auto"] = "auto"
     """FLAP's bias compensation: a pruned MLP channel's mean output (from the devices' measured mean
-    inputs) is kept as a bias of down_proj. Needs importance = "flap"."""
+    inputs) is kept as a bias of down_proj. true needs importance = "flap"; "auto": on with flap."""
     policy: Literal["pooled", "swucb", "fixed", "random", "oracle"] = "pooled"
     """Who picks each device's (extra pruning, LoRA rank): a UCB bandit (pooled or per device), a baseline."""
     extra_ratios: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2])
@@ -417,6 +432,11 @@ class FedSpineSection:
     fixed_ratio: float = -1.0
     """Ratio of the fixed policy (-1 = target_sparsity; otherwise at least target_sparsity)."""
 
+    @property
+    def compensates(self) -> bool:
+        """Whether removed channels' mean outputs are kept as biases (``compensate`` resolved)."""
+        return self.compensate is True or (self.compensate == "auto" and self.importance == "flap")
+
     def __post_init__(self) -> None:
         key = "strategy.fedspine."
         _check(0 <= self.target_sparsity < 1, key + "target_sparsity", "must be in [0, 1)")
@@ -424,7 +444,7 @@ class FedSpineSection:
         _check(0 <= self.score_momentum < 1, key + "score_momentum", "must be in [0, 1)")
         _check(self.channel_multiple >= 1, key + "channel_multiple", "must be >= 1")
         _check(
-            not self.compensate or self.importance == "flap",
+            self.compensate is not True or self.importance == "flap",
             key + "compensate",
             "needs importance = 'flap' (the FLAP meter measures the mean inputs it compensates with)",
         )

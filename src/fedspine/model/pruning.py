@@ -91,6 +91,26 @@ def top_indices(scores: Tensor, count: int) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in order[:count]))
 
 
+AUTO_DENSE_MIN_LAYERS = 10
+"""Models with fewer layers get no automatic dense layers (nothing was measured there)."""
+
+
+def dense_layer_indices(setting: Sequence[int] | str, layers: int) -> tuple[int, ...]:
+    """The layers ``strategy.fedspine.dense_layers`` leaves dense in a model of ``layers`` layers.
+
+    ``"auto"``: the first ``layers // 10`` layers and the last one, for models of at least
+    :data:`AUTO_DENSE_MIN_LAYERS` layers (SmolLM2-135M's 30: 0, 1, 2 and 29), none below. Pruning them
+    costs a small model most (LLM-Pruner keeps LLaMA's first and last layers for the same reason); on
+    SmolLM2 keeping them takes the held-out LM loss of 30% channel pruning from 8.45 to 7.09 with bias
+    compensation (``bench/pruning_recovery.py``). A list is taken as it is (negative: from the end).
+    """
+    if isinstance(setting, str):
+        if layers < AUTO_DENSE_MIN_LAYERS:
+            return ()
+        return (*range(layers // 10), layers - 1)
+    return tuple(index % layers for index in setting)
+
+
 def plan_from_scores(
     head_scores: Sequence[Tensor],
     channel_scores: Sequence[Tensor],
@@ -477,6 +497,7 @@ def plan_to_json(plan: PruningPlan) -> dict[str, dict[str, list[int]]]:
 
 
 __all__ = [
+    "AUTO_DENSE_MIN_LAYERS",
     "COLUMN_MODULES",
     "LAYERWISE_MODULE",
     "ROW_MODULES",
@@ -485,6 +506,7 @@ __all__ = [
     "add_zero_mlp_biases",
     "compensate_removed_channels",
     "decoder_layers",
+    "dense_layer_indices",
     "gather_kept",
     "index_maps",
     "kept_count",

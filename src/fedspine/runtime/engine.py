@@ -699,9 +699,9 @@ class Engine:
         tasks of its round that will be aggregated unless an update is rejected — still out, not lost,
         within the deadline, the earliest arrivals up to the round's k. A later one, admitted after a
         rejection, trains alone when it arrives, as it would one by one. Only ``first`` outside a round
-        or with ``executor.batch_clients`` 1."""
+        or when the executor trains one task at a time."""
         cohort = self.loop.round
-        if self.exp.executor.batch_clients <= 1 or cohort is None:
+        if not self.exp.executor.trains_together or cohort is None:
             return [first]
         deadline = self._rounds.deadline_seconds
         waiting = sorted(

@@ -126,6 +126,14 @@ class SimExecutor:
         self.batch_clients = batch_clients
         """How many tasks :meth:`run_many` trains in one batch (1: one by one)."""
 
+    @property
+    def trains_together(self) -> bool:
+        """Whether tasks that start together are better handed over together (:meth:`run_many`)."""
+        return self.batch_clients > 1
+
+    def close(self) -> None:
+        """Release what the executor holds outside this process (nothing here)."""
+
     def prepare(
         self,
         round_no: int,

@@ -189,7 +189,7 @@ class FedSpine(Strategy):
 
     def channel_means(self) -> list[torch.Tensor] | None:
         """With ``compensate``, the mean MLP channel inputs that pruned models keep as biases."""
-        return self.masks.channel_means if self.settings.compensate else None
+        return self.masks.channel_means if self.settings.compensates else None
 
     def begin_round(self, round: int, device_ids: Sequence[int]) -> None:
         """Pick the round's anchor: the selected device predicted fastest at the floor trains exactly the

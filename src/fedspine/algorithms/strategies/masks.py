@@ -17,7 +17,14 @@ from fedspine.algorithms.policies import Arm
 from fedspine.algorithms.strategies.base import ModuleShapes
 from fedspine.config import FedSpineSection
 from fedspine.model.footprint import ModelShape
-from fedspine.model.pruning import COLUMN_MODULES, LayerKeep, PruningPlan, layer_index_map, plan_from_scores
+from fedspine.model.pruning import (
+    COLUMN_MODULES,
+    LayerKeep,
+    PruningPlan,
+    dense_layer_indices,
+    layer_index_map,
+    plan_from_scores,
+)
 
 _MODULE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 MAX_RATIO = 0.95
@@ -92,7 +99,11 @@ class PruningMasks:
         if key not in self._plans:
             s = self.settings
             plan = plan_from_scores(
-                self.head_scores, self.channel_scores, ratio, tuple(s.dense_layers), s.channel_multiple
+                self.head_scores,
+                self.channel_scores,
+                ratio,
+                dense_layer_indices(s.dense_layers, self.shape.layers),
+                s.channel_multiple,
             )
             if not self.prune_heads:
                 every = tuple(range(self.shape.kv_heads))

@@ -57,6 +57,7 @@ from fedspine.runtime.build.model import (
     resolve_device,
 )
 from fedspine.runtime.executor import LocalTraining, SimExecutor, logits_positions
+from fedspine.runtime.ray_executor import RayExecutor, start_replicas
 from fedspine.runtime.settings import Attack, ExportSettings, RunSettings, ServerRules
 from fedspine.types import Device, DeviceLora
 
@@ -191,7 +192,10 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     else:
         strategy = build_strategy(cfg)
     t = cfg.train
-    executor = SimExecutor(
+    on_ray: dict[str, Any] = {}
+    if cfg.executor.name == "ray":
+        on_ray = {"replicas": start_replicas(cfg), "owns_ray": not cfg.executor.address}
+    executor = (RayExecutor if on_ray else SimExecutor)(
         peft_model,
         objective,
         strategy.device_side,
@@ -204,8 +208,9 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         importance=cfg.strategy.fedspine.importance if cls.prunes else "magnitude",
         lora_dropout=cfg.lora.dropout,
         eval_dtype=cfg.eval.dtype,
-        measure_means=cls.prunes and cfg.strategy.fedspine.compensate,
+        measure_means=cls.prunes and cfg.strategy.fedspine.compensates,
         batch_clients=batch_clients(cfg, device, len(devices)),
+        **on_ray,
     )
     return Experiment(
         settings=run_settings(cfg),

@@ -21,7 +21,8 @@ from fedspine.types import Device, TrainWorkload
 
 def check_dense_layers(cfg: Config, shape: ModelShape) -> None:
     """``strategy.fedspine.dense_layers`` must name layers of the model (negative: from the end)."""
-    for i, layer in enumerate(cfg.strategy.fedspine.dense_layers):
+    setting = cfg.strategy.fedspine.dense_layers
+    for i, layer in enumerate([] if setting == "auto" else setting):
         if not -shape.layers <= layer < shape.layers:
             raise ConfigError(
                 f"strategy.fedspine.dense_layers[{i}]",
