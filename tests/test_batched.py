@@ -74,6 +74,65 @@ def test_tasks_of_mixed_ranks_scalings_and_steps_train_together_as_one_by_one(ta
     assert min(moved) > 0  # every lane really trained
 
 
+def _pruned_payload(exp: Any, plan: Any, rank: int, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        name: {
+            "A": torch.randn(rank, in_f, generator=gen) * 0.1,
+            "B": torch.randn(out_f, rank, generator=gen) * 0.1,
+        }
+        for name, (out_f, in_f) in exp.strategy.masks.kept_shapes(plan).items()
+    }
+
+
+def test_fedspine_tasks_on_two_plans_train_together_as_their_sliced_submodels_alone() -> None:
+    """Masks on the dense weights (with compensation biases) train what the sliced submodels train:
+    the same factors, FLAP scores, channel means, probe and train losses; a dense lane beside them."""
+    config = load_config(
+        CONFIGS / "tiny.toml",
+        [*FAST, "strategy.name=fedspine", "lora.target_modules=['q_proj','o_proj','up_proj','down_proj']"],
+    )
+    exp = build_experiment(config)
+    gen = torch.Generator().manual_seed(7)
+    means = [torch.rand(exp.shape.intermediate, generator=gen) for _ in range(exp.shape.layers)]
+    specs = [
+        (0.3, DeviceLora(4, 2.0), 3, True),
+        (0.5, DeviceLora(8, 1.0), 2, True),
+        (0.5, DeviceLora(4, 2.0), 2, False),
+    ]
+    tasks, prepared = [], []
+    for device_id, (ratio, lora, steps, measure) in enumerate(specs):
+        plan = exp.strategy.plan_for(ratio)
+        prepared.append(exp.executor.prepare(1, exp.devices[device_id], lora, steps, plan))
+        payload = _pruned_payload(exp, plan, lora.rank, seed=device_id)
+        extra = {"measure_importance": measure}
+        tasks.append(
+            ClientTask(1, device_id, steps, lora, payload, 0, extra, plan, ratio, channel_means=means)
+        )
+    dense = DeviceLora(4, 2.0)
+    prepared.append(exp.executor.prepare(1, exp.devices[3], dense, 2))
+    tasks.append(ClientTask(1, 3, 2, dense, _random_payload(exp.executor.model, 4, seed=3), 0))
+    assert {len(t.plan[0].channels) for t in tasks[:2]} == {
+        len(exp.strategy.plan_for(0.3)[0].channels),
+        len(exp.strategy.plan_for(0.5)[0].channels),
+    } and len(exp.strategy.plan_for(0.3)[0].channels) > len(exp.strategy.plan_for(0.5)[0].channels)
+
+    alone = [exp.executor.run(t, p) for t, p in zip(tasks, prepared, strict=True)]
+    exp.executor.batch_clients = 4
+    together = exp.executor.run_many(tasks, prepared)
+    for one, other in zip(alone, together, strict=True):
+        _assert_same(one, other)
+        assert (one.probe_loss is None) == (other.probe_loss is None)
+        if one.probe_loss is not None:
+            assert one.probe_loss == pytest.approx(other.probe_loss, rel=1e-4)
+        assert (one.importance is None) == (other.importance is None)
+        for kind, values in (one.importance or {}).items():
+            for mine, theirs in zip(values, other.importance[kind], strict=True):
+                torch.testing.assert_close(theirs, mine, atol=1e-5, rtol=1e-3)
+    assert alone[0].importance is not None and set(alone[0].importance) == {"heads", "channels", "means"}
+    assert alone[2].importance is None  # measure_importance off: nothing measured on the device
+
+
 def test_the_shared_base_model_is_unchanged_by_batched_training() -> None:
     exp = build_experiment(load_config(CONFIGS / "tiny.toml", FAST))
     before = {k: v.clone() for k, v in exp.executor.model.state_dict().items()}
@@ -90,7 +149,7 @@ def _task_records(run_dir: Path) -> list[dict[str, Any]]:
     return sorted((e for e in events if e["event"] == "task"), key=lambda e: (e["round"], e["device_id"]))
 
 
-@pytest.mark.parametrize("strategy", ["fedit", "flora", "hetlora"])
+@pytest.mark.parametrize("strategy", ["fedit", "flora", "hetlora", "fedspine"])
 def test_a_run_with_batched_clients_records_what_one_by_one_records(tmp_path: Path, strategy: str) -> None:
     overrides = [*FAST, "scheduler.rounds=2", "train.local_steps=2", f"strategy.name={strategy}"]
     results = {}

@@ -19,11 +19,12 @@ import copy
 import dataclasses
 import inspect
 import math
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from fedspine.errors import ModelError
 from fedspine.model.footprint import ModelShape, combine_workloads, model_shape, train_workload
 from fedspine.model.layerwise_llama import LayerwiseLlamaConfig, LayerwiseLlamaForCausalLM
-from fedspine.types import TrainWorkload
+from fedspine.types import LoraState, TrainWorkload
 
 ROW_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 """Modules pruned along their output rows (``weight`` dim 0)."""
@@ -248,6 +249,35 @@ def index_maps(plan: PruningPlan, shape: ModelShape) -> dict[int, dict[str, Tens
     return {layer: layer_index_map(plan.get(layer), shape) for layer in range(shape.layers)}
 
 
+MODULE_NAME = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+"""A decoder module's name: its layer and projection (``model.layers.3.mlp.down_proj``)."""
+
+
+def lora_between(
+    state: LoraState, plan: PruningPlan, shape: ModelShape, to: Literal["full", "kept"]
+) -> LoraState:
+    """LoRA factors trained on the submodel ``plan`` describes, moved to the dense model's coordinates
+    (``"full"``: zero on removed units) or back (``"kept"``). Only A and B are carried."""
+    moved: LoraState = {}
+    sizes = {proj: index.numel() for proj, index in layer_index_map(None, shape).items()}
+    for name, entry in state.items():
+        a, b = entry["A"], entry["B"]
+        match = MODULE_NAME.search(name)
+        keep = plan.get(int(match.group(1))) if match else None
+        if keep is not None and match is not None:
+            proj = match.group(2)
+            index = layer_index_map(keep, shape)[proj]
+            dim = 1 if proj in COLUMN_MODULES else 0
+            factor = a if dim == 1 else b
+            if to == "full":
+                factor = scatter_to_full(factor, index, sizes[proj], dim)
+            else:
+                factor = gather_kept(factor, index, dim)
+            a, b = (factor, b) if dim == 1 else (a, factor)
+        moved[name] = {"A": a, "B": b}
+    return moved
+
+
 def scatter_to_full(pruned: Tensor, index: Tensor, full_size: int, dim: int = 0) -> Tensor:
     """Places ``pruned`` at ``index`` along ``dim`` of a new zero tensor with ``full_size`` entries there.
 
@@ -310,6 +340,15 @@ def prune_model(
     return pruned
 
 
+def compensation_bias(down_weight: Tensor, channels: Sequence[int], means: Tensor) -> Tensor:
+    """``W_down[:, removed] @ mean[removed]`` in float32, for a layer that keeps ``channels``."""
+    removed = torch.ones(down_weight.shape[1], dtype=torch.bool)
+    removed[list(channels)] = False
+    removed = removed.to(down_weight.device)
+    with torch.no_grad():
+        return down_weight[:, removed].float() @ means.to(down_weight.device)[removed].float()
+
+
 def compensate_removed_channels(model: nn.Module, plan: PruningPlan, channel_means: Sequence[Tensor]) -> None:
     """Add ``W_down[:, removed] @ mean[removed]`` to ``down_proj``'s bias in each layer of ``plan``, in place.
 
@@ -329,12 +368,8 @@ def compensate_removed_channels(model: nn.Module, plan: PruningPlan, channel_mea
             raise ModelError(
                 f"layer {layer}: {tuple(means.shape)} channel means for {down.weight.shape[1]} channels"
             )
-        removed = torch.ones(down.weight.shape[1], dtype=torch.bool)
-        removed[list(keep.channels)] = False
+        bias = compensation_bias(down.weight, keep.channels, means)
         with torch.no_grad():
-            means = means.to(down.weight.device)
-            removed = removed.to(down.weight.device)
-            bias = down.weight[:, removed].float() @ means[removed].float()
             if down.bias is not None:
                 bias += down.bias.float()
         down.bias = nn.Parameter(bias.to(down.weight.dtype), requires_grad=False)
@@ -500,11 +535,13 @@ __all__ = [
     "AUTO_DENSE_MIN_LAYERS",
     "COLUMN_MODULES",
     "LAYERWISE_MODULE",
+    "MODULE_NAME",
     "ROW_MODULES",
     "LayerKeep",
     "PruningPlan",
     "add_zero_mlp_biases",
     "compensate_removed_channels",
+    "compensation_bias",
     "decoder_layers",
     "dense_layer_indices",
     "gather_kept",
@@ -512,6 +549,7 @@ __all__ = [
     "kept_count",
     "layer_index_map",
     "layer_widths",
+    "lora_between",
     "magnitude_scores",
     "masked_model",
     "plan_from_scores",

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fedspine.algorithms.strategies.base import DeviceSide
-from fedspine.client.batched import Lane, train_lanes
+from fedspine.client.batched import Lane, LaneResult, base_linear, train_lanes
 from fedspine.client.evaluate import EvalSet, Evaluation, evaluate, prepare_eval_model
 from fedspine.client.objectives import Objective
 from fedspine.client.train import LocalResult, make_optimizer, train_local
@@ -39,7 +39,16 @@ from fedspine.model.lora import (
     set_base_weights,
     set_lora_state,
 )
-from fedspine.model.pruning import PruningPlan, prune_model, pruned_workload, scatter_to_full
+from fedspine.model.pruning import (
+    PruningPlan,
+    compensation_bias,
+    decoder_layers,
+    layer_index_map,
+    lora_between,
+    prune_model,
+    pruned_workload,
+    scatter_to_full,
+)
 from fedspine.types import ClientTask, ClientUpdate, Device, DeviceLora, LoraState, TrainWorkload
 
 
@@ -211,24 +220,20 @@ class SimExecutor:
     def run_many(self, tasks: Sequence[ClientTask], prepared: Sequence[PreparedTask]) -> list[ClientUpdate]:
         """Train tasks that start from the same base, ``batch_clients`` at a time in one batch
         (:func:`~fedspine.client.batched.train_lanes`); the updates are :meth:`run`'s, up to the order
-        of floating-point sums. Tasks on pruned submodels train one by one."""
+        of floating-point sums. A pruned submodel trains as a mask on the dense weights (its removed
+        units zeroed, its compensation bias added), which is the sliced submodel's computation; a task
+        that measures Taylor importance (it needs its own backward hooks) trains alone."""
         updates: dict[int, ClientUpdate] = {}
-        together = [i for i, task in enumerate(tasks) if task.plan is None] if self.batch_clients > 1 else []
+        together = (
+            [i for i, task in enumerate(tasks) if self._batchable(task)] if self.batch_clients > 1 else []
+        )
         for i, task in enumerate(tasks):
             if i not in together:
                 updates[i] = self.run(task, prepared[i])
         t = self.training
         for first in range(0, len(together), self.batch_clients):
             group = together[first : first + self.batch_clients]
-            lanes = [
-                Lane(
-                    _factors_only(tasks[i].payload),
-                    tasks[i].lora.scaling,
-                    prepared[i].batches,
-                    self.device_side.penalty,
-                )
-                for i in group
-            ]
+            lanes = [self._lane(tasks[i], prepared[i]) for i in group]
             results = train_lanes(
                 self.model,
                 self.objective,
@@ -240,9 +245,108 @@ class SimExecutor:
                 padding_side=self.train_data.padding_side,
                 pad_id=self.train_data.pad_id,
             )
-            for i, (state, result) in zip(group, results, strict=True):
-                updates[i] = self._update(tasks[i], prepared[i], state, result)
+            for i, result in zip(group, results, strict=True):
+                task = tasks[i]
+                if task.plan is None:
+                    updates[i] = self._update(task, prepared[i], result.state, result.local)
+                else:
+                    updates[i] = self._pruned_update(task, prepared[i], result)
         return [updates[i] for i in range(len(tasks))]
+
+    def _meter_kind(self, task: ClientTask) -> str:
+        """The importance a pruned task measures (``magnitude``: none on the device)."""
+        return self.importance if task.extra.get("measure_importance", True) else "magnitude"
+
+    def _batchable(self, task: ClientTask) -> bool:
+        return task.plan is None or self._meter_kind(task) != "taylor"
+
+    def _lane(self, task: ClientTask, prepared: PreparedTask) -> Lane:
+        """A task as a lane of a batched run: its factors in dense coordinates and, if it trains a pruned
+        submodel, the masks and compensation biases that make the dense weights compute it."""
+        state = _factors_only(task.payload)
+        if task.plan is None:
+            return Lane(state, task.lora.scaling, prepared.batches, self.device_side.penalty)
+        keep, bias = {}, {}
+        layers: Any = decoder_layers(self.model.get_base_model())
+        for layer, kept in task.plan.items():
+            prefix = _layer_prefix(layer)
+            index = layer_index_map(kept, self.shape)
+            for proj, width in (
+                ("o_proj", self.shape.heads * self.shape.head_dim),
+                ("down_proj", self.shape.intermediate),
+            ):
+                mask = torch.zeros(width)
+                mask[index[proj]] = 1.0
+                keep[f"{prefix}.{'self_attn' if proj == 'o_proj' else 'mlp'}.{proj}"] = mask
+            if task.channel_means is not None:
+                down: Any = layers[layer].mlp.down_proj
+                weight = getattr(down, "base_layer", down).weight
+                bias[f"{prefix}.mlp.down_proj"] = compensation_bias(
+                    weight, kept.channels, task.channel_means[layer]
+                )
+        return Lane(
+            lora_between(state, task.plan, self.shape, "full"),
+            task.lora.scaling,
+            prepared.batches,
+            self.device_side.penalty,
+            keep=keep,
+            bias=bias,
+            flap=self._meter_kind(task) == "flap",
+            probe=prepared.probe,
+        )
+
+    def _pruned_update(self, task: ClientTask, prepared: PreparedTask, result: LaneResult) -> ClientUpdate:
+        """What :meth:`_run_pruned` returns, from a lane's result: its factors on the submodel, the FLAP
+        scores (and channel means) in full coordinates, its probe loss."""
+        assert task.plan is not None
+        factors = result.state
+        importance = None
+        if self._meter_kind(task) == "flap":
+            importance = self._lane_flap(result, factors, task.lora.scaling)
+        return ClientUpdate(
+            round=task.round,
+            device_id=task.device_id,
+            num_samples=prepared.num_samples,
+            lora_state=lora_between(factors, task.plan, self.shape, "kept"),
+            uplink_bytes=0,
+            train_loss=result.local.mean_loss,
+            tokens=prepared.workload.tokens,
+            host_train_seconds=result.local.host_seconds,
+            lora_rank=task.lora.rank,
+            lora_scaling=task.lora.scaling,
+            plan=task.plan,
+            importance=importance,
+            probe_loss=result.probe_loss,
+        )
+
+    def _lane_flap(
+        self, result: LaneResult, factors: LoraState, scaling: float
+    ) -> dict[str, list[torch.Tensor]]:
+        """FLAP's scores of a lane, as :class:`FlapMeter` computes them on the sliced submodel: the
+        variance of each input column over the lane's real tokens times the column's squared norm in
+        ``W + s B A`` (zero on removed units, whose inputs were zero)."""
+        heads, channels, means = [], [], []
+        for layer in range(self.shape.layers):
+            prefix = _layer_prefix(layer)
+            scores = {}
+            for proj, part in (("o_proj", "self_attn"), ("down_proj", "mlp")):
+                name = f"{prefix}.{part}.{proj}"
+                count, total, squares = result.stats[name]
+                mean = total / count
+                variance = (squares / count - mean.pow(2)).clamp_min(0.0)
+                weight = base_linear(self.model, name).weight.detach().float()
+                if name in factors:
+                    a, b = factors[name]["A"].float(), factors[name]["B"].float()
+                    weight = weight + scaling * b.to(weight.device) @ a.to(weight.device)
+                scores[proj] = variance.float() * weight.cpu().pow(2).sum(0)
+                if proj == "down_proj":
+                    means.append((total / count).float())
+            heads.append(scores["o_proj"].reshape(self.shape.kv_heads, -1).sum(1))
+            channels.append(scores["down_proj"])
+        importance = {"heads": heads, "channels": channels}
+        if self.measure_means:
+            importance["means"] = means
+        return importance
 
     def _update(
         self, task: ClientTask, prepared: PreparedTask, trained: LoraState, result: LocalResult
@@ -380,6 +484,11 @@ class SimExecutor:
         """Evaluate the model with the global adapter loaded by :meth:`load_global` (pruned by ``plan``,
         compensated with ``channel_means``)."""
         return evaluate(self.eval_model(plan, channel_means), self.objective, eval_set.batches)
+
+
+def _layer_prefix(layer: int) -> str:
+    """The name of decoder layer ``layer`` in the base model (:func:`decoder_layers`' ``model.layers``)."""
+    return f"model.layers.{layer}"
 
 
 def _factors_only(state: LoraState) -> LoraState:

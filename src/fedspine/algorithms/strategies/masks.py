@@ -8,7 +8,6 @@ object. It is built before either of them, so neither needs the other to exist f
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +18,7 @@ from fedspine.config import FedSpineSection
 from fedspine.model.footprint import ModelShape
 from fedspine.model.pruning import (
     COLUMN_MODULES,
+    MODULE_NAME,
     LayerKeep,
     PruningPlan,
     dense_layer_indices,
@@ -26,7 +26,6 @@ from fedspine.model.pruning import (
     plan_from_scores,
 )
 
-_MODULE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 MAX_RATIO = 0.95
 """No device prunes more than this of a layer's units."""
 
@@ -61,7 +60,7 @@ class PruningMasks:
         self.module_info: dict[str, tuple[int, str]] = {}
         """Per adapted module, its (layer, projection name)."""
         for module in module_shapes:
-            match = _MODULE.search(module)
+            match = MODULE_NAME.search(module)
             if match is None:
                 raise ValueError(f"fedspine prunes Llama-family decoder projections; cannot place '{module}'")
             self.module_info[module] = (int(match.group(1)), match.group(2))
