@@ -2,13 +2,13 @@
 
 The round is the 80-device config's (``configs/fleet80.toml``: 16 clients x 8 local steps of 8 verses):
 the same prepared tasks are trained by the simulator's executor one by one (``executor.batch_clients =
-1``) and all together (``client/batched.py``), and, as the anchor for what this hardware does with this
-model, raw peft trains one adapter on the same batches concatenated (the same tokens, one task). Each
-side runs ``--repeats`` times after a warm-up; the median is reported.
+1``), all together (``client/batched.py``) and spread over Ray workers that each hold a model replica
+(``executor.name = "ray"``, ``--ray-workers``; a local Ray instance), and, as the anchor for what this
+hardware does with this model, raw peft trains one adapter on the same batches concatenated (the same
+tokens, one task). Each side runs ``--repeats`` times after a warm-up; the median is reported.
 
     python bench/throughput.py                              # the fleet80 round, this host's device
     python bench/throughput.py --clients 4 --steps 2        # a quick look on a small CPU
-    python bench/throughput.py --model tiny                 # plumbing only
 
 Prints tokens/s per side, ``batched_vs_sequential`` and ``sim_vs_raw`` (the faster simulator side over
 raw peft), and a last line ``RESULT key=value ...``.
@@ -36,23 +36,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto", help="run.device")
     parser.add_argument("--dtype", default="auto", help="model.dtype")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (of each Ray worker too)")
+    parser.add_argument("--ray-workers", type=int, default=2, help="0 skips the Ray side")
     args = parser.parse_args()
 
     from fedspine.config import load_config
     from fedspine.runtime.build import build_experiment
 
-    config = load_config(
-        Path(__file__).resolve().parents[1] / "configs" / "fleet80.toml",
-        [
-            f"model.source={args.model}",
-            f"run.device={args.device}",
-            f"model.dtype={args.dtype}",
-            f"run.threads={args.threads}",
-            f"train.local_steps={args.steps}",
-            "data.test_size=32",
-        ],
-    )
+    config_path = Path(__file__).resolve().parents[1] / "configs" / "fleet80.toml"
+    overrides = [
+        f"model.source={args.model}",
+        f"run.device={args.device}",
+        f"model.dtype={args.dtype}",
+        f"run.threads={args.threads}",
+        f"train.local_steps={args.steps}",
+        "data.test_size=32",
+    ]
+    config = load_config(config_path, overrides)
     exp = build_experiment(config)
     tasks, prepared = _round(exp, args.clients, args.steps)
     tokens = sum(p.workload.tokens for p in prepared)
@@ -68,22 +68,35 @@ def main() -> None:
         "batched": lambda: simulator(args.clients),
         "raw_peft": lambda: _timed(lambda: _raw_peft(exp, prepared), device),
     }
+    on_ray = None
+    if args.ray_workers:
+        ray_overrides = ["executor.name=ray", f"executor.workers={args.ray_workers}"]
+        on_ray = build_experiment(load_config(config_path, [*overrides, *ray_overrides])).executor
+        sides["ray"] = lambda: _timed(lambda: on_ray.run_many(tasks, prepared), device)
     seconds = {}
-    for name, side in sides.items():
-        side()  # warm-up
-        seconds[name] = statistics.median(side() for _ in range(args.repeats))
+    try:
+        for name, side in sides.items():
+            side()  # warm-up
+            seconds[name] = statistics.median(side() for _ in range(args.repeats))
+    finally:
+        if on_ray is not None:
+            on_ray.close()
     speed = {name: tokens / s for name, s in seconds.items()}
     print(f"host: {platform.processor() or platform.machine()}, device {device}, torch {torch.__version__}")
     print(f"round: {args.clients} clients x {args.steps} steps, {tokens} tokens, model {args.model}")
     for name in sides:
         print(f"  {name:<11} {seconds[name]:8.2f} s  {speed[name]:10.0f} tokens/s")
     ratio = speed["batched"] / speed["sequential"]
-    sim_vs_raw = max(speed["batched"], speed["sequential"]) / speed["raw_peft"]
-    print(f"batched_vs_sequential {ratio:.2f}  sim_vs_raw {sim_vs_raw:.2f}")
+    best = max(speed[name] for name in sides if name != "raw_peft")
+    sim_vs_raw = best / speed["raw_peft"]
+    ray = speed.get("ray")
+    ray_ratio = f"{ray / speed['sequential']:.3f}" if ray else "none"
+    print(f"batched_vs_sequential {ratio:.2f}  ray_vs_sequential {ray_ratio}  sim_vs_raw {sim_vs_raw:.2f}")
     print(
         f"RESULT device={device.type} clients={args.clients} steps={args.steps} tokens={tokens} "
         f"sequential_tps={speed['sequential']:.0f} batched_tps={speed['batched']:.0f} "
-        f"raw_tps={speed['raw_peft']:.0f} batched_vs_sequential={ratio:.3f} sim_vs_raw={sim_vs_raw:.3f}"
+        f"ray_tps={ray or 0:.0f} raw_tps={speed['raw_peft']:.0f} batched_vs_sequential={ratio:.3f} "
+        f"ray_vs_sequential={ray_ratio} sim_vs_raw={sim_vs_raw:.3f}"
     )
 
 

@@ -133,6 +133,39 @@ def test_fedspine_tasks_on_two_plans_train_together_as_their_sliced_submodels_al
     assert alone[2].importance is None  # measure_importance off: nothing measured on the device
 
 
+def test_the_removed_units_of_a_pruned_lane_stay_exactly_zero() -> None:
+    """A pruned lane's factors are zero-padded to the dense coordinates; the padding never moves."""
+    from fedspine.client.batched import train_lanes
+
+    modules = "lora.target_modules=['q_proj','up_proj','down_proj']"
+    exp = build_experiment(load_config(CONFIGS / "tiny.toml", [*FAST, "strategy.name=fedspine", modules]))
+    plan = exp.strategy.plan_for(0.5)
+    lora = DeviceLora(4, 2.0)
+    prepared = exp.executor.prepare(1, exp.devices[0], lora, 3, plan)
+    task = ClientTask(1, 0, 3, lora, _pruned_payload(exp, plan, 4, seed=0), 0, plan=plan, pruning_ratio=0.5)
+    lane = exp.executor.lane(task, prepared)
+    padded = {n: (e["A"] == 0, e["B"] == 0) for n, e in lane.state.items()}
+    t = exp.executor.training
+    (result,) = train_lanes(
+        exp.executor.model,
+        exp.objective,
+        [lane],
+        optimizer=t.optimizer,
+        lr=t.lr,
+        weight_decay=0.1,  # decay of a zero is zero too
+        max_grad_norm=t.max_grad_norm,
+        padding_side=exp.executor.train_data.padding_side,
+        pad_id=exp.executor.train_data.pad_id,
+    )
+    assert any(b.any() for _, b in padded.values())  # up_proj rows of the removed channels
+    assert any(a.any() for a, _ in padded.values())  # down_proj columns of the removed channels
+    for name, (zero_a, zero_b) in padded.items():
+        trained = result.state[name]
+        assert torch.all(trained["B"][zero_b.all(dim=1)] == 0), name
+        assert torch.all(trained["A"][:, zero_a.all(dim=0)] == 0), name
+        assert not torch.equal(trained["B"], lane.state[name]["B"])  # the kept units did train
+
+
 def test_the_shared_base_model_is_unchanged_by_batched_training() -> None:
     exp = build_experiment(load_config(CONFIGS / "tiny.toml", FAST))
     before = {k: v.clone() for k, v in exp.executor.model.state_dict().items()}

@@ -34,7 +34,7 @@ def test_cuda_requested_without_cuda_exits_2_and_writes_nothing(tmp_path: Path) 
     args = ["run", "--config", str(CONFIGS / "tiny.toml"), "--out", str(out), "--set", "run.device=cuda"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
-    assert "CUDA requested" in result.output and "run.device" in result.output
+    assert "CUDA requested but not available" in result.output and "run.device" in result.output
     assert not out.exists()
 
 

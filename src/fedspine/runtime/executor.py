@@ -233,7 +233,7 @@ class SimExecutor:
         t = self.training
         for first in range(0, len(together), self.batch_clients):
             group = together[first : first + self.batch_clients]
-            lanes = [self._lane(tasks[i], prepared[i]) for i in group]
+            lanes = [self.lane(tasks[i], prepared[i]) for i in group]
             results = train_lanes(
                 self.model,
                 self.objective,
@@ -260,7 +260,7 @@ class SimExecutor:
     def _batchable(self, task: ClientTask) -> bool:
         return task.plan is None or self._meter_kind(task) != "taylor"
 
-    def _lane(self, task: ClientTask, prepared: PreparedTask) -> Lane:
+    def lane(self, task: ClientTask, prepared: PreparedTask) -> Lane:
         """A task as a lane of a batched run: its factors in dense coordinates and, if it trains a pruned
         submodel, the masks and compensation biases that make the dense weights compute it."""
         state = _factors_only(task.payload)

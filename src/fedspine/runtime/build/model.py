@@ -108,7 +108,7 @@ def resolve_device(cfg: Config) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError("run.device", f"CUDA requested ({name!r}) but not available on this host")
+            raise ConfigError("run.device", f"CUDA requested but not available on this host ({name!r})")
         index = int(name.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
             raise ConfigError(
