@@ -4,6 +4,7 @@ TLS + node-authentication deployment on loopback (SuperLink and SuperNodes as pr
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -152,6 +153,9 @@ def test_run_and_node_settings_are_checked() -> None:
         config_from_run({CONFIG_KEY: "[run\nname ="})
     cfg, _ = config_from_run({CONFIG_KEY: to_toml(tiny())})
     assert cfg == tiny()
+    on_ray = dataclasses.replace(tiny(), executor=dataclasses.replace(tiny().executor, name="ray"))
+    with pytest.raises(ConfigError, match="SuperNodes"):
+        config_from_run({CONFIG_KEY: to_toml(on_ray)})
 
 
 # --- the server and client pair on an in-process grid ------------------------------------------------

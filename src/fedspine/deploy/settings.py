@@ -40,9 +40,15 @@ def config_from_run(run_config: Mapping[str, Value]) -> tuple[Config, str]:
     if not isinstance(text, str) or not text.strip():
         raise DeployError(f"the Flower run config has no '{CONFIG_KEY}' (the fedspine config as TOML text)")
     try:
-        return from_dict(tomllib.loads(text)), text
+        config = from_dict(tomllib.loads(text))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(CONFIG_KEY, f"invalid TOML: {exc}") from exc
+    if config.executor.name != "simulation":
+        raise ConfigError(
+            "executor.name",
+            f"{config.executor.name!r} is for simulated runs; a deployment trains on its SuperNodes",
+        )
+    return config, text
 
 
 def device_id_from_node(node_config: Mapping[str, Value]) -> int:
