@@ -296,6 +296,7 @@ def test_replies_that_used_to_crash_or_poison_the_server_are_dropped_and_the_run
         1: lambda c: (
             _set_array("importance", "heads/2", Array(np.ones(2, np.float32)))(c),  # tiny: layers 0, 1
             _set_array("importance", "channels/2", Array(np.ones(2, np.float32)))(c),
+            _set_array("importance", "means/2", Array(np.ones(2, np.float32)))(c),  # compensation is on
         ),
         2: _set_update(lora_scaling=1e4),
         3: _set_update(num_samples=10**9),
