@@ -177,6 +177,9 @@ class FlowerTransport:
     def deliver(self, engine: Engine, task: RunningTask) -> None:
         pass  # the update came with the reply
 
+    def flush(self, engine: Engine) -> None:
+        pass  # launched tasks go out together in collect()
+
     def collect(self, engine: Engine, events: Events) -> bool:
         if self.unsent:  # the tasks launched since the last call go out together, with one send time
             ids, sent_at = self.link.push([message for _, message in self.unsent])

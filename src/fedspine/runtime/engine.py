@@ -344,6 +344,7 @@ class Engine:
             return
         self._dispatch(self.scheduler.orders(self.clock.now, self.loop.version))
         self._fill()
+        self.transport.flush(self)  # every task of this instant is launched: train them together
         for at, key in self.scheduler.take_timers():
             self.loop.queue.push(at, ("timer", key))
 

@@ -66,6 +66,10 @@ class Transport(Protocol):
         """The engine takes ``task``'s arrival: its update must be there now."""
         ...
 
+    def flush(self, engine: Engine) -> None:
+        """The tasks launched since the last event have all been launched: finish launching them."""
+        ...
+
     def collect(self, engine: Engine, events: Events) -> bool:
         """Queue what has come back; True while tasks are out that only this transport can bring back."""
         ...
@@ -96,7 +100,16 @@ class SimulatedTransport:
     """The simulated fleet: a task trains on the host (when it is launched, or when it is delivered);
     its arrival, or its loss when the availability trace takes the device offline first, is queued on
     the virtual clock from the cost model. Nothing is ever out of the queue, and time jumps to each
-    event."""
+    event.
+
+    Tasks launched to train at once (asynchronous dispatch) wait, when the executor trains tasks together,
+    until :meth:`flush`: the engine launches every task of an instant before it flushes, and the base
+    cannot change in between, so they train in one batch (or over the Ray workers) and their events are
+    queued in launch order, as one by one.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Engine, RunningTask, Events]] = []
 
     def reachable(self, engine: Engine, round_no: int, start: float) -> list[int]:
         trace = engine.exp.trace
@@ -112,16 +125,35 @@ class SimulatedTransport:
         return "ok" if is_available(device, engine.seed, offer) else "declined"
 
     def launch(self, engine: Engine, task: RunningTask, events: Events, train_now: bool) -> None:
+        if train_now and engine.exp.executor.trains_together:
+            self._pending.append((engine, task, events))
+            return
+        if train_now and self._computes(engine, task):
+            engine.train(task.outcome)  # trained now, on the base of the current version
+        self._queue(engine, task, events)
+
+    def flush(self, engine: Engine) -> None:
+        pending, self._pending = self._pending, []
+        trained = [task.outcome for _, task, _ in pending if self._computes(engine, task)]
+        if len(trained) > 1:
+            engine.train_together(trained)
+        elif trained:
+            engine.train(trained[0])
+        for owner, task, events in pending:
+            self._queue(owner, task, events)
+
+    @staticmethod
+    def _computes(engine: Engine, task: RunningTask) -> bool:
+        """Whether the device stays online until its compute ends (else it never trains)."""
         o, now = task.outcome, task.start
-        d = o.device.device_id
-        trace = engine.exp.trace
-        if train_now:
-            lost = trace.offline_during(d, now, now + o.downlink_seconds + o.compute_seconds)
-            if lost is None:
-                engine.train(o)  # trained now, on the base of the current version
-                lost = trace.offline_during(d, now, now + o.arrival_seconds)
-        else:  # the upload's time is known once trained: queued when the device's compute ends
-            lost = trace.offline_during(d, now, now + o.arrival_seconds)
+        end = now + o.downlink_seconds + o.compute_seconds
+        return engine.exp.trace.offline_during(o.device.device_id, now, end) is None
+
+    @staticmethod
+    def _queue(engine: Engine, task: RunningTask, events: Events) -> None:
+        """Queue the task's arrival, or its loss if its device goes offline first."""
+        o, now = task.outcome, task.start
+        lost = engine.exp.trace.offline_during(o.device.device_id, now, now + o.arrival_seconds)
         if lost is not None:
             o.lose(lost - now)
             events.push(lost, ("lost", task))
