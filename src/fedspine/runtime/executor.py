@@ -42,7 +42,6 @@ from fedspine.model.lora import (
 from fedspine.model.pruning import (
     PruningPlan,
     compensation_bias,
-    decoder_layers,
     layer_index_map,
     lora_between,
     prune_model,
@@ -267,7 +266,6 @@ class SimExecutor:
         if task.plan is None:
             return Lane(state, task.lora.scaling, prepared.batches, self.device_side.penalty)
         keep, bias = {}, {}
-        layers: Any = decoder_layers(self.model.get_base_model())
         for layer, kept in task.plan.items():
             prefix = _layer_prefix(layer)
             index = layer_index_map(kept, self.shape)
@@ -279,8 +277,7 @@ class SimExecutor:
                 mask[index[proj]] = 1.0
                 keep[f"{prefix}.{'self_attn' if proj == 'o_proj' else 'mlp'}.{proj}"] = mask
             if task.channel_means is not None:
-                down: Any = layers[layer].mlp.down_proj
-                weight = getattr(down, "base_layer", down).weight
+                weight = base_linear(self.model, f"{prefix}.mlp.down_proj").weight
                 bias[f"{prefix}.mlp.down_proj"] = compensation_bias(
                     weight, kept.channels, task.channel_means[layer]
                 )
