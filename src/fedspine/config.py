@@ -670,9 +670,25 @@ class EvalSection:
     """Also evaluate the initial model (round 0), so the curve starts from the pretrained metric."""
     target: float = 0.4
     """Metric target for time-to-target (0 = none; accuracy: higher is better, perplexity: lower)."""
+    mode: Literal["central", "federated", "both"] = "central"
+    """central: the server's held-out test set; federated: every device evaluates the global model (at its
+    own deployed sparsity, for pruning strategies) on a held-out slice of its own data and the run's
+    metric is their example-weighted mean; both: central is the run's metric, federated is recorded beside."""
+    local_fraction: float = 0.2
+    """Share of each device's examples held out for its own evaluation when `mode` is federated or both
+    (at least one example per device with two or more); a central run trains on all of them."""
+    local_max_examples: int = 64
+    """At most this many held-out examples per device (0 = no cap), so that evaluating every device
+    costs about what the central test set does; the rest stays for training."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, "eval.every", "must be >= 1")
+        _check(
+            0 < self.local_fraction < 1,
+            "eval.local_fraction",
+            f"must be in (0, 1), got {self.local_fraction}",
+        )
+        _check(self.local_max_examples >= 0, "eval.local_max_examples", "must be >= 0 (0 = no cap)")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _check(self.target >= 0, "eval.target", "must be >= 0 (0 = none)")
 

@@ -37,6 +37,30 @@ class Evaluation:
     metric: float
     loss: float
     count: int
+    """Examples (classification) or predicted tokens (language modelling) scored."""
+    correct: int = 0
+    """Examples classified correctly (classification)."""
+
+
+def pooled(objective: Objective, evaluations: Iterable[Evaluation]) -> Evaluation:
+    """One evaluation over the union of the sets ``evaluations`` were measured on (count-weighted:
+    pooled accuracy, or the perplexity of the pooled mean loss)."""
+    total = BatchResult(0.0, 0, 0)
+    for e in evaluations:
+        total = BatchResult(
+            total.loss_sum + e.loss * e.count, total.count + e.count, total.correct + e.correct
+        )
+    return _evaluation(objective, total)
+
+
+def _evaluation(objective: Objective, total: BatchResult) -> Evaluation:
+    return Evaluation(
+        metric_name=objective.metric_name,
+        metric=objective.metric(total),
+        loss=total.loss_sum / max(total.count, 1),
+        count=total.count,
+        correct=total.correct,
+    )
 
 
 @dataclass(frozen=True)
@@ -52,16 +76,19 @@ class EvalSet:
     count: int
 
     @classmethod
-    def from_dataset(cls, data: EncodedDataset, batch_size: int) -> EvalSet:
-        """Sort ``data`` by length and pad it into batches of ``batch_size``."""
+    def from_dataset(
+        cls, data: EncodedDataset, batch_size: int, indices: np.ndarray | None = None
+    ) -> EvalSet:
+        """Sort ``data`` (or its examples at ``indices``) by length; pad it into batches of ``batch_size``."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        order = np.argsort(data.lengths(), kind="stable")
+        chosen = np.arange(len(data)) if indices is None else np.asarray(indices, dtype=np.int64)
+        order = chosen[np.argsort(data.lengths()[chosen], kind="stable")]
         batches = tuple(
             collate(data, order[start : start + batch_size].tolist())
             for start in range(0, len(order), batch_size)
         )
-        return cls(batches=batches, count=len(data))
+        return cls(batches=batches, count=len(order))
 
     def padding_fraction(self) -> float:
         """Share of the batched positions that are padding."""
@@ -92,9 +119,4 @@ def evaluate(model: Any, objective: Objective, batches: Iterable[Batch]) -> Eval
         total = BatchResult(
             total.loss_sum + result.loss_sum, total.count + result.count, total.correct + result.correct
         )
-    return Evaluation(
-        metric_name=objective.metric_name,
-        metric=objective.metric(total),
-        loss=total.loss_sum / max(total.count, 1),
-        count=total.count,
-    )
+    return _evaluation(objective, total)

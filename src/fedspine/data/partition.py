@@ -161,6 +161,28 @@ def cap_client_sizes(parts: Sequence[np.ndarray], max_examples: int, rng: np.ran
     ]
 
 
+def hold_out(
+    parts: Sequence[np.ndarray], fraction: float, rng: np.random.Generator, max_examples: int = 0
+) -> tuple[Partition, Partition]:
+    """Split each client's shard into (kept for training, held out for its own evaluation).
+
+    A shard of ``n >= 2`` examples holds out ``round(fraction * n)`` of them (at most ``max_examples``
+    when that is positive), at least 1 and at most ``n - 1``, drawn at random; a shard of one example
+    holds out nothing. Both halves are sorted.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    kept, held = [], []
+    for part in parts:
+        n = len(part)
+        k = round(fraction * n) if max_examples < 1 else min(round(fraction * n), max_examples)
+        k = min(max(k, 1), n - 1) if n >= 2 else 0
+        order = rng.permutation(part)
+        held.append(np.sort(order[:k]))
+        kept.append(np.sort(order[k:]))
+    return kept, held
+
+
 PARTITION_KINDS = ("dirichlet", "iid", "natural", "quantity_skew")
 
 

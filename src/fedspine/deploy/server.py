@@ -38,6 +38,7 @@ from flwr.serverapp import Grid
 
 from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.api import RunResult, resume_experiment, run_experiment
+from fedspine.client.evaluate import Evaluation
 from fedspine.config import Config, load_config
 from fedspine.deploy.records import max_reply_bytes, read_update, task_record
 from fedspine.deploy.settings import (
@@ -221,6 +222,9 @@ class FlowerTransport:
     def aggregation_seconds(self, engine: Engine, nbytes: int, wall_seconds: float) -> float:
         return wall_seconds
 
+    def evaluate_devices(self, engine: Engine, version: int) -> dict[int, Evaluation]:
+        raise ConfigError("eval.mode", "a deployment evaluates centrally only (central)")
+
 
 def discover_nodes(
     grid: Grid, devices: int, wait_seconds: float, bound: dict[int, int] | None = None
@@ -284,6 +288,10 @@ def _claimed_device(reply: Message, devices: int) -> tuple[int | None, str]:
 def serve(grid: Grid, context: Context) -> RunResult:
     """The ServerApp's main: run the configured experiment over the connected SuperNodes."""
     config, _ = config_from_run(context.run_config)
+    if config.eval.mode != "central":
+        raise ConfigError(
+            "eval.mode", f"{config.eval.mode!r}: a deployment evaluates centrally only (central)"
+        )
     out = context.run_config.get(OUT_KEY)
     if not isinstance(out, str) or not out:
         raise DeployError(f"the Flower run config needs '{OUT_KEY}' (the directory for the run's records)")

@@ -109,6 +109,22 @@ class EvaluationEvent(_Fields):
 
 
 @dataclass(frozen=True)
+class FederatedEvaluationEvent(_Fields):
+    """The devices evaluated global version ``round`` on their own held-out data: the pooled metric
+    (count-weighted) and, per device id, its ``value``, ``loss`` and ``count``."""
+
+    kind: ClassVar[str] = "federated_evaluation"
+
+    round: int
+    virtual_time: float
+    metric: str
+    value: float
+    loss: float
+    count: int
+    devices: dict[str, dict[str, float]]
+
+
+@dataclass(frozen=True)
 class DeploymentEvent(_Fields):
     """A deployment found its devices' SuperNodes (device id -> Flower node id)."""
 

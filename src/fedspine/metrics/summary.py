@@ -71,6 +71,10 @@ class Summary:
     """``simulation`` or ``flower``."""
     device_models: dict[str, Any] | None = None
     """The exported device models' manifest (None when nothing was exported)."""
+    federated: dict[str, Any] | None = None
+    """The last federated evaluation (``eval.mode`` federated or both; else None): ``value``, ``loss``
+    and ``count`` pooled over the devices, ``worst_decile`` (the value a tenth of the devices do no
+    better than) and ``devices`` (device id -> value)."""
 
     def to_json(self) -> dict[str, Any]:
         """The summary as ``summary.json`` writes it."""
@@ -148,6 +152,7 @@ _CONTAINERS: dict[str, type] = {
     "devices": list,
     "pruning": dict,
     "device_models": dict,
+    "federated": dict,
 }
 _ZERO_IF_MISSING = ("eval_wall_seconds", "aggregation_wall_seconds", "setup_wall_seconds")
 

@@ -62,10 +62,16 @@ from fedspine.algorithms.schedulers import (
 )
 from fedspine.algorithms.validation import check_update
 from fedspine.algorithms.wire import update_payload_bytes
-from fedspine.client.evaluate import Evaluation
+from fedspine.client.evaluate import Evaluation, pooled
 from fedspine.fleet.cost import CostModel
 from fedspine.fleet.jitter import compute_slowdown, link_rate_factor
-from fedspine.metrics.events import AggregationEvent, EvaluationEvent, ServerStepEvent, TaskEvent
+from fedspine.metrics.events import (
+    AggregationEvent,
+    EvaluationEvent,
+    FederatedEvaluationEvent,
+    ServerStepEvent,
+    TaskEvent,
+)
 from fedspine.metrics.records import DeviceStats, RoundRecord, RunRecorder
 from fedspine.runtime import checkpoint as checkpoints
 from fedspine.runtime.build import Experiment
@@ -917,16 +923,49 @@ class Engine:
         )
 
     def _evaluate(self, round_no: int) -> Evaluation:
+        """Evaluate the global model as ``eval.mode`` says: on the server's test set, on the devices'
+        held-out data (the example-weighted mean is the run's metric when there is no central one),
+        or both (central is the run's metric, the devices' are recorded beside it)."""
         wall = time.perf_counter()
-        self.exp.executor.load_global(self.exp.strategy.global_lora())
-        strategy = self.exp.strategy
-        evaluation = self.exp.executor.evaluate(
-            self.exp.test_set, strategy.eval_plan(), strategy.channel_means()
-        )
+        exp, strategy = self.exp, self.exp.strategy
+        mode = exp.settings.eval_mode
+        exp.executor.load_global(strategy.global_lora())
+        central, devices = None, {}
+        if mode != "federated":
+            central = exp.executor.evaluate(exp.test_set, strategy.eval_plan(), strategy.channel_means())
+        federated = None
+        if mode != "central":
+            devices = self.transport.evaluate_devices(self, round_no)
+            federated = pooled(exp.objective, devices.values())
+        evaluation = central or federated
+        assert evaluation is not None
         self.state.eval_wall_seconds += time.perf_counter() - wall
         event = EvaluationEvent(
             round_no, self.clock.now, evaluation.metric_name, evaluation.metric, evaluation.loss
         )
-        self.state.evaluations.append(event.record())
+        record = event.record()
+        if federated is not None:
+            record["federated"] = {
+                "value": federated.metric,
+                "loss": federated.loss,
+                "count": federated.count,
+            }
+            record["devices"] = {str(d): e.metric for d, e in devices.items()}
+        self.state.evaluations.append(record)
         self.recorder.event(event)
+        if federated is not None:
+            per_device = {
+                str(d): {"value": e.metric, "loss": e.loss, "count": e.count} for d, e in devices.items()
+            }
+            self.recorder.event(
+                FederatedEvaluationEvent(
+                    round_no,
+                    self.clock.now,
+                    federated.metric_name,
+                    federated.metric,
+                    federated.loss,
+                    federated.count,
+                    per_device,
+                )
+            )
         return evaluation

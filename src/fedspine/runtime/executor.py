@@ -482,6 +482,16 @@ class SimExecutor:
         compensated with ``channel_means``)."""
         return evaluate(self.eval_model(plan, channel_means), self.objective, eval_set.batches)
 
+    def evaluate_many(
+        self,
+        eval_sets: Sequence[EvalSet],
+        plan: PruningPlan | None = None,
+        channel_means: list[torch.Tensor] | None = None,
+    ) -> list[Evaluation]:
+        """:meth:`evaluate` on each of ``eval_sets``, with one copy of the evaluated model."""
+        model = self.eval_model(plan, channel_means)
+        return [evaluate(model, self.objective, s.batches) for s in eval_sets]
+
 
 def _layer_prefix(layer: int) -> str:
     """The name of decoder layer ``layer`` in the base model (:func:`decoder_layers`' ``model.layers``)."""

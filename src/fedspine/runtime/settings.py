@@ -69,6 +69,8 @@ class RunSettings:
     scheduler_name: str
     model_name: str
     """The model's source, or its directory for a local model."""
+    eval_mode: str = "central"
+    """``central``, ``federated`` or ``both`` (``eval.mode``)."""
 
 
 __all__ = ["Attack", "ExportSettings", "RunSettings", "ServerRules"]

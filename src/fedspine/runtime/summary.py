@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from fedspine.algorithms.strategies import FedSpine
 from fedspine.metrics.records import DeviceStats, RoundRecord
 from fedspine.metrics.stats import time_to_target
@@ -96,6 +98,7 @@ def make_summary(
         pruning=_pruning(experiment),
         executor=executor,
         device_models=device_models,
+        federated=_federated(final, experiment.objective.higher_is_better),
     )
 
 
@@ -117,3 +120,12 @@ def _pruning(experiment: Experiment) -> dict[str, Any] | None:
             for r in sorted({a.ratio for a in deployed.values()})
         ),
     }
+
+
+def _federated(final: dict[str, Any], higher_is_better: bool) -> dict[str, Any] | None:
+    """The last evaluation's federated part (None when the devices did not evaluate)."""
+    if "federated" not in final:
+        return None
+    values = list(final["devices"].values())
+    worst = float(np.percentile(values, 10 if higher_is_better else 90)) if values else None
+    return {**final["federated"], "worst_decile": worst, "devices": dict(final["devices"])}

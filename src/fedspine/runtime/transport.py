@@ -19,6 +19,7 @@ from fedspine.sim.clock import EventQueue
 from fedspine.types import Device, TaskStatus
 
 if TYPE_CHECKING:
+    from fedspine.client.evaluate import Evaluation
     from fedspine.runtime.engine import Engine, TaskOutcome
 
 Events = EventQueue[tuple[str, Any]]
@@ -93,6 +94,11 @@ class Transport(Protocol):
 
     def aggregation_seconds(self, engine: Engine, nbytes: int, wall_seconds: float) -> float:
         """The time a server step's aggregation takes on the run's clock."""
+        ...
+
+    def evaluate_devices(self, engine: Engine, version: int) -> dict[int, Evaluation]:
+        """Federated evaluation of global ``version`` (loaded in the engine's executor): each device
+        that answers evaluates it, at its own plan, on its held-out data. Device id -> its evaluation."""
         ...
 
 
@@ -188,3 +194,24 @@ class SimulatedTransport:
         """The cost model's time for ``nbytes`` of updates, not the host's."""
         server = engine.exp.settings.server
         return server.aggregation_overhead_seconds + nbytes / (server.aggregation_gbps * 1e9)
+
+    def evaluate_devices(self, engine: Engine, version: int) -> dict[int, Evaluation]:
+        """Every device with a held-out slice evaluates, online or not, off the virtual clock: the
+        curve measures the model, not which devices happened to be reachable."""
+        exp = engine.exp
+        strategy = exp.strategy
+        means = strategy.channel_means()
+        groups: list[tuple[Any, list[int]]] = []  # devices sharing a plan share one evaluated copy
+        for device in sorted(exp.local_tests):
+            plan = strategy.device_eval_plan(device)
+            for known, members in groups:
+                if known == plan:
+                    members.append(device)
+                    break
+            else:
+                groups.append((plan, [device]))
+        results: dict[int, Evaluation] = {}
+        for plan, members in groups:
+            evaluations = exp.executor.evaluate_many([exp.local_tests[d] for d in members], plan, means)
+            results.update(zip(members, evaluations, strict=True))
+        return dict(sorted(results.items()))

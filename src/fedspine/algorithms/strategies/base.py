@@ -154,6 +154,11 @@ class Strategy(ABC):
         """The pruning plan of the model to evaluate (None = dense)."""
         return None
 
+    def device_eval_plan(self, device_id: int) -> Any:
+        """The pruning plan of the model ``device_id`` evaluates on its own data (None = dense): the
+        global model as :meth:`eval_plan` has it, unless the strategy sizes each device's model."""
+        return self.eval_plan()
+
     def channel_means(self) -> list[torch.Tensor] | None:
         """Per layer, the mean MLP channel inputs whose removed channels pruned models keep as a bias
         (FedSpine with ``compensate``); None: pruning removes channels without compensation."""

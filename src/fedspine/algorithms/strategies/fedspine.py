@@ -227,6 +227,12 @@ class FedSpine(Strategy):
         """The deployable model: pruned at the target sparsity once importance has been observed."""
         return self.plan_for(self.settings.target_sparsity) if self.masks.observed else None
 
+    def device_eval_plan(self, device_id: int) -> PruningPlan | None:
+        """The model ``device_id`` would deploy now (:meth:`deployment`), once importance is observed."""
+        if not self.masks.observed:
+            return None
+        return self.plan_for(self.deployment([device_id])[device_id].ratio)
+
     def deployment(self, device_ids: Sequence[int]) -> dict[int, Arm]:
         """Each device's final model: the target sparsity plus its policy's best extra ratio, at the
         policy's best rank (as an arm of absolute ratio)."""

@@ -43,6 +43,7 @@ from fedspine.runtime.build.algorithms import (
 from fedspine.runtime.build.data import (
     build_task,
     load_examples,
+    local_test_sets,
     objective_for,
     split_and_partition,
     task_name,
@@ -88,6 +89,8 @@ class Experiment:
     stale_handler: StaleUpdateHandler = field(default_factory=Identity)
     uplink: UplinkChannel | None = None
     """Compressed uploads (None: the factors travel as they are)."""
+    local_tests: dict[int, EvalSet] = field(default_factory=dict)
+    """Each device's held-out slice of its own data (``eval.mode`` federated or both; else empty)."""
 
 
 def run_settings(cfg: Config) -> RunSettings:
@@ -119,6 +122,7 @@ def run_settings(cfg: Config) -> RunSettings:
         strategy_name=cfg.strategy.name,
         scheduler_name=cfg.scheduler.name,
         model_name=cfg.model.source if cfg.model.source != "local" else cfg.model.path,
+        eval_mode=cfg.eval.mode,
     )
 
 
@@ -177,6 +181,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     check_fleet_fits(devices, shape, cfg)
     train_data = task.encode(train, tokenizer, cfg.data.max_length)
     test_data = task.encode(test, tokenizer, cfg.data.max_length)
+    parts, local_tests = local_test_sets(cfg, train_data, parts)
     objective = objective_for(train_data)
     initial_scores = magnitude_scores(model) if cls.prunes else None
     if initial_scores is not None:
@@ -231,6 +236,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         trace=build_trace(cfg),
         stale_handler=build_stale_handler(cfg),
         uplink=build_uplink(cfg),
+        local_tests=local_tests,
     )
 
 

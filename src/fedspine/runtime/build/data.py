@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedspine.client.evaluate import EvalSet
 from fedspine.client.objectives import ClassificationObjective, LanguageModelingObjective, Objective
 from fedspine.config import BIBLE_GENRE_WORDS, BIBLE_PROMPT, Config
 from fedspine.data import (
@@ -14,6 +15,7 @@ from fedspine.data import (
     EncodedDataset,
     Example,
     LanguageModelingTask,
+    hold_out,
     load_source,
     partition,
     top_labels,
@@ -21,6 +23,9 @@ from fedspine.data import (
     with_label,
 )
 from fedspine.errors import ConfigError, DataError
+
+LOCAL_TEST_STREAM = 7
+"""Seeds the generator of the devices' held-out slices (with the run's seed)."""
 
 
 def load_examples(cfg: Config, rng: np.random.Generator) -> list[Example]:
@@ -90,6 +95,27 @@ def split_and_partition(
         alpha=d.dirichlet_alpha if d.partition == "dirichlet" else d.quantity_alpha,
     )
     return train, test, parts
+
+
+def local_test_sets(
+    cfg: Config, train_data: EncodedDataset, parts: list[np.ndarray]
+) -> tuple[list[np.ndarray], dict[int, EvalSet]]:
+    """The devices' training partitions and, when ``eval.mode`` evaluates on the devices, each
+    device's held-out slice (``eval.local_fraction`` of its examples) as an evaluation set.
+
+    The slices are drawn from their own generator, so a central run's partitions, and every draw
+    after them, are those of a run without local evaluation.
+    """
+    if cfg.eval.mode == "central":
+        return parts, {}
+    rng = np.random.default_rng([cfg.run.seed, LOCAL_TEST_STREAM])
+    kept, held = hold_out(parts, cfg.eval.local_fraction, rng, cfg.eval.local_max_examples)
+    tests = {
+        device: EvalSet.from_dataset(train_data, cfg.eval.batch_size, indices)
+        for device, indices in enumerate(held)
+        if len(indices)
+    }
+    return kept, tests
 
 
 def objective_for(train_data: EncodedDataset) -> Objective:
