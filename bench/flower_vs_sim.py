@@ -61,9 +61,12 @@ def run_flower(cfg: Config, out: Path, devices: int) -> tuple[float, dict[str, A
     from flwr.simulation import run_simulation
 
     from fedspine.deploy.app import make_apps
-    from fedspine.deploy.settings import CONFIG_KEY, NODES_KEY, OUT_KEY
+    from fedspine.deploy.settings import CONFIG_KEY, DATA_KEY, NODES_KEY, OUT_KEY
 
-    server_app, client_app = make_apps({CONFIG_KEY: to_toml(cfg), OUT_KEY: str(out), NODES_KEY: 300.0})
+    # the simulator's partitions on both sides: the comparison is of the engines, not of the data
+    server_app, client_app = make_apps(
+        {CONFIG_KEY: to_toml(cfg), OUT_KEY: str(out), NODES_KEY: 300.0, DATA_KEY: "shared"}
+    )
     cores = os.cpu_count() or 1
     started = time.perf_counter()
     run_simulation(

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from fedspine.data import load_bible, with_label
 from fedspine.deploy.setup import write_certificates, write_connection, write_node_keys
 
 BIN = Path(sys.executable).parent
@@ -141,14 +142,15 @@ class Loopback:
         return int(json.loads(done.stdout)["node-id"])
 
     def start_supernode(
-        self, name: str, private_key: Path, device_id: int, **extra: Any
+        self, name: str, private_key: Path, device_id: int, data_path: str = "", **extra: Any
     ) -> subprocess.Popen[bytes]:
+        node_config = f"device-id={device_id}" + (f' data-path="{data_path}"' if data_path else "")
         args = [
             str(BIN / "flower-supernode"),
             "--root-certificates", str(self.certs["ca"]),
             "--superlink", f"127.0.0.1:{self.port}",
             "--auth-supernode-private-key", str(private_key),
-            "--node-config", f"device-id={device_id}",
+            "--node-config", node_config,
             "--host", "127.0.0.1",
             "--port", str(free_port()),
         ]  # fmt: skip
@@ -225,3 +227,22 @@ def alive(pid: int) -> bool:
 def _signal(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
+
+
+MIXES = {0: ("law", "history", "wisdom"), 1: ("gospels", "epistles", "prophets")}
+"""Devices 0 and 1 see different halves of the label set."""
+
+
+def write_node_files(root: Path, per_device: int = 40) -> dict[int, str]:
+    """Device 0 and 1: JSONL files of Bible verses from their own genres; device 2: a broken file."""
+    verses = with_label(load_bible(), "genre")
+    paths = {}
+    for device, genres in MIXES.items():
+        rows = [ex for ex in verses if ex.label in genres][device::97][:per_device]
+        path = root / f"device{device}.jsonl"
+        path.write_text("".join(json.dumps({"text": ex.text, "label": ex.label}) + "\n" for ex in rows))
+        paths[device] = str(path)
+    broken = root / "device2.jsonl"
+    broken.write_text('{"text": "In the beginning", "label": "law"}\n{"text": "And God said", "label"\n')
+    paths[2] = str(broken)
+    return paths

@@ -16,13 +16,33 @@ from fedspine.deploy import client
 Handler = Callable[[Message, Context], Message]
 
 
+HANDLERS: dict[str, Handler] = {
+    MessageType.TRAIN: client.train,
+    MessageType.EVALUATE: client.evaluate,
+    MessageType.QUERY: client.query,
+}
+
+
+def _node_config(device: int, data_path: str | None) -> dict[str, str | int]:
+    config: dict[str, str | int] = {"device-id": device}
+    if data_path is not None:
+        config["data-path"] = data_path
+    return config
+
+
 class FakeGrid:
     """Nodes ``1..n`` with device ids ``0..n-1``; replies are computed when pulled."""
 
-    def __init__(self, run_config: dict[str, str | int | float], devices: int) -> None:
+    def __init__(
+        self, run_config: dict[str, str | int | float], devices: int, data_paths: dict[int, str] | None = None
+    ) -> None:
+        """``data_paths``: device id -> its node's own data file (node config ``data-path``)."""
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # the server is node 0
+        paths = data_paths or {}
         self.contexts = {
-            node: Context(1, node, {"device-id": node - 1}, RecordDict(), dict(run_config))
+            node: Context(
+                1, node, _node_config(node - 1, paths.get(node - 1)), RecordDict(), dict(run_config)
+            )
             for node in range(1, devices + 1)
         }
         self.inbox: dict[str, Message] = {}
@@ -46,9 +66,7 @@ class FakeGrid:
             msg = self.inbox.pop(mid, None)
             if msg is None:
                 continue
-            handler: Handler = (
-                client.train if msg.metadata.message_type == MessageType.TRAIN else client.query
-            )
+            handler: Handler = HANDLERS[msg.metadata.message_type]
             TaskIdentity.node_id = msg.metadata.dst_node_id  # the reply comes from that node
             reply = handler(msg, self.contexts[msg.metadata.dst_node_id])
             TaskIdentity.node_id = 0

@@ -30,6 +30,7 @@ from fedspine.deploy.server import serve
 from fedspine.deploy.settings import (
     BIND_KEY,
     CONFIG_KEY,
+    DATA_KEY,
     NODES_KEY,
     OUT_KEY,
     RESUME_KEY,
@@ -42,7 +43,7 @@ from fedspine.errors import CheckpointError, ConfigError, DeployError
 from fedspine.model.pruning import LayerKeep
 from fedspine.runtime import checkpoint as checkpoints
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
-from tests.deployment import DEVICE_CONNECTION, Loopback, alive
+from tests.deployment import DEVICE_CONNECTION, Loopback, alive, write_node_files
 from tests.flower_fakes import FakeGrid
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
@@ -54,16 +55,24 @@ def tiny(*overrides: str) -> Config:
 
 
 def run_fake(
-    cfg: Config, out: Path, grid_hook: object = None, bind: str = "", resume: bool = False
+    cfg: Config,
+    out: Path,
+    grid_hook: object = None,
+    bind: str = "",
+    resume: bool = False,
+    data_paths: dict[int, str] | None = None,
 ) -> tuple[RunResult, FakeGrid]:
+    """A run over the in-process grid: the nodes derive the shared partitions, or, with ``data_paths``
+    (device -> file), read their own files."""
     run_config: dict[str, str | int | float | bool] = {
         CONFIG_KEY: to_toml(cfg),
         OUT_KEY: str(out),
         NODES_KEY: 5.0,
         BIND_KEY: bind,
         RESUME_KEY: resume,
+        DATA_KEY: "shared" if data_paths is None else "local",
     }
-    grid = FakeGrid(run_config, sum(g.count for g in cfg.fleet.groups))
+    grid = FakeGrid(run_config, sum(g.count for g in cfg.fleet.groups), data_paths)
     if grid_hook is not None:
         grid.tamper = grid_hook  # type: ignore[assignment]
     return serve(grid, Context(1, 0, {}, RecordDict(), dict(run_config))), grid  # type: ignore[arg-type]
@@ -568,8 +577,15 @@ def test_deploy_commands_write_certificates_keys_app_and_connection(tmp_path: Pa
     assert done.exit_code == 0, done.output
     project = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
     app_config = project["tool"]["flwr"]["app"]["config"]
-    assert config_from_run(app_config)[0] == load_config(TINY, ["scheduler.rounds=7"])
+    # the nodes bring their own data: the app fixes the label set the server's data source has
+    genres = sorted({"law", "history", "wisdom", "prophets", "gospels", "epistles"})
+    expected = load_config(TINY, ["scheduler.rounds=7", f"data.labels={genres}"])
+    assert config_from_run(app_config)[0] == expected and app_config[DATA_KEY] == "local"
     assert app_config[OUT_KEY] == str((tmp_path / "run").resolve())
+    shared = runner.invoke(cli, ["deploy", "app", str(tmp_path / "app2"), *args[3:], "--shared-data"])
+    assert shared.exit_code == 0, shared.output
+    app2 = tomllib.loads((tmp_path / "app2" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert config_from_run(app2)[0] == load_config(TINY) and app2[DATA_KEY] == "shared"
     bad = runner.invoke(cli, [*args, "--set", "scheduler.roundz=7"])
     assert bad.exit_code == 2 and "scheduler.roundz" in bad.output
 
@@ -662,18 +678,29 @@ DEPLOY = [
 ]
 
 
+THREE_NODES = [
+    'fleet.groups=[{device_class = "jetson_orin_nano", count = 3, network = "wifi"}]',
+    "scheduler.clients_per_round=3",
+    "scheduler.rounds=2",
+    "eval.at_start=true",
+    "eval.mode=both",
+]
+
+
 @pytest.fixture(scope="module")
 def loopback(tmp_path_factory: pytest.TempPathFactory) -> object:
     """A TLS SuperLink with node authentication and three registered SuperNodes (devices 0, 1, 2; the
-    two-device fleets leave device 2's node out)."""
+    two-device fleets leave device 2's node out), each with its own data file (:func:`write_node_files`:
+    device 2's is malformed), which runs with ``node-data = "shared"`` do not read."""
     dep = Loopback(tmp_path_factory.mktemp("loopback"))
     try:
         dep.start_superlink()
         pairs = dep.keys(["node0", "node1", "node2", "rogue"])
         for _, public in pairs[:3]:
             dep.register(public)
+        files = write_node_files(dep.root)  # each node's own data (device 2's is broken)
         for i, (private, _) in enumerate(pairs[:3]):
-            dep.start_supernode(f"node{i}", private, i)
+            dep.start_supernode(f"node{i}", private, i, data_path=files[i])
         dep.wait_connected(["node0", "node1", "node2"])
         dep.rogue_key = pairs[3][0]  # type: ignore[attr-defined]
         yield dep
@@ -685,7 +712,7 @@ def loopback(tmp_path_factory: pytest.TempPathFactory) -> object:
 
 def _flower_run(dep: Loopback, cfg: Config, name: str) -> Path:
     out = dep.root / name
-    write_app(dep.root / f"{name}-app", cfg, out, round_timeout=300, wait_for_nodes=60)
+    write_app(dep.root / f"{name}-app", cfg, out, round_timeout=300, wait_for_nodes=60, shared_data=True)
     done = dep.run_app(dep.root / f"{name}-app")
     assert done.returncode == 0, done.stdout + done.stderr
     # `flwr run` exits 0 even when the ServerApp fails: the records are what shows success
@@ -717,6 +744,34 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(loopback: Loopback, t
         )
 
 
+def test_three_supernodes_train_on_their_own_files_and_evaluate_on_them(loopback: Loopback) -> None:
+    """Each node reads its own JSONL (different label mixes); the server records every device's
+    evaluation; the node whose file is malformed has its tasks dropped with the reason, and the run
+    finishes."""
+    cfg = tiny(*THREE_NODES)
+    out = loopback.root / "node-data"
+    write_app(loopback.root / "node-data-app", cfg, out, round_timeout=300, wait_for_nodes=60)
+    done = loopback.run_app(loopback.root / "node-data-app")
+    assert (out / "summary.json").exists(), done.stdout + done.stderr + loopback.log("node2")
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    data = next(e for e in events if e["event"] == "deployment")["data"]
+    assert data["0"]["examples"] == data["1"]["examples"] == 32 and "device2.jsonl:2" in data["2"]["error"]
+    tasks = [e for e in events if e["event"] == "task"]
+    assert sorted((t["device_id"], t["status"]) for t in tasks) == [
+        (0, "ok"), (0, "ok"), (1, "ok"), (1, "ok"), (2, "dropped"), (2, "dropped"),
+    ]  # fmt: skip
+    assert all("invalid JSON" in t["reason"] for t in tasks if t["device_id"] == 2)
+    federated = [e for e in events if e["event"] == "federated_evaluation"]
+    assert [e["round"] for e in federated] == [0, 1, 2]
+    for record in federated:
+        assert sorted(record["devices"]) == ["0", "1"] and record["count"] == 16
+    # the devices see different label mixes, so the same global model scores differently on them
+    first = federated[0]["devices"]
+    assert first["0"]["loss"] != first["1"]["loss"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["federated"]["devices"]) == ["0", "1"]
+
+
 def test_one_flower_round_gives_the_simulators_global_state(loopback: Loopback, tmp_path: Path) -> None:
     cfg = tiny("scheduler.rounds=1", *DEPLOY)
     out = _flower_run(loopback, cfg, "parity")
@@ -733,7 +788,7 @@ def test_a_killed_serverapp_restarted_with_resume_continues_from_its_checkpoint(
     uninterrupted deployment has)."""
     cfg = tiny("scheduler.rounds=3", "run.checkpoint_every=1", *DEPLOY)
     out, app = loopback.root / "killed", loopback.root / "killed-app"
-    write_app(app, cfg, out, round_timeout=300, wait_for_nodes=60)
+    write_app(app, cfg, out, round_timeout=300, wait_for_nodes=60, shared_data=True)
     first = loopback.start_app(app, "killed-run")
     checkpoint = out / "checkpoints" / "round-000001"
     deadline = time.time() + 300

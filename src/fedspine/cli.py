@@ -303,11 +303,19 @@ def deploy_app_folder(
             "(repeatable; with any, only bound nodes take part)",
         ),
     ] = None,
+    shared_data: Annotated[
+        bool,
+        typer.Option(
+            "--shared-data",
+            help="A testbed: every node derives its partition of the config's data source, instead of "
+            "reading its own file (node config data-path)",
+        ),
+    ] = False,
 ) -> None:
     """Write a Flower app folder that runs the experiment; start it with `flwr run DIR CONNECTION`."""
     with _errors():
         path = _deploy("setup").write_app(
-            out, _load(config, set_), records, round_timeout, wait_for_nodes, bind or []
+            out, _load(config, set_), records, round_timeout, wait_for_nodes, bind or [], shared_data
         )
     console.print(f"app: {path}")
 

@@ -190,6 +190,9 @@ class DataSection:
     """Metadata key that becomes the class label (classification), e.g. genre, testament, show."""
     max_labels: int = 0
     """Keep only the most frequent labels (0 = all)."""
+    labels: list[str] = field(default_factory=list)
+    """The class labels, fixed in the config (empty: those found in the data). A deployment whose nodes
+    bring their own data needs them (`fedspine deploy app` fills them in). Another label is an error."""
     label_words: dict[str, str] = field(default_factory=lambda: dict(BIBLE_GENRE_WORDS))
     """Verbalizer: the word the model answers for each label, e.g. {epistles = "letter"} (default: label)."""
     prompt_template: str = BIBLE_PROMPT
@@ -216,6 +219,11 @@ class DataSection:
         _check(self.max_length >= 8, "data.max_length", f"must be >= 8, got {self.max_length}")
         _check(self.max_labels >= 0, "data.max_labels", f"must be >= 0 (0 = all), got {self.max_labels}")
         _check(self.max_labels != 1, "data.max_labels", "must keep at least 2 labels (0 = all)")
+        _check(
+            not self.labels or len(set(self.labels)) == len(self.labels) >= 2,
+            "data.labels",
+            f"must list at least two distinct labels (or none), got {self.labels}",
+        )
         _check(
             self.max_examples >= 0, "data.max_examples", f"must be >= 0 (0 = all), got {self.max_examples}"
         )

@@ -161,6 +161,12 @@ def cap_client_sizes(parts: Sequence[np.ndarray], max_examples: int, rng: np.ran
     ]
 
 
+def held_out_size(n: int, fraction: float, max_examples: int = 0) -> int:
+    """How many of a shard's ``n`` examples :func:`hold_out` holds out."""
+    k = round(fraction * n) if max_examples < 1 else min(round(fraction * n), max_examples)
+    return min(max(k, 1), n - 1) if n >= 2 else 0
+
+
 def hold_out(
     parts: Sequence[np.ndarray], fraction: float, rng: np.random.Generator, max_examples: int = 0
 ) -> tuple[Partition, Partition]:
@@ -175,8 +181,7 @@ def hold_out(
     kept, held = [], []
     for part in parts:
         n = len(part)
-        k = round(fraction * n) if max_examples < 1 else min(round(fraction * n), max_examples)
-        k = min(max(k, 1), n - 1) if n >= 2 else 0
+        k = held_out_size(n, fraction, max_examples)
         order = rng.permutation(part)
         held.append(np.sort(order[:k]))
         kept.append(np.sort(order[k:]))

@@ -42,6 +42,10 @@ def make_apps(defaults: Mapping[str, Value] | None = None) -> tuple[ServerApp, C
     def _train(message: Message, context: Context) -> Message:
         return client.train(message, configured(context))
 
+    @client_app.evaluate()
+    def _evaluate(message: Message, context: Context) -> Message:
+        return client.evaluate(message, configured(context))
+
     @client_app.query()
     def _query(message: Message, context: Context) -> Message:
         return client.query(message, configured(context))

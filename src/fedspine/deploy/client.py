@@ -1,10 +1,14 @@
 """The device side of a Flower deployment: run exactly the simulator's local training for one task.
 
 A ClientApp process builds the experiment from the run's config (the same code path as a simulated
-run: same data split, partitions, model and LoRA setup for the seed), takes its device identity from
-the node config (``device-id``), and answers ``train`` messages with the trained update. The
-error-feedback memory of a compressed uplink lives in the node's persistent ``context.state``, so it
-survives across rounds although Flower starts a fresh process per message.
+run: same model and LoRA setup for the seed), takes its device identity from the node config
+(``device-id``), and answers ``train`` messages with the trained update and ``evaluate`` messages
+with its results on its held-out examples. Its training data is, by default, its own file
+(``data-path`` in the node config, read only here); with the run-config key ``node-data = "shared"`` a
+testbed's node derives its partition of the config's data source, as the simulator does. A node whose
+data cannot be read refuses its tasks with the reason; the run goes on without it. The error-feedback
+memory of a compressed uplink lives in the node's persistent ``context.state``, so it survives across
+rounds although Flower starts a fresh process per message.
 """
 
 from __future__ import annotations
@@ -12,16 +16,27 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, ConfigRecordValues, Context, Message, RecordDict
 
 from fedspine.algorithms.compression import FeedbackState
 from fedspine.config import Config
-from fedspine.deploy.records import Timing, arrays, read_task, tensors, update_record
-from fedspine.deploy.settings import config_from_run, device_id_from_node
-from fedspine.errors import DeployError
-from fedspine.runtime.build import Experiment, build_experiment
+from fedspine.data import held_out_size
+from fedspine.deploy.records import (
+    Timing,
+    arrays,
+    evaluation_record,
+    read_task,
+    reason_text,
+    refusal_record,
+    tensors,
+    update_record,
+)
+from fedspine.deploy.settings import config_from_run, data_mode, data_path_from_node, device_id_from_node
+from fedspine.errors import DataError, DeployError
+from fedspine.runtime.build import Experiment, NodeData, build_experiment, load_node_examples
 from fedspine.runtime.executor import task_seed
 
 
@@ -38,11 +53,30 @@ _CACHE: dict[str, _Built] = {}
 """Experiments built in this process, by config digest (a simulation engine reuses its workers)."""
 
 
-def _built(config: Config, text: str) -> _Built:
+def _data_file(context: Context) -> Path | None:
+    """This node's own data file, or None when the run's nodes share the config's data source."""
+    if data_mode(context.run_config) == "shared":
+        return None
+    return Path(data_path_from_node(context.node_config))
+
+
+def _built(config: Config, text: str, device_id: int, data_file: Path | None) -> _Built:
+    """The experiment for this config (and this node's data file, as it is now), built once per process.
+
+    Raises:
+        DataError: the node's data file is missing, unreadable or malformed.
+    """
     key = hashlib.sha256(text.encode()).hexdigest()
+    if data_file is not None:
+        try:
+            stat = data_file.stat()
+        except OSError as exc:
+            raise DataError(f"cannot read the node's data file {data_file}: {exc.strerror}") from None
+        key += f"|{data_file.resolve()}|{stat.st_mtime_ns}|{stat.st_size}"
     if key not in _CACHE:
         _CACHE.clear()  # one run at a time per process: free the previous model
-        _CACHE[key] = _Built(build_experiment(config))
+        node = None if data_file is None else NodeData(device_id, load_node_examples(config, data_file))
+        _CACHE[key] = _Built(build_experiment(config, node=node))
     return _CACHE[key]
 
 
@@ -78,7 +112,10 @@ def train(message: Message, context: Context) -> Message:
     if task.device_id != device_id:
         raise DeployError(f"task for device {task.device_id} reached the node of device {device_id}")
     started = time.perf_counter()
-    built = _built(config, text)
+    try:
+        built = _built(config, text, device_id, _data_file(context))
+    except DataError as exc:
+        return Message(refusal_record(str(exc)), reply_to=message)
     _sync_base(built, base)
     setup_seconds = time.perf_counter() - started
     exp = built.experiment
@@ -94,10 +131,47 @@ def train(message: Message, context: Context) -> Message:
     return Message(update_record(update, timing), reply_to=message)
 
 
+def evaluate(message: Message, context: Context) -> Message:
+    """Handle an ``evaluate`` message: the global model the task carries (at the task's plan) on this
+    device's held-out examples."""
+    config, text = config_from_run(context.run_config)
+    device_id = device_id_from_node(context.node_config)
+    task, base, _sent_at = read_task(message.content)
+    if task.device_id != device_id:
+        raise DeployError(f"task for device {task.device_id} reached the node of device {device_id}")
+    try:
+        built = _built(config, text, device_id, _data_file(context))
+    except DataError as exc:
+        return Message(refusal_record(str(exc)), reply_to=message)
+    eval_set = built.experiment.local_tests.get(device_id)
+    if eval_set is None:
+        reason = f"no held-out examples (eval.mode {config.eval.mode!r}, or too little data)"
+        return Message(refusal_record(reason), reply_to=message)
+    _sync_base(built, base)
+    executor = built.experiment.executor
+    executor.load_global(task.payload)
+    result = executor.evaluate(eval_set, task.plan, task.channel_means)
+    return Message(evaluation_record(task.round, device_id, result), reply_to=message)
+
+
 def query(message: Message, context: Context) -> Message:
-    """Handle a ``query`` message: tell the server which device this node is."""
-    content = RecordDict({"node": ConfigRecord({"device_id": device_id_from_node(context.node_config)})})
-    return Message(content, reply_to=message)
+    """Handle a ``query`` message: tell the server which device this node is and, when it brings its
+    own data, how many examples it trains on and holds out (or why its data cannot be used)."""
+    device_id = device_id_from_node(context.node_config)
+    answer: dict[str, ConfigRecordValues] = {"device_id": device_id}
+    if data_mode(context.run_config) == "local":
+        config, _ = config_from_run(context.run_config)
+        try:
+            examples = len(load_node_examples(config, data_path_from_node(context.node_config)))
+        except DataError as exc:
+            answer["data_error"] = reason_text(str(exc))
+        else:
+            e = config.eval
+            held = (
+                held_out_size(examples, e.local_fraction, e.local_max_examples) if e.mode != "central" else 0
+            )
+            answer.update(examples=examples - held, eval_examples=held)
+    return Message(RecordDict({"node": ConfigRecord(answer)}), reply_to=message)
 
 
 def _load_feedback(context: Context) -> FeedbackState:

@@ -35,6 +35,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedspine.algorithms.wire import IMPORTANCE_KINDS, flatten_state, unflatten_state
+from fedspine.client.evaluate import Evaluation
+from fedspine.client.objectives import BatchResult, Objective
 from fedspine.errors import DeployError, FedspineError
 from fedspine.model.footprint import ModelShape
 from fedspine.model.pruning import LayerKeep, PruningPlan
@@ -257,6 +259,68 @@ def read_update(
         _float(cfg, "update", "setup_seconds"),
     )
     return update, timing
+
+
+MAX_REASON_CHARS = 500
+"""A device's stated reason (a refusal, a data error) is cut to this many characters."""
+
+
+def refusal_record(reason: str) -> RecordDict:
+    """A reply saying the device will not run the task, and why (e.g. its data file is malformed)."""
+    return RecordDict({"refusal": ConfigRecord({"reason": reason[:MAX_REASON_CHARS]})})
+
+
+def refusal_reason(content: RecordDict) -> str | None:
+    """The reason of a :func:`refusal_record` reply (None: the reply is not a refusal)."""
+    if "refusal" not in content.config_records:
+        return None
+    return reason_text(content.config_records["refusal"].get("reason"))
+
+
+def reason_text(value: Any) -> str:
+    """A device's stated reason as printable text of at most :data:`MAX_REASON_CHARS` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    return "".join(c if c.isprintable() else "?" for c in text[:MAX_REASON_CHARS])
+
+
+def evaluation_record(round_no: int, device_id: int, evaluation: Evaluation) -> RecordDict:
+    """The reply to an evaluation task: the device's summed results on its held-out examples."""
+    return RecordDict(
+        {
+            "evaluation": ConfigRecord(
+                {
+                    "round": round_no,
+                    "device_id": device_id,
+                    "loss": float(evaluation.loss),
+                    "count": evaluation.count,
+                    "correct": evaluation.correct,
+                }
+            )
+        }
+    )
+
+
+def read_evaluation(
+    content: RecordDict, round_no: int, device_id: int, max_count: int, objective: Objective
+) -> Evaluation:
+    """A device's evaluation from :func:`evaluation_record`'s content, checked: it answers this round
+    and device, counts 1..``max_count`` examples (what the device declared it holds out), at most
+    ``count`` of them correct, with a finite non-negative mean loss. The metric is the server's own,
+    computed from those counts (a device cannot report an accuracy its counts do not give)."""
+    cfg = _config(content, "evaluation")
+    for key, expected in (("round", round_no), ("device_id", device_id)):
+        if _int(cfg, "evaluation", key) != expected:
+            raise DeployError(f"evaluation.{key} is {cfg[key]!r}, expected {expected}")
+    count, correct = _int(cfg, "evaluation", "count"), _int(cfg, "evaluation", "correct")
+    loss = _float(cfg, "evaluation", "loss")
+    if not 1 <= count <= max_count:
+        raise DeployError(f"evaluation.count {count} is outside 1..{max_count}")
+    if not 0 <= correct <= count:
+        raise DeployError(f"evaluation.correct {correct} is outside 0..{count}")
+    if not math.isfinite(loss) or loss < 0:
+        raise DeployError(f"evaluation.loss {loss!r} is not a finite non-negative number")
+    total = BatchResult(loss * count, count, correct)
+    return Evaluation(objective.metric_name, objective.metric(total), loss, count, correct)
 
 
 def _importance(scores: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:

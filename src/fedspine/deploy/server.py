@@ -31,23 +31,32 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.api import RunResult, resume_experiment, run_experiment
-from fedspine.client.evaluate import Evaluation
 from fedspine.config import Config, load_config
-from fedspine.deploy.records import max_reply_bytes, read_update, task_record
+from fedspine.deploy.records import (
+    max_reply_bytes,
+    read_evaluation,
+    read_update,
+    reason_text,
+    refusal_reason,
+    task_record,
+)
 from fedspine.deploy.settings import (
     BIND_KEY,
+    DATA_KEY,
     NODES_KEY,
     OUT_KEY,
     RESUME_KEY,
     TIMEOUT_KEY,
     config_from_run,
+    data_mode,
     flag,
     node_bindings,
     number,
@@ -55,10 +64,10 @@ from fedspine.deploy.settings import (
 from fedspine.errors import CheckpointError, ConfigError, DeployError
 from fedspine.metrics.events import DeploymentEvent
 from fedspine.metrics.records import RunRecorder
-from fedspine.runtime.build import Experiment
+from fedspine.runtime.build import DeclaredData, Experiment
 from fedspine.runtime.engine import Engine, TaskOutcome
-from fedspine.runtime.transport import Admission, Events, RunningTask
-from fedspine.types import Device, TaskStatus
+from fedspine.runtime.transport import Admission, DeviceEvaluations, Events, RunningTask
+from fedspine.types import ClientTask, Device, DeviceLora, TaskStatus
 
 log = logging.getLogger("fedspine.deploy")
 
@@ -74,10 +83,15 @@ class FlowerLink:
     the run, and changes nothing the server keeps.
     """
 
-    def __init__(self, grid: Grid, nodes: dict[int, int], timeout: float) -> None:
+    def __init__(
+        self, grid: Grid, nodes: dict[int, int], timeout: float, eval_limits: dict[int, int] | None = None
+    ) -> None:
         self.grid = grid
         self.nodes = nodes
         """Device id -> Flower node id."""
+        self.eval_limits = eval_limits or {}
+        """Device id -> the most a sound evaluation of it counts (its held-out examples, or their
+        tokens); a device without one is not asked to evaluate."""
         self.timeout = timeout
         """Seconds a task may wait for its reply (when the scheduler sets no deadline)."""
         self.t0 = time.time()
@@ -113,6 +127,10 @@ class FlowerLink:
         assert task is not None
         if reply.has_error():
             self.drop(o, f"device error: {reply.error.reason}", arrived_at - sent_at)
+            return
+        refusal = refusal_reason(reply.content)
+        if refusal is not None:
+            self.drop(o, f"device refused: {refusal}", arrived_at - sent_at)
             return
         exp = engine.exp
         try:
@@ -222,18 +240,72 @@ class FlowerTransport:
     def aggregation_seconds(self, engine: Engine, nbytes: int, wall_seconds: float) -> float:
         return wall_seconds
 
-    def evaluate_devices(self, engine: Engine, version: int) -> dict[int, Evaluation]:
-        raise ConfigError("eval.mode", "a deployment evaluates centrally only (central)")
+    def evaluate_devices(self, engine: Engine, version: int) -> DeviceEvaluations:
+        """Ask every connected device that holds out examples to evaluate global ``version`` (at its own
+        plan) and wait for the answers, up to the link's timeout. A refusal, an error, a malformed
+        answer or none leaves the device out of this evaluation, with the reason; it never ends the run."""
+        link, strategy = self.link, engine.exp.strategy
+        state = strategy.global_lora()
+        rank = int(next(iter(state.values()))["A"].shape[0]) if state else 1
+        asked: dict[int, int] = {}  # node -> device
+        messages = []
+        for device in link.connected():
+            if link.eval_limits.get(device, 0) < 1:
+                continue
+            task = ClientTask(
+                version,
+                device,
+                0,
+                DeviceLora(rank, 1.0),
+                state,
+                0,
+                plan=strategy.device_eval_plan(device),
+                channel_means=strategy.channel_means(),
+            )
+            content = task_record(task, engine.base_delta, sent_at=time.time())
+            messages.append(
+                Message(content, link.nodes[device], MessageType.EVALUATE, group_id=f"eval-{version}")
+            )
+            asked[link.nodes[device]] = device
+        answers = DeviceEvaluations()
+        for reply in link.grid.send_and_receive(messages, timeout=link.timeout) if messages else []:
+            if reply.metadata.src_node_id not in asked:
+                continue
+            device = asked.pop(reply.metadata.src_node_id)
+            try:  # the trust boundary: no answer may end the run or enter the pool unchecked
+                if reply.has_error():
+                    raise DeployError(f"device error: {reply.error.reason}")
+                refusal = refusal_reason(reply.content)
+                if refusal is not None:
+                    raise DeployError(f"device refused: {refusal}")
+                limit = link.eval_limits[device]
+                answers.evaluations[device] = read_evaluation(
+                    reply.content, version, device, limit, engine.exp.objective
+                )
+            except Exception as exc:
+                answers.failed[device] = str(exc)
+        for device in asked.values():
+            answers.failed[device] = f"no evaluation within {link.timeout:g} s"
+        for device, reason in sorted(answers.failed.items()):
+            log.warning("evaluation of version %s on device %s: %s", version, device, reason)
+        answers.evaluations = dict(sorted(answers.evaluations.items()))
+        return answers
 
 
 def discover_nodes(
-    grid: Grid, devices: int, wait_seconds: float, bound: dict[int, int] | None = None
+    grid: Grid,
+    devices: int,
+    wait_seconds: float,
+    bound: dict[int, int] | None = None,
+    answers: dict[int, ConfigRecord] | None = None,
 ) -> dict[int, int]:
     """Ask every connected SuperNode which device it is; wait up to ``wait_seconds`` for all ``devices``.
 
     With ``bound`` (Flower node id -> device id, from the operator who registered the nodes' keys), a
     node's own claim no longer decides: a node that is not bound, or claims another device than its
     binding, is left out.
+
+    ``answers``, when given, receives each found device's answer (what it says about its data).
 
     Returns device id -> node id. A device without a node is never sampled. A node whose answer is
     an error, malformed, a device id outside the fleet, or a device another node claimed first is
@@ -262,6 +334,8 @@ def discover_nodes(
                     log.warning("node %s is not used: %s", node, problem)
                     continue
                 found[device] = node
+                if answers is not None:
+                    answers[device] = reply.content.config_records["node"]
         else:
             time.sleep(0.5)
     if not found:
@@ -270,6 +344,34 @@ def discover_nodes(
     if missing:
         log.warning("devices without a SuperNode (never sampled): %s", missing)
     return found
+
+
+MAX_NODE_EXAMPLES = 10_000_000
+"""The most examples a node may declare (a larger claim is read as a malformed answer)."""
+
+
+def declared_data(answers: dict[int, ConfigRecord]) -> dict[int, DeclaredData]:
+    """What each discovered node said about its own data, checked.
+
+    A node that states a data error keeps its device (its tasks will be refused, with that reason,
+    and recorded); one whose counts are not integers in 0..:data:`MAX_NODE_EXAMPLES` is read as
+    having no usable data. The declared counts weigh and bound the device's updates for the whole run.
+    """
+    declared: dict[int, DeclaredData] = {}
+    for device, answer in sorted(answers.items()):
+        error = answer.get("data_error")
+        counts = [answer.get("examples"), answer.get("eval_examples")]
+        if error is not None:
+            declared[device] = DeclaredData(0, 0, reason_text(error))
+        elif all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= MAX_NODE_EXAMPLES for c in counts
+        ):
+            declared[device] = DeclaredData(int(counts[0]), int(counts[1]))  # type: ignore[arg-type]
+        else:
+            declared[device] = DeclaredData(0, 0, f"malformed data counts {counts!r}")
+        if declared[device].error:
+            log.warning("device %s cannot use its data: %s", device, declared[device].error)
+    return declared
 
 
 def _claimed_device(reply: Message, devices: int) -> tuple[int | None, str]:
@@ -288,16 +390,19 @@ def _claimed_device(reply: Message, devices: int) -> tuple[int | None, str]:
 def serve(grid: Grid, context: Context) -> RunResult:
     """The ServerApp's main: run the configured experiment over the connected SuperNodes."""
     config, _ = config_from_run(context.run_config)
-    if config.eval.mode != "central":
-        raise ConfigError(
-            "eval.mode", f"{config.eval.mode!r}: a deployment evaluates centrally only (central)"
-        )
     out = context.run_config.get(OUT_KEY)
     if not isinstance(out, str) or not out:
         raise DeployError(f"the Flower run config needs '{OUT_KEY}' (the directory for the run's records)")
     wait = number(context.run_config, NODES_KEY, 120.0)
     bound = node_bindings(context.run_config)
     timeout = number(context.run_config, TIMEOUT_KEY, 3600.0)
+    local_data = data_mode(context.run_config) == "local"
+    if local_data and config.data.task == "classification" and not config.data.labels:
+        raise ConfigError(
+            "data.labels",
+            "nodes that bring their own data need the run's labels in the config (fedspine deploy app "
+            f'fills them in), or run with {DATA_KEY} = "shared"',
+        )
 
     resume = flag(context.run_config, RESUME_KEY)
     if resume:
@@ -305,10 +410,20 @@ def serve(grid: Grid, context: Context) -> RunResult:
 
     def engine(experiment: Experiment, recorder: RunRecorder) -> Engine:
         started = time.perf_counter()
-        nodes = discover_nodes(grid, len(experiment.devices), wait, bound)
+        answers: dict[int, ConfigRecord] = {}
+        nodes = discover_nodes(grid, len(experiment.devices), wait, bound, answers)
         seconds = time.perf_counter() - started
-        recorder.event(DeploymentEvent({str(d): n for d, n in sorted(nodes.items())}, seconds))
-        return Engine(experiment, recorder, FlowerTransport(FlowerLink(grid, nodes, timeout)))
+        data: dict[str, dict[str, Any]] = {}
+        if local_data:
+            experiment.declared = declared_data(answers)
+            data = {str(d): vars(declared) for d, declared in sorted(experiment.declared.items())}
+            held = {d: declared.eval_examples for d, declared in experiment.declared.items()}
+        else:
+            held = {d: eval_set.count for d, eval_set in experiment.local_tests.items()}
+        per_example = 1 if config.data.task == "classification" else config.data.max_length
+        limits = {d: n * per_example for d, n in held.items()}
+        recorder.event(DeploymentEvent({str(d): n for d, n in sorted(nodes.items())}, seconds, data))
+        return Engine(experiment, recorder, FlowerTransport(FlowerLink(grid, nodes, timeout, limits)))
 
     if resume:
         return resume_experiment(Path(out), engine=engine, executor="flower")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from fedspine.config import Config, from_dict, tomllib
-from fedspine.errors import ConfigError, DeployError
+from fedspine.errors import ConfigError, DataError, DeployError
 
 CONFIG_KEY = "fedspine-config"
 """Run-config key holding the resolved fedspine config as TOML text."""
@@ -25,6 +25,13 @@ they are). With it, only those nodes take part, each as its bound device."""
 RESUME_KEY = "resume"
 """Run-config key: ``true`` continues the interrupted run in ``out-dir`` from its newest checkpoint
 (``flwr run APP --run-config "resume=true"``); ``false`` (the app's default) starts a new run."""
+DATA_KEY = "node-data"
+"""Run-config key: where the devices' training data comes from. ``"local"`` (the default): each node
+reads its own file (:data:`DATA_PATH_KEY`) and the server never sees it; ``"shared"``: a testbed's
+nodes derive their partition of the config's data source, as the simulator does."""
+DATA_MODES = ("local", "shared")
+DATA_PATH_KEY = "data-path"
+"""Node-config key: the node's own data file (``.jsonl`` or ``.csv``), for ``node-data = "local"``."""
 DEVICE_KEY = "device-id"
 """Node-config key: which device of the config's fleet this SuperNode is."""
 PARTITION_KEY = "partition-id"
@@ -60,6 +67,29 @@ def device_id_from_node(node_config: Mapping[str, Value]) -> int:
         raise DeployError(
             f"the SuperNode's node config needs '{DEVICE_KEY}' as a non-negative integer "
             f'(flower-supernode --node-config "{DEVICE_KEY}=0"), got {value!r}'
+        )
+    return value
+
+
+def data_mode(run_config: Mapping[str, Value]) -> str:
+    """The run's :data:`DATA_KEY`: ``"local"`` (absent) or ``"shared"``."""
+    value = run_config.get(DATA_KEY, "local")
+    if value not in DATA_MODES:
+        raise DeployError(f"run config '{DATA_KEY}' must be one of {', '.join(DATA_MODES)}, got {value!r}")
+    return str(value)
+
+
+def data_path_from_node(node_config: Mapping[str, Value]) -> str:
+    """The node's own data file (:data:`DATA_PATH_KEY`).
+
+    Raises:
+        DataError: the node config names none (the node's tasks are then refused, not the run).
+    """
+    value = node_config.get(DATA_PATH_KEY)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(
+            f"this node's config names no '{DATA_PATH_KEY}' "
+            f"""(flower-supernode --node-config '{DEVICE_KEY}=0 {DATA_PATH_KEY}="/path/to/data.jsonl"')"""
         )
     return value
 

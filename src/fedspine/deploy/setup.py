@@ -15,12 +15,14 @@ beside ``ca.crt`` (which every device receives): it is discarded unless a separa
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,9 +30,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedspine.config import Config, to_toml, tomllib
+from fedspine.data import ClassificationTask
 from fedspine.deploy.settings import (
     BIND_KEY,
     CONFIG_KEY,
+    DATA_KEY,
     NODES_KEY,
     OUT_KEY,
     RESUME_KEY,
@@ -38,6 +42,7 @@ from fedspine.deploy.settings import (
     node_bindings,
 )
 from fedspine.errors import DeployError
+from fedspine.runtime.build.data import build_task, load_examples
 
 APP_NAME = "fedspine-app"
 
@@ -177,13 +182,19 @@ def write_app(
     round_timeout: float = 3600.0,
     wait_for_nodes: float = 120.0,
     bindings: Sequence[str] = (),
+    shared_data: bool = False,
 ) -> Path:
     """A Flower app folder (``pyproject.toml``) running ``config``; records go to ``records``.
 
     ``records`` is a path on the machine that runs the ServerApp (the SuperLink's); ``flwr run
     --run-config`` may override any of the run-config keys. ``bindings`` (``"NODE=DEVICE"``, Flower
-    node ids as ``flwr supernode register`` prints them) fix which node is which device.
+    node ids as ``flwr supernode register`` prints them) fix which node is which device. The nodes
+    train on their own data files unless ``shared_data`` (a testbed: each derives its partition of
+    the config's data source); a classification config without ``data.labels`` gets the labels of its
+    data source written in, so that nodes with their own data share the server's label set.
     """
+    if not shared_data and config.data.task == "classification" and not config.data.labels:
+        config = with_labels(config)
     bind_text = ",".join(b.strip() for b in bindings)
     bound = node_bindings({BIND_KEY: bind_text}) or {}
     devices = sum(g.count for g in config.fleet.groups)
@@ -213,6 +224,7 @@ def write_app(
                         NODES_KEY: float(wait_for_nodes),
                         BIND_KEY: bind_text,
                         RESUME_KEY: False,
+                        DATA_KEY: "shared" if shared_data else "local",
                     },
                 }
             }
@@ -226,6 +238,13 @@ def write_app(
         encoding="utf-8",
     )
     return path
+
+
+def with_labels(config: Config) -> Config:
+    """``config`` with ``data.labels`` set to the labels of its data source (read here, once)."""
+    task = build_task(config, load_examples(config, np.random.default_rng(config.run.seed)))
+    assert isinstance(task, ClassificationTask)
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, labels=list(task.labels)))
 
 
 def write_connection(

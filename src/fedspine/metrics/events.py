@@ -111,17 +111,21 @@ class EvaluationEvent(_Fields):
 @dataclass(frozen=True)
 class FederatedEvaluationEvent(_Fields):
     """The devices evaluated global version ``round`` on their own held-out data: the pooled metric
-    (count-weighted) and, per device id, its ``value``, ``loss`` and ``count``."""
+    (count-weighted) and, per device id, its ``value``, ``loss`` and ``count``; ``failed``: the
+    devices asked that gave none, and why."""
 
     kind: ClassVar[str] = "federated_evaluation"
 
     round: int
     virtual_time: float
     metric: str
-    value: float
-    loss: float
+    value: float | None
+    """None when no device answered."""
+    loss: float | None
     count: int
     devices: dict[str, dict[str, float]]
+    failed: dict[str, str] = field(default_factory=dict)
+    """Devices asked that gave no evaluation, and why (a deployment's refusals, timeouts, bad replies)."""
 
 
 @dataclass(frozen=True)
@@ -132,3 +136,6 @@ class DeploymentEvent(_Fields):
 
     nodes: dict[str, int]
     discovery_seconds: float
+    data: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Nodes that bring their own data: per device, the ``examples`` it trains on, the
+    ``eval_examples`` it holds out, and the ``error`` that makes its data unusable ("" when none)."""

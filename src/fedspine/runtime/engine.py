@@ -76,7 +76,7 @@ from fedspine.metrics.records import DeviceStats, RoundRecord, RunRecorder
 from fedspine.runtime import checkpoint as checkpoints
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.executor import PreparedTask, task_seed
-from fedspine.runtime.transport import Events, RunningTask, SimulatedTransport, Transport
+from fedspine.runtime.transport import DeviceEvaluations, Events, RunningTask, SimulatedTransport, Transport
 from fedspine.sim.clock import EventQueue, VirtualClock
 from fedspine.types import ClientTask, ClientUpdate, Device, DeviceLora, LoraState, TaskResult, TaskStatus
 
@@ -584,7 +584,8 @@ class Engine:
         if version % self.exp.settings.eval_every == 0 or self._done():
             evaluation = self._evaluate(version)
             self.loop.last_evaluated = version
-            record.metric, record.eval_loss = evaluation.metric, evaluation.loss
+            if evaluation is not None:
+                record.metric, record.eval_loss = evaluation.metric, evaluation.loss
         self.recorder.round(record)
         if self.on_round is not None:
             self.on_round(record, evaluation)
@@ -637,7 +638,7 @@ class Engine:
 
     def _device_weight(self, device_id: int) -> float:
         if self.exp.strategy.weighting == "samples":
-            return float(len(self.exp.partitions[device_id]))
+            return float(self.exp.train_examples(device_id))
         return 1.0
 
     # --- tasks -----------------------------------------------------------------------------------
@@ -763,7 +764,7 @@ class Engine:
             update,
             task,
             self.exp.settings.server.max_update_norm,
-            max_samples=len(self.exp.partitions[task.device_id]),
+            max_samples=self.exp.train_examples(task.device_id),
             shape=self.exp.shape,
         )
         if reason is not None:
@@ -922,50 +923,57 @@ class Engine:
             **counts,
         )
 
-    def _evaluate(self, round_no: int) -> Evaluation:
+    def _evaluate(self, round_no: int) -> Evaluation | None:
         """Evaluate the global model as ``eval.mode`` says: on the server's test set, on the devices'
-        held-out data (the example-weighted mean is the run's metric when there is no central one),
-        or both (central is the run's metric, the devices' are recorded beside it)."""
+        held-out data (the example-weighted pool is the run's metric when there is no central one),
+        or both (central is the run's metric, the devices' are recorded beside it). None when the
+        run's metric is the devices' and no device answered."""
         wall = time.perf_counter()
         exp, strategy = self.exp, self.exp.strategy
         mode = exp.settings.eval_mode
         exp.executor.load_global(strategy.global_lora())
-        central, devices = None, {}
+        central = None
         if mode != "federated":
             central = exp.executor.evaluate(exp.test_set, strategy.eval_plan(), strategy.channel_means())
-        federated = None
-        if mode != "central":
-            devices = self.transport.evaluate_devices(self, round_no)
-            federated = pooled(exp.objective, devices.values())
-        evaluation = central or federated
-        assert evaluation is not None
-        self.state.eval_wall_seconds += time.perf_counter() - wall
-        event = EvaluationEvent(
-            round_no, self.clock.now, evaluation.metric_name, evaluation.metric, evaluation.loss
+        answers = self.transport.evaluate_devices(self, round_no) if mode != "central" else None
+        federated = (
+            pooled(exp.objective, answers.evaluations.values()) if answers and answers.evaluations else None
         )
-        record = event.record()
-        if federated is not None:
-            record["federated"] = {
-                "value": federated.metric,
-                "loss": federated.loss,
-                "count": federated.count,
-            }
-            record["devices"] = {str(d): e.metric for d, e in devices.items()}
-        self.state.evaluations.append(record)
-        self.recorder.event(event)
-        if federated is not None:
-            per_device = {
-                str(d): {"value": e.metric, "loss": e.loss, "count": e.count} for d, e in devices.items()
-            }
-            self.recorder.event(
-                FederatedEvaluationEvent(
-                    round_no,
-                    self.clock.now,
-                    federated.metric_name,
-                    federated.metric,
-                    federated.loss,
-                    federated.count,
-                    per_device,
-                )
+        evaluation = central or federated
+        self.state.eval_wall_seconds += time.perf_counter() - wall
+        if evaluation is not None:
+            event = EvaluationEvent(
+                round_no, self.clock.now, evaluation.metric_name, evaluation.metric, evaluation.loss
             )
+            record = event.record()
+            if answers is not None:
+                record["federated"] = (
+                    {"value": federated.metric, "loss": federated.loss, "count": federated.count}
+                    if federated
+                    else None
+                )
+                record["devices"] = {str(d): e.metric for d, e in answers.evaluations.items()}
+            self.state.evaluations.append(record)
+            self.recorder.event(event)
+        if answers is not None:
+            self.recorder.event(self._federated_event(round_no, federated, answers))
         return evaluation
+
+    def _federated_event(
+        self, round_no: int, pooled_result: Evaluation | None, answers: DeviceEvaluations
+    ) -> FederatedEvaluationEvent:
+        if not answers.evaluations:
+            log.warning("round %s: no device answered the federated evaluation", round_no)
+        return FederatedEvaluationEvent(
+            round_no,
+            self.clock.now,
+            self.exp.objective.metric_name,
+            pooled_result.metric if pooled_result else None,
+            pooled_result.loss if pooled_result else None,
+            pooled_result.count if pooled_result else 0,
+            {
+                str(d): {"value": e.metric, "loss": e.loss, "count": e.count}
+                for d, e in answers.evaluations.items()
+            },
+            {str(d): reason for d, reason in answers.failed.items()},
+        )

@@ -28,7 +28,7 @@ def _devices(experiment: Experiment, state: RunState) -> list[dict[str, Any]]:
                 "device_id": device.device_id,
                 "device_class": stats.device_class,
                 "network": stats.network,
-                "train_examples": len(experiment.partitions[device.device_id]),
+                "train_examples": experiment.train_examples(device.device_id),
                 "tasks": stats.tasks,
                 **{status.value: stats.statuses.get(status.value, 0) for status in TaskStatus},
                 "compute_seconds": stats.compute_seconds,
@@ -62,12 +62,13 @@ def make_summary(
     """The run's summary: ``loop_seconds`` of host time in the federated loop, ``setup_seconds``
     before it, the ``executor``'s name and the exported ``device_models``' manifest."""
     run = experiment.settings
-    final = state.evaluations[-1]
+    nothing: dict[str, Any] = {"metric": experiment.objective.metric_name, "value": None, "loss": None}
+    final = state.evaluations[-1] if state.evaluations else nothing  # no device ever answered
     return Summary(
         task=experiment.task_name,
         metric=Metric(final["metric"], final["value"], experiment.objective.higher_is_better),
         chance_level=experiment.chance_level,
-        initial_metric=state.evaluations[0]["value"] if run.eval_at_start else None,
+        initial_metric=state.evaluations[0]["value"] if run.eval_at_start and state.evaluations else None,
         final_eval_loss=final["loss"],
         rounds=len(rounds),
         virtual_seconds=rounds[-1].virtual_end if rounds else 0.0,
@@ -124,7 +125,7 @@ def _pruning(experiment: Experiment) -> dict[str, Any] | None:
 
 def _federated(final: dict[str, Any], higher_is_better: bool) -> dict[str, Any] | None:
     """The last evaluation's federated part (None when the devices did not evaluate)."""
-    if "federated" not in final:
+    if final.get("federated") is None:
         return None
     values = list(final["devices"].values())
     worst = float(np.percentile(values, 10 if higher_is_better else 90)) if values else None

@@ -11,7 +11,7 @@ virtual clock, training on the host); a deployment's is ``fedspine.deploy.server
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from fedspine.fleet.jitter import is_available
@@ -41,6 +41,15 @@ class RunningTask:
     """Dispatch time on the run's clock."""
     deadline: float = 0.0
     """Seconds after ``start`` after which the task is late (a synchronous round's deadline); 0: none."""
+
+
+@dataclass
+class DeviceEvaluations:
+    """A federated evaluation's answers: device id -> its evaluation, and the devices that gave none
+    (device id -> why)."""
+
+    evaluations: dict[int, Evaluation] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
 
 
 class Transport(Protocol):
@@ -96,9 +105,9 @@ class Transport(Protocol):
         """The time a server step's aggregation takes on the run's clock."""
         ...
 
-    def evaluate_devices(self, engine: Engine, version: int) -> dict[int, Evaluation]:
+    def evaluate_devices(self, engine: Engine, version: int) -> DeviceEvaluations:
         """Federated evaluation of global ``version`` (loaded in the engine's executor): each device
-        that answers evaluates it, at its own plan, on its held-out data. Device id -> its evaluation."""
+        that answers evaluates it, at its own plan, on its held-out data."""
         ...
 
 
@@ -195,7 +204,7 @@ class SimulatedTransport:
         server = engine.exp.settings.server
         return server.aggregation_overhead_seconds + nbytes / (server.aggregation_gbps * 1e9)
 
-    def evaluate_devices(self, engine: Engine, version: int) -> dict[int, Evaluation]:
+    def evaluate_devices(self, engine: Engine, version: int) -> DeviceEvaluations:
         """Every device with a held-out slice evaluates, online or not, off the virtual clock: the
         curve measures the model, not which devices happened to be reachable."""
         exp = engine.exp
@@ -214,4 +223,4 @@ class SimulatedTransport:
         for plan, members in groups:
             evaluations = exp.executor.evaluate_many([exp.local_tests[d] for d in members], plan, means)
             results.update(zip(members, evaluations, strict=True))
-        return dict(sorted(results.items()))
+        return DeviceEvaluations(dict(sorted(results.items())))

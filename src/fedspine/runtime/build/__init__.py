@@ -41,9 +41,13 @@ from fedspine.runtime.build.algorithms import (
     strategy_class,
 )
 from fedspine.runtime.build.data import (
+    DeclaredData,
+    NodeData,
     build_task,
     load_examples,
+    load_node_examples,
     local_test_sets,
+    node_partition,
     objective_for,
     split_and_partition,
     task_name,
@@ -91,6 +95,16 @@ class Experiment:
     """Compressed uploads (None: the factors travel as they are)."""
     local_tests: dict[int, EvalSet] = field(default_factory=dict)
     """Each device's held-out slice of its own data (``eval.mode`` federated or both; else empty)."""
+    declared: dict[int, DeclaredData] | None = None
+    """A deployment whose nodes bring their own data: what each device's node declared (None: the
+    devices' data is :attr:`partitions`)."""
+
+    def train_examples(self, device_id: int) -> int:
+        """How many examples ``device_id`` trains on (its partition, or what its node declared)."""
+        if self.declared is None:
+            return len(self.partitions[device_id])
+        declared = self.declared.get(device_id)
+        return 0 if declared is None else declared.examples
 
 
 def run_settings(cfg: Config) -> RunSettings:
@@ -158,8 +172,13 @@ def check_config(cfg: Config) -> None:
     build_uplink(cfg)
 
 
-def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
-    """Validate names and the fleet, load data and model, and assemble the run."""
+def build_experiment(cfg: Config, status: Status | None = None, node: NodeData | None = None) -> Experiment:
+    """Validate names and the fleet, load data and model, and assemble the run.
+
+    With ``node``, the run as one deployed device's node builds it: that device's own examples are its
+    training data (less its held-out slice), the config's data source is never read, and the central
+    test set is empty.
+    """
     say = status or (lambda _msg: None)
     torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg)
@@ -169,10 +188,14 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
     scheduler = build_scheduler(cfg, len(devices), cls)
     check_robustness(cfg, cls, device_lora)
     rng = np.random.default_rng(cfg.run.seed)
-    say(f"loading data source '{cfg.data.source}'")
-    examples = load_examples(cfg, rng)
-    task = build_task(cfg, examples)
-    train, test, parts = split_and_partition(cfg, examples, len(devices), rng)
+    if node is None:
+        say(f"loading data source '{cfg.data.source}'")
+        examples = load_examples(cfg, rng)
+        task = build_task(cfg, examples)
+        train, test, parts = split_and_partition(cfg, examples, len(devices), rng)
+    else:
+        task = build_task(cfg, node.examples)
+        train, test, parts = node.examples, [], node_partition(node, len(devices))
     say(f"loading model '{cfg.model.source}'")
     check_fits_before_loading(cfg, devices)
     model, tokenizer = load_model(cfg, device)
@@ -230,7 +253,7 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
         device_lora=device_lora,
         module_shapes=shapes,
         task_name=task_name(cfg),
-        chance_level=task.chance_level(test_data),
+        chance_level=task.chance_level(test_data) if len(test_data) else float("nan"),
         shape=shape,
         tokenizer=tokenizer,
         trace=build_trace(cfg),
@@ -241,7 +264,9 @@ def build_experiment(cfg: Config, status: Status | None = None) -> Experiment:
 
 
 __all__ = [
+    "DeclaredData",
     "Experiment",
+    "NodeData",
     "Status",
     "build_device_lora",
     "build_experiment",
@@ -251,6 +276,7 @@ __all__ = [
     "build_strategy",
     "check_config",
     "check_fleet_fits",
+    "load_node_examples",
     "run_settings",
     "strategy_class",
 ]

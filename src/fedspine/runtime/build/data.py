@@ -4,6 +4,8 @@ set and the devices' partitions, and the training objective."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -16,6 +18,8 @@ from fedspine.data import (
     Example,
     LanguageModelingTask,
     hold_out,
+    load_csv,
+    load_jsonl,
     load_source,
     partition,
     top_labels,
@@ -51,11 +55,19 @@ def load_examples(cfg: Config, rng: np.random.Generator) -> list[Example]:
 
 
 def build_task(cfg: Config, examples: Sequence[Example]) -> ClassificationTask | LanguageModelingTask:
-    """The task object that encodes examples for the model."""
+    """The task object that encodes examples for the model (its labels: ``data.labels`` when set, else
+    those of ``examples``)."""
     d = cfg.data
     if d.task == "lm":
         return LanguageModelingTask(d.prompt_template or "{text}")
-    labels = sorted({ex.label for ex in examples if ex.label is not None})
+    found = {ex.label for ex in examples if ex.label is not None}
+    if d.labels:
+        unknown = sorted(found - set(d.labels))
+        if unknown:
+            raise DataError(
+                f"the data has labels {unknown} that data.labels {sorted(d.labels)} does not list"
+            )
+    labels = sorted(d.labels or found)
     if len(labels) < 2:
         raise DataError(
             f"classification needs at least two labels; data.label_key '{d.label_key}' of this data "
@@ -72,6 +84,70 @@ def build_task(cfg: Config, examples: Sequence[Example]) -> ClassificationTask |
     words = [label_words.get(label, label) for label in labels]
     template = prompt or ClassificationTask(labels).prompt_template
     return ClassificationTask(labels, words, template, d.label_prefix)
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """A deployed device's own examples, read on its node (the server never reads them)."""
+
+    device_id: int
+    examples: list[Example]
+
+
+@dataclass(frozen=True)
+class DeclaredData:
+    """What a deployed node that brings its own data told the server when it was discovered."""
+
+    examples: int
+    """Examples it trains on (bounds and weighs its updates)."""
+    eval_examples: int
+    """Examples it holds out for federated evaluation."""
+    error: str = ""
+    """Why its data cannot be used ("" when it can): its tasks are refused with this reason."""
+
+
+def load_node_examples(cfg: Config, path: str | Path) -> list[Example]:
+    """A node's data file (``.jsonl`` or ``.csv``, the formats of the ``jsonl``/``csv`` sources), labelled
+    for the run's task: a row's ``label``, or its ``data.label_key`` column; every label one of
+    ``data.labels``.
+
+    Raises:
+        DataError: the file is missing, unreadable or malformed, or an example has no label or one the
+            run does not know (the message names the file).
+        ConfigError: a classification run without ``data.labels``.
+    """
+    path = Path(path)
+    d = cfg.data
+    if path.suffix.lower() in (".jsonl", ".json"):
+        examples = load_jsonl(path)
+    elif path.suffix.lower() == ".csv":
+        examples = load_csv(path)
+    else:
+        raise DataError(f"{path}: a node's data must be a .jsonl or .csv file")
+    if d.task == "lm":
+        return examples
+    if not d.labels:
+        raise ConfigError("data.labels", "a node with its own data needs the run's labels in the config")
+    labelled, labels = [], set()
+    for i, ex in enumerate(examples):
+        label = ex.label if ex.label is not None else ex.meta.get(d.label_key)
+        if label is None:
+            raise DataError(f"{path}: example {i + 1} has no label (no 'label' and no '{d.label_key}')")
+        labelled.append(replace(ex, label=label))
+        labels.add(label)
+    unknown = sorted(labels - set(d.labels))
+    if unknown:
+        raise DataError(f"{path}: labels {unknown} are not among the run's data.labels {sorted(d.labels)}")
+    return labelled
+
+
+def node_partition(node: NodeData, num_devices: int) -> list[np.ndarray]:
+    """Partitions in which ``node``'s device holds all of its examples (the others none, on this node)."""
+    if not 0 <= node.device_id < num_devices:
+        raise DataError(f"device {node.device_id} is not in the fleet of {num_devices} devices")
+    parts = [np.empty(0, dtype=np.int64) for _ in range(num_devices)]
+    parts[node.device_id] = np.arange(len(node.examples), dtype=np.int64)
+    return parts
 
 
 def split_and_partition(

@@ -1,0 +1,165 @@
+"""Deployed devices with their own data: each node reads its file (the server never does), refuses its
+tasks when the file is bad, and evaluates the global model on a held-out slice of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from fedspine.client.evaluate import Evaluation
+from fedspine.client.objectives import ClassificationObjective
+from fedspine.data import BIBLE_GENRES
+from fedspine.deploy.records import evaluation_record, read_evaluation, refusal_reason
+from fedspine.deploy.server import declared_data
+from fedspine.errors import ConfigError, DataError, DeployError
+from fedspine.metrics.records import read_events
+from tests.deployment import write_node_files
+from tests.test_deploy import run_fake, tiny
+
+GENRES = sorted(BIBLE_GENRES)
+THREE = [
+    'fleet.groups=[{device_class = "jetson_orin_nano", count = 3, network = "wifi"}]',
+    "scheduler.clients_per_round=3",
+    "scheduler.rounds=2",
+    "eval.mode=both",
+    f"data.labels={GENRES}",
+]
+
+
+def test_nodes_train_on_their_own_files_and_a_broken_file_drops_only_its_tasks(tmp_path: Path) -> None:
+    paths = write_node_files(tmp_path)
+    result, _ = run_fake(tiny(*THREE), tmp_path / "run", data_paths=paths)
+    events = read_events(tmp_path / "run")
+
+    deployment = next(e for e in events if e["event"] == "deployment")
+    held = 8  # round(0.2 * 40)
+    for device in (0, 1):
+        assert deployment["data"][str(device)] == {"examples": 40 - held, "eval_examples": held, "error": ""}
+    assert "device2.jsonl:2" in deployment["data"]["2"]["error"]  # the file and line the node names
+
+    tasks = [e for e in events if e["event"] == "task"]
+    assert len(tasks) == 6  # 3 devices x 2 rounds
+    for task in tasks:
+        if task["device_id"] == 2:
+            assert task["status"] == "dropped"
+            assert task["reason"].startswith("device refused:") and "invalid JSON" in task["reason"]
+        else:
+            assert task["status"] == "ok"
+
+    federated = [e for e in events if e["event"] == "federated_evaluation"]
+    assert [e["round"] for e in federated] == [1, 2]  # (no evaluation at the start here)
+    for record in federated:
+        assert set(record["devices"]) == {"0", "1"}  # a node whose data is unusable is not asked
+        assert all(d["count"] == held for d in record["devices"].values())
+        assert record["failed"] == {}
+    assert result.summary.federated is not None
+    assert set(result.summary.federated["devices"]) == {"0", "1"}
+    assert result.summary.tasks["ok"] == 4 and result.summary.tasks["dropped"] == 2
+    by_device = {d["device_id"]: d for d in result.summary.devices}
+    assert by_device[0]["train_examples"] == 32 and by_device[2]["train_examples"] == 0
+
+
+def test_a_node_without_a_data_path_refuses_its_tasks_and_the_run_goes_on(tmp_path: Path) -> None:
+    paths = write_node_files(tmp_path)
+    del paths[2]
+    result, _ = run_fake(tiny(*THREE), tmp_path / "run", data_paths=paths)
+    tasks = [e for e in read_events(tmp_path / "run") if e["event"] == "task" and e["device_id"] == 2]
+    assert tasks and all("names no 'data-path'" in t["reason"] for t in tasks)
+    assert result.summary.tasks["ok"] == 4
+
+
+def test_a_label_the_run_does_not_know_is_a_data_error_of_that_node(tmp_path: Path) -> None:
+    paths = write_node_files(tmp_path)
+    Path(paths[2]).write_text('{"text": "Hello there", "label": "poetry"}\n{"text": "Hi", "label": "law"}\n')
+    run_fake(tiny(*THREE), tmp_path / "run", data_paths=paths)
+    deployment = next(e for e in read_events(tmp_path / "run") if e["event"] == "deployment")
+    assert "['poetry']" in deployment["data"]["2"]["error"]
+
+
+def test_local_data_needs_the_runs_labels_before_anything_starts(tmp_path: Path) -> None:
+    paths = write_node_files(tmp_path)
+    cfg = tiny(*[o for o in THREE if not o.startswith("data.labels")])
+    with pytest.raises(ConfigError, match=r"data\.labels"):
+        run_fake(cfg, tmp_path / "run", data_paths=paths)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_evaluation_that_lies_is_left_out_with_the_reason(tmp_path: Path) -> None:
+    paths = write_node_files(tmp_path)
+
+    def inflate(reply: Message) -> Message:
+        if "evaluation" in reply.content.config_records and reply.metadata.src_node_id == 1:
+            record = reply.content.config_records["evaluation"]
+            record["correct"] = int(record["count"]) + 5  # more right answers than examples
+        return reply
+
+    result, _ = run_fake(tiny(*THREE), tmp_path / "run", grid_hook=inflate, data_paths=paths)
+    federated = [e for e in read_events(tmp_path / "run") if e["event"] == "federated_evaluation"]
+    for record in federated:
+        assert set(record["devices"]) == {"1"}  # device 0 (node 1) lied; device 2 has no usable data
+        assert "evaluation.correct" in record["failed"]["0"]
+    assert result.summary.federated is not None and set(result.summary.federated["devices"]) == {"1"}
+
+
+def test_evaluation_records_are_checked_and_the_metric_is_the_servers() -> None:
+    objective = ClassificationObjective([1, 2])
+    sound = evaluation_record(3, 1, Evaluation("accuracy", 0.99, 1.5, 10, correct=4))
+    got = read_evaluation(sound, 3, 1, 10, objective)
+    assert got.metric == pytest.approx(0.4) and got.count == 10 and got.correct == 4  # not the 0.99 sent
+    for key, value, match in (
+        ("round", 4, "evaluation.round"),
+        ("device_id", 2, "evaluation.device_id"),
+        ("count", 11, "outside 1..10"),
+        ("count", 0, "outside 1..10"),
+        ("correct", -1, "evaluation.correct"),
+        ("loss", float("nan"), "evaluation.loss"),
+        ("loss", "1.0", "must be a number"),
+    ):
+        bad = evaluation_record(3, 1, Evaluation("accuracy", 0.4, 1.5, 10, correct=4))
+        bad.config_records["evaluation"][key] = value
+        with pytest.raises(DeployError, match=match):
+            read_evaluation(bad, 3, 1, 10, objective)
+    with pytest.raises(DeployError, match="no 'evaluation'"):
+        read_evaluation(RecordDict(), 3, 1, 10, objective)
+    refusal = RecordDict({"refusal": ConfigRecord({"reason": "bad\x1b[31m file" + "x" * 900})})
+    reason = refusal_reason(refusal)
+    assert reason is not None and "\x1b" not in reason and len(reason) == 500
+
+
+def test_declared_counts_are_checked() -> None:
+    declared = declared_data(
+        {
+            0: ConfigRecord({"device_id": 0, "examples": 30, "eval_examples": 8}),
+            1: ConfigRecord({"device_id": 1, "examples": -3, "eval_examples": 8}),
+            2: ConfigRecord({"device_id": 2, "examples": 10**12, "eval_examples": 0}),
+            3: ConfigRecord({"device_id": 3, "data_error": "no file"}),
+            4: ConfigRecord({"device_id": 4}),
+        }
+    )
+    assert (declared[0].examples, declared[0].eval_examples, declared[0].error) == (30, 8, "")
+    for device in (1, 2, 4):
+        assert declared[device].examples == 0 and "malformed" in declared[device].error
+    assert declared[3].error == "no file"
+
+
+def test_node_files_are_read_as_the_run_labels_them(tmp_path: Path) -> None:
+    from fedspine.runtime.build import load_node_examples
+
+    cfg = tiny(f"data.labels={GENRES}")
+    by_key = tmp_path / "node.csv"
+    by_key.write_text("text,genre\nIn the beginning,law\nBlessed are the meek,gospels\n")
+    assert [ex.label for ex in load_node_examples(cfg, by_key)] == ["law", "gospels"]
+    for name, text, match in (
+        ("node.txt", "x", "must be a .jsonl or .csv"),
+        ("missing.jsonl", None, "not found"),
+        ("nolabel.jsonl", '{"text": "a"}\n', "example 1 has no label"),
+    ):
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        with pytest.raises(DataError, match=match):
+            load_node_examples(cfg, path)
+    with pytest.raises(ConfigError, match=r"data\.labels"):
+        load_node_examples(tiny(), by_key)
