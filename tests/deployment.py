@@ -144,7 +144,8 @@ class Loopback:
     def start_supernode(
         self, name: str, private_key: Path, device_id: int, data_path: str = "", **extra: Any
     ) -> subprocess.Popen[bytes]:
-        node_config = f"device-id={device_id}" + (f' data-path="{data_path}"' if data_path else "")
+        node_config = f'device-id={device_id} model-dir="{self.root / "models" / name}"'
+        node_config += f' data-path="{data_path}"' if data_path else ""
         args = [
             str(BIN / "flower-supernode"),
             "--root-certificates", str(self.certs["ca"]),

@@ -20,13 +20,16 @@ HANDLERS: dict[str, Handler] = {
     MessageType.TRAIN: client.train,
     MessageType.EVALUATE: client.evaluate,
     MessageType.QUERY: client.query,
+    f"{MessageType.QUERY}.model": client.final_model,
 }
 
 
-def _node_config(device: int, data_path: str | None) -> dict[str, str | int]:
+def _node_config(device: int, data_path: str | None, model_root: str | None) -> dict[str, str | int]:
     config: dict[str, str | int] = {"device-id": device}
     if data_path is not None:
         config["data-path"] = data_path
+    if model_root is not None:
+        config["model-dir"] = f"{model_root}/node{device}"
     return config
 
 
@@ -34,14 +37,23 @@ class FakeGrid:
     """Nodes ``1..n`` with device ids ``0..n-1``; replies are computed when pulled."""
 
     def __init__(
-        self, run_config: dict[str, str | int | float], devices: int, data_paths: dict[int, str] | None = None
+        self,
+        run_config: dict[str, str | int | float],
+        devices: int,
+        data_paths: dict[int, str] | None = None,
+        model_root: str | None = None,
     ) -> None:
-        """``data_paths``: device id -> its node's own data file (node config ``data-path``)."""
+        """``data_paths``: device id -> its node's own data file (node config ``data-path``);
+        ``model_root``: node ``n`` keeps its final models in ``model_root/node<n>`` (``model-dir``)."""
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # the server is node 0
         paths = data_paths or {}
         self.contexts = {
             node: Context(
-                1, node, _node_config(node - 1, paths.get(node - 1)), RecordDict(), dict(run_config)
+                1,
+                node,
+                _node_config(node - 1, paths.get(node - 1), model_root),
+                RecordDict(),
+                dict(run_config),
             )
             for node in range(1, devices + 1)
         }

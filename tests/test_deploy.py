@@ -61,6 +61,7 @@ def run_fake(
     bind: str = "",
     resume: bool = False,
     data_paths: dict[int, str] | None = None,
+    model_root: str | None = None,
 ) -> tuple[RunResult, FakeGrid]:
     """A run over the in-process grid: the nodes derive the shared partitions, or, with ``data_paths``
     (device -> file), read their own files."""
@@ -72,7 +73,7 @@ def run_fake(
         RESUME_KEY: resume,
         DATA_KEY: "shared" if data_paths is None else "local",
     }
-    grid = FakeGrid(run_config, sum(g.count for g in cfg.fleet.groups), data_paths)
+    grid = FakeGrid(run_config, sum(g.count for g in cfg.fleet.groups), data_paths, model_root)
     if grid_hook is not None:
         grid.tamper = grid_hook  # type: ignore[assignment]
     return serve(grid, Context(1, 0, {}, RecordDict(), dict(run_config))), grid  # type: ignore[arg-type]
@@ -747,8 +748,9 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(loopback: Loopback, t
 def test_three_supernodes_train_on_their_own_files_and_evaluate_on_them(loopback: Loopback) -> None:
     """Each node reads its own JSONL (different label mixes); the server records every device's
     evaluation; the node whose file is malformed has its tasks dropped with the reason, and the run
-    finishes."""
-    cfg = tiny(*THREE_NODES)
+    finishes; every device with data saves its final model on its node, measured, and the server's
+    manifest lists what each holds."""
+    cfg = tiny(*THREE_NODES, "export.save=true", "export.speed=true", "export.generate_tokens=4")
     out = loopback.root / "node-data"
     write_app(loopback.root / "node-data-app", cfg, out, round_timeout=300, wait_for_nodes=60)
     done = loopback.run_app(loopback.root / "node-data-app")
@@ -770,6 +772,13 @@ def test_three_supernodes_train_on_their_own_files_and_evaluate_on_them(loopback
     assert first["0"]["loss"] != first["1"]["loss"]
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(summary["federated"]["devices"]) == ["0", "1"]
+    manifest = json.loads((out / "models" / "manifest.json").read_text())
+    for device in (0, 1):
+        held = manifest["devices"][str(device)]["on_device"]
+        assert Path(held["dir"]).is_relative_to(loopback.root / "models" / f"node{device}")
+        assert (Path(held["dir"]) / "config.json").is_file() and held["tokens_per_second"] > 0
+        assert held["parameters"] == manifest["models"][0]["parameters"]
+    assert "device refused" in manifest["devices"]["2"]["on_device"]["error"]
 
 
 def test_one_flower_round_gives_the_simulators_global_state(loopback: Loopback, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ tasks when the file is bad, and evaluates the global model on a held-out slice o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,51 @@ def test_node_files_are_read_as_the_run_labels_them(tmp_path: Path) -> None:
             load_node_examples(cfg, path)
     with pytest.raises(ConfigError, match=r"data\.labels"):
         load_node_examples(tiny(), by_key)
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "fedspine"])
+def test_every_device_leaves_with_its_model_saved_and_measured_on_its_node(
+    tmp_path: Path, strategy: str
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    paths = write_node_files(tmp_path)
+    saving = [
+        "export.save=true",
+        "export.speed=true",
+        "export.generate_tokens=4",
+        f"strategy.name={strategy}",
+    ]
+    cfg = tiny(*THREE, *saving)
+    nodes = tmp_path / "nodes"
+    result, _ = run_fake(cfg, tmp_path / "run", data_paths=paths, model_root=str(nodes))
+    manifest = json.loads((tmp_path / "run" / "models" / "manifest.json").read_text())
+    parameters = {m["dir"]: m["parameters"] for m in manifest["models"]}
+    for device in (0, 1):
+        entry = manifest["devices"][str(device)]
+        held = entry["on_device"]
+        saved = Path(held["dir"])
+        assert saved.is_relative_to(nodes / f"node{device}") and (saved / "config.json").is_file()
+        assert held["parameters"] == parameters[entry["model"]] and held["tokens_per_second"] > 0
+        model = AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=True)
+        assert sum(p.numel() for p in model.parameters()) == held["parameters"]
+    assert "device refused" in manifest["devices"]["2"]["on_device"]["error"]
+    assert result.summary.device_models is not None
+    assert result.summary.device_models["devices"]["0"]["on_device"]["parameters"] > 0
+
+
+def test_a_device_reporting_another_model_is_recorded_as_an_error(tmp_path: Path) -> None:
+    paths = write_node_files(tmp_path)
+
+    def shrink(reply: Message) -> Message:
+        if "model" in reply.content.config_records:
+            record = reply.content.config_records["model"]
+            record["parameters"] = int(record["parameters"]) - 1
+        return reply
+
+    run_fake(
+        tiny(*THREE), tmp_path / "run", grid_hook=shrink, data_paths=paths, model_root=str(tmp_path / "n")
+    )
+    manifest = json.loads((tmp_path / "run" / "models" / "manifest.json").read_text())
+    for device in (0, 1):
+        assert "parameters" in manifest["devices"][str(device)]["on_device"]["error"]

@@ -29,7 +29,7 @@ from fedspine.report.html import write_report
 from fedspine.runtime.build import Experiment, build_experiment, build_fleet_from_config
 from fedspine.runtime.checkpoint import load_latest
 from fedspine.runtime.engine import Engine
-from fedspine.runtime.export import copy_device_models, export_models
+from fedspine.runtime.export import copy_device_models, export_models, record_hand_out
 from fedspine.runtime.lock import is_empty_run_dir, run_lock
 from fedspine.runtime.summary import make_summary
 from fedspine.types import LoraState
@@ -174,6 +174,9 @@ def _execute(
         loop_seconds = time.perf_counter() - loop_started
         status("measuring and saving the device models")
         models = export_models(experiment, run_dir)
+        handed = engine.transport.hand_out(engine, models)
+        if handed:
+            record_hand_out(run_dir, models, handed)
     except BaseException:
         recorder.close()
         (run_dir / "FAILED").write_text("the run did not finish; see the error printed by fedspine\n")

@@ -46,6 +46,10 @@ def make_apps(defaults: Mapping[str, Value] | None = None) -> tuple[ServerApp, C
     def _evaluate(message: Message, context: Context) -> Message:
         return client.evaluate(message, configured(context))
 
+    @client_app.query("model")
+    def _final_model(message: Message, context: Context) -> Message:
+        return client.final_model(message, configured(context))
+
     @client_app.query()
     def _query(message: Message, context: Context) -> Message:
         return client.query(message, configured(context))

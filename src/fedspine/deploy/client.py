@@ -34,10 +34,17 @@ from fedspine.deploy.records import (
     tensors,
     update_record,
 )
-from fedspine.deploy.settings import config_from_run, data_mode, data_path_from_node, device_id_from_node
+from fedspine.deploy.settings import (
+    MODEL_DIR_KEY,
+    config_from_run,
+    data_mode,
+    data_path_from_node,
+    device_id_from_node,
+)
 from fedspine.errors import DataError, DeployError
 from fedspine.runtime.build import Experiment, NodeData, build_experiment, load_node_examples
 from fedspine.runtime.executor import task_seed
+from fedspine.runtime.export import describe_model, device_model, save_model
 
 
 @dataclass
@@ -152,6 +159,53 @@ def evaluate(message: Message, context: Context) -> Message:
     executor.load_global(task.payload)
     result = executor.evaluate(eval_set, task.plan, task.channel_means)
     return Message(evaluation_record(task.round, device_id, result), reply_to=message)
+
+
+def final_model(message: Message, context: Context) -> Message:
+    """Handle a ``query.model`` message: build the device's final model from the global state the task
+    carries (pruned by the task's plan), measure it, save it as a Hugging Face directory under the
+    node's ``model-dir``, and report what it holds."""
+    config, text = config_from_run(context.run_config)
+    device_id = device_id_from_node(context.node_config)
+    task, base, _sent_at = read_task(message.content)
+    if task.device_id != device_id:
+        raise DeployError(f"task for device {task.device_id} reached the node of device {device_id}")
+    try:
+        built = _built(config, text, device_id, _data_file(context))
+    except DataError as exc:
+        return Message(refusal_record(str(exc)), reply_to=message)
+    _sync_base(built, base)
+    exp = built.experiment
+    exp.executor.load_global(task.payload)
+    model = device_model(exp.executor, task.plan, task.channel_means)
+    e = config.export
+    train = exp.executor.train_data
+    report = describe_model(model, train.input_ids[0], train.pad_id, e.generate_tokens if e.speed else 0)
+    out = model_dir(context, config.run.name) / safe_name(str(task.extra.get("model", "model")))
+    if e.save:
+        save_model(model, exp.tokenizer, out, task.plan, task.channel_means)
+    record: dict[str, ConfigRecordValues] = {
+        "device_id": device_id,
+        "dir": str(out) if e.save else "",
+        "parameters": int(report["parameters"]),
+        "bytes": int(report["bytes"]),
+        "tokens_per_second": float(report["tokens_per_second"] or 0.0),
+    }
+    return Message(RecordDict({"model": ConfigRecord(record)}), reply_to=message)
+
+
+def model_dir(context: Context, run_name: str) -> Path:
+    """Where this node keeps the models runs give it: node config ``model-dir`` (default
+    ``~/.fedspine/models``), one folder per run."""
+    root = context.node_config.get(MODEL_DIR_KEY)
+    base = Path(root) if isinstance(root, str) and root.strip() else Path.home() / ".fedspine" / "models"
+    return base / safe_name(f"{run_name}-{context.run_id}")
+
+
+def safe_name(text: str) -> str:
+    """``text`` as one path component: letters, digits, ``.``, ``_`` and ``-`` only."""
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in text).strip(".")
+    return name or "model"
 
 
 def query(message: Message, context: Context) -> Message:

@@ -323,6 +323,30 @@ def read_evaluation(
     return Evaluation(objective.metric_name, objective.metric(total), loss, count, correct)
 
 
+MAX_MODEL_PARAMETERS = 10**13
+"""The most parameters a device may report its model to have (a larger claim is malformed)."""
+
+
+def read_model_report(content: RecordDict, device_id: int) -> dict[str, Any]:
+    """What a device reports about the final model it saved (:func:`fedspine.deploy.client.final_model`),
+    checked: its device, counts within range, a finite non-negative speed, printable text."""
+    cfg = _config(content, "model")
+    if _int(cfg, "model", "device_id") != device_id:
+        raise DeployError(f"model.device_id is {cfg['device_id']!r}, expected {device_id}")
+    parameters, nbytes = _int(cfg, "model", "parameters"), _int(cfg, "model", "bytes")
+    speed = _float(cfg, "model", "tokens_per_second")
+    if not 1 <= parameters <= MAX_MODEL_PARAMETERS or not 1 <= nbytes <= 8 * MAX_MODEL_PARAMETERS:
+        raise DeployError(f"model.parameters {parameters} or model.bytes {nbytes} is out of range")
+    if not math.isfinite(speed) or speed < 0:
+        raise DeployError(f"model.tokens_per_second {speed!r} is not a finite non-negative number")
+    return {
+        "dir": reason_text(cfg.get("dir", "")),
+        "parameters": parameters,
+        "bytes": nbytes,
+        "tokens_per_second": speed or None,
+    }
+
+
 def _importance(scores: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
     """Per kind, the scores of layers ``0..L-1`` (keys ``heads/<i>``, ``channels/<i>`` and, for bias
     compensation, ``means/<i>``)."""

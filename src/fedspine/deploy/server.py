@@ -43,6 +43,7 @@ from fedspine.config import Config, load_config
 from fedspine.deploy.records import (
     max_reply_bytes,
     read_evaluation,
+    read_model_report,
     read_update,
     reason_text,
     refusal_reason,
@@ -51,6 +52,7 @@ from fedspine.deploy.records import (
 from fedspine.deploy.settings import (
     BIND_KEY,
     DATA_KEY,
+    MODEL_ACTION,
     NODES_KEY,
     OUT_KEY,
     RESUME_KEY,
@@ -239,6 +241,62 @@ class FlowerTransport:
 
     def aggregation_seconds(self, engine: Engine, nbytes: int, wall_seconds: float) -> float:
         return wall_seconds
+
+    def hand_out(self, engine: Engine, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """Send every connected device its final model (the global state, the base change, and its
+        deployed plan); each saves it on the node, measures it and reports. A report whose parameter
+        count is not the model's, a refusal, an error or no answer is recorded as the device's
+        ``error``; it never ends the run."""
+        link, strategy = self.link, engine.exp.strategy
+        state = strategy.global_lora()
+        rank = int(next(iter(state.values()))["A"].shape[0]) if state else 1
+        expected = {m["dir"]: m["parameters"] for m in manifest["models"]}
+        asked: dict[int, int] = {}
+        messages = []
+        for device in link.connected():
+            entry = manifest["devices"].get(str(device))
+            if entry is None:
+                continue
+            task = ClientTask(
+                engine.loop.version,
+                device,
+                0,
+                DeviceLora(rank, 1.0),
+                state,
+                0,
+                extra={"model": entry["model"]},
+                plan=strategy.device_eval_plan(device),
+                channel_means=strategy.channel_means(),
+            )
+            content = task_record(task, engine.base_delta, sent_at=time.time())
+            messages.append(Message(content, link.nodes[device], MODEL_ACTION, group_id="final-models"))
+            asked[link.nodes[device]] = device
+        reports: dict[int, dict[str, Any]] = {}
+        for reply in link.grid.send_and_receive(messages, timeout=link.timeout) if messages else []:
+            if reply.metadata.src_node_id not in asked:
+                continue
+            device = asked.pop(reply.metadata.src_node_id)
+            try:  # the trust boundary
+                if reply.has_error():
+                    raise DeployError(f"device error: {reply.error.reason}")
+                refusal = refusal_reason(reply.content)
+                if refusal is not None:
+                    raise DeployError(f"device refused: {refusal}")
+                report = read_model_report(reply.content, device)
+                model = manifest["devices"][str(device)]["model"]
+                if report["parameters"] != expected[model]:
+                    raise DeployError(
+                        f"the device's model has {report['parameters']} parameters, {model} {expected[model]}"
+                    )
+                reports[device] = report
+            except Exception as exc:
+                reports[device] = {"error": str(exc)}
+        for device in asked.values():
+            reports[device] = {"error": f"no answer within {link.timeout:g} s"}
+        for device, report in sorted(reports.items()):
+            if "error" in report:
+                log.warning("final model of device %s: %s", device, report["error"])
+        return dict(sorted(reports.items()))
 
     def evaluate_devices(self, engine: Engine, version: int) -> DeviceEvaluations:
         """Ask every connected device that holds out examples to evaluate global ``version`` (at its own

@@ -32,6 +32,10 @@ nodes derive their partition of the config's data source, as the simulator does.
 DATA_MODES = ("local", "shared")
 DATA_PATH_KEY = "data-path"
 """Node-config key: the node's own data file (``.jsonl`` or ``.csv``), for ``node-data = "local"``."""
+MODEL_DIR_KEY = "model-dir"
+"""Node-config key: where the node saves the final models runs give it (default ``~/.fedspine/models``)."""
+MODEL_ACTION = "query.model"
+"""The message type that hands a device its final model."""
 DEVICE_KEY = "device-id"
 """Node-config key: which device of the config's fleet this SuperNode is."""
 PARTITION_KEY = "partition-id"

@@ -30,6 +30,7 @@ from fedspine.client.evaluate import evaluate, prepare_eval_model
 from fedspine.errors import ConfigError, FedspineError
 from fedspine.model.lora import merged_model, plain_copy
 from fedspine.model.pruning import (
+    PruningPlan,
     add_zero_mlp_biases,
     plan_to_json,
     pruned_hf_config,
@@ -49,7 +50,10 @@ def export_models(exp: Experiment, run_dir: Path) -> dict[str, Any]:
     models_dir = run_dir / "models"
     device_ids = [d.device_id for d in exp.devices]
     base = plain_copy(executor.model)
-    dense = _describe(base, exp, cfg.generate_tokens if cfg.speed else 0)
+    tokens = cfg.generate_tokens if cfg.speed else 0
+    prompt = exp.test_data.input_ids[0]
+    pad = exp.test_data.pad_id
+    dense = describe_model(base, prompt, pad, tokens)
     entries: list[dict[str, Any]] = []
     devices: dict[str, dict[str, Any]] = {}
     if isinstance(strategy, FedSpine):
@@ -57,21 +61,13 @@ def export_models(exp: Experiment, run_dir: Path) -> dict[str, Any]:
         for ratio in sorted({arm.ratio for arm in arms.values()}):
             plan = strategy.plan_for(ratio)
             means = strategy.channel_means()
-            model = executor.pruned_model(plan, means)
-            if means is not None:
-                add_zero_mlp_biases(model)  # a stock config with mlp_bias has biases on gate/up too
+            model = device_model(executor, plan, means)
             name = f"sparsity-{ratio:.2f}"
-            entry = {
-                "dir": name,
-                "ratio": ratio,
-                **_describe(model, exp, cfg.generate_tokens if cfg.speed else 0),
-            }
+            entry = {"dir": name, "ratio": ratio, **describe_model(model, prompt, pad, tokens)}
             entry["metric"] = _metric(model, exp)
             entry["saved"] = bool(cfg.save)
             if cfg.save:
-                model.config = pruned_hf_config(model.config, plan, mlp_bias=means is not None)
-                entry["format"] = model.config.model_type
-                _save(model, exp, models_dir / name)
+                entry["format"] = save_model(model, exp.tokenizer, models_dir / name, plan, means)
             (models_dir).mkdir(parents=True, exist_ok=True)
             (models_dir / f"{name}.plan.json").write_text(json.dumps(plan_to_json(plan)), encoding="utf-8")
             entries.append(entry)
@@ -80,16 +76,12 @@ def export_models(exp: Experiment, run_dir: Path) -> dict[str, Any]:
                     devices[str(device)] = {"ratio": ratio, "rank": arm.rank, "model": name}
     else:
         executor.load_global(strategy.global_lora())
-        model = merged_model(executor.model) if strategy.global_lora() else base
-        entry = {
-            "dir": "dense",
-            "ratio": 0.0,
-            **_describe(model, exp, cfg.generate_tokens if cfg.speed else 0),
-        }
+        model = device_model(executor, None, None) if strategy.global_lora() else base
+        entry = {"dir": "dense", "ratio": 0.0, **describe_model(model, prompt, pad, tokens)}
         entry["metric"] = _metric(model, exp)
         entry["saved"] = bool(cfg.save)
         if cfg.save:
-            _save(model, exp, models_dir / "dense")
+            save_model(model, exp.tokenizer, models_dir / "dense")
         entries.append(entry)
         devices = {
             str(d): {"ratio": 0.0, "rank": exp.device_lora[d].rank, "model": "dense"} for d in device_ids
@@ -101,7 +93,31 @@ def export_models(exp: Experiment, run_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def _describe(model: Any, exp: Experiment, new_tokens: int) -> dict[str, Any]:
+def device_model(executor: Any, plan: PruningPlan | None, means: list[torch.Tensor] | None) -> Any:
+    """A device's model as a plain copy: the executor's base pruned by ``plan`` (the removed channels'
+    mean outputs kept as biases with ``means``), or, without a plan, the base with the global adapter
+    loaded by ``executor.load_global`` merged in."""
+    if plan is None:
+        return merged_model(executor.model)
+    model = executor.pruned_model(plan, means)
+    if means is not None:
+        add_zero_mlp_biases(model)  # a stock config with mlp_bias has biases on gate/up too
+    return model
+
+
+def record_hand_out(run_dir: Path, manifest: dict[str, Any], reports: dict[int, dict[str, Any]]) -> None:
+    """Add what each device reported about the model it received (``on_device``) to ``manifest``, and
+    rewrite ``models/manifest.json``."""
+    for device, report in reports.items():
+        entry = manifest["devices"].setdefault(str(device), {})
+        entry["on_device"] = report
+    models_dir = run_dir / "models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(models_dir / MANIFEST, manifest)
+
+
+def describe_model(model: Any, prompt: list[int], pad_id: int, new_tokens: int) -> dict[str, Any]:
+    """Parameters, bytes, widths and (``new_tokens`` > 0) greedy generation speed after ``prompt``."""
     shape = shape_of(model)
     params = sum(p.numel() for p in model.parameters())
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -114,21 +130,23 @@ def _describe(model: Any, exp: Experiment, new_tokens: int) -> dict[str, Any]:
         "bytes": nbytes,
         "kv_heads_per_layer": sorted({w[0] for w in widths}),
         "channels_per_layer": sorted({w[1] for w in widths}),
-        "tokens_per_second": _tokens_per_second(model, exp, new_tokens) if new_tokens > 0 else None,
+        "tokens_per_second": _tokens_per_second(model, prompt, pad_id, new_tokens)
+        if new_tokens > 0
+        else None,
     }
 
 
 @torch.no_grad()
-def _tokens_per_second(model: Any, exp: Experiment, new_tokens: int) -> float:
+def _tokens_per_second(model: Any, prompt: list[int], pad_id: int, new_tokens: int) -> float:
     """Median greedy-generation speed (new tokens / s) over three runs after one warm-up run."""
     model.eval()
     device = next(model.parameters()).device
-    row = torch.tensor([exp.test_data.input_ids[0]], device=device)
+    row = torch.tensor([prompt], device=device)
     kwargs = {
         "max_new_tokens": new_tokens,
         "min_new_tokens": new_tokens,
         "do_sample": False,
-        "pad_token_id": exp.test_data.pad_id,
+        "pad_token_id": pad_id,
     }
     model.generate(row, **kwargs)
     speeds = []
@@ -147,15 +165,31 @@ def _metric(model: Any, exp: Experiment) -> float:
     return float(evaluate(copy, exp.objective, exp.test_set.batches).metric)
 
 
-def _save(model: Any, exp: Experiment, out: Path) -> None:
-    """Write-then-rename, so a crash never leaves a directory that looks complete."""
+def save_model(
+    model: Any,
+    tokenizer: Any,
+    out: Path,
+    plan: PruningPlan | None = None,
+    means: list[torch.Tensor] | None = None,
+) -> str:
+    """Save ``model`` (pruned by ``plan``, compensated with ``means``: its config is rewritten to
+    describe that shape) as a Hugging Face directory; returns its config's ``model_type``.
+
+    Write-then-rename, so a crash never leaves a directory that looks complete; an existing ``out`` is
+    replaced.
+    """
+    if plan is not None:
+        model.config = pruned_hf_config(model.config, plan, mlp_bias=means is not None)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     write_model_code(model.config, partial)
-    if exp.tokenizer is not None:
-        exp.tokenizer.save_pretrained(partial)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(partial)
+    if out.exists():
+        shutil.rmtree(out)
     os.replace(partial, out)
+    return str(model.config.model_type)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -200,4 +234,12 @@ def copy_device_models(run_dir: Path, out: Path, device: int | None = None) -> l
     return [out / name for name in sorted(saved)]
 
 
-__all__ = ["MANIFEST", "copy_device_models", "export_models"]
+__all__ = [
+    "MANIFEST",
+    "copy_device_models",
+    "describe_model",
+    "device_model",
+    "export_models",
+    "record_hand_out",
+    "save_model",
+]

@@ -110,6 +110,12 @@ class Transport(Protocol):
         that answers evaluates it, at its own plan, on its held-out data."""
         ...
 
+    def hand_out(self, engine: Engine, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """Give every device its final model (``manifest``: the run's device models); what each device
+        reports about the copy it now holds (device id -> report), or nothing where the run
+        directory's models are the devices' own."""
+        ...
+
 
 class SimulatedTransport:
     """The simulated fleet: a task trains on the host (when it is launched, or when it is delivered);
@@ -224,3 +230,6 @@ class SimulatedTransport:
             evaluations = exp.executor.evaluate_many([exp.local_tests[d] for d in members], plan, means)
             results.update(zip(members, evaluations, strict=True))
         return DeviceEvaluations(dict(sorted(results.items())))
+
+    def hand_out(self, engine: Engine, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        return {}  # a simulated device's model is the one in the run directory
