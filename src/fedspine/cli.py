@@ -109,6 +109,46 @@ def fleet(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def calibrate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Profile file to write (TOML; must not exist)")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    name: Annotated[str, typer.Option(help="The profile's device-class name")] = "calibrated",
+    tasks: Annotated[int, typer.Option(min=1, help="Timed local tasks (after one warm-up)")] = 3,
+) -> None:
+    """Measure this machine for the config's model and task; write a device profile a fleet group can
+    name (profile = "FILE")."""
+    from fedspine.fleet.profile import profile_toml
+    from fedspine.runtime.calibrate import calibrate as measure
+
+    with _errors():
+        if out.exists():
+            raise ConfigError("--out", f"{out} exists; choose another file")
+        cfg = _load(config, set_)
+        result = measure(cfg, name, tasks, _status)
+        d, m = result.device_class, result.measured
+        header = (
+            f"fedspine device profile: {d.description}\n"
+            f"measured by `fedspine calibrate` for {m['model']} on {m['device']}; a fleet group names it:\n"
+            f'  [[fleet.groups]]  profile = "{out}"'
+        )
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(profile_toml(d, m, header), encoding="utf-8")
+        partial.replace(out)
+    table = Table(title=f"profile {name}: {out}")
+    table.add_column("measured")
+    table.add_column("value")
+    table.add_row("training", f"{m['train_seconds_per_step']:.3f} s/step, {d.peak_flops / 1e9:.1f} GFLOP/s")
+    table.add_row("step spread (sigma of log)", f"{d.slowdown_sigma:.3f}")
+    table.add_row("memory bandwidth", f"{d.memory_bandwidth / 1e9:.1f} GB/s")
+    table.add_row(
+        "peak memory / capacity", f"{m['peak_memory_bytes'] / 2**30:.2f} / {d.memory_bytes / 2**30:.1f} GiB"
+    )
+    table.add_row("decode", f"{m['decode_tokens_per_second']:.1f} tokens/s")
+    Console().print(table)
+
+
+@app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Target directory (new or empty)")],

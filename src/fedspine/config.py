@@ -243,13 +243,16 @@ class FleetGroup:
     """A group of identical devices."""
 
     device_class: str = "raspberry_pi_4"
-    """Catalog name of the hardware (see `fedspine fleet`)."""
+    """Catalog name of the hardware (see `fedspine fleet`); not used when `profile` is set."""
     count: int = 1
     """Number of devices in the group."""
     network: str | dict[str, float] = "wifi"
     """A network preset name, or a mix of presets with fractions summing to 1, e.g. {wifi = 0.5, 5g = 0.5}."""
     availability: float = 1.0
     """Probability that a device of the group accepts work when sampled (per round, or per async offer)."""
+    profile: str = ""
+    """A device profile file (TOML, e.g. written by `fedspine calibrate`) that describes the hardware
+    instead of a catalog class; a relative path is read from the working directory."""
 
 
 DEFAULT_FLEET = (

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from fedspine.errors import ConfigError
 from fedspine.fleet.catalog import device_class, network_profile
-from fedspine.types import Device
+from fedspine.types import Device, DeviceClass
 
 _MIX_TOLERANCE = 1e-6
 
@@ -34,6 +34,8 @@ class GroupSpec:
     count: int
     network: str | Mapping[str, float]
     availability: float = 1.0
+    profile: DeviceClass | None = None
+    """A measured device class (a profile file) that replaces the catalog's ``device_class``."""
 
 
 def build_fleet(groups: Sequence[GroupSpec], seed: int) -> list[Device]:
@@ -58,7 +60,7 @@ def build_fleet(groups: Sequence[GroupSpec], seed: int) -> list[Device]:
 def _build_group(group: GroupSpec, index: int, seed: int, first_id: int) -> list[Device]:
     """The devices of one group, validated, with ids starting at ``first_id``."""
     key = f"fleet.groups[{index}]"
-    cls = device_class(group.device_class, f"{key}.device_class")
+    cls = group.profile or device_class(group.device_class, f"{key}.device_class")
     if isinstance(group.count, bool) or not isinstance(group.count, int) or group.count < 1:
         raise ConfigError(f"{key}.count", f"must be an integer >= 1, got {group.count!r}")
     if not 0.0 < group.availability <= 1.0:

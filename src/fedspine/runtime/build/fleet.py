@@ -5,6 +5,7 @@ from __future__ import annotations
 from fedspine.config import Config
 from fedspine.fleet import GroupSpec, build_fleet
 from fedspine.fleet.availability import AvailabilityTrace, make_trace
+from fedspine.fleet.profile import load_profile
 from fedspine.types import Device
 
 
@@ -23,5 +24,14 @@ def build_trace(cfg: Config) -> AvailabilityTrace:
 
 def build_fleet_from_config(cfg: Config) -> list[Device]:
     """The fleet described by ``cfg.fleet`` (errors name ``fleet.groups[i].<field>``)."""
-    groups = [GroupSpec(g.device_class, g.count, g.network, g.availability) for g in cfg.fleet.groups]
+    groups = [
+        GroupSpec(
+            g.device_class,
+            g.count,
+            g.network,
+            g.availability,
+            load_profile(g.profile, f"fleet.groups[{i}].profile") if g.profile else None,
+        )
+        for i, g in enumerate(cfg.fleet.groups)
+    ]
     return build_fleet(groups, cfg.run.seed)

@@ -1,0 +1,105 @@
+"""Device profiles: a device class measured on real hardware (``fedspine calibrate``), as a TOML file a
+fleet group can name (``[[fleet.groups]] profile = "file.toml"``) instead of a catalog class.
+
+A profile holds the :class:`~fedspine.types.DeviceClass` fields at its top level and, under
+``[measured]``, what calibration measured (for the reader; the cost model does not read it). A
+measured profile states the training throughput it reached as ``peak_flops`` with ``mfu = 1``: the
+cost model's compute time for the calibrated workload is then the measured one. The file is read as
+untrusted input: every field is checked, and an error names the file and the field.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedspine.errors import ConfigError
+from fedspine.types import DeviceClass
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_NUMBERS = ("peak_flops", "mfu", "memory_bandwidth", "slowdown_sigma")
+_INTEGERS = ("memory_bytes", "train_dtype_bytes")
+_TEXT = ("name", "description", "source")
+MEASURED = "measured"
+"""The table of a profile that records what calibration measured."""
+
+
+def load_profile(path: str | Path, key: str = "profile") -> DeviceClass:
+    """The device class a profile file describes.
+
+    Raises:
+        ConfigError: (named ``key``) the file is missing, not TOML, lacks a field, has an unknown one,
+            or a value out of range.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(key, f"profile file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(key, f"cannot read profile {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(key, f"{path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - {*_NUMBERS, *_INTEGERS, *_TEXT, MEASURED})
+    if unknown:
+        known = ", ".join(sorted({*_NUMBERS, *_INTEGERS, *_TEXT, MEASURED}))
+        raise ConfigError(key, f"{path}: unknown field(s) {', '.join(unknown)}; known: {known}")
+    fields: dict[str, Any] = {}
+    for name in _TEXT:
+        value = data.get(name, "" if name != "name" else None)
+        if not isinstance(value, str) or (name == "name" and not value.strip()):
+            raise ConfigError(key, f"{path}: '{name}' must be text{' (not empty)' if name == 'name' else ''}")
+        fields[name] = value
+    for name in _NUMBERS:
+        value = data.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(key, f"{path}: '{name}' must be a finite number, got {value!r}")
+        fields[name] = float(value)
+    for name in _INTEGERS:
+        value = data.get(name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"{path}: '{name}' must be an integer, got {value!r}")
+        fields[name] = value
+    checks = (
+        (fields["peak_flops"] > 0, "peak_flops", "must be > 0"),
+        (0 < fields["mfu"] <= 1, "mfu", "must be in (0, 1]"),
+        (fields["memory_bandwidth"] > 0, "memory_bandwidth", "must be > 0"),
+        (fields["memory_bytes"] > 0, "memory_bytes", "must be > 0"),
+        (fields["train_dtype_bytes"] in (1, 2, 4, 8), "train_dtype_bytes", "must be 1, 2, 4 or 8"),
+        (fields["slowdown_sigma"] >= 0, "slowdown_sigma", "must be >= 0"),
+    )
+    for ok, name, message in checks:
+        if not ok:
+            raise ConfigError(key, f"{path}: '{name}' {message}, got {fields[name]!r}")
+    if MEASURED in data and not isinstance(data[MEASURED], dict):
+        raise ConfigError(key, f"{path}: '{MEASURED}' must be a table")
+    return DeviceClass(**fields)
+
+
+def profile_toml(device: DeviceClass, measured: dict[str, Any], header: str = "") -> str:
+    """A profile file for ``device``, with ``measured`` under ``[measured]`` and ``header`` as comments."""
+    body: dict[str, Any] = {
+        "name": device.name,
+        "description": device.description,
+        "source": device.source,
+        "peak_flops": device.peak_flops,
+        "mfu": device.mfu,
+        "memory_bandwidth": device.memory_bandwidth,
+        "memory_bytes": device.memory_bytes,
+        "train_dtype_bytes": device.train_dtype_bytes,
+        "slowdown_sigma": device.slowdown_sigma,
+        MEASURED: measured,
+    }
+    comments = "".join(f"# {line}\n" for line in header.splitlines())
+    return comments + tomli_w.dumps(body)
+
+
+__all__ = ["MEASURED", "load_profile", "profile_toml"]
