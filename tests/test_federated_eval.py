@@ -98,6 +98,7 @@ def test_both_modes_record_every_device_and_pool_them_by_count(tmp_path: Path, s
     last = federated[-1]
     assert summary["federated"]["value"] == last["value"]
     assert summary["federated"]["devices"] == {d: v["value"] for d, v in last["devices"].items()}
+    assert "Federated evaluation" in (tmp_path / "report.html").read_text()
     values = sorted(v["value"] for v in last["devices"].values())
     assert values[0] <= summary["federated"]["worst_decile"] <= values[-1]
 

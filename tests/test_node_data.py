@@ -48,6 +48,10 @@ def test_nodes_train_on_their_own_files_and_a_broken_file_drops_only_its_tasks(t
             assert task["reason"].startswith("device refused:") and "invalid JSON" in task["reason"]
         else:
             assert task["status"] == "ok"
+            # the cost model's prediction for the device's class and link, beside the measured times
+            assert task["predicted_train_seconds"] > 0 and task["predicted_uplink_seconds"] > 0
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "Cost model vs measured" in report and "Federated evaluation" in report
 
     federated = [e for e in events if e["event"] == "federated_evaluation"]
     assert [e["round"] for e in federated] == [1, 2]  # (no evaluation at the start here)

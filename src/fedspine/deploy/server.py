@@ -64,6 +64,7 @@ from fedspine.deploy.settings import (
     number,
 )
 from fedspine.errors import CheckpointError, ConfigError, DeployError
+from fedspine.fleet.cost import CostModel
 from fedspine.metrics.events import DeploymentEvent
 from fedspine.metrics.records import RunRecorder
 from fedspine.runtime.build import DeclaredData, Experiment
@@ -149,6 +150,7 @@ class FlowerLink:
             return
         update.uplink_bytes = update_payload_bytes(update)
         o.update, o.uplink_bytes = update, update.uplink_bytes
+        o.extra.update(predicted_seconds(o))
         o.downlink_seconds = max(0.0, timing.received_at - sent_at)
         o.compute_seconds = max(0.0, timing.replied_at - timing.received_at)
         o.uplink_seconds = max(0.0, arrived_at - sent_at - o.downlink_seconds - o.compute_seconds)
@@ -168,6 +170,19 @@ class FlowerLink:
         )
         o.status, o.update, o.compute_seconds = status, None, seconds
         o.extra["reason"] = reason
+
+
+def predicted_seconds(o: TaskOutcome) -> dict[str, float]:
+    """What the simulator's cost model predicts for ``o`` on its device's class and link, nominal (no
+    slowdown or rate draw): recorded beside the measured times, so a deployment checks the model."""
+    cost = CostModel.for_device(o.device)
+    predicted = {
+        "predicted_downlink_seconds": cost.transfer_seconds(o.downlink_bytes, "down"),
+        "predicted_uplink_seconds": cost.transfer_seconds(o.uplink_bytes, "up"),
+    }
+    if o.prepared is not None:
+        predicted["predicted_train_seconds"] = cost.train_seconds(o.prepared.workload)
+    return predicted
 
 
 class FlowerTransport:

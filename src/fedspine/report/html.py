@@ -7,6 +7,7 @@ referenced by relative path, so the run directory can be copied or served as it 
 from __future__ import annotations
 
 import html
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,8 @@ def _page(run: RunData, devices: Sequence[DeviceStats], figures: Sequence[tuple[
 <h2>Devices</h2>
 {_device_table(devices)}
 {_models_section(summary.device_models)}
+{_federated_section(summary.federated)}
+{_cost_model_section(run, devices)}
 <h2>Resolved config</h2>
 <pre>{_e(run.config_text)}</pre>
 </main></body>
@@ -217,6 +220,53 @@ def _device_row(device: DeviceStats, statuses: Sequence[str]) -> str:
     ]
     cells += [f'<td class="num">{_e(number)}</td>' for number in numbers]
     return f"<tr>{''.join(cells)}</tr>"
+
+
+def _federated_section(federated: dict[str, Any] | None) -> str:
+    """The last federated evaluation: each device's metric on its own held-out data."""
+    if not federated:
+        return ""
+    rows = "\n".join(
+        f'<tr><td class="num">{_e(d)}</td><td class="num">{_number(v)}</td></tr>'
+        for d, v in sorted(federated["devices"].items(), key=lambda item: int(item[0]))
+    )
+    pooled = f"pooled {_number(federated['value'])} over {federated['count']}"
+    worst = f"worst decile {_number(federated['worst_decile'])}"
+    return (
+        f"<h2>Federated evaluation</h2>\n<p>Each device's metric on its own held-out examples, last "
+        f'evaluation ({_e(pooled)}; {_e(worst)}).</p>\n<table>\n<thead><tr><th class="num">device</th>'
+        f'<th class="num">metric</th></tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>'
+    )
+
+
+def _cost_model_section(run: RunData, devices: Sequence[DeviceStats]) -> str:
+    """A deployment's measured times beside what the cost model predicts, per device (medians)."""
+    tasks = [e for e in run.events_of("task") if "predicted_train_seconds" in e and e.get("train_seconds")]
+    if not tasks:
+        return ""
+    classes = {d.device_id: d.device_class for d in devices}
+    rows = []
+    for device in sorted({int(e["device_id"]) for e in tasks}):
+        mine = [e for e in tasks if int(e["device_id"]) == device]
+        predicted = statistics.median(float(e["predicted_train_seconds"]) for e in mine)
+        measured = statistics.median(float(e["train_seconds"]) for e in mine)
+        error = statistics.median(
+            float(e["predicted_train_seconds"]) / float(e["train_seconds"]) - 1 for e in mine
+        )
+        up = statistics.median(float(e["predicted_uplink_seconds"]) for e in mine)
+        up_measured = statistics.median(float(e["uplink_seconds"]) for e in mine)
+        cells = [str(device), classes.get(device, "?"), str(len(mine)), f"{predicted:.3f}", f"{measured:.3f}"]
+        cells += [f"{error:+.0%}", f"{up:.3f}", f"{up_measured:.3f}"]
+        rows.append("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' for c in cells) + "</tr>")
+    headers = ["device", "class", "tasks", "predicted train (s)", "measured train (s)", "error"]
+    headers += ["predicted uplink (s)", "measured uplink (s)"]
+    head = "".join(f'<th class="num">{_e(h)}</th>' for h in headers)
+    return (
+        "<h2>Cost model vs measured</h2>\n<p>Per device, medians over its tasks: the simulator's "
+        "cost model for the device's class and link (nominal) against the deployment's measured "
+        "training loop and uplink. Error: predicted / measured - 1.</p>\n"
+        f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{chr(10).join(rows)}\n</tbody>\n</table>"
+    )
 
 
 def _models_section(models: Any) -> str:
