@@ -97,7 +97,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default (15) starves its workers beside a busy host
+    os.environ.setdefault(
+        "RAY_worker_niceness", "0"
+    )  # Ray's default (15) starves its workers beside a busy host
     logging.getLogger("flwr").setLevel(logging.WARNING)
     print(host_line(f"{os.cpu_count()} CPUs, {args.devices} devices, {args.rounds} rounds, FedIT"))
     with tempfile.TemporaryDirectory() as tmp:
