@@ -142,10 +142,17 @@ class Loopback:
         return int(json.loads(done.stdout)["node-id"])
 
     def start_supernode(
-        self, name: str, private_key: Path, device_id: int, data_path: str = "", **extra: Any
+        self,
+        name: str,
+        private_key: Path,
+        device_id: int,
+        data_path: str = "",
+        worker: str = "",
+        **extra: Any,
     ) -> subprocess.Popen[bytes]:
         node_config = f'device-id={device_id} model-dir="{self.root / "models" / name}"'
         node_config += f' data-path="{data_path}"' if data_path else ""
+        node_config += f' worker="{worker}"' if worker else ""
         args = [
             str(BIN / "flower-supernode"),
             "--root-certificates", str(self.certs["ca"]),
@@ -158,6 +165,16 @@ class Loopback:
         for key, value in extra.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
         return self._spawn(name, args)
+
+    def start_worker(self, name: str, socket: Path, timeout: float = 120.0) -> subprocess.Popen[bytes]:
+        """``fedspine deploy worker --socket SOCKET``, once its socket exists."""
+        proc = self._spawn(name, [str(BIN / "fedspine"), "deploy", "worker", "--socket", str(socket)])
+        deadline = time.time() + timeout
+        while not socket.exists():
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the worker {name} did not start:\n{self.log(name)}")
+            time.sleep(0.2)
+        return proc
 
     def wait_connected(self, names: list[str], timeout: float = 60.0) -> None:
         deadline = time.time() + timeout

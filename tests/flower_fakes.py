@@ -1,35 +1,30 @@
-"""An in-process stand-in for Flower's Grid: delivers messages to the ClientApp handlers directly.
+"""An in-process stand-in for Flower's Grid: delivers messages to the ClientApp's handler directly.
 
 It exercises fedspine's server and client code and the Flower records between them without
-processes or sockets; the deployment tests run the real SuperLink and SuperNodes.
+processes or sockets (a node may still hand its messages to a warm worker on a Unix socket); the
+deployment tests run the real SuperLink and SuperNodes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedspine.deploy import client
-
-Handler = Callable[[Message, Context], Message]
+from fedspine.deploy.app import handle
 
 
-HANDLERS: dict[str, Handler] = {
-    MessageType.TRAIN: client.train,
-    MessageType.EVALUATE: client.evaluate,
-    MessageType.QUERY: client.query,
-    f"{MessageType.QUERY}.model": client.final_model,
-}
-
-
-def _node_config(device: int, data_path: str | None, model_root: str | None) -> dict[str, str | int]:
+def _node_config(
+    device: int, data_path: str | None, model_root: str | None, worker: str | None
+) -> dict[str, str | int]:
     config: dict[str, str | int] = {"device-id": device}
     if data_path is not None:
         config["data-path"] = data_path
     if model_root is not None:
         config["model-dir"] = f"{model_root}/node{device}"
+    if worker is not None:
+        config["worker"] = worker
     return config
 
 
@@ -42,16 +37,18 @@ class FakeGrid:
         devices: int,
         data_paths: dict[int, str] | None = None,
         model_root: str | None = None,
+        workers: dict[int, str] | None = None,
     ) -> None:
         """``data_paths``: device id -> its node's own data file (node config ``data-path``);
-        ``model_root``: node ``n`` keeps its final models in ``model_root/node<n>`` (``model-dir``)."""
+        ``model_root``: node ``n`` keeps its final models in ``model_root/node<n>`` (``model-dir``);
+        ``workers``: device id -> the socket of its node's warm worker (``worker``)."""
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # the server is node 0
-        paths = data_paths or {}
+        paths, sockets = data_paths or {}, workers or {}
         self.contexts = {
             node: Context(
                 1,
                 node,
-                _node_config(node - 1, paths.get(node - 1), model_root),
+                _node_config(node - 1, paths.get(node - 1), model_root, sockets.get(node - 1)),
                 RecordDict(),
                 dict(run_config),
             )
@@ -78,9 +75,8 @@ class FakeGrid:
             msg = self.inbox.pop(mid, None)
             if msg is None:
                 continue
-            handler: Handler = HANDLERS[msg.metadata.message_type]
             TaskIdentity.node_id = msg.metadata.dst_node_id  # the reply comes from that node
-            reply = handler(msg, self.contexts[msg.metadata.dst_node_id])
+            reply = handle(msg.metadata.message_type, msg, self.contexts[msg.metadata.dst_node_id])
             TaskIdentity.node_id = 0
             replies.append(self.tamper(reply) if self.tamper else reply)
         return replies

@@ -62,6 +62,7 @@ def run_fake(
     resume: bool = False,
     data_paths: dict[int, str] | None = None,
     model_root: str | None = None,
+    workers: dict[int, str] | None = None,
 ) -> tuple[RunResult, FakeGrid]:
     """A run over the in-process grid: the nodes derive the shared partitions, or, with ``data_paths``
     (device -> file), read their own files."""
@@ -73,7 +74,7 @@ def run_fake(
         RESUME_KEY: resume,
         DATA_KEY: "shared" if data_paths is None else "local",
     }
-    grid = FakeGrid(run_config, sum(g.count for g in cfg.fleet.groups), data_paths, model_root)
+    grid = FakeGrid(run_config, sum(g.count for g in cfg.fleet.groups), data_paths, model_root, workers)
     if grid_hook is not None:
         grid.tamper = grid_hook  # type: ignore[assignment]
     return serve(grid, Context(1, 0, {}, RecordDict(), dict(run_config))), grid  # type: ignore[arg-type]
@@ -692,7 +693,8 @@ THREE_NODES = [
 def loopback(tmp_path_factory: pytest.TempPathFactory) -> object:
     """A TLS SuperLink with node authentication and three registered SuperNodes (devices 0, 1, 2; the
     two-device fleets leave device 2's node out), each with its own data file (:func:`write_node_files`:
-    device 2's is malformed), which runs with ``node-data = "shared"`` do not read."""
+    device 2's is malformed), which runs with ``node-data = "shared"`` do not read; node 1 hands its
+    messages to a warm worker (``fedspine deploy worker``), the others answer in their own processes."""
     dep = Loopback(tmp_path_factory.mktemp("loopback"))
     try:
         dep.start_superlink()
@@ -700,8 +702,10 @@ def loopback(tmp_path_factory: pytest.TempPathFactory) -> object:
         for _, public in pairs[:3]:
             dep.register(public)
         files = write_node_files(dep.root)  # each node's own data (device 2's is broken)
+        dep.start_worker("worker1", dep.root / "worker1.sock")  # node 1 answers through a warm worker
         for i, (private, _) in enumerate(pairs[:3]):
-            dep.start_supernode(f"node{i}", private, i, data_path=files[i])
+            worker = str(dep.root / "worker1.sock") if i == 1 else ""
+            dep.start_supernode(f"node{i}", private, i, data_path=files[i], worker=worker)
         dep.wait_connected(["node0", "node1", "node2"])
         dep.rogue_key = pairs[3][0]  # type: ignore[attr-defined]
         yield dep

@@ -216,3 +216,68 @@ def test_a_device_reporting_another_model_is_recorded_as_an_error(tmp_path: Path
     manifest = json.loads((tmp_path / "run" / "models" / "manifest.json").read_text())
     for device in (0, 1):
         assert "parameters" in manifest["devices"][str(device)]["on_device"]["error"]
+
+
+def test_a_warm_worker_answers_for_its_nodes_with_the_same_results(tmp_path: Path) -> None:
+    """Nodes that name a worker hand it their messages: the model is built once in it, the run's global
+    state equals that of nodes answering in their own processes, and error-feedback state travels."""
+    import threading
+
+    import torch
+
+    from fedspine.api import load_global_adapter
+    from fedspine.deploy.worker import Worker, call, key_path
+
+    paths = write_node_files(tmp_path)
+    cfg = tiny(*THREE, "compression.codec=topk", "compression.feedback=ef")
+    socket = tmp_path / "w.sock"
+    worker = Worker(socket)
+    assert (
+        oct(socket.stat().st_mode & 0o777) == "0o600"
+        and oct(key_path(socket).stat().st_mode & 0o777) == "0o600"
+    )
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    try:
+        warm, grid = run_fake(
+            cfg, tmp_path / "warm", data_paths=paths, workers={0: str(socket), 1: str(socket)}
+        )
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive() and not socket.exists() and not key_path(socket).exists()
+    cold, _ = run_fake(cfg, tmp_path / "cold", data_paths=paths)
+    assert worker.handled >= 2 * 2 + 2  # queries, tasks (2 rounds) and final models of devices 0 and 1
+    warm_state, cold_state = load_global_adapter(warm.run_dir), load_global_adapter(cold.run_dir)
+    for module in cold_state:
+        for name in ("A", "B"):
+            torch.testing.assert_close(warm_state[module][name], cold_state[module][name])
+    assert "fedspine.ef.error" in grid.contexts[1].state.array_records  # the feedback memory came back
+    with pytest.raises(DeployError, match="cannot be reached"):
+        call(str(socket), "query", RecordDict(), grid.contexts[1])
+
+
+def test_a_worker_refuses_a_connection_without_its_key(tmp_path: Path) -> None:
+    import threading
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Client
+
+    from fedspine.deploy.worker import Worker
+
+    socket = tmp_path / "w.sock"
+    worker = Worker(socket)
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    try:
+        with (
+            pytest.raises((AuthenticationError, EOFError, OSError)),
+            Client(str(socket), "AF_UNIX", authkey=b"x" * 32) as c,
+        ):
+            c.send(("query", RecordDict(), None))
+            c.recv()
+        assert worker.handled == 0
+        with pytest.raises(DeployError, match="exists"):
+            Worker(socket)
+    finally:
+        worker.stop()
+        thread.join(timeout=30)

@@ -323,6 +323,26 @@ def deploy_keys(
         console.print(f"{private}  (register {public} with: flwr supernode register {public} CONNECTION)")
 
 
+@deploy_app.command("worker")
+def deploy_worker(
+    socket: Annotated[
+        Path, typer.Option("--socket", help="Unix socket to serve on (this node's config: worker)")
+    ],
+) -> None:
+    """Run this node's warm worker: it keeps the run's model built across messages (start it beside the
+    SuperNode, name its socket in the node config: worker="PATH"; stop it with Ctrl-C or SIGTERM)."""
+    with _errors():
+        worker = _deploy("worker").Worker(socket)
+    console.print(f"worker: serving on {socket} (key {socket}.key)")
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        worker.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        worker.close()
+
+
 @deploy_app.command("app")
 def deploy_app_folder(
     out: Annotated[Path, typer.Argument(help="Flower app directory to write (pyproject.toml)")],

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedspine.deploy import client, server
-from fedspine.deploy.settings import Value
+from fedspine.deploy import worker
+from fedspine.deploy.settings import MODEL_ACTION, WORKER_KEY, Value
 
 
 def make_apps(defaults: Mapping[str, Value] | None = None) -> tuple[ServerApp, ClientApp]:
@@ -36,25 +36,38 @@ def make_apps(defaults: Mapping[str, Value] | None = None) -> tuple[ServerApp, C
 
     @server_app.main()
     def _serve(grid: Grid, context: Context) -> None:
+        from fedspine.deploy import server
+
         server.serve(grid, configured(context))
 
     @client_app.train()
     def _train(message: Message, context: Context) -> Message:
-        return client.train(message, configured(context))
+        return handle(MessageType.TRAIN, message, configured(context))
 
     @client_app.evaluate()
     def _evaluate(message: Message, context: Context) -> Message:
-        return client.evaluate(message, configured(context))
+        return handle(MessageType.EVALUATE, message, configured(context))
 
     @client_app.query("model")
     def _final_model(message: Message, context: Context) -> Message:
-        return client.final_model(message, configured(context))
+        return handle(MODEL_ACTION, message, configured(context))
 
     @client_app.query()
     def _query(message: Message, context: Context) -> Message:
-        return client.query(message, configured(context))
+        return handle(MessageType.QUERY, message, configured(context))
 
     return server_app, client_app
+
+
+def handle(kind: str, message: Message, context: Context) -> Message:
+    """Answer a ``kind`` message: through the node's warm worker when its node config names one
+    (``worker``), else in this process (which then imports torch and builds the model)."""
+    socket = context.node_config.get(WORKER_KEY)
+    if isinstance(socket, str) and socket.strip():
+        return Message(worker.call(socket, kind, message.content, context), reply_to=message)
+    from fedspine.deploy import client
+
+    return Message(client.answer(kind, message.content, context), reply_to=message)
 
 
 server_app, client_app = make_apps()

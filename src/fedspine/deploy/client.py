@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, ConfigRecordValues, Context, Message, RecordDict
+from flwr.app import ConfigRecord, ConfigRecordValues, Context, Message, MessageType, RecordDict
 
 from fedspine.algorithms.compression import FeedbackState
 from fedspine.config import Config
@@ -35,6 +36,7 @@ from fedspine.deploy.records import (
     update_record,
 )
 from fedspine.deploy.settings import (
+    MODEL_ACTION,
     MODEL_DIR_KEY,
     config_from_run,
     data_mode,
@@ -110,19 +112,19 @@ def _sync_base(built: _Built, base: dict[str, torch.Tensor]) -> None:
     built.base_applied = {k: v.clone() for k, v in base.items()}
 
 
-def train(message: Message, context: Context) -> Message:
-    """Handle a ``train`` message: local training of the task on this node's device."""
+def answer_train(content: RecordDict, context: Context) -> RecordDict:
+    """Answer a ``train`` message: local training of the task on this node's device."""
     received_at = time.time()
     config, text = config_from_run(context.run_config)
     device_id = device_id_from_node(context.node_config)
-    task, base, _sent_at = read_task(message.content)
+    task, base, _sent_at = read_task(content)
     if task.device_id != device_id:
         raise DeployError(f"task for device {task.device_id} reached the node of device {device_id}")
     started = time.perf_counter()
     try:
         built = _built(config, text, device_id, _data_file(context))
     except DataError as exc:
-        return Message(refusal_record(str(exc)), reply_to=message)
+        return refusal_record(str(exc))
     _sync_base(built, base)
     setup_seconds = time.perf_counter() - started
     exp = built.experiment
@@ -135,45 +137,45 @@ def train(message: Message, context: Context) -> Message:
         update.wire = exp.uplink.send(state, update, task.payload, draws)
         _save_feedback(context, state)
     timing = Timing(received_at, time.time(), setup_seconds)
-    return Message(update_record(update, timing), reply_to=message)
+    return update_record(update, timing)
 
 
-def evaluate(message: Message, context: Context) -> Message:
-    """Handle an ``evaluate`` message: the global model the task carries (at the task's plan) on this
+def answer_evaluate(content: RecordDict, context: Context) -> RecordDict:
+    """Answer an ``evaluate`` message: the global model the task carries (at the task's plan) on this
     device's held-out examples."""
     config, text = config_from_run(context.run_config)
     device_id = device_id_from_node(context.node_config)
-    task, base, _sent_at = read_task(message.content)
+    task, base, _sent_at = read_task(content)
     if task.device_id != device_id:
         raise DeployError(f"task for device {task.device_id} reached the node of device {device_id}")
     try:
         built = _built(config, text, device_id, _data_file(context))
     except DataError as exc:
-        return Message(refusal_record(str(exc)), reply_to=message)
+        return refusal_record(str(exc))
     eval_set = built.experiment.local_tests.get(device_id)
     if eval_set is None:
         reason = f"no held-out examples (eval.mode {config.eval.mode!r}, or too little data)"
-        return Message(refusal_record(reason), reply_to=message)
+        return refusal_record(reason)
     _sync_base(built, base)
     executor = built.experiment.executor
     executor.load_global(task.payload)
     result = executor.evaluate(eval_set, task.plan, task.channel_means)
-    return Message(evaluation_record(task.round, device_id, result), reply_to=message)
+    return evaluation_record(task.round, device_id, result)
 
 
-def final_model(message: Message, context: Context) -> Message:
-    """Handle a ``query.model`` message: build the device's final model from the global state the task
+def answer_final_model(content: RecordDict, context: Context) -> RecordDict:
+    """Answer a ``query.model`` message: build the device's final model from the global state the task
     carries (pruned by the task's plan), measure it, save it as a Hugging Face directory under the
     node's ``model-dir``, and report what it holds."""
     config, text = config_from_run(context.run_config)
     device_id = device_id_from_node(context.node_config)
-    task, base, _sent_at = read_task(message.content)
+    task, base, _sent_at = read_task(content)
     if task.device_id != device_id:
         raise DeployError(f"task for device {task.device_id} reached the node of device {device_id}")
     try:
         built = _built(config, text, device_id, _data_file(context))
     except DataError as exc:
-        return Message(refusal_record(str(exc)), reply_to=message)
+        return refusal_record(str(exc))
     _sync_base(built, base)
     exp = built.experiment
     exp.executor.load_global(task.payload)
@@ -191,7 +193,7 @@ def final_model(message: Message, context: Context) -> Message:
         "bytes": int(report["bytes"]),
         "tokens_per_second": float(report["tokens_per_second"] or 0.0),
     }
-    return Message(RecordDict({"model": ConfigRecord(record)}), reply_to=message)
+    return RecordDict({"model": ConfigRecord(record)})
 
 
 def model_dir(context: Context, run_name: str) -> Path:
@@ -208,24 +210,60 @@ def safe_name(text: str) -> str:
     return name or "model"
 
 
-def query(message: Message, context: Context) -> Message:
-    """Handle a ``query`` message: tell the server which device this node is and, when it brings its
+def answer_query(content: RecordDict, context: Context) -> RecordDict:
+    """Answer a ``query`` message: tell the server which device this node is and, when it brings its
     own data, how many examples it trains on and holds out (or why its data cannot be used)."""
     device_id = device_id_from_node(context.node_config)
-    answer: dict[str, ConfigRecordValues] = {"device_id": device_id}
+    said: dict[str, ConfigRecordValues] = {"device_id": device_id}
     if data_mode(context.run_config) == "local":
         config, _ = config_from_run(context.run_config)
         try:
             examples = len(load_node_examples(config, data_path_from_node(context.node_config)))
         except DataError as exc:
-            answer["data_error"] = reason_text(str(exc))
+            said["data_error"] = reason_text(str(exc))
         else:
             e = config.eval
             held = (
                 held_out_size(examples, e.local_fraction, e.local_max_examples) if e.mode != "central" else 0
             )
-            answer.update(examples=examples - held, eval_examples=held)
-    return Message(RecordDict({"node": ConfigRecord(answer)}), reply_to=message)
+            said.update(examples=examples - held, eval_examples=held)
+    return RecordDict({"node": ConfigRecord(said)})
+
+
+ANSWERS: dict[str, Callable[[RecordDict, Context], RecordDict]] = {
+    MessageType.TRAIN: answer_train,
+    MessageType.EVALUATE: answer_evaluate,
+    MessageType.QUERY: answer_query,
+    MODEL_ACTION: answer_final_model,
+}
+"""The answer to each message type a node handles."""
+
+
+def answer(kind: str, content: RecordDict, context: Context) -> RecordDict:
+    """The reply content to a message of type ``kind`` (see :data:`ANSWERS`)."""
+    if kind not in ANSWERS:
+        raise DeployError(f"this node does not handle {kind!r} messages")
+    return ANSWERS[kind](content, context)
+
+
+def train(message: Message, context: Context) -> Message:
+    """Handle a ``train`` message in this process."""
+    return Message(answer_train(message.content, context), reply_to=message)
+
+
+def evaluate(message: Message, context: Context) -> Message:
+    """Handle an ``evaluate`` message in this process."""
+    return Message(answer_evaluate(message.content, context), reply_to=message)
+
+
+def final_model(message: Message, context: Context) -> Message:
+    """Handle a ``query.model`` message in this process."""
+    return Message(answer_final_model(message.content, context), reply_to=message)
+
+
+def query(message: Message, context: Context) -> Message:
+    """Handle a ``query`` message in this process."""
+    return Message(answer_query(message.content, context), reply_to=message)
 
 
 def _load_feedback(context: Context) -> FeedbackState:

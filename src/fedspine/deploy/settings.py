@@ -32,6 +32,9 @@ nodes derive their partition of the config's data source, as the simulator does.
 DATA_MODES = ("local", "shared")
 DATA_PATH_KEY = "data-path"
 """Node-config key: the node's own data file (``.jsonl`` or ``.csv``), for ``node-data = "local"``."""
+WORKER_KEY = "worker"
+"""Node-config key: the Unix socket of this node's warm worker (``fedspine deploy worker``), which
+keeps the model built across messages; without it, each message's ClientApp process builds it."""
 MODEL_DIR_KEY = "model-dir"
 """Node-config key: where the node saves the final models runs give it (default ``~/.fedspine/models``)."""
 MODEL_ACTION = "query.model"
