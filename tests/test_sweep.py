@@ -16,9 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+import tomli_w
 from typer.testing import CliRunner
 
 from fedspine.cli import app
+from fedspine.config import tomllib
 from fedspine.errors import ConfigError
 from fedspine.sweep import load_sweep, plan_runs, thread_budget
 from fedspine.sweep.spec import parse_sweep
@@ -227,6 +229,36 @@ def test_resume_refuses_a_directory_made_from_other_settings(uninterrupted: Path
     assert result.exit_code == 2 and "other settings" in result.output
     result = CliRunner().invoke(app, ["sweep", str(changed), "--out", str(uninterrupted)])
     assert result.exit_code == 2 and "--resume" in result.output
+
+
+def test_resume_accepts_runs_recorded_before_a_config_key_existed(
+    uninterrupted: Path, tmp_path: Path
+) -> None:
+    """A run whose config.toml lacks a key added since (it reads as its default) is the same run; one
+    whose recorded value differs is not."""
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    plan = json.loads((out / "sweep.json").read_text())
+    plan["fingerprints"] = {arm: "0" * 16 for arm in plan["fingerprints"]}  # as an older schema's
+    (out / "sweep.json").write_text(json.dumps(plan))
+    for config in out.glob("*/seed-*/config.toml"):
+        data = tomllib.loads(config.read_text())
+        del data["eval"]["mode"], data["eval"]["local_fraction"]  # keys the old code did not have
+        config.write_text(tomli_w.dumps(data))
+    sweep_file = _sweep_file(tmp_path, rounds=4, steps=6)
+    result = CliRunner().invoke(app, ["sweep", str(sweep_file), "--out", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    statuses = {r["status"] for r in json.loads((out / "runs.json").read_text())}
+    assert statuses == {"skipped"}  # nothing ran again
+    config = out / "flora" / "seed-1" / "config.toml"
+    data = tomllib.loads(config.read_text())
+    data["train"]["lr"] = 1e-9  # a recorded value that differs: another run
+    config.write_text(tomli_w.dumps(data))
+    (out / "sweep.json").write_text(json.dumps(plan))  # the older schema's fingerprints again
+    result = CliRunner().invoke(app, ["sweep", str(sweep_file), "--out", str(out), "--resume"])
+    assert (
+        result.exit_code == 2 and "flora" in result.output and "fedit" not in result.output.split("arm(s)")[1]
+    )
 
 
 def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path: Path) -> None:
