@@ -1,20 +1,22 @@
 """The simulator's cost model against the wall clock: calibrate this host, then run one job simulated
-and deployed, and compare each task's compute time.
+and deployed on loopback, and compare each task's compute time.
 
 1. ``fedspine calibrate`` measures this host for the config's model and task and writes a profile;
-2. the same job (a fleet of ``--devices`` devices of that profile on Ethernet, every device in every
-   round, ``--rounds`` rounds, FedIT, the nodes deriving the simulator's partitions) runs
+2. the same job (a fleet of ``--devices`` devices of that profile on Ethernet, one device per round,
+   ``--rounds`` rounds, FedIT, the nodes deriving the simulator's partitions) runs
    * simulated: each task's compute time is the cost model's (virtual seconds);
-   * deployed: fedspine's ServerApp and ClientApps in Flower's simulation engine on this host (one
-     ClientApp at a time, so tasks do not share the cores), each task's training loop timed where it ran;
-3. tasks are paired by (round, device) — they train the same batches on both sides — and the per-task
-   error ``simulated / measured - 1`` is printed, with its median and the median of its magnitude.
+   * deployed: a SuperLink (TLS, node authentication) and one SuperNode per device on this host, as
+     docs/deploy.md starts them; each task's training loop is timed on its node. One device per
+     round, so no two tasks share the host's cores;
+3. tasks are paired by (round, device) (the same seed samples the same device, which trains the same
+   batches on both sides) and the per-task error ``simulated / measured - 1`` is printed, with its
+   median and the median of its magnitude.
 
-Both sides train in this host's processes with ``--threads`` torch threads. The last line is
+Both sides train with ``--threads`` torch threads. The last line is
 ``RESULT median_error=... median_abs_error=... tasks=...``.
 
 Usage:
-    python bench/sim_vs_real.py                   # the default model and task, 3 devices, 3 rounds
+    python bench/sim_vs_real.py                   # the default model and task, 3 devices, 6 rounds
     python bench/sim_vs_real.py --quick           # the tiny model (a smoke test of the pipeline)
 """
 
@@ -30,20 +32,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _benchpath import host_line  # first: keeps bench/ off sys.path
+from _benchpath import ROOT, host_line  # first: keeps bench/ off sys.path
+
+sys.path.insert(0, str(ROOT))  # the loopback helper of the test suite
+from tests.deployment import Loopback
+
 from fedspine.api import run_experiment
-from fedspine.config import Config, load_config, to_toml
+from fedspine.config import Config, load_config
+from fedspine.deploy.setup import write_app
 from fedspine.fleet.profile import profile_toml
 from fedspine.runtime.calibrate import calibrate
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def job(profile: Path, devices: int, rounds: int, threads: int, quick: bool) -> Config:
     base = ROOT / "configs" / "tiny.toml" if quick else None
     overrides = [
         f'fleet.groups=[{{count = {devices}, network = "ethernet", profile = "{profile}"}}]',
-        f"scheduler.clients_per_round={devices}",
+        "scheduler.clients_per_round=1",  # one task at a time: tasks never share the host's cores
         f"scheduler.rounds={rounds}",
         "strategy.name=fedit",
         f"run.threads={threads}",
@@ -60,26 +65,20 @@ def job(profile: Path, devices: int, rounds: int, threads: int, quick: bool) -> 
 
 
 def run_deployed(cfg: Config, out: Path, devices: int) -> list[dict[str, Any]]:
-    from flwr.simulation import run_simulation
-
-    from fedspine.deploy.app import make_apps
-    from fedspine.deploy.settings import CONFIG_KEY, DATA_KEY, NODES_KEY, OUT_KEY
-
-    server_app, client_app = make_apps(
-        {CONFIG_KEY: to_toml(cfg), OUT_KEY: str(out), NODES_KEY: 300.0, DATA_KEY: "shared"}
-    )
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=devices,
-        backend_name="ray",
-        backend_config={
-            "init_args": {"num_cpus": 1, "num_gpus": 0, "include_dashboard": False},
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        },
-    )
-    if not (out / "summary.json").exists():
-        raise SystemExit("the deployed run did not finish (no summary.json); see the log above")
+    """The job on loopback: a SuperLink (TLS, node authentication) and one SuperNode per device, each
+    deriving the simulator's partition (so both sides train the same batches)."""
+    with Loopback(out.parent / "loopback") as dep:
+        dep.start_superlink()
+        pairs = dep.keys([f"node{i}" for i in range(devices)])
+        for _, public in pairs:
+            dep.register(public)
+        for i, (private, _) in enumerate(pairs):
+            dep.start_supernode(f"node{i}", private, i)
+        dep.wait_connected([f"node{i}" for i in range(devices)])
+        write_app(dep.root / "app", cfg, out, round_timeout=1800, wait_for_nodes=120, shared_data=True)
+        done = dep.run_app(dep.root / "app", timeout=3600)
+        if not (out / "summary.json").exists():
+            raise SystemExit(f"the deployed run did not finish:\n{done.stdout}{done.stderr}")
     return _tasks(out)
 
 
@@ -91,7 +90,7 @@ def _tasks(run_dir: Path) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="the tiny model: a smoke test")
     args = parser.parse_args()

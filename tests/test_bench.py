@@ -74,7 +74,7 @@ def test_the_flower_benchmark_runs_both_sides_to_the_same_model() -> None:
 
 
 def test_the_sim_vs_real_benchmark_pairs_every_task_and_prints_its_error() -> None:
-    cmd = [sys.executable, "bench/sim_vs_real.py", "--devices", "2", "--rounds", "1", "--quick"]
+    cmd = [sys.executable, "bench/sim_vs_real.py", "--devices", "2", "--rounds", "2", "--quick"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
     last = out.strip().splitlines()[-1]
     assert last.startswith("RESULT median_error=") and last.endswith("tasks=2")
