@@ -96,9 +96,7 @@ def main() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault(
-        "RAY_worker_niceness", "0"
-    )  # Ray's default (15) starves its workers beside a busy host
+    os.environ.setdefault("RAY_worker_niceness", "0")  # at 15 (Ray's default) a busy host starves them
     logging.getLogger("flwr").setLevel(logging.WARNING)
     cfg = config(args.devices, args.rounds, args.quick)
     print(host_line(f"{args.devices} devices, {args.rounds} rounds, FedIT, tiny model"))

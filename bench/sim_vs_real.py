@@ -94,11 +94,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="the tiny model: a smoke test")
     args = parser.parse_args()
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault(
-        "RAY_worker_niceness", "0"
-    )  # Ray's default (15) starves its workers beside a busy host
     logging.getLogger("flwr").setLevel(logging.WARNING)
     print(host_line(f"{os.cpu_count()} CPUs, {args.devices} devices, {args.rounds} rounds, FedIT"))
     with tempfile.TemporaryDirectory() as tmp:

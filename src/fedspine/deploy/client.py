@@ -47,6 +47,7 @@ from fedspine.errors import DataError, DeployError
 from fedspine.runtime.build import Experiment, NodeData, build_experiment, load_node_examples
 from fedspine.runtime.executor import task_seed
 from fedspine.runtime.export import describe_model, device_model, save_model
+from fedspine.types import ClientTask
 
 
 @dataclass
@@ -112,28 +113,49 @@ def _sync_base(built: _Built, base: dict[str, torch.Tensor]) -> None:
     built.base_applied = {k: v.clone() for k, v in base.items()}
 
 
-def answer_train(content: RecordDict, context: Context) -> RecordDict:
-    """Answer a ``train`` message: local training of the task on this node's device."""
-    received_at = time.time()
+@dataclass
+class _Received:
+    """A task this node may run: the run's config, the task, the base change it carries, the built run."""
+
+    config: Config
+    task: ClientTask
+    base: dict[str, torch.Tensor]
+    built: _Built
+
+
+def _receive(content: RecordDict, context: Context) -> _Received:
+    """Read a task addressed to this node and build (or reuse) the run it belongs to; the base is not
+    synced yet.
+
+    Raises:
+        DataError: the node's data cannot be used (the caller refuses the task with the reason).
+        DeployError: the task is malformed or addressed to another device.
+    """
     config, text = config_from_run(context.run_config)
     device_id = device_id_from_node(context.node_config)
     task, base, _sent_at = read_task(content)
     if task.device_id != device_id:
         raise DeployError(f"task for device {task.device_id} reached the node of device {device_id}")
-    started = time.perf_counter()
+    return _Received(config, task, base, _built(config, text, device_id, _data_file(context)))
+
+
+def answer_train(content: RecordDict, context: Context) -> RecordDict:
+    """Answer a ``train`` message: local training of the task on this node's device."""
+    received_at, started = time.time(), time.perf_counter()
     try:
-        built = _built(config, text, device_id, _data_file(context))
+        received = _receive(content, context)
     except DataError as exc:
         return refusal_record(str(exc))
-    _sync_base(built, base)
+    task, built = received.task, received.built
+    _sync_base(built, received.base)
     setup_seconds = time.perf_counter() - started
     exp = built.experiment
-    device = exp.devices[device_id]
+    device = exp.devices[task.device_id]
     prepared = exp.executor.prepare(task.round, device, task.lora, task.local_steps, task.plan)
     update = exp.executor.run(task, prepared)
     if exp.uplink is not None:
         state = _load_feedback(context)
-        draws = torch.Generator().manual_seed(task_seed(exp.settings.seed, task.round, device_id, 4))
+        draws = torch.Generator().manual_seed(task_seed(exp.settings.seed, task.round, task.device_id, 4))
         update.wire = exp.uplink.send(state, update, task.payload, draws)
         _save_feedback(context, state)
     timing = Timing(received_at, time.time(), setup_seconds)
@@ -143,41 +165,33 @@ def answer_train(content: RecordDict, context: Context) -> RecordDict:
 def answer_evaluate(content: RecordDict, context: Context) -> RecordDict:
     """Answer an ``evaluate`` message: the global model the task carries (at the task's plan) on this
     device's held-out examples."""
-    config, text = config_from_run(context.run_config)
-    device_id = device_id_from_node(context.node_config)
-    task, base, _sent_at = read_task(content)
-    if task.device_id != device_id:
-        raise DeployError(f"task for device {task.device_id} reached the node of device {device_id}")
     try:
-        built = _built(config, text, device_id, _data_file(context))
+        received = _receive(content, context)
     except DataError as exc:
         return refusal_record(str(exc))
-    eval_set = built.experiment.local_tests.get(device_id)
+    task, built = received.task, received.built
+    eval_set = built.experiment.local_tests.get(task.device_id)
     if eval_set is None:
-        reason = f"no held-out examples (eval.mode {config.eval.mode!r}, or too little data)"
-        return refusal_record(reason)
-    _sync_base(built, base)
+        mode = received.config.eval.mode
+        return refusal_record(f"no held-out examples (eval.mode {mode!r}, or too little data)")
+    _sync_base(built, received.base)
     executor = built.experiment.executor
     executor.load_global(task.payload)
     result = executor.evaluate(eval_set, task.plan, task.channel_means)
-    return evaluation_record(task.round, device_id, result)
+    return evaluation_record(task.round, task.device_id, result)
 
 
 def answer_final_model(content: RecordDict, context: Context) -> RecordDict:
     """Answer a ``query.model`` message: build the device's final model from the global state the task
     carries (pruned by the task's plan), measure it, save it as a Hugging Face directory under the
     node's ``model-dir``, and report what it holds."""
-    config, text = config_from_run(context.run_config)
-    device_id = device_id_from_node(context.node_config)
-    task, base, _sent_at = read_task(content)
-    if task.device_id != device_id:
-        raise DeployError(f"task for device {task.device_id} reached the node of device {device_id}")
     try:
-        built = _built(config, text, device_id, _data_file(context))
+        received = _receive(content, context)
     except DataError as exc:
         return refusal_record(str(exc))
-    _sync_base(built, base)
-    exp = built.experiment
+    config, task, device_id = received.config, received.task, received.task.device_id
+    _sync_base(received.built, received.base)
+    exp = received.built.experiment
     exp.executor.load_global(task.payload)
     model = device_model(exp.executor, task.plan, task.channel_means)
     e = config.export
