@@ -852,8 +852,11 @@ def test_asynchronous_schedulers_over_three_supernodes(
     steps = [e for e in events if e["event"] == "server_step"]
     assert [e["round"] for e in steps] == list(range(1, len(steps) + 1)) and len(steps) <= 3
     assert all(len(e["staleness"]) == len(e["task_ids"]) for e in steps)
+    assert {e["device_id"] for e in events if e["event"] == "task"} == {0, 1, 2}  # every node got work
     tasks = [e for e in events if e["event"] == "task" and e["status"] == "ok"]
-    assert {e["device_id"] for e in tasks} == {0, 1, 2}
+    # node 1 answers through a warm worker, faster than the others: a speed-aware scheduler may fill
+    # its few updates before a slow node's task is back, so not every node must be applied
+    assert len({e["device_id"] for e in tasks}) >= 2
     assert all(e["compute_seconds"] >= e["train_seconds"] > 0 for e in tasks)
 
 
