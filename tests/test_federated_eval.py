@@ -140,3 +140,30 @@ def test_bad_local_evaluation_settings_name_the_field() -> None:
     ):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(CONFIGS / "tiny.toml", [override])
+
+
+def test_a_run_with_federated_evaluation_resumes_to_the_same_records(tmp_path: Path) -> None:
+    import shutil
+
+    from fedspine.api import resume_experiment
+
+    cfg = load_config(
+        CONFIGS / "tiny.toml", [*FAST, "scheduler.rounds=3", "eval.mode=both", "run.checkpoint_every=1"]
+    )
+    whole = tmp_path / "whole"
+    run_experiment(cfg, whole)
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    (cut / "summary.json").unlink()  # as if it died after the first checkpoint
+    for checkpoint in sorted((cut / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(checkpoint)
+    resume_experiment(cut)
+
+    def federated(run: Path) -> list[str]:
+        return [
+            line for line in (run / "events.jsonl").read_text().splitlines() if "federated_evaluation" in line
+        ]
+
+    assert federated(cut) == federated(whole) and len(federated(whole)) == 4
+    a, b = (json.loads((run / "summary.json").read_text()) for run in (whole, cut))
+    assert a["federated"] == b["federated"] and a["metric"] == b["metric"]
