@@ -30,8 +30,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -39,6 +40,7 @@ from flwr.serverapp import Grid
 
 from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.api import RunResult, resume_experiment, run_experiment
+from fedspine.client.evaluate import Evaluation
 from fedspine.config import Config, load_config
 from fedspine.deploy.records import (
     max_reply_bytes,
@@ -73,6 +75,8 @@ from fedspine.runtime.transport import Admission, DeviceEvaluations, Events, Run
 from fedspine.types import ClientTask, Device, DeviceLora, TaskStatus
 
 log = logging.getLogger("fedspine.deploy")
+
+T = TypeVar("T")
 
 POLL_SECONDS = 0.05
 """How often the server pulls replies: the resolution of the measured arrival times."""
@@ -262,68 +266,58 @@ class FlowerTransport:
         deployed plan); each saves it on the node, measures it and reports. A report whose parameter
         count is not the model's, a refusal, an error or no answer is recorded as the device's
         ``error``; it never ends the run."""
-        link, strategy = self.link, engine.exp.strategy
-        state = strategy.global_lora()
-        rank = int(next(iter(state.values()))["A"].shape[0]) if state else 1
         expected = {m["dir"]: m["parameters"] for m in manifest["models"]}
-        asked: dict[int, int] = {}
-        messages = []
-        for device in link.connected():
-            entry = manifest["devices"].get(str(device))
-            if entry is None:
-                continue
-            task = ClientTask(
-                engine.loop.version,
-                device,
-                0,
-                DeviceLora(rank, 1.0),
-                state,
-                0,
-                extra={"model": entry["model"]},
-                plan=strategy.device_eval_plan(device),
-                channel_means=strategy.channel_means(),
-            )
-            content = task_record(task, engine.base_delta, sent_at=time.time())
-            messages.append(Message(content, link.nodes[device], MODEL_ACTION, group_id="final-models"))
-            asked[link.nodes[device]] = device
-        reports: dict[int, dict[str, Any]] = {}
-        for reply in link.grid.send_and_receive(messages, timeout=link.timeout) if messages else []:
-            if reply.metadata.src_node_id not in asked:
-                continue
-            device = asked.pop(reply.metadata.src_node_id)
-            try:  # the trust boundary
-                if reply.has_error():
-                    raise DeployError(f"device error: {reply.error.reason}")
-                refusal = refusal_reason(reply.content)
-                if refusal is not None:
-                    raise DeployError(f"device refused: {refusal}")
-                report = read_model_report(reply.content, device)
-                model = manifest["devices"][str(device)]["model"]
-                if report["parameters"] != expected[model]:
-                    raise DeployError(
-                        f"the device's model has {report['parameters']} parameters, {model} {expected[model]}"
-                    )
-                reports[device] = report
-            except Exception as exc:
-                reports[device] = {"error": str(exc)}
-        for device in asked.values():
-            reports[device] = {"error": f"no answer within {link.timeout:g} s"}
-        for device, report in sorted(reports.items()):
-            if "error" in report:
-                log.warning("final model of device %s: %s", device, report["error"])
+        models = {int(d): entry["model"] for d, entry in manifest["devices"].items()}
+
+        def read(content: RecordDict, device: int) -> dict[str, Any]:
+            report = read_model_report(content, device)
+            model = models[device]
+            if report["parameters"] != expected[model]:
+                raise DeployError(
+                    f"the device's model has {report['parameters']} parameters, {model} {expected[model]}"
+                )
+            return report
+
+        reports, failed = self._ask(engine, engine.loop.version, MODEL_ACTION, models, read)
+        for device, reason in failed.items():
+            log.warning("final model of device %s: %s", device, reason)
+            reports[device] = {"error": reason}
         return dict(sorted(reports.items()))
 
     def evaluate_devices(self, engine: Engine, version: int) -> DeviceEvaluations:
         """Ask every connected device that holds out examples to evaluate global ``version`` (at its own
         plan) and wait for the answers, up to the link's timeout. A refusal, an error, a malformed
         answer or none leaves the device out of this evaluation, with the reason; it never ends the run."""
+        limits = self.link.eval_limits
+        devices = {d: "" for d, limit in limits.items() if limit >= 1}
+
+        def read(content: RecordDict, device: int) -> Evaluation:
+            return read_evaluation(content, version, device, limits[device], engine.exp.objective)
+
+        evaluations, failed = self._ask(engine, version, MessageType.EVALUATE, devices, read)
+        for device, reason in failed.items():
+            log.warning("evaluation of version %s on device %s: %s", version, device, reason)
+        return DeviceEvaluations(dict(sorted(evaluations.items())), failed)
+
+    def _ask(
+        self,
+        engine: Engine,
+        version: int,
+        kind: str,
+        devices: dict[int, str],
+        read: Callable[[RecordDict, int], T],
+    ) -> tuple[dict[int, T], dict[int, str]]:
+        """Send each connected device of ``devices`` (device -> the model it gets, "" for none) the global
+        state of ``version`` at its own plan as a ``kind`` message, and wait up to the link's timeout.
+        Returns each answer ``read`` accepted, and why the others gave none (an error, a refusal,
+        what ``read`` raised: the trust boundary, no answer may end the run; or no answer at all)."""
         link, strategy = self.link, engine.exp.strategy
         state = strategy.global_lora()
         rank = int(next(iter(state.values()))["A"].shape[0]) if state else 1
         asked: dict[int, int] = {}  # node -> device
         messages = []
         for device in link.connected():
-            if link.eval_limits.get(device, 0) < 1:
+            if device not in devices:
                 continue
             task = ClientTask(
                 version,
@@ -332,37 +326,31 @@ class FlowerTransport:
                 DeviceLora(rank, 1.0),
                 state,
                 0,
+                extra={"model": devices[device]} if devices[device] else {},
                 plan=strategy.device_eval_plan(device),
                 channel_means=strategy.channel_means(),
             )
             content = task_record(task, engine.base_delta, sent_at=time.time())
-            messages.append(
-                Message(content, link.nodes[device], MessageType.EVALUATE, group_id=f"eval-{version}")
-            )
+            messages.append(Message(content, link.nodes[device], kind, group_id=f"{kind}-{version}"))
             asked[link.nodes[device]] = device
-        answers = DeviceEvaluations()
+        answers: dict[int, T] = {}
+        failed: dict[int, str] = {}
         for reply in link.grid.send_and_receive(messages, timeout=link.timeout) if messages else []:
             if reply.metadata.src_node_id not in asked:
                 continue
             device = asked.pop(reply.metadata.src_node_id)
-            try:  # the trust boundary: no answer may end the run or enter the pool unchecked
+            try:
                 if reply.has_error():
                     raise DeployError(f"device error: {reply.error.reason}")
                 refusal = refusal_reason(reply.content)
                 if refusal is not None:
                     raise DeployError(f"device refused: {refusal}")
-                limit = link.eval_limits[device]
-                answers.evaluations[device] = read_evaluation(
-                    reply.content, version, device, limit, engine.exp.objective
-                )
+                answers[device] = read(reply.content, device)
             except Exception as exc:
-                answers.failed[device] = str(exc)
+                failed[device] = str(exc)
         for device in asked.values():
-            answers.failed[device] = f"no evaluation within {link.timeout:g} s"
-        for device, reason in sorted(answers.failed.items()):
-            log.warning("evaluation of version %s on device %s: %s", version, device, reason)
-        answers.evaluations = dict(sorted(answers.evaluations.items()))
-        return answers
+            failed[device] = f"no answer within {link.timeout:g} s"
+        return answers, dict(sorted(failed.items()))
 
 
 def discover_nodes(
