@@ -686,8 +686,9 @@ class EvalSection:
     own deployed sparsity, for pruning strategies) on a held-out slice of its own data and the run's
     metric is their example-weighted mean; both: central is the run's metric, federated is recorded beside."""
     local_fraction: float = 0.2
-    """Share of each device's examples held out for its own evaluation when `mode` is federated or both
-    (at least one example per device with two or more); a central run trains on all of them."""
+    """Share of each device's examples held out for its own evaluation when `mode` is federated or both,
+    or `personalize.method` is not none (at least one example per device with two or more); otherwise
+    the devices train on all of them."""
     local_max_examples: int = 64
     """At most this many held-out examples per device (0 = no cap), so that evaluating every device
     costs about what the central test set does; the rest stays for training."""
@@ -702,6 +703,29 @@ class EvalSection:
         _check(self.local_max_examples >= 0, "eval.local_max_examples", "must be >= 0 (0 = no cap)")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _check(self.target >= 0, "eval.target", "must be >= 0 (0 = none)")
+
+
+@dataclass(frozen=True)
+class PersonalizeSection:
+    """Personal models: each device's final model tuned to its own data (see the guide's "Personal
+    models"), measured on the held-out slice of its own examples."""
+
+    method: Literal["none", "finetune", "split", "mask"] = "none"
+    """none: every device keeps the global model (at its deployed sparsity); finetune: after the run
+    each device fine-tunes a fresh adapter on its deployed model for `steps` local steps; split: every
+    task also trains a private adapter of rank `rank` that never leaves the device and persists across
+    its tasks; mask (pruning strategies): each device keeps the units that matter on its own data
+    (FLAP scores over `steps` local batches) at its deployed sparsity."""
+    steps: int = 0
+    """finetune: local steps; mask: local batches scored (0 = train.local_steps)."""
+    rank: int = 8
+    """Rank of the personal adapter (finetune, split); its scaling is lora.alpha / rank."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.steps >= 0, "personalize.steps", f"must be >= 0 (0 = train.local_steps), got {self.steps}"
+        )
+        _check(self.rank >= 1, "personalize.rank", f"must be >= 1, got {self.rank}")
 
 
 @dataclass(frozen=True)
@@ -746,8 +770,11 @@ class Config:
     compression: CompressionSection = field(default_factory=CompressionSection)
     """Uplink compression and error feedback."""
     eval: EvalSection = field(default_factory=EvalSection)
-    export: ExportSection = field(default_factory=ExportSection)
     """Global evaluation."""
+    personalize: PersonalizeSection = field(default_factory=PersonalizeSection)
+    """Personal models."""
+    export: ExportSection = field(default_factory=ExportSection)
+    """The device models handed out at the end."""
 
     def __post_init__(self) -> None:
         _check(len(self.fleet.groups) > 0, "fleet.groups", "the fleet needs at least one device group")

@@ -129,6 +129,20 @@ class FederatedEvaluationEvent(_Fields):
 
 
 @dataclass(frozen=True)
+class PersonalEvaluationEvent(_Fields):
+    """Every device's personal model (``personalize.method``) evaluated on its own held-out data at
+    the end of the run: per device id, its ``value``, ``loss`` and ``count``, the ``global`` model's
+    value and ``global_loss`` on the same examples, and the device seconds personalization cost it
+    (``extra_seconds``)."""
+
+    kind: ClassVar[str] = "personal_evaluation"
+
+    method: str
+    metric: str
+    devices: dict[str, dict[str, float]]
+
+
+@dataclass(frozen=True)
 class DeploymentEvent(_Fields):
     """A deployment found its devices' SuperNodes (device id -> Flower node id)."""
 

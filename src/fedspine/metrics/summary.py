@@ -75,6 +75,12 @@ class Summary:
     """The last federated evaluation (``eval.mode`` federated or both; else None): ``value``, ``loss``
     and ``count`` pooled over the devices, ``worst_decile`` (the value a tenth of the devices do no
     better than) and ``devices`` (device id -> value)."""
+    personal: dict[str, Any] | None = None
+    """Each device's personal model (``[personalize]``) on its own held-out data, when the devices hold
+    data out: ``method``; ``value`` (mean over devices), ``worst_decile`` and ``devices`` (device id ->
+    value), and the same of the global model on the same examples (``global_value``,
+    ``global_worst_decile``, ``global_devices``); ``extra_device_seconds`` (virtual, all devices) and
+    ``extra_time_fraction`` (of the devices' training time in the run)."""
 
     def to_json(self) -> dict[str, Any]:
         """The summary as ``summary.json`` writes it."""
@@ -153,6 +159,7 @@ _CONTAINERS: dict[str, type] = {
     "pruning": dict,
     "device_models": dict,
     "federated": dict,
+    "personal": dict,
 }
 _ZERO_IF_MISSING = ("eval_wall_seconds", "aggregation_wall_seconds", "setup_wall_seconds")
 

@@ -130,6 +130,7 @@ def _page(run: RunData, devices: Sequence[DeviceStats], figures: Sequence[tuple[
 {_device_table(devices)}
 {_models_section(summary.device_models)}
 {_federated_section(summary.federated)}
+{_personal_section(summary.personal)}
 {_cost_model_section(run, devices)}
 <h2>Resolved config</h2>
 <pre>{_e(run.config_text)}</pre>
@@ -237,6 +238,36 @@ def _federated_section(federated: dict[str, Any] | None) -> str:
         f'evaluation ({_e(pooled)}; {_e(worst)}).</p>\n<table>\n<thead><tr><th class="num">device</th>'
         f'<th class="num">metric</th></tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>'
     )
+
+
+def _personal_section(personal: dict[str, Any] | None) -> str:
+    """Each device's personal model beside the global one, on the device's own held-out examples."""
+    if not personal or not isinstance(personal.get("devices"), dict):
+        return ""
+    mine, global_ = personal["devices"], personal.get("global_devices") or {}
+    rows = "\n".join(
+        f'<tr><td class="num">{_e(d)}</td><td class="num">{_number(_float(global_.get(d)))}</td>'
+        f'<td class="num">{_number(_float(v))}</td></tr>'
+        for d, v in sorted(mine.items(), key=lambda item: str(item[0]).zfill(12))
+    )
+    fraction = _float(personal.get("extra_time_fraction"))
+    cost = "" if fraction is None else f"; personalization cost {fraction:.1%} of the devices' training time"
+    means = (
+        f"mean {_number(_float(personal.get('global_value')))} → {_number(_float(personal.get('value')))}, "
+        f"worst decile {_number(_float(personal.get('global_worst_decile')))} → "
+        f"{_number(_float(personal.get('worst_decile')))}{cost}"
+    )
+    return (
+        f"<h2>Personal models</h2>\n<p>Method <code>{_e(personal.get('method'))}</code>: each device's final "
+        f"model on its own held-out examples, beside the global model it would deploy ({_e(means)}).</p>\n"
+        '<table>\n<thead><tr><th class="num">device</th><th class="num">global</th>'
+        f'<th class="num">personal</th></tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>'
+    )
+
+
+def _float(value: Any) -> float | None:
+    """``value`` when it is a number (a summary file may hold anything)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _cost_model_section(run: RunData, devices: Sequence[DeviceStats]) -> str:

@@ -52,7 +52,7 @@ log = logging.getLogger("fedspine.checkpoint")
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "MANIFEST.json"
-FORMAT = 6
+FORMAT = 7
 """Bumped whenever the saved state changes shape: an older checkpoint is refused, never misread."""
 FILES = frozenset(
     {

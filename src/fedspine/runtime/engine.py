@@ -76,6 +76,7 @@ from fedspine.metrics.records import DeviceStats, RoundRecord, RunRecorder
 from fedspine.runtime import checkpoint as checkpoints
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.executor import PreparedTask, task_seed
+from fedspine.runtime.personal import personalize
 from fedspine.runtime.transport import DeviceEvaluations, Events, RunningTask, SimulatedTransport, Transport
 from fedspine.sim.clock import EventQueue, VirtualClock
 from fedspine.types import ClientTask, ClientUpdate, Device, DeviceLora, LoraState, TaskResult, TaskStatus
@@ -129,6 +130,12 @@ class RunState:
     device_stats: dict[int, DeviceStats] = field(default_factory=dict)
     updates: dict[str, int] = field(default_factory=dict)
     """Update accounting: dispatched, applied, unapplied_at_end."""
+    private_seconds: dict[int, float] = field(default_factory=dict)
+    """Per device, the virtual seconds its private adapter (``personalize.method = "split"``) added
+    to its tasks."""
+    personal: dict[str, Any] | None = None
+    """The personal models' evaluation (:func:`~fedspine.runtime.personal.personalize`; None when the
+    devices hold no data out)."""
 
 
 @dataclass
@@ -203,6 +210,8 @@ class Engine:
         self._loop: LoopState | None = None
         """None until the run starts, or until :meth:`restore` brings back a checkpoint's."""
         self.on_round: ProgressCallback | None = None
+        self._device_answers: tuple[int, DeviceEvaluations] | None = None
+        """The newest federated evaluation's answers, with the global version they evaluated."""
         self.total_weight = sum(self._device_weight(d.device_id) for d in experiment.devices)
 
     @property
@@ -290,6 +299,7 @@ class Engine:
             "scheduler": exp.scheduler,
             "uplink": exp.uplink,
             "stale_handler": exp.stale_handler,
+            "private": exp.private,
         }
         weights = exp.executor.base_weights(sorted(self.base_delta))
         snapshot = checkpoints.Snapshot(version, engine, objects, self.base_delta, weights)
@@ -305,6 +315,7 @@ class Engine:
         exp = self.exp
         for name, obj in snapshot.objects.items():
             setattr(exp, name, obj)
+        exp.executor.private = exp.private  # the devices' private adapters live with their trainer
         exp.executor.set_base_weights(snapshot.base_weights)
         self.base_delta = dict(snapshot.base_delta)
         engine = snapshot.engine
@@ -635,6 +646,9 @@ class Engine:
         }
         if self.loop.last_evaluated != self.loop.version or not self.state.evaluations:
             self._evaluate(self.loop.version)
+        wall = time.perf_counter()
+        self.state.personal = personalize(self)
+        self.state.eval_wall_seconds += time.perf_counter() - wall
 
     def _device_weight(self, device_id: int) -> float:
         if self.exp.strategy.weighting == "samples":
@@ -683,6 +697,9 @@ class Engine:
         outcome.downlink_seconds = cost.transfer_seconds(dispatch.downlink_bytes, "down", rate)
         slowdown = compute_slowdown(device, self.seed, key, exp.settings.jitter_scale)
         outcome.compute_seconds = cost.train_seconds(prepared.workload, slowdown)
+        if prepared.without_private is not None:
+            shared = cost.train_seconds(prepared.without_private, slowdown)
+            outcome.extra["private_seconds"] = outcome.compute_seconds - shared
         return outcome
 
     def train(self, outcome: TaskOutcome) -> None:
@@ -854,6 +871,9 @@ class Engine:
         )
         communication = o.downlink_seconds + o.uplink_seconds
         stats.add_task(o.status, o.compute_seconds, communication, o.uplink_bytes, o.downlink_bytes)
+        if "private_seconds" in o.extra and o.compute_seconds > 0:
+            private = self.state.private_seconds
+            private[device.device_id] = private.get(device.device_id, 0.0) + o.extra["private_seconds"]
 
     def _round_record(
         self,
@@ -935,7 +955,7 @@ class Engine:
         central = None
         if mode != "federated":
             central = exp.executor.evaluate(exp.test_set, strategy.eval_plan(), strategy.channel_means())
-        answers = self.transport.evaluate_devices(self, round_no) if mode != "central" else None
+        answers = self.device_evaluations(round_no) if mode != "central" else None
         federated = (
             pooled(exp.objective, answers.evaluations.values()) if answers and answers.evaluations else None
         )
@@ -958,6 +978,13 @@ class Engine:
         if answers is not None:
             self.recorder.event(self._federated_event(round_no, federated, answers))
         return evaluation
+
+    def device_evaluations(self, version: int) -> DeviceEvaluations:
+        """The devices' evaluations of global ``version`` (loaded in the executor) on their held-out
+        data: asked of the transport once per version."""
+        if self._device_answers is None or self._device_answers[0] != version:
+            self._device_answers = (version, self.transport.evaluate_devices(self, version))
+        return self._device_answers[1]
 
     def _federated_event(
         self, round_no: int, pooled_result: Evaluation | None, answers: DeviceEvaluations

@@ -22,6 +22,7 @@ from fedspine.algorithms.strategies.base import DeviceSide
 from fedspine.client.batched import Lane, LaneResult, base_linear, train_lanes
 from fedspine.client.evaluate import EvalSet, Evaluation, evaluate, prepare_eval_model
 from fedspine.client.objectives import Objective
+from fedspine.client.personal import PrivateAdapters
 from fedspine.client.train import LocalResult, make_optimizer, train_local
 from fedspine.data.batching import Batch, EncodedDataset, collate, iterate_batches
 from fedspine.model.footprint import ModelShape
@@ -74,6 +75,9 @@ class PreparedTask:
     num_samples: int
     probe: Batch | None = None
     """A held-out local batch (none of ``batches``' examples) the trained submodel is scored on."""
+    without_private: TrainWorkload | None = None
+    """The task's workload without the device's private adapter (None: it trains none), so that the
+    private adapter's own cost can be told apart."""
 
 
 def task_seed(seed: int, *parts: int) -> int:
@@ -133,6 +137,9 @@ class SimExecutor:
         compensation)."""
         self.batch_clients = batch_clients
         """How many tasks :meth:`run_many` trains in one batch (1: one by one)."""
+        self.private: PrivateAdapters | None = None
+        """The devices' private adapters (``personalize.method = "split"``), trained beside the shared
+        one in every task; None: devices train the shared adapter only."""
 
     @property
     def trains_together(self) -> bool:
@@ -157,20 +164,28 @@ class SimExecutor:
         indices = self.partitions[device.device_id]
         rng = np.random.default_rng(task_seed(self.seed, round_no, device.device_id))
         batches = list(self._cycle(indices, rng, local_steps))
-        seq_lens = [int(n) for b in batches for n in b.attention_mask.sum(-1).tolist()]
-        workload = pruned_workload(
+        private_rank = self.private.rank if self.private is not None else 0
+        workload = self.workload(device, batches, lora.rank + private_rank, plan)
+        probe = self._probe(indices, batches, round_no, device.device_id) if plan is not None else None
+        without = self.workload(device, batches, lora.rank, plan) if private_rank else None
+        return PreparedTask(round_no, device, lora, batches, workload, len(indices), probe, without)
+
+    def workload(
+        self, device: Device, batches: list[Batch], rank: int, plan: PruningPlan | None = None
+    ) -> TrainWorkload:
+        """What training ``batches`` with adapters of total rank ``rank`` costs ``device`` (on ``plan``'s
+        submodel)."""
+        return pruned_workload(
             plan,
             self.shape,
-            seq_lens=seq_lens,
-            lora_rank=lora.rank,
+            seq_lens=[int(n) for b in batches for n in b.attention_mask.sum(-1).tolist()],
+            lora_rank=rank,
             num_lora_targets=self.lora_targets,
             logits_positions=self.logits_positions,
             dtype_bytes=device.device_class.train_dtype_bytes,
             batch_size=self.training.batch_size,
             steps=len(batches),
         )
-        probe = self._probe(indices, batches, round_no, device.device_id) if plan is not None else None
-        return PreparedTask(round_no, device, lora, batches, workload, len(indices), probe)
 
     def _probe(
         self, indices: np.ndarray, batches: list[Batch], round_no: int, device_id: int
@@ -207,6 +222,7 @@ class SimExecutor:
             return self._run_pruned(task, prepared)
         name = self._activate(task.lora)
         set_lora_state(self.model, task.payload, name)
+        private = self._with_private(self.model, task.device_id, shared=name)
         torch.manual_seed(task_seed(self.seed, task.round, task.device_id, 1))
         params = [p for p in self.model.parameters() if p.requires_grad]
         t = self.training
@@ -214,7 +230,28 @@ class SimExecutor:
         result = train_local(
             self.model, self.objective, prepared.batches, optimizer, t.max_grad_norm, self._penalty(name)
         )
+        if private is not None:
+            self._keep_private(self.model, task.device_id, private)
+            activate_adapter(self.model, name)
         return self._update(task, prepared, get_lora_state(self.model, name), result)
+
+    def _with_private(
+        self, model: Any, device_id: int, shared: str = ADAPTER, plan: PruningPlan | None = None
+    ) -> str | None:
+        """Load ``device_id``'s private adapter into ``model`` beside ``shared`` (on ``plan``'s
+        submodel) and make both trainable; its adapter name (None: devices keep none)."""
+        if self.private is None:
+            return None
+        name = f"private_{adapter_name(DeviceLora(self.private.rank, self.private.scaling))}"
+        ensure_adapter(model, name, self.private.rank, self.private.alpha)
+        set_lora_state(model, self.private.of(device_id, plan, self.shape), name)
+        model.base_model.set_adapter([shared, name])
+        return name
+
+    def _keep_private(self, model: Any, device_id: int, name: str, plan: PruningPlan | None = None) -> None:
+        """The device keeps its trained private adapter (it never goes into the update)."""
+        assert self.private is not None
+        self.private.keep(device_id, get_lora_state(model, name), plan, self.shape)
 
     def run_many(self, tasks: Sequence[ClientTask], prepared: Sequence[PreparedTask]) -> list[ClientUpdate]:
         """Train tasks that start from the same base, ``batch_clients`` at a time in one batch
@@ -257,6 +294,8 @@ class SimExecutor:
         return self.importance if task.extra.get("measure_importance", True) else "magnitude"
 
     def _batchable(self, task: ClientTask) -> bool:
+        if self.private is not None:
+            return False  # a lane trains one adapter
         return task.plan is None or self._meter_kind(task) != "taylor"
 
     def lane(self, task: ClientTask, prepared: PreparedTask) -> Lane:
@@ -379,6 +418,7 @@ class SimExecutor:
             seed=task_seed(self.seed, task.round, task.device_id, 3),
         )
         set_lora_state(model, task.payload)
+        private = self._with_private(model, task.device_id, plan=task.plan)
         torch.manual_seed(task_seed(self.seed, task.round, task.device_id, 1))
         params = [p for p in model.parameters() if p.requires_grad]
         t = self.training
@@ -397,6 +437,8 @@ class SimExecutor:
             with torch.no_grad():
                 probe = prepared.probe.to(next(model.parameters()).device)
                 probe_loss = float(self.objective.loss(model, probe))
+        if private is not None:
+            self._keep_private(model, task.device_id, private, task.plan)
         state = get_lora_state(model)
         importance = None
         if meter is not None:
@@ -456,21 +498,94 @@ class SimExecutor:
         """Overwrite the shared base weights of the named modules (restoring a checkpoint)."""
         set_base_weights(self.model, weights)
 
+    def deployed_model(
+        self, plan: PruningPlan | None = None, channel_means: list[torch.Tensor] | None = None
+    ) -> Any:
+        """A plain copy of the model a device deploys: the global adapter loaded by :meth:`load_global`
+        merged in (none: the base as it is); with a pruning ``plan`` the base pruned instead (pruning
+        strategies keep no adapter), compensated with ``channel_means``."""
+        if plan is not None:
+            return self.pruned_model(plan, channel_means)
+        if self._global_adapter is None:
+            return plain_copy(self.model)
+        return merged_model(self.model)
+
     def eval_model(
         self, plan: PruningPlan | None = None, channel_means: list[torch.Tensor] | None = None
     ) -> Any:
-        """A plain copy of the model under evaluation, ready for :func:`evaluate`.
+        """:meth:`deployed_model`, ready for :func:`evaluate`."""
+        return self.ready(self.deployed_model(plan, channel_means))
 
-        The global adapter loaded by :meth:`load_global` is merged into the copy (none: the base as it
-        is); with a pruning ``plan`` the base is pruned instead (pruning strategies keep no adapter).
-        """
-        if plan is not None:
-            model = self.pruned_model(plan, channel_means)
-        elif self._global_adapter is None:
-            model = plain_copy(self.model)
-        else:
-            model = merged_model(self.model)
+    def ready(self, model: Any) -> Any:
+        """``model`` (a copy nothing else uses) ready for :func:`evaluate` in ``eval.dtype``."""
         return prepare_eval_model(model, self.objective, self.eval_dtype)
+
+    # --- personal models (``[personalize]``) ---------------------------------------------------------
+
+    def local_batches(self, device: Device, steps: int, key: int) -> list[Batch]:
+        """``steps`` batches of ``device``'s training examples, drawn for the task keyed ``key``."""
+        rng = np.random.default_rng(task_seed(self.seed, key, device.device_id))
+        return list(self._cycle(self.partitions[device.device_id], rng, steps))
+
+    def finetuned(
+        self,
+        device: Device,
+        batches: list[Batch],
+        rank: int,
+        alpha: float,
+        key: int,
+        plan: PruningPlan | None = None,
+        channel_means: list[torch.Tensor] | None = None,
+    ) -> Any:
+        """``device``'s deployed model (:meth:`deployed_model`) after a fresh adapter of ``rank`` trained
+        on it for one step per batch, merged in."""
+        model = apply_lora(
+            self.deployed_model(plan, channel_means),
+            rank,
+            alpha,
+            self.lora_dropout,
+            self.target_modules,
+            seed=task_seed(self.seed, key, device.device_id, 3),
+        )
+        torch.manual_seed(task_seed(self.seed, key, device.device_id, 1))
+        params = [p for p in model.parameters() if p.requires_grad]
+        t = self.training
+        train_local(
+            model,
+            self.objective,
+            batches,
+            make_optimizer(params, t.optimizer, t.lr, t.weight_decay),
+            t.max_grad_norm,
+        )
+        return _merged(model)
+
+    def with_adapter(
+        self,
+        state: LoraState,
+        rank: int,
+        alpha: float,
+        plan: PruningPlan | None = None,
+        channel_means: list[torch.Tensor] | None = None,
+    ) -> Any:
+        """The deployed model with the adapter ``state`` (dense coordinates, cut to ``plan``'s submodel;
+        scaling ``alpha / rank``) merged in."""
+        model = apply_lora(self.deployed_model(plan, channel_means), rank, alpha, 0.0, self.target_modules)
+        set_lora_state(model, state if plan is None else lora_between(state, plan, self.shape, "kept"))
+        return _merged(model)
+
+    def local_importance(
+        self, model: Any, batches: list[Batch]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """FLAP scores of ``model``'s KV groups and MLP channels on ``batches`` (forward passes only),
+        and its MLP channels' mean inputs there: ``(heads, channels, means)`` per layer."""
+        meter = FlapMeter(model, self.shape.head_dim)
+        device = next(model.parameters()).device
+        with meter, torch.no_grad():
+            for batch in batches:
+                meter.before_forward(batch)
+                self.objective.loss(model, batch.to(device))
+        heads, channels = meter.result()
+        return heads, channels, meter.channel_means()
 
     def evaluate(
         self,
@@ -491,6 +606,13 @@ class SimExecutor:
         """:meth:`evaluate` on each of ``eval_sets``, with one copy of the evaluated model."""
         model = self.eval_model(plan, channel_means)
         return [evaluate(model, self.objective, s.batches) for s in eval_sets]
+
+
+def _merged(model: Any) -> Any:
+    """A peft model's adapter folded into its weights: a plain, frozen model."""
+    plain = model.merge_and_unload()
+    plain.requires_grad_(False)
+    return plain
 
 
 def _layer_prefix(layer: int) -> str:

@@ -44,6 +44,20 @@ class ExportSettings:
 
 
 @dataclass(frozen=True)
+class PersonalSettings:
+    """How each device's personal model is made (``[personalize]``)."""
+
+    method: str
+    """none, finetune, split or mask."""
+    steps: int
+    """finetune: local steps; mask: local batches scored."""
+    rank: int
+    """Rank of the personal adapter (finetune, split)."""
+    alpha: float
+    """Its LoRA alpha (``lora.alpha``): scaling ``alpha / rank``."""
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """A run's loose values: seed, cadences, names for the records, server rules, export."""
 
@@ -71,6 +85,8 @@ class RunSettings:
     """The model's source, or its directory for a local model."""
     eval_mode: str = "central"
     """``central``, ``federated`` or ``both`` (``eval.mode``)."""
+    personalize: PersonalSettings = PersonalSettings("none", 0, 8, 16.0)
+    """The personal models (``[personalize]``)."""
 
 
-__all__ = ["Attack", "ExportSettings", "RunSettings", "ServerRules"]
+__all__ = ["Attack", "ExportSettings", "PersonalSettings", "RunSettings", "ServerRules"]

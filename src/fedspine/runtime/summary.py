@@ -100,6 +100,7 @@ def make_summary(
         executor=executor,
         device_models=device_models,
         federated=_federated(final, experiment.objective.higher_is_better),
+        personal=state.personal,
     )
 
 

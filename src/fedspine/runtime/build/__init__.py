@@ -24,8 +24,10 @@ from fedspine.algorithms.staleness import Identity, StaleUpdateHandler
 from fedspine.algorithms.strategies import FedSpine, Strategy
 from fedspine.client.evaluate import EvalSet
 from fedspine.client.objectives import Objective
+from fedspine.client.personal import PrivateAdapters
 from fedspine.config import Config
 from fedspine.data import EncodedDataset
+from fedspine.errors import ConfigError
 from fedspine.fleet.availability import AlwaysOnline, AvailabilityTrace
 from fedspine.model.footprint import ModelShape, model_shape
 from fedspine.model.lora import apply_lora, module_shapes
@@ -63,7 +65,7 @@ from fedspine.runtime.build.model import (
 )
 from fedspine.runtime.executor import LocalTraining, SimExecutor, logits_positions
 from fedspine.runtime.ray_executor import RayExecutor, start_replicas
-from fedspine.runtime.settings import Attack, ExportSettings, RunSettings, ServerRules
+from fedspine.runtime.settings import Attack, ExportSettings, PersonalSettings, RunSettings, ServerRules
 from fedspine.types import Device, DeviceLora
 
 Status = Callable[[str], None]
@@ -94,10 +96,13 @@ class Experiment:
     uplink: UplinkChannel | None = None
     """Compressed uploads (None: the factors travel as they are)."""
     local_tests: dict[int, EvalSet] = field(default_factory=dict)
-    """Each device's held-out slice of its own data (``eval.mode`` federated or both; else empty)."""
+    """Each device's held-out slice of its own data (``eval.mode`` federated or both, or a
+    ``personalize.method``; else empty)."""
     declared: dict[int, DeclaredData] | None = None
     """A deployment whose nodes bring their own data: what each device's node declared (None: the
     devices' data is :attr:`partitions`)."""
+    private: PrivateAdapters | None = None
+    """The devices' private adapters (``personalize.method = "split"``; the executor trains them)."""
 
     def train_examples(self, device_id: int) -> int:
         """How many examples ``device_id`` trains on (its partition, or what its node declared)."""
@@ -137,6 +142,9 @@ def run_settings(cfg: Config) -> RunSettings:
         scheduler_name=cfg.scheduler.name,
         model_name=cfg.model.source if cfg.model.source != "local" else cfg.model.path,
         eval_mode=cfg.eval.mode,
+        personalize=PersonalSettings(
+            cfg.personalize.method, cfg.personalize.steps, cfg.personalize.rank, cfg.lora.alpha
+        ),
     )
 
 
@@ -159,6 +167,7 @@ def check_config(cfg: Config) -> None:
     """
     resolve_device(cfg)
     cls = strategy_class(cfg)
+    check_personalize(cfg, cls)
     if issubclass(cls, FedSpine):
         POLICIES.get(cls.settings_for(cfg.strategy.fedspine).policy, "strategy.fedspine.policy")
     else:
@@ -172,6 +181,26 @@ def check_config(cfg: Config) -> None:
     build_uplink(cfg)
 
 
+def check_personalize(cfg: Config, cls: type[Strategy]) -> None:
+    """``[personalize]`` against the strategy and the executor.
+
+    Raises:
+        ConfigError: ``mask`` without a pruning strategy, or personalization on Ray workers.
+    """
+    method = cfg.personalize.method
+    if method == "mask" and not cls.prunes:
+        raise ConfigError(
+            "personalize.method",
+            f"'mask' chooses each device's units of a pruned model; strategy '{cfg.strategy.name}' does "
+            "not prune (use fedspine, prune_then_tune or fedmp, or finetune / split)",
+        )
+    if method != "none" and cfg.executor.name != "simulation":
+        raise ConfigError(
+            "personalize.method",
+            f'{method!r} trains the devices\' personal state in-process; set executor.name = "simulation"',
+        )
+
+
 def build_experiment(cfg: Config, status: Status | None = None, node: NodeData | None = None) -> Experiment:
     """Validate names and the fleet, load data and model, and assemble the run.
 
@@ -183,6 +212,7 @@ def build_experiment(cfg: Config, status: Status | None = None, node: NodeData |
     torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg)
     cls = strategy_class(cfg)
+    check_personalize(cfg, cls)
     devices = build_fleet_from_config(cfg)
     device_lora = build_device_lora(cfg, devices, cls)
     scheduler = build_scheduler(cfg, len(devices), cls)
@@ -240,6 +270,8 @@ def build_experiment(cfg: Config, status: Status | None = None, node: NodeData |
         batch_clients=batch_clients(cfg, device, len(devices)),
         **on_ray,
     )
+    if cfg.personalize.method == "split":
+        executor.private = PrivateAdapters(shapes, cfg.personalize.rank, cfg.lora.alpha, cfg.run.seed)
     return Experiment(
         settings=run_settings(cfg),
         devices=devices,
@@ -260,6 +292,7 @@ def build_experiment(cfg: Config, status: Status | None = None, node: NodeData |
         stale_handler=build_stale_handler(cfg),
         uplink=build_uplink(cfg),
         local_tests=local_tests,
+        private=executor.private,
     )
 
 

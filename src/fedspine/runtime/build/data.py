@@ -173,16 +173,23 @@ def split_and_partition(
     return train, test, parts
 
 
+def holds_out(cfg: Config) -> bool:
+    """Whether every device keeps a held-out slice of its data: to evaluate the global model on the
+    devices (``eval.mode``), or the personal models (``personalize.method``)."""
+    return cfg.eval.mode != "central" or cfg.personalize.method != "none"
+
+
 def local_test_sets(
     cfg: Config, train_data: EncodedDataset, parts: list[np.ndarray]
 ) -> tuple[list[np.ndarray], dict[int, EvalSet]]:
-    """The devices' training partitions and, when ``eval.mode`` evaluates on the devices, each
-    device's held-out slice (``eval.local_fraction`` of its examples) as an evaluation set.
+    """The devices' training partitions and, when ``eval.mode`` evaluates on the devices or a
+    ``personalize.method`` is set, each device's held-out slice (``eval.local_fraction`` of its
+    examples) as an evaluation set.
 
     The slices are drawn from their own generator, so a central run's partitions, and every draw
     after them, are those of a run without local evaluation.
     """
-    if cfg.eval.mode == "central":
+    if not holds_out(cfg):
         return parts, {}
     rng = np.random.default_rng([cfg.run.seed, LOCAL_TEST_STREAM])
     kept, held = hold_out(parts, cfg.eval.local_fraction, rng, cfg.eval.local_max_examples)

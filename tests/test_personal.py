@@ -1,0 +1,210 @@
+"""Personal models (``[personalize]``): every method runs with FedIT and FedSpine, is measured on each
+device's own held-out data beside the global model, resumes exactly, and keeps private state private."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedspine.algorithms.wire import update_payload_bytes
+from fedspine.api import resume_experiment, run_experiment
+from fedspine.cli import app
+from fedspine.client.personal import PrivateAdapters
+from fedspine.config import load_config, to_toml
+from fedspine.deploy.settings import CONFIG_KEY, config_from_run
+from fedspine.errors import ConfigError
+from fedspine.metrics.records import read_events as _all_events
+from fedspine.model.footprint import ModelShape
+from fedspine.model.pruning import LayerKeep
+from fedspine.runtime.build import check_config
+from fedspine.runtime.engine import Engine, TaskOutcome
+from tests.conftest import CONFIGS
+
+FAST = [
+    "data.max_examples=600",
+    "data.test_size=60",
+    "train.local_steps=2",
+    "scheduler.rounds=2",
+    "export.save=false",
+    "export.speed=false",
+    "eval.mode=both",
+]
+METHODS = [
+    (strategy, method)
+    for strategy in ("fedit", "fedspine")
+    for method in ("none", "finetune", "split", "mask")
+    if (strategy, method) != ("fedit", "mask")
+]
+
+
+def read_events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    return [e for e in _all_events(run_dir) if e["event"] == kind]
+
+
+def _cli(out: Path, *overrides: str) -> dict[str, Any]:
+    args = ["run", "--config", str(CONFIGS / "tiny.toml"), "--out", str(out)]
+    args += [a for o in (*FAST, *overrides) for a in ("--set", o)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize(("strategy", "method"), METHODS)
+def test_each_method_runs_from_the_cli_and_is_measured_on_the_devices_own_data(
+    tmp_path: Path, strategy: str, method: str
+) -> None:
+    out = tmp_path / "run"
+    summary = _cli(out, f"strategy.name={strategy}", f"personalize.method={method}")
+    personal = summary["personal"]
+    assert personal["method"] == method and personal["metric"] == "accuracy"
+    # the global model on the devices' slices is what the final federated evaluation measured
+    assert personal["global_devices"] == summary["federated"]["devices"]
+    assert set(personal["devices"]) == set(personal["global_devices"]) and len(personal["devices"]) >= 5
+    values = list(personal["devices"].values())
+    assert personal["value"] == pytest.approx(sum(values) / len(values))
+    assert all(0.0 <= v <= 1.0 for v in values) and personal["worst_decile"] <= personal["value"]
+    [event] = read_events(out, "personal_evaluation")
+    devices = event["devices"]
+    assert {d: e["value"] for d, e in devices.items()} == personal["devices"]
+    assert personal["extra_device_seconds"] == pytest.approx(
+        sum(e["extra_seconds"] for e in devices.values())
+    )
+    if method == "none":
+        assert personal["devices"] == personal["global_devices"] and personal["extra_device_seconds"] == 0
+    else:  # every device's model is its own: its loss on its own examples is not the global model's
+        assert all(e["loss"] != e["global_loss"] for e in devices.values())
+        assert all(e["extra_seconds"] > 0 for e in devices.values())
+        assert personal["extra_time_fraction"] > 0
+    assert "Personal models" in (out / "report.html").read_text()
+
+
+def test_finetune_is_charged_as_training_its_steps(tmp_path: Path) -> None:
+    """More fine-tuning steps cost proportionally more device time, and move the personal models more."""
+    short = _cli(tmp_path / "a", "personalize.method=finetune", "personalize.steps=2")["personal"]
+    long = _cli(tmp_path / "b", "personalize.method=finetune", "personalize.steps=8")["personal"]
+    assert long["global_devices"] == short["global_devices"]  # the same run up to personalization
+    assert long["extra_device_seconds"] == pytest.approx(4 * short["extra_device_seconds"], rel=0.35)
+
+
+def _spy_on_updates(monkeypatch: pytest.MonkeyPatch) -> list[tuple[TaskOutcome, dict[str, Any]]]:
+    """Every update the server receives, with its device's private adapter just after the task."""
+    seen: list[tuple[TaskOutcome, dict[str, Any]]] = []
+    validate = Engine.validate
+
+    def spy(self: Engine, outcome: TaskOutcome) -> None:
+        private = self.exp.private
+        state = private.states.get(outcome.device.device_id, {}) if private is not None else {}
+        seen.append((outcome, {m: {k: t.clone() for k, t in e.items()} for m, e in state.items()}))
+        validate(self, outcome)
+
+    monkeypatch.setattr(Engine, "validate", spy)
+    return seen
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "fedspine"])
+def test_private_adapters_never_appear_in_uplink_payloads_or_byte_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    seen = _spy_on_updates(monkeypatch)
+    # the private adapter has the shared one's rank, so only its values could give it away
+    split = ["personalize.method=split", "personalize.rank=4", f"strategy.name={strategy}"]
+    run_experiment(load_config(CONFIGS / "tiny.toml", [*FAST, *split]), tmp_path / "split")
+    assert seen
+    for outcome, private in seen:
+        assert outcome.update is not None and outcome.task is not None and private
+        sent = outcome.update.lora_state
+        assert set(sent) == set(outcome.task.payload)  # the shared adapter's modules, nothing else
+        for module, entry in sent.items():
+            assert set(entry) <= {"A", "B", "scaling"}
+            for key in ("A", "B"):
+                assert entry[key].shape == outcome.task.payload[module][key].shape
+                mine = private[module][key]
+                assert not (entry[key].shape == mine.shape and torch.allclose(entry[key], mine))
+        shared_only = {m: {k: outcome.task.payload[m][k] for k in ("A", "B")} for m in sent}
+        assert outcome.uplink_bytes == update_payload_bytes(replace(outcome.update, lora_state=shared_only))
+    if strategy == "fedit":  # the same tasks upload the same bytes with and without private adapters
+        monkeypatch.undo()
+        run_experiment(load_config(CONFIGS / "tiny.toml", [*FAST, "strategy.name=fedit"]), tmp_path / "none")
+        tasks = [read_events(tmp_path / run, "task") for run in ("split", "none")]
+        assert [t["uplink_bytes"] for t in tasks[0]] == [t["uplink_bytes"] for t in tasks[1]]
+        assert all(t["uplink_bytes"] > 0 for t in tasks[0])
+
+
+@pytest.mark.parametrize(
+    ("strategy", "method"),
+    [("fedit", "split"), ("fedspine", "split"), ("fedspine", "mask"), ("fedit", "finetune")],
+)
+def test_a_personalized_run_resumes_to_the_same_records(tmp_path: Path, strategy: str, method: str) -> None:
+    cfg = load_config(
+        CONFIGS / "tiny.toml",
+        [
+            *FAST,
+            "scheduler.rounds=3",
+            "run.checkpoint_every=1",
+            f"strategy.name={strategy}",
+            f"personalize.method={method}",
+        ],
+    )
+    whole = tmp_path / "whole"
+    run_experiment(cfg, whole)
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    (cut / "summary.json").unlink()  # as if it died after the first checkpoint
+    for checkpoint in sorted((cut / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(checkpoint)
+    resume_experiment(cut)
+    for kind in ("task", "personal_evaluation"):
+        assert read_events(cut, kind) == read_events(whole, kind), kind
+    a, b = (json.loads((run / "summary.json").read_text()) for run in (whole, cut))
+    assert a["personal"] == b["personal"]
+
+
+def test_a_private_adapter_starts_fresh_and_keeps_the_units_a_pruned_task_did_not_train() -> None:
+    shape = ModelShape(
+        layers=1, hidden=8, heads=2, kv_heads=2, head_dim=4, intermediate=6, vocab=10, tied_embeddings=True
+    )
+    shapes = {"model.layers.0.mlp.down_proj": (8, 6), "model.layers.0.self_attn.q_proj": (8, 8)}
+    store = PrivateAdapters(shapes, rank=2, alpha=4.0, seed=3)
+    first = store.of(0)
+    assert torch.equal(
+        first["model.layers.0.mlp.down_proj"]["A"], store.of(0)["model.layers.0.mlp.down_proj"]["A"]
+    )
+    assert not torch.equal(
+        first["model.layers.0.mlp.down_proj"]["A"], store.of(1)["model.layers.0.mlp.down_proj"]["A"]
+    )
+    assert all(torch.count_nonzero(e["B"]) == 0 for e in first.values())
+    plan = {0: LayerKeep((0, 1), (1, 4))}  # two of six MLP channels kept
+    kept = store.of(0, plan, shape)
+    assert kept["model.layers.0.mlp.down_proj"]["A"].shape == (2, 2)
+    trained = {m: {k: t + 1.0 for k, t in e.items()} for m, e in kept.items()}
+    store.keep(0, trained, plan, shape)
+    after = store.states[0]["model.layers.0.mlp.down_proj"]["A"]
+    before = first["model.layers.0.mlp.down_proj"]["A"]
+    assert torch.equal(after[:, [1, 4]], before[:, [1, 4]] + 1.0)
+    assert torch.equal(after[:, [0, 2, 3, 5]], before[:, [0, 2, 3, 5]])
+    assert torch.equal(
+        store.states[0]["model.layers.0.mlp.down_proj"]["B"], first["model.layers.0.mlp.down_proj"]["B"] + 1.0
+    )
+
+
+def test_personalization_settings_that_cannot_run_name_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"personalize\.method"):
+        check_config(load_config(CONFIGS / "tiny.toml", ["personalize.method=mask"]))  # fedit does not prune
+    with pytest.raises(ConfigError, match=r"personalize\.method"):
+        check_config(load_config(CONFIGS / "tiny.toml", ["personalize.method=split", "executor.name=ray"]))
+    with pytest.raises(ConfigError, match=r"personalize\.method"):
+        load_config(CONFIGS / "tiny.toml", ["personalize.method=gating"])
+    for bad in ("personalize.rank=0", "personalize.steps=-1"):
+        with pytest.raises(ConfigError, match=re.escape(bad.split("=")[0])):
+            load_config(CONFIGS / "tiny.toml", [bad])
+    cfg = load_config(CONFIGS / "tiny.toml", ["personalize.method=finetune"])
+    with pytest.raises(ConfigError, match=r"personalize\.method"):
+        config_from_run({CONFIG_KEY: to_toml(cfg)})
