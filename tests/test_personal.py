@@ -14,6 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fedspine.algorithms.clusters import ClusterAdapters
+from fedspine.algorithms.validation import check_update
 from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.api import resume_experiment, run_experiment
 from fedspine.cli import app
@@ -26,6 +28,7 @@ from fedspine.model.footprint import ModelShape
 from fedspine.model.pruning import LayerKeep
 from fedspine.runtime.build import check_config
 from fedspine.runtime.engine import Engine, TaskOutcome
+from fedspine.types import ClientTask, ClientUpdate, DeviceLora
 from tests.conftest import CONFIGS
 
 FAST = [
@@ -40,7 +43,7 @@ FAST = [
 METHODS = [
     (strategy, method)
     for strategy in ("fedit", "fedspine")
-    for method in ("none", "finetune", "split", "mask")
+    for method in ("none", "finetune", "split", "clustered", "mask")
     if (strategy, method) != ("fedit", "mask")
 ]
 
@@ -84,6 +87,16 @@ def test_each_method_runs_from_the_cli_and_is_measured_on_the_devices_own_data(
         assert all(e["extra_seconds"] > 0 for e in devices.values())
         assert personal["extra_time_fraction"] > 0
     assert "Personal models" in (out / "report.html").read_text()
+    travelled = personal["extra_uplink_bytes"], personal["extra_downlink_bytes"]
+    if method == "clustered":  # cluster adapters travel (both clusters go down, the chosen one comes up)
+        tasks = [t for t in read_events(out, "task") if t["status"] == "ok"]
+        assert travelled == (
+            sum(t["cluster_uplink_bytes"] for t in tasks),
+            sum(t["cluster_downlink_bytes"] for t in tasks),
+        )
+        assert 0 < travelled[0] < travelled[1] and {t["cluster"] for t in tasks} == {0, 1}
+    else:
+        assert travelled == (0, 0)
 
 
 def test_finetune_is_charged_as_training_its_steps(tmp_path: Path) -> None:
@@ -140,7 +153,13 @@ def test_private_adapters_never_appear_in_uplink_payloads_or_byte_counts(
 
 @pytest.mark.parametrize(
     ("strategy", "method"),
-    [("fedit", "split"), ("fedspine", "split"), ("fedspine", "mask"), ("fedit", "finetune")],
+    [
+        ("fedit", "split"),
+        ("fedspine", "split"),
+        ("fedspine", "mask"),
+        ("fedit", "finetune"),
+        ("fedspine", "clustered"),
+    ],
 )
 def test_a_personalized_run_resumes_to_the_same_records(tmp_path: Path, strategy: str, method: str) -> None:
     cfg = load_config(
@@ -202,9 +221,66 @@ def test_personalization_settings_that_cannot_run_name_the_field() -> None:
         check_config(load_config(CONFIGS / "tiny.toml", ["personalize.method=split", "executor.name=ray"]))
     with pytest.raises(ConfigError, match=r"personalize\.method"):
         load_config(CONFIGS / "tiny.toml", ["personalize.method=gating"])
+    with pytest.raises(ConfigError, match=r"personalize\.method"):
+        check_config(
+            load_config(CONFIGS / "tiny.toml", ["personalize.method=clustered", "server.robust=median"])
+        )
+    with pytest.raises(ConfigError, match=r"personalize\.clusters"):
+        load_config(CONFIGS / "tiny.toml", ["personalize.clusters=1"])
     for bad in ("personalize.rank=0", "personalize.steps=-1"):
         with pytest.raises(ConfigError, match=re.escape(bad.split("=")[0])):
             load_config(CONFIGS / "tiny.toml", [bad])
     cfg = load_config(CONFIGS / "tiny.toml", ["personalize.method=finetune"])
     with pytest.raises(ConfigError, match=r"personalize\.method"):
         config_from_run({CONFIG_KEY: to_toml(cfg)})
+
+
+def _update(cluster: int | None, state: dict[str, Any] | None, plan: Any = None) -> ClientUpdate:
+    return ClientUpdate(0, 0, 1, {}, 0, 0.0, 0, 0.0, plan=plan, cluster=cluster, cluster_state=state)
+
+
+def test_each_cluster_averages_its_own_uploads_unit_by_unit() -> None:
+    shape = ModelShape(
+        layers=1, hidden=8, heads=2, kv_heads=2, head_dim=4, intermediate=6, vocab=10, tied_embeddings=True
+    )
+    module = "model.layers.0.mlp.down_proj"
+    clusters = ClusterAdapters({module: (8, 6)}, count=2, rank=2, alpha=4.0, seed=0)
+    before = [{k: t.clone() for k, t in s[module].items()} for s in clusters.states]
+    assert not torch.equal(before[0]["A"], before[1]["A"]) and not before[0]["B"].any()
+    one = {module: {"A": torch.ones(2, 6), "B": torch.ones(8, 2)}}
+    three = {module: {"A": torch.full((2, 6), 3.0), "B": torch.full((8, 2), 3.0)}}
+    pruned = {module: {"A": torch.full((2, 2), 9.0), "B": torch.full((8, 2), 9.0)}}  # kept channels 1, 4
+    plan = {0: LayerKeep((0, 1), (1, 4))}
+    updates = [_update(0, one), _update(0, three), _update(0, pruned, plan), _update(None, None)]
+    clusters.aggregate(updates, [1.0, 3.0, 4.0, 1.0], shape)
+    a = clusters.states[0][module]["A"]
+    assert torch.allclose(
+        a[:, [0, 2, 3, 5]], torch.full((2, 4), (1 + 9) / 4)
+    )  # the pruned device did not train them
+    assert torch.allclose(a[:, [1, 4]], torch.full((2, 2), (1 + 9 + 36) / 8))
+    assert torch.allclose(clusters.states[0][module]["B"], torch.full((8, 2), (1 + 9 + 36) / 8))
+    assert torch.equal(clusters.states[1][module]["A"], before[1]["A"])  # nobody chose cluster 1
+    kept = clusters.sent(plan, shape)[1][module]["A"]
+    assert torch.equal(kept, before[1]["A"][:, [1, 4]])
+
+
+def test_the_server_rejects_a_cluster_adapter_it_did_not_send_or_cannot_place() -> None:
+    module = "m"
+    start = {module: {"A": torch.zeros(2, 3), "B": torch.zeros(4, 2)}}
+    task = ClientTask(0, 0, 1, DeviceLora(2, 1.0), start, 0, clusters=[start, start])
+    good = ClientUpdate(0, 0, 1, start, 0, 0.0, 0, 0.0, lora_rank=2, cluster=1, cluster_state=start)
+    assert check_update(good, task) is None
+    wide = {module: {"A": torch.zeros(3, 3), "B": torch.zeros(4, 3)}}
+    nan = {module: {"A": torch.full((2, 3), float("nan")), "B": torch.zeros(4, 2)}}
+    for bad, reason in [
+        (replace(good, cluster=2), "cluster 2 outside"),
+        (replace(good, cluster=None), "cluster None outside"),
+        (replace(good, cluster_state={"other": start[module]}), "modules differ"),
+        (replace(good, cluster_state=wide), "shapes"),
+        (replace(good, cluster_state=nan), "NaN"),
+    ]:
+        assert reason in (check_update(bad, task) or ""), reason
+    alone = ClientTask(0, 0, 1, DeviceLora(2, 1.0), start, 0)
+    assert "did not send" in (check_update(good, alone) or "")
+    far = {module: {"A": torch.full((2, 3), 10.0), "B": torch.zeros(4, 2)}}
+    assert "max_update_norm" in (check_update(replace(good, cluster_state=far), task, max_norm=1.0) or "")

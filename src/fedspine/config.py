@@ -710,18 +710,23 @@ class PersonalizeSection:
     """Personal models: each device's final model tuned to its own data (see the guide's "Personal
     models"), measured on the held-out slice of its own examples."""
 
-    method: Literal["none", "finetune", "split", "mask"] = "none"
+    method: Literal["none", "finetune", "split", "clustered", "mask"] = "none"
     """none: every device keeps the global model (at its deployed sparsity); finetune: after the run
     each device fine-tunes a fresh adapter on its deployed model for `steps` local steps; split: every
     task also trains a private adapter of rank `rank` that never leaves the device and persists across
-    its tasks; mask (pruning strategies): each device keeps the units that matter on its own data
-    (FLAP scores over `steps` local batches) at its deployed sparsity."""
+    its tasks; clustered: `clusters` shared adapters of rank `rank`, each task trains and uploads the
+    one with the lowest loss on the device's data (IFCA); mask (pruning strategies): each device keeps
+    the units that matter on its own data (FLAP scores over `steps` local batches) at its deployed
+    sparsity."""
     steps: int = 0
     """finetune: local steps; mask: local batches scored (0 = train.local_steps)."""
     rank: int = 8
-    """Rank of the personal adapter (finetune, split); its scaling is lora.alpha / rank."""
+    """Rank of the personal adapter (finetune, split, clustered); its scaling is lora.alpha / rank."""
+    clusters: int = 2
+    """clustered: how many cluster adapters."""
 
     def __post_init__(self) -> None:
+        _check(self.clusters >= 2, "personalize.clusters", f"must be >= 2, got {self.clusters}")
         _check(
             self.steps >= 0, "personalize.steps", f"must be >= 0 (0 = train.local_steps), got {self.steps}"
         )

@@ -142,6 +142,9 @@ class ClientTask:
     channel_means: Any = None
     """Per layer, the mean input of every MLP channel (full coordinates) when pruning keeps a removed
     channel's mean output as a bias (FedSpine's ``compensate``); None: plain pruning."""
+    clusters: list[LoraState] | None = None
+    """The cluster adapters the device chooses among (``personalize.method = "clustered"``), in its
+    submodel's coordinates; they travel on the downlink. None: no clusters."""
 
 
 @dataclass
@@ -173,6 +176,10 @@ class ClientUpdate:
     wire: dict[str, Any] | None = None
     """The compressed payload tensors that travel instead of ``lora_state`` (None: uncompressed);
     ``lora_state`` then holds what the server reconstructs from them."""
+    cluster: int | None = None
+    """The cluster adapter the device chose (lowest loss on its data) and trained (``clustered``)."""
+    cluster_state: LoraState | None = None
+    """That adapter after training, in the task's coordinates (it travels, uncompressed)."""
 
 
 @dataclass

@@ -7,9 +7,11 @@ Conventions: ``A`` is (r, in), ``B`` is (out, r), and an adapter adds ``s · B A
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
+
+from fedspine.types import LoraState
 
 
 def stack_factors(
@@ -96,6 +98,15 @@ def fresh_factors(
     bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on an (r, in) weight
     a = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
     return a, torch.zeros(out_features, rank)
+
+
+def fresh_adapter(shapes: Mapping[str, tuple[int, int]], rank: int, generator: torch.Generator) -> LoraState:
+    """A new adapter of ``rank`` on every module of ``shapes`` (``(out, in)``), as :func:`fresh_factors`."""
+    state: LoraState = {}
+    for module, (out_f, in_f) in sorted(shapes.items()):
+        a, b = fresh_factors(out_f, in_f, rank, generator)
+        state[module] = {"A": a, "B": b}
+    return state
 
 
 def cut_to(start: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

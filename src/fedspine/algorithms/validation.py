@@ -65,6 +65,10 @@ def check_update(
         for name in ("A", "B"):
             base = cut_to(start[name], factors[name])
             squared += float((factors[name].float() - base).pow(2).sum())
+    clustered = _check_cluster(update, task)
+    if isinstance(clustered, str):
+        return clustered
+    squared += clustered
     if not math.isfinite(squared):
         return "the change of its factors overflows"
     if max_norm > 0 and math.sqrt(squared) > max_norm:
@@ -72,6 +76,30 @@ def check_update(
     if update.importance is not None:
         return _check_importance(update.importance, shape)
     return None
+
+
+def _check_cluster(update: ClientUpdate, task: ClientTask) -> str | float:
+    """Why the update's cluster adapter is unacceptable, or its squared change: it must be the one the
+    device said it chose among those it was sent, with their modules and shapes (none without clusters)."""
+    if not task.clusters:
+        if update.cluster is not None or update.cluster_state is not None:
+            return "uploaded a cluster adapter the task did not send"
+        return 0.0
+    index, state = update.cluster, update.cluster_state
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(task.clusters):
+        return f"cluster {index!r} outside 0..{len(task.clusters) - 1}"
+    start = task.clusters[index]
+    if not state or set(state) != set(start):
+        return "its cluster adapter's modules differ from those it was sent"
+    squared = 0.0
+    for module, factors in state.items():
+        reason = _check_factors(f"cluster {module}", factors, start[module], int(start[module]["A"].shape[0]))
+        if reason is not None:
+            return reason
+        squared += sum(
+            float((factors[k].float() - start[module][k].float()).pow(2).sum()) for k in ("A", "B")
+        )
+    return squared
 
 
 def _check_scalars(update: ClientUpdate, task: ClientTask, max_samples: int | None) -> str | None:

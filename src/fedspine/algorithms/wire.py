@@ -43,13 +43,16 @@ def payload_bytes(state: LoraState) -> int:
 
 
 def update_tensors(update: ClientUpdate) -> dict[str, torch.Tensor]:
-    """Every tensor a device uploads: its LoRA factors (or their compressed payload) and, when
-    measured, its importance scores.
+    """Every tensor a device uploads: its LoRA factors (or their compressed payload), its cluster
+    adapter with the cluster's index (``clustered``) and, when measured, its importance scores.
 
     The importance of the units a device pruned is not sent (it was not measured); the server knows
     the device's plan, so only the kept entries travel.
     """
     flat = dict(update.wire) if update.wire is not None else flatten_state(update.lora_state)
+    if update.cluster_state is not None:
+        flat.update({f"cluster/{k}": v for k, v in flatten_state(update.cluster_state).items()})
+        flat["cluster/index"] = torch.tensor([update.cluster if update.cluster is not None else -1])
     if update.importance is not None:
         for kind in IMPORTANCE_KINDS:
             for layer, scores in enumerate(update.importance.get(kind) or []):

@@ -16,9 +16,9 @@ from collections.abc import Mapping
 
 import torch
 
-from fedspine.algorithms.lora_math import fresh_factors
+from fedspine.algorithms.lora_math import fresh_adapter
 from fedspine.model.footprint import ModelShape
-from fedspine.model.pruning import PruningPlan, lora_between
+from fedspine.model.pruning import PruningPlan, lora_between, lora_in_full
 from fedspine.types import LoraState
 
 
@@ -50,11 +50,8 @@ class PrivateAdapters:
         """``device_id``'s adapter (a fresh one before its first task), cut to ``plan``'s submodel."""
         state = self.states.get(device_id)
         if state is None:
-            generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{device_id}:private".encode()))
-            state = {}
-            for module, (out_f, in_f) in sorted(self.shapes.items()):
-                a, b = fresh_factors(out_f, in_f, self.rank, generator)
-                state[module] = {"A": a, "B": b}
+            seed = zlib.crc32(f"{self.seed}:{device_id}:private".encode())
+            state = fresh_adapter(self.shapes, self.rank, torch.Generator().manual_seed(seed))
         if plan is None:
             return state
         assert shape is not None, "a pruned submodel's adapter needs the dense model's shape"
@@ -69,17 +66,13 @@ class PrivateAdapters:
     ) -> None:
         """Store ``device_id``'s adapter after a task that trained ``trained`` (on ``plan``'s submodel:
         the units it removes keep their previous values)."""
-        trained = {
-            m: {"A": e["A"].detach().float().cpu(), "B": e["B"].detach().float().cpu()}
-            for m, e in trained.items()
-        }
+        trained = {m: {k: e[k].detach().float().cpu() for k in ("A", "B")} for m, e in trained.items()}
         if plan is None:
             self.states[device_id] = trained
             return
         assert shape is not None, "a pruned submodel's adapter needs the dense model's shape"
         before = self.of(device_id)
-        ones = {m: {"A": torch.ones_like(e["A"]), "B": torch.ones_like(e["B"])} for m, e in trained.items()}
-        placed, covered = lora_between(trained, plan, shape, "full"), lora_between(ones, plan, shape, "full")
+        placed, covered = lora_in_full(trained, plan, shape)
         self.states[device_id] = {
             m: {k: torch.where(covered[m][k] > 0, placed[m][k], before[m][k]) for k in ("A", "B")}
             for m in before

@@ -79,8 +79,9 @@ class Summary:
     """Each device's personal model (``[personalize]``) on its own held-out data, when the devices hold
     data out: ``method``; ``value`` (mean over devices), ``worst_decile`` and ``devices`` (device id ->
     value), and the same of the global model on the same examples (``global_value``,
-    ``global_worst_decile``, ``global_devices``); ``extra_device_seconds`` (virtual, all devices) and
-    ``extra_time_fraction`` (of the devices' training time in the run)."""
+    ``global_worst_decile``, ``global_devices``); ``extra_device_seconds`` (virtual, all devices),
+    ``extra_time_fraction`` (of the devices' training time in the run), and the bytes cluster adapters
+    added to the uplinks and downlinks (``extra_uplink_bytes``, ``extra_downlink_bytes``)."""
 
     def to_json(self) -> dict[str, Any]:
         """The summary as ``summary.json`` writes it."""

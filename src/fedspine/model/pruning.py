@@ -278,6 +278,17 @@ def lora_between(
     return moved
 
 
+def lora_in_full(
+    state: LoraState, plan: PruningPlan | None, shape: ModelShape
+) -> tuple[LoraState, LoraState]:
+    """``state`` (trained on ``plan``'s submodel; None: the dense model) in the dense model's
+    coordinates, and beside it 1 where an entry was trained, 0 where the plan removed it."""
+    if plan is None:
+        return state, {m: {k: torch.ones_like(t) for k, t in e.items()} for m, e in state.items()}
+    ones = {m: {"A": torch.ones_like(e["A"]), "B": torch.ones_like(e["B"])} for m, e in state.items()}
+    return lora_between(state, plan, shape, "full"), lora_between(ones, plan, shape, "full")
+
+
 def scatter_to_full(pruned: Tensor, index: Tensor, full_size: int, dim: int = 0) -> Tensor:
     """Places ``pruned`` at ``index`` along ``dim`` of a new zero tensor with ``full_size`` entries there.
 

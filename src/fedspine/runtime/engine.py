@@ -38,6 +38,7 @@ steps, with the event loop in it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import statistics
@@ -61,7 +62,7 @@ from fedspine.algorithms.schedulers import (
     TaskOrder,
 )
 from fedspine.algorithms.validation import check_update
-from fedspine.algorithms.wire import update_payload_bytes
+from fedspine.algorithms.wire import payload_bytes, update_payload_bytes
 from fedspine.client.evaluate import Evaluation, pooled
 from fedspine.fleet.cost import CostModel
 from fedspine.fleet.jitter import compute_slowdown, link_rate_factor
@@ -130,9 +131,11 @@ class RunState:
     device_stats: dict[int, DeviceStats] = field(default_factory=dict)
     updates: dict[str, int] = field(default_factory=dict)
     """Update accounting: dispatched, applied, unapplied_at_end."""
-    private_seconds: dict[int, float] = field(default_factory=dict)
-    """Per device, the virtual seconds its private adapter (``personalize.method = "split"``) added
-    to its tasks."""
+    personal_seconds: dict[int, float] = field(default_factory=dict)
+    """Per device, the virtual seconds its personal adapter (``split``, ``clustered``) added to its
+    tasks."""
+    personal_bytes: dict[str, int] = field(default_factory=lambda: {"uplink": 0, "downlink": 0})
+    """Bytes the cluster adapters (``clustered``) added to the tasks' uplinks and downlinks."""
     personal: dict[str, Any] | None = None
     """The personal models' evaluation (:func:`~fedspine.runtime.personal.personalize`; None when the
     devices hold no data out)."""
@@ -300,6 +303,7 @@ class Engine:
             "uplink": exp.uplink,
             "stale_handler": exp.stale_handler,
             "private": exp.private,
+            "clusters": exp.clusters,
         }
         weights = exp.executor.base_weights(sorted(self.base_delta))
         snapshot = checkpoints.Snapshot(version, engine, objects, self.base_delta, weights)
@@ -680,26 +684,31 @@ class Engine:
             return outcome
         generator = torch.Generator().manual_seed(task_seed(self.seed, key, device.device_id, 2))
         dispatch = exp.strategy.configure(round_no, device.device_id, lora, generator)
+        clusters = exp.clusters.sent(assignment.plan, exp.shape) if exp.clusters is not None else None
+        cluster_bytes = sum(payload_bytes(c) for c in clusters or [])
         outcome.task = ClientTask(
             key,
             device.device_id,
             steps,
             lora,
             dispatch.lora_state,
-            dispatch.downlink_bytes,
+            dispatch.downlink_bytes + cluster_bytes,
             extra={"measure_importance": assignment.measure_importance},
             plan=assignment.plan,
             pruning_ratio=assignment.ratio,
             channel_means=None if assignment.plan is None else exp.strategy.channel_means(),
+            clusters=clusters,
         )
-        outcome.downlink_bytes = dispatch.downlink_bytes
+        outcome.downlink_bytes = outcome.task.downlink_bytes
         rate = link_rate_factor(device, self.seed, key, "down")
-        outcome.downlink_seconds = cost.transfer_seconds(dispatch.downlink_bytes, "down", rate)
+        outcome.downlink_seconds = cost.transfer_seconds(outcome.downlink_bytes, "down", rate)
         slowdown = compute_slowdown(device, self.seed, key, exp.settings.jitter_scale)
         outcome.compute_seconds = cost.train_seconds(prepared.workload, slowdown)
-        if prepared.without_private is not None:
-            shared = cost.train_seconds(prepared.without_private, slowdown)
-            outcome.extra["private_seconds"] = outcome.compute_seconds - shared
+        if prepared.without_personal is not None:
+            shared = cost.train_seconds(prepared.without_personal, slowdown)
+            outcome.extra["personal_seconds"] = outcome.compute_seconds - shared
+        if clusters is not None:
+            outcome.extra["cluster_downlink_bytes"] = cluster_bytes
         return outcome
 
     def train(self, outcome: TaskOutcome) -> None:
@@ -757,6 +766,10 @@ class Engine:
             update = self.exp.uplink.transmit(update, outcome.task.payload, draws)
         self.state.train_wall_seconds += update.host_train_seconds
         update.uplink_bytes = update_payload_bytes(update)
+        if update.cluster_state is not None:
+            alone = update_payload_bytes(dataclasses.replace(update, cluster=None, cluster_state=None))
+            outcome.extra["cluster"] = update.cluster
+            outcome.extra["cluster_uplink_bytes"] = update.uplink_bytes - alone
         device = outcome.device
         rate = link_rate_factor(device, self.seed, update.round, "up")
         outcome.uplink_bytes = update.uplink_bytes
@@ -809,6 +822,10 @@ class Engine:
         nbytes = sum(o.uplink_bytes for o in accepted)
         wall = time.perf_counter()
         aggregate(self.exp.strategy, updates, self.exp.settings.aggregation_fan_in)
+        clusters = self.exp.clusters
+        if clusters is not None:
+            weights = [self.exp.strategy.weight_of(u) for u in updates]
+            clusters.aggregate(updates, weights, self.exp.shape)
         delta = self.exp.strategy.take_base_delta()
         if delta:
             self._merge_base(delta)
@@ -871,9 +888,11 @@ class Engine:
         )
         communication = o.downlink_seconds + o.uplink_seconds
         stats.add_task(o.status, o.compute_seconds, communication, o.uplink_bytes, o.downlink_bytes)
-        if "private_seconds" in o.extra and o.compute_seconds > 0:
-            private = self.state.private_seconds
-            private[device.device_id] = private.get(device.device_id, 0.0) + o.extra["private_seconds"]
+        if "personal_seconds" in o.extra and o.compute_seconds > 0:
+            seconds = self.state.personal_seconds
+            seconds[device.device_id] = seconds.get(device.device_id, 0.0) + o.extra["personal_seconds"]
+        for direction in ("downlink", "uplink"):
+            self.state.personal_bytes[direction] += o.extra.get(f"cluster_{direction}_bytes", 0)
 
     def _round_record(
         self,

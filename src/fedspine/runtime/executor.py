@@ -9,6 +9,7 @@ train exactly their own configuration on the shared base model.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -75,9 +76,14 @@ class PreparedTask:
     num_samples: int
     probe: Batch | None = None
     """A held-out local batch (none of ``batches``' examples) the trained submodel is scored on."""
-    without_private: TrainWorkload | None = None
-    """The task's workload without the device's private adapter (None: it trains none), so that the
-    private adapter's own cost can be told apart."""
+    without_personal: TrainWorkload | None = None
+    """The task's workload without the device's personal adapter and its choice of cluster (None: it
+    trains none), so that their own cost can be told apart."""
+
+
+FORWARD_SHARE = 1.0 / 3.0
+"""A forward pass's share of a training step's FLOPs and weight reads (the backward costs about twice
+the forward)."""
 
 
 def task_seed(seed: int, *parts: int) -> int:
@@ -140,6 +146,11 @@ class SimExecutor:
         self.private: PrivateAdapters | None = None
         """The devices' private adapters (``personalize.method = "split"``), trained beside the shared
         one in every task; None: devices train the shared adapter only."""
+        self.personal_lora: DeviceLora | None = None
+        """Rank and scaling of the adapter a device trains beside the shared one (its private adapter,
+        or its cluster's with ``clustered``); None: none."""
+        self.clusters = 0
+        """How many cluster adapters each task chooses among (``clustered``; 0: none)."""
 
     @property
     def trains_together(self) -> bool:
@@ -164,10 +175,19 @@ class SimExecutor:
         indices = self.partitions[device.device_id]
         rng = np.random.default_rng(task_seed(self.seed, round_no, device.device_id))
         batches = list(self._cycle(indices, rng, local_steps))
-        private_rank = self.private.rank if self.private is not None else 0
-        workload = self.workload(device, batches, lora.rank + private_rank, plan)
         probe = self._probe(indices, batches, round_no, device.device_id) if plan is not None else None
-        without = self.workload(device, batches, lora.rank, plan) if private_rank else None
+        if self.personal_lora is None:
+            workload = self.workload(device, batches, lora.rank, plan)
+            return PreparedTask(round_no, device, lora, batches, workload, len(indices), probe)
+        workload = self.workload(device, batches, lora.rank + self.personal_lora.rank, plan)
+        if self.clusters and batches:  # one forward pass of the first batch per cluster to choose
+            choosing = forward_only(self.workload(device, batches[:1], self.personal_lora.rank, plan))
+            workload = dataclasses.replace(
+                workload,
+                flops=workload.flops + self.clusters * choosing.flops,
+                bytes_moved=workload.bytes_moved + self.clusters * choosing.bytes_moved,
+            )
+        without = self.workload(device, batches, lora.rank, plan)
         return PreparedTask(round_no, device, lora, batches, workload, len(indices), probe, without)
 
     def workload(
@@ -222,7 +242,7 @@ class SimExecutor:
             return self._run_pruned(task, prepared)
         name = self._activate(task.lora)
         set_lora_state(self.model, task.payload, name)
-        private = self._with_private(self.model, task.device_id, shared=name)
+        personal = self._load_personal(self.model, task, prepared.batches, shared=name)
         torch.manual_seed(task_seed(self.seed, task.round, task.device_id, 1))
         params = [p for p in self.model.parameters() if p.requires_grad]
         t = self.training
@@ -230,28 +250,52 @@ class SimExecutor:
         result = train_local(
             self.model, self.objective, prepared.batches, optimizer, t.max_grad_norm, self._penalty(name)
         )
-        if private is not None:
-            self._keep_private(self.model, task.device_id, private)
+        update = self._update(task, prepared, get_lora_state(self.model, name), result)
+        if personal is not None:
+            self._keep_personal(self.model, task, personal, update)
             activate_adapter(self.model, name)
-        return self._update(task, prepared, get_lora_state(self.model, name), result)
+        return update
 
-    def _with_private(
-        self, model: Any, device_id: int, shared: str = ADAPTER, plan: PruningPlan | None = None
-    ) -> str | None:
-        """Load ``device_id``'s private adapter into ``model`` beside ``shared`` (on ``plan``'s
-        submodel) and make both trainable; its adapter name (None: devices keep none)."""
-        if self.private is None:
+    def _load_personal(
+        self, model: Any, task: ClientTask, batches: list[Batch], shared: str = ADAPTER
+    ) -> tuple[str, int | None] | None:
+        """Load the device's personal adapter into ``model`` beside ``shared`` and make both trainable:
+        its private adapter (split), or the cluster adapter with the lowest loss on its first batch
+        (clustered; ties, as between untrained adapters, go to a draw keyed by the task). Its adapter
+        name and cluster; None when the device trains the shared adapter only."""
+        lora = self.personal_lora
+        if lora is None:
             return None
-        name = f"private_{adapter_name(DeviceLora(self.private.rank, self.private.scaling))}"
-        ensure_adapter(model, name, self.private.rank, self.private.alpha)
-        set_lora_state(model, self.private.of(device_id, plan, self.shape), name)
+        name = f"personal_{adapter_name(lora)}"
+        ensure_adapter(model, name, lora.rank, lora.alpha)
         model.base_model.set_adapter([shared, name])
-        return name
+        cluster = None
+        if task.clusters:
+            losses = []
+            with torch.no_grad():
+                for state in task.clusters:
+                    set_lora_state(model, state, name)
+                    losses.append(float(self.objective.loss(model, batches[0].to(_device_of(model)))))
+            best = [i for i, loss in enumerate(losses) if loss == min(losses)]
+            cluster = best[task_seed(self.seed, task.round, task.device_id, 6) % len(best)]
+            set_lora_state(model, task.clusters[cluster], name)
+        else:
+            assert self.private is not None, "a personal adapter is private or a cluster's"
+            set_lora_state(model, self.private.of(task.device_id, task.plan, self.shape), name)
+        return name, cluster
 
-    def _keep_private(self, model: Any, device_id: int, name: str, plan: PruningPlan | None = None) -> None:
-        """The device keeps its trained private adapter (it never goes into the update)."""
-        assert self.private is not None
-        self.private.keep(device_id, get_lora_state(model, name), plan, self.shape)
+    def _keep_personal(
+        self, model: Any, task: ClientTask, personal: tuple[str, int | None], update: ClientUpdate
+    ) -> None:
+        """After training: the device keeps its private adapter (never in ``update``), or ``update``
+        carries its cluster's adapter to the server."""
+        name, cluster = personal
+        trained = get_lora_state(model, name)
+        if cluster is None:
+            assert self.private is not None
+            self.private.keep(task.device_id, trained, task.plan, self.shape)
+        else:
+            update.cluster, update.cluster_state = cluster, trained
 
     def run_many(self, tasks: Sequence[ClientTask], prepared: Sequence[PreparedTask]) -> list[ClientUpdate]:
         """Train tasks that start from the same base, ``batch_clients`` at a time in one batch
@@ -294,7 +338,7 @@ class SimExecutor:
         return self.importance if task.extra.get("measure_importance", True) else "magnitude"
 
     def _batchable(self, task: ClientTask) -> bool:
-        if self.private is not None:
+        if self.personal_lora is not None:
             return False  # a lane trains one adapter
         return task.plan is None or self._meter_kind(task) != "taylor"
 
@@ -418,7 +462,7 @@ class SimExecutor:
             seed=task_seed(self.seed, task.round, task.device_id, 3),
         )
         set_lora_state(model, task.payload)
-        private = self._with_private(model, task.device_id, plan=task.plan)
+        personal = self._load_personal(model, task, prepared.batches)
         torch.manual_seed(task_seed(self.seed, task.round, task.device_id, 1))
         params = [p for p in model.parameters() if p.requires_grad]
         t = self.training
@@ -435,10 +479,8 @@ class SimExecutor:
         probe_loss = None
         if prepared.probe is not None:
             with torch.no_grad():
-                probe = prepared.probe.to(next(model.parameters()).device)
+                probe = prepared.probe.to(_device_of(model))
                 probe_loss = float(self.objective.loss(model, probe))
-        if private is not None:
-            self._keep_private(model, task.device_id, private, task.plan)
         state = get_lora_state(model)
         importance = None
         if meter is not None:
@@ -450,7 +492,7 @@ class SimExecutor:
             if self.measure_means and isinstance(meter, FlapMeter):
                 means = meter.channel_means()
                 importance["means"] = _in_full(means, task.plan, "channels", self.shape.intermediate)
-        return ClientUpdate(
+        update = ClientUpdate(
             round=task.round,
             device_id=task.device_id,
             num_samples=prepared.num_samples,
@@ -465,6 +507,9 @@ class SimExecutor:
             importance=importance,
             probe_loss=probe_loss,
         )
+        if personal is not None:
+            self._keep_personal(model, task, personal, update)
+        return update
 
     def _activate(self, lora: DeviceLora) -> str:
         name = adapter_name(lora)
@@ -579,7 +624,7 @@ class SimExecutor:
         """FLAP scores of ``model``'s KV groups and MLP channels on ``batches`` (forward passes only),
         and its MLP channels' mean inputs there: ``(heads, channels, means)`` per layer."""
         meter = FlapMeter(model, self.shape.head_dim)
-        device = next(model.parameters()).device
+        device = _device_of(model)
         with meter, torch.no_grad():
             for batch in batches:
                 meter.before_forward(batch)
@@ -606,6 +651,19 @@ class SimExecutor:
         """:meth:`evaluate` on each of ``eval_sets``, with one copy of the evaluated model."""
         model = self.eval_model(plan, channel_means)
         return [evaluate(model, self.objective, s.batches) for s in eval_sets]
+
+
+def forward_only(workload: TrainWorkload) -> TrainWorkload:
+    """The forward passes of ``workload``'s steps, without the backward passes and optimizer steps:
+    :data:`FORWARD_SHARE` of its FLOPs and weight reads."""
+    return dataclasses.replace(
+        workload, flops=workload.flops * FORWARD_SHARE, bytes_moved=workload.bytes_moved * FORWARD_SHARE
+    )
+
+
+def _device_of(model: Any) -> torch.device:
+    device: torch.device = next(model.parameters()).device
+    return device
 
 
 def _merged(model: Any) -> Any:

@@ -9,36 +9,38 @@ model must beat):
   ``personalize.steps`` local steps, and merges it (the standard baseline);
 * ``split``: the device's private adapter, trained beside the shared one in every one of its tasks
   (:class:`~fedspine.client.personal.PrivateAdapters`), merged into that model;
+* ``clustered``: the cluster adapter (:class:`~fedspine.algorithms.clusters.ClusterAdapters`) with the
+  lowest loss on a batch of the device's data, merged into that model;
 * ``mask`` (pruning strategies): the device scores the units of the dense model on its own data (FLAP,
   forward passes over ``personalize.steps`` local batches) and keeps, at its deployed sparsity, the
   units that matter there instead of the globally ranked ones, compensated with its own channel means.
 
 What personalization costs each device is charged by the cost model, as training is: ``finetune``'s
-steps, ``mask``'s forward passes (a third of a training step's FLOPs and weight reads: the backward
-pass costs about twice the forward), and ``split``'s private adapter in every task (the difference
-between the task's cost with and without it, summed by the engine). Nothing personal is uploaded.
+steps, ``mask``'s and the cluster choice's forward passes (a third of a training step's FLOPs and
+weight reads: the backward pass costs about twice the forward), and the personal adapter ``split`` and
+``clustered`` train in every task (the difference between the task's cost with and without it, summed
+by the engine). Nothing private is uploaded; ``clustered``'s adapters travel, and the summary counts
+their bytes apart (``extra_uplink_bytes``, ``extra_downlink_bytes``).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from fedspine.algorithms.strategies import FedSpine
 from fedspine.client.evaluate import Evaluation, evaluate
 from fedspine.fleet.cost import CostModel
 from fedspine.metrics.events import PersonalEvaluationEvent
-from fedspine.types import TrainWorkload
+from fedspine.runtime.executor import forward_only
 
 if TYPE_CHECKING:
     from fedspine.runtime.engine import Engine
 
 PERSONAL_TASK_KEY = 1 << 30
 """Keys the personalization task's batches and draws (a task key no round or offer count reaches)."""
-FORWARD_SHARE = 1.0 / 3.0
-"""A forward pass's share of a training step's FLOPs and weight reads (the backward costs ~2x)."""
 
 
 def personalize(engine: Engine) -> dict[str, Any] | None:
@@ -72,13 +74,29 @@ def personalize(engine: Engine) -> dict[str, Any] | None:
             assert exp.private is not None
             state = exp.private.of(device_id)
             model = executor.with_adapter(state, settings.rank, settings.alpha, plan, means)
-            extra[device_id] = engine.state.private_seconds.get(device_id, 0.0)
+            extra[device_id] = engine.state.personal_seconds.get(device_id, 0.0)
+        elif settings.method == "clustered":
+            assert exp.clusters is not None
+            [batch] = executor.local_batches(device, 1, PERSONAL_TASK_KEY)
+            candidates = [
+                executor.with_adapter(state, settings.rank, settings.alpha, plan, means)
+                for state in exp.clusters.states
+            ]
+            with torch.no_grad():
+                losses = [
+                    float(exp.objective.loss(c, batch.to(next(c.parameters()).device))) for c in candidates
+                ]
+            model = candidates[losses.index(min(losses))]
+            choosing = forward_only(executor.workload(device, [batch], settings.rank, plan))
+            extra[device_id] = engine.state.personal_seconds.get(device_id, 0.0) + len(
+                candidates
+            ) * cost.train_seconds(choosing)
         elif settings.method == "mask" and isinstance(strategy, FedSpine) and plan is not None:
             batches = executor.local_batches(device, steps, PERSONAL_TASK_KEY)
             heads, channels, own_means = executor.local_importance(base, batches)
             mine = strategy.personal_plan(device_id, heads, channels)
             model = executor.deployed_model(mine, own_means if means is not None else None)
-            extra[device_id] = cost.train_seconds(_forward(executor.workload(device, batches, 0)))
+            extra[device_id] = cost.train_seconds(forward_only(executor.workload(device, batches, 0)))
         if model is None:
             personal[device_id] = global_models[device_id]
             extra.setdefault(device_id, 0.0)
@@ -113,6 +131,8 @@ def personalize(engine: Engine) -> dict[str, Any] | None:
         **_spread("global_", {d: e.metric for d, e in global_models.items()}, higher),
         "extra_device_seconds": sum(extra.values()),
         "extra_time_fraction": sum(extra.values()) / trained if trained > 0 else None,
+        "extra_uplink_bytes": engine.state.personal_bytes["uplink"],
+        "extra_downlink_bytes": engine.state.personal_bytes["downlink"],
     }
 
 
@@ -124,10 +144,3 @@ def _spread(prefix: str, values: dict[int, float], higher_is_better: bool) -> di
         f"{prefix}worst_decile": float(np.percentile(listed, 10 if higher_is_better else 90)),
         f"{prefix}devices": {str(d): v for d, v in sorted(values.items())},
     }
-
-
-def _forward(workload: TrainWorkload) -> TrainWorkload:
-    """The forward passes of ``workload``'s steps, without the backward passes or optimizer steps."""
-    return replace(
-        workload, flops=workload.flops * FORWARD_SHARE, bytes_moved=workload.bytes_moved * FORWARD_SHARE
-    )

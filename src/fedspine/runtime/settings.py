@@ -48,11 +48,11 @@ class PersonalSettings:
     """How each device's personal model is made (``[personalize]``)."""
 
     method: str
-    """none, finetune, split or mask."""
+    """none, finetune, split, clustered or mask."""
     steps: int
     """finetune: local steps; mask: local batches scored."""
     rank: int
-    """Rank of the personal adapter (finetune, split)."""
+    """Rank of the personal adapter (finetune, split, clustered)."""
     alpha: float
     """Its LoRA alpha (``lora.alpha``): scaling ``alpha / rank``."""
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedspine.algorithms.clusters import ClusterAdapters
 from fedspine.algorithms.compression import UplinkChannel
 from fedspine.algorithms.policies import POLICIES
 from fedspine.algorithms.schedulers import Scheduler
@@ -103,6 +104,8 @@ class Experiment:
     devices' data is :attr:`partitions`)."""
     private: PrivateAdapters | None = None
     """The devices' private adapters (``personalize.method = "split"``; the executor trains them)."""
+    clusters: ClusterAdapters | None = None
+    """The server's cluster adapters (``personalize.method = "clustered"``)."""
 
     def train_examples(self, device_id: int) -> int:
         """How many examples ``device_id`` trains on (its partition, or what its node declared)."""
@@ -194,6 +197,12 @@ def check_personalize(cfg: Config, cls: type[Strategy]) -> None:
             f"'mask' chooses each device's units of a pruned model; strategy '{cfg.strategy.name}' does "
             "not prune (use fedspine, prune_then_tune or fedmp, or finetune / split)",
         )
+    if method == "clustered" and cfg.server.robust in ("median", "trimmed_mean"):
+        raise ConfigError(
+            "personalize.method",
+            f"server.robust = {cfg.server.robust!r} combines the updates into one and would lose which "
+            'cluster each trained; use server.robust = "none" or "clip" with clustered',
+        )
     if method != "none" and cfg.executor.name != "simulation":
         raise ConfigError(
             "personalize.method",
@@ -270,8 +279,15 @@ def build_experiment(cfg: Config, status: Status | None = None, node: NodeData |
         batch_clients=batch_clients(cfg, device, len(devices)),
         **on_ray,
     )
-    if cfg.personalize.method == "split":
-        executor.private = PrivateAdapters(shapes, cfg.personalize.rank, cfg.lora.alpha, cfg.run.seed)
+    personal = cfg.personalize
+    clusters = None
+    if personal.method in ("split", "clustered"):
+        executor.personal_lora = DeviceLora(personal.rank, cfg.lora.alpha / personal.rank)
+    if personal.method == "split":
+        executor.private = PrivateAdapters(shapes, personal.rank, cfg.lora.alpha, cfg.run.seed)
+    if personal.method == "clustered":
+        clusters = ClusterAdapters(shapes, personal.clusters, personal.rank, cfg.lora.alpha, cfg.run.seed)
+        executor.clusters = personal.clusters
     return Experiment(
         settings=run_settings(cfg),
         devices=devices,
@@ -293,6 +309,7 @@ def build_experiment(cfg: Config, status: Status | None = None, node: NodeData |
         uplink=build_uplink(cfg),
         local_tests=local_tests,
         private=executor.private,
+        clusters=clusters,
     )
 
 
