@@ -162,3 +162,48 @@ def test_compare_cli_writes_the_three_files(sweep_dir: Path) -> None:
         app, ["compare", str(sweep_dir / "base" / "seed-0"), str(sweep_dir / "fast" / "seed-0")]
     )
     assert result.exit_code == 2 and "--out" in result.output
+
+
+def test_personal_models_are_compared_per_arm_and_paired_when_the_runs_have_them(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    personal = {  # arm: per seed (personal mean, global mean on the same slices)
+        "none": {0: (0.40, 0.40), 1: (0.50, 0.50), 2: (0.45, 0.45)},
+        "split": {0: (0.60, 0.41), 1: (0.65, 0.49), 2: (0.70, 0.44)},
+    }
+    for arm, table in personal.items():
+        for seed, (mine, global_) in table.items():
+            summary = _summary(seed, global_, [0.0, 300.0], [0.2, global_], 1000.0)
+            summary["personal"] = {
+                "method": arm,
+                "value": mine,
+                "worst_decile": mine - 0.2,
+                "global_value": global_,
+                "extra_time_fraction": 0.05 if arm == "split" else 0.0,
+                "extra_uplink_bytes": 0,
+                "extra_downlink_bytes": 0,
+            }
+            _write(root / arm / f"seed-{seed}", summary)
+    (root / "sweep.json").write_text(json.dumps({"arms": ["none", "split"], "reference": "none"}))
+    result = compare(find_runs([root]))
+    none, split = result.arms
+    assert split.personal.mean == pytest.approx(0.65) and split.personal_worst_decile.mean == pytest.approx(
+        0.45
+    )
+    assert split.personal_lift.mean == pytest.approx((0.19 + 0.16 + 0.26) / 3)
+    assert none.personal_lift.mean == pytest.approx(0.0) and split.personal_extra_time.mean == pytest.approx(
+        0.05
+    )
+    (paired,) = result.paired
+    assert paired.personal.n == 3 and paired.personal.mean == pytest.approx(0.2)  # +0.2, +0.15, +0.25
+    paths = write_comparison(result, tmp_path / "out")
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert float(rows[1]["diff_personal_mean"]) == pytest.approx(0.2) and rows[0]["diff_personal_mean"] == ""
+    assert float(rows[1]["personal_lift_mean"]) == pytest.approx(0.61 / 3)
+    assert "## Personal models" in paths["md"].read_text()
+
+
+def test_runs_without_personal_models_leave_those_columns_empty(sweep_dir: Path, tmp_path: Path) -> None:
+    paths = write_comparison(compare(find_runs([sweep_dir])), tmp_path / "out")
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert all(row["personal_mean"] == "" and row["personal_lift_mean"] == "" for row in rows)
+    assert "Personal models" not in paths["md"].read_text()

@@ -364,3 +364,18 @@ def test_the_ray_path_gives_the_summaries_of_the_process_pool(tmp_path: Path) ->
         a = json.loads((tmp_path / "ray-out" / "fedit" / f"seed-{seed}" / "summary.json").read_text())
         b = json.loads((tmp_path / "local" / "fedit" / f"seed-{seed}" / "summary.json").read_text())
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).resolve().parents[1] / "bench" / "sweeps").glob("*.toml")),
+    ids=lambda p: p.name,
+)
+def test_every_shipped_sweep_file_plans_runs_that_pass_the_config_checks(path: Path) -> None:
+    from fedspine.runtime.build import check_config
+    from fedspine.sweep.spec import load_sweep
+
+    sweep = load_sweep(path)
+    assert sweep.arms
+    for arm in sweep.arms:
+        check_config(sweep.config(arm, sweep.seeds[0]))

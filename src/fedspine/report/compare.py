@@ -230,6 +230,16 @@ class ArmStats:
     """Mean over devices of the metric of the model each device deploys."""
     deployed_parameters: Interval
     """Mean over devices of the parameter count of the model each device deploys."""
+    personal: Interval
+    """Mean over devices of each device's personal model on its own held-out data (``[personalize]``)."""
+    personal_worst_decile: Interval
+    """The personal value a tenth of the devices do no better than."""
+    personal_lift: Interval
+    """Personal minus global model on the same examples (mean over devices), per run."""
+    personal_extra_time: Interval
+    """Device time personalization added, as a fraction of the devices' training time."""
+    personal_extra_bytes: Interval
+    """Bytes personalization added to the uplinks and downlinks (cluster adapters)."""
 
 
 @dataclass(frozen=True)
@@ -246,6 +256,8 @@ class PairedStats:
     uplink_ratio: Interval
     """Arm's uplink bytes over the reference's (geometric mean)."""
     deployed_metric: Interval
+    personal: Interval
+    """Difference of the mean personal value."""
 
 
 @dataclass(frozen=True)
@@ -303,6 +315,32 @@ def _deployed(key: str) -> Callable[[ArmRun], float | None]:
     return read
 
 
+def _personal(key: str) -> Callable[[ArmRun], float | None]:
+    """``key`` of the run's personal evaluation (``summary.personal``); None without one."""
+
+    def read(run: ArmRun) -> float | None:
+        personal = run.summary.personal or {}
+        pairs = {
+            "lift": ("value", "global_value"),
+            "extra_bytes": ("extra_uplink_bytes", "extra_downlink_bytes"),
+        }
+        if key not in pairs:
+            return _finite(personal.get(key))
+        first, second = (_finite(personal.get(k)) for k in pairs[key])
+        if first is None or second is None:
+            return None
+        return first - second if key == "lift" else first + second
+
+    return read
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` when it is a finite number (a summary file may hold anything)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def compare(run_set: RunSet, reference: str | None = None, target: str | float | None = None) -> Comparison:
     """The comparison of ``run_set``'s arms against ``reference`` (default: the sweep's, else the first arm).
 
@@ -356,6 +394,11 @@ def _arm_stats(arm: str, runs: Sequence[ArmRun], finals: PerSeed, ttts: PerSeed,
         downlink_bytes=_interval(per_seed(runs, _number(lambda s: s.downlink_bytes))),
         deployed_metric=_interval(per_seed(runs, _deployed("metric"))),
         deployed_parameters=_interval(per_seed(runs, _deployed("parameters"))),
+        personal=_interval(per_seed(runs, _personal("value"))),
+        personal_worst_decile=_interval(per_seed(runs, _personal("worst_decile"))),
+        personal_lift=_interval(per_seed(runs, _personal("lift"))),
+        personal_extra_time=_interval(per_seed(runs, _personal("extra_time_fraction"))),
+        personal_extra_bytes=_interval(per_seed(runs, _personal("extra_bytes"))),
     )
 
 
@@ -377,6 +420,7 @@ def _paired(
             per_seed(ref_runs, _number(lambda s: s.uplink_bytes)),
         ),
         deployed_metric=paired_difference(*both(_deployed("metric"))),
+        personal=paired_difference(*both(_personal("value"))),
     )
 
 

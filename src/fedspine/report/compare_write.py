@@ -85,6 +85,8 @@ def csv_row(arm: ArmStats, paired: PairedStats | None, reference: str) -> dict[s
     row |= _cells("deployed_metric", arm.deployed_metric) | _cells(
         "deployed_parameters", arm.deployed_parameters
     )
+    for name in PERSONAL_FIGURES:
+        row |= _cells(name, getattr(arm, name))
     row["reference"] = reference
     row["pairs"] = str(paired.final.n) if paired else ""
     row |= _cells("diff_final", paired.final if paired else None)
@@ -94,7 +96,18 @@ def csv_row(arm: ArmStats, paired: PairedStats | None, reference: str) -> dict[s
     row |= _cells("speedup", paired.speedup if paired else None)
     row |= _cells("uplink_ratio", paired.uplink_ratio if paired else None)
     row |= _cells("diff_deployed_metric", paired.deployed_metric if paired else None)
+    row |= _cells("diff_personal", paired.personal if paired else None)
     return row
+
+
+PERSONAL_FIGURES = (
+    "personal",
+    "personal_worst_decile",
+    "personal_lift",
+    "personal_extra_time",
+    "personal_extra_bytes",
+)
+"""The personal models' figures (``summary.personal``), empty for runs without them."""
 
 
 def comparison_csv(comparison: Comparison) -> str:
@@ -169,6 +182,40 @@ def arm_cells(arm: ArmStats) -> list[str]:
     ]
 
 
+def personal_cells(arm: ArmStats, paired: PairedStats | None) -> list[str]:
+    """The personal-models table's cells."""
+    return [
+        arm.arm,
+        interval_text(arm.personal),
+        interval_text(arm.personal_worst_decile),
+        interval_text(arm.personal_lift, _signed),
+        interval_text(arm.personal_extra_time, lambda v: f"{v:.1%}"),
+        _bytes(arm.personal_extra_bytes),
+        "—" if paired is None else interval_text(paired.personal, _signed, noun="pair"),
+    ]
+
+
+def _personal_rows(comparison: Comparison) -> list[list[str]]:
+    """The personal-models table's rows (none when no run has personal models)."""
+    if not any(a.personal.n for a in comparison.arms):
+        return []
+    paired = {p.arm: p for p in comparison.paired}
+    return [personal_cells(a, paired.get(a.arm)) for a in comparison.arms]
+
+
+def _personal_headers(comparison: Comparison) -> list[str]:
+    metric = comparison.metric_name
+    return [
+        "arm",
+        f"personal {metric} (mean over devices)",
+        "worst decile",
+        "lift over global",
+        "extra device time",
+        "extra bytes",
+        f"Δ personal vs {comparison.reference}",
+    ]
+
+
 def paired_cells(paired: PairedStats) -> list[str]:
     """The paired table's cells."""
     pairs = paired.final.n
@@ -220,6 +267,10 @@ def comparison_markdown(comparison: Comparison) -> str:
             "",
         ]
         lines += _md_table(paired_headers, [paired_cells(p) for p in comparison.paired])
+    personal = _personal_rows(comparison)
+    if personal:
+        lines += ["", "## Personal models (each device's own held-out data)", ""]
+        lines += _md_table(_personal_headers(comparison), personal)
     lines += ["", *_notes(comparison), ""]
     return "\n".join(lines)
 
@@ -250,6 +301,9 @@ def comparison_html(comparison: Comparison, figures: dict[str, Path]) -> str:
             f"<h2>Paired against {html.escape(comparison.reference)}</h2>",
             _html_table(paired_headers, [paired_cells(p) for p in comparison.paired]),
         ]
+    personal = _personal_rows(comparison)
+    if personal:
+        parts += ["<h2>Personal models</h2>", _html_table(_personal_headers(comparison), personal)]
     captions = {
         "curves": "Metric against virtual time: mean over seeds, 95% band.",
         "paired": f"Final metric minus {comparison.reference}'s on the same seed: mean and 95% interval.",
