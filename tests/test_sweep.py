@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from fedspine.cli import app
 from fedspine.config import tomllib
 from fedspine.errors import ConfigError
+from fedspine.runtime.build import check_config
 from fedspine.sweep import load_sweep, plan_runs, thread_budget
 from fedspine.sweep.spec import parse_sweep
 
@@ -366,15 +367,8 @@ def test_the_ray_path_gives_the_summaries_of_the_process_pool(tmp_path: Path) ->
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
 
 
-@pytest.mark.parametrize(
-    "path",
-    sorted((Path(__file__).resolve().parents[1] / "bench" / "sweeps").glob("*.toml")),
-    ids=lambda p: p.name,
-)
+@pytest.mark.parametrize("path", sorted((ROOT / "bench" / "sweeps").glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_sweep_file_plans_runs_that_pass_the_config_checks(path: Path) -> None:
-    from fedspine.runtime.build import check_config
-    from fedspine.sweep.spec import load_sweep
-
     sweep = load_sweep(path)
     assert sweep.arms
     for arm in sweep.arms:
