@@ -281,3 +281,58 @@ def test_a_worker_refuses_a_connection_without_its_key(tmp_path: Path) -> None:
     finally:
         worker.stop()
         thread.join(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "method"), [("fedit", "split"), ("fedspine", "finetune"), ("fedspine", "mask")]
+)
+def test_deployed_devices_build_their_personal_models_on_their_own_data(
+    tmp_path: Path, strategy: str, method: str
+) -> None:
+    """Each node builds its personal model from its own file (a split node's private adapter lives in
+    its state across rounds), saves it as its model and reports it beside the global model; the server
+    checks the counts and computes the metrics."""
+    from transformers import AutoModelForCausalLM
+
+    paths = write_node_files(tmp_path)
+    cfg = tiny(*THREE, f"strategy.name={strategy}", f"personalize.method={method}", "export.save=true")
+    nodes = tmp_path / "nodes"
+    result, grid = run_fake(cfg, tmp_path / "run", data_paths=paths, model_root=str(nodes))
+    personal = result.summary.personal
+    assert personal is not None and personal["method"] == method
+    assert set(personal["devices"]) == {"0", "1"}  # device 2's data is unusable: it has no model
+    [event] = [e for e in read_events(tmp_path / "run") if e["event"] == "personal_evaluation"]
+    for device in ("0", "1"):
+        said = event["devices"][device]
+        assert said["count"] == 8 and said["loss"] != said["global_loss"] and said["extra_seconds"] > 0
+    manifest = json.loads((tmp_path / "run" / "models" / "manifest.json").read_text())
+    parameters = {m["dir"]: m["parameters"] for m in manifest["models"]}
+    for device in (0, 1):
+        entry = manifest["devices"][str(device)]
+        held = entry["on_device"]
+        assert held["personal"]["value"] == personal["devices"][str(device)]
+        model = AutoModelForCausalLM.from_pretrained(held["dir"], trust_remote_code=True)
+        assert sum(p.numel() for p in model.parameters()) == parameters[entry["model"]]
+    if method == "split":  # the private adapter is node state, never a message
+        kept = {node - 1 for node, c in grid.contexts.items() if "fedspine.private" in c.state.array_records}
+        assert kept == {0, 1}  # device 2 never trained
+
+
+def test_a_personal_report_that_lies_is_left_out_and_the_model_is_kept(tmp_path: Path) -> None:
+    paths = write_node_files(tmp_path)
+
+    def inflate(reply: Message) -> Message:
+        if "personal" in reply.content.config_records:
+            record = reply.content.config_records["personal"]
+            record["correct"] = int(record["count"]) + 1
+        return reply
+
+    cfg = tiny(*THREE, "personalize.method=finetune")
+    result, _ = run_fake(
+        cfg, tmp_path / "run", grid_hook=inflate, data_paths=paths, model_root=str(tmp_path / "n")
+    )
+    assert result.summary.personal is None  # no device's personal report passed the checks
+    manifest = json.loads((tmp_path / "run" / "models" / "manifest.json").read_text())
+    for device in (0, 1):
+        held = manifest["devices"][str(device)]["on_device"]
+        assert "outside 0..8" in held["personal_error"] and held["parameters"] > 0

@@ -31,6 +31,7 @@ from fedspine.runtime.checkpoint import load_latest
 from fedspine.runtime.engine import Engine
 from fedspine.runtime.export import copy_device_models, export_models, record_hand_out
 from fedspine.runtime.lock import is_empty_run_dir, run_lock
+from fedspine.runtime.personal import from_devices as personal_from_devices
 from fedspine.runtime.summary import make_summary
 from fedspine.types import LoraState
 
@@ -177,6 +178,8 @@ def _execute(
         handed = engine.transport.hand_out(engine, models)
         if handed:
             record_hand_out(run_dir, models, handed)
+        if engine.transport.devices_personalize and experiment.settings.personalize.method != "none":
+            state.personal = personal_from_devices(engine, handed)
     except BaseException:
         recorder.close()
         (run_dir / "FAILED").write_text("the run did not finish; see the error printed by fedspine\n")

@@ -13,22 +13,28 @@ rounds although Flower starts a fresh process per message.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, ConfigRecordValues, Context, Message, MessageType, RecordDict
 
 from fedspine.algorithms.compression import FeedbackState
+from fedspine.algorithms.wire import flatten_state, unflatten_state
+from fedspine.client.evaluate import evaluate as evaluate_model
+from fedspine.client.personal import PrivateAdapters
 from fedspine.config import Config
 from fedspine.data import held_out_size
 from fedspine.deploy.records import (
     Timing,
     arrays,
     evaluation_record,
+    personal_record,
     read_task,
     reason_text,
     refusal_record,
@@ -44,9 +50,12 @@ from fedspine.deploy.settings import (
     device_id_from_node,
 )
 from fedspine.errors import DataError, DeployError
+from fedspine.model.pruning import add_zero_mlp_biases
 from fedspine.runtime.build import Experiment, NodeData, build_experiment, load_node_examples
+from fedspine.runtime.build.data import holds_out
 from fedspine.runtime.executor import task_seed
 from fedspine.runtime.export import describe_model, device_model, save_model
+from fedspine.runtime.personal import personal_model
 from fedspine.types import ClientTask
 
 
@@ -152,7 +161,11 @@ def answer_train(content: RecordDict, context: Context) -> RecordDict:
     exp = built.experiment
     device = exp.devices[task.device_id]
     prepared = exp.executor.prepare(task.round, device, task.lora, task.local_steps, task.plan)
+    if exp.private is not None:
+        _load_private(context, exp.private, task.device_id)
     update = exp.executor.run(task, prepared)
+    if exp.private is not None:
+        context.state[PRIVATE_KEY] = arrays(flatten_state(exp.private.of(task.device_id)))
     if exp.uplink is not None:
         state = _load_feedback(context)
         draws = torch.Generator().manual_seed(task_seed(exp.settings.seed, task.round, task.device_id, 4))
@@ -194,6 +207,9 @@ def answer_final_model(content: RecordDict, context: Context) -> RecordDict:
     exp = received.built.experiment
     exp.executor.load_global(task.payload)
     model = device_model(exp.executor, task.plan, task.channel_means)
+    personal = None
+    if config.personalize.method != "none":
+        model, personal = _personalize(exp, context, task, model)
     e = config.export
     train = exp.executor.train_data
     report = describe_model(model, train.input_ids[0], train.pad_id, e.generate_tokens if e.speed else 0)
@@ -207,7 +223,38 @@ def answer_final_model(content: RecordDict, context: Context) -> RecordDict:
         "bytes": int(report["bytes"]),
         "tokens_per_second": float(report["tokens_per_second"] or 0.0),
     }
-    return RecordDict({"model": ConfigRecord(record)})
+    reply = RecordDict({"model": ConfigRecord(record)})
+    if personal is not None:
+        reply["personal"] = personal
+    return reply
+
+
+def _personalize(
+    exp: Experiment, context: Context, task: ClientTask, deployed: Any
+) -> tuple[Any, ConfigRecord | None]:
+    """This device's personal model (``[personalize]``) built from ``deployed`` (the global model at its
+    plan, loaded in the executor) on its own data, and its report: the personal and the global model
+    on its held-out examples, and the seconds building it took here (None without held-out examples).
+    Its private adapter (``split``) comes from the node's state."""
+    device = exp.devices[task.device_id]
+    if exp.private is not None:
+        _load_private(context, exp.private, task.device_id)
+    started = time.perf_counter()
+    built = personal_model(exp, device, task.plan, task.channel_means)
+    seconds = time.perf_counter() - started
+    if built is None:
+        return deployed, None
+    mine = built.model
+    if task.channel_means is not None:
+        add_zero_mlp_biases(mine)  # the same structure as the global device model (stock config)
+    eval_set = exp.local_tests.get(task.device_id)
+    if eval_set is None:
+        return mine, None
+    ready = exp.executor.ready
+    results = [
+        evaluate_model(ready(copy.deepcopy(m)), exp.objective, eval_set.batches) for m in (mine, deployed)
+    ]
+    return mine, personal_record(results[0], results[1], seconds)
 
 
 def model_dir(context: Context, run_name: str) -> Path:
@@ -237,9 +284,7 @@ def answer_query(content: RecordDict, context: Context) -> RecordDict:
             said["data_error"] = reason_text(str(exc))
         else:
             e = config.eval
-            held = (
-                held_out_size(examples, e.local_fraction, e.local_max_examples) if e.mode != "central" else 0
-            )
+            held = held_out_size(examples, e.local_fraction, e.local_max_examples) if holds_out(config) else 0
             said.update(examples=examples - held, eval_examples=held)
     return RecordDict({"node": ConfigRecord(said)})
 
@@ -278,6 +323,18 @@ def final_model(message: Message, context: Context) -> Message:
 def query(message: Message, context: Context) -> Message:
     """Handle a ``query`` message in this process."""
     return Message(answer_query(message.content, context), reply_to=message)
+
+
+PRIVATE_KEY = "fedspine.private"
+"""Where a node keeps its device's private adapter (``split``) in its persistent state."""
+
+
+def _load_private(context: Context, private: PrivateAdapters, device_id: int) -> None:
+    """Put the private adapter this node keeps (if any yet) into ``private``, for ``device_id``."""
+    if PRIVATE_KEY in context.state.array_records:
+        private.states[device_id] = unflatten_state(tensors(context.state.array_records[PRIVATE_KEY]))
+    else:
+        private.states.pop(device_id, None)
 
 
 def _load_feedback(context: Context) -> FeedbackState:

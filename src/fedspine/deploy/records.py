@@ -311,16 +311,55 @@ def read_evaluation(
     for key, expected in (("round", round_no), ("device_id", device_id)):
         if _int(cfg, "evaluation", key) != expected:
             raise DeployError(f"evaluation.{key} is {cfg[key]!r}, expected {expected}")
-    count, correct = _int(cfg, "evaluation", "count"), _int(cfg, "evaluation", "correct")
-    loss = _float(cfg, "evaluation", "loss")
+    return _results(cfg, "evaluation", "", max_count, objective)
+
+
+def _results(cfg: ConfigRecord, record: str, prefix: str, max_count: int, objective: Objective) -> Evaluation:
+    """The evaluation that ``record``'s ``count`` and ``<prefix>loss``, ``<prefix>correct`` give,
+    checked: 1..``max_count`` examples, at most ``count`` correct, a finite non-negative mean loss. The
+    metric is the server's own, computed from those counts."""
+    count, correct = _int(cfg, record, "count"), _int(cfg, record, f"{prefix}correct")
+    loss = _float(cfg, record, f"{prefix}loss")
     if not 1 <= count <= max_count:
-        raise DeployError(f"evaluation.count {count} is outside 1..{max_count}")
+        raise DeployError(f"{record}.count {count} is outside 1..{max_count}")
     if not 0 <= correct <= count:
-        raise DeployError(f"evaluation.correct {correct} is outside 0..{count}")
+        raise DeployError(f"{record}.{prefix}correct {correct} is outside 0..{count}")
     if not math.isfinite(loss) or loss < 0:
-        raise DeployError(f"evaluation.loss {loss!r} is not a finite non-negative number")
+        raise DeployError(f"{record}.{prefix}loss {loss!r} is not a finite non-negative number")
     total = BatchResult(loss * count, count, correct)
     return Evaluation(objective.metric_name, objective.metric(total), loss, count, correct)
+
+
+def personal_record(personal: Evaluation, global_model: Evaluation, seconds: float) -> ConfigRecord:
+    """What a device reports with its final model about its personal model: its results and the global
+    model's on the same held-out examples, and the seconds building it took on the device."""
+    return ConfigRecord(
+        {
+            "count": personal.count,
+            "loss": float(personal.loss),
+            "correct": personal.correct,
+            "global_loss": float(global_model.loss),
+            "global_correct": global_model.correct,
+            "seconds": float(seconds),
+        }
+    )
+
+
+def read_personal_report(content: RecordDict, max_count: int, objective: Objective) -> dict[str, Any] | None:
+    """A device's :func:`personal_record` (None when its reply has none), checked as an evaluation
+    (:func:`read_evaluation`) for both models, with finite non-negative seconds: ``evaluation``,
+    ``global`` (:class:`Evaluation` each) and ``seconds``."""
+    if "personal" not in content.config_records:
+        return None
+    cfg = _config(content, "personal")
+    seconds = _float(cfg, "personal", "seconds")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise DeployError(f"personal.seconds {seconds!r} is not a finite non-negative number")
+    return {
+        "evaluation": _results(cfg, "personal", "", max_count, objective),
+        "global": _results(cfg, "personal", "global_", max_count, objective),
+        "seconds": seconds,
+    }
 
 
 MAX_MODEL_PARAMETERS = 10**13

@@ -46,6 +46,7 @@ from fedspine.deploy.records import (
     max_reply_bytes,
     read_evaluation,
     read_model_report,
+    read_personal_report,
     read_update,
     reason_text,
     refusal_reason,
@@ -197,6 +198,8 @@ class FlowerTransport:
     wall clock, so scheduler timers fire on it; the availability trace and per-offer draws of the
     simulator do not apply (a device is offline when its node is not connected)."""
 
+    devices_personalize = True
+
     def __init__(self, link: FlowerLink) -> None:
         self.link = link
         self.unsent: list[tuple[RunningTask, Message]] = []
@@ -263,11 +266,14 @@ class FlowerTransport:
 
     def hand_out(self, engine: Engine, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
         """Send every connected device its final model (the global state, the base change, and its
-        deployed plan); each saves it on the node, measures it and reports. A report whose parameter
-        count is not the model's, a refusal, an error or no answer is recorded as the device's
-        ``error``; it never ends the run."""
+        deployed plan); each builds it (its personal model with ``[personalize]``), saves it on the
+        node, measures it and reports. A report whose parameter count is not the model's, a refusal,
+        an error or no answer is recorded as the device's ``error``; it never ends the run. A device's
+        personal results (``personal``: its model and the global one on its held-out examples) are
+        checked apart: a malformed one is left out with the reason (``personal_error``)."""
         expected = {m["dir"]: m["parameters"] for m in manifest["models"]}
         models = {int(d): entry["model"] for d, entry in manifest["devices"].items()}
+        limits, objective = self.link.eval_limits, engine.exp.objective
 
         def read(content: RecordDict, device: int) -> dict[str, Any]:
             report = read_model_report(content, device)
@@ -276,6 +282,21 @@ class FlowerTransport:
                 raise DeployError(
                     f"the device's model has {report['parameters']} parameters, {model} {expected[model]}"
                 )
+            try:
+                personal = read_personal_report(content, limits.get(device, 0), objective)
+            except DeployError as exc:
+                report["personal_error"] = str(exc)
+            else:
+                if personal is not None:
+                    mine, global_model = personal["evaluation"], personal["global"]
+                    report["personal"] = {
+                        "value": mine.metric,
+                        "loss": mine.loss,
+                        "count": mine.count,
+                        "global_value": global_model.metric,
+                        "global_loss": global_model.loss,
+                        "seconds": personal["seconds"],
+                    }
             return report
 
         reports, failed = self._ask(engine, engine.loop.version, MODEL_ACTION, models, read)

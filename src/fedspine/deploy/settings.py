@@ -62,10 +62,11 @@ def config_from_run(run_config: Mapping[str, Value]) -> tuple[Config, str]:
             "executor.name",
             f"{config.executor.name!r} is for simulated runs; a deployment trains on its SuperNodes",
         )
-    if config.personalize.method != "none":
+    if config.personalize.method == "clustered":
         raise ConfigError(
             "personalize.method",
-            f"{config.personalize.method!r} runs in simulation only for now; a deployment takes 'none'",
+            "'clustered' runs in simulation only (its adapters do not travel in deployed messages yet); "
+            "a deployment takes none, finetune, split or mask",
         )
     return config, text
 

@@ -96,6 +96,20 @@ AUTO_DENSE_MIN_LAYERS = 10
 """Models with fewer layers get no automatic dense layers (nothing was measured there)."""
 
 
+def plan_like(
+    plan: PruningPlan, head_scores: Sequence[Tensor], channel_scores: Sequence[Tensor]
+) -> PruningPlan:
+    """A plan that keeps as many KV groups and MLP channels in every layer as ``plan`` does (the same
+    widths, the same dense layers), chosen by other scores: a device's own units at its budget."""
+    return {
+        layer: LayerKeep(
+            kv_groups=top_indices(head_scores[layer], len(keep.kv_groups)),
+            channels=top_indices(channel_scores[layer], len(keep.channels)),
+        )
+        for layer, keep in plan.items()
+    }
+
+
 def dense_layer_indices(setting: Sequence[int] | str, layers: int) -> tuple[int, ...]:
     """The layers ``strategy.fedspine.dense_layers`` leaves dense in a model of ``layers`` layers.
 

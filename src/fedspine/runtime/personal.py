@@ -25,16 +25,19 @@ their bytes apart (``extra_uplink_bytes``, ``extra_downlink_bytes``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from fedspine.algorithms.strategies import FedSpine
 from fedspine.client.evaluate import Evaluation, evaluate
 from fedspine.fleet.cost import CostModel
 from fedspine.metrics.events import PersonalEvaluationEvent
+from fedspine.model.pruning import PruningPlan, plan_like
+from fedspine.runtime.build import Experiment
 from fedspine.runtime.executor import forward_only
+from fedspine.types import Device, TrainWorkload
 
 if TYPE_CHECKING:
     from fedspine.runtime.engine import Engine
@@ -43,69 +46,124 @@ PERSONAL_TASK_KEY = 1 << 30
 """Keys the personalization task's batches and draws (a task key no round or offer count reaches)."""
 
 
+@dataclass
+class PersonalModel:
+    """A device's personal model and the work building it took the device at the end of the run."""
+
+    model: Any
+    """A plain model (as :meth:`~fedspine.runtime.executor.SimExecutor.deployed_model` builds them)."""
+    work: list[TrainWorkload] = field(default_factory=list)
+    """What the device computed to build it (training steps, forward passes), for the cost model."""
+
+
+def personal_model(
+    exp: Experiment,
+    device: Device,
+    plan: PruningPlan | None,
+    means: list[torch.Tensor] | None,
+    base: Any = None,
+) -> PersonalModel | None:
+    """``device``'s personal model from the global state loaded in ``exp``'s executor (at its deployed
+    ``plan``, compensated with ``means``), by ``personalize.method``; None when it keeps the global
+    model (``none``, or ``mask`` on a dense model). ``base`` (``mask``): the dense deployed model, built
+    once for every device. The same code runs in simulation and on a deployed device's node."""
+    settings, executor = exp.settings.personalize, exp.executor
+    steps = settings.steps or exp.settings.local_steps
+    if settings.method == "finetune":
+        batches = executor.local_batches(device, steps, PERSONAL_TASK_KEY)
+        model = executor.finetuned(
+            device, batches, settings.rank, settings.alpha, PERSONAL_TASK_KEY, plan, means
+        )
+        return PersonalModel(model, [executor.workload(device, batches, settings.rank, plan)])
+    if settings.method == "split":
+        assert exp.private is not None
+        state = exp.private.of(device.device_id)
+        return PersonalModel(executor.with_adapter(state, settings.rank, settings.alpha, plan, means))
+    if settings.method == "clustered":
+        assert exp.clusters is not None
+        [batch] = executor.local_batches(device, 1, PERSONAL_TASK_KEY)
+        candidates = [
+            executor.with_adapter(state, settings.rank, settings.alpha, plan, means)
+            for state in exp.clusters.states
+        ]
+        with torch.no_grad():
+            losses = [float(exp.objective.loss(c, batch.to(next(c.parameters()).device))) for c in candidates]
+        choosing = forward_only(executor.workload(device, [batch], settings.rank, plan))
+        return PersonalModel(candidates[losses.index(min(losses))], [choosing] * len(candidates))
+    if settings.method == "mask" and plan is not None:
+        batches = executor.local_batches(device, steps, PERSONAL_TASK_KEY)
+        heads, channels, own_means = executor.local_importance(
+            base if base is not None else executor.deployed_model(), batches
+        )
+        model = executor.deployed_model(
+            plan_like(plan, heads, channels), own_means if means is not None else None
+        )
+        return PersonalModel(model, [forward_only(executor.workload(device, batches, 0))])
+    return None
+
+
 def personalize(engine: Engine) -> dict[str, Any] | None:
-    """Build and evaluate every device's personal model (``personalize.method``), record a
-    ``personal_evaluation`` event, and return the summary's ``personal`` part (None when the devices
-    hold no data out)."""
+    """In simulation, build and evaluate every device's personal model, record a ``personal_evaluation``
+    event, and return the summary's ``personal`` part (None when the devices hold no data out, or when
+    the transport's devices build theirs as they receive their final model: a deployment)."""
     exp = engine.exp
-    if not exp.local_tests:
-        return None
     settings = exp.settings.personalize
+    if not exp.local_tests or (settings.method != "none" and engine.transport.devices_personalize):
+        return None
     strategy, executor = exp.strategy, exp.executor
     executor.load_global(strategy.global_lora())
     global_models = engine.device_evaluations(engine.loop.version).evaluations
-    steps = settings.steps or exp.settings.local_steps
     means = strategy.channel_means()
     base = executor.deployed_model() if settings.method == "mask" else None
     personal: dict[int, Evaluation] = {}
     extra: dict[int, float] = {}
     for device_id in sorted(global_models):
         device = exp.devices[device_id]
-        plan = strategy.device_eval_plan(device_id)
+        built = personal_model(exp, device, strategy.device_eval_plan(device_id), means, base)
+        in_tasks = engine.state.personal_seconds.get(device_id, 0.0)
         cost = CostModel.for_device(device)
-        model = None
-        if settings.method == "finetune":
-            batches = executor.local_batches(device, steps, PERSONAL_TASK_KEY)
-            model = executor.finetuned(
-                device, batches, settings.rank, settings.alpha, PERSONAL_TASK_KEY, plan, means
-            )
-            extra[device_id] = cost.train_seconds(executor.workload(device, batches, settings.rank, plan))
-        elif settings.method == "split":
-            assert exp.private is not None
-            state = exp.private.of(device_id)
-            model = executor.with_adapter(state, settings.rank, settings.alpha, plan, means)
-            extra[device_id] = engine.state.personal_seconds.get(device_id, 0.0)
-        elif settings.method == "clustered":
-            assert exp.clusters is not None
-            [batch] = executor.local_batches(device, 1, PERSONAL_TASK_KEY)
-            candidates = [
-                executor.with_adapter(state, settings.rank, settings.alpha, plan, means)
-                for state in exp.clusters.states
-            ]
-            with torch.no_grad():
-                losses = [
-                    float(exp.objective.loss(c, batch.to(next(c.parameters()).device))) for c in candidates
-                ]
-            model = candidates[losses.index(min(losses))]
-            choosing = forward_only(executor.workload(device, [batch], settings.rank, plan))
-            extra[device_id] = engine.state.personal_seconds.get(device_id, 0.0) + len(
-                candidates
-            ) * cost.train_seconds(choosing)
-        elif settings.method == "mask" and isinstance(strategy, FedSpine) and plan is not None:
-            batches = executor.local_batches(device, steps, PERSONAL_TASK_KEY)
-            heads, channels, own_means = executor.local_importance(base, batches)
-            mine = strategy.personal_plan(device_id, heads, channels)
-            model = executor.deployed_model(mine, own_means if means is not None else None)
-            extra[device_id] = cost.train_seconds(forward_only(executor.workload(device, batches, 0)))
-        if model is None:
-            personal[device_id] = global_models[device_id]
-            extra.setdefault(device_id, 0.0)
-        else:
-            personal[device_id] = evaluate(
-                executor.ready(model), exp.objective, exp.local_tests[device_id].batches
-            )
+        extra[device_id] = in_tasks + sum(cost.train_seconds(w) for w in built.work) if built else in_tasks
+        personal[device_id] = (
+            global_models[device_id]
+            if built is None
+            else evaluate(executor.ready(built.model), exp.objective, exp.local_tests[device_id].batches)
+        )
+    return summarize(engine, personal, global_models, extra)
+
+
+def from_devices(engine: Engine, reports: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """The summary's ``personal`` part from what deployed devices reported with their final models
+    (checked by the transport): each device's personal model and the global one on its held-out
+    examples, and the seconds building it took there (measured). None when no device reported one."""
+    objective = engine.exp.objective
+    personal, global_models, extra = {}, {}, {}
+    for device, report in sorted(reports.items()):
+        said = report.get("personal")
+        if not said:
+            continue
+        personal[device] = Evaluation(objective.metric_name, said["value"], said["loss"], said["count"])
+        global_models[device] = Evaluation(
+            objective.metric_name, said["global_value"], said["global_loss"], said["count"]
+        )
+        extra[device] = said["seconds"]
+    return summarize(engine, personal, global_models, extra)
+
+
+def summarize(
+    engine: Engine,
+    personal: dict[int, Evaluation],
+    global_models: dict[int, Evaluation],
+    extra: dict[int, float],
+) -> dict[str, Any] | None:
+    """Record the devices' personal models against the global one on the same examples (a
+    ``personal_evaluation`` event) and return the summary's ``personal`` part (None without devices).
+    ``extra``: per device, the seconds personalization cost it."""
+    if not personal:
+        return None
+    exp = engine.exp
+    method = exp.settings.personalize.method
     event = PersonalEvaluationEvent(
-        settings.method,
+        method,
         exp.objective.metric_name,
         {
             str(d): {
@@ -114,23 +172,22 @@ def personalize(engine: Engine) -> dict[str, Any] | None:
                 "count": e.count,
                 "global": global_models[d].metric,
                 "global_loss": global_models[d].loss,
-                "extra_seconds": extra[d],
+                "extra_seconds": extra.get(d, 0.0),
             }
-            for d, e in personal.items()
+            for d, e in sorted(personal.items())
         },
     )
     engine.recorder.event(event)
-    trained = sum(
-        engine.state.device_stats[d].compute_seconds for d in personal if d in engine.state.device_stats
-    )
+    stats = engine.state.device_stats
+    trained = sum(stats[d].compute_seconds for d in personal if d in stats)
     higher = exp.objective.higher_is_better
     return {
-        "method": settings.method,
+        "method": method,
         "metric": exp.objective.metric_name,
         **_spread("", {d: e.metric for d, e in personal.items()}, higher),
-        **_spread("global_", {d: e.metric for d, e in global_models.items()}, higher),
-        "extra_device_seconds": sum(extra.values()),
-        "extra_time_fraction": sum(extra.values()) / trained if trained > 0 else None,
+        **_spread("global_", {d: global_models[d].metric for d in personal}, higher),
+        "extra_device_seconds": sum(extra.get(d, 0.0) for d in personal),
+        "extra_time_fraction": sum(extra.get(d, 0.0) for d in personal) / trained if trained > 0 else None,
         "extra_uplink_bytes": engine.state.personal_bytes["uplink"],
         "extra_downlink_bytes": engine.state.personal_bytes["downlink"],
     }

@@ -55,6 +55,10 @@ class DeviceEvaluations:
 class Transport(Protocol):
     """Carries the engine's tasks to their devices and their ends back onto the engine's event queue."""
 
+    devices_personalize: bool
+    """Whether the devices build their personal models (``[personalize]``) themselves when they
+    receive their final model (:meth:`hand_out`), and report them; else the engine builds them."""
+
     def reachable(self, engine: Engine, round_no: int, start: float) -> list[int]:
         """The devices a synchronous round starting at ``start`` may sample."""
         ...
@@ -128,6 +132,8 @@ class SimulatedTransport:
     cannot change in between, so they train in one batch (or over the Ray workers) and their events are
     queued in launch order, as one by one.
     """
+
+    devices_personalize = False
 
     def __init__(self) -> None:
         self._pending: list[tuple[Engine, RunningTask, Events]] = []

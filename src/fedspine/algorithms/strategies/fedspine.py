@@ -233,18 +233,6 @@ class FedSpine(Strategy):
             return None
         return self.plan_for(self.deployment([device_id])[device_id].ratio)
 
-    def personal_plan(
-        self, device_id: int, head_scores: Sequence[torch.Tensor], channel_scores: Sequence[torch.Tensor]
-    ) -> PruningPlan | None:
-        """The model ``device_id`` deploys, with the units chosen by its own scores instead of the global
-        ones (``personalize.method = "mask"``): same sparsity, same dense layers. None before importance
-        is observed (the device deploys the dense model)."""
-        if not self.masks.observed:
-            return None
-        return self.masks.plan_from(
-            head_scores, channel_scores, self.deployment([device_id])[device_id].ratio
-        )
-
     def deployment(self, device_ids: Sequence[int]) -> dict[int, Arm]:
         """Each device's final model: the target sparsity plus its policy's best extra ratio, at the
         policy's best rank (as an arm of absolute ratio)."""

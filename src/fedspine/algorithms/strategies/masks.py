@@ -96,26 +96,19 @@ class PruningMasks:
         """The nested plan that prunes ``ratio`` of every pruned layer by the current global importance."""
         key = round(ratio, 6)
         if key not in self._plans:
-            self._plans[key] = self.plan_from(self.head_scores, self.channel_scores, ratio)
+            s = self.settings
+            plan = plan_from_scores(
+                self.head_scores,
+                self.channel_scores,
+                ratio,
+                dense_layer_indices(s.dense_layers, self.shape.layers),
+                s.channel_multiple,
+            )
+            if not self.prune_heads:
+                every = tuple(range(self.shape.kv_heads))
+                plan = {layer: LayerKeep(every, keep.channels) for layer, keep in plan.items()}
+            self._plans[key] = plan
         return self._plans[key]
-
-    def plan_from(
-        self, head_scores: Sequence[torch.Tensor], channel_scores: Sequence[torch.Tensor], ratio: float
-    ) -> PruningPlan:
-        """The plan that prunes ``ratio`` of every pruned layer by the given scores (per layer, KV groups
-        and MLP channels), with this schedule's dense layers, channel multiple and granularity."""
-        s = self.settings
-        plan = plan_from_scores(
-            head_scores,
-            channel_scores,
-            ratio,
-            dense_layer_indices(s.dense_layers, self.shape.layers),
-            s.channel_multiple,
-        )
-        if not self.prune_heads:
-            every = tuple(range(self.shape.kv_heads))
-            plan = {layer: LayerKeep(every, keep.channels) for layer, keep in plan.items()}
-        return plan
 
     def rescored(self) -> None:
         """The importance changed: plans are recomputed, and pruning may begin."""
