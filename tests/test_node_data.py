@@ -284,7 +284,8 @@ def test_a_worker_refuses_a_connection_without_its_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("strategy", "method"), [("fedit", "split"), ("fedspine", "finetune"), ("fedspine", "mask")]
+    ("strategy", "method"),
+    [("fedit", "split"), ("fedspine", "finetune"), ("fedspine", "mask"), ("fedspine", "clustered")],
 )
 def test_deployed_devices_build_their_personal_models_on_their_own_data(
     tmp_path: Path, strategy: str, method: str
@@ -313,6 +314,10 @@ def test_deployed_devices_build_their_personal_models_on_their_own_data(
         assert held["personal"]["value"] == personal["devices"][str(device)]
         model = AutoModelForCausalLM.from_pretrained(held["dir"], trust_remote_code=True)
         assert sum(p.numel() for p in model.parameters()) == parameters[entry["model"]]
+    if method == "clustered":  # the cluster adapters travel: down with every task, the chosen one up
+        tasks = [e for e in read_events(tmp_path / "run") if e["event"] == "task" and e["status"] == "ok"]
+        assert tasks and all(t["cluster"] in (0, 1) and t["cluster_uplink_bytes"] > 0 for t in tasks)
+        assert personal["extra_uplink_bytes"] == sum(t["cluster_uplink_bytes"] for t in tasks)
     if method == "split":  # the private adapter is node state, never a message
         kept = {node - 1 for node, c in grid.contexts.items() if "fedspine.private" in c.state.array_records}
         assert kept == {0, 1}  # device 2 never trained
@@ -336,3 +341,24 @@ def test_a_personal_report_that_lies_is_left_out_and_the_model_is_kept(tmp_path:
     for device in (0, 1):
         held = manifest["devices"][str(device)]["on_device"]
         assert "outside 0..8" in held["personal_error"] and held["parameters"] > 0
+
+
+def test_a_cluster_adapter_the_server_cannot_place_is_rejected_and_changes_nothing(tmp_path: Path) -> None:
+    paths = write_node_files(tmp_path)
+
+    def elsewhere(reply: Message) -> Message:
+        if (
+            "update" in reply.content.config_records
+            and reply.content.config_records["update"]["device_id"] == 0
+        ):
+            reply.content.config_records["update"]["cluster"] = 7
+        return reply
+
+    cfg = tiny(*THREE, "personalize.method=clustered")
+    run_fake(cfg, tmp_path / "run", grid_hook=elsewhere, data_paths=paths, model_root=str(tmp_path / "n"))
+    tasks = [e for e in read_events(tmp_path / "run") if e["event"] == "task"]
+    for task in tasks:
+        if task["device_id"] == 0:
+            assert task["status"] == "rejected" and "cluster 7 outside 0..1" in task["reason"]
+        elif task["device_id"] == 1:
+            assert task["status"] == "ok"

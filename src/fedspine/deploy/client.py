@@ -240,7 +240,7 @@ def _personalize(
     if exp.private is not None:
         _load_private(context, exp.private, task.device_id)
     started = time.perf_counter()
-    built = personal_model(exp, device, task.plan, task.channel_means)
+    built = personal_model(exp, device, task.plan, task.channel_means, clusters=task.clusters)
     seconds = time.perf_counter() - started
     if built is None:
         return deployed, None

@@ -6,12 +6,15 @@ A task becomes a :class:`~flwr.app.RecordDict` with
   (``"<module>/A"``, ``"<module>/B"``; heterogeneous ranks travel at their own shapes);
 * ``"base"`` (ArrayRecord, optional): the change merged into the base weights so far (FLoRA and
   FedSpine merge adapters into the base; a device rebuilds the current base from its own copy);
+* ``"clusters"`` (ArrayRecord, optional): the cluster adapters the device chooses among
+  (``personalize.method = "clustered"``), ``"<cluster>/<module>/A"``...;
 * ``"task"`` (ConfigRecord): round, device, local steps, rank, scaling, pruning ratio, the pruning plan
   (JSON), extra settings (JSON) and the server's send time.
 
 An update becomes ``"lora"`` (the trained factors, or ``"wire"``: the compressed payload that replaces
-them), ``"importance"`` (per-unit scores in full coordinates, FedSpine) and ``"update"`` (scalars and
-the device's receive / reply times). Decoding checks what it reads and raises
+them), ``"importance"`` (per-unit scores in full coordinates, FedSpine), ``"cluster"`` (the trained
+cluster adapter, with its index in ``"update"``) and ``"update"`` (scalars and the device's receive /
+reply times). Decoding checks what it reads and raises
 :class:`~fedspine.errors.DeployError` naming the field, so a malformed reply is rejected, never merged.
 
 A reply is untrusted until :func:`read_update` has passed, and nothing is copied before its size is
@@ -40,7 +43,7 @@ from fedspine.client.objectives import BatchResult, Objective
 from fedspine.errors import DeployError, FedspineError
 from fedspine.model.footprint import ModelShape
 from fedspine.model.pruning import LayerKeep, PruningPlan
-from fedspine.types import ClientTask, ClientUpdate, DeviceLora
+from fedspine.types import ClientTask, ClientUpdate, DeviceLora, LoraState
 
 ALLOWED_DTYPES = frozenset(
     np.dtype(name).newbyteorder("<")
@@ -84,6 +87,8 @@ def max_reply_bytes(task: ClientTask, shape: ModelShape | None) -> int:
     :data:`REPLY_SLACK_BYTES`.
     """
     factors = sum(int(t.numel()) for f in task.payload.values() for t in f.values()) * 4
+    if task.clusters:  # the trained cluster adapter comes back beside the shared one
+        factors += sum(int(t.numel()) for f in task.clusters[0].values() for t in f.values()) * 4
     scores = 0
     if shape is not None and task.extra.get("measure_importance"):
         scores = shape.layers * (shape.kv_heads + 2 * shape.intermediate) * 4  # scores and channel means
@@ -143,6 +148,14 @@ def task_record(task: ClientTask, base_delta: dict[str, torch.Tensor], sent_at: 
         content["base"] = arrays(base_delta)
     if task.channel_means is not None:
         content["means"] = arrays({str(layer): m for layer, m in enumerate(task.channel_means)})
+    if task.clusters:
+        content["clusters"] = arrays(
+            {
+                f"{i}/{key}": t
+                for i, state in enumerate(task.clusters)
+                for key, t in flatten_state(state).items()
+            }
+        )
     content["task"] = ConfigRecord(
         {
             "round": task.round,
@@ -176,6 +189,8 @@ def read_task(content: RecordDict) -> tuple[ClientTask, dict[str, torch.Tensor],
     )
     if "means" in content.array_records:
         task.channel_means = _layers(tensors(content.array_records["means"]), "means")
+    if "clusters" in content.array_records:
+        task.clusters = _clusters(tensors(content.array_records["clusters"]))
     base = tensors(content.array_records["base"]) if "base" in content.array_records else {}
     return task, base, _float(cfg, "task", "sent_at")
 
@@ -195,8 +210,11 @@ def update_record(update: ClientUpdate, timing: Timing) -> RecordDict:
                 for layer, s in enumerate(update.importance.get(kind) or [])
             }
         )
+    if update.cluster_state is not None:
+        content["cluster"] = arrays(flatten_state(update.cluster_state))
     content["update"] = ConfigRecord(
         {
+            "cluster": -1 if update.cluster is None else update.cluster,
             "round": update.round,
             "device_id": update.device_id,
             "num_samples": update.num_samples,
@@ -237,6 +255,9 @@ def read_update(
     if "importance" in content.array_records:
         importance = _importance(tensors(content.array_records["importance"]))
     probe_loss = _float(cfg, "update", "probe_loss")
+    cluster_state = None
+    if "cluster" in content.array_records:
+        cluster_state = unflatten_state(tensors(content.array_records["cluster"]))
     update = ClientUpdate(
         round=task.round,
         device_id=task.device_id,
@@ -252,6 +273,8 @@ def read_update(
         importance=importance,
         probe_loss=None if math.isnan(probe_loss) else probe_loss,
         wire=wire,
+        cluster=_int(cfg, "update", "cluster") if cluster_state is not None else None,
+        cluster_state=cluster_state,
     )
     timing = Timing(
         _float(cfg, "update", "received_at"),
@@ -384,6 +407,19 @@ def read_model_report(content: RecordDict, device_id: int) -> dict[str, Any]:
         "bytes": nbytes,
         "tokens_per_second": speed or None,
     }
+
+
+def _clusters(flat: dict[str, torch.Tensor]) -> list[LoraState]:
+    """The cluster adapters of a task's ``"clusters"`` record (keys ``"<i>/<module>/<A|B>"``, i = 0..k-1)."""
+    grouped: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        index, _, rest = key.partition("/")
+        if not index.isdigit() or not rest:
+            raise DeployError(f"clusters: key {key!r} is not <cluster>/<module>/<factor>")
+        grouped.setdefault(int(index), {})[rest] = tensor
+    if sorted(grouped) != list(range(len(grouped))):
+        raise DeployError("clusters must be numbered 0..k-1")
+    return [unflatten_state(grouped[i]) for i in range(len(grouped))]
 
 
 def _importance(scores: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:

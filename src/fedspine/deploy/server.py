@@ -38,7 +38,6 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.api import RunResult, resume_experiment, run_experiment
 from fedspine.client.evaluate import Evaluation
 from fedspine.config import Config, load_config
@@ -153,8 +152,8 @@ class FlowerLink:
         except Exception as exc:  # the trust boundary: no reply may end the run
             self.drop(o, f"malformed update: {exc}", arrived_at - sent_at)
             return
-        update.uplink_bytes = update_payload_bytes(update)
-        o.update, o.uplink_bytes = update, update.uplink_bytes
+        engine.count_upload(o, update)
+        o.update = update
         o.extra.update(predicted_seconds(o))
         o.downlink_seconds = max(0.0, timing.received_at - sent_at)
         o.compute_seconds = max(0.0, timing.replied_at - timing.received_at)
@@ -299,7 +298,7 @@ class FlowerTransport:
                     }
             return report
 
-        reports, failed = self._ask(engine, engine.loop.version, MODEL_ACTION, models, read)
+        reports, failed = self._ask(engine, engine.loop.version, MODEL_ACTION, models, read, clusters=True)
         for device, reason in failed.items():
             log.warning("final model of device %s: %s", device, reason)
             reports[device] = {"error": reason}
@@ -327,12 +326,15 @@ class FlowerTransport:
         kind: str,
         devices: dict[int, str],
         read: Callable[[RecordDict, int], T],
+        clusters: bool = False,
     ) -> tuple[dict[int, T], dict[int, str]]:
         """Send each connected device of ``devices`` (device -> the model it gets, "" for none) the global
-        state of ``version`` at its own plan as a ``kind`` message, and wait up to the link's timeout.
+        state of ``version`` at its own plan (and, with ``clusters``, the cluster adapters cut to it) as
+        a ``kind`` message, and wait up to the link's timeout.
         Returns each answer ``read`` accepted, and why the others gave none (an error, a refusal,
         what ``read`` raised: the trust boundary, no answer may end the run; or no answer at all)."""
-        link, strategy = self.link, engine.exp.strategy
+        exp = engine.exp
+        link, strategy = self.link, exp.strategy
         state = strategy.global_lora()
         rank = int(next(iter(state.values()))["A"].shape[0]) if state else 1
         asked: dict[int, int] = {}  # node -> device
@@ -340,6 +342,7 @@ class FlowerTransport:
         for device in link.connected():
             if device not in devices:
                 continue
+            plan = strategy.device_eval_plan(device)
             task = ClientTask(
                 version,
                 device,
@@ -348,8 +351,11 @@ class FlowerTransport:
                 state,
                 0,
                 extra={"model": devices[device]} if devices[device] else {},
-                plan=strategy.device_eval_plan(device),
+                plan=plan,
                 channel_means=strategy.channel_means(),
+                clusters=exp.clusters.sent(plan, exp.shape)
+                if clusters and exp.clusters is not None
+                else None,
             )
             content = task_record(task, engine.base_delta, sent_at=time.time())
             messages.append(Message(content, link.nodes[device], kind, group_id=f"{kind}-{version}"))

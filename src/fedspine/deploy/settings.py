@@ -62,12 +62,6 @@ def config_from_run(run_config: Mapping[str, Value]) -> tuple[Config, str]:
             "executor.name",
             f"{config.executor.name!r} is for simulated runs; a deployment trains on its SuperNodes",
         )
-    if config.personalize.method == "clustered":
-        raise ConfigError(
-            "personalize.method",
-            "'clustered' runs in simulation only (its adapters do not travel in deployed messages yet); "
-            "a deployment takes none, finetune, split or mask",
-        )
     return config, text
 
 

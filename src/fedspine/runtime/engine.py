@@ -765,14 +765,9 @@ class Engine:
             )
             update = self.exp.uplink.transmit(update, outcome.task.payload, draws)
         self.state.train_wall_seconds += update.host_train_seconds
-        update.uplink_bytes = update_payload_bytes(update)
-        if update.cluster_state is not None:
-            alone = update_payload_bytes(dataclasses.replace(update, cluster=None, cluster_state=None))
-            outcome.extra["cluster"] = update.cluster
-            outcome.extra["cluster_uplink_bytes"] = update.uplink_bytes - alone
+        self.count_upload(outcome, update)
         device = outcome.device
         rate = link_rate_factor(device, self.seed, update.round, "up")
-        outcome.uplink_bytes = update.uplink_bytes
         outcome.uplink_seconds = CostModel.for_device(device).transfer_seconds(
             update.uplink_bytes, "up", rate
         )
@@ -781,6 +776,15 @@ class Engine:
             "train", round=update.round, device_id=device.device_id, seconds=update.host_train_seconds
         )
         self.validate(outcome)
+
+    def count_upload(self, outcome: TaskOutcome, update: ClientUpdate) -> None:
+        """Record the size of ``update``'s upload on it and on ``outcome``, with a cluster adapter's share
+        (``clustered``) and the cluster it trained recorded apart."""
+        update.uplink_bytes = outcome.uplink_bytes = update_payload_bytes(update)
+        if update.cluster_state is not None:
+            alone = update_payload_bytes(dataclasses.replace(update, cluster=None, cluster_state=None))
+            outcome.extra["cluster"] = update.cluster
+            outcome.extra["cluster_uplink_bytes"] = update.uplink_bytes - alone
 
     def validate(self, outcome: TaskOutcome) -> None:
         """Reject (never aggregate) an update that fails the server's checks; log and record why.

@@ -612,10 +612,10 @@ class SimExecutor:
         plan: PruningPlan | None = None,
         channel_means: list[torch.Tensor] | None = None,
     ) -> Any:
-        """The deployed model with the adapter ``state`` (dense coordinates, cut to ``plan``'s submodel;
-        scaling ``alpha / rank``) merged in."""
+        """The deployed model with the adapter ``state`` (in that model's coordinates: ``plan``'s
+        submodel; scaling ``alpha / rank``) merged in."""
         model = apply_lora(self.deployed_model(plan, channel_means), rank, alpha, 0.0, self.target_modules)
-        set_lora_state(model, state if plan is None else lora_between(state, plan, self.shape, "kept"))
+        set_lora_state(model, state)
         return _merged(model)
 
     def local_importance(

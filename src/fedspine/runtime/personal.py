@@ -37,7 +37,7 @@ from fedspine.metrics.events import PersonalEvaluationEvent
 from fedspine.model.pruning import PruningPlan, plan_like
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.executor import forward_only
-from fedspine.types import Device, TrainWorkload
+from fedspine.types import Device, LoraState, TrainWorkload
 
 if TYPE_CHECKING:
     from fedspine.runtime.engine import Engine
@@ -62,11 +62,13 @@ def personal_model(
     plan: PruningPlan | None,
     means: list[torch.Tensor] | None,
     base: Any = None,
+    clusters: list[LoraState] | None = None,
 ) -> PersonalModel | None:
     """``device``'s personal model from the global state loaded in ``exp``'s executor (at its deployed
     ``plan``, compensated with ``means``), by ``personalize.method``; None when it keeps the global
     model (``none``, or ``mask`` on a dense model). ``base`` (``mask``): the dense deployed model, built
-    once for every device. The same code runs in simulation and on a deployed device's node."""
+    once for every device; ``clusters`` (``clustered``): the cluster adapters in ``plan``'s coordinates.
+    The same code runs in simulation and on a deployed device's node."""
     settings, executor = exp.settings.personalize, exp.executor
     steps = settings.steps or exp.settings.local_steps
     if settings.method == "finetune":
@@ -77,14 +79,13 @@ def personal_model(
         return PersonalModel(model, [executor.workload(device, batches, settings.rank, plan)])
     if settings.method == "split":
         assert exp.private is not None
-        state = exp.private.of(device.device_id)
+        state = exp.private.of(device.device_id, plan, exp.shape)
         return PersonalModel(executor.with_adapter(state, settings.rank, settings.alpha, plan, means))
     if settings.method == "clustered":
-        assert exp.clusters is not None
+        assert clusters, "clustered: the cluster adapters come with the final model"
         [batch] = executor.local_batches(device, 1, PERSONAL_TASK_KEY)
         candidates = [
-            executor.with_adapter(state, settings.rank, settings.alpha, plan, means)
-            for state in exp.clusters.states
+            executor.with_adapter(state, settings.rank, settings.alpha, plan, means) for state in clusters
         ]
         with torch.no_grad():
             losses = [float(exp.objective.loss(c, batch.to(next(c.parameters()).device))) for c in candidates]
@@ -119,7 +120,9 @@ def personalize(engine: Engine) -> dict[str, Any] | None:
     extra: dict[int, float] = {}
     for device_id in sorted(global_models):
         device = exp.devices[device_id]
-        built = personal_model(exp, device, strategy.device_eval_plan(device_id), means, base)
+        plan = strategy.device_eval_plan(device_id)
+        clusters = exp.clusters.sent(plan, exp.shape) if exp.clusters is not None else None
+        built = personal_model(exp, device, plan, means, base, clusters)
         in_tasks = engine.state.personal_seconds.get(device_id, 0.0)
         cost = CostModel.for_device(device)
         extra[device_id] = in_tasks + sum(cost.train_seconds(w) for w in built.work) if built else in_tasks
