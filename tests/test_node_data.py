@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedspine.client.evaluate import Evaluation
@@ -362,3 +363,23 @@ def test_a_cluster_adapter_the_server_cannot_place_is_rejected_and_changes_nothi
             assert task["status"] == "rejected" and "cluster 7 outside 0..1" in task["reason"]
         elif task["device_id"] == 1:
             assert task["status"] == "ok"
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "flora"])
+def test_the_model_a_node_saves_is_the_servers_global_model(tmp_path: Path, strategy: str) -> None:
+    """Not the node's own last adapter: FLoRA keeps no global adapter (its knowledge is in the merged
+    base), so a node that merged whatever adapter it trained last would save its own update."""
+    from safetensors.torch import load_file
+
+    paths = write_node_files(tmp_path)
+    cfg = tiny(*THREE, f"strategy.name={strategy}", "export.save=true")
+    run_fake(cfg, tmp_path / "run", data_paths=paths, model_root=str(tmp_path / "nodes"))
+    manifest = json.loads((tmp_path / "run" / "models" / "manifest.json").read_text())
+    server = load_file(str(tmp_path / "run" / "models" / "dense" / "model.safetensors"))
+    for device in (0, 1):
+        node = load_file(
+            str(Path(manifest["devices"][str(device)]["on_device"]["dir"]) / "model.safetensors")
+        )
+        assert node.keys() == server.keys()
+        for key, value in server.items():
+            torch.testing.assert_close(node[key], value, rtol=1e-5, atol=1e-6, msg=key)

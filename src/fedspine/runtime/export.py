@@ -28,7 +28,7 @@ import torch
 from fedspine.algorithms.strategies import FedSpine
 from fedspine.client.evaluate import evaluate, prepare_eval_model
 from fedspine.errors import ConfigError, FedspineError
-from fedspine.model.lora import merged_model, plain_copy
+from fedspine.model.lora import plain_copy
 from fedspine.model.pruning import (
     PruningPlan,
     add_zero_mlp_biases,
@@ -76,7 +76,7 @@ def export_models(exp: Experiment, run_dir: Path) -> dict[str, Any]:
                     devices[str(device)] = {"ratio": ratio, "rank": arm.rank, "model": name}
     else:
         executor.load_global(strategy.global_lora())
-        model = device_model(executor, None, None) if strategy.global_lora() else base
+        model = device_model(executor, None, None)
         entry = {"dir": "dense", "ratio": 0.0, **describe_model(model, prompt, pad, tokens)}
         entry["metric"] = _metric(model, exp)
         entry["saved"] = bool(cfg.save)
@@ -94,13 +94,12 @@ def export_models(exp: Experiment, run_dir: Path) -> dict[str, Any]:
 
 
 def device_model(executor: Any, plan: PruningPlan | None, means: list[torch.Tensor] | None) -> Any:
-    """A device's model as a plain copy: the executor's base pruned by ``plan`` (the removed channels'
-    mean outputs kept as biases with ``means``), or, without a plan, the base with the global adapter
-    loaded by ``executor.load_global`` merged in."""
-    if plan is None:
-        return merged_model(executor.model)
-    model = executor.pruned_model(plan, means)
-    if means is not None:
+    """A device's model as a plain copy (``executor.deployed_model``): the executor's base pruned by
+    ``plan`` (the removed channels' mean outputs kept as biases with ``means``), or, without a plan, the
+    base with the global adapter loaded by ``executor.load_global`` merged in (none: the base alone,
+    never an adapter a device trained last)."""
+    model = executor.deployed_model(plan, means)
+    if plan is not None and means is not None:
         add_zero_mlp_biases(model)  # a stock config with mlp_bias has biases on gate/up too
     return model
 
