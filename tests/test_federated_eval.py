@@ -18,7 +18,7 @@ from fedspine.errors import ConfigError
 from fedspine.metrics.records import RunRecorder, read_events
 from fedspine.runtime.build import build_experiment
 from fedspine.runtime.engine import Engine
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, run_and_resume_from_first_checkpoint
 
 FAST = [
     "data.max_examples=600",
@@ -143,21 +143,10 @@ def test_bad_local_evaluation_settings_name_the_field() -> None:
 
 
 def test_a_run_with_federated_evaluation_resumes_to_the_same_records(tmp_path: Path) -> None:
-    import shutil
-
-    from fedspine.api import resume_experiment
-
     cfg = load_config(
         CONFIGS / "tiny.toml", [*FAST, "scheduler.rounds=3", "eval.mode=both", "run.checkpoint_every=1"]
     )
-    whole = tmp_path / "whole"
-    run_experiment(cfg, whole)
-    cut = tmp_path / "cut"
-    shutil.copytree(whole, cut)
-    (cut / "summary.json").unlink()  # as if it died after the first checkpoint
-    for checkpoint in sorted((cut / "checkpoints").iterdir())[1:]:
-        shutil.rmtree(checkpoint)
-    resume_experiment(cut)
+    whole, cut = run_and_resume_from_first_checkpoint(cfg, tmp_path)
 
     def federated(run: Path) -> list[str]:
         return [

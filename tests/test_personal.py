@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typer.testing import CliRunner
 from fedspine.algorithms.clusters import ClusterAdapters
 from fedspine.algorithms.validation import check_update
 from fedspine.algorithms.wire import update_payload_bytes
-from fedspine.api import resume_experiment, run_experiment
+from fedspine.api import run_experiment
 from fedspine.cli import app
 from fedspine.client.personal import PrivateAdapters
 from fedspine.config import load_config, to_toml
@@ -29,17 +28,10 @@ from fedspine.model.pruning import LayerKeep
 from fedspine.runtime.build import check_config
 from fedspine.runtime.engine import Engine, TaskOutcome
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, run_and_resume_from_first_checkpoint
+from tests.test_federated_eval import FAST as FEDERATED_FAST
 
-FAST = [
-    "data.max_examples=600",
-    "data.test_size=60",
-    "train.local_steps=2",
-    "scheduler.rounds=2",
-    "export.save=false",
-    "export.speed=false",
-    "eval.mode=both",
-]
+FAST = [*FEDERATED_FAST, "eval.mode=both"]
 METHODS = [
     (strategy, method)
     for strategy in ("fedit", "fedspine")
@@ -172,14 +164,7 @@ def test_a_personalized_run_resumes_to_the_same_records(tmp_path: Path, strategy
             f"personalize.method={method}",
         ],
     )
-    whole = tmp_path / "whole"
-    run_experiment(cfg, whole)
-    cut = tmp_path / "cut"
-    shutil.copytree(whole, cut)
-    (cut / "summary.json").unlink()  # as if it died after the first checkpoint
-    for checkpoint in sorted((cut / "checkpoints").iterdir())[1:]:
-        shutil.rmtree(checkpoint)
-    resume_experiment(cut)
+    whole, cut = run_and_resume_from_first_checkpoint(cfg, tmp_path)
     for kind in ("task", "personal_evaluation"):
         assert read_events(cut, kind) == read_events(whole, kind), kind
     a, b = (json.loads((run / "summary.json").read_text()) for run in (whole, cut))
