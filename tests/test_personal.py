@@ -146,10 +146,13 @@ def test_private_adapters_never_appear_in_uplink_payloads_or_byte_counts(
 @pytest.mark.parametrize(
     ("strategy", "method"),
     [
+        ("fedit", "none"),
         ("fedit", "split"),
         ("fedspine", "split"),
         ("fedspine", "mask"),
         ("fedit", "finetune"),
+        ("fedspine", "finetune"),
+        ("fedit", "clustered"),
         ("fedspine", "clustered"),
     ],
 )
