@@ -84,13 +84,16 @@ def personal_model(
     if settings.method == "clustered":
         assert clusters, "clustered: the cluster adapters come with the final model"
         [batch] = executor.local_batches(device, 1, PERSONAL_TASK_KEY)
-        candidates = [
-            executor.with_adapter(state, settings.rank, settings.alpha, plan, means) for state in clusters
-        ]
-        with torch.no_grad():
-            losses = [float(exp.objective.loss(c, batch.to(next(c.parameters()).device))) for c in candidates]
+        best: tuple[float, Any] | None = None  # one candidate model at a time beside the best so far
+        for state in clusters:
+            candidate = executor.with_adapter(state, settings.rank, settings.alpha, plan, means)
+            with torch.no_grad():
+                loss = float(exp.objective.loss(candidate, batch.to(next(candidate.parameters()).device)))
+            if best is None or loss < best[0]:
+                best = (loss, candidate)
+        assert best is not None
         choosing = forward_only(executor.workload(device, [batch], settings.rank, plan))
-        return PersonalModel(candidates[losses.index(min(losses))], [choosing] * len(candidates))
+        return PersonalModel(best[1], [choosing] * len(clusters))
     if settings.method == "mask" and plan is not None:
         batches = executor.local_batches(device, steps, PERSONAL_TASK_KEY)
         heads, channels, own_means = executor.local_importance(
