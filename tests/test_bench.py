@@ -78,3 +78,12 @@ def test_the_sim_vs_real_benchmark_pairs_every_task_and_prints_its_error() -> No
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
     last = out.strip().splitlines()[-1]
     assert last.startswith("RESULT median_error=") and last.endswith("tasks=2")
+
+
+def test_the_personal_mask_benchmark_compares_both_importances_and_prints_its_result_line() -> None:
+    cmd = [sys.executable, "bench/personal_mask.py", "--config", "configs/tiny.toml", "--devices", "3"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("RESULT flap_pair_overlap=") and "taylor_pair_overlap=" in last
+    values = [float(part.split("=")[1]) for part in last.split()[1:]]
+    assert all(0.0 < v <= 1.0 for v in values)

@@ -19,7 +19,7 @@ from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.api import run_experiment
 from fedspine.cli import app
 from fedspine.client.personal import PrivateAdapters
-from fedspine.config import load_config, to_toml
+from fedspine.config import Config, load_config, to_toml
 from fedspine.deploy.settings import CONFIG_KEY, config_from_run
 from fedspine.errors import ConfigError
 from fedspine.metrics.records import read_events as _all_events
@@ -273,3 +273,24 @@ def test_the_server_rejects_a_cluster_adapter_it_did_not_send_or_cannot_place() 
     assert "did not send" in (check_update(good, alone) or "")
     far = {module: {"A": torch.full((2, 3), 10.0), "B": torch.zeros(4, 2)}}
     assert "max_update_norm" in (check_update(replace(good, cluster_state=far), task, max_norm=1.0) or "")
+
+
+def test_a_devices_taylor_scores_see_its_labels_and_flap_scores_do_not(tiny_config: Config) -> None:
+    """The mask's default importance is the first-order change of the device's own task loss: the
+    same verses with other labels rank units differently; FLAP (activations only) cannot tell. A unit
+    that cannot change the output (a zeroed down_proj column) scores zero."""
+    from fedspine.runtime.build import build_experiment
+
+    exp = build_experiment(tiny_config)
+    executor = exp.executor
+    model = executor.deployed_model()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:, 5] = 0.0
+    batches = executor.local_batches(exp.devices[0], 2, 0)
+    relabelled = [replace(b, label_index=(b.label_index + 1) % 6) for b in batches]
+    taylor = [executor.local_importance(model, b, "taylor") for b in (batches, relabelled)]
+    flap = [executor.local_importance(model, b, "flap") for b in (batches, relabelled)]
+    assert all(torch.equal(x, y) for x, y in zip(flap[0][1], flap[1][1], strict=True))
+    assert not all(torch.allclose(x, y) for x, y in zip(taylor[0][1], taylor[1][1], strict=True))
+    assert taylor[0][1][0][5] == 0 and taylor[0][1][0].sum() > 0 and taylor[0][0][1].sum() > 0
+    assert all(not p.requires_grad for p in model.parameters())  # the scoring left the model as it was

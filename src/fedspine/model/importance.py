@@ -14,6 +14,11 @@ of the model being trained (its kept units), higher meaning more important.
   ``down_proj``, ``Var(X_j) * ||W'_{:,j}||^2``. A KV group sums its heads' channels. The variance is
   over the batch's real tokens when :meth:`FlapMeter.set_mask` names them (padding would add the
   activations of pad tokens), else over every position.
+* :class:`ActivationTaylorMeter`, the first-order Taylor importance of a unit's output for the loss,
+  on a model with no adapter: for an input channel ``j`` of ``o_proj`` or ``down_proj``,
+  ``|sum over tokens of X_j * dL/dX_j|`` per batch (the loss change when the channel is zeroed),
+  summed over batches; a KV group sums its heads' channels. Unlike FLAP it sees the labels: it is how a
+  device tells which units matter for *its* task (``personalize.method = "mask"``).
 
 Modules without a LoRA adapter contribute nothing to the Taylor score (they have no gradient to read).
 """
@@ -129,6 +134,53 @@ class TaylorMeter(_Meter):
         w_at = w @ a.T + s * b @ (a @ a.T)  # (out, r)
         w_gat = w @ ga.T + s * b @ (a @ ga.T)  # (out, r)
         return (s * (gb * w_at + b * w_gat).sum(dim=1)).cpu()
+
+
+class ActivationTaylorMeter(_Meter):
+    """Use as a context manager around forward and backward passes of a plain model (its input
+    embeddings are made to require gradients, so activations carry them with frozen weights); read
+    :meth:`result` at the end."""
+
+    def __init__(self, model: nn.Module, head_dim: int) -> None:
+        super().__init__(model, head_dim)
+        self._model = model
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> ActivationTaylorMeter:
+        self._model.enable_input_require_grads()  # type: ignore[operator]
+        for index, block in enumerate(self.blocks):
+            for name in COLUMN_MODULES:
+                module = self._modules(block)[name]
+                self._handles.append(module.register_forward_pre_hook(self._hook(index, name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._model.disable_input_require_grads()  # type: ignore[operator]
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, index: int, name: str) -> Any:
+        def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            x = inputs[0]
+            if not x.requires_grad:
+                return
+            kept = x.detach()
+
+            def on_grad(grad: Tensor) -> None:
+                signed = (kept.float() * grad.float()).reshape(-1, kept.shape[-1]).sum(0).abs().cpu()
+                if name == "down_proj":
+                    self.channel_sums[index] += signed
+                else:
+                    self.head_sums[index] += _group(signed, self.widths[index][0])
+
+            x.register_hook(on_grad)
+
+        return hook
+
+    def result(self) -> Scores:
+        """Scores summed over the batches seen (zeros if none)."""
+        return list(self.head_sums), list(self.channel_sums)
 
 
 class FlapMeter(_Meter):

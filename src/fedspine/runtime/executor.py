@@ -27,7 +27,7 @@ from fedspine.client.personal import PrivateAdapters
 from fedspine.client.train import LocalResult, make_optimizer, train_local
 from fedspine.data.batching import Batch, EncodedDataset, collate, iterate_batches
 from fedspine.model.footprint import ModelShape
-from fedspine.model.importance import FlapMeter, TaylorMeter, make_meter
+from fedspine.model.importance import ActivationTaylorMeter, FlapMeter, TaylorMeter, make_meter
 from fedspine.model.lora import (
     ADAPTER,
     activate_adapter,
@@ -619,18 +619,27 @@ class SimExecutor:
         return _merged(model)
 
     def local_importance(
-        self, model: Any, batches: list[Batch]
+        self, model: Any, batches: list[Batch], kind: str = "taylor"
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """FLAP scores of ``model``'s KV groups and MLP channels on ``batches`` (forward passes only),
-        and its MLP channels' mean inputs there: ``(heads, channels, means)`` per layer."""
-        meter = FlapMeter(model, self.shape.head_dim)
+        """Scores of ``model``'s KV groups and MLP channels on ``batches`` and its MLP channels' mean
+        inputs there: ``(heads, channels, means)`` per layer. ``kind``: ``taylor`` (the first-order
+        change of the task loss, :class:`ActivationTaylorMeter`: a backward pass per batch) or ``flap``
+        (forward passes only)."""
+        flap = FlapMeter(model, self.shape.head_dim)
+        taylor = ActivationTaylorMeter(model, self.shape.head_dim) if kind == "taylor" else None
         device = _device_of(model)
-        with meter, torch.no_grad():
+        with (
+            flap,
+            taylor if taylor is not None else nullcontext(),
+            torch.set_grad_enabled(taylor is not None),
+        ):
             for batch in batches:
-                meter.before_forward(batch)
-                self.objective.loss(model, batch.to(device))
-        heads, channels = meter.result()
-        return heads, channels, meter.channel_means()
+                flap.before_forward(batch)
+                loss = self.objective.loss(model, batch.to(device))
+                if taylor is not None:
+                    loss.backward()
+        heads, channels = (taylor or flap).result()
+        return heads, channels, flap.channel_means()
 
     def evaluate(
         self,

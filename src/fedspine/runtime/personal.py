@@ -97,12 +97,13 @@ def personal_model(
     if settings.method == "mask" and plan is not None:
         batches = executor.local_batches(device, steps, PERSONAL_TASK_KEY)
         heads, channels, own_means = executor.local_importance(
-            base if base is not None else executor.deployed_model(), batches
+            base if base is not None else executor.deployed_model(), batches, settings.importance
         )
         model = executor.deployed_model(
             plan_like(plan, heads, channels), own_means if means is not None else None
         )
-        return PersonalModel(model, [forward_only(executor.workload(device, batches, 0))])
+        scoring = executor.workload(device, batches, 0)  # forward and backward passes, no optimizer
+        return PersonalModel(model, [scoring if settings.importance == "taylor" else forward_only(scoring)])
     return None
 
 

@@ -55,6 +55,8 @@ class PersonalSettings:
     """Rank of the personal adapter (finetune, split, clustered)."""
     alpha: float
     """Its LoRA alpha (``lora.alpha``): scaling ``alpha / rank``."""
+    importance: str = "taylor"
+    """mask: how a device scores its units (taylor or flap)."""
 
 
 @dataclass(frozen=True)

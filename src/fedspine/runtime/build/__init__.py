@@ -146,7 +146,11 @@ def run_settings(cfg: Config) -> RunSettings:
         model_name=cfg.model.source if cfg.model.source != "local" else cfg.model.path,
         eval_mode=cfg.eval.mode,
         personalize=PersonalSettings(
-            cfg.personalize.method, cfg.personalize.steps, cfg.personalize.rank, cfg.lora.alpha
+            cfg.personalize.method,
+            cfg.personalize.steps,
+            cfg.personalize.rank,
+            cfg.lora.alpha,
+            cfg.personalize.importance,
         ),
     )
 
