@@ -49,7 +49,9 @@ def _cli(out: Path, *overrides: str) -> dict[str, Any]:
     args += [a for o in (*FAST, *overrides) for a in ("--set", o)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    return json.loads((out / "summary.json").read_text())
+    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    summary["cli_output"] = result.output
+    return summary
 
 
 @pytest.mark.parametrize(("strategy", "method"), METHODS)
@@ -79,6 +81,7 @@ def test_each_method_runs_from_the_cli_and_is_measured_on_the_devices_own_data(
         assert all(e["extra_seconds"] > 0 for e in devices.values())
         assert personal["extra_time_fraction"] > 0
     assert "Personal models" in (out / "report.html").read_text()
+    assert f"personal ({method})" in summary["cli_output"]  # the CLI's closing table shows it
     travelled = personal["extra_uplink_bytes"], personal["extra_downlink_bytes"]
     if method == "clustered":  # cluster adapters travel (both clusters go down, the chosen one comes up)
         tasks = [t for t in read_events(out, "task") if t["status"] == "ok"]

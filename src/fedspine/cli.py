@@ -475,12 +475,34 @@ def _print_summary(summary: Summary, run_dir: Path) -> None:
         ),
         ("host wall / training", f"{summary.wall_seconds:.1f} s / {summary.train_wall_seconds:.1f} s"),
         *_models_row(summary.device_models),
+        *_personal_rows(summary),
         ("run directory", str(run_dir)),
     ]
     table = Table(title=f"{summary.strategy} on {summary.task}", show_header=False)
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
+
+
+def _personal_rows(summary: Summary) -> list[tuple[str, str]]:
+    """The devices' metric on their own held-out data: the federated evaluation's pool, and the
+    personal models against the global one (mean over devices, worst decile)."""
+    rows = []
+    federated = summary.federated
+    if federated and federated.get("value") is not None:
+        rows.append(("on the devices' data", f"{federated['value']:.4f} pooled over {federated['count']}"))
+    personal = summary.personal
+    if personal:
+        spent = personal.get("extra_time_fraction")
+        cost = "" if spent is None else f"; +{spent:.1%} device time"
+        rows.append(
+            (
+                f"personal ({personal['method']})",
+                f"mean {personal['global_value']:.4f} -> {personal['value']:.4f}, worst decile "
+                f"{personal['global_worst_decile']:.4f} -> {personal['worst_decile']:.4f}{cost}",
+            )
+        )
+    return rows
 
 
 def _updates_row(summary: Summary) -> list[tuple[str, str]]:
