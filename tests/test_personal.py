@@ -297,3 +297,25 @@ def test_a_devices_taylor_scores_see_its_labels_and_flap_scores_do_not(tiny_conf
     assert not all(torch.allclose(x, y) for x, y in zip(taylor[0][1], taylor[1][1], strict=True))
     assert taylor[0][1][0][5] == 0 and taylor[0][1][0].sum() > 0 and taylor[0][0][1].sum() > 0
     assert all(not p.requires_grad for p in model.parameters())  # the scoring left the model as it was
+
+
+def test_with_compensation_a_channel_is_scored_by_replacing_it_with_its_mean(tiny_config: Config) -> None:
+    """Removing a channel that bias compensation replaces by its mean ``m`` changes the loss by about
+    ``sum over tokens of (x - m) dL/dx``, not ``sum x dL/dx``: a channel whose input barely varies costs
+    nothing once compensated, however large its mean."""
+    from fedspine.model.importance import ActivationTaylorMeter
+    from fedspine.runtime.build import build_experiment
+
+    exp = build_experiment(tiny_config)
+    model = exp.executor.deployed_model()
+    meter = ActivationTaylorMeter(model, exp.shape.head_dim)
+    width = exp.shape.intermediate
+    xg, g = torch.zeros(width), torch.zeros(width)
+    xg[:3], g[:3] = torch.tensor([6.0, -2.0, 1.0]), torch.tensor([2.0, 1.0, -1.0])
+    meter._sums[(0, "down_proj")] = [(xg, g)]
+    means = [torch.zeros(width) for _ in range(exp.shape.layers)]
+    means[0][:3] = torch.tensor([3.0, 1.0, 2.0])
+    _, plain = meter.result()
+    _, centered = meter.result(means)
+    assert plain[0][:3].tolist() == [6.0, 2.0, 1.0]
+    assert centered[0][:3].tolist() == [0.0, 3.0, 3.0]  # |6 - 3*2|, |-2 - 1*1|, |1 - 2*(-1)|

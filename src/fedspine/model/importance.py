@@ -17,8 +17,10 @@ of the model being trained (its kept units), higher meaning more important.
 * :class:`ActivationTaylorMeter`, the first-order Taylor importance of a unit's output for the loss,
   on a model with no adapter: for an input channel ``j`` of ``o_proj`` or ``down_proj``,
   ``|sum over tokens of X_j * dL/dX_j|`` per batch (the loss change when the channel is zeroed),
-  summed over batches; a KV group sums its heads' channels. Unlike FLAP it sees the labels: it is how a
-  device tells which units matter for *its* task (``personalize.method = "mask"``).
+  summed over batches; a KV group sums its heads' channels. With bias compensation (a removed MLP
+  channel replaced by its mean ``m_j``) the change is ``|sum (X_j - m_j) * dL/dX_j|``. Unlike FLAP it
+  sees the labels: it is how a device tells which units matter for *its* task
+  (``personalize.method = "mask"``).
 
 Modules without a LoRA adapter contribute nothing to the Taylor score (they have no gradient to read).
 """
@@ -145,6 +147,8 @@ class ActivationTaylorMeter(_Meter):
         super().__init__(model, head_dim)
         self._model = model
         self._handles: list[Any] = []
+        self._sums: dict[tuple[int, str], list[tuple[Tensor, Tensor]]] = {}
+        """Per (layer, module), per backward pass: the sums over tokens of ``X * dL/dX`` and of ``dL/dX``."""
 
     def __enter__(self) -> ActivationTaylorMeter:
         self._model.enable_input_require_grads()  # type: ignore[operator]
@@ -168,19 +172,28 @@ class ActivationTaylorMeter(_Meter):
             kept = x.detach()
 
             def on_grad(grad: Tensor) -> None:
-                signed = (kept.float() * grad.float()).reshape(-1, kept.shape[-1]).sum(0).abs().cpu()
-                if name == "down_proj":
-                    self.channel_sums[index] += signed
-                else:
-                    self.head_sums[index] += _group(signed, self.widths[index][0])
+                width = kept.shape[-1]
+                g = grad.float().reshape(-1, width)
+                xg = (kept.float().reshape(-1, width) * g).sum(0).cpu()
+                self._sums.setdefault((index, name), []).append((xg, g.sum(0).cpu()))
 
             x.register_hook(on_grad)
 
         return hook
 
-    def result(self) -> Scores:
-        """Scores summed over the batches seen (zeros if none)."""
-        return list(self.head_sums), list(self.channel_sums)
+    def result(self, channel_means: list[Tensor] | None = None) -> Scores:
+        """Scores summed over the backward passes seen (zeros if none); with ``channel_means`` (per
+        layer, each MLP channel's mean input) a channel's removal is scored as its replacement by that
+        mean (bias compensation)."""
+        heads, channels = [h.clone() for h in self.head_sums], [c.clone() for c in self.channel_sums]
+        for (index, name), passes in self._sums.items():
+            for xg, g in passes:
+                if name == "down_proj":
+                    mean = channel_means[index].float() if channel_means is not None else 0.0
+                    channels[index] += (xg - mean * g).abs()
+                else:
+                    heads[index] += _group(xg.abs(), self.widths[index][0])
+        return heads, channels
 
 
 class FlapMeter(_Meter):

@@ -619,12 +619,12 @@ class SimExecutor:
         return _merged(model)
 
     def local_importance(
-        self, model: Any, batches: list[Batch], kind: str = "taylor"
+        self, model: Any, batches: list[Batch], kind: str = "taylor", compensated: bool = False
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Scores of ``model``'s KV groups and MLP channels on ``batches`` and its MLP channels' mean
         inputs there: ``(heads, channels, means)`` per layer. ``kind``: ``taylor`` (the first-order
-        change of the task loss, :class:`ActivationTaylorMeter`: a backward pass per batch) or ``flap``
-        (forward passes only)."""
+        change of the task loss, :class:`ActivationTaylorMeter`: a backward pass per batch; with
+        ``compensated``, of replacing a channel by its mean) or ``flap`` (forward passes only)."""
         flap = FlapMeter(model, self.shape.head_dim)
         taylor = ActivationTaylorMeter(model, self.shape.head_dim) if kind == "taylor" else None
         device = _device_of(model)
@@ -638,8 +638,9 @@ class SimExecutor:
                 loss = self.objective.loss(model, batch.to(device))
                 if taylor is not None:
                     loss.backward()
-        heads, channels = (taylor or flap).result()
-        return heads, channels, flap.channel_means()
+        means = flap.channel_means()
+        heads, channels = taylor.result(means if compensated else None) if taylor else flap.result()
+        return heads, channels, means
 
     def evaluate(
         self,

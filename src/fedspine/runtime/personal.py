@@ -97,7 +97,10 @@ def personal_model(
     if settings.method == "mask" and plan is not None:
         batches = executor.local_batches(device, steps, PERSONAL_TASK_KEY)
         heads, channels, own_means = executor.local_importance(
-            base if base is not None else executor.deployed_model(), batches, settings.importance
+            base if base is not None else executor.deployed_model(),
+            batches,
+            settings.importance,
+            compensated=means is not None,
         )
         model = executor.deployed_model(
             plan_like(plan, heads, channels), own_means if means is not None else None
