@@ -9,9 +9,15 @@ personal mask could not differ from a global one. It also prints the overlap of 
 Taylor masks. No training, one seed: what the scores see, not what the masks are worth (that is the
 personalization sweep, ``bench/sweeps/personal.toml``). The last line is ``RESULT ...``.
 
+With ``--run DIR`` (a finished pruning run with held-out device data, ``eval.mode = "both"``, and
+checkpoints) the scores come from that run's newest checkpoint instead, and each device's global model
+(at its deployed plan) and its FLAP and Taylor masks at the same widths are also evaluated on its
+held-out slice: mean loss and accuracy over devices (one run: a hint, not a comparison).
+
 Usage:
     python bench/personal_mask.py                       # SmolLM2, 10 devices (~3 min on one core)
     python bench/personal_mask.py --config configs/tiny.toml --devices 4   # smoke
+    python bench/personal_mask.py --run runs/fedspine-mask   # masks of a run's model, evaluated
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ import time
 from pathlib import Path
 
 from _benchpath import host_line  # first: keeps bench/ off sys.path
+from fedspine.client.evaluate import Evaluation, evaluate
 from fedspine.config import load_config
-from fedspine.model.pruning import PruningPlan, dense_layer_indices, plan_from_scores
-from fedspine.runtime.build import build_experiment
+from fedspine.model.pruning import PruningPlan, dense_layer_indices, plan_from_scores, plan_like
+from fedspine.runtime.build import Experiment, build_experiment
+from fedspine.runtime.checkpoint import load_latest
 from fedspine.runtime.personal import PERSONAL_TASK_KEY
 
 
@@ -34,6 +42,18 @@ def overlap(a: PruningPlan, b: PruningPlan) -> float:
     return sum(len(set(a[layer].channels) & set(b[layer].channels)) for layer in a) / sum(
         len(a[layer].channels) for layer in a
     )
+
+
+def widths(plan: PruningPlan) -> list[int]:
+    return [len(plan[layer].channels) for layer in sorted(plan)]
+
+
+def restore(exp: Experiment, run: Path) -> None:
+    """Put the newest checkpoint of ``run`` into ``exp`` (its strategy and merged base weights)."""
+    snapshot = load_latest(run, exp)
+    for name, obj in snapshot.objects.items():
+        setattr(exp, name, obj)
+    exp.executor.set_base_weights(snapshot.base_weights)
 
 
 def main() -> None:
@@ -46,25 +66,52 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration of the label split")
     parser.add_argument("--ratio", type=float, default=0.3, help="share of MLP channels removed")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--run", type=Path, default=None, help="score and evaluate this run's model")
     args = parser.parse_args()
 
-    overrides = [f"run.threads={args.threads}", f"data.dirichlet_alpha={args.alpha}", "eval.mode=both"]
-    exp = build_experiment(load_config(args.config, overrides))
+    if args.run is not None:
+        exp = build_experiment(load_config(args.run / "config.toml", [f"run.threads={args.threads}"]))
+        restore(exp, args.run)
+    else:
+        overrides = [f"run.threads={args.threads}", f"data.dirichlet_alpha={args.alpha}", "eval.mode=both"]
+        exp = build_experiment(load_config(args.config, overrides))
     print(host_line(f"{len(exp.devices)} devices, {args.batches} batches each"), flush=True)
-    executor = exp.executor
+    executor, strategy = exp.executor, exp.strategy
+    executor.load_global(strategy.global_lora())
     base = executor.deployed_model()
     dense = dense_layer_indices("auto", exp.shape.layers)
     plans: dict[str, dict[int, PruningPlan]] = {"flap": {}, "taylor": {}}
+    results: dict[str, list[Evaluation]] = {"global": [], "flap": [], "taylor": []}
+    means = strategy.channel_means()
     started = time.perf_counter()
     for device in exp.devices[: args.devices]:
         batches = executor.local_batches(device, args.batches, PERSONAL_TASK_KEY)
+        deployed = strategy.device_eval_plan(device.device_id) if args.run is not None else None
+        held_out = exp.local_tests.get(device.device_id)
+        if deployed is not None and held_out is not None:
+            results["global"].append(
+                evaluate(executor.eval_model(deployed, means), exp.objective, held_out.batches)
+            )
         for kind in plans:
-            heads, channels, _ = executor.local_importance(base, batches, kind)
-            plans[kind][device.device_id] = plan_from_scores(heads, channels, args.ratio, dense)
+            heads, channels, own = executor.local_importance(
+                base, batches, kind, compensated=means is not None
+            )
+            if deployed is None or held_out is None:
+                plans[kind][device.device_id] = plan_from_scores(heads, channels, args.ratio, dense)
+                continue
+            plans[kind][device.device_id] = mine = plan_like(deployed, heads, channels)
+            model = executor.ready(executor.deployed_model(mine, own if means is not None else None))
+            results[kind].append(evaluate(model, exp.objective, held_out.batches))
     print(f"scored in {time.perf_counter() - started:.0f} s", flush=True)
     result = {}
     for kind, by_device in plans.items():
-        pairs = [overlap(by_device[a], by_device[b]) for a, b in itertools.combinations(sorted(by_device), 2)]
+        pairs = [
+            overlap(by_device[a], by_device[b])
+            for a, b in itertools.combinations(sorted(by_device), 2)
+            if widths(by_device[a]) == widths(by_device[b])
+        ]
+        if not pairs:
+            continue
         mean = statistics.fmean(pairs)
         spread = f"pairs {min(pairs):.3f}..{max(pairs):.3f}"
         print(f"{kind:>6}: two devices' masks share {mean:.3f} of their kept channels ({spread})")
@@ -72,6 +119,13 @@ def main() -> None:
     same = [overlap(plans["flap"][d], plans["taylor"][d]) for d in plans["flap"]]
     print(f"a device's FLAP and Taylor masks share {statistics.fmean(same):.3f} of their kept channels")
     result["flap_vs_taylor_overlap"] = f"{statistics.fmean(same):.3f}"
+    for name, evaluations in results.items():
+        if evaluations:
+            loss, value = (statistics.fmean(getattr(e, k) for e in evaluations) for k in ("loss", "metric"))
+            print(
+                f"{name:>6} model on the devices' own held-out data: mean loss {loss:.3f}, mean {value:.3f}"
+            )
+            result[f"{name}_loss"] = f"{loss:.3f}"
     print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
 
 

@@ -87,3 +87,17 @@ def test_the_personal_mask_benchmark_compares_both_importances_and_prints_its_re
     assert last.startswith("RESULT flap_pair_overlap=") and "taylor_pair_overlap=" in last
     values = [float(part.split("=")[1]) for part in last.split()[1:]]
     assert all(0.0 < v <= 1.0 for v in values)
+
+
+def test_the_personal_mask_benchmark_evaluates_the_masks_of_a_runs_model(tmp_path: Path) -> None:
+    from fedspine.api import run_experiment
+    from fedspine.config import load_config
+
+    overrides = ["strategy.name=fedspine", "eval.mode=both", "scheduler.rounds=3", "run.checkpoint_every=1"]
+    overrides += ["export.save=false", "export.speed=false", "data.max_examples=600", "data.test_size=40"]
+    run_experiment(load_config(ROOT / "configs" / "tiny.toml", overrides), tmp_path / "run")
+    cmd = [sys.executable, "bench/personal_mask.py", "--run", str(tmp_path / "run"), "--batches", "2"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    last = out.strip().splitlines()[-1]
+    for key in ("global_loss=", "flap_loss=", "taylor_loss="):
+        assert key in last

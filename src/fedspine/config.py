@@ -724,10 +724,10 @@ class PersonalizeSection:
     """Rank of the personal adapter (finetune, split, clustered); its scaling is lora.alpha / rank."""
     clusters: int = 2
     """clustered: how many cluster adapters."""
-    importance: Literal["taylor", "flap"] = "taylor"
-    """mask: how a device scores its units on its own data. taylor: the first-order change of its own
-    task loss (sees its labels; forward and backward passes); flap: activation variance x weight norm
-    (label-agnostic; forward passes only)."""
+    importance: Literal["flap", "taylor"] = "flap"
+    """mask: how a device scores its units on its own data. flap: activation variance x weight norm, the
+    damage of removing a unit whose mean output is compensated (forward passes only); taylor: the
+    first-order change of its own task loss (sees its labels; forward and backward passes)."""
 
     def __post_init__(self) -> None:
         _check(self.clusters >= 2, "personalize.clusters", f"must be >= 2, got {self.clusters}")

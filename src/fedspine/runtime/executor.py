@@ -619,7 +619,7 @@ class SimExecutor:
         return _merged(model)
 
     def local_importance(
-        self, model: Any, batches: list[Batch], kind: str = "taylor", compensated: bool = False
+        self, model: Any, batches: list[Batch], kind: str = "flap", compensated: bool = False
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Scores of ``model``'s KV groups and MLP channels on ``batches`` and its MLP channels' mean
         inputs there: ``(heads, channels, means)`` per layer. ``kind``: ``taylor`` (the first-order

@@ -55,7 +55,7 @@ class PersonalSettings:
     """Rank of the personal adapter (finetune, split, clustered)."""
     alpha: float
     """Its LoRA alpha (``lora.alpha``): scaling ``alpha / rank``."""
-    importance: str = "taylor"
+    importance: str = "flap"
     """mask: how a device scores its units (taylor or flap)."""
 
 
