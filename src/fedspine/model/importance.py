@@ -27,7 +27,7 @@ Modules without a LoRA adapter contribute nothing to the Taylor score (they have
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,9 @@ from torch import Tensor, nn
 from fedspine.errors import ModelError
 from fedspine.model.lora import ADAPTER
 from fedspine.model.pruning import ATTENTION_MODULES, COLUMN_MODULES, decoder_layers
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 Scores = tuple[list[Tensor], list[Tensor]]
 """``(head_scores, channel_scores)``: per layer, ``(kept_kv,)`` and ``(kept_channels,)`` float32."""
@@ -138,20 +141,18 @@ class TaylorMeter(_Meter):
         return (s * (gb * w_at + b * w_gat).sum(dim=1)).cpu()
 
 
-class ActivationTaylorMeter(_Meter):
-    """Use as a context manager around forward and backward passes of a plain model (its input
-    embeddings are made to require gradients, so activations carry them with frozen weights); read
-    :meth:`result` at the end."""
+class _InputHooks(_Meter):
+    """A meter that watches the inputs of every block's ``o_proj`` and ``down_proj`` while it is entered
+    (its ``_hook(layer, name)`` makes each forward pre-hook); the hooks are removed on exit."""
 
-    def __init__(self, model: nn.Module, head_dim: int) -> None:
-        super().__init__(model, head_dim)
-        self._model = model
+    def __init__(self, model: nn.Module, head_dim: int, adapter: str = ADAPTER) -> None:
+        super().__init__(model, head_dim, adapter)
         self._handles: list[Any] = []
-        self._sums: dict[tuple[int, str], list[tuple[Tensor, Tensor]]] = {}
-        """Per (layer, module), per backward pass: the sums over tokens of ``X * dL/dX`` and of ``dL/dX``."""
 
-    def __enter__(self) -> ActivationTaylorMeter:
-        self._model.enable_input_require_grads()  # type: ignore[operator]
+    def _hook(self, index: int, name: str) -> Any:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
         for index, block in enumerate(self.blocks):
             for name in COLUMN_MODULES:
                 module = self._modules(block)[name]
@@ -159,10 +160,29 @@ class ActivationTaylorMeter(_Meter):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._model.disable_input_require_grads()  # type: ignore[operator]
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+class ActivationTaylorMeter(_InputHooks):
+    """Use as a context manager around forward and backward passes of a plain model (its input
+    embeddings are made to require gradients, so activations carry them with frozen weights); read
+    :meth:`result` at the end."""
+
+    def __init__(self, model: nn.Module, head_dim: int) -> None:
+        super().__init__(model, head_dim)
+        self._model = model
+        self._sums: dict[tuple[int, str], list[tuple[Tensor, Tensor]]] = {}
+        """Per (layer, module), per backward pass: the sums over tokens of ``X * dL/dX`` and of ``dL/dX``."""
+
+    def __enter__(self) -> Self:
+        self._model.enable_input_require_grads()  # type: ignore[operator]
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._model.disable_input_require_grads()  # type: ignore[operator]
+        super().__exit__(*exc)
 
     def _hook(self, index: int, name: str) -> Any:
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
@@ -196,7 +216,7 @@ class ActivationTaylorMeter(_Meter):
         return heads, channels
 
 
-class FlapMeter(_Meter):
+class FlapMeter(_InputHooks):
     """FLAP's WIFV: forward hooks collect input statistics of ``o_proj`` / ``down_proj``.
 
     Use as a context manager around training (hooks are removed on exit), then read :meth:`result`.
@@ -205,7 +225,6 @@ class FlapMeter(_Meter):
     def __init__(self, model: nn.Module, head_dim: int, adapter: str = ADAPTER) -> None:
         super().__init__(model, head_dim, adapter)
         self._stats: dict[tuple[int, str], list[Any]] = {}
-        self._handles: list[Any] = []
         self._mask: Tensor | None = None
 
     def set_mask(self, attention_mask: Tensor | None) -> None:
@@ -215,18 +234,6 @@ class FlapMeter(_Meter):
     def before_forward(self, batch: Any) -> None:
         """For :func:`~fedspine.client.train.train_local`: count the real tokens of ``batch`` only."""
         self.set_mask(getattr(batch, "attention_mask", None))
-
-    def __enter__(self) -> FlapMeter:
-        for index, block in enumerate(self.blocks):
-            for name in COLUMN_MODULES:
-                module = self._modules(block)[name]
-                self._handles.append(module.register_forward_pre_hook(self._hook(index, name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def _hook(self, index: int, name: str) -> Any:
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
