@@ -77,7 +77,8 @@ def main() -> None:
         exp = build_experiment(load_config(args.config, overrides))
     print(host_line(f"{len(exp.devices)} devices, {args.batches} batches each"), flush=True)
     executor, strategy = exp.executor, exp.strategy
-    executor.load_global(strategy.global_lora())
+    # a run's global adapter, or none: the pretrained model (the strategy is not initialised then)
+    executor.load_global(strategy.global_lora() if args.run is not None else {})
     base = executor.deployed_model()
     dense = dense_layer_indices("auto", exp.shape.layers)
     plans: dict[str, dict[int, PruningPlan]] = {"flap": {}, "taylor": {}}
