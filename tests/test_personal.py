@@ -102,6 +102,20 @@ def test_finetune_is_charged_as_training_its_steps(tmp_path: Path) -> None:
     assert long["extra_device_seconds"] == pytest.approx(4 * short["extra_device_seconds"], rel=0.35)
 
 
+def test_methods_that_personalize_after_training_leave_the_global_run_unchanged(tmp_path: Path) -> None:
+    """What lets the personalization sweep drop its "none" arms: a finetune or mask run trains and
+    records the global model a run without personalization does."""
+    plain = _cli(tmp_path / "a", "strategy.name=fedspine", "personalize.method=none")
+    masked = _cli(tmp_path / "b", "strategy.name=fedspine", "personalize.method=mask")
+    assert masked["personal"]["global_devices"] == plain["personal"]["global_devices"]
+
+    def run_part(summary: dict[str, Any]) -> dict[str, Any]:
+        varies = ("personal", "cli_output", "run_dir")
+        return {k: v for k, v in summary.items() if k not in varies and "wall" not in k and "host" not in k}
+
+    assert run_part(masked) == run_part(plain)
+
+
 def _spy_on_updates(monkeypatch: pytest.MonkeyPatch) -> list[tuple[TaskOutcome, dict[str, Any]]]:
     """Every update the server receives, with its device's private adapter just after the task."""
     seen: list[tuple[TaskOutcome, dict[str, Any]]] = []

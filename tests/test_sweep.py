@@ -289,6 +289,21 @@ def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path: Path) -> None
     assert [r["arm"] for r in _table(out)] == ["fedit", "flora"]
 
 
+def test_arm_runs_only_the_named_arms_and_a_later_resume_adds_the_others(tmp_path: Path) -> None:
+    sweep_file = _sweep_file(tmp_path, rounds=1, text=SMALL.replace("seeds = 3", "seeds = 1"), steps=1)
+    out = tmp_path / "out"
+    unknown = CliRunner().invoke(app, ["sweep", str(sweep_file), "--out", str(out), "--arm", "flroa"])
+    assert unknown.exit_code == 2 and "--arm" in unknown.output and "fedit, flora" in unknown.output
+    assert not out.exists()
+    first = CliRunner().invoke(app, ["sweep", str(sweep_file), "--out", str(out), "--arm", "flora"])
+    assert first.exit_code == 0, first.output
+    assert (out / "flora" / "seed-0" / "summary.json").is_file() and not (out / "fedit").exists()
+    assert [r["arm"] for r in _table(out)] == ["flora"]
+    rest = CliRunner().invoke(app, ["sweep", str(sweep_file), "--out", str(out), "--resume", "--arm", "fedit"])
+    assert rest.exit_code == 0, rest.output
+    assert [r["arm"] for r in _table(out)] == ["fedit", "flora"]
+
+
 # --- Ray --------------------------------------------------------------------------------------
 
 

@@ -191,6 +191,10 @@ def sweep(
         Optional[str],  # noqa: UP045
         typer.Option("--ray", help="Run on the Ray cluster at ADDRESS ('auto': the one this host is in)"),
     ] = None,
+    arm: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--arm", help="Run only this arm now (repeatable); the comparison covers every finished run"),
+    ] = None,
 ) -> None:
     """Run every arm of a sweep file with every seed, in parallel, then compare them (comparison.md)."""
     from fedspine.sweep import load_sweep, run_sweep
@@ -199,7 +203,7 @@ def sweep(
         plan = load_sweep(sweep_file)
         target = out or Path("runs") / f"sweep-{plan.name}"
         with _sweep_progress() as (on_plan, on_event):
-            result = run_sweep(plan, target, workers, threads, resume, ray, on_event, on_plan)
+            result = run_sweep(plan, target, workers, threads, resume, ray, on_event, on_plan, arm)
     if result.comparison_files:
         Console().print(Markdown(result.comparison_files["md"].read_text(encoding="utf-8")))
         console.print(f"comparison: {result.comparison_files['html']}")

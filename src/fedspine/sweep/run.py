@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,23 @@ def plan_runs(sweep: Sweep, out: Path, threads: int) -> list[RunSpec]:
     ]
 
 
+def check_arms(sweep: Sweep, arms: Sequence[str] | None) -> set[str]:
+    """The names of the arms to run: ``arms``, or all of the sweep's when None.
+
+    Raises:
+        ConfigError: ``arms`` is empty or names an arm the sweep does not have.
+    """
+    known = [a.name for a in sweep.arms]
+    if arms is None:
+        return set(known)
+    unknown = [a for a in arms if a not in known]
+    if unknown or not arms:
+        raise ConfigError(
+            "--arm", f"unknown arm(s) {', '.join(unknown) or '(none given)'}; the sweep's arms are {', '.join(known)}"
+        )
+    return set(arms)
+
+
 def prepare_out(sweep: Sweep, out: Path, resume: bool) -> None:
     """Create ``out`` with ``sweep.json``; with ``resume``, check it was made from the same sweep.
 
@@ -149,20 +166,25 @@ def run_sweep(
     ray_address: str | None = None,
     on_event: Event | None = None,
     on_plan: Callable[[int, int], None] | None = None,
+    arms: Sequence[str] | None = None,
 ) -> SweepResult:
     """Run every (arm, seed) of ``sweep`` under ``out``, then compare them.
 
+    ``arms``: run only these arms' unfinished runs now (the comparison still covers every finished
+    run): a sweep larger than one sitting runs its most telling arms first, or on several machines.
     ``on_plan(to_run, already_finished)`` is told the counts before any run starts; ``on_event`` is
     told each run's start and end.
 
     Raises:
-        ConfigError: bad ``workers``/``threads``, or ``out`` holds something else (see :func:`prepare_out`).
+        ConfigError: bad ``workers``/``threads``, an arm the sweep does not have, or ``out`` holds
+            something else (see :func:`prepare_out`).
     """
     budget = thread_budget(workers, threads, ray_address is not None)
+    chosen = check_arms(sweep, arms)
     prepare_out(sweep, out, resume)
     specs = plan_runs(sweep, out, budget)
     done = [s for s in specs if is_finished(s.run_dir)]
-    todo = [s for s in specs if not is_finished(s.run_dir)]
+    todo = [s for s in specs if not is_finished(s.run_dir) and s.arm in chosen]
     if on_plan is not None:
         on_plan(len(todo), len(done))
     notify = on_event or (lambda *_: None)
