@@ -299,7 +299,9 @@ def test_arm_runs_only_the_named_arms_and_a_later_resume_adds_the_others(tmp_pat
     assert first.exit_code == 0, first.output
     assert (out / "flora" / "seed-0" / "summary.json").is_file() and not (out / "fedit").exists()
     assert [r["arm"] for r in _table(out)] == ["flora"]
-    rest = CliRunner().invoke(app, ["sweep", str(sweep_file), "--out", str(out), "--resume", "--arm", "fedit"])
+    rest = CliRunner().invoke(
+        app, ["sweep", str(sweep_file), "--out", str(out), "--resume", "--arm", "fedit"]
+    )
     assert rest.exit_code == 0, rest.output
     assert [r["arm"] for r in _table(out)] == ["fedit", "flora"]
 

@@ -193,7 +193,9 @@ def sweep(
     ] = None,
     arm: Annotated[
         Optional[list[str]],  # noqa: UP045
-        typer.Option("--arm", help="Run only this arm now (repeatable); the comparison covers every finished run"),
+        typer.Option(
+            "--arm", help="Run only this arm now (repeatable); the comparison covers every finished run"
+        ),
     ] = None,
 ) -> None:
     """Run every arm of a sweep file with every seed, in parallel, then compare them (comparison.md)."""

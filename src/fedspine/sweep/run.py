@@ -91,7 +91,8 @@ def check_arms(sweep: Sweep, arms: Sequence[str] | None) -> set[str]:
     unknown = [a for a in arms if a not in known]
     if unknown or not arms:
         raise ConfigError(
-            "--arm", f"unknown arm(s) {', '.join(unknown) or '(none given)'}; the sweep's arms are {', '.join(known)}"
+            "--arm",
+            f"unknown arm(s) {', '.join(unknown) or '(none given)'}; the sweep's arms are {', '.join(known)}",
         )
     return set(arms)
 
