@@ -14,10 +14,17 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+def _stdout(cmd: list[str]) -> str:
+    """The script's standard output; a failure shows the end of its standard error (its traceback)."""
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(cmd[1:])} exited {done.returncode}:\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
 def test_the_fedspine_benchmark_runs_and_prints_its_result_line() -> None:
     cmd = [sys.executable, "bench/fedspine.py", "--config", "configs/tiny.toml", "--quick", "--workers", "2"]
     cmd += ["--only", "fedit", "prune_then_tune", "fedspine"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    out = _stdout(cmd)
     last = out.strip().splitlines()[-1]
     assert last.startswith("RESULT target=") and "speedup_vs_fedit=" in last
     assert "delta_vs_prune_then_tune=" in last and "delta_vs_prune_then_tune_ci=" in last
@@ -34,7 +41,7 @@ def test_bench_scripts_import_the_package_not_their_namesake() -> None:
 
 def test_the_async_benchmark_runs_every_scheduler_and_prints_its_result_line() -> None:
     cmd = [sys.executable, "bench/async.py", "--config", "configs/tiny.toml", "--quick", "--workers", "2"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    out = _stdout(cmd)
     last = out.strip().splitlines()[-1]
     assert last.startswith("RESULT target=") and "best_speedup_vs_sync=" in last
     for scheduler in ("sync", "sync-deadline", "fedasync", "fedbuff"):
@@ -52,7 +59,7 @@ def test_the_compression_benchmark_runs_and_prints_its_result_line() -> None:
         "2",
     ]
     cmd += ["--only", "none", "sign+ef"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    out = _stdout(cmd)
     last = out.strip().splitlines()[-1]
     assert last.startswith("RESULT reference=none") and "sign_ef_reduction=" in last
     assert "sign_ef_delta_ci=" in last
@@ -61,28 +68,28 @@ def test_the_compression_benchmark_runs_and_prints_its_result_line() -> None:
 def test_the_hetlora_benchmark_runs_and_prints_its_result_line() -> None:
     cmd = [sys.executable, "bench/hetlora.py", "--config", "configs/tiny.toml", "--quick", "--workers", "2"]
     cmd += ["--only", "zeropad", "flora"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    out = _stdout(cmd)
     last = out.strip().splitlines()[-1]
     assert last.startswith("RESULT best=") and "flora_vs_zeropad_ci=" in last
 
 
 def test_the_flower_benchmark_runs_both_sides_to_the_same_model() -> None:
     cmd = [sys.executable, "bench/flower_vs_sim.py", "--devices", "3", "--rounds", "1", "--quick"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    out = _stdout(cmd)
     last = out.strip().splitlines()[-1]
     assert last.startswith("RESULT sim_speedup_vs_flower=") and last.endswith("same_model=1")
 
 
 def test_the_sim_vs_real_benchmark_pairs_every_task_and_prints_its_error() -> None:
     cmd = [sys.executable, "bench/sim_vs_real.py", "--devices", "2", "--rounds", "2", "--quick"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    out = _stdout(cmd)
     last = out.strip().splitlines()[-1]
     assert last.startswith("RESULT median_error=") and last.endswith("tasks=2")
 
 
 def test_the_personal_mask_benchmark_compares_both_importances_and_prints_its_result_line() -> None:
     cmd = [sys.executable, "bench/personal_mask.py", "--config", "configs/tiny.toml", "--devices", "3"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    out = _stdout(cmd)
     last = out.strip().splitlines()[-1]
     assert last.startswith("RESULT flap_pair_overlap=") and "taylor_pair_overlap=" in last
     values = [float(part.split("=")[1]) for part in last.split()[1:]]
@@ -97,7 +104,7 @@ def test_the_personal_mask_benchmark_evaluates_the_masks_of_a_runs_model(tmp_pat
     overrides += ["export.save=false", "export.speed=false", "data.max_examples=600", "data.test_size=40"]
     run_experiment(load_config(ROOT / "configs" / "tiny.toml", overrides), tmp_path / "run")
     cmd = [sys.executable, "bench/personal_mask.py", "--run", str(tmp_path / "run"), "--batches", "2"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    out = _stdout(cmd)
     last = out.strip().splitlines()[-1]
     for key in ("global_loss=", "flap_loss=", "taylor_loss="):
         assert key in last
