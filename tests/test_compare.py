@@ -178,6 +178,7 @@ def test_personal_models_are_compared_per_arm_and_paired_when_the_runs_have_them
                 "value": mine,
                 "worst_decile": mine - 0.2,
                 "global_value": global_,
+                "global_worst_decile": global_ - 0.3,
                 "extra_time_fraction": 0.05 if arm == "split" else 0.0,
                 "extra_uplink_bytes": 0,
                 "extra_downlink_bytes": 0,
@@ -190,6 +191,8 @@ def test_personal_models_are_compared_per_arm_and_paired_when_the_runs_have_them
         0.45
     )
     assert split.personal_lift.mean == pytest.approx((0.19 + 0.16 + 0.26) / 3)
+    assert split.personal_global.mean == pytest.approx((0.41 + 0.49 + 0.44) / 3)
+    assert split.personal_global_worst_decile.mean == pytest.approx((0.41 + 0.49 + 0.44) / 3 - 0.3)
     assert none.personal_lift.mean == pytest.approx(0.0) and split.personal_extra_time.mean == pytest.approx(
         0.05
     )
@@ -199,6 +202,7 @@ def test_personal_models_are_compared_per_arm_and_paired_when_the_runs_have_them
     rows = list(csv.DictReader(paths["csv"].open()))
     assert float(rows[1]["diff_personal_mean"]) == pytest.approx(0.2) and rows[0]["diff_personal_mean"] == ""
     assert float(rows[1]["personal_lift_mean"]) == pytest.approx(0.61 / 3)
+    assert float(rows[1]["personal_global_worst_decile_mean"]) == pytest.approx(1.34 / 3 - 0.3)
     assert "## Personal models" in paths["md"].read_text()
 
 

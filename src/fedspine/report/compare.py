@@ -234,6 +234,10 @@ class ArmStats:
     """Mean over devices of each device's personal model on its own held-out data (``[personalize]``)."""
     personal_worst_decile: Interval
     """The personal value a tenth of the devices do no better than."""
+    personal_global: Interval
+    """Mean over the same devices of the global model on the same examples (the baseline)."""
+    personal_global_worst_decile: Interval
+    """The global model's value a tenth of those devices do no better than."""
     personal_lift: Interval
     """Personal minus global model on the same examples (mean over devices), per run."""
     personal_extra_time: Interval
@@ -396,6 +400,8 @@ def _arm_stats(arm: str, runs: Sequence[ArmRun], finals: PerSeed, ttts: PerSeed,
         deployed_parameters=_interval(per_seed(runs, _deployed("parameters"))),
         personal=_interval(per_seed(runs, _personal("value"))),
         personal_worst_decile=_interval(per_seed(runs, _personal("worst_decile"))),
+        personal_global=_interval(per_seed(runs, _personal("global_value"))),
+        personal_global_worst_decile=_interval(per_seed(runs, _personal("global_worst_decile"))),
         personal_lift=_interval(per_seed(runs, _personal("lift"))),
         personal_extra_time=_interval(per_seed(runs, _personal("extra_time_fraction"))),
         personal_extra_bytes=_interval(per_seed(runs, _personal("extra_bytes"))),
