@@ -103,8 +103,9 @@ def test_finetune_is_charged_as_training_its_steps(tmp_path: Path) -> None:
 
 
 def test_methods_that_personalize_after_training_leave_the_global_run_unchanged(tmp_path: Path) -> None:
-    """What lets the personalization sweep drop its "none" arms: a finetune or mask run trains and
-    records the global model a run without personalization does."""
+    """What lets the personalization sweep drop its "none" arms: a mask run trains and records the
+    global model a run without personalization does (finetune's global numbers not depending on its
+    steps: test_finetune_is_charged_as_training_its_steps)."""
     plain = _cli(tmp_path / "a", "strategy.name=fedspine", "personalize.method=none")
     masked = _cli(tmp_path / "b", "strategy.name=fedspine", "personalize.method=mask")
     assert masked["personal"]["global_devices"] == plain["personal"]["global_devices"]
