@@ -18,6 +18,7 @@ from fedspine.algorithms.validation import check_update
 from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.api import run_experiment
 from fedspine.cli import app
+from fedspine.client.evaluate import evaluate
 from fedspine.client.personal import PrivateAdapters
 from fedspine.config import Config, load_config, to_toml
 from fedspine.deploy.settings import CONFIG_KEY, config_from_run
@@ -25,7 +26,7 @@ from fedspine.errors import ConfigError
 from fedspine.metrics.records import read_events as _all_events
 from fedspine.model.footprint import ModelShape
 from fedspine.model.pruning import LayerKeep
-from fedspine.runtime.build import check_config
+from fedspine.runtime.build import build_experiment, check_config
 from fedspine.runtime.engine import Engine, TaskOutcome
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
 from tests.conftest import CONFIGS, run_and_resume_from_first_checkpoint
@@ -190,6 +191,63 @@ def test_a_personalized_run_resumes_to_the_same_records(tmp_path: Path, strategy
         assert read_events(cut, kind) == read_events(whole, kind), kind
     a, b = (json.loads((run / "summary.json").read_text()) for run in (whole, cut))
     assert a["personal"] == b["personal"]
+
+
+@pytest.mark.parametrize(("strategy", "method"), [("fedspine", "mask"), ("fedit", "split")])
+def test_each_devices_personal_model_is_saved_and_exported_as_it_was_measured(
+    tmp_path: Path, strategy: str, method: str
+) -> None:
+    """With ``export.save`` the run saves every device's personal model, the manifest names it, ``fedspine
+    export --device`` copies it (``--global-model``: the global device model), and the saved model,
+    loaded with plain transformers, scores on the device's held-out examples what the run recorded."""
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    overrides = [f"strategy.name={strategy}", f"personalize.method={method}", "export.save=true"]
+    personal = _cli(run, *overrides)["personal"]
+    assert personal["models"] == {d: f"personal/device-{d}" for d in personal["devices"]}
+    manifest = json.loads((run / "models" / "manifest.json").read_text())
+    assert {d: e["personal"] for d, e in manifest["devices"].items() if "personal" in e} == personal["models"]
+    [event] = read_events(run, "personal_evaluation")
+    exp = build_experiment(load_config(run / "config.toml"))
+    device = sorted(personal["devices"])[0]
+
+    def export(out: Path, *flags: str) -> Any:
+        result = CliRunner().invoke(app, ["export", str(run), "--device", device, "--out", str(out), *flags])
+        assert result.exit_code == 0, result.output
+        return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+
+    mine = evaluate(
+        exp.executor.ready(export(tmp_path / "mine")), exp.objective, exp.local_tests[int(device)].batches
+    )
+    assert mine.metric == pytest.approx(personal["devices"][device], abs=1e-9)
+    assert mine.loss == pytest.approx(event["devices"][device]["loss"], rel=1e-5)
+    shared = evaluate(
+        exp.executor.ready(export(tmp_path / "global", "--global-model")),
+        exp.objective,
+        exp.local_tests[int(device)].batches,
+    )
+    assert shared.loss == pytest.approx(event["devices"][device]["global_loss"], rel=1e-5)
+
+    everything = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "all")])
+    assert everything.exit_code == 0, everything.output
+    assert {p.name for p in (tmp_path / "all" / "personal").iterdir()} == {
+        f"device-{d}" for d in personal["devices"]
+    }
+    manifest["devices"][device]["personal"] = "../../elsewhere"  # a manifest cannot point the copy out
+    (run / "models" / "manifest.json").write_text(json.dumps(manifest))
+    lying = CliRunner().invoke(app, ["export", str(run), "--device", device, "--out", str(tmp_path / "x")])
+    assert (
+        lying.exit_code != 0
+        and "not a run's" in " ".join(lying.output.split())
+        and not (tmp_path / "x").exists()
+    )
+    del manifest["devices"][device]["personal"]
+    manifest["models"][0]["dir"] = "../../elsewhere"
+    (run / "models" / "manifest.json").write_text(json.dumps(manifest))
+    lying = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "y")])
+    assert lying.exit_code != 0 and "not a run's" in " ".join(lying.output.split())
+    assert not (tmp_path / "y").exists()
 
 
 def test_a_private_adapter_starts_fresh_and_keeps_the_units_a_pruned_task_did_not_train() -> None:

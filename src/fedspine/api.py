@@ -174,7 +174,7 @@ def _execute(
         state = engine.run(on_round)
         loop_seconds = time.perf_counter() - loop_started
         status("measuring and saving the device models")
-        models = export_models(experiment, run_dir)
+        models = export_models(experiment, run_dir, state.personal)
         handed = engine.transport.hand_out(engine, models)
         if handed:
             record_hand_out(run_dir, models, handed)
@@ -216,9 +216,12 @@ def load_global_adapter(run_dir: Path) -> LoraState:
     return decode_state(path.read_bytes()) if path.exists() else {}
 
 
-def export_device_models(run_dir: Path, out: Path, device: int | None = None) -> list[Path]:
-    """Copy a finished run's model for ``device`` (or all models and the manifest) to ``out``."""
-    return copy_device_models(run_dir, out, device)
+def export_device_models(
+    run_dir: Path, out: Path, device: int | None = None, global_model: bool = False
+) -> list[Path]:
+    """Copy a finished run's model for ``device`` (its personal model when the run saved one, unless
+    ``global_model``), or all models and the manifest, to ``out``."""
+    return copy_device_models(run_dir, out, device, global_model)
 
 
 def fleet_rows(config: Config) -> list[dict[str, str]]:

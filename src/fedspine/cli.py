@@ -156,10 +156,17 @@ def export(
         Optional[int],  # noqa: UP045
         typer.Option("--device", "-d", help="One device's model (default: every model and the manifest)"),
     ] = None,
+    global_model: Annotated[
+        bool,
+        typer.Option(
+            "--global-model", help="The device's global model, not its personal one ([personalize])"
+        ),
+    ] = False,
 ) -> None:
-    """Copy the Hugging Face model a device deploys (pruned base + merged LoRA) out of a run."""
+    """Copy the Hugging Face model a device deploys (pruned base + merged LoRA, or its personal model
+    when the run saved one) out of a run."""
     with _errors():
-        paths = api.export_device_models(run_dir, out, device)
+        paths = api.export_device_models(run_dir, out, device, global_model)
     for path in paths:
         console.print(f"model: {path}")
 

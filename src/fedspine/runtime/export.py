@@ -5,7 +5,8 @@ target sparsity). Devices at the same ratio share one model, since masks come fr
 importance, so the run saves one Hugging Face directory per distinct ratio under ``models/`` and
 ``models/manifest.json`` maps devices to them. For the other strategies every device gets the merged
 dense model. Each model's parameters, bytes, held-out metric and CPU generation speed are recorded
-beside the dense base's.
+beside the dense base's. Personal models (``[personalize]``), one per device, are saved by
+:func:`~fedspine.runtime.personal.personalize` under ``models/personal/`` and named in the manifest.
 
 Speed is greedy generation of ``generate_tokens`` new tokens after a prompt from the test set on this
 host's CPU, median of three runs after a warm-up; it compares models with each other, it does not
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import time
@@ -40,10 +42,14 @@ from fedspine.model.pruning import (
 from fedspine.runtime.build import Experiment
 
 MANIFEST = "manifest.json"
+PERSONAL_DIR = "personal"
+"""Where under ``models/`` a run saves its devices' personal models (``[personalize]``), one per device."""
 
 
-def export_models(exp: Experiment, run_dir: Path) -> dict[str, Any]:
-    """Save (if configured) and measure every distinct device model; returns the manifest."""
+def export_models(exp: Experiment, run_dir: Path, personal: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Save (if configured) and measure every distinct device model; returns the manifest. ``personal``
+    (the summary's part, when the run built personal models): the manifest names each device's saved
+    personal model beside its global one."""
     cfg = exp.settings.export
     strategy = exp.strategy
     executor = exp.executor
@@ -86,11 +92,25 @@ def export_models(exp: Experiment, run_dir: Path) -> dict[str, Any]:
         devices = {
             str(d): {"ratio": 0.0, "rank": exp.device_lora[d].rank, "model": "dense"} for d in device_ids
         }
+    for device, name in ((personal or {}).get("models") or {}).items():
+        devices[device]["personal"] = name
     manifest = {"dense_base": dense, "models": entries, "devices": devices}
     if cfg.save or strategy.prunes:
         models_dir.mkdir(parents=True, exist_ok=True)
         _write_json(models_dir / MANIFEST, manifest)
     return manifest
+
+
+def save_personal_model(built: Any, tokenizer: Any, models_dir: Path, device_id: int) -> str:
+    """Save a device's personal model (a :class:`~fedspine.runtime.personal.PersonalModel`) as
+    ``personal/device-N`` under ``models_dir``, with a config that describes its shape; returns that
+    name (relative to ``models_dir``)."""
+    if built.plan is not None and built.means is not None:
+        add_zero_mlp_biases(built.model)  # a stock config with mlp_bias has biases on gate/up too
+    name = f"{PERSONAL_DIR}/device-{device_id}"
+    (models_dir / PERSONAL_DIR).mkdir(parents=True, exist_ok=True)
+    save_model(built.model, tokenizer, models_dir / name, built.plan, built.means)
+    return name
 
 
 def device_model(executor: Any, plan: PruningPlan | None, means: list[torch.Tensor] | None) -> Any:
@@ -197,8 +217,12 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def copy_device_models(run_dir: Path, out: Path, device: int | None = None) -> list[Path]:
-    """Copy a device's model (or every device's, with the manifest) out of a finished run.
+def copy_device_models(
+    run_dir: Path, out: Path, device: int | None = None, global_model: bool = False
+) -> list[Path]:
+    """Copy a device's model (or every device's, with the manifest) out of a finished run. A device's
+    model is its personal one when the run saved one (``[personalize]``), the global device model with
+    ``global_model`` or without one.
 
     Raises:
         ConfigError: the device is not in the run (``--device``) or ``out`` is not empty.
@@ -211,6 +235,9 @@ def copy_device_models(run_dir: Path, out: Path, device: int | None = None) -> l
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out", f"{out} exists and is not empty")
     saved = {m["dir"] for m in manifest["models"] if m.get("saved")}
+    for name in saved:
+        if not re.fullmatch(r"dense|sparsity-[0-9.]+", str(name)):
+            raise FedspineError(f"the manifest names a model directory {name!r}: not a run's")
     if device is not None:
         entry = manifest["devices"].get(str(device))
         if entry is None:
@@ -218,6 +245,10 @@ def copy_device_models(run_dir: Path, out: Path, device: int | None = None) -> l
                 "--device",
                 f"no device {device} in this run; devices: {sorted(map(int, manifest['devices']))}",
             )
+        mine = _personal_dir(entry, device)
+        if mine is not None and not global_model:
+            shutil.copytree(run_dir / "models" / mine, out, dirs_exist_ok=True)
+            return [out]
         if entry["model"] not in saved:
             raise FedspineError(
                 f"device {device}'s model ({entry['model']}) was not saved (export.save = false?)"
@@ -227,18 +258,34 @@ def copy_device_models(run_dir: Path, out: Path, device: int | None = None) -> l
     if not saved:
         raise FedspineError(f"{run_dir} saved no models (export.save = false?)")
     out.mkdir(parents=True, exist_ok=True)
-    for name in sorted(saved):
+    names = sorted(saved) + sorted(
+        name for d, entry in manifest["devices"].items() if (name := _personal_dir(entry, d)) is not None
+    )
+    for name in names:
         shutil.copytree(run_dir / "models" / name, out / name)
     shutil.copy2(manifest_path, out / MANIFEST)
-    return [out / name for name in sorted(saved)]
+    return [out / name for name in names]
+
+
+def _personal_dir(entry: dict[str, Any], device: int | str) -> str | None:
+    """The directory of ``device``'s saved personal model named by its manifest ``entry`` (None: none
+    saved); the one name a run writes, so a manifest cannot point the copy elsewhere."""
+    name = entry.get("personal")
+    if name is None:
+        return None
+    if name != f"{PERSONAL_DIR}/device-{device}":
+        raise FedspineError(f"the manifest names device {device}'s personal model {name!r}: not a run's")
+    return str(name)
 
 
 __all__ = [
     "MANIFEST",
+    "PERSONAL_DIR",
     "copy_device_models",
     "describe_model",
     "device_model",
     "export_models",
     "record_hand_out",
     "save_model",
+    "save_personal_model",
 ]

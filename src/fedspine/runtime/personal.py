@@ -21,6 +21,9 @@ weight reads: the backward pass costs about twice the forward), and the personal
 ``clustered`` train in every task (the difference between the task's cost with and without it, summed
 by the engine). Nothing private is uploaded; ``clustered``'s adapters travel, and the summary counts
 their bytes apart (``extra_uplink_bytes``, ``extra_downlink_bytes``).
+
+With ``export.save`` every device's personal model is saved as ``models/personal/device-N`` (the
+summary's ``models`` and the manifest name them), as a deployed node saves its own.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from fedspine.metrics.events import PersonalEvaluationEvent
 from fedspine.model.pruning import PruningPlan, plan_like
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.executor import forward_only
+from fedspine.runtime.export import save_personal_model
 from fedspine.types import Device, LoraState, TrainWorkload
 
 if TYPE_CHECKING:
@@ -54,6 +58,10 @@ class PersonalModel:
     """A plain model (as :meth:`~fedspine.runtime.executor.SimExecutor.deployed_model` builds them)."""
     work: list[TrainWorkload] = field(default_factory=list)
     """What the device computed to build it (training steps, forward passes), for the cost model."""
+    plan: PruningPlan | None = None
+    """The units its weights keep (None: dense), to save it with a config that describes its shape."""
+    means: list[torch.Tensor] | None = None
+    """The channel means its removed units' outputs are compensated with (None: none)."""
 
 
 def personal_model(
@@ -76,11 +84,12 @@ def personal_model(
         model = executor.finetuned(
             device, batches, settings.rank, settings.alpha, PERSONAL_TASK_KEY, plan, means
         )
-        return PersonalModel(model, [executor.workload(device, batches, settings.rank, plan)])
+        return PersonalModel(model, [executor.workload(device, batches, settings.rank, plan)], plan, means)
     if settings.method == "split":
         assert exp.private is not None
         state = exp.private.of(device.device_id, plan, exp.shape)
-        return PersonalModel(executor.with_adapter(state, settings.rank, settings.alpha, plan, means))
+        model = executor.with_adapter(state, settings.rank, settings.alpha, plan, means)
+        return PersonalModel(model, [], plan, means)
     if settings.method == "clustered":
         assert clusters, "clustered: the cluster adapters come with the final model"
         [batch] = executor.local_batches(device, 1, PERSONAL_TASK_KEY)
@@ -93,7 +102,7 @@ def personal_model(
                 best = (loss, candidate)
         assert best is not None
         choosing = forward_only(executor.workload(device, [batch], settings.rank, plan))
-        return PersonalModel(best[1], [choosing] * len(clusters))
+        return PersonalModel(best[1], [choosing] * len(clusters), plan, means)
     if settings.method == "mask" and plan is not None:
         batches = executor.local_batches(device, steps, PERSONAL_TASK_KEY)
         heads, channels, own_means = executor.local_importance(
@@ -102,11 +111,11 @@ def personal_model(
             settings.importance,
             compensated=means is not None,
         )
-        model = executor.deployed_model(
-            plan_like(plan, heads, channels), own_means if means is not None else None
-        )
+        own_plan, compensation = plan_like(plan, heads, channels), own_means if means is not None else None
+        model = executor.deployed_model(own_plan, compensation)
         scoring = executor.workload(device, batches, 0)  # forward and backward passes, no optimizer
-        return PersonalModel(model, [scoring if settings.importance == "taylor" else forward_only(scoring)])
+        work = [scoring if settings.importance == "taylor" else forward_only(scoring)]
+        return PersonalModel(model, work, own_plan, compensation)
     return None
 
 
@@ -125,6 +134,8 @@ def personalize(engine: Engine) -> dict[str, Any] | None:
     base = executor.deployed_model() if settings.method == "mask" else None
     personal: dict[int, Evaluation] = {}
     extra: dict[int, float] = {}
+    saved: dict[str, str] = {}
+    models_dir = engine.recorder.run_dir / "models" if exp.settings.export.save else None
     for device_id in sorted(global_models):
         device = exp.devices[device_id]
         plan = strategy.device_eval_plan(device_id)
@@ -133,12 +144,17 @@ def personalize(engine: Engine) -> dict[str, Any] | None:
         in_tasks = engine.state.personal_seconds.get(device_id, 0.0)
         cost = CostModel.for_device(device)
         extra[device_id] = in_tasks + sum(cost.train_seconds(w) for w in built.work) if built else in_tasks
+        if built is not None and models_dir is not None:  # saved before evaluation casts it to eval.dtype
+            saved[str(device_id)] = save_personal_model(built, exp.tokenizer, models_dir, device_id)
         personal[device_id] = (
             global_models[device_id]
             if built is None
             else evaluate(executor.ready(built.model), exp.objective, exp.local_tests[device_id].batches)
         )
-    return summarize(engine, personal, global_models, extra)
+    summary = summarize(engine, personal, global_models, extra)
+    if summary is not None and saved:
+        summary["models"] = saved
+    return summary
 
 
 def from_devices(engine: Engine, reports: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
