@@ -93,6 +93,17 @@ def test_per_arm_intervals_and_paired_differences_match_hand_computation(sweep_d
     assert paired.speedup.n == 2 and paired.speedup.mean == pytest.approx(math.sqrt(8))
     assert paired.time_to_target.mean == pytest.approx(((50 - 100) + (50 - 200)) / 2)
     assert result.target.value == pytest.approx(0.4)
+    # late: the mean of the last three evaluations (0.2, 0.41 or 0.3, final) per run
+    assert base.late.mean == pytest.approx((0.2 + 0.41 + 0.53) / 3)
+    assert paired.late.mean == pytest.approx((0.1 + 0.2 + (0.3 + 0.39 - 0.41 - 0.49)) / 9)
+
+
+def test_late_averages_the_last_three_evaluations_in_time_order(tmp_path: Path) -> None:
+    summary = _summary(0, 0.5, [0.0, 10.0, 20.0, 30.0, 40.0], [0.1, 0.2, 0.3, 0.4, 0.5], 1.0)
+    summary["evaluations"].reverse()  # a summary's order is not trusted: time decides
+    _write(tmp_path / "run", summary)
+    [arm] = compare(find_runs([tmp_path / "run"])).arms
+    assert arm.late.mean == pytest.approx(0.4) and arm.final.mean == pytest.approx(0.5)
 
 
 def test_a_relative_target_is_a_fraction_of_an_arms_mean_final(sweep_dir: Path) -> None:
@@ -119,6 +130,9 @@ def test_the_files_say_not_reached_k_of_n_and_the_csv_has_the_columns(
     assert rows["base"]["seeds"] == "3" and rows["base"]["missing"] == "1"
     assert float(rows["fast"]["diff_final_mean"]) == pytest.approx(0.2 / 3)
     assert rows["base"]["diff_final_mean"] == ""  # the reference is not paired with itself
+    assert float(rows["base"]["late_mean"]) == pytest.approx((0.2 + 0.41 + 0.53) / 3)
+    assert float(rows["fast"]["diff_late_mean"]) == pytest.approx(0.01)
+    assert "last 3 mean" in files["md"].read_text()
     markdown = files["md"].read_text()
     assert "not reached (1 of 3)" in markdown
     page = files["html"].read_text()

@@ -220,6 +220,8 @@ class ArmStats:
     seeds: list[int]
     missing: int
     final: Interval
+    late: Interval
+    """Mean of each run's last :data:`LATE_EVALUATIONS` evaluations (steadier than the last alone)."""
     best: Interval
     time_to_target: Reached
     virtual_seconds: Interval
@@ -252,6 +254,7 @@ class PairedStats:
 
     arm: str
     final: Interval
+    late: Interval
     best: Interval
     time_to_target: Interval
     """Over the seeds where both reached the target."""
@@ -294,6 +297,18 @@ def _interval(values: PerSeed) -> Interval:
 def _final(run: ArmRun) -> float | None:
     value = run.summary.metric.value
     return None if value is None else float(value)
+
+
+LATE_EVALUATIONS = 3
+"""How many of a run's last evaluations its ``late`` value averages: a global model's metric can move
+by several points from one round to the next (devices sampled per round see different data), so the
+mean of the last few says more about where a run ended than the last evaluation alone."""
+
+
+def _late(run: ArmRun) -> float | None:
+    values = [float(e["value"]) for e in sorted(run.evaluations, key=lambda e: float(e["virtual_time"]))]
+    values = values[-LATE_EVALUATIONS:]
+    return sum(values) / len(values) if values else None
 
 
 def _number(field: Callable[[Summary], float]) -> Callable[[ArmRun], float | None]:
@@ -390,6 +405,7 @@ def _arm_stats(arm: str, runs: Sequence[ArmRun], finals: PerSeed, ttts: PerSeed,
         seeds=sorted(r.seed for r in runs),
         missing=missing,
         final=_interval(finals),
+        late=_interval(per_seed(runs, _late)),
         best=_interval(per_seed(runs, lambda r: best_value(r.evaluations, r.higher_is_better))),
         time_to_target=reached_summary(list(ttts.values())),
         virtual_seconds=_interval(per_seed(runs, _number(lambda s: s.virtual_seconds))),
@@ -418,6 +434,7 @@ def _paired(
     return PairedStats(
         arm=arm,
         final=paired_difference(*both(_final)),
+        late=paired_difference(*both(_late)),
         best=paired_difference(*both(best)),
         time_to_target=paired_difference(ref_ttt, ttt),
         speedup=paired_ratio(ref_ttt, ttt),

@@ -1,7 +1,8 @@
 """The comparison files: ``comparison.csv`` (machine-readable), ``comparison.md`` and ``comparison.html``.
 
 ``comparison.csv`` has one row per arm. Every figure comes as ``<name>_mean``, ``<name>_ci_low`` and
-``<name>_ci_high`` (the 95% t-interval over seeds; empty when fewer than two seeds). ``ttt`` is the
+``<name>_ci_high`` (the 95% t-interval over seeds; empty when fewer than two seeds). ``late`` is the
+mean of each run's last evaluations (:data:`~fedspine.report.compare.LATE_EVALUATIONS`). ``ttt`` is the
 virtual time to target over the seeds that reached it and ``reached`` how many did; paired columns
 (``diff_*``, ``speedup_*``, ``uplink_ratio_*``) compare the arm with the reference arm on the seeds both
 ran and are empty on the reference's own row.
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedspine.metrics.stats import CONFIDENCE, Interval, describe_reached
-from fedspine.report.compare import ArmStats, Comparison, PairedStats, mean_curve
+from fedspine.report.compare import LATE_EVALUATIONS, ArmStats, Comparison, PairedStats, mean_curve
 from fedspine.report.formatting import format_bytes
 
 CSV_FILE = "comparison.csv"
@@ -77,7 +78,7 @@ def csv_row(arm: ArmStats, paired: PairedStats | None, reference: str) -> dict[s
     """One arm's row of ``comparison.csv``."""
     row = {"arm": arm.arm, "seeds": str(len(arm.seeds)), "seed_list": " ".join(map(str, arm.seeds))}
     row["missing"] = str(arm.missing)
-    row |= _cells("final", arm.final) | _cells("best", arm.best)
+    row |= _cells("final", arm.final) | _cells("late", arm.late) | _cells("best", arm.best)
     row |= _cells("ttt", arm.time_to_target.interval if arm.time_to_target.reached else None)
     row["reached"] = str(arm.time_to_target.reached)
     for name in ("virtual_seconds", "host_seconds", "uplink_bytes", "downlink_bytes"):
@@ -90,6 +91,7 @@ def csv_row(arm: ArmStats, paired: PairedStats | None, reference: str) -> dict[s
     row["reference"] = reference
     row["pairs"] = str(paired.final.n) if paired else ""
     row |= _cells("diff_final", paired.final if paired else None)
+    row |= _cells("diff_late", paired.late if paired else None)
     row |= _cells("diff_best", paired.best if paired else None)
     row |= _cells("diff_ttt", paired.time_to_target if paired else None)
     row["ttt_pairs"] = str(paired.time_to_target.n) if paired else ""
@@ -175,6 +177,7 @@ def arm_cells(arm: ArmStats) -> list[str]:
         arm.arm,
         seeds,
         interval_text(arm.final),
+        interval_text(arm.late),
         interval_text(arm.best),
         describe_reached(arm.time_to_target, _seconds),
         _seconds(arm.virtual_seconds),
@@ -230,6 +233,7 @@ def paired_cells(paired: PairedStats) -> list[str]:
         paired.arm,
         str(pairs),
         interval_text(paired.final, _signed, noun="pair"),
+        interval_text(paired.late, _signed, noun="pair"),
         interval_text(paired.best, _signed, noun="pair"),
         _ratio(paired.speedup, pairs),
         ttt + (f" ({paired.time_to_target.n} pairs)" if 1 < paired.time_to_target.n < pairs else ""),
@@ -239,9 +243,17 @@ def paired_cells(paired: PairedStats) -> list[str]:
 
 def _headers(comparison: Comparison) -> tuple[list[str], list[str]]:
     metric = comparison.metric_name
-    arm_headers = ["arm", "seeds", f"final {metric}", f"best {metric}", "time to target (virtual)"]
+    late = f"last {LATE_EVALUATIONS} mean"
+    arm_headers = ["arm", "seeds", f"final {metric}", late, f"best {metric}", "time to target (virtual)"]
     arm_headers += ["virtual time", "uplink", "downlink", "host time"]
-    paired_headers = ["arm", "pairs", f"Δ final {metric}", f"Δ best {metric}", "speed-up to target"]
+    paired_headers = [
+        "arm",
+        "pairs",
+        f"Δ final {metric}",
+        f"Δ {late}",
+        f"Δ best {metric}",
+        "speed-up to target",
+    ]
     paired_headers += ["Δ time to target", "uplink ratio"]
     return arm_headers, paired_headers
 
