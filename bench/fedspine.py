@@ -10,7 +10,10 @@ of FedIT's mean final accuracy.
 
 The last line is ``RESULT …``: FedSpine's speed-up to the target over FedIT (geometric mean over the
 seeds where both reached it, with interval), its paired final-accuracy differences to FedIT, to
-prune-then-tune and to fedmp (global model at the target sparsity) and to FedIT on the deployed models.
+prune-then-tune and to fedmp (global model at the target sparsity) and to FedIT on the deployed models,
+and the deployed models against the dense one per device class: parameter ratio and host decode speed
+ratio (each run measures the dense and the pruned models back to back on the host; the worst class in
+the RESULT line).
 
 Usage:
     python bench/fedspine.py --workers 2              # 30 runs
@@ -19,10 +22,11 @@ Usage:
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 from _benchpath import interval_pairs, run_bench_sweep, sweep_parser  # first: keeps bench/ off sys.path
-from fedspine.metrics.stats import paired_difference
+from fedspine.metrics.stats import Interval, paired_difference, t_interval
 from fedspine.report.compare import per_seed
 
 QUICK = {
@@ -37,6 +41,43 @@ QUICK = {
 def final(run: Any) -> float:
     """A run's final metric (the global model, at the target sparsity for pruning methods)."""
     return float(run.summary.metric.value or "nan")
+
+
+def deployed_ratios(run: Any) -> dict[str, dict[str, float]]:
+    """Per device class, the mean over its devices of the deployed model's parameters and host decode
+    speed relative to the dense model's (``params``, ``speed``; a ratio absent where not measured)."""
+    manifest = run.summary.device_models or {}
+    dense = manifest.get("dense_base") or {}
+    models = {m.get("dir"): m for m in manifest.get("models") or []}
+    classes = {str(d["device_id"]): d.get("device_class", "?") for d in run.summary.devices}
+    ratios: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for device, deployed in (manifest.get("devices") or {}).items():
+        model = models.get(deployed.get("model"), {})
+        for name, key in (("params", "parameters"), ("speed", "tokens_per_second")):
+            if model.get(key) and dense.get(key):
+                ratios[classes.get(device, "?")][name].append(float(model[key]) / float(dense[key]))
+    return {c: {k: sum(v) / len(v) for k, v in r.items()} for c, r in ratios.items()}
+
+
+def by_class(runs: list[Any]) -> dict[str, dict[str, Interval]]:
+    """``deployed_ratios`` per device class and ratio, as intervals over the runs (seeds)."""
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for device_class, ratios in deployed_ratios(run).items():
+            for name, value in ratios.items():
+                values[device_class][name].append(value)
+    return {c: {k: t_interval(v) for k, v in r.items()} for c, r in sorted(values.items())}
+
+
+def print_by_class(arm: str, table: dict[str, dict[str, Interval]]) -> None:
+    """The deployed models of ``arm`` against dense, one line per device class."""
+    print(f"\n{arm}: deployed model / dense, per device class (mean [95% interval] over seeds)")
+    for device_class, ratios in table.items():
+        cells = []
+        for name in ("params", "speed"):
+            r = ratios.get(name)
+            cells.append(f"{name} {r.mean:.3f} [{r.low:.3f}, {r.high:.3f}] (n={r.n})" if r else f"{name} n/a")
+        print(f"  {device_class:<18} " + "  ".join(cells))
 
 
 def main() -> None:
@@ -55,6 +96,13 @@ def main() -> None:
             line += interval_pairs(f"delta_vs_{baseline}", delta)
     if "fedspine" in paired:
         line += interval_pairs("deployed_delta_vs_fedit", paired["fedspine"].deployed_metric)
+    if "fedspine" in runs:
+        table = by_class(runs["fedspine"])
+        print_by_class("fedspine", table)
+        for name, worst in (("params", max), ("speed", min)):
+            found = [r[name].mean for r in table.values() if name in r]
+            if found:
+                line.append(f"deployed_{name}_ratio_worst_class={worst(found):.4f}")
     line += [f"{a.arm}_acc={a.final.mean:.4f}" for a in comparison.arms]
     print("RESULT " + " ".join(line))
 

@@ -28,6 +28,9 @@ def test_the_fedspine_benchmark_runs_and_prints_its_result_line() -> None:
     last = out.strip().splitlines()[-1]
     assert last.startswith("RESULT target=") and "speedup_vs_fedit=" in last
     assert "delta_vs_prune_then_tune=" in last and "delta_vs_prune_then_tune_ci=" in last
+    ratio = float(last.split("deployed_params_ratio_worst_class=")[1].split()[0])
+    assert 0 < ratio < 1, "every device class deploys a model smaller than the dense one"
+    assert "raspberry_pi_4" in out
 
 
 def test_bench_scripts_import_the_package_not_their_namesake() -> None:
