@@ -31,6 +31,7 @@ def test_the_fedspine_benchmark_runs_and_prints_its_result_line() -> None:
     ratio = float(last.split("deployed_params_ratio_worst_class=")[1].split()[0])
     assert 0 < ratio < 1, "every device class deploys a model smaller than the dense one"
     assert "raspberry_pi_4" in out
+    assert float(last.split("rounds_speedup_vs_fedit=")[1].split()[0]) > 0
 
 
 def test_bench_scripts_import_the_package_not_their_namesake() -> None:
