@@ -16,8 +16,12 @@ the target were every round to progress as much as FedIT's), and the deployed mo
 dense one per device class: parameter ratio and host decode speed ratio (each run measures the dense
 and the pruned models back to back on the host; the worst class in the RESULT line).
 
+``--sweep fleet80`` reads ``bench/sweeps/fleet80.toml`` instead (FedIT and FedSpine on the 80-device
+fleet, 3 seeds) and prints the same figures for the arms it has.
+
 Usage:
     python bench/fedspine.py --workers 2              # 30 runs
+    python bench/fedspine.py --sweep fleet80 --workers 2   # 6 runs on the 80-device fleet
     python bench/fedspine.py --config configs/tiny.toml --quick --only fedit prune_then_tune fedspine
 """
 
@@ -87,8 +91,12 @@ def print_by_class(arm: str, table: dict[str, dict[str, Interval]]) -> None:
 
 
 def main() -> None:
-    args = sweep_parser(__doc__.splitlines()[0], "fedspine").parse_args()
-    comparison = run_bench_sweep("fedspine", args, QUICK)
+    parser = sweep_parser(__doc__.splitlines()[0], "fedspine")
+    parser.add_argument(
+        "--sweep", choices=("fedspine", "fleet80"), default="fedspine", help="bench/sweeps/NAME.toml to run"
+    )
+    args = parser.parse_args()
+    comparison = run_bench_sweep(args.sweep, args, QUICK)
     arms = {a.arm: a for a in comparison.arms}
     paired = {p.arm: p for p in comparison.paired}
     line = [f"target={comparison.target.value:.4f}"]
