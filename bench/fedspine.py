@@ -93,7 +93,10 @@ def print_by_class(arm: str, table: dict[str, dict[str, Interval]]) -> None:
 def main() -> None:
     parser = sweep_parser(__doc__.splitlines()[0], "fedspine")
     parser.add_argument(
-        "--sweep", choices=("fedspine", "fleet80"), default="fedspine", help="bench/sweeps/NAME.toml to run"
+        "--sweep",
+        choices=("fedspine", "fleet80"),
+        default="fedspine",
+        help="bench/sweeps/NAME.toml to run (default --out: runs/bench-NAME)",
     )
     args = parser.parse_args()
     comparison = run_bench_sweep(args.sweep, args, QUICK)
