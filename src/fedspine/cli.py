@@ -9,14 +9,17 @@ import importlib
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markdown import Markdown
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,9 +29,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer.core import TyperGroup
 
 from fedspine import api
-from fedspine.config import Config, load_config
+from fedspine.config import RUN_NAME, Config, load_config
 from fedspine.errors import ConfigError, FedspineError
 from fedspine.metrics.summary import Summary
 from fedspine.report.formatting import format_bytes, format_duration
@@ -36,8 +40,33 @@ from fedspine.report.formatting import format_bytes, format_duration
 HELP = """Federated fine-tuning of LLMs across simulated heterogeneous device fleets.
 
 Exit codes: 0 success, 1 a runtime failure (model, data, fleet), 2 bad input (config, arguments)."""
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
 console = Console(stderr=True)
+
+
+class OneLineErrors(TyperGroup):
+    """Click's own usage errors (an unknown option, a value of the wrong type, a missing argument) as
+    one ``error:`` line and exit 2, the same shape as every other refusal of bad input."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # the help text, as click prints it
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            where = getattr(exc, "ctx", None)
+            hint = f" (see '{where.command_path} --help')" if where is not None else ""
+            _error(f"{exc.format_message()}{hint}")
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            _error("aborted")
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, cls=OneLineErrors)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config (default: built-in)")]  # noqa: UP045
 SetOpt = Annotated[
@@ -52,11 +81,16 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2) from None
     except FedspineError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(1) from None
+
+
+def _error(message: str) -> None:
+    """One ``error:`` line on stderr (not wrapped, so that it stays one line for scripts and logs)."""
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
 
 
 def _load(config: Path | None, overrides: list[str] | None) -> Config:
@@ -114,7 +148,7 @@ def calibrate(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     name: Annotated[str, typer.Option(help="The profile's device-class name")] = "calibrated",
-    tasks: Annotated[int, typer.Option(min=1, help="Timed local tasks (after one warm-up)")] = 3,
+    tasks: Annotated[int, typer.Option(min=1, max=100, help="Timed local tasks (after one warm-up)")] = 3,
 ) -> None:
     """Measure this machine for the config's model and task; write a device profile a fleet group can
     name (profile = "FILE")."""
@@ -122,8 +156,12 @@ def calibrate(
     from fedspine.runtime.calibrate import calibrate as measure
 
     with _errors():
-        if out.exists():
+        if out.exists() or out.is_symlink():
             raise ConfigError("--out", f"{out} exists; choose another file")
+        if not out.parent.is_dir():
+            raise ConfigError("--out", f"{out.parent} is not a directory; create it first")
+        if not RUN_NAME.match(name):
+            raise ConfigError("--name", f"must be letters, digits, '.', '_' or '-', got {name!r}")
         cfg = _load(config, set_)
         result = measure(cfg, name, tasks, _status)
         d, m = result.device_class, result.measured
@@ -283,7 +321,8 @@ def _sweep_progress() -> Iterator[tuple[Any, Any]]:
 
 deploy_app = typer.Typer(
     no_args_is_help=True,
-    help="Files for a Flower deployment (SuperLink, SuperNodes); see docs/deploy.md. Needs fedspine[flower].",
+    help="Files for a Flower deployment (SuperLink, SuperNodes); see docs/deploy.md. "
+    "Needs fedspine\\[flower].",
 )
 app.add_typer(deploy_app, name="deploy")
 
@@ -293,7 +332,7 @@ def _deploy(module: str) -> Any:
     try:
         return importlib.import_module(f"fedspine.deploy.{module}")
     except ImportError as exc:  # the flower extra is not installed
-        console.print(f"[bold red]error:[/] {exc}; install the extra: pip install 'fedspine[flower]'")
+        _error(f"{exc}; install the extra: pip install 'fedspine[flower]'")
         raise typer.Exit(1) from None
 
 

@@ -22,6 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import tomli_w
 
 from fedspine.errors import ConfigError
+from fedspine.files import CONFIG_LIMIT, InputFileError, read_text
 
 if sys.version_info >= (3, 11):
     import tomllib as tomllib  # re-exported: the deployment reads its TOML through this module
@@ -36,6 +37,20 @@ def _check(condition: bool, key: str, message: str) -> None:
 
 MAX_DEVICES = 100_000
 """More devices than any fleet study uses; a larger count is a typo (and would exhaust memory)."""
+MAX_SECONDS = 1e9
+"""About 32 years of virtual time: a longer duration is a typo, and sums of such durations overflow the
+virtual clock to infinity."""
+MAX_STEPS = 100_000
+"""Local steps (and rounds) past this are a typo: a run that long would not end on any fleet."""
+MAX_MULTIPLIER = 1e4
+"""Scalings, learning rates and factors past this overflow float training or aggregation in a step."""
+
+
+def _at_most(value: float, limit: float, key: str, why: str) -> None:
+    """Upper bounds on magnitudes that bound work or overflow, with the reason in the message."""
+    _check(value <= limit, key, f"must be <= {limit:g} ({why}), got {value:g}")
+
+
 MAX_THREADS = 1024
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
@@ -153,6 +168,9 @@ class LoraSection:
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "lora.rank", f"must be >= 1, got {self.rank}")
         _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _at_most(
+            self.alpha, MAX_MULTIPLIER, "lora.alpha", "the scaling alpha/rank would overflow activations"
+        )
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
         for i, r in enumerate(self.ranks):
@@ -217,6 +235,9 @@ class DataSection:
 
     def __post_init__(self) -> None:
         _check(self.max_length >= 8, "data.max_length", f"must be >= 8, got {self.max_length}")
+        _at_most(
+            self.max_length, 1 << 20, "data.max_length", "tokens per example; no model has a longer context"
+        )
         _check(self.max_labels >= 0, "data.max_labels", f"must be >= 0 (0 = all), got {self.max_labels}")
         _check(self.max_labels != 1, "data.max_labels", "must keep at least 2 labels (0 = all)")
         _check(
@@ -230,11 +251,23 @@ class DataSection:
         _check(self.test_size >= 1, "data.test_size", f"must be >= 1, got {self.test_size}")
         _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
         _check(self.quantity_alpha > 0, "data.quantity_alpha", "must be > 0")
+        for name in ("dirichlet_alpha", "quantity_alpha"):
+            _at_most(
+                getattr(self, name),
+                1e6,
+                f"data.{name}",
+                "the split is IID long before; more overflows the draw",
+            )
         _check(self.source not in ("jsonl", "csv") or bool(self.path), "data.path", "required for jsonl/csv")
         _check(
             not self.prompt_template or "{text}" in self.prompt_template,
             "data.prompt_template",
             "must contain the placeholder {text}",
+        )
+        _check(
+            not self.prompt_template or self.prompt_template.count("{text}") == 1,
+            "data.prompt_template",
+            f"must contain the placeholder {{text}} exactly once, got {self.prompt_template!r}",
         )
 
 
@@ -278,6 +311,7 @@ class AttackSection:
     """Magnitude of the scaled or sign-flipped change."""
 
     def __post_init__(self) -> None:
+        _at_most(abs(self.factor), MAX_MULTIPLIER, "fleet.attack.factor", "larger changes overflow float32")
         for i, d in enumerate(self.devices):
             _check(d >= 0, f"fleet.attack.devices[{i}]", f"must be a device id >= 0, got {d}")
 
@@ -299,9 +333,16 @@ class TraceSection:
 
     def __post_init__(self) -> None:
         _check(self.period_seconds > 0, "fleet.trace.period_seconds", "must be > 0")
+        _at_most(self.period_seconds, MAX_SECONDS, "fleet.trace.period_seconds", "longer than any run")
         _check(0 < self.online_fraction <= 1, "fleet.trace.online_fraction", "must be in (0, 1]")
         _check(self.mean_online_seconds > 0, "fleet.trace.mean_online_seconds", "must be > 0")
+        _at_most(
+            self.mean_online_seconds, MAX_SECONDS, "fleet.trace.mean_online_seconds", "longer than any run"
+        )
         _check(self.mean_offline_seconds > 0, "fleet.trace.mean_offline_seconds", "must be > 0")
+        _at_most(
+            self.mean_offline_seconds, MAX_SECONDS, "fleet.trace.mean_offline_seconds", "longer than any run"
+        )
 
 
 @dataclass(frozen=True)
@@ -327,6 +368,12 @@ class FleetSection:
             )
             _check(0 < group.availability <= 1, f"{key}.availability", "must be in (0, 1]")
         _check(self.jitter_scale >= 0, "fleet.jitter_scale", "must be >= 0")
+        _at_most(
+            self.jitter_scale,
+            10,
+            "fleet.jitter_scale",
+            "it multiplies every class's spread; more underflows a slowdown to 0",
+        )
         total = sum(g.count for g in self.groups)
         _check(total <= MAX_DEVICES, "fleet.groups", f"hold {total} devices; at most {MAX_DEVICES}")
 
@@ -350,8 +397,11 @@ class TrainSection:
 
     def __post_init__(self) -> None:
         _check(self.local_steps >= 1, "train.local_steps", "must be >= 1")
+        _at_most(self.local_steps, MAX_STEPS, "train.local_steps", "a task that long would never end")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _at_most(self.batch_size, 1 << 16, "train.batch_size", "examples per step; more exhausts memory")
         _check(self.lr > 0, "train.lr", "must be > 0")
+        _at_most(self.lr, 10, "train.lr", "larger steps diverge at once")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = off)")
 
@@ -379,6 +429,7 @@ class ExecutorSection:
     def __post_init__(self) -> None:
         _check(self.batch_clients >= 0, "executor.batch_clients", "must be >= 0 (0 = auto, 1 = one by one)")
         _check(self.workers >= 1, "executor.workers", "must be >= 1")
+        _at_most(self.workers, 1024, "executor.workers", "more processes than any host runs")
         _check(self.cpus_per_worker >= 0, "executor.cpus_per_worker", "must be >= 0")
         _check(self.gpus_per_worker >= 0, "executor.gpus_per_worker", "must be >= 0")
 
@@ -468,6 +519,7 @@ class FedSpineSection:
         _check(bool(self.ranks) and all(r >= 1 for r in self.ranks), key + "ranks", "must be ranks >= 1")
         _check(self.window >= 1, key + "window", "must be >= 1")
         _check(self.ucb_c >= 0, key + "ucb_c", "must be >= 0")
+        _at_most(self.ucb_c, MAX_MULTIPLIER, key + "ucb_c", "a bonus that large makes every choice random")
         _check(
             self.fixed_ratio == -1.0 or self.target_sparsity <= self.fixed_ratio < 1,
             key + "fixed_ratio",
@@ -515,8 +567,16 @@ class StalenessSection:
 
     def __post_init__(self) -> None:
         _check(self.a >= 0, "scheduler.staleness.a", "must be >= 0")
+        _at_most(self.a, MAX_MULTIPLIER, "scheduler.staleness.a", "larger values overflow the weight")
         _check(self.b >= 0, "scheduler.staleness.b", "must be >= 0")
+        _at_most(self.b, MAX_MULTIPLIER, "scheduler.staleness.b", "larger values overflow the weight")
         _check(self.dcasgd_lambda >= 0, "scheduler.staleness.dcasgd_lambda", "must be >= 0")
+        _at_most(
+            self.dcasgd_lambda,
+            MAX_MULTIPLIER,
+            "scheduler.staleness.dcasgd_lambda",
+            "larger values overflow the weight",
+        )
 
 
 @dataclass(frozen=True)
@@ -543,7 +603,11 @@ class FedBuffSection:
 
     def __post_init__(self) -> None:
         _check(self.buffer_size >= 1, "scheduler.fedbuff.buffer_size", "must be >= 1")
+        _at_most(self.buffer_size, MAX_DEVICES, "scheduler.fedbuff.buffer_size", "more than a fleet holds")
         _check(self.server_lr > 0, "scheduler.fedbuff.server_lr", "must be > 0")
+        _at_most(
+            self.server_lr, 10, "scheduler.fedbuff.server_lr", "a larger server step overflows the adapter"
+        )
         _check(0 <= self.server_momentum < 1, "scheduler.fedbuff.server_momentum", "must be in [0, 1)")
 
 
@@ -566,7 +630,9 @@ class FedCompassSection:
         key = "scheduler.fedcompass."
         _check(self.q_min >= 1, key + "q_min", "must be >= 1")
         _check(self.q_max >= self.q_min, key + "q_max", "must be >= q_min")
+        _at_most(self.q_max, MAX_STEPS, key + "q_max", "local steps; a task that long would never end")
         _check(self.latest_time_factor >= 1, key + "latest_time_factor", "must be >= 1")
+        _at_most(self.latest_time_factor, MAX_MULTIPLIER, key + "latest_time_factor", "overflows the timers")
         _check(0 < self.speed_momentum <= 1, key + "speed_momentum", "must be in (0, 1]")
         _check(0 < self.alpha <= 1, key + "alpha", "must be in (0, 1]")
 
@@ -609,13 +675,19 @@ class SchedulerSection:
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "scheduler.rounds", "must be >= 1")
+        _at_most(self.rounds, MAX_STEPS, "scheduler.rounds", "a run that long would not end")
         _check(self.clients_per_round >= 0, "scheduler.clients_per_round", "must be >= 0")
         _check(0 < self.clients_fraction <= 1, "scheduler.clients_fraction", "must be in (0, 1]")
         _check(self.over_selection >= 0, "scheduler.over_selection", "must be >= 0")
+        _at_most(self.over_selection, 10, "scheduler.over_selection", "eleven times the cohort at most")
         _check(self.deadline_seconds >= 0, "scheduler.deadline_seconds", "must be >= 0")
+        _at_most(self.deadline_seconds, MAX_SECONDS, "scheduler.deadline_seconds", "longer than any run")
         _check(self.concurrency >= 0, "scheduler.concurrency", "must be >= 0")
         _check(self.max_updates >= 0, "scheduler.max_updates", "must be >= 0")
         _check(self.max_virtual_seconds >= 0, "scheduler.max_virtual_seconds", "must be >= 0")
+        _at_most(
+            self.max_virtual_seconds, MAX_SECONDS, "scheduler.max_virtual_seconds", "longer than any run"
+        )
 
 
 @dataclass(frozen=True)
@@ -659,8 +731,15 @@ class ServerSection:
     """Fraction of updates dropped at each end, per coordinate, for ``robust = "trimmed_mean"``."""
 
     def __post_init__(self) -> None:
-        _check(self.aggregation_gbps > 0, "server.aggregation_gbps", "must be > 0")
+        _check(
+            1e-3 <= self.aggregation_gbps <= 1e6,
+            "server.aggregation_gbps",
+            f"must be in [0.001, 1e6] (a server's memory rate in GB/s), got {self.aggregation_gbps:g}",
+        )
         _check(self.aggregation_overhead_seconds >= 0, "server.aggregation_overhead_seconds", "must be >= 0")
+        _at_most(
+            self.aggregation_overhead_seconds, 3600, "server.aggregation_overhead_seconds", "an hour per step"
+        )
         _check(self.max_update_norm >= 0, "server.max_update_norm", "must be >= 0 (0 = no bound)")
         _check(self.clip_norm > 0, "server.clip_norm", "must be > 0")
         _check(0 <= self.trim_fraction < 0.5, "server.trim_fraction", "must be in [0, 0.5)")
@@ -702,6 +781,7 @@ class EvalSection:
         )
         _check(self.local_max_examples >= 0, "eval.local_max_examples", "must be >= 0 (0 = no cap)")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _at_most(self.batch_size, 1 << 16, "eval.batch_size", "examples per batch; more exhausts memory")
         _check(self.target >= 0, "eval.target", "must be >= 0 (0 = none)")
 
 
@@ -735,6 +815,8 @@ class PersonalizeSection:
             self.steps >= 0, "personalize.steps", f"must be >= 0 (0 = train.local_steps), got {self.steps}"
         )
         _check(self.rank >= 1, "personalize.rank", f"must be >= 1, got {self.rank}")
+        _at_most(self.steps, MAX_STEPS, "personalize.steps", "a task that long would never end")
+        _at_most(self.clusters, MAX_DEVICES, "personalize.clusters", "more than a fleet holds")
 
 
 @dataclass(frozen=True)
@@ -750,6 +832,12 @@ class ExportSection:
 
     def __post_init__(self) -> None:
         _check(self.generate_tokens >= 1, "export.generate_tokens", "must be >= 1")
+        _at_most(
+            self.generate_tokens,
+            4096,
+            "export.generate_tokens",
+            "decode speed is timed on these; more only waits",
+        )
 
 
 @dataclass(frozen=True)
@@ -887,19 +975,38 @@ def to_toml(config: Config) -> str:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Parse a TOML file; a syntax error becomes a ConfigError naming the file."""
+    """Parse a TOML file (a regular file of at most :data:`~fedspine.files.CONFIG_LIMIT` bytes); every
+    problem, a syntax error included, becomes a ConfigError naming the file."""
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(str(path), "config file not found") from exc
-    except IsADirectoryError as exc:
-        raise ConfigError(str(path), "is a directory, not a TOML config file") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(str(path), f"not a text file (not UTF-8 at byte {exc.start})") from exc
-    except OSError as exc:
-        raise ConfigError(str(path), f"cannot read the config file: {exc.strerror}") from exc
+        return tomllib.loads(read_text(path, CONFIG_LIMIT))
+    except InputFileError as exc:
+        raise ConfigError(str(path), exc.reason) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), f"invalid TOML: {exc}") from exc
+
+
+def config_differences(before: Config, after: Config) -> list[str]:
+    """Every key whose value differs between two configs, as ``key: BEFORE -> AFTER`` (sorted)."""
+    old, new = _flatten(to_dict(before)), _flatten(to_dict(after))
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list) and tree and all(isinstance(item, dict) for item in tree):
+        items = ((f"[{i}]", item) for i, item in enumerate(tree))
+    else:
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        name = f"{prefix}{key}" if key.startswith("[") or not prefix else f"{prefix}.{key}"
+        flat.update(_flatten(value, name))
+    return flat
 
 
 def key_parts(key: str) -> list[str]:

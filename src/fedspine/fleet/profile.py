@@ -18,6 +18,7 @@ from typing import Any
 import tomli_w
 
 from fedspine.errors import ConfigError
+from fedspine.files import CONFIG_LIMIT, InputFileError, read_text
 from fedspine.types import DeviceClass
 
 if sys.version_info >= (3, 11):
@@ -28,6 +29,9 @@ else:  # pragma: no cover
 _NUMBERS = ("peak_flops", "mfu", "memory_bandwidth", "slowdown_sigma")
 _INTEGERS = ("memory_bytes", "train_dtype_bytes")
 _TEXT = ("name", "description", "source")
+MAX_SLOWDOWN_SIGMA = 2.0
+"""The log-spread of a device's per-round slowdown: at 2 its middle 95% already spans a factor of 2,500,
+far past any measured throttling."""
 MEASURED = "measured"
 """The table of a profile that records what calibration measured."""
 
@@ -41,11 +45,9 @@ def load_profile(path: str | Path, key: str = "profile") -> DeviceClass:
     """
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(key, f"profile file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(key, f"cannot read profile {path}: {exc}") from None
+        data = tomllib.loads(read_text(path, CONFIG_LIMIT))
+    except InputFileError as exc:
+        raise ConfigError(key, f"profile {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(key, f"{path} is not valid TOML: {exc}") from None
     unknown = sorted(set(data) - {*_NUMBERS, *_INTEGERS, *_TEXT, MEASURED})
@@ -69,12 +71,16 @@ def load_profile(path: str | Path, key: str = "profile") -> DeviceClass:
             raise ConfigError(key, f"{path}: '{name}' must be an integer, got {value!r}")
         fields[name] = value
     checks = (
-        (fields["peak_flops"] > 0, "peak_flops", "must be > 0"),
+        (1e6 <= fields["peak_flops"] <= 1e18, "peak_flops", "must be in [1e6, 1e18] FLOP/s"),
         (0 < fields["mfu"] <= 1, "mfu", "must be in (0, 1]"),
-        (fields["memory_bandwidth"] > 0, "memory_bandwidth", "must be > 0"),
-        (fields["memory_bytes"] > 0, "memory_bytes", "must be > 0"),
+        (1e6 <= fields["memory_bandwidth"] <= 1e14, "memory_bandwidth", "must be in [1e6, 1e14] bytes/s"),
+        (2**20 <= fields["memory_bytes"] <= 2**50, "memory_bytes", "must be in [1 MiB, 1 PiB]"),
         (fields["train_dtype_bytes"] in (1, 2, 4, 8), "train_dtype_bytes", "must be 1, 2, 4 or 8"),
-        (fields["slowdown_sigma"] >= 0, "slowdown_sigma", "must be >= 0"),
+        (
+            0 <= fields["slowdown_sigma"] <= MAX_SLOWDOWN_SIGMA,
+            "slowdown_sigma",
+            f"must be in [0, {MAX_SLOWDOWN_SIGMA}] (a larger spread underflows a round's slowdown to 0)",
+        ),
     )
     for ok, name, message in checks:
         if not ok:
