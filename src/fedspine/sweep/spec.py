@@ -31,18 +31,30 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedspine.config import Config, apply_override, from_dict, key_parts, read_toml, to_dict, to_toml
+from fedspine.config import (
+    RUN_NAME,
+    Config,
+    apply_override,
+    from_dict,
+    key_parts,
+    read_toml,
+    to_dict,
+    to_toml,
+)
 from fedspine.errors import ConfigError, FedspineError
 from fedspine.runtime.build import check_config
 
 SWEEP_KEYS = ("name", "base", "seeds", "reference", "target", "set", "arms", "grid")
 RESERVED = {"run.seed": "seeds", "run.threads": "--threads / --workers"}
 ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]*$")
+MAX_RUNS = 10_000
+"""Arms times seeds: more runs than any sweep finishes (a typo such as ``seeds = 1000000000``)."""
 
 
 @dataclass(frozen=True)
@@ -125,8 +137,10 @@ def parse_sweep(data: dict[str, Any], root: Path, default_name: str) -> Sweep:
     if unknown:
         raise ConfigError(unknown[0], f"unknown key in a sweep file; allowed: {', '.join(SWEEP_KEYS)}")
     name = data.get("name", default_name)
-    if not isinstance(name, str) or not name:
-        raise ConfigError("name", f"expected a non-empty string, got {name!r}")
+    if not isinstance(name, str) or not RUN_NAME.match(name):
+        raise ConfigError(
+            "name", f"must be letters, digits, '.', '_' or '-' (it names a folder under runs/), got {name!r}"
+        )
     base = data.get("base")
     if base is not None and not isinstance(base, str):
         raise ConfigError("base", f"expected a path (string), got {type(base).__name__}")
@@ -139,19 +153,55 @@ def parse_sweep(data: dict[str, Any], root: Path, default_name: str) -> Sweep:
     if reference is not None and reference not in [a.name for a in arms]:
         raise ConfigError("reference", f"unknown arm {reference!r}; arms: {', '.join(a.name for a in arms)}")
     target = data.get("target")
-    if target is not None and not isinstance(target, (int, float, str)):
-        raise ConfigError("target", 'expected a number or "FRACTION*ARM"')
-    return Sweep(name, base_path, common, arms, _seeds(data.get("seeds", 3)), reference, target)
+    seeds = _seeds(data.get("seeds", 3))
+    if len(arms) * len(seeds) > MAX_RUNS:
+        raise ConfigError("seeds", f"{len(arms)} arms x {len(seeds)} seeds is more than {MAX_RUNS} runs")
+    _check_target(target, [a.name for a in arms])
+    return Sweep(name, base_path, common, arms, seeds, reference, target)
+
+
+def _check_target(target: Any, arms: list[str]) -> None:
+    """The comparison's target, checked before any run: a finite number >= 0, or ``FRACTION*ARM`` with
+    a positive finite fraction and an arm of this sweep."""
+    if target is None:
+        return
+    if isinstance(target, str) and "*" in target:
+        fraction_text, _, arm = target.partition("*")
+        fraction = _number(fraction_text)
+        if not (math.isfinite(fraction) and fraction > 0):
+            raise ConfigError("target", f"the fraction must be a finite number > 0, got {target!r}")
+        if arm.strip() not in arms:
+            raise ConfigError(
+                "target", f"names no arm of this sweep: {arm.strip()!r}; arms: {', '.join(arms)}"
+            )
+        return
+    value = _number(target)
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(
+            "target", f'expected a finite number >= 0 or "FRACTION*ARM" (e.g. "0.95*fedit"), got {target!r}'
+        )
+
+
+def _number(value: Any) -> float:
+    """``value`` as a float (NaN when it is not a number or numeric text)."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _seeds(value: Any) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise ConfigError("seeds", f"needs at least one seed, got {value}")
+        if not 1 <= value <= MAX_RUNS:
+            raise ConfigError("seeds", f"a count must be in 1..{MAX_RUNS}, got {value}")
         return list(range(value))
     if not isinstance(value, list) or not value:
         raise ConfigError("seeds", "expected a count or a non-empty list of integers")
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
+    if len(value) > MAX_RUNS:
+        raise ConfigError("seeds", f"at most {MAX_RUNS} seeds, got {len(value)}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in value):
         raise ConfigError("seeds", f"every seed must be an integer >= 0, got {value}")
     if len(set(value)) != len(value):
         raise ConfigError("seeds", f"seeds repeat: {value}")
@@ -196,6 +246,8 @@ def _grid(table: Any) -> list[Arm]:
     keys = list(table)
     if not keys:
         return []
+    if math.prod(len(table[k]) for k in keys) > MAX_RUNS:
+        raise ConfigError("grid", f"has more than {MAX_RUNS} points; a sweep that large never finishes")
     points = []
     for values in itertools.product(*(table[k] for k in keys)):
         label = ",".join(f"{key_parts(k)[-1]}={_label(v)}" for k, v in zip(keys, values, strict=True))
@@ -214,6 +266,8 @@ def _arms(table: Any, grid: list[Arm]) -> list[Arm]:
     if not named and not grid:
         raise ConfigError("arms", "the sweep has no arms: add [arms.NAME] tables and/or a [grid]")
     if named and grid:
+        if len(named) * len(grid) > MAX_RUNS:
+            raise ConfigError("grid", f"times the named arms gives more than {MAX_RUNS} arms")
         arms = [Arm(f"{a.name},{g.name}", {**a.overrides, **g.overrides}) for a in named for g in grid]
     else:
         arms = named or grid
