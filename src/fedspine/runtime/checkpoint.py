@@ -15,7 +15,8 @@ A checkpoint is a directory ``checkpoints/round-000K`` holding
   and its executor, the data, the fleet's devices) are not saved but referred to by name and
   re-attached from the rebuilt experiment;
 * ``state_tensors.safetensors``: every tensor of that state, which the JSON refers to by key;
-* ``MANIFEST.json``, written last: the round and the SHA-256 of every file.
+* ``MANIFEST.json``, written last: the round, the SHA-256 of every file, and the text of the run's
+  ``config.toml`` the checkpoint was taken under (``--resume`` refuses a config edited since).
 
 It is written into a temporary directory, fsynced, and renamed into place, so a crash leaves either a
 complete checkpoint or a ``.tmp-*`` directory that is ignored. A checkpoint whose manifest is missing
@@ -52,6 +53,7 @@ log = logging.getLogger("fedspine.checkpoint")
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "MANIFEST.json"
+CONFIG_FILE = "config.toml"
 FORMAT = 7
 """Bumped whenever the saved state changes shape: an older checkpoint is refused, never misread."""
 FILES = frozenset(
@@ -131,7 +133,7 @@ def save(run_dir: Path, exp: Experiment, snapshot: Snapshot, keep: int = 2) -> P
     files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
     for name in files:
         _fsync(tmp / name)
-    manifest = {"format": FORMAT, "round": snapshot.round, "files": files}
+    manifest = {"format": FORMAT, "round": snapshot.round, "files": files, "config": _config_text(run_dir)}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     _fsync(tmp / MANIFEST)
     if final.exists():
@@ -141,6 +143,26 @@ def save(run_dir: Path, exp: Experiment, snapshot: Snapshot, keep: int = 2) -> P
     for old in sorted(complete(run_dir))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _config_text(run_dir: Path) -> str | None:
+    path = run_dir / CONFIG_FILE
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def recorded_config(run_dir: Path) -> str | None:
+    """The ``config.toml`` text the newest checkpoint with a readable manifest recorded (None: none
+    recorded). Checksums are not verified here (:func:`load_latest` does): every checkpoint of a run
+    records the same config."""
+    root = run_dir / CHECKPOINTS
+    for directory in sorted(root.glob("round-*"), reverse=True) if root.is_dir() else []:
+        try:
+            config = json.loads((directory / MANIFEST).read_text(encoding="utf-8")).get("config")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(config, str):
+            return config
+    return None
 
 
 def complete(run_dir: Path) -> list[Path]:

@@ -139,6 +139,8 @@ class RunState:
     personal: dict[str, Any] | None = None
     """The personal models' evaluation (:func:`~fedspine.runtime.personal.personalize`; None when the
     devices hold no data out)."""
+    stalled: str | None = None
+    """Why the run stopped before its limits, when it could make no progress."""
 
 
 @dataclass
@@ -187,6 +189,13 @@ class LoopState:
     last_evaluated: int = -1
     checkpointed: int = 0
     """The version of the newest checkpoint."""
+    fruitless: int = 0
+    """Tasks in a row that ended without an update (rejected, lost, out of memory): an asynchronous
+    run whose every task fails would otherwise offer new ones forever."""
+
+
+STALL_TASKS_PER_DEVICE = 5
+"""An asynchronous run stops once this many tasks per device in a row ended without an update."""
 
 
 log = logging.getLogger("fedspine.engine")
@@ -233,7 +242,7 @@ class Engine:
         if self._loop is None:
             self._start_loop()
         loop = self.loop
-        while not self._done() and self._next_event(loop.queue):
+        while not self._done() and not self._stalled() and self._next_event(loop.queue):
             at, (kind, payload) = loop.queue.pop()
             if self._time_limit() and at > self._time_limit():
                 break
@@ -416,6 +425,7 @@ class Engine:
         """Record a task outside a round as it ends, and tell the strategy."""
         o = task.outcome
         self._record_task(task.version, task.start, o, task_id=task.task_id)
+        self.loop.fruitless = 0 if o.update is not None else self.loop.fruitless + 1
         self._count(o.status)
         self._count("uplink_bytes", o.uplink_bytes)
         cap = statistics.median(self.loop.recent_seconds) if self.loop.recent_seconds else 0.0
@@ -634,6 +644,19 @@ class Engine:
             or (limits.max_updates > 0 and self.loop.applied >= limits.max_updates)
             or (limits.max_virtual_seconds > 0 and self.clock.now >= limits.max_virtual_seconds)
         )
+
+    def _stalled(self) -> bool:
+        """Whether so many tasks in a row ended without an update that the run cannot make progress
+        (every device rejected, lost or out of memory, :data:`STALL_TASKS_PER_DEVICE` times each on
+        average); the reason goes into the state."""
+        limit = STALL_TASKS_PER_DEVICE * len(self.exp.devices)
+        if self.loop.fruitless < limit:
+            return False
+        self.state.stalled = (
+            f"the last {self.loop.fruitless} tasks all ended without an update "
+            f"(rejected, lost or out of memory), {STALL_TASKS_PER_DEVICE} per device"
+        )
+        return True
 
     def _finish(self) -> None:
         """Cancel what is still running, count what was never applied, evaluate the final model."""
