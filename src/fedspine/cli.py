@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -47,11 +47,13 @@ class OneLineErrors(TyperGroup):
     """Click's own usage errors (an unknown option, a value of the wrong type, a missing argument) as
     one ``error:`` line and exit 2, the same shape as every other refusal of bad input."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(  # type: ignore[override]  # keyword-only: nothing calls it positionally
+        self, args: Sequence[str] | None = None, *, standalone_mode: bool = True, **extra: Any
+    ) -> Any:
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, standalone_mode=False, **extra)
         try:
-            result = super().main(*args, standalone_mode=False, **kwargs)
+            result = super().main(args, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as exc:
             exc.show()  # the help text, as click prints it
             sys.exit(exc.exit_code)

@@ -996,10 +996,11 @@ def config_differences(before: Config, after: Config) -> list[str]:
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    items: list[tuple[str, Any]]
     if isinstance(tree, dict):
-        items = tree.items()
+        items = list(tree.items())
     elif isinstance(tree, list) and tree and all(isinstance(item, dict) for item in tree):
-        items = ((f"[{i}]", item) for i, item in enumerate(tree))
+        items = [(f"[{i}]", item) for i, item in enumerate(tree)]
     else:
         return {prefix: tree}
     flat: dict[str, Any] = {}
