@@ -11,6 +11,7 @@ from typing import Any
 
 from fedspine import api
 from fedspine.errors import ConfigError, FedspineError
+from fedspine.files import InputFileError, read_text
 from fedspine.report.compare import SWEEP_FILE
 from fedspine.sweep.runner import (
     Event,
@@ -105,17 +106,36 @@ def prepare_out(sweep: Sweep, out: Path, resume: bool) -> None:
     """
     plan = sweep.plan()
     plan_path = out / SWEEP_FILE
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConfigError("--out", f"{out} is a file or a link, not a sweep directory")
     if out.exists() and any(out.iterdir()):
         if not resume:
             raise ConfigError(
                 "--out", f"{out} exists and is not empty; pass --resume to continue it, or choose a new one"
             )
-        if plan_path.is_file():
-            _check_same(sweep, json.loads(plan_path.read_text(encoding="utf-8")), plan, out)
+        if plan_path.exists() or plan_path.is_symlink():
+            _check_same(sweep, _read_plan(plan_path), plan, out)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f".{SWEEP_FILE}.partial"
     partial.write_text(json.dumps(plan, indent=2, default=str) + "\n", encoding="utf-8")
     partial.replace(plan_path)
+
+
+def _read_plan(path: Path) -> dict[str, Any]:
+    """The ``sweep.json`` a sweep directory was made with, read as untrusted input.
+
+    Raises:
+        ConfigError: not a regular file inside its directory, too large, not a JSON object.
+    """
+    try:
+        plan = json.loads(read_text(path, within=path.parent))
+    except InputFileError as exc:
+        raise ConfigError("--resume", str(exc)) from None
+    except ValueError as exc:
+        raise ConfigError("--resume", f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("fingerprints", {}), dict):
+        raise ConfigError("--resume", f"{path}: not a sweep plan (a JSON object with 'fingerprints')")
+    return plan
 
 
 def _check_same(sweep: Sweep, old: dict[str, Any], new: dict[str, Any], out: Path) -> None:

@@ -38,6 +38,7 @@ from typing import Literal
 
 from fedspine.config import load_config
 from fedspine.errors import CheckpointError, ConfigError
+from fedspine.files import InputFileError, read_text
 
 RUNS_FILE = "runs.json"
 """Per run of a sweep: status, host seconds, error (rewritten as runs finish)."""
@@ -81,8 +82,8 @@ class RunOutcome:
 def is_finished(run_dir: Path) -> bool:
     """Whether a run directory holds a complete ``summary.json`` (written last and atomically)."""
     try:
-        json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        json.loads(read_text(run_dir / "summary.json", within=run_dir))
+    except (InputFileError, ValueError):
         return False
     return True
 
