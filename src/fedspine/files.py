@@ -23,9 +23,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import stat
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -189,15 +189,17 @@ def check_own_directory(directory: Path | str, root: Path | str) -> None:
 
 def write_atomic(path: Path | str, write: Callable[[Path], object]) -> None:
     """Write ``path`` through ``write(temporary_path)``, then rename it over ``path``: a link at
-    ``path`` is replaced, never followed, and a reader sees the old file or the whole new one."""
+    ``path`` is replaced, never followed, and a reader sees the old file or the whole new one. The
+    temporary file is created exclusively (never through a planted link) with the mode a plain write
+    would give (the umask's)."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
-    os.close(fd)
+    tmp = target.with_name(f".{target.stem}.{secrets.token_hex(6)}.partial{target.suffix}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
