@@ -262,6 +262,18 @@ def test_corrupt_file_is_named_in_the_error(tmp_path: Path, name: str, content: 
         ("seed", True, "key 'seed' must be a number or null"),
         ("devices", {"0": {}}, "key 'devices' must be a JSON list"),
         ("metric", {"name": "accuracy", "value": "0.5"}, "key 'metric' must be"),
+        ("metric", {"name": "accuracy", "value": math.nan}, "key 'metric' must be"),
+        ("uplink_bytes", -1, "key 'uplink_bytes' must be a number from 0"),
+        ("rounds", 2.5, "key 'rounds' must be a whole number"),
+        ("rounds", 10**400, "key 'rounds' must be a number from 0"),
+        ("wall_seconds", math.inf, "key 'wall_seconds' must be a finite number"),
+        ("seed", -3, "key 'seed' must be a number from 0"),
+        ("devices", [{"device_id": 1, "uplink_bytes": "lots"}], "key 'devices[0].uplink_bytes' must be"),
+        ("devices", [{"network": "wifi"}], "key 'devices[0].device_id' is missing"),
+        ("evaluations", [{"virtual_time": 1.0}], "key 'evaluations[0].value' is missing"),
+        ("federated", {"value": 0.5, "count": 3, "worst_decile": 0.4, "devices": {"a": 1}}, "device ids"),
+        ("personal", {"devices": {"1": "high"}}, "key 'personal.devices.1' must be a number"),
+        ("device_models", {"models": [], "devices": {}}, "key 'device_models.dense_base' is missing"),
     ],
 )
 def test_a_summary_with_a_wrong_type_is_refused_naming_the_key(key: str, value: Any, problem: str) -> None:
