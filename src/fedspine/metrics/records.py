@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedspine.errors import CheckpointError
+from fedspine.files import InputFileError, parse_json, read_text
 from fedspine.metrics.events import Event
 from fedspine.metrics.summary import Summary
 
@@ -207,6 +208,19 @@ class RunRecorder:
 
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    """All events of a run directory, in order."""
-    with (run_dir / EVENTS_FILE).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All events of a run directory, in order. ``events.jsonl`` is read as untrusted input: a regular
+    file inside ``run_dir`` (links resolved), at most :data:`~fedspine.files.TEXT_LIMIT` bytes, each
+    line strict JSON.
+
+    Raises:
+        InputFileError: naming the file (and the line) and what is wrong with it.
+    """
+    path = run_dir / EVENTS_FILE
+    events = []
+    for number, line in enumerate(read_text(path, within=run_dir).splitlines(), start=1):
+        if line.strip():
+            try:
+                events.append(parse_json(line))
+            except ValueError as error:
+                raise InputFileError(path, f"line {number}: invalid JSON ({error})") from error
+    return events

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import html
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from fedspine.files import InputFileError, check_own_directory
 from fedspine.metrics.records import DeviceStats
 from fedspine.metrics.summary import Summary
 from fedspine.report.devices import TASK_STATUSES, merge_device_stats
 from fedspine.report.formatting import format_bytes, format_duration
 from fedspine.report.load import ReportError, RunData, load_run
+from fedspine.report.output import write_output_text
 from fedspine.report.plots import (
     plot_arms_by_class,
     plot_bytes_per_round,
@@ -53,6 +56,10 @@ pre { background: #f6f8fa; padding: 12px; overflow-x: auto; font-size: 13px; bor
 def write_report(run_dir: Path) -> Path:
     """Reads a run directory, draws ``plots/*.png`` and writes ``report.html`` beside them.
 
+    Everything is read and checked, and the page rendered, before anything is written; each file is
+    then replaced atomically (a link at ``report.html`` or at a plot is replaced, never written
+    through). ``plots/`` must be a directory of the run, not a link: the report never writes outside.
+
     Args:
         run_dir: A directory written by the engine.
 
@@ -60,48 +67,68 @@ def write_report(run_dir: Path) -> Path:
         The path of ``report.html``.
 
     Raises:
-        ReportError: If an input file is missing or malformed (the message names it).
+        ReportError: If an input file is missing or malformed, ``plots`` is a link or a file, or a
+            figure cannot be drawn (the message names it).
+        FedspineError: An output cannot be written.
     """
     run = load_run(Path(run_dir))
-    devices = merge_device_stats(run.summary.devices, run.events)
-    figures = _draw_figures(run, devices)
-    out = run.run_dir / REPORT_FILE
-    out.write_text(_page(run, devices, figures), encoding="utf-8")
-    return out
-
-
-def _draw_figures(run: RunData, devices: Sequence[DeviceStats]) -> list[tuple[str, str]]:
-    """Writes the PNGs; returns (caption, path relative to the run directory) per figure."""
     plots = run.run_dir / PLOTS_DIR
+    out = run.run_dir / REPORT_FILE
+    try:
+        check_own_directory(plots, run.run_dir)
+    except InputFileError as error:
+        raise ReportError(plots, error.reason) from error
+    devices = merge_device_stats(run.summary.devices, run.events)
+    figures = _figures(run, devices)
+    page = _page(run, devices, [(caption, name) for caption, name, _ in figures])
+    for _, name, draw in figures:
+        try:
+            draw(run.run_dir / name)
+        except ValueError as error:  # e.g. more device classes than a PNG can hold
+            raise ReportError(run.run_dir / name, f"cannot be drawn ({error})") from error
+    return write_output_text(out, page)
+
+
+Draw = Callable[[Path], Path]
+
+
+def _figures(run: RunData, devices: Sequence[DeviceStats]) -> list[tuple[str, str, Draw]]:
+    """(caption, path relative to the run directory, function that draws it there) per figure."""
     summary = run.summary
-    paths = [
-        plot_metric_vs_time(
-            run.events_of("evaluation"),
-            summary.target,
-            summary.chance_level,
-            plots / "metric_vs_time.png",
+    evaluations = run.events_of("evaluation")
+    figures: list[tuple[str, str, Draw]] = [
+        (
+            f"Evaluation {run.metric_name} against virtual time, with the target and chance level.",
+            "metric_vs_time.png",
+            partial(plot_metric_vs_time, evaluations, summary.target, summary.chance_level),
         ),
-        plot_round_breakdown(run.rounds, plots / "round_breakdown.png"),
-        plot_bytes_per_round(run.rounds, plots / "bytes_per_round.png"),
-        plot_device_time([vars(device) for device in devices], plots / "device_time.png"),
-    ]
-    captions = [
-        f"Evaluation {run.metric_name} against virtual time, with the target and chance level.",
-        "Each round's virtual duration, split by phase (the device whose arrival closed the round).",
-        "Bytes sent (uplink) and received (downlink) by the fleet in each round.",
-        "Total compute and communication time per device, colored by device class.",
+        (
+            "Each round's virtual duration, split by phase (the device whose arrival closed the round).",
+            "round_breakdown.png",
+            partial(plot_round_breakdown, run.rounds),
+        ),
+        (
+            "Bytes sent (uplink) and received (downlink) by the fleet in each round.",
+            "bytes_per_round.png",
+            partial(plot_bytes_per_round, run.rounds),
+        ),
+        (
+            "Total compute and communication time per device, colored by device class.",
+            "device_time.png",
+            partial(plot_device_time, [vars(device) for device in devices]),
+        ),
     ]
     tasks = run.events_of("task")
     if any(float(t.get("pruning_ratio") or 0.0) > 0 for t in tasks):
-        classes = {int(d["device_id"]): str(d["device_class"]) for d in summary.devices}
-        paths.append(plot_arms_by_class(tasks, classes, plots / "arms_by_class.png"))
-        captions.append(
-            "The pruning ratio each device class trained at, task by task (marker size: LoRA rank)."
+        classes = {int(d["device_id"]): str(d.get("device_class", "unknown")) for d in summary.devices}
+        figures.append(
+            (
+                "The pruning ratio each device class trained at, task by task (marker size: LoRA rank).",
+                "arms_by_class.png",
+                partial(plot_arms_by_class, tasks, classes),
+            )
         )
-    return [
-        (caption, path.relative_to(run.run_dir).as_posix())
-        for caption, path in zip(captions, paths, strict=True)
-    ]
+    return [(caption, f"{PLOTS_DIR}/{name}", draw) for caption, name, draw in figures]
 
 
 def _page(run: RunData, devices: Sequence[DeviceStats], figures: Sequence[tuple[str, str]]) -> str:

@@ -20,6 +20,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from fedspine.report.devices import device_stats
+from fedspine.report.output import write_output
 
 _DPI = 110
 _MAX_DEVICE_LABELS = 60
@@ -174,10 +175,9 @@ def _new_figure(width: float, height: float) -> tuple[Figure, Axes]:
 
 
 def _save(figure: Figure, out: Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, format="png")
-    return out
+    """Write ``figure`` as a PNG at ``out`` (its directory created), replacing a link there rather
+    than writing through it."""
+    return write_output(Path(out), lambda file: figure.savefig(file, format="png"))
 
 
 def _time_scale(longest_seconds: float) -> tuple[float, str]:
