@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,49 @@ def test_a_relative_target_is_a_fraction_of_an_arms_mean_final(sweep_dir: Path) 
         compare(find_runs([sweep_dir]), target="0.9*nope")
     with pytest.raises(ConfigError, match="FRACTION"):
         compare(find_runs([sweep_dir]), target="x*fast")
+
+
+@pytest.mark.parametrize(
+    ("target", "problem"),
+    [
+        ("nan", "not a finite number > 0"),
+        ("-0.4", "not a finite number > 0"),
+        ("1.05*fast", "at most 1 when higher is better"),
+        ("0*fast", "not a finite number > 0"),
+        ("0.9*fast*fast", "unknown arm"),
+    ],
+)
+def test_a_target_that_cannot_be_reached_sensibly_is_refused_naming_the_flag(
+    sweep_dir: Path, target: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(problem)) as caught:
+        compare(find_runs([sweep_dir]), target=target)
+    assert caught.value.key == "--target"
+
+
+def test_when_lower_is_better_a_relative_target_is_at_least_the_arms_mean(tmp_path: Path) -> None:
+    """Perplexity: ``1.05*base`` (5% worse than base's mean) is a target; ``0.95*base`` is one base
+    itself does not reach on average, refused. A null evaluation value (a non-finite metric) is skipped."""
+    for seed, final in ((0, 12.0), (1, 10.0)):
+        summary = _summary(seed, final, [0.0, 50.0, 100.0], [30.0, 11.0, final], 1000.0)
+        summary["metric"] = {"name": "perplexity", "value": final, "higher_is_better": False}
+        summary["evaluations"].append({"round": 3, "virtual_time": 120.0, "value": None})
+        _write(tmp_path / "base" / f"seed-{seed}", summary)
+    runs = find_runs([tmp_path])
+    result = compare(runs, target="1.05*base")
+    assert result.target.value == pytest.approx(1.05 * 11.0)
+    assert result.arms[0].time_to_target.reached == 2  # both reach 11.0 <= 11.55 at 50 s
+    assert result.arms[0].late.mean == pytest.approx(((30 + 11 + 12) / 3 + (30 + 11 + 10) / 3) / 2)
+    with pytest.raises(ConfigError, match="at least 1 when lower is better"):
+        compare(runs, target="0.95*base")
+
+
+def test_a_malformed_sweep_plan_is_refused_naming_the_file_and_key(sweep_dir: Path) -> None:
+    for plan, key in [([1], "sweep.json"), ({"arms": ["../base"]}, "arms"), ({"target": [0.4]}, "target")]:
+        (sweep_dir / "sweep.json").write_text(json.dumps(plan))
+        with pytest.raises(ConfigError, match=key) as caught:
+            find_runs([sweep_dir])
+        assert "sweep.json" in str(caught.value)
 
 
 def test_the_files_say_not_reached_k_of_n_and_the_csv_has_the_columns(

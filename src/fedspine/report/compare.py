@@ -12,12 +12,17 @@ Where runs come from:
 * any list of run directories: a run in a folder named ``seed-<k>`` belongs to the arm named by its
   parent folder, any other run is an arm of its own named by its folder. Runs are paired by the seed
   in their ``summary.json``.
+
+A sweep or run directory is untrusted input: nothing is read outside it (a run folder, arm folder or
+file whose links lead out is refused, naming it), ``sweep.json`` and every ``summary.json`` are read
+through the size-capped regular-file reader and checked (:meth:`Summary.from_json`), and ``sweep.json``
+may name only plain arm folders.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedspine.errors import ConfigError
+from fedspine.files import CONFIG_LIMIT, check_inside, parse_json, read_text
 from fedspine.metrics.stats import (
     NO_VALUES,
     Interval,
@@ -41,7 +47,10 @@ from fedspine.report.load import SUMMARY_FILE, read_summary
 
 SWEEP_FILE = "sweep.json"
 """The plan a sweep directory was made from (arm order, seeds, reference, target)."""
-SEED_DIR = re.compile(r"^seed-(\d+)$")
+SEED_DIR = re.compile(r"seed-([0-9]{1,20})")
+"""A seed folder's name (matched whole)."""
+ARM_NAME = re.compile(r"[^/\\\x00]{1,200}")
+"""An arm's folder name as ``sweep.json`` may give it: one path component (``.`` and ``..`` aside)."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +64,9 @@ class ArmRun:
 
     @property
     def evaluations(self) -> list[dict[str, Any]]:
-        """The run's evaluations in time order (``virtual_time``, ``value``)."""
-        return list(self.summary.evaluations)
+        """The run's evaluations (``virtual_time``, ``value``) that have a value (a non-finite metric
+        is written as null)."""
+        return [e for e in self.summary.evaluations if e["value"] is not None]
 
     @property
     def higher_is_better(self) -> bool:
@@ -72,6 +82,8 @@ class RunSet:
     """Per arm, runs of the sweep that have no ``summary.json`` (not finished, or failed)."""
     plan: dict[str, Any] = field(default_factory=dict)
     """``sweep.json`` of a sweep directory (empty otherwise)."""
+    plan_path: Path | None = None
+    """Where ``plan`` was read from (None: no ``sweep.json``), for errors about its values."""
 
 
 # --- finding runs -------------------------------------------------------------------------------
@@ -81,62 +93,102 @@ def find_runs(paths: Sequence[Path]) -> RunSet:
     """The runs under ``paths``: one sweep directory, or run directories (see the module docstring).
 
     Raises:
-        ConfigError: a path is neither, two runs claim one (arm, seed), or no run finished.
+        ConfigError: a path is neither, two runs claim one (arm, seed), no run finished, or
+            ``sweep.json`` is malformed.
+        FedspineError: a file is not a regular file inside its directory, too large or malformed
+            (:class:`~fedspine.report.load.ReportError`, :class:`~fedspine.files.InputFileError`).
     """
     if not paths:
         raise ConfigError("PATH", "name a sweep directory or at least one run directory")
-    if len(paths) == 1 and not (paths[0] / SUMMARY_FILE).exists():
+    if len(paths) == 1 and not _has_summary(paths[0]):
         return _sweep_runs(paths[0])
     runs: dict[str, list[ArmRun]] = {}
     for path in paths:
-        if not (path / SUMMARY_FILE).is_file():
+        if not _has_summary(path):
             raise ConfigError(str(path), "not a finished run directory (it has no summary.json)")
-        match = SEED_DIR.match(path.name)
+        match = SEED_DIR.fullmatch(path.name)
         arm = path.parent.name if match else path.name
-        _add(runs, _load(arm, path))
+        _add(runs, _load(arm, path, path))
     return RunSet(arms=runs)
+
+
+def _has_summary(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds something named ``summary.json`` (a link or a FIFO too: reading it
+    says what is wrong with it)."""
+    return os.path.lexists(run_dir / SUMMARY_FILE)
 
 
 def _sweep_runs(root: Path) -> RunSet:
     if not root.is_dir():
-        raise ConfigError(str(root), "no such directory")
+        raise ConfigError(str(root), "no such directory" if not root.exists() else "not a directory")
     plan = _read_plan(root)
     order = list(plan.get("arms") or [])
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and any(_seed_dirs(p)))
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and any(_seed_dirs(p, root)))
     order += [p.name for p in folders if p.name not in order]
     runs: dict[str, list[ArmRun]] = {}
     missing: dict[str, int] = {}
     for arm in order:
-        for run_dir in _seed_dirs(root / arm):
-            if (run_dir / SUMMARY_FILE).is_file():
-                _add(runs, _load(arm, run_dir))
+        for run_dir in _seed_dirs(root / arm, root):
+            if _has_summary(run_dir):
+                _add(runs, _load(arm, run_dir, root))
             else:
                 missing[arm] = missing.get(arm, 0) + 1
     if not runs:
         raise ConfigError(str(root), "holds no finished run (no <arm>/seed-<k>/summary.json)")
-    return RunSet(arms=runs, missing=missing, plan=plan)
+    plan_path = root / SWEEP_FILE if plan else None
+    return RunSet(arms=runs, missing=missing, plan=plan, plan_path=plan_path)
 
 
-def _seed_dirs(arm_dir: Path) -> list[Path]:
+def _seed_dirs(arm_dir: Path, root: Path) -> list[Path]:
+    """The ``seed-<k>`` folders of an arm folder, in seed order; an arm or seed folder whose links
+    lead out of the sweep directory ``root`` is refused before anything in it is read."""
     if not arm_dir.is_dir():
         return []
-    found = [p for p in arm_dir.iterdir() if p.is_dir() and SEED_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(SEED_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+    check_inside(arm_dir, root)
+    found = []
+    for path in arm_dir.iterdir():
+        match = SEED_DIR.fullmatch(path.name)
+        if match and path.is_dir():
+            check_inside(path, root)
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
 
 
 def _read_plan(root: Path) -> dict[str, Any]:
+    """``sweep.json`` of the sweep directory ``root`` (empty when there is none), checked: a JSON
+    object whose ``arms`` are arm folder names, ``reference`` an arm name, ``target`` a number or text.
+
+    Raises:
+        ConfigError: malformed (naming the file and key).
+        InputFileError: not a regular file inside ``root``, or too large.
+    """
     path = root / SWEEP_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
     try:
-        plan = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+        plan = parse_json(read_text(path, CONFIG_LIMIT, within=root))
+    except ValueError as error:
         raise ConfigError(str(path), f"unreadable sweep plan ({error})") from error
-    return plan if isinstance(plan, dict) else {}
+    if not isinstance(plan, dict):
+        raise ConfigError(str(path), "expected a JSON object")
+    arms = plan.get("arms")
+    if arms is not None and not (isinstance(arms, list) and all(_is_arm_name(a) for a in arms)):
+        raise ConfigError(f"{path}: arms", "expected a list of arm folder names (no '/', '.' or '..')")
+    reference = plan.get("reference")
+    if reference is not None and not _is_arm_name(reference):
+        raise ConfigError(f"{path}: reference", f"expected an arm name, got {str(reference)[:60]!r}")
+    target = plan.get("target")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float, str))):
+        raise ConfigError(f"{path}: target", f'expected a number or "FRACTION*ARM", got {str(target)[:60]!r}')
+    return plan
 
 
-def _load(arm: str, run_dir: Path) -> ArmRun:
-    summary = read_summary(run_dir / SUMMARY_FILE)
+def _is_arm_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in (".", "..") and ARM_NAME.fullmatch(name) is not None
+
+
+def _load(arm: str, run_dir: Path, within: Path) -> ArmRun:
+    summary = read_summary(run_dir / SUMMARY_FILE, within)
     return ArmRun(arm=arm, seed=summary.seed or 0, run_dir=run_dir, summary=summary)
 
 
@@ -164,6 +216,7 @@ def select_arms(run_set: RunSet, arms: Sequence[str] | None) -> RunSet:
         arms={a: run_set.arms[a] for a in arms},
         missing={a: n for a, n in run_set.missing.items() if a in arms},
         plan=run_set.plan,
+        plan_path=run_set.plan_path,
     )
 
 
@@ -179,12 +232,26 @@ class Target:
     """How it was set, e.g. ``"0.4 (eval.target)"`` or ``"0.95 x fedit's mean final (0.532)"``."""
 
 
-def parse_target(text: str | float | None, run_set: RunSet, final_means: Mapping[str, float]) -> Target:
-    """Resolve a target: a number, ``"F*ARM"`` (F times ARM's mean final metric), or None (the runs'
-    common ``eval.target``).
+TARGET_HELP = (
+    "a number > 0, or FRACTION*ARM (e.g. 0.95*fedit) with ARM an arm here and FRACTION in (0, 1] "
+    "when higher is better, >= 1 when lower is better"
+)
+
+
+def parse_target(
+    text: str | float | None,
+    run_set: RunSet,
+    final_means: Mapping[str, float],
+    higher_is_better: bool = True,
+    name: str = "--target",
+) -> Target:
+    """Resolve a target: a finite number > 0, ``"F*ARM"`` (F times ARM's mean final metric; F in
+    (0, 1] when higher is better, >= 1 when lower is better: a level ARM reaches on average), or None
+    (the runs' common ``eval.target``). ``name`` is where the text came from, for the error.
 
     Raises:
-        ConfigError: malformed text, an unknown arm, or a fraction that is not positive.
+        ConfigError: naming ``name``: malformed text, a number that is not finite and > 0, an unknown
+            arm or one without a final metric, or a fraction out of its range.
     """
     if text is None or text == "":
         targets = {r.summary.target for runs in run_set.arms.values() for r in runs}
@@ -192,24 +259,33 @@ def parse_target(text: str | float | None, run_set: RunSet, final_means: Mapping
         if value is None:
             return Target(None, "none (the runs set no common eval.target)")
         return Target(float(value), f"{value:g} (the runs' eval.target)")
-    if isinstance(text, (int, float)):
-        return Target(float(text), f"{text}")
-    if "*" not in text:
-        try:
-            return Target(float(text), text)
-        except ValueError:
-            raise ConfigError("target", f"expected a number or FRACTION*ARM, got {text!r}") from None
+    if isinstance(text, bool) or not isinstance(text, (int, float, str)):
+        raise ConfigError(name, f"expected {TARGET_HELP}, got {text!r}")
+    if not isinstance(text, str) or "*" not in text:
+        value = _target_number(text, name)
+        return Target(value, f"{value:g}")
     fraction_text, arm = (part.strip() for part in text.split("*", 1))
-    try:
-        fraction = float(fraction_text)
-    except ValueError:
-        raise ConfigError("target", f"expected FRACTION*ARM (e.g. 0.95*fedit), got {text!r}") from None
-    if fraction <= 0 or not math.isfinite(fraction):
-        raise ConfigError("target", f"the fraction must be positive, got {fraction_text}")
+    fraction = _target_number(fraction_text, name)
+    if (fraction > 1) if higher_is_better else (fraction < 1):
+        side = "at most 1 when higher is better" if higher_is_better else "at least 1 when lower is better"
+        raise ConfigError(name, f"the fraction must be {side}, got {fraction_text!r}; expected {TARGET_HELP}")
     if arm not in final_means:
-        raise ConfigError("target", f"unknown arm '{arm}'; arms here: {', '.join(final_means)}")
-    value = fraction * final_means[arm]
-    return Target(value, f"{fraction:g} x {arm}'s mean final metric ({final_means[arm]:.4g})")
+        raise ConfigError(name, f"unknown arm {arm[:60]!r}; arms here: {', '.join(final_means)}")
+    mean = final_means[arm]
+    if not math.isfinite(mean):
+        raise ConfigError(name, f"arm '{arm}' has no final metric to take a fraction of")
+    return Target(fraction * mean, f"{fraction:g} x {arm}'s mean final metric ({mean:.4g})")
+
+
+def _target_number(text: str | float, name: str) -> float:
+    """``text`` as a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(name, f"expected {TARGET_HELP}, got {str(text)[:60]!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(name, f"{str(text)[:60]!r} is not a finite number > 0; expected {TARGET_HELP}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -367,13 +443,21 @@ def compare(run_set: RunSet, reference: str | None = None, target: str | float |
         ConfigError: an unknown reference arm, or a malformed target.
     """
     arms = list(run_set.arms)
+    first = run_set.arms[arms[0]][0]
+    reference_from = "--reference" if reference else f"{run_set.plan_path}: reference"
     reference = reference or run_set.plan.get("reference") or arms[0]
     if reference not in run_set.arms:
-        raise ConfigError("--reference", f"unknown arm '{reference}'; arms here: {', '.join(arms)}")
+        raise ConfigError(reference_from, f"unknown arm {reference[:60]!r}; arms here: {', '.join(arms)}")
     finals = {a: per_seed(runs, _final) for a, runs in run_set.arms.items()}
     means = {a: _interval(v).mean for a, v in finals.items()}
-    resolved = parse_target(target if target is not None else run_set.plan.get("target"), run_set, means)
-    first = run_set.arms[arms[0]][0]
+    target_from = "--target" if target is not None else f"{run_set.plan_path}: target"
+    resolved = parse_target(
+        target if target is not None else run_set.plan.get("target"),
+        run_set,
+        means,
+        first.higher_is_better,
+        target_from,
+    )
     ttts = {
         a: per_seed(runs, lambda r: time_to_target(r.evaluations, resolved.value, r.higher_is_better))
         for a, runs in run_set.arms.items()

@@ -14,12 +14,17 @@ import csv
 import html
 import io
 import math
+import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
+from fedspine.errors import ConfigError, FedspineError
+from fedspine.files import check_own_directory
 from fedspine.metrics.stats import CONFIDENCE, Interval, describe_reached
 from fedspine.report.compare import LATE_EVALUATIONS, ArmStats, Comparison, PairedStats, mean_curve
 from fedspine.report.formatting import format_bytes
+from fedspine.report.output import write_output_text
 
 CSV_FILE = "comparison.csv"
 MD_FILE = "comparison.md"
@@ -34,27 +39,47 @@ METHOD = (
 )
 
 
-def write_comparison(comparison: Comparison, out_dir: Path) -> dict[str, Path]:
-    """Write the CSV, Markdown and HTML files (and the HTML's figures) into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "csv": out_dir / CSV_FILE,
-        "md": out_dir / MD_FILE,
-        "html": out_dir / HTML_FILE,
+def check_out_dir(out_dir: Path, flag: str = "--out") -> None:
+    """Refuse an output directory that is not one (a file, or a link that leads to no directory), and
+    one whose ``comparison_plots`` is a link or a file: the figures would land elsewhere. A link to a
+    directory, named by the user, is followed like any path.
+
+    Raises:
+        ConfigError: ``out_dir`` itself, naming ``flag``.
+        InputFileError: its ``comparison_plots``.
+    """
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
+        kind = "a symbolic link that leads to no directory" if out_dir.is_symlink() else "not a directory"
+        raise ConfigError(flag, f"{out_dir} exists and is {kind}")
+    check_own_directory(out_dir / PLOTS_DIR, out_dir)
+
+
+def write_comparison(comparison: Comparison, out_dir: Path, flag: str = "--out") -> dict[str, Path]:
+    """Write the CSV, Markdown and HTML files (and the HTML's figures) into ``out_dir``, after checking
+    it (:func:`check_out_dir`, ``flag`` naming it) and rendering every text; each file is replaced
+    atomically, a link at its path replaced rather than written through."""
+    check_out_dir(out_dir, flag)
+    paths = {"csv": out_dir / CSV_FILE, "md": out_dir / MD_FILE, "html": out_dir / HTML_FILE}
+    figures = _figures(comparison, out_dir / PLOTS_DIR)
+    texts = {
+        "csv": comparison_csv(comparison),
+        "md": comparison_markdown(comparison),
+        "html": comparison_html(
+            comparison, {k: path.relative_to(out_dir) for k, (path, _) in figures.items()}
+        ),
     }
-    _write_atomic(paths["csv"], comparison_csv(comparison))
-    _write_atomic(paths["md"], comparison_markdown(comparison))
-    figures = _draw(comparison, out_dir / PLOTS_DIR)
-    _write_atomic(
-        paths["html"], comparison_html(comparison, {k: v.relative_to(out_dir) for k, v in figures.items()})
-    )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(flag, f"{out_dir} cannot be created ({error.strerror or error})") from error
+    for path, draw in figures.values():
+        try:
+            draw(path)
+        except ValueError as error:  # e.g. more arms than a PNG can hold
+            raise FedspineError(f"{path}: cannot be drawn ({error})") from error
+    for kind, text in texts.items():
+        write_output_text(paths[kind], text)
     return paths
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
 
 
 # --- CSV ----------------------------------------------------------------------------------------
@@ -338,23 +363,25 @@ def comparison_html(comparison: Comparison, figures: dict[str, Path]) -> str:
     )
 
 
-def _draw(comparison: Comparison, plots: Path) -> dict[str, Path]:
+def _figures(comparison: Comparison, plots: Path) -> dict[str, tuple[Path, Callable[[Path], Path]]]:
+    """Per figure of the HTML: its path under ``plots`` and the function that draws it there."""
     from fedspine.report.plots import plot_arm_curves, plot_paired_differences
 
     curves = {arm: mean_curve(runs) for arm, runs in comparison.runs.items()}
-    figures = {
-        "curves": plot_arm_curves(
-            curves,
-            comparison.target.value,
-            comparison.chance_level,
-            comparison.metric_name,
+    figures: dict[str, tuple[Path, Callable[[Path], Path]]] = {
+        "curves": (
             plots / "curves.png",
+            partial(
+                plot_arm_curves,
+                curves,
+                comparison.target.value,
+                comparison.chance_level,
+                comparison.metric_name,
+            ),
         )
     }
     if comparison.paired:
-        figures["paired"] = plot_paired_differences(
-            {p.arm: p.final for p in comparison.paired},
-            f"final {comparison.metric_name} − {comparison.reference}",
-            plots / "paired_final.png",
-        )
+        label = f"final {comparison.metric_name} − {comparison.reference}"
+        intervals = {p.arm: p.final for p in comparison.paired}
+        figures["paired"] = (plots / "paired_final.png", partial(plot_paired_differences, intervals, label))
     return figures
