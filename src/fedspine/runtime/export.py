@@ -30,6 +30,8 @@ import torch
 from fedspine.algorithms.strategies import FedSpine
 from fedspine.client.evaluate import evaluate, prepare_eval_model
 from fedspine.errors import ConfigError, FedspineError
+from fedspine.files import InputFileError, check_tree, copy_tree, is_inside, parse_json, read_bytes
+from fedspine.metrics.summary import check_device_models
 from fedspine.model.lora import plain_copy
 from fedspine.model.pruning import (
     PruningPlan,
@@ -224,58 +226,117 @@ def copy_device_models(
     model is its personal one when the run saved one (``[personalize]``), the global device model with
     ``global_model`` or without one.
 
+    The run directory is untrusted: its manifest is read through the size-capped regular-file reader
+    and checked, ``out`` is checked, and every directory to copy is checked whole (a link leaving the
+    run, a FIFO, device or socket refused; links inside it are copied as files) before anything is
+    written.
+
     Raises:
-        ConfigError: the device is not in the run (``--device``) or ``out`` is not empty.
-        FedspineError: the run saved no models.
+        ConfigError: the device is not in the run (``--device``), or ``out`` is not a new or empty
+            directory outside the run.
+        FedspineError: the run saved no models, its manifest is malformed, or a model directory holds
+            what cannot be copied (:class:`~fedspine.files.InputFileError`, naming it).
     """
-    manifest_path = run_dir / "models" / MANIFEST
-    if not manifest_path.is_file():
+    models_dir = run_dir / "models"
+    manifest_path = models_dir / MANIFEST
+    if not os.path.lexists(manifest_path):
         raise FedspineError(f"{run_dir} has no models/{MANIFEST}: the run did not finish or saved no models")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError("--out", f"{out} exists and is not empty")
-    saved = {m["dir"] for m in manifest["models"] if m.get("saved")}
-    for name in saved:
-        if not re.fullmatch(r"dense|sparsity-[0-9.]+", str(name)):
-            raise FedspineError(f"the manifest names a model directory {name!r}: not a run's")
-    if device is not None:
-        entry = manifest["devices"].get(str(device))
-        if entry is None:
-            raise ConfigError(
-                "--device",
-                f"no device {device} in this run; devices: {sorted(map(int, manifest['devices']))}",
-            )
-        mine = _personal_dir(entry, device)
-        if mine is not None and not global_model:
-            shutil.copytree(run_dir / "models" / mine, out, dirs_exist_ok=True)
-            return [out]
-        if entry["model"] not in saved:
-            raise FedspineError(
-                f"device {device}'s model ({entry['model']}) was not saved (export.save = false?)"
-            )
-        shutil.copytree(run_dir / "models" / entry["model"], out, dirs_exist_ok=True)
-        return [out]
-    if not saved:
-        raise FedspineError(f"{run_dir} saved no models (export.save = false?)")
-    out.mkdir(parents=True, exist_ok=True)
-    names = sorted(saved) + sorted(
-        name for d, entry in manifest["devices"].items() if (name := _personal_dir(entry, d)) is not None
-    )
+    data = read_bytes(manifest_path, within=run_dir)
+    manifest = _parse_manifest(manifest_path, data)
+    _check_out(out, run_dir)
+    names = _models_to_copy(manifest, manifest_path, device, global_model)
     for name in names:
-        shutil.copytree(run_dir / "models" / name, out / name)
-    shutil.copy2(manifest_path, out / MANIFEST)
+        check_tree(models_dir / name, run_dir)
+    created = not out.exists()
+    try:
+        if device is not None:
+            copy_tree(models_dir / names[0], out, run_dir)
+            return [out]
+        for name in names:
+            copy_tree(models_dir / name, out / name, run_dir)
+        (out / MANIFEST).write_bytes(data)
+    except OSError as error:  # the source changed under the copy, or the target is full or read-only
+        _remove_copy(out, created)
+        raise FedspineError(f"copying the models to {out} failed ({error}); nothing was kept") from error
     return [out / name for name in names]
 
 
-def _personal_dir(entry: dict[str, Any], device: int | str) -> str | None:
+def _parse_manifest(path: Path, data: bytes) -> dict[str, Any]:
+    """``models/manifest.json``, checked (:func:`~fedspine.metrics.summary.check_device_models`)."""
+    try:
+        return check_device_models(parse_json(data.decode("utf-8")), key="")
+    except UnicodeDecodeError as error:
+        raise InputFileError(path, f"is not UTF-8 text (byte {error.start})") from error
+    except ValueError as error:
+        raise InputFileError(path, f"is not a run's manifest: {error}") from error
+
+
+def _check_out(out: Path, run_dir: Path) -> None:
+    """Refuse an ``out`` that is not a new or empty directory, or lies inside the run directory (the
+    copy would land in what it copies, or in another run's records)."""
+    if os.path.lexists(out) and not out.is_dir():
+        kind = "a symbolic link that leads to no directory" if out.is_symlink() else "not a directory"
+        raise ConfigError("--out", f"{out} exists and is {kind}")
+    if is_inside(out, run_dir):
+        raise ConfigError(
+            "--out", f"{out} lies inside the run directory {run_dir}; export copies out of a run"
+        )
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError("--out", f"{out} exists and is not empty")
+
+
+def _models_to_copy(
+    manifest: dict[str, Any], path: Path, device: int | None, global_model: bool
+) -> list[str]:
+    """The model directories (relative to ``models/``) to copy: ``device``'s one, or every saved one
+    and every personal one. Only names a run writes are accepted, so a manifest cannot point the copy
+    elsewhere."""
+    saved = {m["dir"] for m in manifest["models"] if m.get("saved")}
+    for name in saved:
+        if not re.fullmatch(r"dense|sparsity-[0-9]+\.[0-9]+", name):
+            raise InputFileError(path, f"names a model directory {name[:60]!r}: not a run's")
+    devices = manifest["devices"]
+    if device is None and not saved:
+        raise FedspineError(f"{path.parent.parent} saved no models (export.save = false?)")
+    if device is None:
+        personal = (_personal_dir(path, entry, d) for d, entry in devices.items())
+        return sorted(saved) + sorted(name for name in personal if name is not None)
+    entry = devices.get(str(device))
+    if entry is None:
+        known = sorted(map(int, devices))
+        raise ConfigError("--device", f"no device {device} in this run; devices: {known}")
+    mine = _personal_dir(path, entry, device)
+    if mine is not None and not global_model:
+        return [mine]
+    if entry["model"] not in saved:
+        raise FedspineError(
+            f"device {device}'s model ({entry['model']}) was not saved (export.save = false?)"
+        )
+    return [entry["model"]]
+
+
+def _personal_dir(path: Path, entry: dict[str, Any], device: int | str) -> str | None:
     """The directory of ``device``'s saved personal model named by its manifest ``entry`` (None: none
     saved); the one name a run writes, so a manifest cannot point the copy elsewhere."""
     name = entry.get("personal")
     if name is None:
         return None
     if name != f"{PERSONAL_DIR}/device-{device}":
-        raise FedspineError(f"the manifest names device {device}'s personal model {name!r}: not a run's")
+        raise InputFileError(path, f"names device {device}'s personal model {name[:60]!r}: not a run's")
     return str(name)
+
+
+def _remove_copy(out: Path, created: bool) -> None:
+    """Remove what a failed copy wrote: ``out`` itself when it created it, else ``out``'s contents
+    (it was empty before)."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 __all__ = [
