@@ -18,14 +18,15 @@ from pathlib import Path
 
 from fedspine.algorithms.wire import decode_state, encode_state
 from fedspine.client.evaluate import Evaluation
-from fedspine.config import Config, load_config, to_toml
+from fedspine.config import Config, config_differences, from_dict, load_config, to_toml, tomllib
 from fedspine.errors import CheckpointError, ConfigError, RunFailedError
 from fedspine.fleet import fleet_table_rows
 from fedspine.metrics.records import SUMMARY_FILE, RoundRecord, RunRecorder
 from fedspine.metrics.summary import Summary
 from fedspine.report.compare import Comparison, compare, find_runs, select_arms
-from fedspine.report.compare_write import write_comparison
+from fedspine.report.compare_write import check_out_dir, write_comparison
 from fedspine.report.html import write_report
+from fedspine.runtime import checkpoint as checkpoints
 from fedspine.runtime.build import Experiment, build_experiment, build_fleet_from_config
 from fedspine.runtime.checkpoint import load_latest
 from fedspine.runtime.engine import Engine
@@ -123,8 +124,29 @@ def resume_experiment(
     run's records and ``summary.json`` metrics equal those of a run that was never interrupted.
     ``engine`` and ``executor`` are as in :func:`run_experiment` (a deployment passes its own).
     """
+    if not (run_dir / "config.toml").is_file():  # checked before the lock, which would create a file
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.toml)")
     with run_lock(run_dir):
         return _resume(run_dir, on_round, on_status or (lambda _msg: None), engine, executor)
+
+
+def _check_config_unchanged(run_dir: Path, config: Config) -> None:
+    """Refuse to resume when ``config.toml`` was edited after the newest checkpoint was taken: the
+    checkpoint's state (ranks, masks, rounds done) would silently win, and the records would describe
+    a run that never happened."""
+    recorded = checkpoints.recorded_config(run_dir)
+    if recorded is None:
+        return
+    try:
+        before = from_dict(tomllib.loads(recorded))
+    except (tomllib.TOMLDecodeError, ConfigError) as exc:
+        raise CheckpointError(f"the newest checkpoint's recorded config does not load ({exc})") from exc
+    changed = config_differences(before, config)
+    if changed:
+        raise CheckpointError(
+            f"{run_dir / 'config.toml'} was edited after the checkpoint was taken ({'; '.join(changed)}); "
+            "restore those values to resume, or start a new run with the new config"
+        )
 
 
 def _resume(
@@ -139,6 +161,7 @@ def _resume(
     if not (run_dir / "config.toml").exists():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.toml)")
     config = load_config(run_dir / "config.toml")
+    _check_config_unchanged(run_dir, config)
     started = time.perf_counter()
     experiment = build_experiment(config, status)
     try:
@@ -198,6 +221,11 @@ def _execute(
             f"no update was aggregated: every task was rejected, dropped, late or cancelled "
             f"({summary.tasks}); see the reasons in {run_dir / 'events.jsonl'}"
         )
+    if state.stalled is not None:
+        raise RunFailedError(
+            f"the run stopped after {summary.rounds} of {run.rounds} aggregations: {state.stalled}; "
+            f"see the reasons in {run_dir / 'events.jsonl'}"
+        )
     return RunResult(run_dir=run_dir, summary=summary)
 
 
@@ -238,18 +266,25 @@ def compare_runs(
 ) -> tuple[Comparison, dict[str, Path]]:
     """Compare the arms of a sweep directory (or of run directories) and write the comparison files.
 
-    ``out`` defaults to the sweep directory; comparing run directories needs it.
+    ``out`` defaults to the sweep directory; comparing run directories needs it. Everything is read
+    and checked before anything is written; nothing is read outside the directories named.
 
     Raises:
-        ConfigError: an unknown arm or reference, a bad target, a path that holds no finished run, or
-            no ``out`` for run directories.
+        ConfigError: an unknown arm or reference, a bad target, a path that holds no finished run, a
+            malformed ``sweep.json``, no ``out`` for run directories, or an ``out`` that is not a
+            directory.
+        FedspineError: a run's file is not a regular file inside its directory, too large or
+            malformed; ``comparison_plots`` is a link or a file.
     """
+    if out is not None:
+        check_out_dir(out)
     run_set = select_arms(find_runs(paths), arms)
     comparison = compare(run_set, reference, target)
+    flag = "--out"
     if out is None:
         if len(paths) != 1 or (paths[0] / SUMMARY_FILE).exists():
             raise ConfigError(
                 "--out", "name the directory for the comparison files when comparing run directories"
             )
-        out = paths[0]
-    return comparison, write_comparison(comparison, out)
+        out, flag = paths[0], "PATH"
+    return comparison, write_comparison(comparison, out, flag)
