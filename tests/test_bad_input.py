@@ -191,3 +191,37 @@ def test_a_failing_report_leaves_a_complete_run_and_says_how_to_rebuild_it(
     code, output, out = _run(tmp_path)
     assert code == 0 and "fedspine report" in output and "disk full" in output, output
     assert (out / "summary.json").exists() and not (out / "FAILED").exists()
+
+
+@pytest.mark.timeout(300)
+def test_an_asynchronous_run_whose_every_update_is_rejected_ends_with_the_same_error(tmp_path: Path) -> None:
+    """Every device of a FedBuff run sends NaN factors: the run offered new tasks forever; now it stops
+    after 5 rejected tasks per device in a row and exits 1 as a synchronous run does, records kept."""
+    alike = [
+        f"fleet.groups[{g}].{key}" for g in range(3) for key in ("device_class=laptop", "network=ethernet")
+    ]
+    every = "fleet.attack.devices=[0, 1, 2, 3, 4, 5]"
+    code, output, out = _run(
+        tmp_path,
+        "scheduler.name=fedbuff",
+        "train.local_steps=1",
+        "fleet.attack.kind=nonfinite",
+        every,
+        *alike,
+    )
+    assert code == 1 and "no update was aggregated" in output, output
+    rejected = (out / "events.jsonl").read_text().count('"rejected"')
+    assert 30 <= rejected <= 45, rejected  # 5 per device in a row; devices alike, so about 30
+
+
+@pytest.mark.timeout(300)
+def test_an_asynchronous_run_with_some_honest_devices_does_not_stall(tmp_path: Path) -> None:
+    code, output, out = _run(
+        tmp_path,
+        "scheduler.name=fedbuff",
+        "scheduler.rounds=2",
+        "fleet.attack.kind=nonfinite",
+        "fleet.attack.devices=[0, 1, 2, 3]",
+    )
+    assert code == 0, output
+    assert "rejected" in (out / "events.jsonl").read_text()

@@ -189,13 +189,16 @@ class LoopState:
     last_evaluated: int = -1
     checkpointed: int = 0
     """The version of the newest checkpoint."""
-    fruitless: int = 0
-    """Tasks in a row that ended without an update (rejected, lost, out of memory): an asynchronous
-    run whose every task fails would otherwise offer new ones forever."""
+    fruitless: dict[int, int] = field(default_factory=dict)
+    """Per device, its tasks that ended without an update (rejected, lost, out of memory) since the
+    last update arrived from any device: an asynchronous run whose every task fails would otherwise
+    offer new ones forever."""
 
 
 STALL_TASKS_PER_DEVICE = 5
-"""An asynchronous run stops once this many tasks per device in a row ended without an update."""
+"""An asynchronous run stops once every device has ended this many tasks without an update since
+the last update arrived (counted per device: a fast failing device must not stop a run whose slow
+devices are still training)."""
 
 
 log = logging.getLogger("fedspine.engine")
@@ -425,7 +428,11 @@ class Engine:
         """Record a task outside a round as it ends, and tell the strategy."""
         o = task.outcome
         self._record_task(task.version, task.start, o, task_id=task.task_id)
-        self.loop.fruitless = 0 if o.update is not None else self.loop.fruitless + 1
+        fruitless = self.loop.fruitless
+        if o.update is not None:
+            fruitless.clear()
+        else:
+            fruitless[o.device.device_id] = fruitless.get(o.device.device_id, 0) + 1
         self._count(o.status)
         self._count("uplink_bytes", o.uplink_bytes)
         cap = statistics.median(self.loop.recent_seconds) if self.loop.recent_seconds else 0.0
@@ -646,15 +653,14 @@ class Engine:
         )
 
     def _stalled(self) -> bool:
-        """Whether so many tasks in a row ended without an update that the run cannot make progress
-        (every device rejected, lost or out of memory, :data:`STALL_TASKS_PER_DEVICE` times each on
-        average); the reason goes into the state."""
-        limit = STALL_TASKS_PER_DEVICE * len(self.exp.devices)
-        if self.loop.fruitless < limit:
+        """Whether the run cannot make progress: every device's last :data:`STALL_TASKS_PER_DEVICE`
+        tasks ended without an update, and none arrived since; the reason goes into the state."""
+        counts = self.loop.fruitless
+        if len(counts) < len(self.exp.devices) or min(counts.values()) < STALL_TASKS_PER_DEVICE:
             return False
         self.state.stalled = (
-            f"the last {self.loop.fruitless} tasks all ended without an update "
-            f"(rejected, lost or out of memory), {STALL_TASKS_PER_DEVICE} per device"
+            f"every device ended at least {STALL_TASKS_PER_DEVICE} tasks in a row without an update "
+            f"(rejected, lost or out of memory; {sum(counts.values())} tasks)"
         )
         return True
 
