@@ -183,6 +183,7 @@ SWEEP_CASES = [
     ("target-nan", "target = nan\n", "target"),
     ("target-inf", "target = inf\n", "target"),
     ("target-negative", "target = -1\n", "target"),
+    ("target-zero", "target = 0\n", "target"),
     ("target-garbage", 'target = "soon"\n', "target"),
     ("target-zero-fraction", 'target = "0*fedit"\n', "target"),
     ("seeds-1e9", "seeds = 1000000000\n", "seeds"),

@@ -161,8 +161,9 @@ def parse_sweep(data: dict[str, Any], root: Path, default_name: str) -> Sweep:
 
 
 def _check_target(target: Any, arms: list[str]) -> None:
-    """The comparison's target, checked before any run: a finite number >= 0, or ``FRACTION*ARM`` with
-    a positive finite fraction and an arm of this sweep."""
+    """The comparison's target, checked before any run: a finite number > 0, or ``FRACTION*ARM`` with
+    a positive finite fraction and an arm of this sweep (whether the fraction suits the metric's
+    direction is known only from the runs: ``compare`` checks it)."""
     if target is None:
         return
     if isinstance(target, str) and "*" in target:
@@ -176,9 +177,9 @@ def _check_target(target: Any, arms: list[str]) -> None:
             )
         return
     value = _number(target)
-    if not (math.isfinite(value) and value >= 0):
+    if not (math.isfinite(value) and value > 0):
         raise ConfigError(
-            "target", f'expected a finite number >= 0 or "FRACTION*ARM" (e.g. "0.95*fedit"), got {target!r}'
+            "target", f'expected a finite number > 0 or "FRACTION*ARM" (e.g. "0.95*fedit"), got {target!r}'
         )
 
 
