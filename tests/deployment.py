@@ -8,6 +8,7 @@ their own), when the deployment is closed, whatever happened in between.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -19,6 +20,9 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.runtime import RuntimeHttpClient
 
 from fedspine.data import load_bible, with_label
 from fedspine.deploy.setup import write_certificates, write_connection, write_node_keys
@@ -92,7 +96,8 @@ class Loopback:
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
-    def start_superlink(self, timeout: float = 60.0) -> None:
+    def start_superlink(self, *extra: str, timeout: float = 60.0) -> None:
+        """``fedspine deploy superlink`` with docs/deploy.md's options (and ``extra``), once it answers."""
         c = self.certs
         self._spawn(
             "superlink",
@@ -106,6 +111,7 @@ class Loopback:
                 "--disable-runtime-dependency-installation",
                 "--host", "127.0.0.1",
                 "--port", str(self.port),
+                *extra,
             ],
         )  # fmt: skip
         context = ssl.create_default_context(cafile=str(c["ca"]))
@@ -121,6 +127,31 @@ class Loopback:
             except OSError:
                 time.sleep(0.2)
         raise TimeoutError(f"the SuperLink did not answer within {timeout} s:\n{self.log('superlink')}")
+
+    def https(self, port: int, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        """One HTTPS request to 127.0.0.1:``port`` trusting only ``ca.crt``, with no credentials; the path
+        is sent as written (no normalization). Its status and body."""
+        context = ssl.create_default_context(cafile=str(self.certs["ca"]))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+        try:
+            conn.request(method, path, body=body, headers={"content-type": "application/protobuf"})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def runtime_client(self, port: int, token: str | None = None) -> RuntimeHttpClient:
+        """Flower's own Runtime API client (what the SuperExec uses) for 127.0.0.1:``port``, trusting
+        ``ca.crt``: no key, no secret; a task's ``token`` only where given."""
+        interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="flower-superexec")]
+        if token is not None:
+            interceptors.append(RuntimeTokenHttpInterceptor(token))
+        return RuntimeHttpClient.from_server_address(
+            f"127.0.0.1:{port}",
+            insecure=False,
+            root_certificates=self.certs["ca"].read_bytes(),
+            interceptors=interceptors,
+        )
 
     def keys(self, names: list[str]) -> list[tuple[Path, Path]]:
         return write_node_keys(self.root / "keys", names)

@@ -3,23 +3,30 @@ TLS + node-authentication deployment on loopback (SuperLink and SuperNodes as pr
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
 import signal
 import stat
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.app import Array, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullTaskInputRequest
+from flwr.supercore.routers.runtime.responses import router as responses_router
+from flwr.supercore.routers.runtime.router import router as runtime_router
 from typer.testing import CliRunner
 
 from fedspine.api import RunResult, load_global_adapter, run_experiment
@@ -43,7 +50,7 @@ from fedspine.errors import CheckpointError, ConfigError, DeployError
 from fedspine.model.pruning import LayerKeep
 from fedspine.runtime import checkpoint as checkpoints
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
-from tests.deployment import DEVICE_CONNECTION, Loopback, alive, write_node_files
+from tests.deployment import CONNECTION, DEVICE_CONNECTION, Loopback, alive, descendants, write_node_files
 from tests.flower_fakes import FakeGrid
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
@@ -399,7 +406,7 @@ def test_bound_nodes_are_their_devices_whatever_they_claim(tmp_path: Path) -> No
     for bad in ("7=3,8=3", "7=3,7=4", "x=1", "7"):
         with pytest.raises(DeployError, match=BIND_KEY):
             node_bindings({BIND_KEY: bad})
-    with pytest.raises(DeployError, match="device 9"):
+    with pytest.raises(ConfigError, match="device 9"):
         write_app(tmp_path / "app", cfg, tmp_path / "run", bindings=["1=9"])
 
 
@@ -667,7 +674,7 @@ def test_an_insecure_connection_must_be_asked_for(tmp_path: Path) -> None:
 )
 def test_a_bad_control_address_is_one_line_and_starts_nothing(args: list[str]) -> None:
     result = CliRunner().invoke(cli, ["deploy", "superlink", *args])
-    assert result.exit_code == 1 and result.output.startswith("error:"), result.output
+    assert result.exit_code == 2 and result.output.startswith("error:"), result.output
     assert "--control" in result.output and "Traceback" not in result.output
 
 
@@ -885,5 +892,80 @@ def test_a_device_cannot_register_a_key_or_start_an_app(loopback: Loopback, tmp_
         assert "403 Forbidden" in done.stdout + done.stderr, (args, done.stdout, done.stderr)
         assert '"success": false' in done.stdout, args  # (flwr exits 0 either way in json mode)
     assert not (tmp_path / "records").exists()  # no app ran
-    assert loopback.log("superlink").count("refused a Control API request") >= len(attempts)
+    assert loopback.log("superlink").count("refused POST '/v1/control/") >= len(attempts)
     assert loopback.register(key) > 0  # the operator, on the control address
+
+
+SERVER_TASK = AcquireTaskRequest(supported_task_types=["flwr-serverapp"])
+REFUSED = b"not served on the devices' address\n"
+
+
+def runtime_routes() -> list[str]:
+    """Every route of Flower's Runtime API (the SuperExec's and the ServerApps' API)."""
+    return sorted({route.path for route in [*runtime_router.routes, *responses_router.routes]})  # type: ignore[attr-defined]
+
+
+def test_a_device_cannot_reach_the_runtime_api(loopback: Loopback) -> None:
+    """The SuperLink as docs/deploy.md starts it: a client with what a device holds (``ca.crt``, the
+    devices' address), no key and no token, gets 403 and nothing else from every Runtime API route
+    (``acquire-task`` handed out a run's server task: its app, records path and node ids), by any
+    method, and from paths written around the check; the operator's address answers the same request
+    (the refusal is the address's, not a malformed request's), and the devices' Fleet API still works
+    (the fixture's SuperNodes connected through it)."""
+    routes = runtime_routes()
+    assert "/v1/runtime/acquire-task" in routes and len(routes) >= 20
+    around = [
+        "/v1/fleet/../runtime/acquire-task",
+        "/v1/fleet/%2e%2e/runtime/acquire-task",
+        "//v1/runtime/acquire-task",
+        "/v1/fleet//../../v1/runtime/acquire-task",
+        "/v1/runtime/acquire-task/",
+        "/docs",
+        "/openapi.json",
+    ]
+    for path in [*routes, *around]:
+        for method in ("POST", "GET"):
+            answer = loopback.https(loopback.port, method, path, SERVER_TASK.SerializeToString())
+            assert answer == (403, REFUSED), (method, path, answer)
+    with pytest.raises(httpx.HTTPStatusError, match="403"):
+        loopback.runtime_client(loopback.port).AcquireTask(SERVER_TASK)
+    assert loopback.https(loopback.port, "GET", "/health")[0] == 200
+    # on the operator's address the same client is answered (no task type: nothing is claimed)
+    assert (
+        not loopback.runtime_client(loopback.control_port).AcquireTask(AcquireTaskRequest()).HasField("task")
+    )
+    assert loopback.log("superlink").count("refused POST '/v1/runtime/acquire-task' on the devices'") >= 2
+    # the SuperLink's SuperExec (the SuperNodes run their own) reaches the Runtime API on the control address
+    superlink = loopback.procs["superlink"].pid
+    commands = []
+    for pid in descendants(superlink):
+        with contextlib.suppress(OSError):  # a helper that has just exited
+            commands.append(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"))
+    superexecs = [c for c in commands if any(part.endswith(b"flower-superexec") for part in c[:2])]
+    assert superexecs and all(
+        c[c.index(b"--runtime-api-address") + 1] == f"127.0.0.1:{loopback.control_port}".encode()
+        for c in superexecs
+    ), superexecs
+
+
+def test_a_waiting_server_task_is_handed_out_only_on_the_control_address(tmp_path: Path) -> None:
+    """With no SuperExec (``--isolation process``) a started run's server task waits to be claimed, as
+    it does for a moment in every deployment: however often a client asks on the devices' address, it
+    is refused; on the control address (where an operator's own ``flower-superexec`` connects) the
+    same request gets the task, whose app names the records path (what the attack took)."""
+    with Loopback(tmp_path) as dep:
+        dep.start_superlink("--isolation", "process")
+        app, records = tmp_path / "app", tmp_path / "records"
+        write_app(app, tiny("scheduler.rounds=1", *DEPLOY), records, wait_for_nodes=5, shared_data=True)
+        started = dep.flwr("run", str(app), CONNECTION, "--format", "json")
+        run_id = int(json.loads(started.stdout)["run-id"])
+        attacker = dep.runtime_client(dep.port)
+        for _ in range(10):
+            with pytest.raises(httpx.HTTPStatusError, match="403"):
+                attacker.AcquireTask(SERVER_TASK)
+        claimed = dep.runtime_client(dep.control_port).AcquireTask(SERVER_TASK)
+        assert claimed.task.run_id == run_id and claimed.token  # it was there to be taken
+        given = dep.runtime_client(dep.control_port, claimed.token).PullTaskInput(PullTaskInputRequest())
+        with zipfile.ZipFile(io.BytesIO(given.fab.content)) as fab:
+            assert str(records.resolve()) in fab.read("pyproject.toml").decode()
+        assert not records.exists()
