@@ -372,7 +372,8 @@ def deploy_keys(
 ) -> None:
     """Create one authentication key pair per SuperNode (ECDSA P-384, OpenSSH format)."""
     with _errors():
-        pairs = _deploy("setup").write_node_keys(out, [f"{prefix}{i}" for i in range(nodes)], force=force)
+        setup = _deploy("setup")
+        pairs = setup.write_node_keys(out, setup.node_key_names(prefix, nodes), force=force)
     for private, public in pairs:
         console.print(f"{private}  (register {public} with: flwr supernode register {public} CONNECTION)")
 
