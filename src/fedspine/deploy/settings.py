@@ -6,6 +6,7 @@ the ServerApp and every ClientApp build the same experiment from the same bytes,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from fedspine.config import Config, from_dict, tomllib
@@ -43,6 +44,10 @@ DEVICE_KEY = "device-id"
 """Node-config key: which device of the config's fleet this SuperNode is."""
 PARTITION_KEY = "partition-id"
 """Node-config key Flower's simulation engine gives its virtual nodes; used when ``device-id`` is absent."""
+
+MAX_SECONDS = 7 * 24 * 3600.0
+"""Longest round timeout or wait for the nodes: a week. Longer is a mistake; NaN would make every
+timeout comparison false (a round that waits forever), and infinity is the same wait, spelled out."""
 
 Value = bool | float | int | str
 """A Flower run- or node-config value."""
@@ -120,10 +125,19 @@ def node_bindings(run_config: Mapping[str, Value]) -> dict[int, int] | None:
 
 
 def number(run_config: Mapping[str, Value], key: str, default: float) -> float:
-    """A numeric run-config setting, or ``default`` when absent."""
+    """A number of seconds in the run config (above 0, at most :data:`MAX_SECONDS`), or ``default``
+    when absent."""
     value = run_config.get(key, default)
-    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-        raise DeployError(f"run config '{key}' must be a positive number, got {value!r}")
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not 0 < value <= MAX_SECONDS
+    ):
+        raise DeployError(
+            f"run config '{key}' must be a number of seconds above 0 and at most {MAX_SECONDS:g}, "
+            f"got {value!r}"
+        )
     return float(value)
 
 
