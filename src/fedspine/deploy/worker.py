@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import stat
 import threading
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
@@ -29,16 +30,41 @@ from flwr.common.serde import context_from_proto, context_to_proto, recorddict_f
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from fedspine.errors import DeployError
+from fedspine.errors import ConfigError, DeployError
 
 log = logging.getLogger("fedspine.deploy")
 
 KEY_SUFFIX = ".key"
+KEY_BYTES = 32
+SOCKET_PATH_LIMIT = 107
+"""The longest path a Unix socket may have (``sun_path`` holds 108 bytes with the closing NUL)."""
 
 
 def key_path(socket: Path) -> Path:
     """The file holding the worker's key, beside its socket."""
     return socket.with_name(socket.name + KEY_SUFFIX)
+
+
+def check_socket_path(socket: Path) -> None:
+    """Refuse a ``--socket`` the worker cannot listen on, or whose files would replace something else:
+    its folder must exist; nothing may be at the path (a socket left by a worker that did not stop
+    cleanly is named as such); a file at ``PATH.key`` must be a key a worker wrote (a regular file of
+    :data:`KEY_BYTES` bytes), which is then replaced."""
+    if len(os.fsencode(socket)) > SOCKET_PATH_LIMIT or not socket.name:
+        raise ConfigError("--socket", f"{socket}: a Unix socket path has 1..{SOCKET_PATH_LIMIT} bytes")
+    if not socket.parent.is_dir():
+        raise ConfigError("--socket", f"{socket}: its folder {socket.parent} does not exist")
+    if socket.is_symlink() or socket.exists():
+        if stat.S_ISSOCK(socket.lstat().st_mode):
+            raise DeployError(
+                f"{socket} exists: a worker that did not stop cleanly? remove it, or choose another"
+            )
+        raise ConfigError("--socket", f"{socket} exists and is not a socket; choose another path")
+    keyfile = key_path(socket)
+    if keyfile.is_symlink() or keyfile.exists():
+        info = keyfile.lstat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size != KEY_BYTES:
+            raise ConfigError("--socket", f"{keyfile} exists and is not a worker's key; choose another path")
 
 
 def call(socket: str, kind: str, content: RecordDict, context: Context) -> RecordDict:
@@ -76,19 +102,21 @@ class Worker:
         self.handled = 0
         """Requests answered so far."""
         self._stopping = threading.Event()
-        if socket.exists() or socket.is_symlink():
-            raise DeployError(
-                f"{socket} exists; remove it (a worker that did not stop cleanly) or choose another"
-            )
-        key = secrets.token_bytes(32)
+        check_socket_path(socket)
+        key = secrets.token_bytes(KEY_BYTES)
         keyfile = key_path(socket)
-        keyfile.unlink(missing_ok=True)
-        fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with open(fd, "wb") as f:
-            f.write(key)
-        old = os.umask(0o177)  # the socket file: this user only
+        keyfile.unlink(missing_ok=True)  # a stale key of this worker's kind (check_socket_path)
+        old, written = os.umask(0o177), False  # the socket file: this user only
         try:
+            fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            written = True
+            with open(fd, "wb") as f:
+                f.write(key)
             self.listener = Listener(str(socket), family="AF_UNIX", authkey=key)
+        except OSError as exc:  # an unwritable folder, a race with another worker
+            if written:
+                keyfile.unlink(missing_ok=True)
+            raise DeployError(f"cannot listen on {socket}: {exc.strerror or exc}") from None
         finally:
             os.umask(old)
 
@@ -144,4 +172,4 @@ class Worker:
         key_path(self.socket).unlink(missing_ok=True)
 
 
-__all__ = ["Worker", "call", "key_path"]
+__all__ = ["Worker", "call", "check_socket_path", "key_path"]
