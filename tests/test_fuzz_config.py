@@ -8,7 +8,6 @@ bounded number in the default suite, more in the slow one)."""
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import signal
@@ -28,6 +27,7 @@ from fedspine.cli import app as cli
 from fedspine.config import from_dict, load_config, to_dict
 from fedspine.errors import ConfigError, FedspineError
 from fedspine.runtime.build import check_config
+from tests.config_tree import lookup, replaced
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [
@@ -51,21 +51,6 @@ def _leaves(tree: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 
 
 KEYS = _leaves(BASE)
-
-
-def _lookup(tree: Any, path: tuple[Any, ...]) -> Any:
-    for part in path:
-        tree = tree[part]
-    return tree
-
-
-def _with(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
-    data = copy.deepcopy(BASE)
-    node = data
-    for part in path[:-1]:
-        node = node[part]
-    node[path[-1]] = value
-    return data
 
 
 def _dotted(path: tuple[Any, ...]) -> str:
@@ -130,9 +115,9 @@ def test_every_key_with_random_values_loads_and_builds_or_names_itself(path: tup
     section), or a config that passes them."""
     rng = random.Random(_dotted(path))
     for _ in range(4):
-        value = _random_value(_lookup(BASE, path), rng)
+        value = _random_value(lookup(BASE, path), rng)
         try:
-            config = from_dict(_with(path, value))
+            config = from_dict(replaced(BASE, path, value))
             check_config(config)
         except ConfigError as exc:
             assert str(path[0]) in exc.key or exc.key.startswith(("fleet", "lora", "data")), (
@@ -162,7 +147,7 @@ def _run_through_the_cli(path: tuple[Any, ...], value: Any) -> None:
     """One run of the tiny config with ``value`` at ``path``, in a fresh directory: it finishes, or
     exits 1 or 2 with exactly one error line; nothing else."""
     try:
-        text = tomli_w.dumps(_with(path, value))
+        text = tomli_w.dumps(replaced(BASE, path, value))
     except (TypeError, ValueError):  # not expressible in TOML (a NaN inside a list is): nobody can write it
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,7 +180,7 @@ def _fuzz(examples: int) -> Any:
 @st.composite
 def key_and_value(draw: st.DrawFn) -> tuple[tuple[Any, ...], Any]:
     path = draw(st.sampled_from(KEYS))
-    return path, draw(_value(_lookup(BASE, path)))
+    return path, draw(_value(lookup(BASE, path)))
 
 
 @_fuzz(60)

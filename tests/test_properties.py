@@ -32,6 +32,7 @@ from fedspine.deploy.records import (
 from fedspine.errors import ConfigError, DeployError
 from fedspine.model.footprint import ModelShape
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
+from tests.config_tree import lookup, replaced
 
 SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -65,26 +66,11 @@ DEFAULT = to_dict(Config())
 PATHS = _paths(DEFAULT)
 
 
-def _lookup(tree: Any, path: tuple[Any, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: Any, path: tuple[Any, ...], value: Any) -> Any:
-    tree = copy.deepcopy(tree)
-    node = tree
-    for key in path[:-1]:
-        node = node[key]
-    node[path[-1]] = value
-    return tree
-
-
 @SETTINGS
 @given(path=st.sampled_from(PATHS), value=values)
 def test_a_mutated_config_loads_or_raises_a_config_error(path: tuple[Any, ...], value: Any) -> None:
     try:
-        from_dict(_set(DEFAULT, path, value))
+        from_dict(replaced(DEFAULT, path, value))
     except ConfigError as exc:
         assert exc.key  # names the field
     except ValueError as exc:  # pragma: no cover - the property's failure
@@ -92,7 +78,7 @@ def test_a_mutated_config_loads_or_raises_a_config_error(path: tuple[Any, ...], 
 
 
 BOUNDARIES = [0, -1, 2**63, -(2**63) - 1, float("nan"), float("inf"), float("-inf"), -0.5, 1e308]
-NUMERIC_PATHS = [p for p in PATHS if type(_lookup(DEFAULT, p)) in (int, float)]
+NUMERIC_PATHS = [p for p in PATHS if type(lookup(DEFAULT, p)) in (int, float)]
 
 
 @pytest.mark.parametrize("path", NUMERIC_PATHS, ids=lambda p: ".".join(map(str, p)))
@@ -101,11 +87,11 @@ def test_every_numeric_field_at_its_boundaries_loads_or_names_itself(path: tuple
     number of the config at every boundary value either loads or is a ConfigError naming that field."""
     for value in BOUNDARIES:
         try:
-            config = from_dict(_set(DEFAULT, path, value))
+            config = from_dict(replaced(DEFAULT, path, value))
         except ConfigError as exc:
             assert str(path[0]) in exc.key, (path, value, exc.key)
             continue
-        loaded = _lookup(to_dict(config), path)
+        loaded = lookup(to_dict(config), path)
         assert not isinstance(loaded, float) or math.isfinite(loaded), (path, value)
 
 
