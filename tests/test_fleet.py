@@ -117,6 +117,7 @@ def test_catalog_spread_is_realistic() -> None:
     assert eff("jetson_agx_orin") / eff("raspberry_pi_4") > 50
     assert eff("raspberry_pi_4") < eff("raspberry_pi_5") < eff("jetson_orin_nano")
     assert eff("jetson_orin_nano") < eff("jetson_orin_nx") < eff("jetson_agx_orin")
+    assert eff("jetson_tx2") < eff("jetson_xavier_nx") < eff("jetson_agx_xavier") < eff("jetson_agx_orin")
     assert eff("phone_midrange") < eff("phone_flagship")
 
 

@@ -88,6 +88,28 @@ _DEVICES: tuple[DeviceClass, ...] = (
         source="NVIDIA Jetson TX2 module datasheet",
     ),
     DeviceClass(
+        name="jetson_xavier_nx",
+        description="NVIDIA Jetson Xavier NX 8GB (Volta, 384 CUDA / 48 tensor cores @ 1.1 GHz)",
+        peak_flops=6.76 * _TFLOPS,  # 48 tensor cores x 1.1 GHz x 128 fp16 FLOP/cycle (64 FMA)
+        mfu=0.20,
+        memory_bandwidth=51.2 * _GB_S,  # LPDDR4x, 128-bit at 1600 MHz
+        memory_bytes=8 * _GIB,
+        train_dtype_bytes=2,
+        slowdown_sigma=0.10,
+        source="NVIDIA Jetson Xavier NX data sheet DA-09366-001 (21 INT8 TOPS, 1100 MHz GPU, 8 GB LPDDR4x)",
+    ),
+    DeviceClass(
+        name="jetson_agx_xavier",
+        description="NVIDIA Jetson AGX Xavier 32GB (Volta, 512 CUDA / 64 tensor cores @ 1.377 GHz)",
+        peak_flops=11.3 * _TFLOPS,  # 64 tensor cores x 1.377 GHz x 128 fp16 FLOP/cycle (64 FMA)
+        mfu=0.20,
+        memory_bandwidth=136.5 * _GB_S,  # LPDDR4x, 256-bit at 2133 MHz
+        memory_bytes=32 * _GIB,
+        train_dtype_bytes=2,
+        slowdown_sigma=0.10,
+        source="NVIDIA Jetson AGX Xavier module data sheet (32 INT8 TOPS, 1377 MHz GPU, 32 GB at 137 GB/s)",
+    ),
+    DeviceClass(
         name="jetson_orin_nano",
         description="NVIDIA Jetson Orin Nano 8GB (Ampere, 8 SM / 32 tensor cores @ 625 MHz, 15 W)",
         peak_flops=10.2 * _TFLOPS,  # 8 SM x 625 MHz x 2048 fp16 tensor FLOP/cycle (dense)
