@@ -210,11 +210,17 @@ def test_a_huge_grid_is_refused_before_it_is_built(tmp_path: Path) -> None:
     refuse(["sweep", str(path), "--out", str(tmp_path / "out")], tmp_path, names="grid")
 
 
-@pytest.mark.parametrize(("option", "value"), [("--workers", "0"), ("--threads", "-1")])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--workers", "0"), ("--threads", "-1"), ("--workers", "100000"), ("--arm", "nosuch")],
+)
 def test_sweep_options_out_of_range(tmp_path: Path, option: str, value: str) -> None:
+    """Refused before the progress bar appears (it was drawn, then the error printed under it)."""
     path = tmp_path / "sweep.toml"
     path.write_text(SWEEP.format(tiny=TINY))
-    refuse(["sweep", str(path), "--out", str(tmp_path / "out"), option, value], tmp_path, names=option)
+    args = ["sweep", str(path), "--out", str(tmp_path / "out"), option, value]
+    refusal = refuse(args, tmp_path, names=option)
+    assert "running" not in refusal.stderr, refusal.stderr
 
 
 # --- resume ---------------------------------------------------------------------------------------

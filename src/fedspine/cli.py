@@ -303,22 +303,29 @@ def _sweep_progress() -> Iterator[tuple[Any, Any]]:
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("runs", total=None, running=0, failed=0, skipped="")
-        counts = {"running": 0, "failed": 0}
+    progress = Progress(*columns, console=console, transient=False)
+    task = progress.add_task("runs", total=None, running=0, failed=0, skipped="")
+    counts = {"running": 0, "failed": 0}
 
-        def on_plan(to_run: int, finished: int) -> None:
-            skipped = f", {finished} finished before" if finished else ""
-            progress.update(task, total=to_run, skipped=skipped)
+    def on_plan(to_run: int, finished: int) -> None:
+        """The plan is checked: show the bar from here on (never before a refusal)."""
+        skipped = f", {finished} finished before" if finished else ""
+        progress.update(task, total=to_run, skipped=skipped)
+        if not progress.live.is_started:
+            progress.start()
 
-        def on_event(kind: str, spec: Any, outcome: Any) -> None:
-            counts["running"] += 1 if kind == "started" else -1
-            if outcome is not None and outcome.status == "failed":
-                counts["failed"] += 1
-            advance = 0 if kind == "started" else 1
-            progress.update(task, advance=advance, running=counts["running"], failed=counts["failed"])
+    def on_event(kind: str, spec: Any, outcome: Any) -> None:
+        counts["running"] += 1 if kind == "started" else -1
+        if outcome is not None and outcome.status == "failed":
+            counts["failed"] += 1
+        advance = 0 if kind == "started" else 1
+        progress.update(task, advance=advance, running=counts["running"], failed=counts["failed"])
 
+    try:
         yield on_plan, on_event
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
 
 deploy_app = typer.Typer(
