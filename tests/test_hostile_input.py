@@ -289,3 +289,29 @@ def test_a_sweep_directory_to_resume_is_read_as_untrusted(tmp_path: Path, kind: 
         out.write_text("a file")
     names = "--out" if kind == "out-is-a-file" else "sweep.json"
     refuse(["sweep", str(path), "--out", str(out), "--resume"], tmp_path, names=names)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("source", ["jsonl", "csv"])
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_a_data_file_is_read_as_what_it_claims_to_be(tmp_path: Path, source: str, kind: str) -> None:
+    """/dev/zero as data.path ran until the kernel killed it for memory; a FIFO blocked forever."""
+    path = tmp_path / f"data.{source}"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        path.mkdir()
+    overrides = [f"data.source={source}", f'data.path="{path}"', "data.label_key=label"]
+    refuse(_run(tmp_path, *overrides), tmp_path, names=str(path))
+
+
+@pytest.mark.timeout(60)
+def test_a_model_directory_with_a_fifo_for_a_file_is_refused(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    os.mkfifo(model / "model.safetensors")
+    overrides = ["model.source=local", f'model.path="{model}"']
+    refuse(_run(tmp_path, *overrides), tmp_path, names="model.safetensors")

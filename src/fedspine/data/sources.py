@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedspine.errors import ConfigError, DataError
+from fedspine.files import InputFileError, read_text
 
 
 @dataclass(frozen=True)
@@ -176,13 +178,23 @@ def example_from_row(row: Mapping[str, Any], path: Path, line_no: int) -> Exampl
     raise DataError(f"{path}:{line_no}: row has neither 'text' nor 'instruction' (fields: {sorted(row)})")
 
 
-def _read_lines(path: Path) -> list[str]:
+DATA_LIMIT = 1 << 30
+"""Cap on a JSONL or CSV data file (1 GiB of text: millions of examples, more than a simulated fleet
+trains on); it is read whole, so the cap also bounds the memory its reading takes."""
+
+
+def _read_text(path: Path) -> str:
+    """The data file's text: a regular file (never a FIFO or a device) of at most :data:`DATA_LIMIT`."""
     try:
-        return path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"data file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+        return read_text(path, DATA_LIMIT)
+    except InputFileError as exc:
+        if exc.reason == "file not found":
+            raise DataError(f"data file not found: {path}") from None
+        raise DataError(f"cannot read data file {exc}") from None
+
+
+def _read_lines(path: Path) -> list[str]:
+    return _read_text(path).splitlines()
 
 
 def _read_jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -221,12 +233,10 @@ def load_csv(path: str | Path) -> list[Example]:
         DataError: the file is missing or empty, or a row is malformed.
     """
     path = Path(path)
+    text = _read_text(path)
     try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            examples = _csv_examples(csv.DictReader(handle, strict=True), path)
-    except FileNotFoundError:
-        raise DataError(f"data file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        examples = _csv_examples(csv.DictReader(io.StringIO(text, newline=""), strict=True), path)
+    except csv.Error as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
     if not examples:
         raise DataError(f"{path}: no examples (empty file or header only)")

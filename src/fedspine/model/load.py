@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -258,6 +259,7 @@ def _load_causal_config(path: Path) -> PretrainedConfig:
         raise ModelError(f"model directory {path} does not exist")
     if not (path / "config.json").is_file():
         raise ModelError(f"model directory {path} has no config.json")
+    _check_entries(path)
     try:
         config: PretrainedConfig = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -265,6 +267,19 @@ def _load_causal_config(path: Path) -> PretrainedConfig:
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ModelError(f"{path} holds a {type(config).__name__} ({config.model_type}), not a causal LM")
     return config
+
+
+def _check_entries(path: Path) -> None:
+    """Every entry of the model directory, links followed, is a regular file or a folder: a FIFO or a
+    device in place of a weight or tokenizer file would block or never end when read. Links may lead
+    out of the directory (a Hugging Face cache snapshot links its files to the cache's blobs)."""
+    for entry in sorted(path.iterdir()):
+        try:
+            mode = entry.stat().st_mode
+        except OSError as err:
+            raise ModelError(f"cannot read {entry}: {err.strerror or err}") from err
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ModelError(f"{entry} is a FIFO, device or socket, not a model file")
 
 
 def _load_weights(path: Path, config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
