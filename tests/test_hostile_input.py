@@ -315,3 +315,17 @@ def test_a_model_directory_with_a_fifo_for_a_file_is_refused(tmp_path: Path) -> 
     os.mkfifo(model / "model.safetensors")
     overrides = ["model.source=local", f'model.path="{model}"']
     refuse(_run(tmp_path, *overrides), tmp_path, names="model.safetensors")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["MANIFEST.json", "state.json"])
+def test_a_checkpoint_file_that_is_a_fifo_is_skipped_not_read(
+    tmp_path: Path, interrupted: Path, name: str
+) -> None:
+    """A FIFO in place of a checkpoint's manifest or state blocked --resume forever."""
+    run = tmp_path / "run"
+    shutil.copytree(interrupted, run)
+    (checkpoint,) = sorted((run / "checkpoints").glob("round-*"))
+    (checkpoint / name).unlink()
+    os.mkfifo(checkpoint / name)
+    refuse(["run", "--resume", str(run)], tmp_path, names="no complete checkpoint")

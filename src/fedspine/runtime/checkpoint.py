@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from fedspine.algorithms.wire import flatten_state
 from fedspine.errors import CheckpointError
+from fedspine.files import MIB, InputFileError, read_text
 from fedspine.runtime import statefile
 from fedspine.runtime.build import Experiment
 
@@ -54,6 +55,8 @@ log = logging.getLogger("fedspine.checkpoint")
 CHECKPOINTS = "checkpoints"
 MANIFEST = "MANIFEST.json"
 CONFIG_FILE = "config.toml"
+MANIFEST_LIMIT = 4 * MIB
+"""A manifest holds a few checksums and the run's config: a few KiB."""
 FORMAT = 7
 """Bumped whenever the saved state changes shape: an older checkpoint is refused, never misread."""
 FILES = frozenset(
@@ -157,8 +160,10 @@ def recorded_config(run_dir: Path) -> str | None:
     root = run_dir / CHECKPOINTS
     for directory in sorted(root.glob("round-*"), reverse=True) if root.is_dir() else []:
         try:
-            config = json.loads((directory / MANIFEST).read_text(encoding="utf-8")).get("config")
-        except (OSError, ValueError, AttributeError):
+            config = json.loads(read_text(directory / MANIFEST, MANIFEST_LIMIT, within=directory)).get(
+                "config"
+            )
+        except (InputFileError, ValueError, AttributeError):
             continue
         if isinstance(config, str):
             return config
@@ -179,11 +184,13 @@ def verify(directory: Path) -> str | None:
     if not manifest_path.exists():
         return "no manifest (the checkpoint was not finished)"
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = json.loads(read_text(manifest_path, MANIFEST_LIMIT, within=directory))
         files = manifest["files"]
         if manifest.get("format") != FORMAT:
             return f"format {manifest.get('format')!r}, expected {FORMAT}"
-    except (ValueError, KeyError, TypeError) as exc:
+    except InputFileError as exc:
+        return exc.reason
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"unreadable manifest: {exc}"
     if not isinstance(files, dict) or set(files) != FILES:
         return (
@@ -196,6 +203,8 @@ def verify(directory: Path) -> str | None:
         path = directory / name
         if not path.exists():
             return f"{name} is missing"
+        if path.is_symlink() or not path.is_file():  # a FIFO would block the checksum's read
+            return f"{name} is not a regular file of the checkpoint"
         if _sha256(path) != digest:
             return f"{name} does not match its checksum"
     return None
