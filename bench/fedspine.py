@@ -14,7 +14,9 @@ prune-then-tune and to fedmp (global model at the target sparsity) and to FedIT 
 the speed-up of its rounds over FedIT's (virtual time of the whole run: the bound on the speed-up to
 the target were every round to progress as much as FedIT's), and the deployed models against the
 dense one per device class: parameter ratio and host decode speed ratio (each run measures the dense
-and the pruned models back to back on the host; the worst class in the RESULT line).
+and the pruned models back to back on the host; the worst class in the RESULT line), and per arm the
+share of each device class's tasks that ended late or dropped (a deadline's cost; the worst class in
+the RESULT line).
 
 ``--sweep fleet80`` reads ``bench/sweeps/fleet80.toml`` instead (FedIT and FedSpine on the 80-device
 fleet, 3 seeds) and prints the same figures for the arms it has.
@@ -90,6 +92,32 @@ def print_by_class(arm: str, table: dict[str, dict[str, Interval]]) -> None:
         print(f"  {device_class:<18} " + "  ".join(cells))
 
 
+def missed_shares(run: Any) -> dict[str, float]:
+    """Per device class, the share of its tasks that ended late or dropped (a deadline's cost: work
+    the class did that never counted)."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for device in run.summary.devices:
+        missed_tasks = counts[device.get("device_class", "?")]
+        missed_tasks[0] += int(device.get("late", 0)) + int(device.get("dropped", 0))
+        missed_tasks[1] += int(device.get("tasks", 0))
+    return {c: missed / tasks for c, (missed, tasks) in sorted(counts.items()) if tasks}
+
+
+def print_missed(runs: dict[str, list[Any]]) -> dict[str, dict[str, Interval]]:
+    """Every arm's late-or-dropped share per device class, as intervals over the seeds."""
+    print("\ntasks late or dropped, per device class (share of the class's tasks, mean [95% interval])")
+    tables = {}
+    for arm, arm_runs in runs.items():
+        values: dict[str, list[float]] = defaultdict(list)
+        for run in arm_runs:
+            for device_class, share in missed_shares(run).items():
+                values[device_class].append(share)
+        tables[arm] = {c: t_interval(v) for c, v in sorted(values.items())}
+        cells = [f"{c} {i.mean:.3f} [{i.low:.3f}, {i.high:.3f}]" for c, i in tables[arm].items()]
+        print(f"  {arm:<16} " + "; ".join(cells))
+    return tables
+
+
 def main() -> None:
     parser = sweep_parser(__doc__.splitlines()[0], "fedspine")
     parser.add_argument(
@@ -126,6 +154,10 @@ def main() -> None:
             found = [r[name].mean for r in table.values() if name in r]
             if found:
                 line.append(f"deployed_{name}_ratio_worst_class={worst(found):.4f}")
+    missed = print_missed(runs)
+    for arm, table in missed.items():
+        if table:
+            line.append(f"{arm}_missed_share_worst_class={max(i.mean for i in table.values()):.4f}")
     line += [f"{a.arm}_acc={a.final.mean:.4f}" for a in comparison.arms]
     print("RESULT " + " ".join(line))
 

@@ -32,6 +32,8 @@ def test_the_fedspine_benchmark_runs_and_prints_its_result_line() -> None:
     assert 0 < ratio < 1, "every device class deploys a model smaller than the dense one"
     assert "raspberry_pi_4" in out
     assert float(last.split("rounds_speedup_vs_fedit=")[1].split()[0]) > 0
+    missed = float(last.split("fedit_missed_share_worst_class=")[1].split()[0])
+    assert 0 <= missed <= 1 and "tasks late or dropped, per device class" in out
 
 
 def test_bench_scripts_import_the_package_not_their_namesake() -> None:
