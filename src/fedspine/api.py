@@ -158,9 +158,7 @@ def _resume(
 ) -> RunResult:
     if (run_dir / SUMMARY_FILE).exists():
         raise CheckpointError(f"{run_dir} already finished (it has {SUMMARY_FILE}); nothing to resume")
-    if not (run_dir / "config.toml").exists():
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.toml)")
-    config = load_config(run_dir / "config.toml")
+    config = load_config(run_dir / "config.toml")  # present: resume_experiment checked it
     _check_config_unchanged(run_dir, config)
     started = time.perf_counter()
     experiment = build_experiment(config, status)
