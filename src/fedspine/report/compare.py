@@ -121,7 +121,7 @@ def _has_summary(run_dir: Path) -> bool:
 def _sweep_runs(root: Path) -> RunSet:
     if not root.is_dir():
         raise ConfigError(str(root), "no such directory" if not root.exists() else "not a directory")
-    plan = _read_plan(root)
+    plan = read_plan(root)
     order = list(plan.get("arms") or [])
     folders = sorted(p for p in root.iterdir() if p.is_dir() and any(_seed_dirs(p, root)))
     order += [p.name for p in folders if p.name not in order]
@@ -154,7 +154,7 @@ def _seed_dirs(arm_dir: Path, root: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def _read_plan(root: Path) -> dict[str, Any]:
+def read_plan(root: Path) -> dict[str, Any]:
     """``sweep.json`` of the sweep directory ``root`` (empty when there is none), checked: a JSON
     object whose ``arms`` are arm folder names, ``reference`` an arm name, ``target`` a number or text.
 
@@ -259,22 +259,34 @@ def parse_target(
         if value is None:
             return Target(None, "none (the runs set no common eval.target)")
         return Target(float(value), f"{value:g} (the runs' eval.target)")
-    if isinstance(text, bool) or not isinstance(text, (int, float, str)):
-        raise ConfigError(name, f"expected {TARGET_HELP}, got {text!r}")
-    if not isinstance(text, str) or "*" not in text:
-        value = _target_number(text, name)
-        return Target(value, f"{value:g}")
-    fraction_text, arm = (part.strip() for part in text.split("*", 1))
-    fraction = _target_number(fraction_text, name)
+    number, arm = target_form(text, name)
+    if arm is None:
+        return Target(number, f"{number:g}")
+    fraction = number
     if (fraction > 1) if higher_is_better else (fraction < 1):
         side = "at most 1 when higher is better" if higher_is_better else "at least 1 when lower is better"
-        raise ConfigError(name, f"the fraction must be {side}, got {fraction_text!r}; expected {TARGET_HELP}")
+        raise ConfigError(name, f"the fraction must be {side}, got {fraction:g}; expected {TARGET_HELP}")
     if arm not in final_means:
         raise ConfigError(name, f"unknown arm {arm[:60]!r}; arms here: {', '.join(final_means)}")
     mean = final_means[arm]
     if not math.isfinite(mean):
         raise ConfigError(name, f"arm '{arm}' has no final metric to take a fraction of")
     return Target(fraction * mean, f"{fraction:g} x {arm}'s mean final metric ({mean:.4g})")
+
+
+def target_form(text: Any, name: str) -> tuple[float, str | None]:
+    """A target's form, before any run is read: ``(value, None)`` for a finite number > 0, or
+    ``(fraction, arm)`` for ``"FRACTION*ARM"`` with a finite fraction > 0.
+
+    Raises:
+        ConfigError: naming ``name``: not a number or ``FRACTION*ARM``, or a number not finite and > 0.
+    """
+    if isinstance(text, bool) or not isinstance(text, (int, float, str)):
+        raise ConfigError(name, f"expected {TARGET_HELP}, got {str(text)[:60]!r}")
+    if not isinstance(text, str) or "*" not in text:
+        return _target_number(text, name), None
+    fraction_text, arm = (part.strip() for part in text.split("*", 1))
+    return _target_number(fraction_text, name), arm
 
 
 def _target_number(text: str | float, name: str) -> float:

@@ -11,8 +11,7 @@ from typing import Any
 
 from fedspine import api
 from fedspine.errors import ConfigError, FedspineError
-from fedspine.files import InputFileError, read_text
-from fedspine.report.compare import SWEEP_FILE
+from fedspine.report.compare import SWEEP_FILE, read_plan
 from fedspine.sweep.runner import (
     Event,
     RunOutcome,
@@ -122,19 +121,11 @@ def prepare_out(sweep: Sweep, out: Path, resume: bool) -> None:
 
 
 def _read_plan(path: Path) -> dict[str, Any]:
-    """The ``sweep.json`` a sweep directory was made with, read as untrusted input.
-
-    Raises:
-        ConfigError: not a regular file inside its directory, too large, not a JSON object.
-    """
-    try:
-        plan = json.loads(read_text(path, within=path.parent))
-    except InputFileError as exc:
-        raise ConfigError("--resume", str(exc)) from None
-    except ValueError as exc:
-        raise ConfigError("--resume", f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(plan, dict) or not isinstance(plan.get("fingerprints", {}), dict):
-        raise ConfigError("--resume", f"{path}: not a sweep plan (a JSON object with 'fingerprints')")
+    """The ``sweep.json`` a sweep directory was made with (:func:`~fedspine.report.compare.read_plan`,
+    which reads it as untrusted input), with its arm fingerprints."""
+    plan = read_plan(path.parent)
+    if not isinstance(plan.get("fingerprints", {}), dict):
+        raise ConfigError("--resume", f"{path}: not a sweep plan (its 'fingerprints' is not an object)")
     return plan
 
 

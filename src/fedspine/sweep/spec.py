@@ -48,6 +48,7 @@ from fedspine.config import (
     to_toml,
 )
 from fedspine.errors import ConfigError, FedspineError
+from fedspine.report.compare import target_form
 from fedspine.runtime.build import check_config
 
 SWEEP_KEYS = ("name", "base", "seeds", "reference", "target", "set", "arms", "grid")
@@ -161,36 +162,14 @@ def parse_sweep(data: dict[str, Any], root: Path, default_name: str) -> Sweep:
 
 
 def _check_target(target: Any, arms: list[str]) -> None:
-    """The comparison's target, checked before any run: a finite number > 0, or ``FRACTION*ARM`` with
-    a positive finite fraction and an arm of this sweep (whether the fraction suits the metric's
-    direction is known only from the runs: ``compare`` checks it)."""
+    """The comparison's target, checked before any run (:func:`~fedspine.report.compare.target_form`)
+    and its arm against this sweep's (whether a fraction suits the metric's direction is known only
+    from the runs: ``compare`` checks it)."""
     if target is None:
         return
-    if isinstance(target, str) and "*" in target:
-        fraction_text, _, arm = target.partition("*")
-        fraction = _number(fraction_text)
-        if not (math.isfinite(fraction) and fraction > 0):
-            raise ConfigError("target", f"the fraction must be a finite number > 0, got {target!r}")
-        if arm.strip() not in arms:
-            raise ConfigError(
-                "target", f"names no arm of this sweep: {arm.strip()!r}; arms: {', '.join(arms)}"
-            )
-        return
-    value = _number(target)
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(
-            "target", f'expected a finite number > 0 or "FRACTION*ARM" (e.g. "0.95*fedit"), got {target!r}'
-        )
-
-
-def _number(value: Any) -> float:
-    """``value`` as a float (NaN when it is not a number or numeric text)."""
-    if isinstance(value, bool):
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
+    _, arm = target_form(target, "target")
+    if arm is not None and arm not in arms:
+        raise ConfigError("target", f"names no arm of this sweep: {arm[:60]!r}; arms: {', '.join(arms)}")
 
 
 def _seeds(value: Any) -> list[int]:
