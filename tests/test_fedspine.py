@@ -667,3 +667,54 @@ def test_a_bad_policy_names_the_key_and_the_choices(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "strategy.fedspine.policy" in result.output and "swucb" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_a_bounded_downlink_does_not_grow_with_the_merges_a_device_missed() -> None:
+    """With a bounded adapter a device back after five merges downloads the adapter's factors on its
+    kept coordinates (rank at most ``global_rank``), as after one; with exact merges it gets all five."""
+    model = tiny()
+    sent = {}
+    for rank in (0, 2):
+        strategy = strategy_for(model, target_sparsity=0.5, schedule="oneshot", importance="magnitude")
+        strategy.global_rank = rank
+        plan = strategy.plan_for(0.5)
+        lora = DeviceLora(2, 2.0)
+        strategy.assign(1, 0, lora)
+        strategy.configure(1, 0, lora, torch.Generator())
+        for round_no in range(2, 7):
+            peft = adapted(prune_model(model, plan))
+            random_lora(peft, round_no)
+            strategy.assign(round_no, 1, lora)
+            strategy.configure(round_no, 1, lora, torch.Generator())
+            update = update_from(peft, plan, 1, 2.0, device=1)
+            strategy.finalize(strategy.accumulate(strategy.init_partial(), update))
+            strategy.take_base_delta()
+        strategy.assign(7, 0, lora)
+        sent[rank] = strategy.configure(7, 0, lora, torch.Generator()).downlink_bytes
+        kept = strategy.masks.kept_shapes(plan)
+        if rank:
+            assert all(a.shape[0] == rank for a, _ in strategy.adapter.values())
+            assert sent[rank] == sum(4 * rank * (o + i) for o, i in kept.values())  # same plan: no indices
+        else:
+            assert sent[rank] == min(
+                sum(4 * 5 * 2 * (o + i) for o, i in kept.values()), sum(4 * o * i for o, i in kept.values())
+            )
+    assert sent[2] < sent[0]
+
+
+def test_fedspines_downlink_costs_at_most_one_and_a_half_fedits(tiny_config: Any, tmp_path: Path) -> None:
+    """End to end on the tiny fleet: FedSpine's devices download at most 1.5x FedIT's bytes (the
+    bounded adapter at FedIT's rank, plus channel means and plan indices); with exact merges more."""
+    sent = {}
+    for name, rank in (("fedit", "auto"), ("fedspine", "auto"), ("fedspine-exact", 0)):
+        cfg = replace(
+            tiny_config,
+            strategy=replace(
+                tiny_config.strategy,
+                name=name.split("-")[0],
+                fedspine=replace(tiny_config.strategy.fedspine, global_rank=rank),
+            ),
+            scheduler=replace(tiny_config.scheduler, rounds=5, clients_per_round=2),
+        )
+        sent[name] = run_experiment(cfg, tmp_path / name).summary.downlink_bytes
+    assert sent["fedspine"] <= 1.5 * sent["fedit"] < sent["fedspine-exact"]

@@ -32,6 +32,7 @@ CONFIG = load_config(
     ROOT / "configs" / "tiny.toml",
     [
         "strategy.name=fedspine",
+        "strategy.fedspine.global_rank=0",
         f"lora.target_modules={ALL_LINEARS}",
         "data.max_examples=600",
         "data.test_size=60",
@@ -39,7 +40,8 @@ CONFIG = load_config(
         "export.speed=false",
     ],
 )
-"""A tiny FedSpine experiment: 2 layers, 2 KV groups of 2 heads, 128 channels, LoRA everywhere."""
+"""A tiny FedSpine experiment: 2 layers, 2 KV groups of 2 heads, 128 channels, LoRA everywhere; the
+base carries the exact aggregate (the bounded adapter's tests set their own rank)."""
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +258,7 @@ def test_a_device_that_syncs_holds_the_servers_base_on_every_unit_it_keeps(tmp_p
             "strategy.fedspine.policy=random",
             "strategy.fedspine.importance=taylor",
             "strategy.fedspine.freeze_mask=false",
+            "strategy.fedspine.global_rank=0",
             f"lora.target_modules={ALL_LINEARS}",
             "scheduler.rounds=6",
             "scheduler.clients_per_round=3",
@@ -313,3 +316,76 @@ def test_a_device_that_syncs_holds_the_servers_base_on_every_unit_it_keeps(tmp_p
             )
     assert len(strategy.sync_log) >= 12 and len(merges) >= 5
     assert gained > 0  # devices did gain units between their tasks
+
+
+def test_a_bounded_base_is_the_best_rank_r_approximation_of_the_exact_sum(exp: Experiment) -> None:
+    """With ``global_rank = R`` the base carries, after every round, the best rank-R approximation of
+    the sum of every round's exact aggregate: what the truncation left out of the first round counts in
+    the second's (error feedback), so it is closer to the sum than re-truncating the truncated base."""
+    exact = exp.strategy
+    assert isinstance(exact, FedSpine) and exact.global_rank == 0
+    bounded = FedSpine(exact.weighting, exact.masks, exact.policy)
+    bounded.global_rank = 2
+    rounds = [
+        [_train_pruned(exp, PLAN, device, 3, rank) for device, rank in ((0, 2), (2, 4))],
+        [_train_pruned(exp, PLAN, 4, 4, 4)],
+    ]
+    total: dict[str, torch.Tensor] = {}
+    carried: dict[str, torch.Tensor] = {}
+    naive: dict[str, torch.Tensor] = {}
+    for updates in rounds:
+        step = _merged_delta(exact, updates)
+        for module, value in _merged_delta(bounded, updates).items():
+            carried[module] = carried.get(module, torch.zeros_like(value)) + value
+        for module, value in step.items():
+            total[module] = total.get(module, torch.zeros_like(value)) + value
+            u, s, vh = torch.linalg.svd(total[module].double(), full_matrices=False)
+            best = (u[:, :2] * s[:2]) @ vh[:2]
+            torch.testing.assert_close(carried[module].double(), best, rtol=1e-4, atol=1e-6)
+            assert int(torch.linalg.matrix_rank(carried[module].double(), rtol=1e-6)) <= 2
+            u, s, vh = torch.linalg.svd((naive.get(module, 0) + value).double(), full_matrices=False)
+            naive[module] = ((u[:, :2] * s[:2]) @ vh[:2]).float()
+    assert any(int(torch.linalg.matrix_rank(v.double(), rtol=1e-6)) > 2 for v in total.values())
+    feedback = sum(float((carried[m] - total[m]).norm() ** 2) for m in total)
+    without = sum(float((naive[m] - total[m]).norm() ** 2) for m in total)
+    assert feedback < without
+
+
+def test_a_bounded_run_trains_every_device_on_the_servers_base(tmp_path: Path) -> None:
+    """End to end with a bounded adapter: after the run the base minus the pretrained weights is the
+    strategy's adapter (so a device that downloads the adapter's factors on its kept units holds the
+    server's base there), of rank at most ``global_rank``, and the best rank-R approximation of the
+    exact sum of aggregates the server keeps."""
+    from fedspine.metrics.records import RunRecorder
+    from fedspine.runtime.engine import Engine
+
+    config = load_config(
+        ROOT / "configs" / "tiny.toml",
+        [
+            "strategy.name=fedspine",
+            "strategy.fedspine.policy=random",
+            "strategy.fedspine.global_rank=3",
+            f"lora.target_modules={ALL_LINEARS}",
+            "scheduler.rounds=4",
+            "data.max_examples=600",
+            "data.test_size=60",
+            "train.local_steps=2",
+            "eval.every=100",
+        ],
+    )
+    experiment = build_experiment(config)
+    strategy = experiment.strategy
+    assert isinstance(strategy, FedSpine)
+    modules = sorted(experiment.module_shapes)
+    pretrained = experiment.executor.base_weights(modules)
+    recorder = RunRecorder(tmp_path / "run")
+    Engine(experiment, recorder).run()
+    recorder.close()
+    assert strategy.global_rank == 3 and set(strategy.adapter) == set(modules)
+    now = experiment.executor.base_weights(modules)
+    for module in modules:
+        a, b = strategy.adapter[module]
+        assert a.shape[0] <= 3
+        torch.testing.assert_close(now[module] - pretrained[module], b @ a, rtol=1e-4, atol=1e-5)
+        u, s, vh = torch.linalg.svd(strategy.exact_sum[module].double(), full_matrices=False)
+        torch.testing.assert_close((b @ a).double(), (u[:, :3] * s[:3]) @ vh[:3], rtol=1e-4, atol=1e-6)

@@ -42,6 +42,8 @@ MAX_SECONDS = 1e9
 virtual clock to infinity."""
 MAX_STEPS = 100_000
 """Local steps (and rounds) past this are a typo: a run that long would not end on any fleet."""
+MAX_RANK = 65_536
+"""Wider than any adapted layer of a model this runs on: a larger rank is a typo."""
 MAX_MULTIPLIER = 1e4
 """Scalings, learning rates and factors past this overflow float training or aggregation in a step."""
 
@@ -493,6 +495,12 @@ class FedSpineSection:
     """Exploration constant of the UCB bandits (rewards are about 1 at the fleet's mean quality)."""
     fixed_ratio: float = -1.0
     """Ratio of the fixed policy (-1 = target_sparsity; otherwise at least target_sparsity)."""
+    global_rank: int | Literal["auto"] = "auto"
+    """Rank of the model change devices download: the server sums every round's exact aggregate and
+    the devices' base is the pretrained model plus the best rank-`global_rank` approximation of that
+    sum (the residual stays on the server and counts in the next round's approximation). "auto": the
+    largest rank a device trains, so a task downloads about what FedIT's does. 0: the exact sum, each
+    device downloading every merge it missed as stacked factors (its downlink grows with the merges)."""
 
     @property
     def compensates(self) -> bool:
@@ -520,6 +528,11 @@ class FedSpineSection:
         _check(self.window >= 1, key + "window", "must be >= 1")
         _check(self.ucb_c >= 0, key + "ucb_c", "must be >= 0")
         _at_most(self.ucb_c, MAX_MULTIPLIER, key + "ucb_c", "a bonus that large makes every choice random")
+        _check(
+            self.global_rank == "auto" or 0 <= self.global_rank <= MAX_RANK,
+            key + "global_rank",
+            f"must be 'auto' or a rank in [0, {MAX_RANK}] (0 = the exact sum of every merge)",
+        )
         _check(
             self.fixed_ratio == -1.0 or self.target_sparsity <= self.fixed_ratio < 1,
             key + "fixed_ratio",

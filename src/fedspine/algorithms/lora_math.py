@@ -65,6 +65,16 @@ def lowrank_svd(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tens
     return a_new.to(torch.float32), b_new.to(torch.float32)
 
 
+def best_rank(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` approximation of ``matrix`` (out, in) in the Frobenius norm, factored:
+    ``(A, B)`` with ``B A`` the truncated SVD, singular values split evenly (``B = U sqrt(S)``,
+    ``A = sqrt(S) V^T``). Fewer than ``rank`` components when the matrix has fewer nonzero ones."""
+    u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
+    k = int(min(rank, int((s > s[0] * 1e-12).sum()) if s.numel() and s[0] > 0 else 0))
+    root = s[:k].sqrt()
+    return (root[:, None] * vh[:k]).to(torch.float32), (u[:, :k] * root).to(torch.float32)
+
+
 def delta_norm(a: torch.Tensor, b: torch.Tensor) -> float:
     """``||B A||_F`` computed through the (r, r) Gram matrices: sqrt(trace((B^T B)(A A^T)))."""
     a64, b64 = a.to(torch.float64), b.to(torch.float64)  # convert once: HetLoRA calls this per module

@@ -19,8 +19,12 @@ Round t, for each selected device i:
    coordinate is averaged over the devices that kept it,
    ``dW[j] = sum_i w_i m_i[j] s_i (B_i A_i)[j] / sum_i w_i m_i[j]``, exactly, by stacking
    ``[P_1 B_1, ...] [w_1 s_1 A_1; ...]`` (FLoRA) and scaling B's rows (q/k/v/gate/up) or A's columns
-   (o/down) by ``1 / coverage``; the product is merged into the base weights, which stay in full
-   coordinates;
+   (o/down) by ``1 / coverage``; the server adds it to the exact sum ``S`` of every round's aggregate,
+   and the base (full coordinates) becomes the pretrained weights plus ``G``, the best rank-``R``
+   approximation of ``S`` (``global_rank``, by default the largest rank a device trains): a device
+   downloads ``G``'s factors on the coordinates it keeps, about FedIT's downlink, however many rounds
+   it missed, and what ``G`` leaves out stays in ``S`` for the next round (error feedback). With
+   ``global_rank = 0`` the base carries ``S`` itself and a device downloads every merge it missed;
 5. the global importance moves towards the devices' scores: ``I <- b I + (1 - b) I_obs`` on covered
    units, each device's scores rescaled so that their mean over its kept units equals ``I``'s there
    (importance scales differ between devices, only the order within a layer matters);
@@ -56,7 +60,7 @@ from typing import Any
 
 import torch
 
-from fedspine.algorithms.lora_math import fresh_factors, stack_factors
+from fedspine.algorithms.lora_math import best_rank, fresh_factors, stack_factors
 from fedspine.algorithms.policies import Arm, Outcome, Policy
 from fedspine.algorithms.strategies.base import (
     STRATEGIES,
@@ -171,6 +175,13 @@ class FedSpine(Strategy):
         self._warmup: set[int] = set()
         self.rewards: list[dict[str, Any]] = []
         self._anchor: int | None = None
+        self.global_rank = 0
+        """Rank of the change devices download (0: exact merges), resolved by :meth:`init_global`."""
+        self.exact_sum: dict[str, torch.Tensor] = {}
+        """With a bounded ``global_rank``: per module, the sum of every round's exact aggregate."""
+        self.adapter: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        """With a bounded ``global_rank``: per module, ``(A, B)`` of the best rank-``global_rank``
+        approximation of :attr:`exact_sum`, which is what the base carries beyond the pretrained model."""
 
     @classmethod
     def settings_for(cls, section: FedSpineSection) -> FedSpineSection:
@@ -178,8 +189,11 @@ class FedSpine(Strategy):
         return dataclasses.replace(section, **PRESETS[cls.name])
 
     def init_global(self, shapes: ModuleShapes, rank: int, generator: torch.Generator) -> None:
+        """Check the modules; resolve ``global_rank = "auto"`` to ``rank``, the largest a device trains."""
         if dict(shapes) != self.masks.module_shapes:
             raise ValueError("the engine's adapted modules differ from those the masks were built for")
+        configured = self.settings.global_rank
+        self.global_rank = rank if configured == "auto" else configured
 
     # --- schedule, masks, assignment --------------------------------------------------------------
 
@@ -286,30 +300,47 @@ class FedSpine(Strategy):
         return kept_now[~torch.isin(kept_now, kept_before)]
 
     def _downlink_bytes(self, sync: BaseSync, kept: ModuleShapes) -> int:
-        """Missed merges on the kept coordinates (capped by the kept dense weights), the current base's
-        newly kept rows or columns and the plan's indices when it changed, and (with ``compensate``) every
-        layer's channel means: per merge and module, the stacked factors ``R (kept_out + kept_in)``
-        floats."""
+        """What the device must receive, in bytes, besides (with ``compensate``) every layer's channel
+        means and, when its plan changed, the plan's indices.
+
+        Bounded ``global_rank``: the adapter's factors on the kept coordinates, ``R (kept_out +
+        kept_in)`` floats per module, unless the device already holds them (no merge since its last
+        task and the same plan). Exact merges: every missed merge's stacked factors on the kept
+        coordinates (capped by the kept dense weights) and the current base's newly kept rows or columns.
+        """
+        shape = self.masks.shape
+        means = 0 if self.channel_means() is None else FLOAT_BYTES * shape.intermediate * shape.layers
+        changed = sync.previous is not sync.plan
+        indices = INDEX_BYTES * sum(len(k.kv_groups) + len(k.channels) for k in sync.plan.values())
+        if self.global_rank > 0:
+            current = sync.since == sync.until and not changed
+            adapter = (
+                0
+                if current
+                else sum(
+                    FLOAT_BYTES * self.adapter[m][0].shape[0] * (o + i)
+                    for m, (o, i) in kept.items()
+                    if m in self.adapter
+                )
+            )
+            return adapter + means + (indices if changed else 0)
         missed = self._ranks_per_version[sync.since : sync.until]
         merges = sum(
             FLOAT_BYTES * ranks.get(m, 0) * (o + i) for ranks in missed for m, (o, i) in kept.items()
         )
         merges = min(merges, sum(FLOAT_BYTES * o * i for o, i in kept.values()))
-        shape = self.masks.shape
-        means = 0 if self.channel_means() is None else FLOAT_BYTES * shape.intermediate * shape.layers
-        if sync.previous is sync.plan:
+        if not changed:
             return merges + means
         fresh = 0
         for module, (out_f, in_f) in self.masks.module_shapes.items():
             rows = not self.masks.is_column(module)
             fresh += FLOAT_BYTES * self.fresh_units(sync, module).numel() * (in_f if rows else out_f)
-        indices = INDEX_BYTES * sum(len(k.kv_groups) + len(k.channels) for k in sync.plan.values())
         return merges + means + fresh + indices
 
     # --- aggregation -----------------------------------------------------------------------------
 
     def global_lora(self) -> LoraState:
-        return {}  # merged into the base weights every round
+        return {}  # carried by the base weights (the pretrained model plus the bounded adapter)
 
     def take_base_delta(self) -> dict[str, torch.Tensor] | None:
         pending, self._pending = self._pending, None
@@ -423,10 +454,27 @@ class FedSpine(Strategy):
                 b_s.mul_(inverse[:, None])
             deltas[module] = b_s @ a_s
             ranks[module] = a_s.shape[0]
-        self._pending = deltas
+        self._pending = self._bounded(deltas) if self.global_rank > 0 else deltas
         self._ranks_per_version.append(ranks)
         self._version += 1
         self._update_importance(partial)
+
+    def _bounded(self, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add the round's exact aggregates to :attr:`exact_sum`; return the change that moves each
+        module's base from the old adapter to the sum's new best rank-``global_rank`` approximation
+        (error feedback: what the approximation leaves out stays in the sum)."""
+        changes = {}
+        for module, delta in deltas.items():
+            total = self.exact_sum[module].add_(delta) if module in self.exact_sum else delta.clone()
+            self.exact_sum[module] = total
+            a, b = best_rank(total, self.global_rank)
+            change = b @ a
+            if module in self.adapter:
+                old_a, old_b = self.adapter[module]
+                change -= old_b @ old_a
+            self.adapter[module] = (a, b)
+            changes[module] = change
+        return changes
 
     def _update_importance(self, partial: CoverageSum) -> None:
         beta = self.settings.score_momentum
