@@ -20,6 +20,7 @@ from fedspine.algorithms.policies import (
     FixedPolicy,
     OraclePolicy,
     Outcome,
+    PacedPolicy,
     PooledUCB,
     RandomPolicy,
     SlidingWindowUCB,
@@ -478,6 +479,37 @@ def test_oracle_prunes_slow_devices_more() -> None:
     assert oracle.choose(2, 0.0).ratio == 0.5
 
 
+def test_the_paced_policy_prunes_the_devices_it_measured_slow_as_the_oracle_would() -> None:
+    """Speeds learned from the devices' own tasks, no profile: once every device has run a task, each
+    plays what the oracle reading their profiles plays; a device never measured plays its first arm."""
+    ratios, ranks = [0.0, 0.25, 0.5], [4, 8]
+    work = lambda a: (1 - a.ratio) * (0.5 + a.rank / 16)  # noqa: E731
+    speed = {0: 0.9, 1: 1.1, 2: 1.5, 3: 4.0}  # device 2 is a little slow, device 3 much slower
+    oracle = OraclePolicy(ratios, ranks, list(speed), lambda d, a: speed[d] * work(a))
+    paced = PacedPolicy(ratios, ranks, work)
+    assert paced.choose(0, 0.0) == Arm(0.5, 4)  # nothing measured: the safest arm first
+    for device in speed:
+        arm = paced.choose(device, 0.0)
+        paced.observe(device, arm, Outcome(0.0, speed[device] * work(arm), 1.0, 0.0))
+    for device in speed:
+        assert paced.choose(device, 0.0) == oracle.choose(device, 0.0) == paced.best(device, 0.0)
+    assert paced.choose(0, 0.0) == Arm(0.0, 8) and paced.choose(3, 0.0) == Arm(0.5, 4)
+    assert paced.choose(2, 0.0).ratio == 0.25  # pruned just enough to keep the median device's pace
+    assert paced.choose(9, 0.0) == Arm(0.5, 4)  # never measured
+    assert paced.choose(0, 0.3).ratio == 0.5  # the schedule's floor rules out the less pruned arms
+
+
+def test_the_paced_policy_keeps_a_deadline_with_the_least_pruning_that_meets_it() -> None:
+    work = lambda a: 1 - a.ratio  # noqa: E731
+    paced = PacedPolicy([0.0, 0.2, 0.4], [4], work, deadline=10.0)
+    for device, seconds_per_work in ((0, 5.0), (1, 12.0), (2, 16.0), (3, 30.0)):
+        paced.observe(device, Arm(0.0, 4), Outcome(0.0, seconds_per_work, 1.0, 10.0))
+    chosen = [paced.choose(d, 0.0).ratio for d in range(4)]
+    assert chosen == [0.0, 0.2, 0.4, 0.4]  # 12 * 0.8 <= 10; 16 * 0.6 <= 10; 30: its fastest arm
+    paced.observe(0, Arm(0.0, 4), Outcome(-1.0, 0.0, None, 10.0, failed=True))  # out of memory
+    assert paced.choose(0, 0.0).ratio == 0.2
+
+
 def test_rewards_penalise_late_and_out_of_memory_tasks() -> None:
     model = tiny()
     strategy = strategy_for(model, importance="magnitude")  # no calibration round
@@ -628,6 +660,7 @@ def test_fedspine_run_exports_a_model_per_device(tmp_path: Path, tiny_config: An
         ["strategy.name=prune_then_tune"],
         ["strategy.name=fedmp"],
         ["strategy.name=fedspine", "strategy.fedspine.policy=pooled"],
+        ["strategy.name=fedspine", "strategy.fedspine.policy=paced", "scheduler.deadline_seconds=5"],
         ["strategy.name=fedspine", "strategy.fedspine.policy=oracle", "strategy.fedspine.importance=flap"],
         [
             "strategy.name=fedspine",
@@ -635,7 +668,7 @@ def test_fedspine_run_exports_a_model_per_device(tmp_path: Path, tiny_config: An
             "strategy.fedspine.importance=magnitude",
         ],
     ],
-    ids=["prune_then_tune", "fedmp", "pooled", "oracle-flap", "random-magnitude"],
+    ids=["prune_then_tune", "fedmp", "pooled", "paced-deadline", "oracle-flap", "random-magnitude"],
 )
 def test_every_pruning_strategy_and_policy_runs_from_the_cli(tmp_path: Path, overrides: list[str]) -> None:
     from fedspine.cli import app
@@ -718,3 +751,35 @@ def test_fedspines_downlink_costs_at_most_one_and_a_half_fedits(tiny_config: Any
         )
         sent[name] = run_experiment(cfg, tmp_path / name).summary.downlink_bytes
     assert sent["fedspine"] <= 1.5 * sent["fedit"] < sent["fedspine-exact"]
+
+
+def test_the_paced_policy_deploys_the_smallest_models_on_the_slowest_class(
+    tiny_config: Any, tmp_path: Path
+) -> None:
+    """End to end on the paper's three Jetson classes (TX2, Xavier NX, AGX Xavier, on Ethernet so that
+    compute sets the pace), every device in every round: the paced policy learns who is slow from the
+    tasks alone, the TX2s deploy the most pruned models and the AGX Xaviers the least; the summary
+    counts each class's tasks by status."""
+    from fedspine.config import FleetGroup
+
+    groups = [FleetGroup(c, 2, "ethernet") for c in ("jetson_tx2", "jetson_xavier_nx", "jetson_agx_xavier")]
+    cfg = replace(
+        tiny_config,
+        fleet=replace(tiny_config.fleet, groups=groups, jitter_scale=0.0),
+        strategy=replace(tiny_config.strategy, name="fedspine"),
+        scheduler=replace(tiny_config.scheduler, rounds=4, clients_per_round=6),
+        train=replace(tiny_config.train, local_steps=12),  # the tiny model's compute outweighs the link's
+    )
+    summary = run_experiment(cfg, tmp_path / "run").summary
+    assert summary.pruning is not None and summary.pruning["policy"] == "paced"
+    assert summary.device_models is not None
+    classes = {d["device_id"]: d["device_class"] for d in summary.devices}
+    ratios: dict[str, list[float]] = {}
+    for device, model in summary.device_models["devices"].items():
+        ratios.setdefault(classes[int(device)], []).append(model["ratio"])
+    mean = {c: sum(r) / len(r) for c, r in ratios.items()}
+    assert mean["jetson_tx2"] > mean["jetson_xavier_nx"] >= mean["jetson_agx_xavier"], mean
+    totals = summary.device_classes
+    assert totals is not None and set(totals) == set(classes.values())
+    assert all(row["devices"] == 2 and row["tasks"] == 8 for row in totals.values())
+    assert sum(row["ok"] for row in totals.values()) == summary.tasks["ok"]

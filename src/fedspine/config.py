@@ -480,8 +480,10 @@ class FedSpineSection:
     compensate: bool | Literal["auto"] = "auto"
     """FLAP's bias compensation: a pruned MLP channel's mean output (from the devices' measured mean
     inputs) is kept as a bias of down_proj. true needs importance = "flap"; "auto": on with flap."""
-    policy: Literal["pooled", "swucb", "fixed", "random", "oracle"] = "pooled"
-    """Who picks each device's (extra pruning, LoRA rank): a UCB bandit (pooled or per device), a baseline."""
+    policy: Literal["paced", "pooled", "swucb", "fixed", "random", "oracle"] = "paced"
+    """Who picks each device's (extra pruning, LoRA rank): paced (the least pruned arm the device's
+    observed speed keeps within the deadline, or the median device's time), a UCB bandit (pooled over the
+    fleet, or per device), or a baseline (fixed, random, oracle: reads the device profiles)."""
     extra_ratios: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2])
     """Arms prune the schedule's floor plus one of these (the target, plus these, once it is reached)."""
     ranks: list[int] = field(default_factory=lambda: [4, 8])

@@ -193,3 +193,5 @@ class TaskResult:
     status: TaskStatus
     seconds: float
     update: ClientUpdate | None
+    compute_seconds: float | None = None
+    """The part of ``seconds`` the device spent training, as it measured it (None: not reported)."""

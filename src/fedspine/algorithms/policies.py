@@ -5,9 +5,12 @@
   are played first (the most pruned, or with ``explore = "floor"`` the least pruned eligible one,
   lowest rank first); then the arm with the highest windowed
   mean reward plus ``c * sqrt(2 ln(min(t, W)) / n_W(a))``.
-* :class:`PooledUCB` (the default): the same reward, but an arm's quality is learned across the
+* :class:`PooledUCB`: the same reward, but an arm's quality is learned across the
   fleet and each device's time at any arm is predicted from its own observed speed, so a device's
   first tasks are not blind.
+* :class:`PacedPolicy` (the default): each device plays the least pruned arm its observed speed
+  predicts to keep the fleet's pace (the deadline, or the median device's time), the oracle's rule
+  without reading a profile.
 * :class:`FixedPolicy` (FedMP-like fixed ratios, and prune-then-tune), :class:`RandomPolicy`, and
   :class:`OraclePolicy`, which reads the device profiles through a time predictor.
 
@@ -29,6 +32,20 @@ from typing import Literal
 from fedspine.registry import Registry
 
 EPS = 1e-9
+SLACK = 0.05
+"""A device that cannot keep the pace plays its least pruned arm within this fraction of its fastest
+arm's time: pruning that saves less (a device held back by its link, not its compute) is not worth the
+model it removes."""
+
+
+def paced_choice(arms: Sequence[Arm], seconds: dict[Arm, float], pace: float) -> Arm:
+    """The least pruned arm (then the highest rank) whose ``seconds`` meet ``pace``; when none does, the
+    least pruned one within :data:`SLACK` of the fastest."""
+    meeting = [a for a in arms if seconds[a] <= pace * (1 + EPS)]
+    if not meeting:
+        fastest = min(seconds[a] for a in arms)
+        meeting = [a for a in arms if seconds[a] <= fastest * (1 + SLACK) + EPS]
+    return min(meeting, key=lambda a: (a.ratio, -a.rank))
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,8 @@ class Outcome:
         deadline: the round's deadline, or its median task time.
         failed: the task ran out of memory or missed the deadline.
         work: the task's training work relative to the dense model's at the largest rank (0: unknown).
+        compute_seconds: the part of ``seconds`` the device spent training, as it reported it (None:
+            not reported; then all of ``seconds`` is taken to scale with the work).
     """
 
     reward: float
@@ -51,6 +70,7 @@ class Outcome:
     deadline: float = 0.0
     failed: bool = False
     work: float = 0.0
+    compute_seconds: float | None = None
 
 
 @dataclass(frozen=True, order=True)
@@ -147,7 +167,8 @@ class OraclePolicy(Policy):
 
     The target time is the median, over devices, of the time of the least pruned lowest-rank arm, so
     that the slower half of the fleet prunes to keep up with the median device; each device plays its
-    least pruned arm (then the highest rank) that meets the target, else its fastest.
+    least pruned arm (then the highest rank) that meets the target, else its fastest
+    (:func:`paced_choice`).
     """
 
     name = "oracle"
@@ -170,11 +191,7 @@ class OraclePolicy(Policy):
         arms = self.eligible(floor)
         reference = min(arms, key=lambda a: (a.ratio, a.rank))
         target = statistics.median(self.predict(d, reference) for d in self.device_ids)
-        times = {a: self.predict(device_id, a) for a in arms}
-        meeting = [a for a in arms if times[a] <= target * (1 + EPS)]
-        if not meeting:
-            return min(arms, key=lambda a: (times[a], -a.rank))
-        return min(meeting, key=lambda a: (a.ratio, -a.rank))
+        return paced_choice(arms, {a: self.predict(device_id, a) for a in arms}, target)
 
 
 class SlidingWindowUCB(Policy):
@@ -232,6 +249,115 @@ class SlidingWindowUCB(Policy):
         }
 
 
+class ObservedSpeed:
+    """Each device's speed as the server observes it: a task takes ``fixed + per_work * work`` seconds,
+    with ``per_work`` the device's training seconds per unit of relative work and ``fixed`` the rest of
+    its task time (transfers, latency), each the median of its last ``window`` tasks; and the work of
+    the lightest arm that ran out of memory on it. The arm's relative work comes from the model's
+    shapes; no device profile is read. Without a reported training time the whole task time is taken
+    to scale with the work."""
+
+    def __init__(self, relative_work: Callable[[Arm], float], window: int) -> None:
+        self.work = relative_work
+        self.window = window
+        self.speed: dict[int, deque[float]] = {}
+        """Per device, observed training seconds per unit of relative work."""
+        self.fixed: dict[int, deque[float]] = {}
+        """Per device, observed task seconds that do not scale with the work."""
+        self.ceiling: dict[int, float] = {}
+        """Per device, the work of the lightest arm that ran out of memory."""
+
+    def known(self, device_id: int) -> bool:
+        """Whether the device has finished a task (its speed is measured)."""
+        return bool(self.speed.get(device_id))
+
+    def feasible(self, device_id: int, arms: list[Arm]) -> list[Arm]:
+        """``arms`` lighter than the device's out-of-memory ceiling (at least the lightest arm)."""
+        ceiling = self.ceiling.get(device_id, math.inf)
+        fits = [a for a in arms if self.work(a) < ceiling]
+        return fits or [min(arms, key=self.work)]
+
+    def seconds(self, device_id: int, arm: Arm) -> float | None:
+        """The device's predicted task time at ``arm``, None before its first task."""
+        if not self.speed.get(device_id):
+            return None
+        fixed = statistics.median(self.fixed[device_id]) if self.fixed.get(device_id) else 0.0
+        return fixed + statistics.median(self.speed[device_id]) * self.work(arm)
+
+    def observe(self, device_id: int, arm: Arm, outcome: Outcome) -> bool:
+        """Record the task's speed or its out-of-memory failure; False for a task that never ran."""
+        if outcome.failed and outcome.seconds <= 0:  # out of memory: never ran
+            self.ceiling[device_id] = min(self.ceiling.get(device_id, math.inf), self.work(arm))
+            return False
+        work = outcome.work if outcome.work > 0 else self.work(arm)
+        if outcome.seconds > 0:
+            compute = outcome.compute_seconds
+            if compute is None or not 0 < compute <= outcome.seconds:
+                compute = outcome.seconds  # not reported: all of it scales with the work
+            self.speed.setdefault(device_id, deque(maxlen=self.window)).append(compute / work)
+            self.fixed.setdefault(device_id, deque(maxlen=self.window)).append(outcome.seconds - compute)
+        return True
+
+
+class PacedPolicy(Policy):
+    """Each device keeps the fleet's pace with as much of the model as it can: it plays its least pruned
+    arm (then its highest rank) that its observed speed predicts to finish within the pace, else its
+    fastest arm (:func:`paced_choice`).
+
+    The pace is the round's deadline when there is one; otherwise the median, over the devices whose
+    speed is known, of their predicted time at the least pruned lowest-rank arm, so that the slower
+    half of the fleet prunes to keep up with the median device. This is :class:`OraclePolicy`'s rule
+    with each device's speed measured from its own tasks instead of read from its profile. A device
+    that has not finished a task plays its first arm (:attr:`Policy.explore`) to measure its speed.
+
+    What an arm trains is not estimated: keeping more of the model at a higher rank trains at least as
+    well, and a probe's quality from one device's data is too noisy to rank arms by (docs/results.md).
+    """
+
+    name = "paced"
+
+    def __init__(
+        self,
+        ratios: Sequence[float],
+        ranks: Sequence[int],
+        relative_work: Callable[[Arm], float],
+        window: int = 20,
+        deadline: float = 0.0,
+    ) -> None:
+        super().__init__(ratios, ranks)
+        if window < 1 or deadline < 0:
+            raise ValueError("window must be >= 1 and deadline >= 0")
+        self.observed = ObservedSpeed(relative_work, window)
+        self.deadline = deadline
+        """The rounds' deadline in seconds (0: none)."""
+
+    def predicted_seconds(self, device_id: int, arm: Arm) -> float | None:
+        return self.observed.seconds(device_id, arm)
+
+    def pace(self, arms: Sequence[Arm]) -> float | None:
+        """The time a task should take: the deadline, or the fleet's median at the least pruned
+        lowest-rank arm of ``arms`` (None while no device's speed is known)."""
+        if self.deadline > 0:
+            return self.deadline
+        reference = min(arms, key=lambda a: (a.ratio, a.rank))
+        times = [self.observed.seconds(d, reference) for d in self.observed.speed]
+        known = [t for t in times if t is not None]
+        return statistics.median(known) if known else None
+
+    def choose(self, device_id: int, floor: float) -> Arm:
+        arms = self.observed.feasible(device_id, self.eligible(floor))
+        pace = self.pace(self.eligible(floor))
+        if not self.observed.known(device_id) or pace is None:
+            return self.first(arms)
+        return paced_choice(arms, {a: self.observed.seconds(device_id, a) or 0.0 for a in arms}, pace)
+
+    def observe(self, device_id: int, arm: Arm, outcome: Outcome) -> None:
+        self.observed.observe(device_id, arm, outcome)
+
+    def state(self) -> dict[str, object]:
+        return {"seconds_per_work": {str(d): list(v) for d, v in sorted(self.observed.speed.items())}}
+
+
 class PooledUCB(Policy):
     """A UCB policy that shares what does not depend on the device, and predicts what does.
 
@@ -266,21 +392,12 @@ class PooledUCB(Policy):
         super().__init__(ratios, ranks)
         if window < 1 or c < 0:
             raise ValueError("window must be >= 1 and c >= 0")
-        self.work = relative_work
         self.window = window
         self.c = c
         self.quality: dict[Arm, deque[float]] = {}
         """Per arm, the normalised quality of the last ``window`` tasks that played it."""
-        self.speed: dict[int, deque[float]] = {}
-        """Per device, observed seconds per unit of relative work."""
-        self.ceiling: dict[int, float] = {}
-        """Per device, the work of the lightest arm that ran out of memory."""
+        self.observed = ObservedSpeed(relative_work, window)
         self.deadline = 0.0
-
-    def _feasible(self, device_id: int, arms: list[Arm]) -> list[Arm]:
-        ceiling = self.ceiling.get(device_id, math.inf)
-        fits = [a for a in arms if self.work(a) < ceiling]
-        return fits or [min(arms, key=self.work)]
 
     def quality_estimate(self, arm: Arm, bonus: bool) -> float:
         """The arm's mean quality, plus the UCB bonus when exploring; inf (exploring) or NaN (deploying)
@@ -297,9 +414,7 @@ class PooledUCB(Policy):
     def predicted_seconds(self, device_id: int, arm: Arm) -> float | None:
         """Device ``device_id``'s predicted task time at ``arm`` (its seconds per work x the arm's work),
         None before its first task."""
-        if not self.speed.get(device_id):
-            return None
-        return statistics.median(self.speed[device_id]) * self.work(arm)
+        return self.observed.seconds(device_id, arm)
 
     def score(self, device_id: int, arm: Arm, bonus: bool) -> float:
         """``Q * D / max(T, D)`` with the arm's estimated quality and the device's predicted time."""
@@ -312,8 +427,8 @@ class PooledUCB(Policy):
         return quality * cap / max(seconds, cap, EPS)
 
     def choose(self, device_id: int, floor: float) -> Arm:
-        arms = self._feasible(device_id, self.eligible(floor))
-        if not self.speed.get(device_id):
+        arms = self.observed.feasible(device_id, self.eligible(floor))
+        if not self.observed.known(device_id):
             return self.first(arms)
         untried = [a for a in arms if not self.quality.get(a)]
         if untried:
@@ -323,40 +438,38 @@ class PooledUCB(Policy):
     def observe(self, device_id: int, arm: Arm, outcome: Outcome) -> None:
         if outcome.deadline > 0:
             self.deadline = outcome.deadline
-        if outcome.failed and outcome.seconds <= 0:  # out of memory: never ran
-            self.ceiling[device_id] = min(self.ceiling.get(device_id, math.inf), self.work(arm))
+        if not self.observed.observe(device_id, arm, outcome):
             return
-        work = outcome.work if outcome.work > 0 else self.work(arm)
-        if outcome.seconds > 0:
-            self.speed.setdefault(device_id, deque(maxlen=self.window)).append(outcome.seconds / work)
         if outcome.quality is not None:
             self.quality.setdefault(arm, deque(maxlen=self.window)).append(outcome.quality)
 
     def best(self, device_id: int, floor: float) -> Arm:
         """The arm with the highest estimated reward for the device (arms nobody played are unknown)."""
-        arms = self._feasible(device_id, self.eligible(floor))
+        arms = self.observed.feasible(device_id, self.eligible(floor))
         known = [a for a in arms if self.quality.get(a)]
-        if not self.speed.get(device_id) or not known:
+        if not self.observed.known(device_id) or not known:
             return max(arms, key=lambda a: (a.ratio, -a.rank))
         return max(known, key=lambda a: (self.score(device_id, a, bonus=False), a.ratio, -a.rank))
 
     def state(self) -> dict[str, object]:
         return {
             "quality": {f"{a.ratio:g}/{a.rank}": list(v) for a, v in sorted(self.quality.items())},
-            "seconds_per_work": {str(d): list(v) for d, v in sorted(self.speed.items())},
+            "seconds_per_work": {str(d): list(v) for d, v in sorted(self.observed.speed.items())},
         }
 
 
 POLICIES: Registry[type[Policy]] = Registry("policy")
-for _cls in (FixedPolicy, RandomPolicy, OraclePolicy, SlidingWindowUCB, PooledUCB):
+for _cls in (FixedPolicy, RandomPolicy, OraclePolicy, SlidingWindowUCB, PooledUCB, PacedPolicy):
     POLICIES.register(_cls.name)(_cls)
 
 __all__ = [
     "POLICIES",
     "Arm",
     "FixedPolicy",
+    "ObservedSpeed",
     "OraclePolicy",
     "Outcome",
+    "PacedPolicy",
     "Policy",
     "PooledUCB",
     "RandomPolicy",

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
+from fedspine.types import TaskStatus
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -68,6 +70,9 @@ class Summary:
     """Every evaluation: ``round``, ``virtual_time``, ``metric``, ``value``, ``loss``."""
     devices: list[dict[str, Any]] = field(default_factory=list)
     """One entry per device: its totals, with a count for every task status."""
+    device_classes: dict[str, dict[str, int]] | None = None
+    """Per device class: ``devices``, ``tasks`` and a count for every task status summed over its
+    devices (:func:`class_totals`): how many of a class's tasks ended late or were dropped."""
     pruning: dict[str, Any] | None = None
     """What a pruning strategy evaluated and deployed (None for the others)."""
     executor: str | None = None
@@ -123,6 +128,24 @@ class Summary:
         fields["evaluations"] = fields["evaluations"] or []
         fields["devices"] = fields["devices"] or []
         return cls(**fields)
+
+
+STATUS_KEYS = tuple(status.value for status in TaskStatus)
+"""The task statuses a device entry counts."""
+
+
+def class_totals(devices: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per device class (sorted by name), its ``devices``, ``tasks`` and every status count, summed
+    over the ``devices`` entries of a summary."""
+    totals: dict[str, dict[str, int]] = {}
+    for device in devices:
+        row = totals.setdefault(
+            str(device.get("device_class", "unknown")), dict.fromkeys(("devices", "tasks", *STATUS_KEYS), 0)
+        )
+        row["devices"] += 1
+        for key in ("tasks", *STATUS_KEYS):
+            row[key] += int(device.get(key) or 0)
+    return dict(sorted(totals.items()))
 
 
 MAX_COUNT = 2**53
@@ -286,7 +309,7 @@ _DEVICE_ENTRY = _fields(
             ("compute_seconds", "communication_seconds", "downlink_seconds", "uplink_seconds"),
             _nullable(_seconds),
         ),
-        **dict.fromkeys(("ok", "late", "oom", "dropped", "cancelled", "rejected"), _nullable(_count)),
+        **dict.fromkeys(STATUS_KEYS, _nullable(_count)),
     },
     required=("device_id",),
 )
@@ -392,6 +415,7 @@ _OPTIONAL: dict[str, Check] = {
     "staleness": _nullable(_table(dict, _non_negative)),
     "evaluations": _nullable(_table(list, _EVALUATION)),
     "devices": _nullable(_table(list, _DEVICE_ENTRY)),
+    "device_classes": _nullable(_table(dict, _COUNTS)),
     "pruning": _nullable(_table(dict)),
     "device_models": _nullable(check_device_models),
     "federated": _nullable(_FEDERATED),

@@ -436,7 +436,7 @@ class Engine:
         self._count(o.status)
         self._count("uplink_bytes", o.uplink_bytes)
         cap = statistics.median(self.loop.recent_seconds) if self.loop.recent_seconds else 0.0
-        result = TaskResult(o.device.device_id, o.status, o.end_seconds, o.update)
+        result = TaskResult(o.device.device_id, o.status, o.end_seconds, o.update, o.compute_seconds)
         self.exp.strategy.end_round(self.loop.version, [result], cap)
 
     def _go_offline(self, device: int) -> None:
@@ -561,7 +561,10 @@ class Engine:
             self._record_task(round_no, start, o)
         exp.strategy.end_round(
             round_no,
-            [TaskResult(o.device.device_id, o.status, o.arrival_seconds, o.update) for o in outcomes],
+            [
+                TaskResult(o.device.device_id, o.status, o.arrival_seconds, o.update, o.compute_seconds)
+                for o in outcomes
+            ],
             self._rounds.deadline_seconds,
         )
         agg_seconds = self._aggregate(round_no, start + plan.close_seconds, accepted)

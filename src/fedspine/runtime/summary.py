@@ -10,7 +10,7 @@ import numpy as np
 from fedspine.algorithms.strategies import FedSpine
 from fedspine.metrics.records import DeviceStats, RoundRecord
 from fedspine.metrics.stats import time_to_target
-from fedspine.metrics.summary import Metric, Summary
+from fedspine.metrics.summary import Metric, Summary, class_totals
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.engine import RunState
 from fedspine.types import TaskStatus
@@ -64,6 +64,7 @@ def make_summary(
     run = experiment.settings
     nothing: dict[str, Any] = {"metric": experiment.objective.metric_name, "value": None, "loss": None}
     final = state.evaluations[-1] if state.evaluations else nothing  # no device ever answered
+    devices = _devices(experiment, state)
     return Summary(
         task=experiment.task_name,
         metric=Metric(final["metric"], final["value"], experiment.objective.higher_is_better),
@@ -95,7 +96,8 @@ def make_summary(
         updates=state.updates or None,
         staleness=_staleness(rounds),
         evaluations=state.evaluations,
-        devices=_devices(experiment, state),
+        devices=devices,
+        device_classes=class_totals(devices),
         pruning=_pruning(experiment),
         executor=executor,
         device_models=device_models,

@@ -28,10 +28,13 @@ Round t, for each selected device i:
 5. the global importance moves towards the devices' scores: ``I <- b I + (1 - b) I_obs`` on covered
    units, each device's scores rescaled so that their mean over its kept units equals ``I``'s there
    (importance scales differ between devices, only the order within a layer matters);
-6. the policy observes each device's reward ``Q * D / max(T, D)`` (``Q = exp(-loss)`` of the trained
-   submodel on held-out local data, divided by the round's mean: the quality of what the arm trains,
-   not how fast it recovered from its own pruning; ``T`` its task time; ``D`` the deadline, or the
-   round's median task time) or -1 for a task that ran out of memory or was late.
+6. the policy observes each task's time ``T`` (and the part the device spent training) and reward
+   ``Q * D / max(T, D)`` (``Q = exp(-loss)`` of the trained submodel on held-out local data, divided
+   by the round's mean: the quality of what the arm trains, not how fast it recovered from its own
+   pruning, 1 when the device held no batch out; ``D`` the deadline, or the round's median task time),
+   or -1 for a task that ran out of memory or was late. The default policy (``paced``) uses only the
+   times: each device plays the least pruned arm its measured speed keeps within the deadline, or
+   within the median device's time.
 
 Until the first importance scores arrive, devices train the dense model and measure importance (a
 calibration round): measured on SmolLM2-135M, pruning 30% by weight magnitude raised the held-out loss
@@ -517,13 +520,16 @@ class FedSpine(Strategy):
             work = self.relative_work(plan, arm.rank)
             if r.status in (TaskStatus.OOM, TaskStatus.LATE):
                 seconds = r.seconds if r.status != TaskStatus.OOM else 0.0
-                outcome = Outcome(-1.0, seconds, None, cap, failed=True, work=work)
-            elif r.update is None or r.update.probe_loss is None or mean_quality <= 0:
+                outcome = Outcome(-1.0, seconds, None, cap, True, work, r.compute_seconds)
+            elif r.status != TaskStatus.OK or r.update is None:
                 continue
-            else:
-                quality = math.exp(-r.update.probe_loss) / mean_quality
-                reward = quality * cap / max(r.seconds, cap, 1e-9)
-                outcome = Outcome(reward, r.seconds, quality, cap, work=work)
+            else:  # without a probe (too little local data to hold a batch out) only the time counts
+                probe = r.update.probe_loss
+                quality = math.exp(-probe) / mean_quality if probe is not None and mean_quality > 0 else None
+                reward = (1.0 if quality is None else quality) * cap / max(r.seconds, cap, 1e-9)
+                outcome = Outcome(
+                    reward, r.seconds, quality, cap, work=work, compute_seconds=r.compute_seconds
+                )
             self.policy.observe(r.device_id, arm, outcome)
             self.rewards.append(
                 {

@@ -14,6 +14,7 @@ from fedspine.algorithms.policies import (
     Arm,
     FixedPolicy,
     OraclePolicy,
+    PacedPolicy,
     Policy,
     PooledUCB,
     RandomPolicy,
@@ -70,7 +71,8 @@ def build_pruning_strategy(
     masks = PruningMasks(settings, shape, shapes, initial_scores, cfg.scheduler.rounds)
     predict = TimePredictor(masks, workloads, devices, cfg.train.local_steps)
     work = RelativeWork(masks, workloads, max(settings.ranks))
-    policy = build_policy(settings, cfg.run.seed, devices, device_lora, predict, work)
+    deadline = cfg.scheduler.deadline_seconds if cfg.scheduler.name == "sync" else 0.0
+    policy = build_policy(settings, cfg.run.seed, devices, device_lora, predict, work, deadline)
     return cls(cfg.strategy.weighting, masks, policy, work.of_plan)
 
 
@@ -107,8 +109,10 @@ def build_policy(
     device_lora: dict[int, DeviceLora],
     predict_seconds: Callable[[int, Arm], float],
     relative_work: Callable[[Arm], float],
+    deadline: float = 0.0,
 ) -> Policy:
-    """The (extra ratio, rank) policy of a pruning strategy (``settings`` with its preset applied).
+    """The (extra ratio, rank) policy of a pruning strategy (``settings`` with its preset applied);
+    ``deadline``: the synchronous rounds' deadline in seconds (0: none), the paced policy's pace.
 
     Arms' ratios are *extra* pruning beyond the schedule's floor (:meth:`PruningMasks.ratio_of`).
     """
@@ -127,6 +131,10 @@ def build_policy(
         return RandomPolicy(ratios, ranks, seed)
     if name == "oracle":
         return OraclePolicy(ratios, ranks, [d.device_id for d in devices], predict_seconds)
+    if name == "paced":
+        paced = PacedPolicy(ratios, ranks, relative_work, settings.window, deadline)
+        paced.explore = settings.explore
+        return paced
     bandit: Policy = (
         PooledUCB(ratios, ranks, relative_work, settings.window, settings.ucb_c)
         if name == "pooled"
