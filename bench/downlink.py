@@ -9,7 +9,7 @@ bound is 1.5).
 Usage:
     python bench/downlink.py                                # configs/default.toml
     python bench/downlink.py --config configs/fleet-paper.toml --rounds 10
-    python bench/downlink.py --config configs/fleet80.toml --rounds 10
+    python bench/downlink.py --config configs/fleet80.toml --rounds 10 --arms fedit fedspine
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/default.toml"))
     parser.add_argument("--rounds", type=int, default=0, help="rounds (0: the config's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=sorted(ARMS))
     args = parser.parse_args()
     print(host_line())
     common = [
@@ -47,16 +48,17 @@ def main() -> None:
         common.append(f"scheduler.rounds={args.rounds}")
     sent: dict[str, int] = {}
     for arm, overrides in ARMS.items():
+        if arm not in args.arms:
+            continue
         summary = run_summary(load_config(args.config, common + overrides))
         sent[arm] = int(summary["downlink_bytes"])
         tasks = sum(int(d["tasks"]) for d in summary["devices"])
         print(f"{arm:16s} {sent[arm] / 1e6:10.1f} MB  {sent[arm] / max(tasks, 1) / 1e6:8.3f} MB per task")
-    bounded, exact = sent["fedspine"] / sent["fedit"], sent["fedspine_exact"] / sent["fedit"]
-    print(f"FedSpine / FedIT: {bounded:.2f}x bounded adapter, {exact:.2f}x exact merges")
-    print(
-        f"RESULT config={args.config.stem} seed={args.seed} fedit_bytes={sent['fedit']} "
-        f"fedspine_ratio={bounded:.3f} exact_ratio={exact:.3f}"
-    )
+    ratios = {arm: sent[arm] / sent["fedit"] for arm in sent if arm != "fedit" and "fedit" in sent}
+    for arm, ratio in ratios.items():
+        print(f"{arm} / fedit: {ratio:.2f}x")
+    line = " ".join(f"{arm}_ratio={ratio:.3f}" for arm, ratio in ratios.items())
+    print(f"RESULT config={args.config.stem} seed={args.seed} fedit_bytes={sent.get('fedit', 0)} {line}")
 
 
 if __name__ == "__main__":

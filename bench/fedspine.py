@@ -19,11 +19,14 @@ share of each device class's tasks that ended late or dropped (a deadline's cost
 the RESULT line).
 
 ``--sweep fleet80`` reads ``bench/sweeps/fleet80.toml`` instead (FedIT and FedSpine on the 80-device
-fleet, 3 seeds) and prints the same figures for the arms it has.
+fleet, 3 seeds) and ``--sweep fleet-paper`` ``bench/sweeps/fleet-paper.toml`` (the paper's 80 Jetsons,
+8 arms with FedIT and FedSpine under a deadline, 5 seeds); each prints the same figures for the arms it
+has, and FedSpine with a deadline against FedIT with the same deadline.
 
 Usage:
     python bench/fedspine.py --workers 2              # 30 runs
     python bench/fedspine.py --sweep fleet80 --workers 2   # 6 runs on the 80-device fleet
+    python bench/fedspine.py --sweep fleet-paper --resume  # 40 runs on the paper's fleet
     python bench/fedspine.py --config configs/tiny.toml --quick --only fedit prune_then_tune fedspine
 """
 
@@ -122,7 +125,7 @@ def main() -> None:
     parser = sweep_parser(__doc__.splitlines()[0], "fedspine")
     parser.add_argument(
         "--sweep",
-        choices=("fedspine", "fleet80"),
+        choices=("fedspine", "fleet80", "fleet-paper"),
         default="fedspine",
         help="bench/sweeps/NAME.toml to run (default --out: runs/bench-NAME)",
     )
@@ -135,7 +138,7 @@ def main() -> None:
         line += interval_pairs("speedup_vs_fedit", paired["fedspine"].speedup, 3)
         line += interval_pairs("delta_vs_fedit", paired["fedspine"].final)
     runs = comparison.runs
-    for baseline in ("prune_then_tune", "fedmp"):
+    for baseline in ("prune_then_tune", "fedmp", "random", "oracle"):
         if "fedspine" in arms and baseline in arms:
             delta = paired_difference(per_seed(runs[baseline], final), per_seed(runs["fedspine"], final))
             line += interval_pairs(f"delta_vs_{baseline}", delta)
@@ -147,6 +150,16 @@ def main() -> None:
             per_seed(runs["fedit"], virtual_seconds), per_seed(runs["fedspine"], virtual_seconds)
         )
         line += interval_pairs("rounds_speedup_vs_fedit", rounds, 3)
+    if "fedspine_deadline" in runs and "fedit_deadline" in runs:
+        rounds = paired_ratio(
+            per_seed(runs["fedit_deadline"], virtual_seconds),
+            per_seed(runs["fedspine_deadline"], virtual_seconds),
+        )
+        line += interval_pairs("deadline_rounds_speedup", rounds, 3)
+        delta = paired_difference(
+            per_seed(runs["fedit_deadline"], final), per_seed(runs["fedspine_deadline"], final)
+        )
+        line += interval_pairs("deadline_delta", delta)
     if "fedspine" in runs:
         table = by_class(runs["fedspine"])
         print_by_class("fedspine", table)
