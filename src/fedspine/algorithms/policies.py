@@ -311,7 +311,7 @@ class PacedPolicy(Policy):
     that has not finished a task plays its first arm (:attr:`Policy.explore`) to measure its speed.
 
     What an arm trains is not estimated: keeping more of the model at a higher rank trains at least as
-    well, and a probe's quality from one device's data is too noisy to rank arms by (docs/results.md).
+    well, and a probe's quality from one device's data mixes the arm's effect with the device's data.
     """
 
     name = "paced"
