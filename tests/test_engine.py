@@ -15,6 +15,8 @@ from fedspine.metrics.records import RunRecorder, read_events
 from fedspine.model.footprint import ModelShape
 from fedspine.runtime.build import Experiment, build_experiment, build_fleet_from_config, check_fleet_fits
 from fedspine.runtime.engine import Engine
+from fedspine.runtime.simulated import SimulatedTransport
+from fedspine.runtime.tasks import Ended, Lost, RunningTask, TaskOutcome
 from tests.conftest import CONFIGS
 
 FAST = ["data.max_examples=600", "data.test_size=60", "train.local_steps=2", "eval.every=100"]
@@ -127,3 +129,48 @@ def test_a_model_too_big_for_the_fleet_is_rejected_before_its_weights_exist() ->
     ]
     with pytest.raises(FleetError, match="no device in the fleet can hold the model"):
         build_experiment(load_config(CONFIGS / "tiny.toml", [*FAST, *huge]))
+
+
+class _LostAfterTraining(SimulatedTransport):
+    """The simulated fleet, except that every device goes offline during its upload: each task
+    trains (its update exists on the device, a HetLoRA device may have shrunk its rank) and is lost."""
+
+    def __init__(self, exp: Experiment) -> None:
+        super().__init__(exp)
+        self.trained: list[int] = []
+
+    def _end(self, task: RunningTask) -> Ended:
+        o = task.outcome
+        if o.update is not None:
+            self.trained.append(o.update.lora_rank)
+        o.lose(o.downlink_seconds + o.compute_seconds + o.uplink_seconds / 2)
+        return task.start + o.end_seconds, Lost(task)
+
+
+def test_an_update_lost_on_its_way_never_reaches_the_server_checks_nor_changes_what_it_keeps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only an update that arrived and passed the checks may change what the server keeps about its
+    device (a HetLoRA device's lowered rank): one lost during its upload is never validated."""
+    exp = _experiment(
+        "strategy.name=hetlora",
+        "strategy.hetlora.prune_threshold=1e9",  # every device lowers its rank in every task
+        "scheduler.name=fedasync",
+        "scheduler.rounds=3",
+    )
+    checked: list[int] = []
+    validate = Engine.validate
+
+    def spy(self: Engine, outcome: TaskOutcome) -> None:
+        checked.append(outcome.device.device_id)
+        validate(self, outcome)
+
+    monkeypatch.setattr(Engine, "validate", spy)
+    transport = _LostAfterTraining(exp)
+    engine = Engine(exp, RunRecorder(tmp_path / "run"), transport)
+    before = dict(engine.device_lora)
+    state = engine.run()
+    assert state.updates["applied"] == 0 and state.updates["dispatched"] > 0
+    assert transport.trained and min(transport.trained) < max(lora.rank for lora in before.values())
+    assert checked == []
+    assert engine.device_lora == before

@@ -27,7 +27,8 @@ from fedspine.metrics.records import read_events as _all_events
 from fedspine.model.footprint import ModelShape
 from fedspine.model.pruning import LayerKeep
 from fedspine.runtime.build import build_experiment, check_config
-from fedspine.runtime.engine import Engine, TaskOutcome
+from fedspine.runtime.engine import Engine
+from fedspine.runtime.tasks import TaskOutcome
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
 from tests.conftest import CONFIGS, run_and_resume_from_first_checkpoint
 from tests.test_federated_eval import FAST as FEDERATED_FAST

@@ -122,7 +122,7 @@ def test_an_async_run_killed_with_sigkill_resumes_to_the_same_result(tmp_path: P
     out = tmp_path / "run"
     manifest = _sigkill_after_checkpoint(out, args, 2, name)
     state = (manifest.parent / "state.json").read_text()
-    assert "fedspine.runtime.transport:RunningTask" in state, "the checkpoint holds no task in flight"
+    assert "fedspine.runtime.tasks:RunningTask" in state, "the checkpoint holds no task in flight"
     result = CliRunner().invoke(cli, ["run", "--resume", str(out)])
     assert result.exit_code == 0, result.output
     assert_same_run(tmp_path / "full", out)

@@ -32,7 +32,6 @@ from fedspine.runtime.checkpoint import load_latest
 from fedspine.runtime.engine import Engine
 from fedspine.runtime.export import copy_device_models, export_models, record_hand_out
 from fedspine.runtime.lock import is_empty_run_dir, run_lock
-from fedspine.runtime.personal import from_devices as personal_from_devices
 from fedspine.runtime.summary import make_summary
 from fedspine.types import LoraState
 
@@ -196,11 +195,9 @@ def _execute(
         loop_seconds = time.perf_counter() - loop_started
         status("measuring and saving the device models")
         models = export_models(experiment, run_dir, state.personal)
-        handed = engine.transport.hand_out(engine, models)
+        handed = engine.hand_out(models)
         if handed:
             record_hand_out(run_dir, models, handed)
-        if engine.transport.devices_personalize and experiment.settings.personalize.method != "none":
-            state.personal = personal_from_devices(engine, handed)
     except BaseException:
         recorder.close()
         (run_dir / "FAILED").write_text("the run did not finish; see the error printed by fedspine\n")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +65,7 @@ class Timing:
     """Building the device's model and data in the fresh ClientApp process."""
 
 
-def arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+def arrays(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """An ArrayRecord holding ``tensors`` under their own keys."""
     return ArrayRecord({key: Array(t.detach().cpu().contiguous()) for key, t in tensors.items()})
 
@@ -140,7 +141,7 @@ def plan_from_json(text: str) -> PruningPlan | None:
         raise DeployError(f"task.plan is not a pruning plan: {exc}") from exc
 
 
-def task_record(task: ClientTask, base_delta: dict[str, torch.Tensor], sent_at: float) -> RecordDict:
+def task_record(task: ClientTask, base_delta: Mapping[str, torch.Tensor], sent_at: float) -> RecordDict:
     """The message content that asks a device to run ``task``."""
     content = RecordDict()
     content["lora"] = arrays(flatten_state(task.payload))

@@ -30,11 +30,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -70,8 +69,10 @@ from fedspine.fleet.cost import CostModel
 from fedspine.metrics.events import DeploymentEvent
 from fedspine.metrics.records import RunRecorder
 from fedspine.runtime.build import DeclaredData, Experiment
-from fedspine.runtime.engine import Engine, TaskOutcome
-from fedspine.runtime.transport import Admission, DeviceEvaluations, Events, RunningTask
+from fedspine.runtime.engine import Engine
+from fedspine.runtime.simulated import modelled_compute
+from fedspine.runtime.tasks import Arrive, Ended, RunningTask, TaskOutcome, count_upload
+from fedspine.runtime.transport import Admission, BaseDelta, DeviceEvaluations
 from fedspine.types import ClientTask, Device, DeviceLora, TaskStatus
 
 log = logging.getLogger("fedspine.deploy")
@@ -85,9 +86,9 @@ POLL_SECONDS = 0.05
 class FlowerLink:
     """Tasks to the devices' SuperNodes as Flower messages, and their replies back, on the wall clock.
 
-    A reply is untrusted until it has been decoded within its byte cap and passed the server's checks
-    (:meth:`Engine.validate`); whatever goes wrong on the way drops that task with the reason, never
-    the run, and changes nothing the server keeps.
+    A reply is untrusted until it has been decoded within its byte cap (here) and has passed the
+    server's checks (:meth:`Engine.validate`, when the engine takes the arrival); whatever goes wrong
+    on the way drops that task with the reason, never the run, and changes nothing the server keeps.
     """
 
     def __init__(
@@ -112,7 +113,7 @@ class FlowerLink:
         connected = set(self.grid.get_node_ids())
         return [d for d, node in sorted(self.nodes.items()) if node in connected]
 
-    def message(self, o: TaskOutcome, base_delta: dict[str, torch.Tensor], group: str) -> Message:
+    def message(self, o: TaskOutcome, base_delta: BaseDelta, group: str) -> Message:
         """The message carrying ``o``'s task (and the base change so far); records its bytes in ``o``."""
         assert o.task is not None
         content = task_record(o.task, base_delta, sent_at=0.0)  # stamped when pushed
@@ -127,7 +128,7 @@ class FlowerLink:
         return list(self.grid.push_messages(messages)), sent_at
 
     def receive(
-        self, engine: Engine, o: TaskOutcome, reply: Message, sent_at: float, arrived_at: float
+        self, exp: Experiment, o: TaskOutcome, reply: Message, sent_at: float, arrived_at: float
     ) -> None:
         """Decode one reply into ``o``: its update and its measured downlink / compute / uplink times."""
         task = o.task
@@ -139,7 +140,6 @@ class FlowerLink:
         if refusal is not None:
             self.drop(o, f"device refused: {refusal}", arrived_at - sent_at)
             return
-        exp = engine.exp
         try:
             update, timing = read_update(reply.content, task, max_reply_bytes(task, exp.shape))
             if update.wire is not None:
@@ -152,7 +152,7 @@ class FlowerLink:
         except Exception as exc:  # the trust boundary: no reply may end the run
             self.drop(o, f"malformed update: {exc}", arrived_at - sent_at)
             return
-        engine.count_upload(o, update)
+        count_upload(o, update)
         o.update = update
         o.extra.update(predicted_seconds(o))
         o.downlink_seconds = max(0.0, timing.received_at - sent_at)
@@ -163,8 +163,6 @@ class FlowerLink:
             train_seconds=update.host_train_seconds,
             message_bytes=sum(r.count_bytes() for r in reply.content.array_records.values()),
         )
-        engine.state.train_wall_seconds += update.host_train_seconds
-        engine.validate(o)
 
     @staticmethod
     def drop(o: TaskOutcome, reason: str, seconds: float, status: TaskStatus = TaskStatus.DROPPED) -> None:
@@ -199,41 +197,54 @@ class FlowerTransport:
 
     devices_personalize = True
 
-    def __init__(self, link: FlowerLink) -> None:
+    def __init__(self, link: FlowerLink, exp: Experiment) -> None:
         self.link = link
+        self.exp = exp
         self.unsent: list[tuple[RunningTask, Message]] = []
-        """Tasks launched since the engine last collected: pushed together by :meth:`collect`."""
+        """Tasks launched since the last :meth:`flush`, which pushes them together."""
         self.out: dict[str, tuple[RunningTask, float]] = {}
         """Message id -> the task it carries and when it was sent."""
 
-    def reachable(self, engine: Engine, round_no: int, start: float) -> list[int]:
+    def reachable(self, round_no: int, start: float) -> list[int]:
         return self.link.connected()
 
-    def admit(self, engine: Engine, device: Device, offer: int) -> Admission:
+    def admit(self, device: Device, offer: int, now: float) -> Admission:
         return "ok" if device.device_id in self.link.connected() else "offline"
 
-    def launch(self, engine: Engine, task: RunningTask, events: Events, train_now: bool) -> None:
-        message = self.link.message(task.outcome, engine.base_delta, str(task.version + 1))
-        self.unsent.append((task, message))
+    def fits(self, device: Device, peak_memory_bytes: int) -> bool:
+        return CostModel.for_device(device).fits(peak_memory_bytes)  # the class the operator declared
 
-    def deliver(self, engine: Engine, task: RunningTask) -> None:
+    def launch(self, task: RunningTask, base_delta: BaseDelta, train_now: bool) -> list[Ended]:
+        o = task.outcome
+        assert o.task is not None and o.prepared is not None
+        settings = self.exp.settings
+        _, personal = modelled_compute(
+            o.device, o.prepared, settings.seed, o.task.round, settings.jitter_scale
+        )
+        if personal is not None:  # what the personal adapter adds, as the cost model charges it
+            o.extra["personal_seconds"] = personal
+        self.unsent.append((task, self.link.message(o, base_delta, str(task.version + 1))))
+        return []
+
+    def deliver(self, task: RunningTask, mates: Sequence[RunningTask]) -> None:
         pass  # the update came with the reply
 
-    def flush(self, engine: Engine) -> None:
-        pass  # launched tasks go out together in collect()
-
-    def collect(self, engine: Engine, events: Events) -> bool:
-        if self.unsent:  # the tasks launched since the last call go out together, with one send time
+    def flush(self) -> list[Ended]:
+        if self.unsent:  # the tasks launched at one instant go out together, with one send time
             ids, sent_at = self.link.push([message for _, message in self.unsent])
             self.out.update((i, (task, sent_at)) for i, (task, _) in zip(ids, self.unsent, strict=True))
             self.unsent = []
+        return []  # their replies come back through poll()
+
+    def poll(self) -> tuple[list[Ended], bool]:
         if not self.out:
-            return False
+            return [], False
+        ended: list[Ended] = []
         for reply in self.link.grid.pull_messages(list(self.out)):
             entry = self.out.pop(reply.metadata.reply_to_message_id, None)
             if entry is not None:
-                self.link.receive(engine, entry[0].outcome, reply, entry[1], time.time())
-                events.push(self.link.elapsed(), ("arrive", entry[0]))
+                self.link.receive(self.exp, entry[0].outcome, reply, entry[1], time.time())
+                ended.append((self.link.elapsed(), Arrive(entry[0])))
         for message_id, (task, sent_at) in list(self.out.items()):
             waited = time.time() - sent_at
             if task.deadline and waited > task.deadline:
@@ -244,8 +255,8 @@ class FlowerTransport:
                 continue
             del self.out[message_id]
             self.link.drop(task.outcome, f"no reply within {limit:g} s", limit, status)
-            events.push(self.link.elapsed(), ("arrive", task))
-        return bool(self.out)
+            ended.append((self.link.elapsed(), Arrive(task)))
+        return ended, bool(self.out)
 
     def due(self, at: float) -> bool:
         return at <= self.link.elapsed()
@@ -260,10 +271,12 @@ class FlowerTransport:
         self.link.t0 = time.time() - now  # the wall clock goes on from the checkpoint's time
         return False  # replies to the interrupted ServerApp's messages never reach this one
 
-    def aggregation_seconds(self, engine: Engine, nbytes: int, wall_seconds: float) -> float:
+    def aggregation_seconds(self, nbytes: int, wall_seconds: float) -> float:
         return wall_seconds
 
-    def hand_out(self, engine: Engine, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    def hand_out(
+        self, version: int, base_delta: BaseDelta, manifest: dict[str, Any]
+    ) -> dict[int, dict[str, Any]]:
         """Send every connected device its final model (the global state, the base change, and its
         deployed plan); each builds it (its personal model with ``[personalize]``), saves it on the
         node, measures it and reports. A report whose parameter count is not the model's, a refusal,
@@ -272,7 +285,7 @@ class FlowerTransport:
         checked apart: a malformed one is left out with the reason (``personal_error``)."""
         expected = {m["dir"]: m["parameters"] for m in manifest["models"]}
         models = {int(d): entry["model"] for d, entry in manifest["devices"].items()}
-        limits, objective = self.link.eval_limits, engine.exp.objective
+        limits, objective = self.link.eval_limits, self.exp.objective
 
         def read(content: RecordDict, device: int) -> dict[str, Any]:
             report = read_model_report(content, device)
@@ -298,13 +311,13 @@ class FlowerTransport:
                     }
             return report
 
-        reports, failed = self._ask(engine, engine.loop.version, MODEL_ACTION, models, read, clusters=True)
+        reports, failed = self._ask(version, base_delta, MODEL_ACTION, models, read, clusters=True)
         for device, reason in failed.items():
             log.warning("final model of device %s: %s", device, reason)
             reports[device] = {"error": reason}
         return dict(sorted(reports.items()))
 
-    def evaluate_devices(self, engine: Engine, version: int) -> DeviceEvaluations:
+    def evaluate_devices(self, version: int, base_delta: BaseDelta) -> DeviceEvaluations:
         """Ask every connected device that holds out examples to evaluate global ``version`` (at its own
         plan) and wait for the answers, up to the link's timeout. A refusal, an error, a malformed
         answer or none leaves the device out of this evaluation, with the reason; it never ends the run."""
@@ -312,17 +325,17 @@ class FlowerTransport:
         devices = {d: "" for d, limit in limits.items() if limit >= 1}
 
         def read(content: RecordDict, device: int) -> Evaluation:
-            return read_evaluation(content, version, device, limits[device], engine.exp.objective)
+            return read_evaluation(content, version, device, limits[device], self.exp.objective)
 
-        evaluations, failed = self._ask(engine, version, MessageType.EVALUATE, devices, read)
+        evaluations, failed = self._ask(version, base_delta, MessageType.EVALUATE, devices, read)
         for device, reason in failed.items():
             log.warning("evaluation of version %s on device %s: %s", version, device, reason)
         return DeviceEvaluations(dict(sorted(evaluations.items())), failed)
 
     def _ask(
         self,
-        engine: Engine,
         version: int,
+        base_delta: BaseDelta,
         kind: str,
         devices: dict[int, str],
         read: Callable[[RecordDict, int], T],
@@ -333,7 +346,7 @@ class FlowerTransport:
         a ``kind`` message, and wait up to the link's timeout.
         Returns each answer ``read`` accepted, and why the others gave none (an error, a refusal,
         what ``read`` raised: the trust boundary, no answer may end the run; or no answer at all)."""
-        exp = engine.exp
+        exp = self.exp
         link, strategy = self.link, exp.strategy
         state = strategy.global_lora()
         rank = int(next(iter(state.values()))["A"].shape[0]) if state else 1
@@ -357,7 +370,7 @@ class FlowerTransport:
                 if clusters and exp.clusters is not None
                 else None,
             )
-            content = task_record(task, engine.base_delta, sent_at=time.time())
+            content = task_record(task, base_delta, sent_at=time.time())
             messages.append(Message(content, link.nodes[device], kind, group_id=f"{kind}-{version}"))
             asked[link.nodes[device]] = device
         answers: dict[int, T] = {}
@@ -511,7 +524,8 @@ def serve(grid: Grid, context: Context) -> RunResult:
         per_example = 1 if config.data.task == "classification" else config.data.max_length
         limits = {d: n * per_example for d, n in held.items()}
         recorder.event(DeploymentEvent({str(d): n for d, n in sorted(nodes.items())}, seconds, data))
-        return Engine(experiment, recorder, FlowerTransport(FlowerLink(grid, nodes, timeout, limits)))
+        link = FlowerLink(grid, nodes, timeout, limits)
+        return Engine(experiment, recorder, FlowerTransport(link, experiment))
 
     if resume:
         return resume_experiment(Path(out), engine=engine, executor="flower")

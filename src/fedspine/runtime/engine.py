@@ -38,20 +38,17 @@ steps, with the event loop in it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import statistics
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fedspine.algorithms.aggregate import aggregate
-from fedspine.algorithms.robust import clip, combine, corrupt
+from fedspine.algorithms.robust import clip, combine
 from fedspine.algorithms.schedulers import (
     Arrival,
     Cohort,
@@ -62,138 +59,35 @@ from fedspine.algorithms.schedulers import (
     TaskOrder,
 )
 from fedspine.algorithms.validation import check_update
-from fedspine.algorithms.wire import payload_bytes, update_payload_bytes
-from fedspine.client.evaluate import Evaluation, pooled
-from fedspine.fleet.cost import CostModel
-from fedspine.fleet.jitter import compute_slowdown, link_rate_factor
+from fedspine.algorithms.wire import payload_bytes
+from fedspine.client.evaluate import Evaluation
 from fedspine.metrics.events import (
     AggregationEvent,
-    EvaluationEvent,
-    FederatedEvaluationEvent,
     ServerStepEvent,
-    TaskEvent,
 )
-from fedspine.metrics.records import DeviceStats, RoundRecord, RunRecorder
+from fedspine.metrics.records import RoundRecord, RunRecorder
 from fedspine.runtime import checkpoint as checkpoints
 from fedspine.runtime.build import Experiment
-from fedspine.runtime.executor import PreparedTask, task_seed
-from fedspine.runtime.personal import personalize
-from fedspine.runtime.transport import DeviceEvaluations, Events, RunningTask, SimulatedTransport, Transport
-from fedspine.sim.clock import EventQueue, VirtualClock
+from fedspine.runtime.evaluation import Evaluator
+from fedspine.runtime.executor import task_seed
+from fedspine.runtime.ledger import Ledger
+from fedspine.runtime.personal import from_devices, personalize
+from fedspine.runtime.simulated import SimulatedTransport
+from fedspine.runtime.state import LoopState, OpenRound, RunState
+from fedspine.runtime.tasks import (
+    Arrive,
+    Ended,
+    Event,
+    Lost,
+    Online,
+    OpenCohort,
+    RunningTask,
+    TaskOutcome,
+    Timer,
+)
+from fedspine.runtime.transport import DeviceEvaluations, Transport
+from fedspine.sim.clock import VirtualClock
 from fedspine.types import ClientTask, ClientUpdate, Device, DeviceLora, LoraState, TaskResult, TaskStatus
-
-
-@dataclass
-class TaskOutcome:
-    """Virtual timing and result of one client task in a round (times relative to round start)."""
-
-    device: Device
-    status: TaskStatus
-    downlink_bytes: int
-    downlink_seconds: float = 0.0
-    compute_seconds: float = 0.0
-    uplink_seconds: float = 0.0
-    uplink_bytes: int = 0
-    update: ClientUpdate | None = None
-    prepared: PreparedTask | None = None
-    task: ClientTask | None = None
-    lost_seconds: float | None = None
-    """When the device went offline and lost the task (status ``dropped``)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Executor-specific fields recorded with the task (e.g. a deployment's measured timings)."""
-
-    @property
-    def arrival_seconds(self) -> float:
-        return self.downlink_seconds + self.compute_seconds + self.uplink_seconds
-
-    def lose(self, at_seconds: float) -> None:
-        """The device went offline ``at_seconds`` after the task started: the task ends there, lost."""
-        self.status, self.lost_seconds = TaskStatus.DROPPED, at_seconds
-        self.downlink_seconds = min(self.downlink_seconds, at_seconds)
-        self.compute_seconds = max(0.0, min(self.compute_seconds, at_seconds - self.downlink_seconds))
-        self.uplink_seconds = max(0.0, at_seconds - self.downlink_seconds - self.compute_seconds)
-        self.uplink_bytes, self.update = 0, None
-
-    @property
-    def end_seconds(self) -> float:
-        """When the task ended for the server: its arrival, or the moment it was lost."""
-        return self.lost_seconds if self.lost_seconds is not None else self.arrival_seconds
-
-
-@dataclass
-class RunState:
-    """What the engine accumulates while it runs."""
-
-    evaluations: list[dict[str, Any]] = field(default_factory=list)
-    train_wall_seconds: float = 0.0
-    eval_wall_seconds: float = 0.0
-    aggregation_wall_seconds: float = 0.0
-    device_stats: dict[int, DeviceStats] = field(default_factory=dict)
-    updates: dict[str, int] = field(default_factory=dict)
-    """Update accounting: dispatched, applied, unapplied_at_end."""
-    personal_seconds: dict[int, float] = field(default_factory=dict)
-    """Per device, the virtual seconds its personal adapter (``split``, ``clustered``) added to its
-    tasks."""
-    personal_bytes: dict[str, int] = field(default_factory=lambda: {"uplink": 0, "downlink": 0})
-    """Bytes the cluster adapters (``clustered``) added to the tasks' uplinks and downlinks."""
-    personal: dict[str, Any] | None = None
-    """The personal models' evaluation (:func:`~fedspine.runtime.personal.personalize`; None when the
-    devices hold no data out)."""
-    stalled: str | None = None
-    """Why the run stopped before its limits, when it could make no progress."""
-
-
-@dataclass
-class OpenRound:
-    """A synchronous round whose cohort is out."""
-
-    round: int
-    start: float
-    outcomes: list[TaskOutcome]
-    """Every selected device's task, in selection order (those that did not fit in memory too)."""
-    out: set[int] = field(default_factory=set)
-    """Ids of the launched tasks that have not ended yet."""
-    arrivals: list[float] = field(default_factory=list)
-    """Seconds after ``start`` of the round's valid arrivals so far."""
-
-
-@dataclass
-class LoopState:
-    """Everything the event loop keeps between two events; a checkpoint saves it with the run."""
-
-    queue: Events = field(default_factory=EventQueue)
-    """Pending arrivals, losses, scheduler timers, devices coming back online and cohorts."""
-    version: int = 0
-    """Server steps taken: the global version (synchronous: rounds done)."""
-    applied: int = 0
-    dispatched: int = 0
-    running: dict[int, RunningTask] = field(default_factory=dict)
-    round: OpenRound | None = None
-    """The synchronous round in progress."""
-    arrived: dict[int, tuple[RunningTask, ClientUpdate]] = field(default_factory=dict)
-    """Arrived updates the scheduler has not applied yet, by task id."""
-    busy: set[int] = field(default_factory=set)
-    offline: set[int] = field(default_factory=set)
-    """Devices waiting for their trace to bring them back online."""
-    declined: set[int] = field(default_factory=set)
-    """Devices that declined an offer: offered work again after an aggregation, or when idle."""
-    failed: set[int] = field(default_factory=set)
-    """Devices whose task did not fit in memory: offered work again after an aggregation."""
-    offers: dict[int, int] = field(default_factory=dict)
-    """Offers made to each device so far (keys its next task's batches and draws)."""
-    momentum: LoraState | None = None
-    recent_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=20))
-    since: dict[str, float] = field(default_factory=dict)
-    """Counts since the last server step, for its record."""
-    last_aggregation_end: float = 0.0
-    last_evaluated: int = -1
-    checkpointed: int = 0
-    """The version of the newest checkpoint."""
-    fruitless: dict[int, int] = field(default_factory=dict)
-    """Per device, its tasks that ended without an update (rejected, lost, out of memory) since the
-    last update arrived from any device: an asynchronous run whose every task fails would otherwise
-    offer new ones forever."""
-
 
 STALL_TASKS_PER_DEVICE = 5
 """An asynchronous run stops once every device has ended this many tasks without an update since
@@ -214,7 +108,7 @@ class Engine:
     ) -> None:
         self.exp = experiment
         self.recorder = recorder
-        self.transport: Transport = transport or SimulatedTransport()
+        self.transport: Transport = transport or SimulatedTransport(experiment)
         self.clock = VirtualClock()
         self.state = RunState()
         self.seed = experiment.settings.seed
@@ -225,9 +119,21 @@ class Engine:
         self._loop: LoopState | None = None
         """None until the run starts, or until :meth:`restore` brings back a checkpoint's."""
         self.on_round: ProgressCallback | None = None
-        self._device_answers: tuple[int, DeviceEvaluations] | None = None
-        """The newest federated evaluation's answers, with the global version they evaluated."""
+        self._bind()
         self.total_weight = sum(self._device_weight(d.device_id) for d in experiment.devices)
+
+    def _bind(self) -> None:
+        """The parts that write into the run's state (again after a restore replaced it)."""
+        self.ledger = Ledger(self.recorder, self.state)
+        self.evaluator = Evaluator(self.exp, self.transport, self.recorder, self.state)
+
+    def _evaluate(self, version: int) -> Evaluation | None:
+        return self.evaluator.evaluate(version, self.clock.now, self.base_delta)
+
+    def device_evaluations(self, version: int) -> DeviceEvaluations:
+        """The devices' evaluations of global ``version`` (loaded in the executor) on their held-out
+        data: asked of the transport once per version."""
+        return self.evaluator.devices(version, self.base_delta)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -245,13 +151,13 @@ class Engine:
         if self._loop is None:
             self._start_loop()
         loop = self.loop
-        while not self._done() and not self._stalled() and self._next_event(loop.queue):
-            at, (kind, payload) = loop.queue.pop()
+        while not self._done() and not self._stalled() and self._next_event():
+            at, event = loop.queue.pop()
             if self._time_limit() and at > self._time_limit():
                 break
             if loop.round is None:  # a round's events happen inside it: its close sets the clock
                 self.clock.advance_to(max(at, self.clock.now))
-            self._handle(kind, payload)
+            self._handle(event)
             self._after_event()
             if not len(loop.queue) and not loop.running and loop.declined:
                 self._offer_again(failed=False)  # nothing else can happen: ask those who declined again
@@ -277,17 +183,27 @@ class Engine:
         rank = max(lora.rank for lora in self.device_lora.values())
         exp.strategy.init_global(exp.module_shapes, rank, torch.Generator().manual_seed(self.seed))
 
-    def _next_event(self, events: Events) -> bool:
+    def _next_event(self) -> bool:
         """Whether an event is due, after waiting for one while the transport has tasks out (a
         deployment); False when none can come."""
         while True:
-            waiting = self.transport.collect(self, events)
-            at = events.peek_time()
+            waiting = self._collect()
+            at = self.loop.queue.peek_time()
             if at is not None and self.transport.due(at):
                 return True
             if at is None and not waiting:
                 return False
             self.transport.wait()
+
+    def _collect(self) -> bool:
+        """Queue the task ends the transport has learnt of; whether it still has tasks out."""
+        ended, waiting = self.transport.poll()
+        self._queue(ended)
+        return waiting
+
+    def _queue(self, ended: list[Ended]) -> None:
+        for at, event in ended:
+            self.loop.queue.push(at, event)
 
     # --- checkpoints -----------------------------------------------------------------------------
 
@@ -338,35 +254,36 @@ class Engine:
         self.clock.advance_to(engine["clock"])
         self.device_lora = engine["device_lora"]
         self.state = engine["state"]
+        self._bind()
         self._loop = engine["loop"]
         if self.transport.resume_at(self.clock.now):
             return
         now, loop = self.clock.now, self.loop
-        queued = {item[1].task_id for item in loop.queue.items() if item[0] in ("arrive", "lost")}
+        queued = {e.task.task_id for e in loop.queue.items() if isinstance(e, Arrive | Lost)}
         for task in sorted(loop.running.values(), key=lambda t: t.task_id):
             if task.task_id in queued:
                 continue
             task.outcome.lose(max(0.0, now - task.start))
             task.outcome.extra["reason"] = "the server restarted; the task went to the interrupted run"
-            loop.queue.push(now, ("arrive", task))
+            loop.queue.push(now, Arrive(task))
 
     # --- events ----------------------------------------------------------------------------------
 
-    def _handle(self, kind: str, payload: Any) -> None:
+    def _handle(self, event: Event) -> None:
         now = self.clock.now
-        if kind == "cohort":
-            self._open_round(payload)
-            return
-        if kind == "arrive":
-            steps = self._arrive(payload)
-        elif kind == "lost":
-            steps = self._lost(payload)
-        elif kind == "timer":
-            steps = self.scheduler.on_timer(now, payload)
-        else:  # "online"
-            self.loop.offline.discard(payload)
-            self.scheduler.on_available(now, payload)
-            steps = []
+        steps: list[ServerStep] = []
+        match event:
+            case OpenCohort(order):
+                self._open_round(order)
+            case Arrive(task):
+                steps = self._arrive(task)
+            case Lost(task):
+                steps = self._lost(task)
+            case Timer(key):
+                steps = self.scheduler.on_timer(now, key)
+            case Online(device):
+                self.loop.offline.discard(device)
+                self.scheduler.on_available(now, device)
         for step in steps:
             self._apply(step)
             if self._done():
@@ -377,9 +294,9 @@ class Engine:
             return
         self._dispatch(self.scheduler.orders(self.clock.now, self.loop.version))
         self._fill()
-        self.transport.flush(self)  # every task of this instant is launched: train them together
+        self._queue(self.transport.flush())  # this instant's tasks are launched: send (train) them together
         for at, key in self.scheduler.take_timers():
-            self.loop.queue.push(at, ("timer", key))
+            self.loop.queue.push(at, Timer(key))
 
     def _arrive(self, task: RunningTask) -> list[ServerStep]:
         """A task's reply reached the server (with an update, or without one when the server's checks
@@ -390,13 +307,15 @@ class Engine:
         if cohort is not None:
             if o.status == TaskStatus.OK:
                 if self._rounds.admits(o.arrival_seconds, cohort.arrivals):
-                    self.transport.deliver(self, task)
+                    self.transport.deliver(task, self._mates(cohort, o))
+                    self._receive(o)
                     if o.status == TaskStatus.OK:
                         cohort.arrivals.append(o.arrival_seconds)
                 else:
                     o.status = TaskStatus.LATE
             self._end_in_round(cohort, task)
             return []
+        self._receive(o)
         self._end_task(task)
         if o.update is None:
             return self.scheduler.on_lost(self.clock.now, device)
@@ -427,7 +346,7 @@ class Engine:
     def _end_task(self, task: RunningTask) -> None:
         """Record a task outside a round as it ends, and tell the strategy."""
         o = task.outcome
-        self._record_task(task.version, task.start, o, task_id=task.task_id)
+        self.ledger.task(task.version, task.start, o, task_id=task.task_id)
         fruitless = self.loop.fruitless
         if o.update is not None:
             fruitless.clear()
@@ -443,7 +362,7 @@ class Engine:
         self.loop.offline.add(device)
         back = self.exp.trace.next_change(device, self.clock.now)
         if back != float("inf"):
-            self.loop.queue.push(back, ("online", device))
+            self.loop.queue.push(back, Online(device))
 
     # --- dispatch --------------------------------------------------------------------------------
 
@@ -463,7 +382,7 @@ class Engine:
     def _dispatch(self, orders: Sequence[Order]) -> None:
         for order in orders:
             if isinstance(order, Cohort):  # opened as an event, so a checkpoint can come before it
-                self.loop.queue.push(self.clock.now, ("cohort", order))
+                self.loop.queue.push(self.clock.now, OpenCohort(order))
             else:
                 self._start(order)
 
@@ -472,7 +391,7 @@ class Engine:
         device = self.exp.devices[order.device_id]
         d = device.device_id
         offer = self.loop.offers[d] = self.loop.offers.get(d, 0) + 1
-        reach = self.transport.admit(self, device, offer)
+        reach = self.transport.admit(device, offer, now)
         if reach != "ok":
             if reach == "offline":
                 self._go_offline(d)
@@ -492,7 +411,7 @@ class Engine:
             return
         self.loop.busy.add(d)
         self.loop.running[task_id] = task
-        self.transport.launch(self, task, self.loop.queue, train_now=True)
+        self._queue(self.transport.launch(task, self.base_delta, train_now=True))
         self._count("downlink_bytes", outcome.downlink_bytes)
 
     def _decline(self, device: int) -> None:
@@ -523,22 +442,19 @@ class Engine:
         exp, loop, round_no = self.exp, self.loop, order.round
         self.clock.advance_to(self.transport.present(self.clock.now))  # a wall clock ran on
         start = self.clock.now
-        online = self.transport.reachable(self, round_no, start)
+        online = self.transport.reachable(round_no, start)
         selected = self._rounds.select(online, random.Random(task_seed(self.seed, round_no)))
         exp.strategy.begin_round(round_no, selected)
         outcomes = [self._prepare(round_no, exp.devices[d]) for d in selected]
         cohort = loop.round = OpenRound(round_no, start, outcomes)
-        runnable = sorted(
-            (o for o in outcomes if o.status == TaskStatus.OK),
-            key=lambda o: (o.arrival_seconds, o.device.device_id),
-        )
+        runnable = [o for o in outcomes if o.status == TaskStatus.OK]
         loop.dispatched += len(outcomes) - len(runnable)  # out of memory: never sent
         for o in runnable:
             task = RunningTask(loop.dispatched, o, round_no - 1, start, self._rounds.deadline_seconds)
             loop.dispatched += 1
             loop.running[task.task_id] = task
             cohort.out.add(task.task_id)
-            self.transport.launch(self, task, loop.queue, train_now=False)
+            self._queue(self.transport.launch(task, self.base_delta, train_now=False))
         if not cohort.out:
             self._close_round(cohort)
 
@@ -558,7 +474,7 @@ class Engine:
                 o.status = TaskStatus.LATE
         accepted = [o for d in plan.accepted for o in outcomes if o.device.device_id == d]
         for o in outcomes:
-            self._record_task(round_no, start, o)
+            self.ledger.task(round_no, start, o)
         exp.strategy.end_round(
             round_no,
             [
@@ -572,7 +488,8 @@ class Engine:
         self.loop.version += 1
         self.loop.applied += len(accepted)
         self.loop.last_aggregation_end = self.clock.now
-        self._conclude(self._round_record(round_no, start, outcomes, accepted, agg_seconds))
+        record = Ledger.round_record(round_no, start, self.clock.now, outcomes, accepted, agg_seconds)
+        self._conclude(record)
 
     # --- server steps ----------------------------------------------------------------------------
 
@@ -605,7 +522,10 @@ class Engine:
         start = self.loop.last_aggregation_end
         self.clock.advance_to(self.clock.now + agg_seconds)
         self.loop.last_aggregation_end = self.clock.now
-        record = self._step_record(accepted, agg_seconds, start, staleness)
+        since, self.loop.since = self.loop.since, {}
+        record = Ledger.step_record(
+            self.loop.version, start, self.clock.now, accepted, agg_seconds, staleness, since
+        )
         self.recorder.event(
             ServerStepEvent(self.loop.version, [a.task_id for a in step.arrivals], staleness, lr)
         )
@@ -673,7 +593,7 @@ class Engine:
             task.outcome.status = TaskStatus.CANCELLED
             task.outcome.lost_seconds = max(0.0, self.clock.now - task.start)
             task.outcome.update = None
-            self._record_task(task.version, task.start, task.outcome, task_id=task.task_id)
+            self.ledger.task(task.version, task.start, task.outcome, task_id=task.task_id)
         self.loop.running.clear()
         self.state.updates = {
             "dispatched": self.loop.dispatched,
@@ -683,8 +603,30 @@ class Engine:
         if self.loop.last_evaluated != self.loop.version or not self.state.evaluations:
             self._evaluate(self.loop.version)
         wall = time.perf_counter()
-        self.state.personal = personalize(self)
+        self.state.personal = self._personalize()
         self.state.eval_wall_seconds += time.perf_counter() - wall
+
+    def _personalize(self) -> dict[str, Any] | None:
+        """In simulation, every device's personal model, built and evaluated beside the global one (the
+        summary's ``personal`` part); None when the devices hold no data out, or when they build theirs
+        as they receive their final model (a deployment: :meth:`hand_out`)."""
+        exp = self.exp
+        if not exp.local_tests or (
+            exp.settings.personalize.method != "none" and self.transport.devices_personalize
+        ):
+            return None
+        exp.executor.load_global(exp.strategy.global_lora())
+        global_models = self.device_evaluations(self.loop.version).evaluations
+        return personalize(exp, global_models, self.state, self.recorder)
+
+    def hand_out(self, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """Give every device its final model (``manifest``: the run's device models) through the
+        transport; what each device reports about it. Where the devices build their personal models
+        themselves, their reports become the summary's ``personal`` part."""
+        reports = self.transport.hand_out(self.loop.version, self.base_delta, manifest)
+        if self.transport.devices_personalize and self.exp.settings.personalize.method != "none":
+            self.state.personal = from_devices(self.exp, self.state, self.recorder, reports)
+        return reports
 
     def _device_weight(self, device_id: int) -> float:
         if self.exp.strategy.weighting == "samples":
@@ -696,7 +638,7 @@ class Engine:
     def _prepare(
         self, round_no: int, device: Device, steps: int | None = None, task_key: int | None = None
     ) -> TaskOutcome:
-        """Draw the batches, check memory, then get the starting adapter and charge the downlink.
+        """Draw the batches, check memory, then get the starting adapter and count the downlink.
 
         ``round_no`` is the round (or the global version being built) the strategy sees;
         ``task_key`` (default: ``round_no``) keys the task's batches and random draws, so an
@@ -710,8 +652,7 @@ class Engine:
         steps = steps or exp.settings.local_steps
         prepared = exp.executor.prepare(key, device, lora, steps, assignment.plan)
         outcome = TaskOutcome(device, TaskStatus.OK, 0, prepared=prepared)
-        cost = CostModel.for_device(device)
-        if not cost.fits(prepared.workload.peak_memory_bytes):
+        if not self.transport.fits(device, prepared.workload.peak_memory_bytes):
             outcome.status = TaskStatus.OOM  # never dispatched: nothing is downloaded or trained
             return outcome
         generator = torch.Generator().manual_seed(task_seed(self.seed, key, device.device_id, 2))
@@ -732,91 +673,41 @@ class Engine:
             clusters=clusters,
         )
         outcome.downlink_bytes = outcome.task.downlink_bytes
-        rate = link_rate_factor(device, self.seed, key, "down")
-        outcome.downlink_seconds = cost.transfer_seconds(outcome.downlink_bytes, "down", rate)
-        slowdown = compute_slowdown(device, self.seed, key, exp.settings.jitter_scale)
-        outcome.compute_seconds = cost.train_seconds(prepared.workload, slowdown)
-        if prepared.without_personal is not None:
-            shared = cost.train_seconds(prepared.without_personal, slowdown)
-            outcome.extra["personal_seconds"] = outcome.compute_seconds - shared
         if clusters is not None:
             outcome.extra["cluster_downlink_bytes"] = cluster_bytes
         return outcome
 
-    def train(self, outcome: TaskOutcome) -> None:
-        """Train ``outcome``'s task on the host, as its device would, and check the update."""
-        assert outcome.prepared is not None and outcome.task is not None
-        self._trained(outcome, self.exp.executor.run(outcome.task, outcome.prepared))
-
-    def train_together(self, outcomes: Sequence[TaskOutcome]) -> None:
-        """Train tasks that start from the same base in one batch (``executor.batch_clients``), then
-        handle each update as :meth:`train` does, in the order given."""
-        tasks, prepared = [], []
-        for o in outcomes:
-            assert o.task is not None and o.prepared is not None
-            tasks.append(o.task)
-            prepared.append(o.prepared)
-        updates = self.exp.executor.run_many(tasks, prepared)
-        for outcome, update in zip(outcomes, updates, strict=True):
-            self._trained(outcome, update)
-
-    def batch_with(self, first: TaskOutcome) -> list[TaskOutcome]:
-        """``first`` (the round's next arrival) and the tasks to train in one batch with it: the other
-        tasks of its round that will be aggregated unless an update is rejected — still out, not lost,
+    def _mates(self, cohort: OpenRound, first: TaskOutcome) -> list[RunningTask]:
+        """The tasks of ``first``'s round to train in one batch with it (``first`` is the round's next
+        arrival): those that will be aggregated unless an update is rejected — still out, not lost,
         within the deadline, the earliest arrivals up to the round's k. A later one, admitted after a
-        rejection, trains alone when it arrives, as it would one by one. Only ``first`` outside a round
-        or when the executor trains one task at a time."""
-        cohort = self.loop.round
-        if not self.exp.executor.trains_together or cohort is None:
-            return [first]
+        rejection, trains alone when it arrives, as it would one by one."""
         deadline = self._rounds.deadline_seconds
         waiting = sorted(
             (
-                o
-                for o in (self.loop.running[t].outcome for t in cohort.out if t in self.loop.running)
-                if o is not first
-                and o.status == TaskStatus.OK
-                and o.update is None
-                and o.lost_seconds is None
-                and (deadline <= 0 or o.arrival_seconds <= deadline)
+                task
+                for task in (self.loop.running[t] for t in cohort.out if t in self.loop.running)
+                if task.outcome is not first
+                and task.outcome.status == TaskStatus.OK
+                and task.outcome.update is None
+                and task.outcome.lost_seconds is None
+                and (deadline <= 0 or task.outcome.arrival_seconds <= deadline)
             ),
-            key=lambda o: (o.arrival_seconds, o.device.device_id),
+            key=lambda task: (task.outcome.arrival_seconds, task.outcome.device.device_id),
         )
         places = self._rounds.clients_per_round - len(cohort.arrivals)
-        return [first, *waiting][: max(places, 1)]
+        return waiting[: max(places, 1) - 1]
 
-    def _trained(self, outcome: TaskOutcome, update: ClientUpdate) -> None:
-        """Take a trained update through the device's attack and uplink, then the server's checks."""
-        assert outcome.task is not None
-        attack = self.exp.settings.attack
-        if attack.kind != "none" and update.device_id in attack.devices:
-            update = corrupt(update, outcome.task.payload, attack.kind, attack.factor)
-        if self.exp.uplink is not None:
-            draws = torch.Generator().manual_seed(
-                task_seed(self.seed, outcome.task.round, update.device_id, 4)
-            )
-            update = self.exp.uplink.transmit(update, outcome.task.payload, draws)
+    def _receive(self, outcome: TaskOutcome) -> None:
+        """A task's reply is in: note the host's training time, and check its update."""
+        update = outcome.update
+        if update is None:
+            return
         self.state.train_wall_seconds += update.host_train_seconds
-        self.count_upload(outcome, update)
-        device = outcome.device
-        rate = link_rate_factor(device, self.seed, update.round, "up")
-        outcome.uplink_seconds = CostModel.for_device(device).transfer_seconds(
-            update.uplink_bytes, "up", rate
-        )
-        outcome.update = update
         self.recorder.host_timing(
-            "train", round=update.round, device_id=device.device_id, seconds=update.host_train_seconds
+            "train", round=update.round, device_id=update.device_id, seconds=update.host_train_seconds
         )
         self.validate(outcome)
-
-    def count_upload(self, outcome: TaskOutcome, update: ClientUpdate) -> None:
-        """Record the size of ``update``'s upload on it and on ``outcome``, with a cluster adapter's share
-        (``clustered``) and the cluster it trained recorded apart."""
-        update.uplink_bytes = outcome.uplink_bytes = update_payload_bytes(update)
-        if update.cluster_state is not None:
-            alone = update_payload_bytes(dataclasses.replace(update, cluster=None, cluster_state=None))
-            outcome.extra["cluster"] = update.cluster
-            outcome.extra["cluster_uplink_bytes"] = update.uplink_bytes - alone
 
     def validate(self, outcome: TaskOutcome) -> None:
         """Reject (never aggregate) an update that fails the server's checks; log and record why.
@@ -867,7 +758,7 @@ class Engine:
             self._merge_base(delta)
         wall = time.perf_counter() - wall
         self.state.aggregation_wall_seconds += wall
-        seconds = self.transport.aggregation_seconds(self, nbytes, wall) if updates else 0.0
+        seconds = self.transport.aggregation_seconds(nbytes, wall) if updates else 0.0
         self.recorder.event(AggregationEvent(round_no, start, start + seconds, seconds, len(updates), nbytes))
         return seconds
 
@@ -886,176 +777,3 @@ class Engine:
         self.exp.executor.merge_into_base(delta)
         for key, value in delta.items():
             self.base_delta[key] = self.base_delta.get(key, torch.zeros_like(value)) + value
-
-    # --- records ---------------------------------------------------------------------------------
-
-    def _record_task(self, round_no: int, start: float, o: TaskOutcome, **extra: Any) -> None:
-        prepared = o.prepared
-        workload = prepared.workload if prepared else None
-        event = TaskEvent(
-            detail={**o.extra, **extra},
-            round=round_no,
-            device_id=o.device.device_id,
-            device_class=o.device.device_class.name,
-            network=o.device.network.name,
-            status=o.status,
-            virtual_start=start,
-            virtual_end=start + o.end_seconds,
-            downlink_seconds=o.downlink_seconds,
-            compute_seconds=o.compute_seconds,
-            uplink_seconds=o.uplink_seconds,
-            downlink_bytes=o.downlink_bytes,
-            uplink_bytes=o.uplink_bytes,
-            tokens=workload.tokens if workload else 0,
-            num_samples=prepared.num_samples if prepared else 0,
-            local_steps=len(prepared.batches) if prepared else 0,
-            lora_rank=prepared.lora.rank if prepared else 0,
-            pruning_ratio=o.task.pruning_ratio if o.task else 0.0,
-            train_loss=o.update.train_loss if o.update else None,
-            peak_memory_bytes=workload.peak_memory_bytes if workload else 0,
-        )
-        self.recorder.event(event)
-        self._device_stats(o)
-
-    def _device_stats(self, o: TaskOutcome) -> None:
-        device = o.device
-        stats = self.state.device_stats.setdefault(
-            device.device_id, DeviceStats(device.device_id, device.device_class.name, device.network.name)
-        )
-        communication = o.downlink_seconds + o.uplink_seconds
-        stats.add_task(o.status, o.compute_seconds, communication, o.uplink_bytes, o.downlink_bytes)
-        if "personal_seconds" in o.extra and o.compute_seconds > 0:
-            seconds = self.state.personal_seconds
-            seconds[device.device_id] = seconds.get(device.device_id, 0.0) + o.extra["personal_seconds"]
-        for direction in ("downlink", "uplink"):
-            self.state.personal_bytes[direction] += o.extra.get(f"cluster_{direction}_bytes", 0)
-
-    def _round_record(
-        self,
-        round_no: int,
-        start: float,
-        outcomes: list[TaskOutcome],
-        accepted: list[TaskOutcome],
-        agg_seconds: float,
-    ) -> RoundRecord:
-        closer = max(accepted, key=lambda o: o.arrival_seconds) if accepted else None
-        return self._record(
-            round_no,
-            start,
-            agg_seconds,
-            closer,
-            accepted,
-            selected=len(outcomes),
-            late=sum(o.status == TaskStatus.LATE for o in outcomes),
-            oom=sum(o.status == TaskStatus.OOM for o in outcomes),
-            dropped=sum(o.status == TaskStatus.DROPPED for o in outcomes),
-            uplink_bytes=sum(o.uplink_bytes for o in outcomes),
-            downlink_bytes=sum(o.downlink_bytes for o in outcomes),
-        )
-
-    def _step_record(
-        self, accepted: list[TaskOutcome], agg_seconds: float, start: float, staleness: list[int]
-    ) -> RoundRecord:
-        since, self.loop.since = self.loop.since, {}
-        return self._record(
-            self.loop.version,
-            start,
-            agg_seconds,
-            accepted[-1] if accepted else None,
-            accepted,
-            selected=int(since.get("selected", 0)),
-            late=0,
-            oom=int(since.get("oom", 0)),
-            uplink_bytes=int(since.get("uplink_bytes", 0)),
-            downlink_bytes=int(since.get("downlink_bytes", 0)),
-            dropped=int(since.get("dropped", 0)),
-            mean_staleness=statistics.fmean(staleness) if staleness else None,
-            max_staleness=max(staleness) if staleness else None,
-        )
-
-    def _record(
-        self,
-        round_no: int,
-        start: float,
-        agg_seconds: float,
-        closer: TaskOutcome | None,
-        accepted: list[TaskOutcome],
-        **counts: Any,
-    ) -> RoundRecord:
-        """A round's (or server step's) record ending now; ``closer`` is the update that closed it."""
-        losses = [o.update.train_loss for o in accepted if o.update is not None]
-        return RoundRecord(
-            round=round_no,
-            virtual_start=start,
-            virtual_end=self.clock.now,
-            round_seconds=self.clock.now - start,
-            aggregation_seconds=agg_seconds,
-            downlink_seconds=closer.downlink_seconds if closer else 0.0,
-            training_seconds=closer.compute_seconds if closer else 0.0,
-            uplink_seconds=closer.uplink_seconds if closer else 0.0,
-            aggregated=len(accepted),
-            train_loss=sum(losses) / len(losses) if losses else None,
-            **counts,
-        )
-
-    def _evaluate(self, round_no: int) -> Evaluation | None:
-        """Evaluate the global model as ``eval.mode`` says: on the server's test set, on the devices'
-        held-out data (the example-weighted pool is the run's metric when there is no central one),
-        or both (central is the run's metric, the devices' are recorded beside it). None when the
-        run's metric is the devices' and no device answered."""
-        wall = time.perf_counter()
-        exp, strategy = self.exp, self.exp.strategy
-        mode = exp.settings.eval_mode
-        exp.executor.load_global(strategy.global_lora())
-        central = None
-        if mode != "federated":
-            central = exp.executor.evaluate(exp.test_set, strategy.eval_plan(), strategy.channel_means())
-        answers = self.device_evaluations(round_no) if mode != "central" else None
-        federated = (
-            pooled(exp.objective, answers.evaluations.values()) if answers and answers.evaluations else None
-        )
-        evaluation = central or federated
-        self.state.eval_wall_seconds += time.perf_counter() - wall
-        if evaluation is not None:
-            event = EvaluationEvent(
-                round_no, self.clock.now, evaluation.metric_name, evaluation.metric, evaluation.loss
-            )
-            record = event.record()
-            if answers is not None:
-                record["federated"] = (
-                    {"value": federated.metric, "loss": federated.loss, "count": federated.count}
-                    if federated
-                    else None
-                )
-                record["devices"] = {str(d): e.metric for d, e in answers.evaluations.items()}
-            self.state.evaluations.append(record)
-            self.recorder.event(event)
-        if answers is not None:
-            self.recorder.event(self._federated_event(round_no, federated, answers))
-        return evaluation
-
-    def device_evaluations(self, version: int) -> DeviceEvaluations:
-        """The devices' evaluations of global ``version`` (loaded in the executor) on their held-out
-        data: asked of the transport once per version."""
-        if self._device_answers is None or self._device_answers[0] != version:
-            self._device_answers = (version, self.transport.evaluate_devices(self, version))
-        return self._device_answers[1]
-
-    def _federated_event(
-        self, round_no: int, pooled_result: Evaluation | None, answers: DeviceEvaluations
-    ) -> FederatedEvaluationEvent:
-        if not answers.evaluations:
-            log.warning("round %s: no device answered the federated evaluation", round_no)
-        return FederatedEvaluationEvent(
-            round_no,
-            self.clock.now,
-            self.exp.objective.metric_name,
-            pooled_result.metric if pooled_result else None,
-            pooled_result.loss if pooled_result else None,
-            pooled_result.count if pooled_result else 0,
-            {
-                str(d): {"value": e.metric, "loss": e.loss, "count": e.count}
-                for d, e in answers.evaluations.items()
-            },
-            {str(d): reason for d, reason in answers.failed.items()},
-        )

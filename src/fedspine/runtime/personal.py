@@ -44,7 +44,8 @@ from fedspine.runtime.export import save_personal_model
 from fedspine.types import Device, LoraState, TrainWorkload
 
 if TYPE_CHECKING:
-    from fedspine.runtime.engine import Engine
+    from fedspine.metrics.records import RunRecorder
+    from fedspine.runtime.state import RunState
 
 PERSONAL_TASK_KEY = 1 << 30
 """Keys the personalization task's batches and draws (a task key no round or offer count reaches)."""
@@ -119,29 +120,26 @@ def personal_model(
     return None
 
 
-def personalize(engine: Engine) -> dict[str, Any] | None:
+def personalize(
+    exp: Experiment, global_models: dict[int, Evaluation], state: RunState, recorder: RunRecorder
+) -> dict[str, Any] | None:
     """In simulation, build and evaluate every device's personal model, record a ``personal_evaluation``
-    event, and return the summary's ``personal`` part (None when the devices hold no data out, or when
-    the transport's devices build theirs as they receive their final model: a deployment)."""
-    exp = engine.exp
+    event, and return the summary's ``personal`` part. ``global_models``: each device's evaluation of
+    the final global model (loaded in the executor) on its held-out data."""
     settings = exp.settings.personalize
-    if not exp.local_tests or (settings.method != "none" and engine.transport.devices_personalize):
-        return None
     strategy, executor = exp.strategy, exp.executor
-    executor.load_global(strategy.global_lora())
-    global_models = engine.device_evaluations(engine.loop.version).evaluations
     means = strategy.channel_means()
     base = executor.deployed_model() if settings.method == "mask" else None
     personal: dict[int, Evaluation] = {}
     extra: dict[int, float] = {}
     saved: dict[str, str] = {}
-    models_dir = engine.recorder.run_dir / "models" if exp.settings.export.save else None
+    models_dir = recorder.run_dir / "models" if exp.settings.export.save else None
     for device_id in sorted(global_models):
         device = exp.devices[device_id]
         plan = strategy.device_eval_plan(device_id)
         clusters = exp.clusters.sent(plan, exp.shape) if exp.clusters is not None else None
         built = personal_model(exp, device, plan, means, base, clusters)
-        in_tasks = engine.state.personal_seconds.get(device_id, 0.0)
+        in_tasks = state.personal_seconds.get(device_id, 0.0)
         cost = CostModel.for_device(device)
         extra[device_id] = in_tasks + sum(cost.train_seconds(w) for w in built.work) if built else in_tasks
         if built is not None and models_dir is not None:  # saved before evaluation casts it to eval.dtype
@@ -151,17 +149,19 @@ def personalize(engine: Engine) -> dict[str, Any] | None:
             if built is None
             else evaluate(executor.ready(built.model), exp.objective, exp.local_tests[device_id].batches)
         )
-    summary = summarize(engine, personal, global_models, extra)
+    summary = summarize(exp, state, recorder, personal, global_models, extra)
     if summary is not None and saved:
         summary["models"] = saved
     return summary
 
 
-def from_devices(engine: Engine, reports: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+def from_devices(
+    exp: Experiment, state: RunState, recorder: RunRecorder, reports: dict[int, dict[str, Any]]
+) -> dict[str, Any] | None:
     """The summary's ``personal`` part from what deployed devices reported with their final models
     (checked by the transport): each device's personal model and the global one on its held-out
     examples, and the seconds building it took there (measured). None when no device reported one."""
-    objective = engine.exp.objective
+    objective = exp.objective
     personal, global_models, extra = {}, {}, {}
     for device, report in sorted(reports.items()):
         said = report.get("personal")
@@ -172,11 +172,13 @@ def from_devices(engine: Engine, reports: dict[int, dict[str, Any]]) -> dict[str
             objective.metric_name, said["global_value"], said["global_loss"], said["count"]
         )
         extra[device] = said["seconds"]
-    return summarize(engine, personal, global_models, extra)
+    return summarize(exp, state, recorder, personal, global_models, extra)
 
 
 def summarize(
-    engine: Engine,
+    exp: Experiment,
+    state: RunState,
+    recorder: RunRecorder,
     personal: dict[int, Evaluation],
     global_models: dict[int, Evaluation],
     extra: dict[int, float],
@@ -186,7 +188,6 @@ def summarize(
     ``extra``: per device, the seconds personalization cost it."""
     if not personal:
         return None
-    exp = engine.exp
     method = exp.settings.personalize.method
     event = PersonalEvaluationEvent(
         method,
@@ -203,8 +204,8 @@ def summarize(
             for d, e in sorted(personal.items())
         },
     )
-    engine.recorder.event(event)
-    stats = engine.state.device_stats
+    recorder.event(event)
+    stats = state.device_stats
     trained = sum(stats[d].compute_seconds for d in personal if d in stats)
     higher = exp.objective.higher_is_better
     return {
@@ -214,8 +215,8 @@ def summarize(
         **_spread("global_", {d: global_models[d].metric for d in personal}, higher),
         "extra_device_seconds": sum(extra.get(d, 0.0) for d in personal),
         "extra_time_fraction": sum(extra.get(d, 0.0) for d in personal) / trained if trained > 0 else None,
-        "extra_uplink_bytes": engine.state.personal_bytes["uplink"],
-        "extra_downlink_bytes": engine.state.personal_bytes["downlink"],
+        "extra_uplink_bytes": state.personal_bytes["uplink"],
+        "extra_downlink_bytes": state.personal_bytes["downlink"],
     }
 
 

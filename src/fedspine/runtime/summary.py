@@ -12,7 +12,7 @@ from fedspine.metrics.records import DeviceStats, RoundRecord
 from fedspine.metrics.stats import time_to_target
 from fedspine.metrics.summary import Metric, Summary, class_totals
 from fedspine.runtime.build import Experiment
-from fedspine.runtime.engine import RunState
+from fedspine.runtime.state import RunState
 from fedspine.types import TaskStatus
 
 
