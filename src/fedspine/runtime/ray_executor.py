@@ -15,9 +15,8 @@ in-process. Ray ships with the ``flower`` extra; no other transport is involved.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,16 +26,15 @@ from fedspine.errors import ConfigError
 from fedspine.runtime.executor import PreparedTask, SimExecutor
 from fedspine.types import ClientTask, ClientUpdate
 
+TrainerFactory = Callable[[Config], SimExecutor]
+"""Builds the in-process trainer of a run's config (``runtime.build.make_executor``)."""
+
 
 class Replica:
-    """A Ray actor's state: the run built from its config, of which only the executor is used."""
+    """A Ray actor's state: the in-process trainer of the run's config."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        from fedspine.runtime.build import build_experiment  # the build imports this module
-
-        cfg = from_dict(config)
-        cfg = dataclasses.replace(cfg, executor=dataclasses.replace(cfg.executor, name="simulation"))
-        self.executor = build_experiment(cfg).executor
+    def __init__(self, config: dict[str, Any], make_executor: TrainerFactory) -> None:
+        self.executor = make_executor(from_dict(config))
 
     def run_many(self, tasks: list[ClientTask], prepared: list[PreparedTask]) -> list[ClientUpdate]:
         return self.executor.run_many(tasks, prepared)
@@ -48,8 +46,9 @@ class Replica:
         self.executor.set_base_weights(weights)
 
 
-def start_replicas(cfg: Config) -> list[Any]:
-    """Connect to (or, with an empty ``executor.address``, start) Ray and build one replica per worker.
+def start_replicas(cfg: Config, make_executor: TrainerFactory) -> list[Any]:
+    """Connect to (or, with an empty ``executor.address``, start) Ray and build one replica per worker,
+    each with ``make_executor`` (passed by reference: the workers import it).
 
     Raises:
         ConfigError: Ray is not installed, or the cluster cannot be reached.
@@ -74,7 +73,7 @@ def start_replicas(cfg: Config) -> list[Any]:
         raise ConfigError("executor.address", f"cannot reach Ray at {section.address!r}: {error}") from error
     actor = ray.remote(num_cpus=section.cpus_per_worker, num_gpus=section.gpus_per_worker)(Replica)
     config = to_dict(cfg)
-    replicas: list[Any] = [actor.remote(config) for _ in range(section.workers)]
+    replicas: list[Any] = [actor.remote(config, make_executor) for _ in range(section.workers)]
     ray.get([r.__ray_ready__.remote() for r in replicas])  # built (or failed) before the run starts
     return replicas
 

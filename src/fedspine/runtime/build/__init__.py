@@ -10,6 +10,7 @@ milliseconds, before the model is loaded, and before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,6 +215,13 @@ def check_personalize(cfg: Config, cls: type[Strategy]) -> None:
         )
 
 
+def make_executor(cfg: Config) -> SimExecutor:
+    """The in-process trainer of ``cfg`` (a Ray worker's replica). It is built with the whole run, as
+    the trainer needs the run's model, objective and device-side training rule."""
+    cfg = dataclasses.replace(cfg, executor=dataclasses.replace(cfg.executor, name="simulation"))
+    return build_experiment(cfg).executor
+
+
 def build_experiment(cfg: Config, status: Status | None = None, node: NodeData | None = None) -> Experiment:
     """Validate names and the fleet, load data and model, and assemble the run.
 
@@ -265,7 +273,7 @@ def build_experiment(cfg: Config, status: Status | None = None, node: NodeData |
     t = cfg.train
     on_ray: dict[str, Any] = {}
     if cfg.executor.name == "ray":
-        on_ray = {"replicas": start_replicas(cfg), "owns_ray": not cfg.executor.address}
+        on_ray = {"replicas": start_replicas(cfg, make_executor), "owns_ray": not cfg.executor.address}
     executor = (RayExecutor if on_ray else SimExecutor)(
         peft_model,
         objective,
@@ -331,6 +339,7 @@ __all__ = [
     "check_config",
     "check_fleet_fits",
     "load_node_examples",
+    "make_executor",
     "run_settings",
     "strategy_class",
 ]
