@@ -15,6 +15,7 @@ from fedspine.metrics.records import RunRecorder, read_events
 from fedspine.model.footprint import ModelShape
 from fedspine.runtime.build import Experiment, build_experiment, build_fleet_from_config, check_fleet_fits
 from fedspine.runtime.engine import Engine
+from fedspine.runtime.server import Server
 from fedspine.runtime.simulated import SimulatedTransport
 from fedspine.runtime.tasks import Ended, Lost, RunningTask, TaskOutcome
 from tests.conftest import CONFIGS
@@ -159,13 +160,13 @@ def test_an_update_lost_on_its_way_never_reaches_the_server_checks_nor_changes_w
         "scheduler.rounds=3",
     )
     checked: list[int] = []
-    validate = Engine.validate
+    validate = Server.validate
 
-    def spy(self: Engine, outcome: TaskOutcome) -> None:
+    def spy(self: Server, outcome: TaskOutcome) -> None:
         checked.append(outcome.device.device_id)
         validate(self, outcome)
 
-    monkeypatch.setattr(Engine, "validate", spy)
+    monkeypatch.setattr(Server, "validate", spy)
     transport = _LostAfterTraining(exp)
     engine = Engine(exp, RunRecorder(tmp_path / "run"), transport)
     before = dict(engine.device_lora)

@@ -27,7 +27,7 @@ from fedspine.metrics.records import read_events as _all_events
 from fedspine.model.footprint import ModelShape
 from fedspine.model.pruning import LayerKeep
 from fedspine.runtime.build import build_experiment, check_config
-from fedspine.runtime.engine import Engine
+from fedspine.runtime.server import Server
 from fedspine.runtime.tasks import TaskOutcome
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
 from tests.conftest import CONFIGS, run_and_resume_from_first_checkpoint
@@ -122,15 +122,15 @@ def test_methods_that_personalize_after_training_leave_the_global_run_unchanged(
 def _spy_on_updates(monkeypatch: pytest.MonkeyPatch) -> list[tuple[TaskOutcome, dict[str, Any]]]:
     """Every update the server receives, with its device's private adapter just after the task."""
     seen: list[tuple[TaskOutcome, dict[str, Any]]] = []
-    validate = Engine.validate
+    validate = Server.validate
 
-    def spy(self: Engine, outcome: TaskOutcome) -> None:
+    def spy(self: Server, outcome: TaskOutcome) -> None:
         private = self.exp.private
         state = private.states.get(outcome.device.device_id, {}) if private is not None else {}
         seen.append((outcome, {m: {k: t.clone() for k, t in e.items()} for m, e in state.items()}))
         validate(self, outcome)
 
-    monkeypatch.setattr(Engine, "validate", spy)
+    monkeypatch.setattr(Server, "validate", spy)
     return seen
 
 

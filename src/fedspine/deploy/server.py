@@ -87,7 +87,7 @@ class FlowerLink:
     """Tasks to the devices' SuperNodes as Flower messages, and their replies back, on the wall clock.
 
     A reply is untrusted until it has been decoded within its byte cap (here) and has passed the
-    server's checks (:meth:`Engine.validate`, when the engine takes the arrival); whatever goes wrong
+    server's checks (``Server.validate``, when the engine takes the arrival); whatever goes wrong
     on the way drops that task with the reason, never the run, and changes nothing the server keeps.
     """
 

@@ -112,6 +112,8 @@ class Scheduler(ABC):
 
     name = ""
     fills = True
+    orders_cohorts = False
+    """True for schedulers whose orders are :class:`Cohort` s (synchronous rounds), not tasks."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits

@@ -30,6 +30,7 @@ class SyncScheduler(Scheduler):
 
     name = "sync"
     fills = False
+    orders_cohorts = True
 
     def __init__(
         self,
