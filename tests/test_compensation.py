@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from fedspine.algorithms.policies import SlidingWindowUCB
-from fedspine.algorithms.strategies import FedSpine
 from fedspine.algorithms.validation import check_update
 from fedspine.algorithms.wire import update_payload_bytes
 from fedspine.api import run_experiment
@@ -30,6 +29,7 @@ from fedspine.model.pruning import (
     pruned_hf_config,
     shape_of,
 )
+from fedspine.runtime.build.algorithms import pruning_strategy
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
 from tests.test_fedspine import HEAD_DIM, INTER, LAYERS, adapted, masks_for, tiny, tokens
 
@@ -126,8 +126,9 @@ def test_fedspine_averages_channel_means_over_the_devices_that_kept_each_channel
     threes = [torch.full((INTER,), 3.0) for _ in range(LAYERS)]
     strategies = {}
     for compensate in (True, False):
-        strategy = FedSpine(
-            "samples", masks_for(model, replace(section, compensate=compensate)), SlidingWindowUCB([0.0], [2])
+        settings = replace(section, compensate=compensate)
+        strategy = pruning_strategy(
+            "fedspine", "samples", settings, masks_for(model, settings), SlidingWindowUCB([0.0], [2])
         )
         partial = strategy.init_partial()
         partial = strategy.accumulate(partial, _update(_scores(ones), None, samples=10))

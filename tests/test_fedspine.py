@@ -46,6 +46,7 @@ from fedspine.model.pruning import (
     shape_of,
     write_model_code,
 )
+from fedspine.runtime.build.algorithms import pruning_masks, pruning_strategy
 from fedspine.types import ClientUpdate, DeviceLora, TaskResult, TaskStatus
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -85,13 +86,15 @@ def random_lora(peft: Any, seed: int) -> None:
 def strategy_for(model: Any, **settings: Any) -> FedSpine:
     """A FedSpine whose devices play the schedule's floor at rank 2 (KV groups pruned too, by default)."""
     section = FedSpineSection(**{"granularity": "heads_and_channels", **settings})
-    return FedSpine("samples", masks_for(model, section), SlidingWindowUCB([0.0], [2]))
+    return pruning_strategy(
+        "fedspine", "samples", section, masks_for(model, section), SlidingWindowUCB([0.0], [2])
+    )
 
 
 def masks_for(model: Any, section: FedSpineSection, rounds: int = 4) -> PruningMasks:
     """The masks of ``model`` with LoRA on every projection, from its magnitude scores."""
     shapes = module_shapes(adapted(copy.deepcopy(model)))
-    return PruningMasks(section, shape_of(model), shapes, magnitude_scores(model), rounds)
+    return pruning_masks(section, shape_of(model), shapes, magnitude_scores(model), rounds)
 
 
 def update_from(peft: Any, plan: PruningPlan, samples: int, scaling: float, device: int = 0) -> ClientUpdate:
@@ -308,7 +311,8 @@ def test_few_kv_groups_prune_channels_only_by_default() -> None:
 def test_arms_prune_beyond_the_schedules_floor() -> None:
     model = tiny()
     section = FedSpineSection(target_sparsity=0.3, importance="magnitude", prune_rounds=2)
-    strategy = FedSpine("samples", masks_for(model, section), FixedPolicy([0.0, 0.2], [2], {0: 0.2}, {0: 2}))
+    policy = FixedPolicy([0.0, 0.2], [2], {0: 0.2}, {0: 2})
+    strategy = pruning_strategy("fedspine", "samples", section, masks_for(model, section), policy)
     first = strategy.assign(1, 0, DeviceLora(4, 4.0))
     assert first.ratio == pytest.approx(strategy.masks.sparsity(1) + 0.2)
     assert strategy.masks.sparsity(1) < 0.3 and strategy.masks.sparsity(2) == pytest.approx(0.3)

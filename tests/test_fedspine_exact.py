@@ -324,7 +324,15 @@ def test_a_bounded_base_is_the_best_rank_r_approximation_of_the_exact_sum(exp: E
     the second's (error feedback), so it is closer to the sum than re-truncating the truncated base."""
     exact = exp.strategy
     assert isinstance(exact, FedSpine) and exact.global_rank == 0
-    bounded = FedSpine(exact.weighting, exact.masks, exact.policy)
+    bounded = FedSpine(
+        exact.weighting,
+        exact.masks,
+        exact.policy,
+        measure_importance=exact.measure_importance,
+        freeze_mask=exact.freeze_mask,
+        score_momentum=exact.score_momentum,
+        compensate=exact.compensate,
+    )
     bounded.global_rank = 2
     rounds = [
         [_train_pruned(exp, PLAN, device, 3, rank) for device, rank in ((0, 2), (2, 4))],

@@ -7,18 +7,30 @@ mean replace the round's updates by one: the common starting adapter plus the pe
 (or mean of the values left after dropping the ``trim`` fraction at each end) of the changes. They
 need updates of equal shapes from one starting adapter: a global adapter at one rank (FedIT,
 zero-padding, HetLoRA and FlexLoRA with equal ranks) in synchronous rounds.
+
+Each rule is registered by name in :data:`ROBUST_RULES` (``server.robust``): a factory that takes the
+``[server]`` table's ``clip_norm`` and ``trim_fraction`` and returns a :data:`RobustRule`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from fedspine.algorithms.lora_math import cut_to
+from fedspine.registry import Registry
 from fedspine.types import ClientUpdate, LoraState
+
+Received = Sequence[tuple[ClientUpdate, LoraState]]
+"""A server step's accepted updates, each with the adapter its device started from."""
+RobustRule = Callable[[Received], list[ClientUpdate]]
+"""What the server aggregates instead of a step's accepted updates."""
+ROBUST_RULES: Registry[Callable[[float, float], RobustRule]] = Registry("robust rule")
+"""``server.robust`` name -> ``(clip_norm, trim_fraction) -> rule``."""
 
 
 def _start(start: LoraState, module: str, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -79,6 +91,43 @@ def _robust_mean(stacked: torch.Tensor, rule: str, trim: float) -> torch.Tensor:
         k = math.floor(trim * n)
         return ordered[k : n - k].mean(dim=0)
     raise ValueError(f"unknown robust rule {rule!r}; allowed: median, trimmed_mean")
+
+
+@dataclass(frozen=True)
+class NoRule:
+    """The updates as they are."""
+
+    def __call__(self, received: Received) -> list[ClientUpdate]:
+        return [u for u, _ in received]
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Each update's change clipped to L2 norm ``max_norm`` (:func:`clip`)."""
+
+    max_norm: float
+
+    def __call__(self, received: Received) -> list[ClientUpdate]:
+        return [clip(u, start, self.max_norm) for u, start in received]
+
+
+@dataclass(frozen=True)
+class Combine:
+    """The step's updates replaced by one (:func:`combine`): the coordinate-wise ``rule``."""
+
+    rule: str
+    trim: float
+
+    def __call__(self, received: Received) -> list[ClientUpdate]:
+        if not received:
+            return []
+        return [combine([u for u, _ in received], received[0][1], self.rule, self.trim)]
+
+
+ROBUST_RULES.register("none")(lambda clip_norm, trim: NoRule())
+ROBUST_RULES.register("clip")(lambda clip_norm, trim: Clip(clip_norm))
+ROBUST_RULES.register("median")(lambda clip_norm, trim: Combine("median", trim))
+ROBUST_RULES.register("trimmed_mean")(lambda clip_norm, trim: Combine("trimmed_mean", trim))
 
 
 def corrupt(update: ClientUpdate, start: LoraState, kind: str, factor: float) -> ClientUpdate:

@@ -57,7 +57,7 @@ MANIFEST = "MANIFEST.json"
 CONFIG_FILE = "config.toml"
 MANIFEST_LIMIT = 4 * MIB
 """A manifest holds a few checksums and the run's config: a few KiB."""
-FORMAT = 9
+FORMAT = 10
 """Bumped whenever the saved state changes shape: an older checkpoint is refused, never misread."""
 FILES = frozenset(
     {

@@ -10,7 +10,6 @@ import time
 import torch
 
 from fedspine.algorithms.aggregate import aggregate
-from fedspine.algorithms.robust import clip, combine
 from fedspine.algorithms.strategies.base import TruncatedGlobalAdapter
 from fedspine.algorithms.validation import check_update
 from fedspine.algorithms.wire import payload_bytes
@@ -164,13 +163,10 @@ class Server:
 
     def robust(self, accepted: list[TaskOutcome]) -> list[ClientUpdate]:
         """The accepted updates after the configured robust rule (``server.robust``)."""
-        server = self.exp.settings.server
-        pairs = [(o.update, o.task.payload) for o in accepted if o.update is not None and o.task is not None]
-        if server.robust == "clip":
-            return [clip(u, start, server.clip_norm) for u, start in pairs]
-        if server.robust in ("median", "trimmed_mean") and pairs:
-            return [combine([u for u, _ in pairs], pairs[0][1], server.robust, server.trim_fraction)]
-        return [u for u, _ in pairs]
+        received = [
+            (o.update, o.task.payload) for o in accepted if o.update is not None and o.task is not None
+        ]
+        return self.exp.settings.server.robust_rule(received)
 
     def merge_base(self, delta: dict[str, torch.Tensor]) -> None:
         """Add an aggregated weight change to the base model (FLoRA, FedSpine), and to the running sum."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedspine.algorithms.robust import RobustRule
+
 
 @dataclass(frozen=True)
 class Attack:
@@ -27,7 +29,9 @@ class ServerRules:
     max_update_norm: float
     """Updates whose change is larger are rejected (0: no bound)."""
     robust: str
-    """``none``, ``clip``, ``median`` or ``trimmed_mean``."""
+    """The rule's name (``server.robust``): ``none``, ``clip``, ``median`` or ``trimmed_mean``."""
+    robust_rule: RobustRule
+    """That rule, with its parameters (:data:`~fedspine.algorithms.robust.ROBUST_RULES`)."""
     clip_norm: float
     trim_fraction: float
     aggregation_gbps: float

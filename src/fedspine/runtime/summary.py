@@ -114,9 +114,9 @@ def _pruning(experiment: Experiment) -> dict[str, Any] | None:
     deployed = strategy.deployment([d.device_id for d in experiment.devices])
     eval_plan = strategy.eval_plan()
     return {
-        "global_sparsity": strategy.settings.target_sparsity,
+        "global_sparsity": strategy.masks.target_sparsity,
         "units": "heads_and_channels" if strategy.masks.prune_heads else "channels",
-        "policy": strategy.settings.policy,
+        "policy": strategy.policy.name,
         "deployed_ratio_mean": sum(a.ratio for a in deployed.values()) / max(len(deployed), 1),
         "untrained_units_evaluated": None if eval_plan is None else strategy.untrained_units(eval_plan),
         "untrained_units_deployed": sum(

@@ -54,12 +54,11 @@ schedule and a frozen mask, or a fixed policy with a moving mask.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -74,7 +73,6 @@ from fedspine.algorithms.strategies.base import (
     Weighting,
 )
 from fedspine.algorithms.strategies.masks import PruningMasks
-from fedspine.config import FedSpineSection
 from fedspine.model.pruning import PruningPlan
 from fedspine.types import ClientUpdate, DeviceLora, LoraState, TaskResult, TaskStatus
 
@@ -149,19 +147,39 @@ class FedSpine(Strategy):
         masks: PruningMasks,
         policy: Policy,
         work_model: Callable[[PruningPlan, int], float] | None = None,
+        *,
+        name: str = "fedspine",
+        measure_importance: bool = True,
+        freeze_mask: bool = True,
+        score_momentum: float = 0.9,
+        compensate: bool = False,
+        global_rank: int | Literal["auto"] = "auto",
     ) -> None:
         """
         Args:
             weighting: how updates are weighted.
-            masks: the unit order and schedule (its settings are this strategy's ``[strategy.fedspine]``).
-            policy: who picks each device's (extra ratio, rank) arm.
+            masks: the unit order and schedule.
+            policy: who picks each device's (extra ratio, rank) arm; a fixed policy's ratios are the
+                experiment (no round anchor overrides them).
             work_model: ``(plan, rank) -> training work`` relative to the dense model at the largest
                 rank, from the model's FLOPs (None: every arm costs 1).
+            name: the method these settings make (:data:`PRESETS`): fedspine, prune_then_tune, fedmp.
+            measure_importance: devices measure unit importance on their data (FLAP, Taylor); False
+                when the masks' initial scores are the importance (magnitude).
+            freeze_mask: fix the unit order once importance is observed (masks only shrink).
+            score_momentum: ``b`` of the global importance EMA while the mask may move.
+            compensate: keep pruned MLP channels' mean outputs as biases (FLAP's compensation).
+            global_rank: rank of the model change devices download (0: exact merges; ``auto``: the
+                largest rank a device trains).
         """
         super().__init__(weighting)
+        self.name = name
         self.masks = masks
-        self.settings = masks.settings
-        """The ``[strategy.fedspine]`` table, with the preset applied."""
+        self.measure_importance = measure_importance
+        self.freeze_mask = freeze_mask
+        self.score_momentum = score_momentum
+        self.compensate = compensate
+        self.configured_rank = global_rank
         self.policy = policy
         self.work_model = work_model
         self._assigned: dict[int, tuple[Arm, PruningPlan]] = {}
@@ -186,16 +204,11 @@ class FedSpine(Strategy):
         """With a bounded ``global_rank``: per module, ``(A, B)`` of the best rank-``global_rank``
         approximation of :attr:`exact_sum`, which is what the base carries beyond the pretrained model."""
 
-    @classmethod
-    def settings_for(cls, section: FedSpineSection) -> FedSpineSection:
-        """``section`` with this strategy's preset applied (FedSpine itself has none)."""
-        return dataclasses.replace(section, **PRESETS[cls.name])
-
     def init_global(self, shapes: ModuleShapes, rank: int, generator: torch.Generator) -> None:
         """Check the modules; resolve ``global_rank = "auto"`` to ``rank``, the largest a device trains."""
         if dict(shapes) != self.masks.module_shapes:
             raise ValueError("the engine's adapted modules differ from those the masks were built for")
-        configured = self.settings.global_rank
+        configured = self.configured_rank
         self.global_rank = rank if configured == "auto" else configured
 
     # --- schedule, masks, assignment --------------------------------------------------------------
@@ -206,14 +219,14 @@ class FedSpine(Strategy):
 
     def channel_means(self) -> list[torch.Tensor] | None:
         """With ``compensate``, the mean MLP channel inputs that pruned models keep as biases."""
-        return self.masks.channel_means if self.settings.compensates else None
+        return self.masks.channel_means if self.compensate else None
 
     def begin_round(self, round: int, device_ids: Sequence[int]) -> None:
         """Pick the round's anchor: the selected device predicted fastest at the floor trains exactly the
         floor's mask (at the rank its policy picks), so every unit of the evaluated model is trained in
         every synchronous round, whatever the other devices' arms."""
         self._anchor = None
-        if not device_ids or self.settings.policy == "fixed":
+        if not device_ids or self.policy.name == "fixed":
             return  # a fixed policy's ratios are the experiment: none is overridden
         floor = Arm(0.0, min(a.rank for a in self.policy.arms))
         predicted = {d: self.policy.predicted_seconds(d, floor) for d in device_ids}
@@ -235,14 +248,12 @@ class FedSpine(Strategy):
             ratio = masks.ratio_of(arm, round)
         plan = self.plan_for(ratio)
         self._assigned[device_id] = (arm, plan)
-        measure = self.settings.importance != "magnitude" and not (
-            self.settings.freeze_mask and masks.observed
-        )
+        measure = self.measure_importance and not (self.freeze_mask and masks.observed)
         return Assignment(DeviceLora(arm.rank, lora.alpha / arm.rank), plan, ratio, measure)
 
     def eval_plan(self) -> PruningPlan | None:
         """The deployable model: pruned at the target sparsity once importance has been observed."""
-        return self.plan_for(self.settings.target_sparsity) if self.masks.observed else None
+        return self.plan_for(self.masks.target_sparsity) if self.masks.observed else None
 
     def device_eval_plan(self, device_id: int) -> PruningPlan | None:
         """The model ``device_id`` would deploy now (:meth:`deployment`), once importance is observed."""
@@ -371,7 +382,7 @@ class FedSpine(Strategy):
                 cover = torch.zeros(size).index_fill_(0, kept, weight)
             partial.blocks.setdefault(module, []).append((a, b, weight * update.lora_scaling))
             _add(partial.coverage, module, cover)
-        frozen = self.settings.freeze_mask and self.masks.observed
+        frozen = self.freeze_mask and self.masks.observed
         if update.importance is not None and not frozen:
             self._accumulate_importance(partial, update, plan, weight)
         if self.masks.observed and update.plan is not None:
@@ -480,7 +491,7 @@ class FedSpine(Strategy):
         return changes
 
     def _update_importance(self, partial: CoverageSum) -> None:
-        beta = self.settings.score_momentum
+        beta = self.score_momentum
         masks = self.masks
         means_beta = beta  # the first measured channel means are taken as they are
         if partial.mean_sums and masks.channel_means is None:
@@ -549,31 +560,30 @@ class FedSpine(Strategy):
         return self.work_model(plan, rank) if self.work_model is not None else 1.0
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "fedspine": {},
-    "prune_then_tune": {"schedule": "oneshot", "freeze_mask": True, "policy": "fixed"},
-    "fedmp": {"policy": "fixed", "freeze_mask": False},
+@dataclass(frozen=True)
+class Preset:
+    """What a pruning method fixes of FedSpine's settings (None: the configured value)."""
+
+    schedule: Literal["cubic", "oneshot"] | None = None
+    freeze_mask: bool | None = None
+    policy: Literal["fixed"] | None = None
+
+
+PRESETS: dict[str, Preset] = {
+    "fedspine": Preset(),
+    "prune_then_tune": Preset(schedule="oneshot", freeze_mask=True, policy="fixed"),
+    "fedmp": Preset(freeze_mask=False, policy="fixed"),
 }
-"""The pruning strategies: FedSpine, and its baselines as fixed settings of the same machinery.
+"""The pruning methods: FedSpine, and its baselines as fixed settings of the same machinery (the keys
+of ``[strategy.fedspine]`` they override), each registered as a strategy name of :class:`FedSpine`.
 
 ``prune_then_tune`` prunes once to the target sparsity after the calibration round and keeps that
 mask; ``fedmp`` gives every device a fixed ratio under FedSpine's schedule, the mask moving with the
 importance the devices measure every round (FedMP re-prunes as it trains).
 """
+for _name in PRESETS:
+    if _name != FedSpine.name:
+        STRATEGIES.register(_name)(FedSpine)
 
 
-@STRATEGIES.register("prune_then_tune")
-class PruneThenTune(FedSpine):
-    """One calibration round, then the target sparsity at once with a frozen mask, fixed ratios."""
-
-    name = "prune_then_tune"
-
-
-@STRATEGIES.register("fedmp")
-class FedMP(FedSpine):
-    """Every device at a fixed ratio under FedSpine's schedule, the mask moving with fresh importance."""
-
-    name = "fedmp"
-
-
-__all__ = ["PRESETS", "BaseSync", "CoverageSum", "FedMP", "FedSpine", "PruneThenTune"]
+__all__ = ["PRESETS", "BaseSync", "CoverageSum", "FedSpine", "Preset"]

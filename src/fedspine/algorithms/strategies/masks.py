@@ -9,12 +9,12 @@ object. It is built before either of them, so neither needs the other to exist f
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
 from fedspine.algorithms.policies import Arm
 from fedspine.algorithms.strategies.base import ModuleShapes
-from fedspine.config import FedSpineSection
 from fedspine.model.footprint import ModelShape
 from fedspine.model.pruning import (
     COLUMN_MODULES,
@@ -34,12 +34,19 @@ class PruningMasks:
     """The global unit order of every pruned layer and the sparsity schedule.
 
     Args:
-        settings: the ``[strategy.fedspine]`` table (with a preset applied).
         shape: the dense model's shape.
         module_shapes: ``(out, in)`` of every adapted module, named as in the model.
         initial_scores: per layer, the starting importance of KV groups and MLP channels (e.g.
             magnitude), replaced by the devices' measurements as they arrive.
         rounds: the run's horizon (the cubic schedule's default length is half of it).
+        target_sparsity: the final fraction of every pruned layer's units removed.
+        schedule: how the floor rises after calibration: ``cubic`` over ``prune_rounds`` (0: half of
+            ``rounds``), or the target at once (``oneshot``).
+        dense_layers: layers never pruned (negative: from the end), or ``auto``
+            (:func:`~fedspine.model.pruning.dense_layer_indices`).
+        channel_multiple: kept MLP channel counts round to a multiple of this.
+        granularity: MLP channels only, KV groups too, or ``auto`` (KV groups with >= 8 of them).
+        measured: whether ``initial_scores`` already are the importance (magnitude): no calibration.
 
     Raises:
         ValueError: a module that is not a Llama-family decoder projection.
@@ -47,13 +54,24 @@ class PruningMasks:
 
     def __init__(
         self,
-        settings: FedSpineSection,
         shape: ModelShape,
         module_shapes: ModuleShapes,
         initial_scores: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
         rounds: int,
+        *,
+        target_sparsity: float,
+        schedule: Literal["cubic", "oneshot"] = "cubic",
+        prune_rounds: int = 0,
+        dense_layers: Sequence[int] | Literal["auto"] = "auto",
+        channel_multiple: int = 1,
+        granularity: Literal["auto", "channels", "heads_and_channels"] = "auto",
+        measured: bool = False,
     ) -> None:
-        self.settings = settings
+        self.target_sparsity = target_sparsity
+        self.schedule = schedule
+        self.prune_rounds = prune_rounds
+        self.dense_layers = dense_layers
+        self.channel_multiple = channel_multiple
         self.shape = shape
         self.module_shapes = dict(module_shapes)
         self.rounds = rounds
@@ -67,10 +85,9 @@ class PruningMasks:
         heads, channels = initial_scores
         self.head_scores = [_unit_mean(h.float()) for h in heads]
         self.channel_scores = [_unit_mean(c.float()) for c in channels]
-        self.prune_heads = settings.granularity == "heads_and_channels" or (
-            settings.granularity == "auto" and shape.kv_heads >= 8
-        )
-        self.observed = settings.importance == "magnitude"
+        auto_heads = granularity == "auto" and shape.kv_heads >= 8
+        self.prune_heads = granularity == "heads_and_channels" or auto_heads
+        self.observed = measured
         """Whether the importance has been measured (until then devices train densely: calibration)."""
         self.first_pruned_round: int | None = None
         self.channel_means: list[torch.Tensor] | None = None
@@ -79,30 +96,28 @@ class PruningMasks:
 
     def sparsity(self, round_no: int) -> float:
         """The schedule's sparsity floor in ``round_no``, counted from the first pruned round."""
-        s = self.settings
-        if s.schedule == "oneshot":
-            return s.target_sparsity
+        if self.schedule == "oneshot":
+            return self.target_sparsity
         start = self.first_pruned_round or 1
-        horizon = s.prune_rounds or max(1, (self.rounds + 1) // 2)
+        horizon = self.prune_rounds or max(1, (self.rounds + 1) // 2)
         progress = min((round_no - start + 1) / horizon, 1.0)
-        return s.target_sparsity * (1.0 - (1.0 - progress) ** 3)
+        return self.target_sparsity * (1.0 - (1.0 - progress) ** 3)
 
     def ratio_of(self, arm: Arm, round_no: int | None = None) -> float:
         """The pruning ratio of ``arm``: the floor in ``round_no`` (None: the target) plus its extra ratio."""
-        floor = self.settings.target_sparsity if round_no is None else self.sparsity(round_no)
+        floor = self.target_sparsity if round_no is None else self.sparsity(round_no)
         return min(floor + arm.ratio, MAX_RATIO)
 
     def plan_for(self, ratio: float) -> PruningPlan:
         """The nested plan that prunes ``ratio`` of every pruned layer by the current global importance."""
         key = round(ratio, 6)
         if key not in self._plans:
-            s = self.settings
             plan = plan_from_scores(
                 self.head_scores,
                 self.channel_scores,
                 ratio,
-                dense_layer_indices(s.dense_layers, self.shape.layers),
-                s.channel_multiple,
+                dense_layer_indices(self.dense_layers, self.shape.layers),
+                self.channel_multiple,
             )
             if not self.prune_heads:
                 every = tuple(range(self.shape.kv_heads))

@@ -21,6 +21,7 @@ import torch
 from fedspine.algorithms.clusters import ClusterAdapters
 from fedspine.algorithms.compression import UplinkChannel
 from fedspine.algorithms.policies import POLICIES
+from fedspine.algorithms.robust import ROBUST_RULES
 from fedspine.algorithms.schedulers import Scheduler
 from fedspine.algorithms.staleness import Identity, StaleUpdateHandler
 from fedspine.algorithms.strategies import FedSpine, Strategy
@@ -42,6 +43,7 @@ from fedspine.runtime.build.algorithms import (
     build_strategy,
     build_uplink,
     check_robustness,
+    fedspine_settings,
     strategy_class,
 )
 from fedspine.runtime.build.data import (
@@ -136,6 +138,7 @@ def run_settings(cfg: Config) -> RunSettings:
         server=ServerRules(
             server.max_update_norm,
             server.robust,
+            ROBUST_RULES.get(server.robust, "server.robust")(server.clip_norm, server.trim_fraction),
             server.clip_norm,
             server.trim_fraction,
             server.aggregation_gbps,
@@ -177,7 +180,7 @@ def check_config(cfg: Config) -> None:
     cls = strategy_class(cfg)
     check_personalize(cfg, cls)
     if issubclass(cls, FedSpine):
-        POLICIES.get(cls.settings_for(cfg.strategy.fedspine).policy, "strategy.fedspine.policy")
+        POLICIES.get(fedspine_settings(cfg).policy, "strategy.fedspine.policy")
     else:
         build_strategy(cfg)  # its table's parameters are checked by its constructor
     devices = build_fleet_from_config(cfg)

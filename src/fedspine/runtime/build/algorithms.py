@@ -23,7 +23,8 @@ from fedspine.algorithms.policies import (
 from fedspine.algorithms.schedulers import Limits, Scheduler, SyncScheduler
 from fedspine.algorithms.staleness import StalenessFunction, StaleUpdateHandler, make_handler
 from fedspine.algorithms.strategies import FedSpine, Strategy
-from fedspine.algorithms.strategies.base import ModuleShapes
+from fedspine.algorithms.strategies.base import ModuleShapes, Weighting
+from fedspine.algorithms.strategies.fedspine import PRESETS
 from fedspine.algorithms.strategies.masks import PruningMasks
 from fedspine.config import Config, FedSpineSection
 from fedspine.errors import ConfigError
@@ -65,15 +66,72 @@ def build_pruning_strategy(
 ) -> FedSpine:
     """fedspine, prune_then_tune or fedmp: the masks from the model, then the policy and its predictors
     (which read plans from the masks), then the strategy. They share ``[strategy.fedspine]``."""
-    cls = strategy_class(cfg)
-    assert issubclass(cls, FedSpine)
-    settings = cls.settings_for(cfg.strategy.fedspine)
-    masks = PruningMasks(settings, shape, shapes, initial_scores, cfg.scheduler.rounds)
+    settings = fedspine_settings(cfg)
+    masks = pruning_masks(settings, shape, shapes, initial_scores, cfg.scheduler.rounds)
     predict = TimePredictor(masks, workloads, devices, cfg.train.local_steps)
     work = RelativeWork(masks, workloads, max(settings.ranks))
     deadline = cfg.scheduler.deadline_seconds if cfg.scheduler.name == "sync" else 0.0
     policy = build_policy(settings, cfg.run.seed, devices, device_lora, predict, work, deadline)
-    return cls(cfg.strategy.weighting, masks, policy, work.of_plan)
+    return pruning_strategy(cfg.strategy.name, cfg.strategy.weighting, settings, masks, policy, work.of_plan)
+
+
+def fedspine_settings(cfg: Config) -> FedSpineSection:
+    """``[strategy.fedspine]`` with the configured pruning method's preset applied (:data:`PRESETS`)."""
+    if cfg.strategy.name not in PRESETS:
+        raise TypeError(f"'{cfg.strategy.name}' is not a pruning method")
+    preset, section = PRESETS[cfg.strategy.name], cfg.strategy.fedspine
+    return dataclasses.replace(
+        section,
+        schedule=preset.schedule or section.schedule,
+        freeze_mask=section.freeze_mask if preset.freeze_mask is None else preset.freeze_mask,
+        policy=preset.policy or section.policy,
+    )
+
+
+def pruning_masks(
+    settings: FedSpineSection,
+    shape: ModelShape,
+    shapes: ModuleShapes,
+    initial_scores: Scores,
+    rounds: int,
+) -> PruningMasks:
+    """The unit order and schedule ``settings`` (``[strategy.fedspine]``, preset applied) describe."""
+    return PruningMasks(
+        shape,
+        shapes,
+        initial_scores,
+        rounds,
+        target_sparsity=settings.target_sparsity,
+        schedule=settings.schedule,
+        prune_rounds=settings.prune_rounds,
+        dense_layers=settings.dense_layers,
+        channel_multiple=settings.channel_multiple,
+        granularity=settings.granularity,
+        measured=settings.importance == "magnitude",
+    )
+
+
+def pruning_strategy(
+    name: str,
+    weighting: Weighting,
+    settings: FedSpineSection,
+    masks: PruningMasks,
+    policy: Policy,
+    work_model: Callable[[PruningPlan, int], float] | None = None,
+) -> FedSpine:
+    """The pruning method ``name`` with ``settings`` (``[strategy.fedspine]``, preset applied)."""
+    return FedSpine(
+        weighting,
+        masks,
+        policy,
+        work_model,
+        name=name,
+        measure_importance=settings.importance != "magnitude",
+        freeze_mask=settings.freeze_mask,
+        score_momentum=settings.score_momentum,
+        compensate=settings.compensates,
+        global_rank=settings.global_rank,
+    )
 
 
 def build_device_lora(
