@@ -7,28 +7,31 @@ either flat or as a LIFL-style tree (leaves of ``fan_in`` updates, merged level 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
 from fedspine.types import ClientUpdate
 
+P = TypeVar("P")
+"""A strategy's partial aggregate (stacked blocks, padded factor sums, coverage-normalised blocks)."""
 
-class Aggregator(Protocol):
+
+class Aggregator(Protocol[P]):
     """The associative core of a strategy's aggregation."""
 
-    def init_partial(self) -> Any:
+    def init_partial(self) -> P:
         """An empty partial aggregate."""
 
-    def accumulate(self, partial: Any, update: ClientUpdate) -> Any:
+    def accumulate(self, partial: P, update: ClientUpdate) -> P:
         """Fold one client update into a partial."""
 
-    def merge(self, left: Any, right: Any) -> Any:
+    def merge(self, left: P, right: P) -> P:
         """Combine two partials (associative, commutative up to float rounding)."""
 
-    def finalize(self, partial: Any) -> None:
+    def finalize(self, partial: P) -> None:
         """Turn the complete partial into the new global state."""
 
 
-def aggregate(aggregator: Aggregator, updates: Sequence[ClientUpdate], fan_in: int = 0) -> None:
+def aggregate(aggregator: Aggregator[P], updates: Sequence[ClientUpdate], fan_in: int = 0) -> None:
     """Aggregate ``updates`` flat (``fan_in`` = 0) or through a tree with leaves of ``fan_in`` updates."""
     if fan_in <= 0 or len(updates) <= fan_in:
         partial = aggregator.init_partial()
@@ -42,14 +45,14 @@ def aggregate(aggregator: Aggregator, updates: Sequence[ClientUpdate], fan_in: i
     aggregator.finalize(level[0])
 
 
-def _leaf(aggregator: Aggregator, updates: Sequence[ClientUpdate]) -> Any:
+def _leaf(aggregator: Aggregator[P], updates: Sequence[ClientUpdate]) -> P:
     partial = aggregator.init_partial()
     for update in updates:
         partial = aggregator.accumulate(partial, update)
     return partial
 
 
-def _merge_group(aggregator: Aggregator, partials: Sequence[Any]) -> Any:
+def _merge_group(aggregator: Aggregator[P], partials: Sequence[P]) -> P:
     merged = partials[0]
     for partial in partials[1:]:
         merged = aggregator.merge(merged, partial)

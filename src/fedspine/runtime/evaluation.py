@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Any
 
+from fedspine.algorithms.strategies.base import GlobalModel
 from fedspine.client.evaluate import Evaluation, pooled
 from fedspine.metrics.events import EvaluationEvent, FederatedEvaluationEvent
 from fedspine.metrics.records import RunRecorder
@@ -34,12 +35,13 @@ class Evaluator:
         both (central is the run's metric, the devices' are recorded beside it). None when the run's
         metric is the devices' and no device answered."""
         wall = time.perf_counter()
-        exp, strategy = self.exp, self.exp.strategy
+        exp = self.exp
+        model: GlobalModel = exp.strategy
         mode = exp.settings.eval_mode
-        exp.executor.load_global(strategy.global_lora())
+        exp.executor.load_global(model.global_lora())
         central = None
         if mode != "federated":
-            central = exp.executor.evaluate(exp.test_set, strategy.eval_plan(), strategy.channel_means())
+            central = exp.executor.evaluate(exp.test_set, model.eval_plan(), model.channel_means())
         answers = self.devices(version, base_delta) if mode != "central" else None
         federated = (
             pooled(exp.objective, answers.evaluations.values()) if answers and answers.evaluations else None

@@ -47,7 +47,7 @@ class Rounds(Regime):
         start = self.clock.now
         online = self.transport.reachable(round_no, start)
         selected = self.rounds.select(online, random.Random(task_seed(self.server.seed, round_no)))
-        exp.strategy.begin_round(round_no, selected)
+        self.server.dispatcher.begin_round(round_no, selected)
         outcomes = [self.server.prepare(round_no, exp.devices[d]) for d in selected]
         cohort = loop.round = OpenRound(round_no, start, outcomes)
         runnable = [o for o in outcomes if o.status == TaskStatus.OK]
@@ -97,8 +97,7 @@ class Rounds(Regime):
 
     def _close(self, cohort: OpenRound) -> None:
         """Every task of the round has ended: keep the arrivals the plan keeps and take the server step."""
-        exp, loop, round_no, start = self.exp, self.loop, cohort.round, cohort.start
-        outcomes = cohort.outcomes
+        loop, round_no, start, outcomes = self.loop, cohort.round, cohort.start, cohort.outcomes
         loop.round = None
         arrivals = {o.device.device_id: o.arrival_seconds for o in outcomes if o.status == TaskStatus.OK}
         plan = self.rounds.plan(arrivals)
@@ -112,7 +111,7 @@ class Rounds(Regime):
             TaskResult(o.device.device_id, o.status, o.arrival_seconds, o.update, o.compute_seconds)
             for o in outcomes
         ]
-        exp.strategy.end_round(round_no, results, self.rounds.deadline_seconds)
+        self.server.dispatcher.end_round(round_no, results, self.rounds.deadline_seconds)
         agg_seconds = self.server.aggregate(round_no, start + plan.close_seconds, accepted)
         self.clock.advance_to(start + plan.close_seconds + agg_seconds)
         loop.version += 1

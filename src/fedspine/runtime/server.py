@@ -10,7 +10,7 @@ import time
 import torch
 
 from fedspine.algorithms.aggregate import aggregate
-from fedspine.algorithms.strategies.base import TruncatedGlobalAdapter
+from fedspine.algorithms.strategies.base import Dispatcher, TruncatedGlobalAdapter
 from fedspine.algorithms.validation import check_update
 from fedspine.algorithms.wire import payload_bytes
 from fedspine.metrics.events import AggregationEvent
@@ -43,13 +43,18 @@ class Server:
         self.base_delta: dict[str, torch.Tensor] = {}
         self.total_weight = sum(self.device_weight(d.device_id) for d in exp.devices)
 
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """The strategy, in its role of deciding what each device receives."""
+        return self.exp.strategy
+
     def init_global(self) -> None:
         """The strategy's initial global state, at the largest rank any device trains."""
         rank = max(lora.rank for lora in self.device_lora.values())
-        self.exp.strategy.init_global(self.exp.module_shapes, rank, torch.Generator().manual_seed(self.seed))
+        self.dispatcher.init_global(self.exp.module_shapes, rank, torch.Generator().manual_seed(self.seed))
 
     def device_weight(self, device_id: int) -> float:
-        if self.exp.strategy.weighting == "samples":
+        if self.dispatcher.weighting == "samples":
             return float(self.exp.train_examples(device_id))
         return 1.0
 
@@ -65,9 +70,9 @@ class Server:
         asynchronous run gives each of a device's tasks its own; ``steps`` defaults to
         ``train.local_steps``.
         """
-        exp = self.exp
+        exp, dispatcher = self.exp, self.dispatcher
         key = round_no if task_key is None else task_key
-        assignment = exp.strategy.assign(round_no, device.device_id, self.device_lora[device.device_id])
+        assignment = dispatcher.assign(round_no, device.device_id, self.device_lora[device.device_id])
         lora = assignment.lora
         steps = steps or exp.settings.local_steps
         prepared = exp.executor.prepare(key, device, lora, steps, assignment.plan)
@@ -76,7 +81,7 @@ class Server:
             outcome.status = TaskStatus.OOM  # never dispatched: nothing is downloaded or trained
             return outcome
         generator = torch.Generator().manual_seed(task_seed(self.seed, key, device.device_id, 2))
-        dispatch = exp.strategy.configure(round_no, device.device_id, lora, generator)
+        dispatch = dispatcher.configure(round_no, device.device_id, lora, generator)
         clusters = exp.clusters.sent(assignment.plan, exp.shape) if exp.clusters is not None else None
         cluster_bytes = sum(payload_bytes(c) for c in clusters or [])
         outcome.task = ClientTask(
@@ -89,7 +94,7 @@ class Server:
             extra={"measure_importance": assignment.measure_importance},
             plan=assignment.plan,
             pruning_ratio=assignment.ratio,
-            channel_means=None if assignment.plan is None else exp.strategy.channel_means(),
+            channel_means=None if assignment.plan is None else dispatcher.channel_means(),
             clusters=clusters,
         )
         outcome.downlink_bytes = outcome.task.downlink_bytes

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 
 from fedspine.algorithms.robust import corrupt
+from fedspine.algorithms.strategies.base import GlobalModel
 from fedspine.client.evaluate import Evaluation
 from fedspine.fleet.cost import CostModel
 from fedspine.fleet.jitter import compute_slowdown, is_available, link_rate_factor
+from fedspine.model.pruning import PruningPlan
 from fedspine.runtime.build import Experiment
 from fedspine.runtime.executor import PreparedTask, task_seed
 from fedspine.runtime.tasks import Arrive, Ended, Lost, RunningTask, TaskOutcome, count_upload
@@ -179,11 +181,11 @@ class SimulatedTransport:
         """Every device with a held-out slice evaluates, online or not, off the virtual clock: the
         curve measures the model, not which devices happened to be reachable."""
         exp = self.exp
-        strategy = exp.strategy
-        means = strategy.channel_means()
-        groups: list[tuple[Any, list[int]]] = []  # devices sharing a plan share one evaluated copy
+        model: GlobalModel = exp.strategy
+        means = model.channel_means()
+        groups: list[tuple[PruningPlan | None, list[int]]] = []  # devices sharing a plan share one copy
         for device in sorted(exp.local_tests):
-            plan = strategy.device_eval_plan(device)
+            plan = model.device_eval_plan(device)
             for known, members in groups:
                 if known == plan:
                     members.append(device)

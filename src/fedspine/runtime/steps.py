@@ -20,6 +20,7 @@ import random
 import statistics
 
 from fedspine.algorithms.schedulers import Arrival, Cohort, ServerStep, TaskOrder
+from fedspine.algorithms.strategies.base import Dispatcher, Rebaser
 from fedspine.metrics.events import ServerStepEvent
 from fedspine.runtime.executor import task_seed
 from fedspine.runtime.ledger import Ledger
@@ -107,11 +108,13 @@ class Steps(Regime):
         self.count("uplink_bytes", o.uplink_bytes)
         cap = statistics.median(loop.recent_seconds) if loop.recent_seconds else 0.0
         result = TaskResult(o.device.device_id, o.status, o.end_seconds, o.update, o.compute_seconds)
-        self.exp.strategy.end_round(loop.version, [result], cap)
+        dispatcher: Dispatcher = self.exp.strategy
+        dispatcher.end_round(loop.version, [result], cap)
 
     def apply(self, step: ServerStep) -> None:
         """Rebase and scale the step's updates, aggregate them, and record the new version."""
         exp, loop, server = self.exp, self.loop, self.server
+        rebaser: Rebaser = exp.strategy
         entries = []
         for arrival in step.arrivals:
             if arrival.task_id not in loop.arrived:
@@ -126,8 +129,8 @@ class Steps(Regime):
         for (task, update), tau in zip(entries, staleness, strict=True):
             assert task.outcome.task is not None
             start_state = task.outcome.task.payload
-            rebased.append(exp.strategy.rebase(update, start_state, lr * handler.scale(tau), compensate))
-        before = exp.strategy.global_lora() if step.momentum > 0 else None
+            rebased.append(rebaser.rebase(update, start_state, lr * handler.scale(tau), compensate))
+        before = rebaser.global_lora() if step.momentum > 0 else None
         accepted = [task.outcome for task, _ in entries]
         agg_seconds = server.aggregate(loop.version + 1, self.clock.now, accepted, rebased)
         if before is not None:

@@ -18,6 +18,7 @@ import torch
 
 from fedspine.algorithms.lora_math import fresh_factors, truncate_rank
 from fedspine.algorithms.wire import payload_bytes
+from fedspine.model.pruning import PruningPlan
 from fedspine.registry import Registry
 from fedspine.types import ClientUpdate, DeviceLora, LoraState, TaskResult
 
@@ -48,13 +49,13 @@ class Assignment:
 
     Attributes:
         lora: rank and scaling of the adapter it trains.
-        plan: a ``fedspine.model.pruning.PruningPlan``, or None.
+        plan: the pruned submodel, or None.
         ratio: the pruning ratio the plan was built for.
         measure_importance: whether the device should measure and upload importance scores.
     """
 
     lora: DeviceLora
-    plan: Any = None
+    plan: PruningPlan | None = None
     ratio: float = 0.0
     measure_importance: bool = False
 
@@ -94,8 +95,57 @@ class Partial(Protocol):
         """Fold in another partial of the same kind; returns the partial."""
 
 
+class Dispatcher(Protocol):
+    """What a device receives: the LoRA and submodel it trains, and the adapter it starts from."""
+
+    weighting: Weighting
+
+    def init_global(self, shapes: ModuleShapes, rank: int, generator: torch.Generator) -> None: ...
+
+    def begin_round(self, round: int, device_ids: Sequence[int]) -> None: ...
+
+    def assign(self, round: int, device_id: int, lora: DeviceLora) -> Assignment: ...
+
+    def configure(
+        self, round: int, device_id: int, lora: DeviceLora, generator: torch.Generator
+    ) -> Dispatch: ...
+
+    def channel_means(self) -> list[torch.Tensor] | None: ...
+
+    def end_round(self, round: int, results: Sequence[TaskResult], deadline: float) -> None: ...
+
+
+class Rebaser(Protocol):
+    """How an update that started from an older global state is applied to the current one."""
+
+    def global_lora(self) -> LoraState: ...
+
+    def rebase(
+        self, update: ClientUpdate, start: LoraState, scale: float, compensate: Compensate | None = None
+    ) -> ClientUpdate: ...
+
+
+class GlobalModel(Protocol):
+    """The model the server evaluates and hands out: its adapter and its pruned submodels."""
+
+    def global_lora(self) -> LoraState: ...
+
+    def eval_plan(self) -> PruningPlan | None: ...
+
+    def device_eval_plan(self, device_id: int) -> PruningPlan | None: ...
+
+    def channel_means(self) -> list[torch.Tensor] | None: ...
+
+
 class Strategy(ABC):
     """Configures client tasks and aggregates their updates into the global state.
+
+    A strategy plays four roles, each a small protocol its users are typed against: what a device
+    receives (:class:`Dispatcher`), how updates aggregate
+    (:class:`~fedspine.algorithms.aggregate.Aggregator`, with :meth:`weight_of` and
+    :meth:`take_base_delta`), how an update from an older global state is applied (:class:`Rebaser`),
+    and the model that is evaluated and handed out (:class:`GlobalModel`). This base class gives the
+    defaults most strategies share.
 
     Aggregation is written as ``init_partial / accumulate / merge / finalize`` over partial sums
     (see :mod:`fedspine.algorithms.aggregate`), so hierarchical aggregation is the same code.
@@ -150,11 +200,11 @@ class Strategy(ABC):
         """
         return Assignment(lora)
 
-    def eval_plan(self) -> Any:
+    def eval_plan(self) -> PruningPlan | None:
         """The pruning plan of the model to evaluate (None = dense)."""
         return None
 
-    def device_eval_plan(self, device_id: int) -> Any:
+    def device_eval_plan(self, device_id: int) -> PruningPlan | None:
         """The pruning plan of the model ``device_id`` evaluates on its own data (None = dense): the
         global model as :meth:`eval_plan` has it, unless the strategy sizes each device's model."""
         return self.eval_plan()
