@@ -167,7 +167,7 @@ def _resume(
         unit = "round" if config.scheduler.synchronous else "server step"
         status(f"resuming {run_dir} after {unit} {snapshot.round}")
         (run_dir / "FAILED").unlink(missing_ok=True)
-        recorder = RunRecorder.resume(run_dir, snapshot.engine["positions"], snapshot.engine["rounds"])
+        recorder = RunRecorder.resume(run_dir, snapshot.engine.positions, snapshot.engine.rounds)
         engine = engine_factory(experiment, recorder)
         engine.restore(snapshot)
         name = config.executor.name if executor == "simulation" else executor

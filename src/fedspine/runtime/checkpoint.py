@@ -44,11 +44,20 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedspine.algorithms.clusters import ClusterAdapters
+from fedspine.algorithms.compression import UplinkChannel
+from fedspine.algorithms.schedulers import Scheduler
+from fedspine.algorithms.staleness import StaleUpdateHandler
+from fedspine.algorithms.strategies import Strategy
 from fedspine.algorithms.wire import flatten_state
+from fedspine.client.personal import PrivateAdapters
 from fedspine.errors import CheckpointError
 from fedspine.files import MIB, InputFileError, read_text
+from fedspine.metrics.records import RoundRecord
 from fedspine.runtime import statefile
 from fedspine.runtime.build import Experiment
+from fedspine.runtime.state import LoopState, RunState
+from fedspine.types import DeviceLora
 
 log = logging.getLogger("fedspine.checkpoint")
 
@@ -57,7 +66,7 @@ MANIFEST = "MANIFEST.json"
 CONFIG_FILE = "config.toml"
 MANIFEST_LIMIT = 4 * MIB
 """A manifest holds a few checksums and the run's config: a few KiB."""
-FORMAT = 10
+FORMAT = 11
 """Bumped whenever the saved state changes shape: an older checkpoint is refused, never misread."""
 FILES = frozenset(
     {
@@ -72,15 +81,49 @@ FILES = frozenset(
 
 
 @dataclass
+class LoopSnapshot:
+    """The engine's side of a checkpoint: where its clock, state and records stood."""
+
+    clock: float
+    device_lora: dict[int, DeviceLora]
+    state: RunState
+    rounds: list[RoundRecord]
+    """The round records written so far (the report and the summary read them)."""
+    positions: dict[str, int]
+    """Byte positions of the record files, to which a resumed run truncates them."""
+    loop: LoopState
+
+
+@dataclass
+class RunObjects:
+    """The run's stateful objects a checkpoint saves, which replace the freshly built ones on resume."""
+
+    strategy: Strategy
+    scheduler: Scheduler
+    uplink: UplinkChannel | None
+    stale_handler: StaleUpdateHandler
+    private: PrivateAdapters | None
+    clusters: ClusterAdapters | None
+
+    @classmethod
+    def of(cls, exp: Experiment) -> RunObjects:
+        return cls(exp.strategy, exp.scheduler, exp.uplink, exp.stale_handler, exp.private, exp.clusters)
+
+    def restore(self, exp: Experiment) -> None:
+        """Put these objects into ``exp`` in place of its own."""
+        exp.strategy, exp.scheduler, exp.uplink = self.strategy, self.scheduler, self.uplink
+        exp.stale_handler, exp.private, exp.clusters = self.stale_handler, self.private, self.clusters
+        exp.executor.private = self.private  # the devices' private adapters live with their trainer
+
+
+@dataclass
 class Snapshot:
     """What the engine needs to continue after round ``round``."""
 
     round: int
     """The round, or for an asynchronous run the global version (server steps), it was taken after."""
-    engine: dict[str, Any]
-    """Clock, per-device LoRA, run state, round records and record-file positions."""
-    objects: dict[str, Any]
-    """Strategy, scheduler, uplink channel, stale-update handler."""
+    engine: LoopSnapshot
+    objects: RunObjects
     base_delta: dict[str, torch.Tensor]
     base_weights: dict[str, torch.Tensor]
     """Current weights of the modules in ``base_delta``."""
@@ -234,7 +277,12 @@ def _load(directory: Path, exp: Experiment) -> Snapshot:
     tensors = load_file(str(directory / "state_tensors.safetensors"))
     data = json.loads((directory / "state.json").read_text(encoding="utf-8"))
     state = statefile.decode(data, _named(exp), tensors)
-    if not isinstance(state, dict) or set(state) != {"engine", "objects"}:
+    if (
+        not isinstance(state, dict)
+        or set(state) != {"engine", "objects"}
+        or not isinstance(state["engine"], LoopSnapshot)
+        or not isinstance(state["objects"], RunObjects)
+    ):
         raise CheckpointError("the checkpoint's state is not an engine and its objects")
     delta = load_file(str(directory / "base_delta.safetensors"))
     weights = load_file(str(directory / "base_weights.safetensors"))

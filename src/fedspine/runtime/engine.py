@@ -179,22 +179,15 @@ class Engine:
     def checkpoint(self, version: int) -> None:
         """Write an atomic checkpoint of everything needed to continue after server step ``version``."""
         exp = self.exp
-        engine = {
-            "clock": self.clock.now,
-            "device_lora": self.server.device_lora,
-            "state": self.state,
-            "rounds": self.recorder.rounds,
-            "positions": self.recorder.positions(),
-            "loop": self.loop,
-        }
-        objects = {
-            "strategy": exp.strategy,
-            "scheduler": exp.scheduler,
-            "uplink": exp.uplink,
-            "stale_handler": exp.stale_handler,
-            "private": exp.private,
-            "clusters": exp.clusters,
-        }
+        engine = checkpoints.LoopSnapshot(
+            self.clock.now,
+            self.server.device_lora,
+            self.state,
+            self.recorder.rounds,
+            self.recorder.positions(),
+            self.loop,
+        )
+        objects = checkpoints.RunObjects.of(exp)
         base_delta = self.server.base_delta
         weights = exp.executor.base_weights(sorted(base_delta))
         snapshot = checkpoints.Snapshot(version, engine, objects, base_delta, weights)
@@ -207,17 +200,14 @@ class Engine:
         server; not those whose arrival was already queued) end now as ``dropped``, and their devices
         are offered work again.
         """
-        exp = self.exp
-        for name, obj in snapshot.objects.items():
-            setattr(exp, name, obj)
-        exp.executor.private = exp.private  # the devices' private adapters live with their trainer
-        exp.executor.set_base_weights(snapshot.base_weights)
+        snapshot.objects.restore(self.exp)
+        self.exp.executor.set_base_weights(snapshot.base_weights)
         self.server.base_delta = dict(snapshot.base_delta)
         engine = snapshot.engine
-        self.clock.advance_to(engine["clock"])
-        self.server.device_lora = engine["device_lora"]
-        self.state = engine["state"]
-        self._loop = engine["loop"]
+        self.clock.advance_to(engine.clock)
+        self.server.device_lora = engine.device_lora
+        self.state = engine.state
+        self._loop = engine.loop
         self._bind()
         if self.transport.resume_at(self.clock.now):
             return

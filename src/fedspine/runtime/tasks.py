@@ -96,9 +96,9 @@ class Lost:
 
 @dataclass(frozen=True)
 class Timer:
-    """A timer the scheduler set fired."""
+    """A timer the scheduler set fired (its key: the scheduler's own number for it)."""
 
-    key: Any
+    key: int
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from fedspine.registry import Registry
 
@@ -134,7 +134,7 @@ class Scheduler(ABC):
         """A device's task was lost (it went offline, ran out of memory, or declined)."""
         return []
 
-    def on_timer(self, now: float, key: Any) -> list[ServerStep]:
+    def on_timer(self, now: float, key: int) -> list[ServerStep]:
         """A timer set through :meth:`take_timers` fired."""
         return []
 
@@ -145,7 +145,7 @@ class Scheduler(ABC):
     def on_available(self, now: float, device_id: int) -> None:  # noqa: B027 (optional hook)
         """A device that could not train (offline, out of memory) may be given work again."""
 
-    def take_timers(self) -> list[tuple[float, Any]]:
+    def take_timers(self) -> list[tuple[float, int]]:
         """Timers set since the last call, as ``(virtual time, key)``."""
         return []
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from fedspine.algorithms.schedulers.base import (
     SCHEDULERS,
@@ -83,7 +82,7 @@ class FedCompass(Scheduler):
         self.general: list[Arrival] = []
         self._next_group = 0
         self._to_assign: list[int] = []
-        self._timers: list[tuple[float, Any]] = []
+        self._timers: list[tuple[float, int]] = []
 
     # --- events ----------------------------------------------------------------------------------
 
@@ -124,7 +123,7 @@ class FedCompass(Scheduler):
             return []
         return self._complete(group_id)
 
-    def on_timer(self, now: float, key: Any) -> list[ServerStep]:
+    def on_timer(self, now: float, key: int) -> list[ServerStep]:
         """A group's latest arrival time: aggregate whoever arrived."""
         group = self.groups.get(key)
         if group is None or not group.arrived:
@@ -140,7 +139,7 @@ class FedCompass(Scheduler):
         self._to_assign = []
         return [self._order(device, self.assign(device, now), now) for device in waiting]
 
-    def take_timers(self) -> list[tuple[float, Any]]:
+    def take_timers(self) -> list[tuple[float, int]]:
         timers, self._timers = self._timers, []
         return timers
 

@@ -12,7 +12,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, Self
 
 import torch
 
@@ -88,10 +88,10 @@ class Partial(Protocol):
     """A partial aggregate: sums of weighted updates that merge associatively (stacked blocks, padded
     factor sums, coverage-normalised blocks)."""
 
-    def add(self, update: ClientUpdate, weight: float) -> Any:
+    def add(self, update: ClientUpdate, weight: float) -> Self:
         """Fold in one update with ``weight``; returns the partial."""
 
-    def merge(self, other: Any) -> Any:
+    def merge(self, other: Self) -> Self:
         """Fold in another partial of the same kind; returns the partial."""
 
 

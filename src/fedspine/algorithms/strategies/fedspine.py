@@ -58,7 +58,7 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -78,6 +78,11 @@ from fedspine.types import ClientUpdate, DeviceLora, LoraState, TaskResult, Task
 
 FLOAT_BYTES = 4
 INDEX_BYTES = 4
+
+
+K = TypeVar("K")
+LayerSums = dict[int, torch.Tensor]
+"""Per layer, a sum of per-unit values."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ class CoverageSum:
         return self
 
 
-def _add(table: dict[Any, torch.Tensor], key: Any, value: torch.Tensor) -> None:
+def _add(table: dict[K, torch.Tensor], key: K, value: torch.Tensor) -> None:
     table[key] = table[key] + value if key in table else value.clone()
 
 
@@ -194,7 +199,8 @@ class FedSpine(Strategy):
         """Per (``"heads"`` or ``"channels"``, layer), how many accepted updates trained each unit since
         the first pruned round."""
         self._warmup: set[int] = set()
-        self.rewards: list[dict[str, Any]] = []
+        self.rewards: list[dict[str, float | None]] = []
+        """Every reward the policy observed: round, device, arm, ratio, reward, quality (a trace)."""
         self._anchor: int | None = None
         self.global_rank = 0
         """Rank of the change devices download (0: exact merges), resolved by :meth:`init_global`."""
@@ -425,7 +431,13 @@ class FedSpine(Strategy):
     ) -> None:
         masks = self.masks
         kinds: list[
-            tuple[str, list[torch.Tensor], list[torch.Tensor] | None, dict[int, torch.Tensor], Any]
+            tuple[
+                str,
+                list[torch.Tensor],
+                list[torch.Tensor] | None,
+                dict[int, torch.Tensor],
+                dict[int, torch.Tensor],
+            ]
         ] = [
             ("heads", update.importance["heads"], masks.head_scores, partial.head_sums, partial.head_cover),
             (
@@ -448,7 +460,7 @@ class FedSpine(Strategy):
                     else torch.tensor(keep.kv_groups if kind == "heads" else keep.channels, dtype=torch.long)
                 )
                 mask = torch.zeros(size).index_fill_(0, kept, 1.0)
-                scale: Any = 1.0
+                scale: float | torch.Tensor = 1.0
                 if current is not None:
                     seen = scores.float()[kept].mean()
                     scale = current[layer][kept].mean() / seen if seen > 0 else torch.tensor(0.0)
