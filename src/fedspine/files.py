@@ -28,7 +28,7 @@ import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import NoReturn, TypeAlias
 
 from fedspine.errors import FedspineError
 
@@ -40,6 +40,10 @@ TEXT_LIMIT = 64 * MIB
 of a long run are a few MiB)."""
 CONFIG_LIMIT = 4 * MIB
 """Cap on a config, sweep or profile file: hand-written TOML is a few KiB."""
+
+JSON: TypeAlias = "dict[str, JSON] | list[JSON] | str | int | float | bool | None"
+"""A JSON document: dict (str keys), list, str, int, float, bool and None. A value read from outside
+is one of these, but of no known shape: narrow it (``isinstance``) before use."""
 
 
 class InputFileError(FedspineError):
@@ -104,7 +108,7 @@ def read_text(path: Path | str, limit: int = TEXT_LIMIT, within: Path | str | No
         raise InputFileError(path, f"is not UTF-8 text (byte {error.start})") from error
 
 
-def parse_json(text: str) -> Any:
+def parse_json(text: str) -> JSON:
     """``text`` parsed as strict JSON: no ``NaN`` or ``Infinity``, no number beyond a float's range
     (``1e400``), no nesting too deep to parse. fedspine never writes any of these.
 
@@ -112,12 +116,13 @@ def parse_json(text: str) -> Any:
         ValueError: saying what is wrong (a :class:`json.JSONDecodeError` gives the line and column).
     """
     try:
-        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        value: JSON = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        return value
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
 
-def _no_constant(name: str) -> Any:
+def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
@@ -214,6 +219,7 @@ def _size(limit: int) -> str:
 
 __all__ = [
     "CONFIG_LIMIT",
+    "JSON",
     "TEXT_LIMIT",
     "InputFileError",
     "check_inside",

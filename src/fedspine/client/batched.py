@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -59,7 +59,7 @@ class Lane:
     bias: dict[str, Tensor] = field(default_factory=dict)
     flap: bool = False
     probe: Batch | None = None
-    factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, init=False)
+    factors: dict[str, tuple[nn.Parameter, nn.Parameter]] = field(default_factory=dict, init=False)
     stats: dict[str, list[Any]] = field(default_factory=dict, init=False)
     mask: Tensor | None = field(default=None, init=False)
     """The real-token mask of the lane's rows in the current step (FLAP counts only these)."""
@@ -108,9 +108,9 @@ def concat_batches(batches: Sequence[Batch], padding_side: Literal["left", "righ
     )
 
 
-def base_linear(model: Any, name: str) -> nn.Linear:
+def base_linear(model: nn.Module, name: str) -> nn.Linear:
     """The frozen ``nn.Linear`` named ``name`` in the base model (inside a peft LoRA layer if wrapped)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
     module = base.get_submodule(name)
     module = getattr(module, "base_layer", module)
     if not isinstance(module, nn.Linear):
@@ -118,8 +118,15 @@ def base_linear(model: Any, name: str) -> nn.Linear:
     return module
 
 
+def _base_model(model: nn.Module) -> nn.Module:
+    """The base model inside a peft model; any other model itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    base: nn.Module = get_base_model() if get_base_model is not None else model
+    return base
+
+
 @contextmanager
-def lane_updates(model: Any, names: Sequence[str], rows: list[tuple[Lane, slice]]) -> Iterator[None]:
+def lane_updates(model: nn.Module, names: Sequence[str], rows: list[tuple[Lane, slice]]) -> Iterator[None]:
     """While active, each lane's rows see its own model: every adapted linear (``names``) adds the lane's
     ``scaling · B (A x)``, a pruned lane's removed units are zeroed at the input of ``o_proj`` and
     ``down_proj``, its compensation bias is added to ``down_proj``, and FLAP statistics are counted."""
@@ -166,11 +173,11 @@ def lane_updates(model: Any, names: Sequence[str], rows: list[tuple[Lane, slice]
             handle.remove()
 
 
-def _flap_modules(model: Any, rows: list[tuple[Lane, slice]]) -> set[str]:
+def _flap_modules(model: nn.Module, rows: list[tuple[Lane, slice]]) -> set[str]:
     """The ``o_proj`` / ``down_proj`` of every layer when a lane measures FLAP statistics."""
     if not any(lane.flap for lane, _ in rows):
         return set()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
     return {n for n, _ in base.named_modules() if n.endswith((".o_proj", ".down_proj")) and ".layers." in n}
 
 
@@ -186,7 +193,7 @@ def _count(lane: Lane, name: str, x: Tensor) -> None:
 
 
 def train_lanes(
-    model: Any,
+    model: nn.Module,
     objective: Objective,
     lanes: Sequence[Lane],
     *,
@@ -220,7 +227,8 @@ def train_lanes(
         lane.stats = {}
         optimizers.append(make_optimizer(_params(lane), optimizer, lr, weight_decay))
     losses: list[list[float]] = [[] for _ in lanes]
-    disable = model.disable_adapter() if hasattr(model, "disable_adapter") else _nothing()
+    disable_adapter = getattr(model, "disable_adapter", None)  # a peft model's
+    disable: AbstractContextManager[None] = disable_adapter() if disable_adapter is not None else _nothing()
     start = time.perf_counter()
     model.train()
     with disable:
@@ -271,7 +279,7 @@ def _rows(lanes: Sequence[Lane], batches: Sequence[Batch]) -> list[tuple[Lane, s
 
 @torch.no_grad()
 def _probe_losses(
-    model: Any,
+    model: nn.Module,
     objective: Objective,
     names: Sequence[str],
     lanes: Sequence[Lane],
@@ -300,7 +308,7 @@ def _factors(lane: Lane) -> Factors:
     return list(lane.factors.values())
 
 
-def _params(lane: Lane) -> list[Any]:
+def _params(lane: Lane) -> list[nn.Parameter]:
     return [p for pair in lane.factors.values() for p in pair]
 
 

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedspine.client.objectives import BatchResult, Objective
 from fedspine.data.batching import Batch, EncodedDataset, collate
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 EVAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """The dtypes ``eval.dtype`` may name (``"model"``: evaluate in the model's own dtype)."""
@@ -96,20 +100,21 @@ class EvalSet:
         return 1.0 - sum(b.num_tokens for b in self.batches) / max(positions, 1)
 
 
-def prepare_eval_model(model: Any, objective: Objective, dtype: str = "model") -> Any:
+def prepare_eval_model(model: PreTrainedModel, objective: Objective, dtype: str = "model") -> PreTrainedModel:
     """Ready ``model`` for :func:`evaluate` in place: cast to ``dtype``, let the objective cut its head.
 
     ``model`` must be a copy that nothing else uses (its head and dtype change).
     """
     if dtype != "model":
-        model.to(EVAL_DTYPES[dtype])
+        module: nn.Module = model  # as nn.Module: transformers' decorated .to() confuses mypy
+        module.to(EVAL_DTYPES[dtype])
     objective.prepare_eval(model)
     model.requires_grad_(False)
     return model
 
 
 @torch.inference_mode()
-def evaluate(model: Any, objective: Objective, batches: Iterable[Batch]) -> Evaluation:
+def evaluate(model: nn.Module, objective: Objective, batches: Iterable[Batch]) -> Evaluation:
     """Evaluate ``model`` (in eval mode, no dropout) over all ``batches``."""
     model.eval()
     device = next(model.parameters()).device

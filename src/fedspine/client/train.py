@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
+from torch import nn
 
 from fedspine.client.objectives import Objective
+from fedspine.data.batching import Batch
 
 
 @dataclass
@@ -33,14 +34,14 @@ def make_optimizer(
 
 
 def train_local(
-    model: Any,
+    model: nn.Module,
     objective: Objective,
-    batches: Iterable[Any],
+    batches: Iterable[Batch],
     optimizer: torch.optim.Optimizer,
     max_grad_norm: float = 0.0,
     penalty: Callable[[], torch.Tensor | None] | None = None,
     after_backward: Callable[[], None] | None = None,
-    before_forward: Callable[[Any], None] | None = None,
+    before_forward: Callable[[Batch], None] | None = None,
 ) -> LocalResult:
     """Run one optimizer step per batch on the trainable (LoRA) parameters of ``model``.
 

@@ -14,10 +14,10 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from fedspine.errors import CheckpointError
-from fedspine.files import InputFileError, parse_json, read_text
+from fedspine.files import JSON, InputFileError, parse_json, read_text
 from fedspine.metrics.events import Event
 from fedspine.metrics.summary import Summary
 
@@ -63,7 +63,7 @@ class RoundRecord:
 ROUND_COLUMNS = [f.name for f in fields(RoundRecord)]
 
 
-def _clean(value: Any) -> Any:
+def _clean(value: object) -> object:
     """JSON-safe value: NaN/inf become None, floats are rounded to stable precision."""
     if isinstance(value, float):
         return None if not math.isfinite(value) else round(value, 9)
@@ -74,7 +74,7 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: object) -> None:
     """Write JSON to a temporary file in the same directory, fsync, then rename over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
@@ -184,7 +184,7 @@ class RunRecorder:
         self._events.write(json.dumps(_clean({"event": event.kind, **event.record()})) + "\n")
         self._events.flush()
 
-    def host_timing(self, kind: str, **data: Any) -> None:
+    def host_timing(self, kind: str, **data: object) -> None:
         """Record a host wall-clock measurement (not deterministic, kept out of events)."""
         self._host.write(json.dumps(_clean({"event": kind, **data})) + "\n")
 
@@ -207,7 +207,7 @@ class RunRecorder:
         return path
 
 
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
+def read_events(run_dir: Path) -> list[JSON]:
     """All events of a run directory, in order. ``events.jsonl`` is read as untrusted input: a regular
     file inside ``run_dir`` (links resolved), at most :data:`~fedspine.files.TEXT_LIMIT` bytes, each
     line strict JSON.
@@ -216,7 +216,7 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
         InputFileError: naming the file (and the line) and what is wrong with it.
     """
     path = run_dir / EVENTS_FILE
-    events = []
+    events: list[JSON] = []
     for number, line in enumerate(read_text(path, within=run_dir).splitlines(), start=1):
         if line.strip():
             try:

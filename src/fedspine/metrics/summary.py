@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 from fedspine.types import TaskStatus
 
@@ -164,7 +164,7 @@ Check = Callable[[Any, str], Any]
 class _Wrong(ValueError):
     """A key's value is of the wrong type or out of range."""
 
-    def __init__(self, key: str, kind: str, value: Any) -> None:
+    def __init__(self, key: str, kind: str, value: object) -> None:
         self.key, self.kind, self.value = key, kind, value
         where = f"key '{key}'" if key else "the file"
         super().__init__(f"{where} must be {kind}, got {_shown(value)}")
@@ -175,17 +175,17 @@ def _join(key: str, name: object) -> str:
     return f"{key}.{name}" if key else str(name)
 
 
-def _shown(value: Any) -> str:
+def _shown(value: object) -> str:
     """``value``'s repr, cut short: a tampered value may be megabytes long."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _real(value: Any, key: str, low: float = -MAX_MAGNITUDE, high: float = MAX_MAGNITUDE) -> float:
+def _real(value: object, key: str, low: float = -MAX_MAGNITUDE, high: float = MAX_MAGNITUDE) -> float:
     """``value`` when it is a finite number from ``low`` to ``high``."""
     if not _is_number(value):
         raise _Wrong(key, "a number", value)
@@ -193,10 +193,10 @@ def _real(value: Any, key: str, low: float = -MAX_MAGNITUDE, high: float = MAX_M
         raise _Wrong(key, "a finite number", value)
     if not low <= value <= high:
         raise _Wrong(key, f"a number from {low:g} to {high:g}", value)
-    return cast(float, value)
+    return value
 
 
-def _count(value: Any, key: str, high: int = MAX_COUNT) -> int:
+def _count(value: object, key: str, high: int = MAX_COUNT) -> int:
     """``value`` as an int when it is a whole number from 0 to ``high``."""
     number = _real(value, key, 0, high)
     if number != int(number):
@@ -204,15 +204,15 @@ def _count(value: Any, key: str, high: int = MAX_COUNT) -> int:
     return int(number)
 
 
-def _seconds(value: Any, key: str) -> float:
+def _seconds(value: object, key: str) -> float:
     return _real(value, key, 0.0, MAX_SECONDS)
 
 
-def _non_negative(value: Any, key: str) -> float:
+def _non_negative(value: object, key: str) -> float:
     return _real(value, key, 0.0)
 
 
-def _fraction(value: Any, key: str) -> float:
+def _fraction(value: object, key: str) -> float:
     return _real(value, key, 0.0, 1.0)
 
 
@@ -232,7 +232,7 @@ def _nullable(check: Check) -> Check:
     return checked
 
 
-def _seed(value: Any, key: str) -> int:
+def _seed(value: object, key: str) -> int:
     return _count(value, key, MAX_SEED)
 
 
@@ -285,13 +285,13 @@ def _device_ids(each: Check) -> Check:
     return checked
 
 
-def _text_value(value: Any, key: str) -> str:
+def _text_value(value: object, key: str) -> str:
     if not isinstance(value, str):
         raise _Wrong(key, "text", value)
     return value
 
 
-def _flag(value: Any, key: str) -> bool:
+def _flag(value: object, key: str) -> bool:
     if not isinstance(value, bool):
         raise _Wrong(key, "true or false", value)
     return value

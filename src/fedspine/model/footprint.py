@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from fedspine.errors import ModelError
 from fedspine.types import TrainWorkload
@@ -120,7 +120,7 @@ class TokenCount:
     tokens: int
 
 
-def model_shape(hf_config: Any, num_parameters: int | None = None) -> ModelShape:
+def model_shape(hf_config: object, num_parameters: int | None = None) -> ModelShape:
     """Reads a ``ModelShape`` from a Hugging Face config.
 
     Llama-family configs are read exactly. For other architectures the standard config attributes
@@ -144,14 +144,14 @@ def model_shape(hf_config: Any, num_parameters: int | None = None) -> ModelShape
     return _calibrated_to_count(shape, num_parameters)
 
 
-def _required(hf_config: Any, name: str) -> int:
+def _required(hf_config: object, name: str) -> int:
     value = getattr(hf_config, name, None)
     if not isinstance(value, int):
         raise ModelError(f"config {type(hf_config).__name__} has no integer '{name}'")
     return value
 
 
-def _shape_from_attributes(hf_config: Any) -> ModelShape:
+def _shape_from_attributes(hf_config: object) -> ModelShape:
     hidden = _required(hf_config, "hidden_size")
     heads = _required(hf_config, "num_attention_heads")
     intermediate = getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None) or 0

@@ -9,10 +9,13 @@ scaling or soft-capping it applies after the head still applies).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class LabelHead(nn.Linear):
@@ -35,7 +38,7 @@ class LabelHead(nn.Linear):
         self.token_ids = tuple(int(i) for i in index.tolist())
 
 
-def cut_output_head(model: Any, token_ids: Sequence[int]) -> None:
+def cut_output_head(model: PreTrainedModel, token_ids: Sequence[int]) -> None:
     """Replace ``model``'s output head by a :class:`LabelHead` over ``token_ids`` (in place).
 
     Tied input embeddings are untouched: the new head owns a copy of the rows. Call it on a copy of the
@@ -52,7 +55,7 @@ def cut_output_head(model: Any, token_ids: Sequence[int]) -> None:
     model.set_output_embeddings(LabelHead(head, token_ids))
 
 
-def label_head(model: Any) -> LabelHead | None:
+def label_head(model: nn.Module) -> LabelHead | None:
     """The model's :class:`LabelHead`, or None when it has its full head."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if get is not None else None

@@ -21,13 +21,14 @@ import inspect
 import math
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from transformers import PretrainedConfig
 
 from fedspine.errors import ModelError
 from fedspine.model.footprint import ModelShape, combine_workloads, model_shape, train_workload
@@ -332,7 +333,7 @@ def prune_model(
     plan: PruningPlan,
     inplace: bool = False,
     channel_means: Sequence[Tensor] | None = None,
-) -> Any:
+) -> nn.Module:
     """``model`` (a deep copy unless ``inplace``) with the pruned KV groups and MLP channels removed.
 
     Slices q/k/v/gate/up output rows (and biases) and o/down input columns; ``in_features`` and
@@ -400,7 +401,9 @@ def compensate_removed_channels(model: nn.Module, plan: PruningPlan, channel_mea
         down.bias = nn.Parameter(bias.to(down.weight.dtype), requires_grad=False)
 
 
-def _apply_to_linears(model: nn.Module, plan: PruningPlan, edit: Any, inplace: bool = False) -> Any:
+def _apply_to_linears(
+    model: nn.Module, plan: PruningPlan, edit: Callable[[nn.Linear, Tensor, int], None], inplace: bool = False
+) -> nn.Module:
     """``model`` (or a deep copy) with ``edit(linear, kept_index, dim)`` applied to each planned linear."""
     shape = shape_of(model)
     edited = model if inplace else copy.deepcopy(model)
@@ -427,7 +430,7 @@ def _slice_linear(linear: nn.Linear, index: Tensor, dim: int) -> None:
         linear.in_features = index.numel()
 
 
-def masked_model(model: nn.Module, plan: PruningPlan) -> Any:
+def masked_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """A deep copy of ``model`` with pruned rows/columns (and biases) zeroed instead of removed.
 
     Same function as :func:`prune_model`: a zeroed KV group has zero values (its heads output zero whatever
@@ -498,7 +501,9 @@ _NOT_CARRIED = ("model_type", "architectures", "auto_map", "transformers_version
 """Config fields a :class:`LayerwiseLlamaConfig` sets itself (or ``save_pretrained`` writes)."""
 
 
-def pruned_hf_config(hf_config: Any, plan: PruningPlan, mlp_bias: bool = False) -> Any:
+def pruned_hf_config(
+    hf_config: PretrainedConfig, plan: PruningPlan, mlp_bias: bool = False
+) -> PretrainedConfig:
     """A config describing the pruned model, for ``save_pretrained``; ``mlp_bias`` for a model whose MLPs
     carry biases (bias compensation: see :func:`add_zero_mlp_biases`).
 
@@ -521,16 +526,16 @@ def pruned_hf_config(hf_config: Any, plan: PruningPlan, mlp_bias: bool = False) 
         }
         return config
     ((kv, channels),) = set(widths)
-    config = copy.deepcopy(hf_config)
-    config.num_key_value_heads = kv
-    config.num_attention_heads = kv * (shape.heads // shape.kv_heads)
-    config.intermediate_size = channels
-    config.head_dim = shape.head_dim
-    config.mlp_bias = mlp_bias
-    return config
+    same = copy.deepcopy(hf_config)
+    same.num_key_value_heads = kv
+    same.num_attention_heads = kv * (shape.heads // shape.kv_heads)
+    same.intermediate_size = channels
+    same.head_dim = shape.head_dim
+    same.mlp_bias = mlp_bias
+    return same
 
 
-def write_model_code(config: Any, directory: Path) -> None:
+def write_model_code(config: PretrainedConfig, directory: Path) -> None:
     """Put the source a config's ``auto_map`` names into ``directory`` (nothing for a stock config)."""
     if isinstance(config, LayerwiseLlamaConfig):
         shutil.copyfile(inspect.getfile(LayerwiseLlamaConfig), directory / f"{LAYERWISE_MODULE}.py")

@@ -183,7 +183,7 @@ def read_plan(root: Path) -> dict[str, Any]:
     return plan
 
 
-def _is_arm_name(name: Any) -> bool:
+def _is_arm_name(name: object) -> bool:
     return isinstance(name, str) and name not in (".", "..") and ARM_NAME.fullmatch(name) is not None
 
 
@@ -274,7 +274,7 @@ def parse_target(
     return Target(fraction * mean, f"{fraction:g} x {arm}'s mean final metric ({mean:.4g})")
 
 
-def target_form(text: Any, name: str) -> tuple[float, str | None]:
+def target_form(text: object, name: str) -> tuple[float, str | None]:
     """A target's form, before any run is read: ``(value, None)`` for a finite number > 0, or
     ``(fraction, arm)`` for ``"FRACTION*ARM"`` with a finite fraction > 0.
 
@@ -441,7 +441,7 @@ def _personal(key: str) -> Callable[[ArmRun], float | None]:
     return read
 
 
-def _finite(value: Any) -> float | None:
+def _finite(value: object) -> float | None:
     """``value`` when it is a finite number (a summary file may hold anything)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None

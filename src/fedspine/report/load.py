@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from fedspine.errors import FedspineError
-from fedspine.files import CONFIG_LIMIT, TEXT_LIMIT, InputFileError, parse_json, read_text
+from fedspine.files import CONFIG_LIMIT, JSON, TEXT_LIMIT, InputFileError, parse_json, read_text
 from fedspine.metrics.summary import MAX_MAGNITUDE, Summary
 
 SUMMARY_FILE = "summary.json"
@@ -196,9 +196,8 @@ def _parse_event(path: Path, line_number: int, line: str) -> dict[str, Any]:
         event = parse_json(line)
     except ValueError as error:
         raise ReportError(path, f"line {line_number}: invalid JSON ({error})") from error
-    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+    if not isinstance(event, dict) or not isinstance(kind := event.get("event"), str):
         raise ReportError(path, f"line {line_number}: expected a JSON object with a string 'event' key")
-    kind = event["event"]
     for key, expected in _EVENT_FIELDS.get(kind, {}).items():
         if not isinstance(event.get(key), expected) or not _in_range(event[key]):
             raise ReportError(path, f"line {line_number}: '{kind}' event needs a valid '{key}'")
@@ -207,7 +206,7 @@ def _parse_event(path: Path, line_number: int, line: str) -> dict[str, Any]:
     return event
 
 
-def _check_task(path: Path, line_number: int, event: dict[str, Any]) -> None:
+def _check_task(path: Path, line_number: int, event: dict[str, JSON]) -> None:
     """The numbers of a task event the report adds up and plots: each >= 0 (or null); the cost-model
     columns all present when one is."""
     required = _COST_MODEL_KEYS if "predicted_train_seconds" in event else ()
@@ -220,10 +219,10 @@ def _check_task(path: Path, line_number: int, event: dict[str, Any]) -> None:
         )
 
 
-def _is_number(value: Any) -> TypeGuard[float]:
+def _is_number(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _in_range(value: Any) -> bool:
+def _in_range(value: object) -> bool:
     """Whether a number lies within :data:`MAX_MAGNITUDE` (anything else passes: its type was checked)."""
     return not _is_number(value) or abs(value) <= MAX_MAGNITUDE

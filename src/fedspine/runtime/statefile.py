@@ -28,19 +28,23 @@ import importlib
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import MethodType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 
 from fedspine.errors import CheckpointError
+from fedspine.files import JSON
 
-JSON = Any
-"""A value made of dict (str keys), list, str, int, float, bool and None."""
+_T = TypeVar("_T")
 
 _PREFIX = "fedspine."
-_SPECIAL_FLOATS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+_SPECIAL_FLOATS: dict[object, float] = {  # looked up with any JSON value
+    "inf": math.inf,
+    "-inf": -math.inf,
+    "nan": math.nan,
+}
 
 
 def _float_tag(x: float) -> JSON:
@@ -50,14 +54,14 @@ def _float_tag(x: float) -> JSON:
 
 
 class _Encoder:
-    def __init__(self, live: dict[int, str]) -> None:
+    def __init__(self, live: Mapping[int, str]) -> None:
         self.live = live
         self.tensors: dict[str, torch.Tensor] = {}
         self._tensor_keys: dict[int, str] = {}
         self._ids: dict[int, int] = {}
-        self._kept: list[Any] = []  # keeps every encoded object alive, so no id() is reused meanwhile
+        self._kept: list[object] = []  # keeps every encoded object alive, so no id() is reused meanwhile
 
-    def encode(self, obj: Any, path: str) -> JSON:
+    def encode(self, obj: object, path: str) -> JSON:
         if obj is None or isinstance(obj, (bool, str)):
             return obj
         if type(obj) is int:
@@ -84,27 +88,27 @@ class _Encoder:
             self._kept.append(tensor)
         return key
 
-    def _items(self, items: Iterable[Any], path: str) -> list[JSON]:
+    def _items(self, items: Iterable[object], path: str) -> list[JSON]:
         return [self.encode(x, f"{path}[{i}]") for i, x in enumerate(items)]
 
-    def _body(self, obj: Any, path: str) -> dict[str, JSON]:
+    def _body(self, obj: object, path: str) -> dict[str, JSON]:
         kind = type(obj)
-        if kind is list:
+        if type(obj) is list:
             return {"$list": self._items(obj, path)}
-        if kind is tuple:
+        if type(obj) is tuple:
             return {"$tuple": self._items(obj, path)}
-        if kind in (set, frozenset):
+        if type(obj) is set or type(obj) is frozenset:
             return {"$set" if kind is set else "$frozenset": self._items(_sorted(obj), path)}
-        if kind in (dict, OrderedDict):
-            pairs = [
+        if type(obj) is dict or type(obj) is OrderedDict:
+            pairs: list[JSON] = [
                 [self.encode(k, f"{path}.key"), self.encode(v, f"{path}[{k!r}]")] for k, v in obj.items()
             ]
             return {"$dict" if kind is dict else "$ordereddict": pairs}
-        if kind is deque:
+        if type(obj) is deque:
             return {"$deque": self._items(obj, path), "maxlen": obj.maxlen}
-        if kind is bytes:
+        if type(obj) is bytes:
             return {"$bytes": base64.b64encode(obj).decode("ascii")}
-        if kind is random.Random:
+        if type(obj) is random.Random:
             return {"$random": self.encode(obj.getstate(), f"{path}.state")}
         if isinstance(obj, MethodType) and not obj.__name__.startswith("_"):
             return {"$method": obj.__name__, "self": self.encode(obj.__self__, f"{path}.__self__")}
@@ -123,7 +127,7 @@ def _sorted(values: Iterable[Any]) -> list[Any]:
         return items
 
 
-def encode(state: Any, live: dict[int, str]) -> tuple[JSON, dict[str, torch.Tensor]]:
+def encode(state: object, live: Mapping[int, str]) -> tuple[JSON, dict[str, torch.Tensor]]:
     """``state`` as JSON values and the tensors they refer to by key.
 
     ``live`` maps ``id()`` of objects that are not saved but re-attached on load to their names.
@@ -133,12 +137,12 @@ def encode(state: Any, live: dict[int, str]) -> tuple[JSON, dict[str, torch.Tens
 
 
 class _Decoder:
-    def __init__(self, live: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, live: Mapping[str, object], tensors: Mapping[str, torch.Tensor]) -> None:
         self.live = live
         self.tensors = tensors
-        self._objects: dict[int, Any] = {}
+        self._objects: dict[object, object] = {}  # keyed by ref (an int), looked up with any JSON value
 
-    def decode(self, data: JSON) -> Any:
+    def decode(self, data: JSON) -> object:
         if data is None or isinstance(data, (bool, str, int, float)):
             return data
         if isinstance(data, list):
@@ -154,12 +158,12 @@ class _Decoder:
             name = data["$live"]
             if name not in self.live:
                 raise CheckpointError(f"the checkpoint refers to {name!r}, which this run does not have")
-            return self.live[name]
+            return self.live[cast(str, name)]  # a key of live: a str
         if "$tensor" in data:
             key = data["$tensor"]
             if key not in self.tensors:
                 raise CheckpointError(f"the checkpoint refers to a tensor {key!r} it does not hold")
-            return self.tensors[key]
+            return self.tensors[cast(str, key)]  # a key of tensors: a str
         if "$ref" in data:
             if data["$ref"] not in self._objects:
                 raise CheckpointError(f"the checkpoint refers to object {data['$ref']!r} before defining it")
@@ -169,47 +173,50 @@ class _Decoder:
             raise CheckpointError(f"bad or repeated object id {ref!r} in a checkpoint's state")
         return self._build(data, ref)
 
-    def _register(self, ref: int, obj: Any) -> Any:
+    def _register(self, ref: int, obj: _T) -> _T:
         self._objects[ref] = obj
         return obj
 
-    def _list(self, data: dict[str, JSON], key: str) -> list[Any]:
+    def _list(self, data: dict[str, JSON], key: str) -> list[object]:
         items = data[key]
         if not isinstance(items, list):
             raise CheckpointError(f"{key} in a checkpoint's state is not a list")
         return [self.decode(x) for x in items]
 
-    def _build(self, data: dict[str, JSON], ref: int) -> Any:
+    def _build(self, data: dict[str, JSON], ref: int) -> object:
         # Mutable containers and objects are registered before their contents are decoded, so a
         # reference back to them from inside (a cycle) finds them.
         if "$list" in data:
-            out: list[Any] = self._register(ref, [])
+            out: list[object] = self._register(ref, [])
             out.extend(self._list(data, "$list"))
             return out
         if "$dict" in data or "$ordereddict" in data:
             key = "$dict" if "$dict" in data else "$ordereddict"
-            mapping: dict[Any, Any] = self._register(ref, {} if key == "$dict" else OrderedDict())
-            for pair in data[key]:
+            mapping: dict[object, object] = self._register(ref, {} if key == "$dict" else OrderedDict())
+            pairs = data[key]
+            if not isinstance(pairs, Iterable):  # what iterating it raises
+                raise TypeError(f"'{type(pairs).__name__}' object is not iterable")
+            for pair in pairs:
                 if not isinstance(pair, list) or len(pair) != 2:
                     raise CheckpointError("a dictionary entry in a checkpoint's state is not a pair")
                 mapping[self.decode(pair[0])] = self.decode(pair[1])
             return mapping
         if "$set" in data:
-            members: set[Any] = self._register(ref, set())
+            members: set[object] = self._register(ref, set())
             members.update(self._list(data, "$set"))
             return members
         if "$deque" in data:
             maxlen = data.get("maxlen")
             if maxlen is not None and (not isinstance(maxlen, int) or maxlen < 0):
                 raise CheckpointError(f"bad deque length {maxlen!r} in a checkpoint's state")
-            queue: deque[Any] = self._register(ref, deque(maxlen=maxlen))
+            queue: deque[object] = self._register(ref, deque(maxlen=maxlen))
             queue.extend(self._list(data, "$deque"))
             return queue
         if "$object" in data:
             return self._object(data, ref)
         if "$method" in data:
             return self._register(ref, self._method(data))
-        builders: dict[str, Callable[[Any], Any]] = {
+        builders: dict[str, Callable[[dict[str, JSON]], object]] = {
             "$tuple": lambda d: tuple(self._list(d, "$tuple")),
             "$frozenset": lambda d: frozenset(self._list(d, "$frozenset")),
             "$bytes": lambda d: base64.b64decode(str(d["$bytes"]), validate=True),
@@ -223,12 +230,13 @@ class _Decoder:
     def _random(self, data: dict[str, JSON]) -> random.Random:
         rng = random.Random()
         try:
-            rng.setstate(self.decode(data["$random"]))
+            state: Any = self.decode(data["$random"])  # checked by Random.setstate itself
+            rng.setstate(state)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"bad random state in a checkpoint: {exc}") from exc
         return rng
 
-    def _method(self, data: dict[str, JSON]) -> Any:
+    def _method(self, data: dict[str, JSON]) -> MethodType:
         name = data["$method"]
         if not isinstance(name, str) or name.startswith("_"):
             raise CheckpointError(f"the checkpoint asks for attribute {name!r}")
@@ -240,12 +248,12 @@ class _Decoder:
             raise CheckpointError(f"the checkpoint asks for {name!r}, which is not a method")
         return method
 
-    def _object(self, data: dict[str, JSON], ref: int) -> Any:
+    def _object(self, data: dict[str, JSON], ref: int) -> object:
         cls = _fedspine_class(data["$object"])
         fields = data.get("fields")
         if not isinstance(fields, dict):
             raise CheckpointError(f"the fields of a {cls.__name__} in a checkpoint are not a mapping")
-        obj = self._register(ref, object.__new__(cls))  # no constructor, no custom __new__
+        obj: object = self._register(ref, object.__new__(cls))  # no constructor, no custom __new__
         try:
             attributes = vars(obj)
         except TypeError as exc:
@@ -254,7 +262,7 @@ class _Decoder:
         return obj
 
 
-def _fedspine_class(name: JSON) -> type[Any]:
+def _fedspine_class(name: JSON) -> type:
     """The class ``module:Name`` if it is one defined in a fedspine module; never anything else."""
     if not isinstance(name, str) or name.count(":") != 1:
         raise CheckpointError(f"a checkpoint may not refer to {name!r}")
@@ -271,6 +279,6 @@ def _fedspine_class(name: JSON) -> type[Any]:
     return found
 
 
-def decode(data: JSON, live: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
+def decode(data: JSON, live: Mapping[str, object], tensors: Mapping[str, torch.Tensor]) -> object:
     """The object graph :func:`encode` wrote, with ``live`` objects and ``tensors`` re-attached."""
     return _Decoder(live, tensors).decode(data)

@@ -63,7 +63,7 @@ class Arm:
     """One setting of the comparison: its name and its overrides (dotted key -> value)."""
 
     name: str
-    overrides: dict[str, Any]
+    overrides: dict[str, object]
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class Sweep:
     name: str
     base: Path | None
     """Base config file (None: the built-in default experiment)."""
-    common: dict[str, Any]
+    common: dict[str, object]
     """Overrides every arm gets (``[set]``), applied before the arm's own."""
     arms: list[Arm]
     seeds: list[int]
@@ -105,7 +105,7 @@ class Sweep:
         text = to_toml(self.config(arm, seed=0, threads=1))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
-    def plan(self) -> dict[str, Any]:
+    def plan(self) -> dict[str, object]:
         """What ``sweep.json`` records: arm order, overrides, seeds, reference, target, fingerprints."""
         return {
             "name": self.name,
@@ -161,7 +161,7 @@ def parse_sweep(data: dict[str, Any], root: Path, default_name: str) -> Sweep:
     return Sweep(name, base_path, common, arms, seeds, reference, target)
 
 
-def _check_target(target: Any, arms: list[str]) -> None:
+def _check_target(target: object, arms: list[str]) -> None:
     """The comparison's target, checked before any run (:func:`~fedspine.report.compare.target_form`)
     and its arm against this sweep's (whether a fraction suits the metric's direction is known only
     from the runs: ``compare`` checks it)."""
@@ -172,7 +172,7 @@ def _check_target(target: Any, arms: list[str]) -> None:
         raise ConfigError("target", f"names no arm of this sweep: {arm[:60]!r}; arms: {', '.join(arms)}")
 
 
-def _seeds(value: Any) -> list[int]:
+def _seeds(value: object) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         if not 1 <= value <= MAX_RUNS:
             raise ConfigError("seeds", f"a count must be in 1..{MAX_RUNS}, got {value}")
@@ -188,10 +188,10 @@ def _seeds(value: Any) -> list[int]:
     return list(value)
 
 
-def _overrides(table: Any, where: str) -> dict[str, Any]:
+def _overrides(table: object, where: str) -> dict[str, object]:
     if not isinstance(table, dict):
         raise ConfigError(where, f"expected a table of dotted keys, got {type(table).__name__}")
-    flat: dict[str, Any] = {}
+    flat: dict[str, object] = {}
     for key, value in _flatten(table):
         if key in RESERVED:
             raise ConfigError(f"{where}.{key}", f"is set by the sweep ({RESERVED[key]}), not by an override")
@@ -199,13 +199,13 @@ def _overrides(table: Any, where: str) -> dict[str, Any]:
     return flat
 
 
-def _flatten(table: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+def _flatten(table: dict[str, object], prefix: str = "") -> list[tuple[str, object]]:
     """Dotted keys of a table: quoted (``"strategy.name" = ...``) and nested tables both work.
 
     A non-empty table is set key by key (merged into the base's table); an empty table ``{}``
     replaces the base's (e.g. ``"lora.class_ranks" = {}``).
     """
-    out: list[tuple[str, Any]] = []
+    out: list[tuple[str, object]] = []
     for key, value in table.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, dict) and value:
@@ -215,7 +215,7 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def _grid(table: Any) -> list[Arm]:
+def _grid(table: object) -> list[Arm]:
     if not isinstance(table, dict):
         raise ConfigError("grid", f"expected a table of value lists, got {type(table).__name__}")
     for key, values in table.items():
@@ -235,11 +235,11 @@ def _grid(table: Any) -> list[Arm]:
     return points
 
 
-def _label(value: Any) -> str:
+def _label(value: object) -> str:
     return json.dumps(value, separators=(",", ":")).strip('"') if not isinstance(value, str) else value
 
 
-def _arms(table: Any, grid: list[Arm]) -> list[Arm]:
+def _arms(table: object, grid: list[Arm]) -> list[Arm]:
     if not isinstance(table, dict):
         raise ConfigError("arms", f"expected a table of named arms, got {type(table).__name__}")
     named = [Arm(str(name), _overrides(over, f"arms.{name}")) for name, over in table.items()]
