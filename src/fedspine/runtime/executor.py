@@ -10,35 +10,24 @@ train exactly their own configuration on the shared base model.
 from __future__ import annotations
 
 import dataclasses
-import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from fedspine.algorithms.strategies.base import DeviceSide
 from fedspine.client.batched import Lane, LaneResult, base_linear, train_lanes
-from fedspine.client.evaluate import EvalSet, Evaluation, evaluate, prepare_eval_model
-from fedspine.client.objectives import Objective
-from fedspine.client.personal import PrivateAdapters
 from fedspine.client.train import LocalResult, make_optimizer, train_local
-from fedspine.data.batching import Batch, EncodedDataset, collate, iterate_batches
-from fedspine.model.footprint import ModelShape
-from fedspine.model.importance import ActivationTaylorMeter, FlapMeter, TaylorMeter, make_meter
+from fedspine.data.batching import Batch, collate
+from fedspine.model.importance import FlapMeter, TaylorMeter, make_meter
 from fedspine.model.lora import (
     ADAPTER,
     activate_adapter,
-    add_to_base_weights,
     apply_lora,
-    base_weights,
     ensure_adapter,
     get_lora_state,
-    merged_model,
-    plain_copy,
-    set_base_weights,
     set_lora_state,
 )
 from fedspine.model.pruning import (
@@ -46,22 +35,14 @@ from fedspine.model.pruning import (
     compensation_bias,
     layer_index_map,
     lora_between,
-    prune_model,
     pruned_workload,
     scatter_to_full,
 )
+from fedspine.runtime.replica import LocalTraining as LocalTraining
+from fedspine.runtime.replica import ModelReplica, _device_of, adapter_name
+from fedspine.runtime.replica import logits_positions as logits_positions
+from fedspine.runtime.replica import task_seed as task_seed
 from fedspine.types import ClientTask, ClientUpdate, Device, DeviceLora, LoraState, TrainWorkload
-
-
-@dataclass(frozen=True)
-class LocalTraining:
-    """Flat local-training settings (built from ``config.train``)."""
-
-    batch_size: int
-    lr: float
-    optimizer: str
-    weight_decay: float
-    max_grad_norm: float
 
 
 @dataclass
@@ -86,71 +67,8 @@ FORWARD_SHARE = 1.0 / 3.0
 the forward)."""
 
 
-def task_seed(seed: int, *parts: int) -> int:
-    """A stable 31-bit seed for (run seed, round, device...) that does not depend on hash salting."""
-    return zlib.crc32(np.array([seed, *parts], dtype=np.int64).tobytes()) & 0x7FFFFFFF
-
-
-def adapter_name(lora: DeviceLora) -> str:
-    """Name of the peft adapter that trains at ``lora``'s rank and scaling."""
-    return f"r{lora.rank}_s{lora.scaling:g}".replace(".", "p")
-
-
-def logits_positions(objective: Objective) -> Literal["all", "last"]:
-    """Where a training step needs logits: the last position for classification, every one otherwise."""
-    return "last" if objective.metric_name == "accuracy" else "all"
-
-
-class SimExecutor:
+class SimExecutor(ModelReplica):
     """Trains client tasks on one shared in-process model, swapping LoRA states in and out."""
-
-    def __init__(
-        self,
-        model: Any,
-        objective: Objective,
-        device_side: DeviceSide,
-        train_data: EncodedDataset,
-        partitions: Sequence[np.ndarray],
-        training: LocalTraining,
-        shape: ModelShape,
-        target_modules: Sequence[str],
-        seed: int,
-        importance: str = "magnitude",
-        lora_dropout: float = 0.0,
-        eval_dtype: str = "model",
-        measure_means: bool = False,
-        batch_clients: int = 1,
-    ) -> None:
-        self.model = model
-        self.objective = objective
-        self.device_side = device_side
-        self.train_data = train_data
-        self.partitions = partitions
-        self.training = training
-        self.shape = shape
-        self.target_modules = list(target_modules)
-        self.lora_targets = len(self.target_modules)
-        self.seed = seed
-        self.logits_positions = logits_positions(objective)
-        self._global_adapter: str | None = ADAPTER
-        self.importance = importance
-        """Importance the devices measure while training pruned submodels (taylor, flap, magnitude)."""
-        self.lora_dropout = lora_dropout
-        self.eval_dtype = eval_dtype
-        """Dtype of the copies evaluated (``eval.dtype``)."""
-        self.measure_means = measure_means
-        """Devices that measure FLAP importance also report their MLP channels' mean inputs (for bias
-        compensation)."""
-        self.batch_clients = batch_clients
-        """How many tasks :meth:`run_many` trains in one batch (1: one by one)."""
-        self.private: PrivateAdapters | None = None
-        """The devices' private adapters (``personalize.method = "split"``), trained beside the shared
-        one in every task; None: devices train the shared adapter only."""
-        self.personal_lora: DeviceLora | None = None
-        """Rank and scaling of the adapter a device trains beside the shared one (its private adapter,
-        or its cluster's with ``clustered``); None: none."""
-        self.clusters = 0
-        """How many cluster adapters each task chooses among (``clustered``; 0: none)."""
 
     @property
     def trains_together(self) -> bool:
@@ -225,16 +143,6 @@ class SimExecutor:
         if not unused:
             return None
         return collate(self.train_data, unused[: self.training.batch_size])
-
-    def _cycle(self, indices: np.ndarray, rng: np.random.Generator, steps: int) -> Iterator[Batch]:
-        produced = 0
-        while produced < steps:
-            size = self.training.batch_size
-            for batch in iterate_batches(self.train_data, indices, size, rng, shuffle=True):
-                yield batch
-                produced += 1
-                if produced == steps:
-                    return
 
     def run(self, task: ClientTask, prepared: PreparedTask) -> ClientUpdate:
         """Train: load the task's starting adapter, run the local steps, read and post-process it."""
@@ -446,11 +354,6 @@ class SimExecutor:
             lora_scaling=task.lora.scaling,
         )
 
-    def pruned_model(self, plan: PruningPlan, channel_means: list[torch.Tensor] | None = None) -> Any:
-        """A plain (adapter-free) copy of the current base model, pruned by ``plan`` (with the removed
-        MLP channels' mean outputs kept as biases when ``channel_means`` are given)."""
-        return prune_model(plain_copy(self.model), plan, inplace=True, channel_means=channel_means)
-
     def _run_pruned(self, task: ClientTask, prepared: PreparedTask) -> ClientUpdate:
         """Train a fresh adapter on the pruned submodel; measure importance and its held-out loss."""
         model = apply_lora(
@@ -511,156 +414,10 @@ class SimExecutor:
             self._keep_personal(model, task, personal, update)
         return update
 
-    def _activate(self, lora: DeviceLora) -> str:
-        name = adapter_name(lora)
-        ensure_adapter(self.model, name, lora.rank, lora.alpha)
-        activate_adapter(self.model, name)
-        return name
-
     def _penalty(self, name: str) -> Any:
         layers = [m for m in self.model.modules() if hasattr(m, "lora_A") and name in m.lora_A]
         factors = [(m.lora_A[name].weight, m.lora_B[name].weight) for m in layers]
         return lambda: self.device_side.penalty(factors)
-
-    def load_global(self, state: LoraState) -> None:
-        """Put the global adapter (scaling 1) into the model; an empty state means base weights only."""
-        if not state:
-            self._global_adapter = None
-            return
-        rank = int(next(iter(state.values()))["A"].shape[0])
-        self._global_adapter = self._activate(DeviceLora(rank=rank, scaling=1.0))
-        set_lora_state(self.model, state, self._global_adapter)
-
-    def merge_into_base(self, deltas: dict[str, torch.Tensor]) -> None:
-        """Add aggregated weight deltas to the shared base weights (FLoRA)."""
-        add_to_base_weights(self.model, deltas)
-
-    def base_weights(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Copies of the shared base weights of the named modules."""
-        return base_weights(self.model, names)
-
-    def set_base_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Overwrite the shared base weights of the named modules (restoring a checkpoint)."""
-        set_base_weights(self.model, weights)
-
-    def deployed_model(
-        self, plan: PruningPlan | None = None, channel_means: list[torch.Tensor] | None = None
-    ) -> Any:
-        """A plain copy of the model a device deploys: the global adapter loaded by :meth:`load_global`
-        merged in (none: the base as it is); with a pruning ``plan`` the base pruned instead (pruning
-        strategies keep no adapter), compensated with ``channel_means``."""
-        if plan is not None:
-            return self.pruned_model(plan, channel_means)
-        if self._global_adapter is None:
-            return plain_copy(self.model)
-        return merged_model(self.model)
-
-    def eval_model(
-        self, plan: PruningPlan | None = None, channel_means: list[torch.Tensor] | None = None
-    ) -> Any:
-        """:meth:`deployed_model`, ready for :func:`evaluate`."""
-        return self.ready(self.deployed_model(plan, channel_means))
-
-    def ready(self, model: Any) -> Any:
-        """``model`` (a copy nothing else uses) ready for :func:`evaluate` in ``eval.dtype``."""
-        return prepare_eval_model(model, self.objective, self.eval_dtype)
-
-    # --- personal models (``[personalize]``) ---------------------------------------------------------
-
-    def local_batches(self, device: Device, steps: int, key: int) -> list[Batch]:
-        """``steps`` batches of ``device``'s training examples, drawn for the task keyed ``key``."""
-        rng = np.random.default_rng(task_seed(self.seed, key, device.device_id))
-        return list(self._cycle(self.partitions[device.device_id], rng, steps))
-
-    def finetuned(
-        self,
-        device: Device,
-        batches: list[Batch],
-        rank: int,
-        alpha: float,
-        key: int,
-        plan: PruningPlan | None = None,
-        channel_means: list[torch.Tensor] | None = None,
-    ) -> Any:
-        """``device``'s deployed model (:meth:`deployed_model`) after a fresh adapter of ``rank`` trained
-        on it for one step per batch, merged in."""
-        model = apply_lora(
-            self.deployed_model(plan, channel_means),
-            rank,
-            alpha,
-            self.lora_dropout,
-            self.target_modules,
-            seed=task_seed(self.seed, key, device.device_id, 3),
-        )
-        torch.manual_seed(task_seed(self.seed, key, device.device_id, 1))
-        params = [p for p in model.parameters() if p.requires_grad]
-        t = self.training
-        train_local(
-            model,
-            self.objective,
-            batches,
-            make_optimizer(params, t.optimizer, t.lr, t.weight_decay),
-            t.max_grad_norm,
-        )
-        return _merged(model)
-
-    def with_adapter(
-        self,
-        state: LoraState,
-        rank: int,
-        alpha: float,
-        plan: PruningPlan | None = None,
-        channel_means: list[torch.Tensor] | None = None,
-    ) -> Any:
-        """The deployed model with the adapter ``state`` (in that model's coordinates: ``plan``'s
-        submodel; scaling ``alpha / rank``) merged in."""
-        model = apply_lora(self.deployed_model(plan, channel_means), rank, alpha, 0.0, self.target_modules)
-        set_lora_state(model, state)
-        return _merged(model)
-
-    def local_importance(
-        self, model: Any, batches: list[Batch], kind: str = "flap", compensated: bool = False
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Scores of ``model``'s KV groups and MLP channels on ``batches`` and its MLP channels' mean
-        inputs there: ``(heads, channels, means)`` per layer. ``kind``: ``taylor`` (the first-order
-        change of the task loss, :class:`ActivationTaylorMeter`: a backward pass per batch; with
-        ``compensated``, of replacing a channel by its mean) or ``flap`` (forward passes only)."""
-        flap = FlapMeter(model, self.shape.head_dim)
-        taylor = ActivationTaylorMeter(model, self.shape.head_dim) if kind == "taylor" else None
-        device = _device_of(model)
-        with (
-            flap,
-            taylor if taylor is not None else nullcontext(),
-            torch.set_grad_enabled(taylor is not None),
-        ):
-            for batch in batches:
-                flap.before_forward(batch)
-                loss = self.objective.loss(model, batch.to(device))
-                if taylor is not None:
-                    loss.backward()
-        means = flap.channel_means()
-        heads, channels = taylor.result(means if compensated else None) if taylor else flap.result()
-        return heads, channels, means
-
-    def evaluate(
-        self,
-        eval_set: EvalSet,
-        plan: PruningPlan | None = None,
-        channel_means: list[torch.Tensor] | None = None,
-    ) -> Evaluation:
-        """Evaluate the model with the global adapter loaded by :meth:`load_global` (pruned by ``plan``,
-        compensated with ``channel_means``)."""
-        return evaluate(self.eval_model(plan, channel_means), self.objective, eval_set.batches)
-
-    def evaluate_many(
-        self,
-        eval_sets: Sequence[EvalSet],
-        plan: PruningPlan | None = None,
-        channel_means: list[torch.Tensor] | None = None,
-    ) -> list[Evaluation]:
-        """:meth:`evaluate` on each of ``eval_sets``, with one copy of the evaluated model."""
-        model = self.eval_model(plan, channel_means)
-        return [evaluate(model, self.objective, s.batches) for s in eval_sets]
 
 
 def forward_only(workload: TrainWorkload) -> TrainWorkload:
@@ -669,18 +426,6 @@ def forward_only(workload: TrainWorkload) -> TrainWorkload:
     return dataclasses.replace(
         workload, flops=workload.flops * FORWARD_SHARE, bytes_moved=workload.bytes_moved * FORWARD_SHARE
     )
-
-
-def _device_of(model: Any) -> torch.device:
-    device: torch.device = next(model.parameters()).device
-    return device
-
-
-def _merged(model: Any) -> Any:
-    """A peft model's adapter folded into its weights: a plain, frozen model."""
-    plain = model.merge_and_unload()
-    plain.requires_grad_(False)
-    return plain
 
 
 def _layer_prefix(layer: int) -> str:
