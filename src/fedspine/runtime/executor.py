@@ -98,12 +98,12 @@ class SimExecutor(ModelReplica):
             workload = self.workload(device, batches, lora.rank, plan)
             return PreparedTask(round_no, device, lora, batches, workload, len(indices), probe)
         workload = self.workload(device, batches, lora.rank + self.personal_lora.rank, plan)
-        if self.clusters and batches:  # one forward pass of the first batch per cluster to choose
+        if self.cluster_count and batches:  # one forward pass of the first batch per cluster to choose
             choosing = forward_only(self.workload(device, batches[:1], self.personal_lora.rank, plan))
             workload = dataclasses.replace(
                 workload,
-                flops=workload.flops + self.clusters * choosing.flops,
-                bytes_moved=workload.bytes_moved + self.clusters * choosing.bytes_moved,
+                flops=workload.flops + self.cluster_count * choosing.flops,
+                bytes_moved=workload.bytes_moved + self.cluster_count * choosing.bytes_moved,
             )
         without = self.workload(device, batches, lora.rank, plan)
         return PreparedTask(round_no, device, lora, batches, workload, len(indices), probe, without)

@@ -86,6 +86,9 @@ class ModelReplica:
         eval_dtype: str = "model",
         measure_means: bool = False,
         batch_clients: int = 1,
+        personal_lora: DeviceLora | None = None,
+        private: PrivateAdapters | None = None,
+        cluster_count: int = 0,
     ) -> None:
         self.model = model
         self.objective = objective
@@ -109,13 +112,13 @@ class ModelReplica:
         compensation)."""
         self.batch_clients = batch_clients
         """How many tasks :meth:`run_many` trains in one batch (1: one by one)."""
-        self.private: PrivateAdapters | None = None
+        self.private = private
         """The devices' private adapters (``personalize.method = "split"``), trained beside the shared
         one in every task; None: devices train the shared adapter only."""
-        self.personal_lora: DeviceLora | None = None
+        self.personal_lora = personal_lora
         """Rank and scaling of the adapter a device trains beside the shared one (its private adapter,
         or its cluster's with ``clustered``); None: none."""
-        self.clusters = 0
+        self.cluster_count = cluster_count
         """How many cluster adapters each task chooses among (``clustered``; 0: none)."""
 
     def _cycle(self, indices: np.ndarray, rng: np.random.Generator, steps: int) -> Iterator[Batch]:

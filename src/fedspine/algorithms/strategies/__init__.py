@@ -6,9 +6,11 @@ from fedspine.algorithms.strategies.fedspine import FedSpine
 from fedspine.algorithms.strategies.flexlora import FlexLoRA
 from fedspine.algorithms.strategies.flora import FLoRA
 from fedspine.algorithms.strategies.hetlora import HetLoRA
+from fedspine.algorithms.strategies.presets import PRESETS, Preset
 from fedspine.algorithms.strategies.zeropad import ZeroPad
 
 __all__ = [
+    "PRESETS",
     "STRATEGIES",
     "Assignment",
     "Dispatch",
@@ -17,6 +19,7 @@ __all__ = [
     "FedSpine",
     "FlexLoRA",
     "HetLoRA",
+    "Preset",
     "Strategy",
     "ZeroPad",
 ]

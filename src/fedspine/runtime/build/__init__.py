@@ -274,6 +274,22 @@ def build_experiment(cfg: Config, status: Status | None = None, node: NodeData |
     else:
         strategy = build_strategy(cfg)
     t = cfg.train
+    personal = cfg.personalize
+    personal_lora = (
+        DeviceLora(personal.rank, cfg.lora.alpha / personal.rank)
+        if personal.method in ("split", "clustered")
+        else None
+    )
+    private = (
+        PrivateAdapters(shapes, personal.rank, cfg.lora.alpha, cfg.run.seed)
+        if personal.method == "split"
+        else None
+    )
+    clusters = (
+        ClusterAdapters(shapes, personal.clusters, personal.rank, cfg.lora.alpha, cfg.run.seed)
+        if personal.method == "clustered"
+        else None
+    )
     on_ray: dict[str, Any] = {}
     if cfg.executor.name == "ray":
         on_ray = {"replicas": start_replicas(cfg, make_executor), "owns_ray": not cfg.executor.address}
@@ -292,17 +308,11 @@ def build_experiment(cfg: Config, status: Status | None = None, node: NodeData |
         eval_dtype=cfg.eval.dtype,
         measure_means=cls.prunes and cfg.strategy.fedspine.compensates,
         batch_clients=batch_clients(cfg, device, len(devices)),
+        personal_lora=personal_lora,
+        private=private,
+        cluster_count=personal.clusters if clusters is not None else 0,
         **on_ray,
     )
-    personal = cfg.personalize
-    clusters = None
-    if personal.method in ("split", "clustered"):
-        executor.personal_lora = DeviceLora(personal.rank, cfg.lora.alpha / personal.rank)
-    if personal.method == "split":
-        executor.private = PrivateAdapters(shapes, personal.rank, cfg.lora.alpha, cfg.run.seed)
-    if personal.method == "clustered":
-        clusters = ClusterAdapters(shapes, personal.clusters, personal.rank, cfg.lora.alpha, cfg.run.seed)
-        executor.clusters = personal.clusters
     return Experiment(
         settings=run_settings(cfg),
         devices=devices,
@@ -323,7 +333,7 @@ def build_experiment(cfg: Config, status: Status | None = None, node: NodeData |
         stale_handler=build_stale_handler(cfg),
         uplink=build_uplink(cfg),
         local_tests=local_tests,
-        private=executor.private,
+        private=private,
         clusters=clusters,
     )
 

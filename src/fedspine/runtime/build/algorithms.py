@@ -24,8 +24,8 @@ from fedspine.algorithms.schedulers import Limits, Scheduler, SyncScheduler
 from fedspine.algorithms.staleness import StalenessFunction, StaleUpdateHandler, make_handler
 from fedspine.algorithms.strategies import FedSpine, Strategy
 from fedspine.algorithms.strategies.base import ModuleShapes, Weighting
-from fedspine.algorithms.strategies.fedspine import PRESETS
 from fedspine.algorithms.strategies.masks import PruningMasks
+from fedspine.algorithms.strategies.presets import PRESETS
 from fedspine.config import Config, FedSpineSection
 from fedspine.errors import ConfigError
 from fedspine.fleet.cost import CostModel
