@@ -25,14 +25,17 @@ from fedspine.algorithms.robust import ROBUST_RULES
 from fedspine.algorithms.schedulers import Scheduler
 from fedspine.algorithms.staleness import Identity, StaleUpdateHandler
 from fedspine.algorithms.strategies import FedSpine, Strategy
+from fedspine.algorithms.strategies.base import DeviceSide, PlainTraining
 from fedspine.client.evaluate import EvalSet
 from fedspine.client.objectives import Objective
 from fedspine.client.personal import PrivateAdapters
 from fedspine.config import Config
 from fedspine.data import EncodedDataset
+from fedspine.data.tasks import Task
 from fedspine.errors import ConfigError
 from fedspine.fleet.availability import AlwaysOnline, AvailabilityTrace
 from fedspine.model.footprint import ModelShape, model_shape
+from fedspine.model.importance import Scores
 from fedspine.model.lora import apply_lora, module_shapes
 from fedspine.model.pruning import magnitude_scores
 from fedspine.runtime.build.algorithms import (
@@ -219,28 +222,47 @@ def check_personalize(cfg: Config, cls: type[Strategy]) -> None:
 
 
 def make_executor(cfg: Config) -> SimExecutor:
-    """The in-process trainer of ``cfg`` (a Ray worker's replica). It is built with the whole run, as
-    the trainer needs the run's model, objective and device-side training rule."""
+    """The in-process trainer of ``cfg`` (a Ray worker's replica): its data, model and executor only,
+    none of the run's server side (scheduler, strategy state, codecs, trace)."""
     cfg = dataclasses.replace(cfg, executor=dataclasses.replace(cfg.executor, name="simulation"))
-    return build_experiment(cfg).executor
+    cls = strategy_class(cfg)
+    device_side = PlainTraining() if cls.prunes else build_strategy(cfg).device_side
+    devices = build_fleet_from_config(cfg)
+    return build_trainer(cfg, devices, device_side).executor
 
 
-def build_experiment(cfg: Config, status: Status | None = None, node: NodeData | None = None) -> Experiment:
-    """Validate names and the fleet, load data and model, and assemble the run.
+@dataclass
+class Trainer:
+    """What trains, and what the run's server side builds on: the devices' data, the model with LoRA
+    and the executor that trains it."""
 
-    With ``node``, the run as one deployed device's node builds it: that device's own examples are its
-    training data (less its held-out slice), the config's data source is never read, and the central
-    test set is empty.
-    """
+    executor: SimExecutor
+    objective: Objective
+    task: Task
+    train_data: EncodedDataset
+    test_data: EncodedDataset
+    partitions: list[np.ndarray]
+    local_tests: dict[int, EvalSet]
+    shape: ModelShape
+    module_shapes: dict[str, tuple[int, int]]
+    tokenizer: Any
+    initial_scores: Scores | None
+    """The dense model's magnitude scores, for a pruning strategy's masks (None: it does not prune)."""
+    private: PrivateAdapters | None
+
+
+def build_trainer(
+    cfg: Config,
+    devices: list[Device],
+    device_side: DeviceSide,
+    status: Status | None = None,
+    node: NodeData | None = None,
+) -> Trainer:
+    """Load the data and the model, and build the executor that trains ``devices``' tasks with
+    ``device_side`` (the strategy's part of local training). ``node``: as :func:`build_experiment`."""
     say = status or (lambda _msg: None)
-    torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg)
     cls = strategy_class(cfg)
-    check_personalize(cfg, cls)
-    devices = build_fleet_from_config(cfg)
-    device_lora = build_device_lora(cfg, devices, cls)
-    scheduler = build_scheduler(cfg, len(devices), cls)
-    check_robustness(cfg, cls, device_lora)
     rng = np.random.default_rng(cfg.run.seed)
     if node is None:
         say(f"loading data source '{cfg.data.source}'")
@@ -267,36 +289,20 @@ def build_experiment(cfg: Config, status: Status | None = None, node: NodeData |
         model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, seed=cfg.run.seed
     )
     shapes = module_shapes(peft_model)
-    strategy: Strategy
-    if initial_scores is not None:
-        workloads = TaskWorkloads.from_config(cfg, shape, logits_positions(objective))
-        strategy = build_pruning_strategy(cfg, shape, shapes, initial_scores, workloads, devices, device_lora)
-    else:
-        strategy = build_strategy(cfg)
-    t = cfg.train
-    personal = cfg.personalize
-    personal_lora = (
-        DeviceLora(personal.rank, cfg.lora.alpha / personal.rank)
-        if personal.method in ("split", "clustered")
-        else None
-    )
-    private = (
-        PrivateAdapters(shapes, personal.rank, cfg.lora.alpha, cfg.run.seed)
-        if personal.method == "split"
-        else None
-    )
-    clusters = (
-        ClusterAdapters(shapes, personal.clusters, personal.rank, cfg.lora.alpha, cfg.run.seed)
-        if personal.method == "clustered"
-        else None
-    )
+    t, personal = cfg.train, cfg.personalize
+    personal_lora = None
+    if personal.method in ("split", "clustered"):
+        personal_lora = DeviceLora(personal.rank, cfg.lora.alpha / personal.rank)
+    private = None
+    if personal.method == "split":
+        private = PrivateAdapters(shapes, personal.rank, cfg.lora.alpha, cfg.run.seed)
     on_ray: dict[str, Any] = {}
     if cfg.executor.name == "ray":
         on_ray = {"replicas": start_replicas(cfg, make_executor), "owns_ray": not cfg.executor.address}
     executor = (RayExecutor if on_ray else SimExecutor)(
         peft_model,
         objective,
-        strategy.device_side,
+        device_side,
         train_data,
         parts,
         LocalTraining(t.batch_size, t.lr, t.optimizer, t.weight_decay, t.max_grad_norm),
@@ -310,30 +316,81 @@ def build_experiment(cfg: Config, status: Status | None = None, node: NodeData |
         batch_clients=batch_clients(cfg, device, len(devices)),
         personal_lora=personal_lora,
         private=private,
-        cluster_count=personal.clusters if clusters is not None else 0,
+        cluster_count=personal.clusters if personal.method == "clustered" else 0,
         **on_ray,
     )
+    return Trainer(
+        executor,
+        objective,
+        task,
+        train_data,
+        test_data,
+        parts,
+        local_tests,
+        shape,
+        shapes,
+        tokenizer,
+        initial_scores,
+        private,
+    )
+
+
+def build_experiment(cfg: Config, status: Status | None = None, node: NodeData | None = None) -> Experiment:
+    """Validate names and the fleet, load data and model, and assemble the run.
+
+    With ``node``, the run as one deployed device's node builds it: that device's own examples are its
+    training data (less its held-out slice), the config's data source is never read, and the central
+    test set is empty.
+    """
+    torch.set_num_threads(cfg.run.threads)
+    resolve_device(cfg)
+    cls = strategy_class(cfg)
+    check_personalize(cfg, cls)
+    devices = build_fleet_from_config(cfg)
+    device_lora = build_device_lora(cfg, devices, cls)
+    scheduler = build_scheduler(cfg, len(devices), cls)
+    check_robustness(cfg, cls, device_lora)
+    plain = None if cls.prunes else build_strategy(cfg)
+    trainer = build_trainer(
+        cfg, devices, PlainTraining() if plain is None else plain.device_side, status, node
+    )
+    strategy: Strategy
+    if plain is None:
+        assert trainer.initial_scores is not None
+        workloads = TaskWorkloads.from_config(cfg, trainer.shape, logits_positions(trainer.objective))
+        strategy = build_pruning_strategy(
+            cfg, trainer.shape, trainer.module_shapes, trainer.initial_scores, workloads, devices, device_lora
+        )
+    else:
+        strategy = plain
+    personal = cfg.personalize
+    clusters = None
+    if personal.method == "clustered":
+        clusters = ClusterAdapters(
+            trainer.module_shapes, personal.clusters, personal.rank, cfg.lora.alpha, cfg.run.seed
+        )
+    test_data = trainer.test_data
     return Experiment(
         settings=run_settings(cfg),
         devices=devices,
         strategy=strategy,
         scheduler=scheduler,
-        executor=executor,
-        objective=objective,
+        executor=trainer.executor,
+        objective=trainer.objective,
         test_data=test_data,
         test_set=EvalSet.from_dataset(test_data, cfg.eval.batch_size),
-        partitions=parts,
+        partitions=trainer.partitions,
         device_lora=device_lora,
-        module_shapes=shapes,
+        module_shapes=trainer.module_shapes,
         task_name=task_name(cfg),
-        chance_level=task.chance_level(test_data) if len(test_data) else float("nan"),
-        shape=shape,
-        tokenizer=tokenizer,
+        chance_level=trainer.task.chance_level(test_data) if len(test_data) else float("nan"),
+        shape=trainer.shape,
+        tokenizer=trainer.tokenizer,
         trace=build_trace(cfg),
         stale_handler=build_stale_handler(cfg),
         uplink=build_uplink(cfg),
-        local_tests=local_tests,
-        private=private,
+        local_tests=trainer.local_tests,
+        private=trainer.private,
         clusters=clusters,
     )
 
@@ -343,12 +400,14 @@ __all__ = [
     "Experiment",
     "NodeData",
     "Status",
+    "Trainer",
     "build_device_lora",
     "build_experiment",
     "build_fleet_from_config",
     "build_pruning_strategy",
     "build_scheduler",
     "build_strategy",
+    "build_trainer",
     "check_config",
     "check_fleet_fits",
     "load_node_examples",
