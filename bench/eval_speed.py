@@ -34,7 +34,7 @@ import torch
 from _benchpath import host_line  # first: keeps bench/ off sys.path
 from fedspine.config import load_config
 from fedspine.data.batching import iterate_batches
-from fedspine.runtime.build import build_experiment
+from fedspine.runtime.experiment import build_experiment
 from fedspine.types import ClientTask
 
 

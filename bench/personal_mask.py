@@ -32,8 +32,8 @@ from _benchpath import host_line  # first: keeps bench/ off sys.path
 from fedspine.client.evaluate import Evaluation, evaluate
 from fedspine.config import load_config
 from fedspine.model.pruning import PruningPlan, dense_layer_indices, plan_from_scores, plan_like
-from fedspine.runtime.build import Experiment, build_experiment
 from fedspine.runtime.checkpoint import load_latest
+from fedspine.runtime.experiment import Experiment, build_experiment
 from fedspine.runtime.personal import PERSONAL_TASK_KEY
 
 

@@ -22,8 +22,8 @@ from typing import Any
 from _benchpath import host_line  # first: keeps bench/ off sys.path
 from fedspine.config import load_config
 from fedspine.metrics.records import RunRecorder
-from fedspine.runtime.build import build_experiment
 from fedspine.runtime.engine import Engine
+from fedspine.runtime.experiment import build_experiment
 
 
 def trace(config: Path, policy: str, overrides: list[str]) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from fedspine.model.pruning import (
     plan_from_scores,
     prune_model,
 )
-from fedspine.runtime.build import Experiment, build_experiment
+from fedspine.runtime.experiment import Experiment, build_experiment
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -26,7 +26,7 @@ from fedspine.config import load_config
 from fedspine.data.batching import iterate_batches
 from fedspine.model.lora import plain_copy
 from fedspine.model.pruning import magnitude_scores, plan_from_scores, prune_model
-from fedspine.runtime.build import build_experiment
+from fedspine.runtime.experiment import build_experiment
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from fedspine.config import load_config
 from fedspine.data.batching import iterate_batches
 from fedspine.model.lora import apply_lora, merged_model, plain_copy
 from fedspine.model.pruning import PruningPlan, decoder_layers, plan_from_scores, prune_model
-from fedspine.runtime.build import Experiment, build_experiment
+from fedspine.runtime.experiment import Experiment, build_experiment
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

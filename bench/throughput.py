@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from fedspine.config import load_config
-    from fedspine.runtime.build import build_experiment
+    from fedspine.runtime.experiment import build_experiment
 
     config_path = Path(__file__).resolve().parents[1] / "configs" / "fleet80.toml"
     overrides = [

@@ -23,8 +23,8 @@ from fedspine.config import load_config
 from fedspine.errors import ConfigError
 from fedspine.fleet.availability import PeriodicTrace, SessionTrace
 from fedspine.metrics.records import RunRecorder, read_events
-from fedspine.runtime.build import build_experiment, build_scheduler, strategy_class
 from fedspine.runtime.engine import Engine
+from fedspine.runtime.experiment import build_experiment, build_scheduler, strategy_class
 from fedspine.sim.clock import EventQueue
 from fedspine.types import ClientUpdate, DeviceLora
 from tests.conftest import CONFIGS

@@ -14,7 +14,7 @@ from fedspine.api import run_experiment
 from fedspine.config import load_config
 from fedspine.errors import ConfigError
 from fedspine.model.lora import lora_module_names
-from fedspine.runtime.build import build_experiment
+from fedspine.runtime.experiment import build_experiment
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
 from tests.conftest import CONFIGS
 

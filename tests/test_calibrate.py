@@ -13,7 +13,7 @@ from fedspine.config import load_config, tomllib
 from fedspine.errors import ConfigError
 from fedspine.fleet.cost import CostModel
 from fedspine.fleet.profile import load_profile, profile_toml
-from fedspine.runtime.build import build_experiment, build_fleet_from_config
+from fedspine.runtime.experiment import build_experiment, build_fleet_from_config
 from fedspine.types import DeviceClass
 from tests.conftest import CONFIGS
 

@@ -29,7 +29,7 @@ from fedspine.model.pruning import (
     pruned_hf_config,
     shape_of,
 )
-from fedspine.runtime.build.algorithms import pruning_strategy
+from fedspine.runtime.experiment.algorithms import pruning_strategy
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
 from tests.test_fedspine import HEAD_DIM, INTER, LAYERS, adapted, masks_for, tiny, tokens
 

@@ -9,14 +9,14 @@ import pytest
 
 from fedspine.config import Config, from_dict, load_config, parse_override, read_toml, to_dict, to_toml
 from fedspine.errors import ConfigError
-from fedspine.runtime.build import (
+from fedspine.runtime.experiment import (
     build_device_lora,
     build_fleet_from_config,
     build_scheduler,
     build_strategy,
     strategy_class,
 )
-from fedspine.runtime.build.data import load_examples, split_and_partition
+from fedspine.runtime.experiment.data import load_examples, split_and_partition
 from tests.conftest import CONFIGS
 
 

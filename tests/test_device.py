@@ -14,7 +14,7 @@ from fedspine.api import run_experiment
 from fedspine.cli import app
 from fedspine.config import load_config
 from fedspine.errors import ConfigError
-from fedspine.runtime.build import build_experiment
+from fedspine.runtime.experiment import build_experiment
 from tests.conftest import CONFIGS
 
 FAST = ["data.max_examples=600", "data.test_size=60", "scheduler.rounds=2", "train.local_steps=2"]

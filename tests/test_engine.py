@@ -13,8 +13,13 @@ from fedspine.config import load_config
 from fedspine.errors import FleetError
 from fedspine.metrics.records import RunRecorder, read_events
 from fedspine.model.footprint import ModelShape
-from fedspine.runtime.build import Experiment, build_experiment, build_fleet_from_config, check_fleet_fits
 from fedspine.runtime.engine import Engine
+from fedspine.runtime.experiment import (
+    Experiment,
+    build_experiment,
+    build_fleet_from_config,
+    check_fleet_fits,
+)
 from fedspine.runtime.server import Server
 from fedspine.runtime.simulated import SimulatedTransport
 from fedspine.runtime.tasks import Ended, Lost, RunningTask, TaskOutcome

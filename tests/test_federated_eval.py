@@ -16,8 +16,8 @@ from fedspine.config import load_config
 from fedspine.data import hold_out
 from fedspine.errors import ConfigError
 from fedspine.metrics.records import RunRecorder, read_events
-from fedspine.runtime.build import build_experiment
 from fedspine.runtime.engine import Engine
+from fedspine.runtime.experiment import build_experiment
 from tests.conftest import CONFIGS, run_and_resume_from_first_checkpoint
 
 FAST = [

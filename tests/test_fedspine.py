@@ -46,7 +46,7 @@ from fedspine.model.pruning import (
     shape_of,
     write_model_code,
 )
-from fedspine.runtime.build.algorithms import pruning_masks, pruning_strategy
+from fedspine.runtime.experiment.algorithms import pruning_masks, pruning_strategy
 from fedspine.types import ClientUpdate, DeviceLora, TaskResult, TaskStatus
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

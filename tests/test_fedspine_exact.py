@@ -19,8 +19,8 @@ from fedspine.client.train import make_optimizer, train_local
 from fedspine.config import load_config
 from fedspine.model.lora import apply_lora, get_lora_state, plain_copy, set_lora_state
 from fedspine.model.pruning import LayerKeep, PruningPlan, masked_model, scatter_to_full
-from fedspine.runtime.build import Experiment, build_experiment
 from fedspine.runtime.executor import task_seed
+from fedspine.runtime.experiment import Experiment, build_experiment
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora, LoraState
 
 ROOT = Path(__file__).resolve().parents[1]

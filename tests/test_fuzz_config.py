@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from fedspine.cli import app as cli
 from fedspine.config import from_dict, load_config, to_dict
 from fedspine.errors import ConfigError, FedspineError
-from fedspine.runtime.build import check_config
+from fedspine.runtime.experiment import check_config
 from tests.config_tree import lookup, replaced
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -151,7 +151,7 @@ def test_declared_counts_are_checked() -> None:
 
 
 def test_node_files_are_read_as_the_run_labels_them(tmp_path: Path) -> None:
-    from fedspine.runtime.build import load_node_examples
+    from fedspine.runtime.experiment import load_node_examples
 
     cfg = tiny(f"data.labels={GENRES}")
     by_key = tmp_path / "node.csv"

@@ -26,7 +26,7 @@ from fedspine.errors import ConfigError
 from fedspine.metrics.records import read_events as _all_events
 from fedspine.model.footprint import ModelShape
 from fedspine.model.pruning import LayerKeep
-from fedspine.runtime.build import build_experiment, check_config
+from fedspine.runtime.experiment import build_experiment, check_config
 from fedspine.runtime.server import Server
 from fedspine.runtime.tasks import TaskOutcome
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
@@ -356,7 +356,7 @@ def test_a_devices_taylor_scores_see_its_labels_and_flap_scores_do_not(tiny_conf
     """The mask's default importance is the first-order change of the device's own task loss: the
     same verses with other labels rank units differently; FLAP (activations only) cannot tell. A unit
     that cannot change the output (a zeroed down_proj column) scores zero."""
-    from fedspine.runtime.build import build_experiment
+    from fedspine.runtime.experiment import build_experiment
 
     exp = build_experiment(tiny_config)
     executor = exp.executor
@@ -378,7 +378,7 @@ def test_with_compensation_a_channel_is_scored_by_replacing_it_with_its_mean(tin
     ``sum over tokens of (x - m) dL/dx``, not ``sum x dL/dx``: a channel whose input barely varies costs
     nothing once compensated, however large its mean."""
     from fedspine.model.importance import ActivationTaylorMeter
-    from fedspine.runtime.build import build_experiment
+    from fedspine.runtime.experiment import build_experiment
 
     exp = build_experiment(tiny_config)
     model = exp.executor.deployed_model()

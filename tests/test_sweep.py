@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from fedspine.cli import app
 from fedspine.config import tomllib
 from fedspine.errors import ConfigError
-from fedspine.runtime.build import check_config
+from fedspine.runtime.experiment import check_config
 from fedspine.sweep import load_sweep, plan_runs, thread_budget
 from fedspine.sweep.spec import parse_sweep
 

@@ -27,9 +27,9 @@ from fedspine.report.compare import Comparison, compare, find_runs, select_arms
 from fedspine.report.compare_write import check_out_dir, write_comparison
 from fedspine.report.html import write_report
 from fedspine.runtime import checkpoint as checkpoints
-from fedspine.runtime.build import Experiment, build_experiment, build_fleet_from_config
 from fedspine.runtime.checkpoint import load_latest
 from fedspine.runtime.engine import Engine
+from fedspine.runtime.experiment import Experiment, build_experiment, build_fleet_from_config
 from fedspine.runtime.export import copy_device_models, export_models, record_hand_out
 from fedspine.runtime.lock import is_empty_run_dir, run_lock
 from fedspine.runtime.summary import make_summary

@@ -51,9 +51,9 @@ from fedspine.deploy.settings import (
 )
 from fedspine.errors import DataError, DeployError
 from fedspine.model.pruning import add_zero_mlp_biases
-from fedspine.runtime.build import Experiment, NodeData, build_experiment, load_node_examples
-from fedspine.runtime.build.data import holds_out
 from fedspine.runtime.executor import task_seed
+from fedspine.runtime.experiment import Experiment, NodeData, build_experiment, load_node_examples
+from fedspine.runtime.experiment.data import holds_out
 from fedspine.runtime.export import describe_model, device_model, save_model
 from fedspine.runtime.personal import personal_model
 from fedspine.types import ClientTask

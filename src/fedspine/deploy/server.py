@@ -68,8 +68,8 @@ from fedspine.errors import CheckpointError, ConfigError, DeployError
 from fedspine.fleet.cost import CostModel
 from fedspine.metrics.events import DeploymentEvent
 from fedspine.metrics.records import RunRecorder
-from fedspine.runtime.build import DeclaredData, Experiment
 from fedspine.runtime.engine import Engine
+from fedspine.runtime.experiment import DeclaredData, Experiment
 from fedspine.runtime.simulated import modelled_compute
 from fedspine.runtime.tasks import Arrive, Ended, RunningTask, TaskOutcome, count_upload
 from fedspine.runtime.transport import Admission, BaseDelta, DeviceEvaluations

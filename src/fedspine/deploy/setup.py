@@ -57,7 +57,7 @@ from fedspine.deploy.settings import (
 )
 from fedspine.errors import ConfigError, DeployError
 from fedspine.files import CONFIG_LIMIT, InputFileError, read_text, write_text_atomic
-from fedspine.runtime.build.data import build_task, load_examples
+from fedspine.runtime.experiment.data import build_task, load_examples
 
 APP_NAME = "fedspine-app"
 MAX_DAYS = 3650

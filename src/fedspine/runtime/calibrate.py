@@ -31,7 +31,7 @@ import torch
 
 from fedspine.config import Config
 from fedspine.model.lora import plain_copy
-from fedspine.runtime.build import build_experiment
+from fedspine.runtime.experiment import build_experiment
 from fedspine.runtime.export import describe_model
 from fedspine.types import ClientTask, DeviceClass
 

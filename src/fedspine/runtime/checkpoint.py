@@ -55,7 +55,7 @@ from fedspine.errors import CheckpointError
 from fedspine.files import MIB, InputFileError, read_text
 from fedspine.metrics.records import RoundRecord
 from fedspine.runtime import statefile
-from fedspine.runtime.build import Experiment
+from fedspine.runtime.experiment import Experiment
 from fedspine.runtime.state import LoopState, RunState
 from fedspine.types import DeviceLora
 

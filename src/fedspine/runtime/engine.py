@@ -37,8 +37,8 @@ from fedspine.algorithms.schedulers import Cohort, Order, Scheduler, ServerStep
 from fedspine.client.evaluate import Evaluation
 from fedspine.metrics.records import RoundRecord, RunRecorder
 from fedspine.runtime import checkpoint as checkpoints
-from fedspine.runtime.build import Experiment
 from fedspine.runtime.evaluation import Evaluator
+from fedspine.runtime.experiment import Experiment
 from fedspine.runtime.ledger import Ledger
 from fedspine.runtime.personal import from_devices, personalize
 from fedspine.runtime.regime import Regime

@@ -11,7 +11,7 @@ from fedspine.algorithms.strategies.base import GlobalModel
 from fedspine.client.evaluate import Evaluation, pooled
 from fedspine.metrics.events import EvaluationEvent, FederatedEvaluationEvent
 from fedspine.metrics.records import RunRecorder
-from fedspine.runtime.build import Experiment
+from fedspine.runtime.experiment import Experiment
 from fedspine.runtime.state import RunState
 from fedspine.runtime.transport import BaseDelta, DeviceEvaluations, Transport
 

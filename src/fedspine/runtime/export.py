@@ -41,7 +41,7 @@ from fedspine.model.pruning import (
     shape_of,
     write_model_code,
 )
-from fedspine.runtime.build import Experiment
+from fedspine.runtime.experiment import Experiment
 
 MANIFEST = "manifest.json"
 PERSONAL_DIR = "personal"

@@ -38,8 +38,8 @@ from fedspine.client.evaluate import Evaluation, evaluate
 from fedspine.fleet.cost import CostModel
 from fedspine.metrics.events import PersonalEvaluationEvent
 from fedspine.model.pruning import PruningPlan, plan_like
-from fedspine.runtime.build import Experiment
 from fedspine.runtime.executor import forward_only
+from fedspine.runtime.experiment import Experiment
 from fedspine.runtime.export import save_personal_model
 from fedspine.types import Device, LoraState, TrainWorkload
 

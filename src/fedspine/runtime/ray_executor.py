@@ -27,7 +27,7 @@ from fedspine.runtime.executor import PreparedTask, SimExecutor
 from fedspine.types import ClientTask, ClientUpdate
 
 TrainerFactory = Callable[[Config], SimExecutor]
-"""Builds the in-process trainer of a run's config (``runtime.build.make_executor``)."""
+"""Builds the in-process trainer of a run's config (``runtime.experiment.make_executor``)."""
 
 
 class Replica:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from fedspine.algorithms.schedulers import Cohort, Scheduler, ServerStep, TaskOrder
 from fedspine.metrics.records import RoundRecord
-from fedspine.runtime.build import Experiment
+from fedspine.runtime.experiment import Experiment
 from fedspine.runtime.ledger import Ledger
 from fedspine.runtime.server import Server
 from fedspine.runtime.state import LoopState

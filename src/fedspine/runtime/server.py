@@ -15,8 +15,8 @@ from fedspine.algorithms.validation import check_update
 from fedspine.algorithms.wire import payload_bytes
 from fedspine.metrics.events import AggregationEvent
 from fedspine.metrics.records import RunRecorder
-from fedspine.runtime.build import Experiment
 from fedspine.runtime.executor import task_seed
+from fedspine.runtime.experiment import Experiment
 from fedspine.runtime.state import RunState
 from fedspine.runtime.tasks import TaskOutcome
 from fedspine.runtime.transport import Transport

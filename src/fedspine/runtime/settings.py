@@ -2,7 +2,7 @@
 
 Everything else a run needs is a built object (strategy, scheduler, codecs, executor) that received
 its parameters through its constructor; these are the loose numbers and names that belong to no
-object. Nothing outside :mod:`fedspine.runtime.build` reads the config.
+object. Nothing outside :mod:`fedspine.runtime.experiment` reads the config.
 """
 
 from __future__ import annotations

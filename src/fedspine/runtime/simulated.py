@@ -21,8 +21,8 @@ from fedspine.client.evaluate import Evaluation
 from fedspine.fleet.cost import CostModel
 from fedspine.fleet.jitter import compute_slowdown, is_available, link_rate_factor
 from fedspine.model.pruning import PruningPlan
-from fedspine.runtime.build import Experiment
 from fedspine.runtime.executor import PreparedTask, task_seed
+from fedspine.runtime.experiment import Experiment
 from fedspine.runtime.tasks import Arrive, Ended, Lost, RunningTask, TaskOutcome, count_upload
 from fedspine.runtime.transport import Admission, BaseDelta, DeviceEvaluations
 from fedspine.types import ClientUpdate, Device, TaskStatus

@@ -11,7 +11,7 @@ from fedspine.algorithms.strategies import FedSpine
 from fedspine.metrics.records import DeviceStats, RoundRecord
 from fedspine.metrics.stats import time_to_target
 from fedspine.metrics.summary import Metric, Summary, class_totals
-from fedspine.runtime.build import Experiment
+from fedspine.runtime.experiment import Experiment
 from fedspine.runtime.state import RunState
 from fedspine.types import TaskStatus
 

@@ -23,7 +23,7 @@ target = 0.4                         # or "0.95*fedit": 95% of fedit's mean fina
 With both, every named arm is combined with every grid point (``fedit,lr=0.001`` ...); with a grid
 alone, its points are the arms. ``run.seed`` comes from ``seeds`` and ``run.threads`` from the
 sweep's thread budget, so neither may be set here. Every (arm, seed) config is built and checked
-(:func:`~fedspine.runtime.build.check_config`) when the file is loaded, before any run starts.
+(:func:`~fedspine.runtime.experiment.check_config`) when the file is loaded, before any run starts.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from fedspine.config import (
 )
 from fedspine.errors import ConfigError, FedspineError
 from fedspine.report.compare import target_form
-from fedspine.runtime.build import check_config
+from fedspine.runtime.experiment import check_config
 
 SWEEP_KEYS = ("name", "base", "seeds", "reference", "target", "set", "arms", "grid")
 RESERVED = {"run.seed": "seeds", "run.threads": "--threads / --workers"}

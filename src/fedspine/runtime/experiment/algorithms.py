@@ -32,7 +32,7 @@ from fedspine.fleet.cost import CostModel
 from fedspine.model.footprint import ModelShape
 from fedspine.model.importance import Scores
 from fedspine.model.pruning import PruningPlan
-from fedspine.runtime.build.model import TaskWorkloads
+from fedspine.runtime.experiment.model import TaskWorkloads
 from fedspine.types import Device, DeviceLora
 
 

@@ -38,7 +38,8 @@ from fedspine.model.footprint import ModelShape, model_shape
 from fedspine.model.importance import Scores
 from fedspine.model.lora import apply_lora, module_shapes
 from fedspine.model.pruning import magnitude_scores
-from fedspine.runtime.build.algorithms import (
+from fedspine.runtime.executor import LocalTraining, SimExecutor, logits_positions
+from fedspine.runtime.experiment.algorithms import (
     build_device_lora,
     build_pruning_strategy,
     build_scheduler,
@@ -49,7 +50,7 @@ from fedspine.runtime.build.algorithms import (
     fedspine_settings,
     strategy_class,
 )
-from fedspine.runtime.build.data import (
+from fedspine.runtime.experiment.data import (
     DeclaredData,
     NodeData,
     build_task,
@@ -61,8 +62,8 @@ from fedspine.runtime.build.data import (
     split_and_partition,
     task_name,
 )
-from fedspine.runtime.build.fleet import build_fleet_from_config, build_trace
-from fedspine.runtime.build.model import (
+from fedspine.runtime.experiment.fleet import build_fleet_from_config, build_trace
+from fedspine.runtime.experiment.model import (
     TaskWorkloads,
     check_dense_layers,
     check_fits_before_loading,
@@ -70,7 +71,6 @@ from fedspine.runtime.build.model import (
     load_model,
     resolve_device,
 )
-from fedspine.runtime.executor import LocalTraining, SimExecutor, logits_positions
 from fedspine.runtime.ray_executor import RayExecutor, start_replicas
 from fedspine.runtime.settings import Attack, ExportSettings, PersonalSettings, RunSettings, ServerRules
 from fedspine.types import Device, DeviceLora
