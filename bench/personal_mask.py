@@ -51,8 +51,7 @@ def widths(plan: PruningPlan) -> list[int]:
 def restore(exp: Experiment, run: Path) -> None:
     """Put the newest checkpoint of ``run`` into ``exp`` (its strategy and merged base weights)."""
     snapshot = load_latest(run, exp)
-    for name, obj in snapshot.objects.items():
-        setattr(exp, name, obj)
+    snapshot.objects.restore(exp)
     exp.executor.set_base_weights(snapshot.base_weights)
 
 

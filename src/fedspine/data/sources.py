@@ -13,10 +13,9 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from fedspine.errors import ConfigError, DataError
-from fedspine.files import InputFileError, read_text
+from fedspine.files import JSON, InputFileError, read_text
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,7 @@ def load_bible() -> list[Example]:
     return examples
 
 
-def _verse(row: Mapping[str, Any], path: Path, line_no: int) -> Example:
+def _verse(row: Mapping[str, object], path: Path, line_no: int) -> Example:
     book = row.get("book")
     if not isinstance(book, str) or book not in BOOK_GENRE:
         raise DataError(f"{path}:{line_no}: unknown Bible book {book!r}")
@@ -137,7 +136,7 @@ def format_instruction(instruction: str, context: str = "") -> str:
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def _required_str(row: Mapping[str, Any], name: str, path: Path, line_no: int) -> str:
+def _required_str(row: Mapping[str, object], name: str, path: Path, line_no: int) -> str:
     value = row.get(name)
     if value is None:
         raise DataError(f"{path}:{line_no}: missing required field '{name}'")
@@ -148,7 +147,7 @@ def _required_str(row: Mapping[str, Any], name: str, path: Path, line_no: int) -
     return value
 
 
-def _optional_str(row: Mapping[str, Any], name: str, path: Path, line_no: int) -> str | None:
+def _optional_str(row: Mapping[str, object], name: str, path: Path, line_no: int) -> str | None:
     value = row.get(name)
     if value is None or value == "":
         return None
@@ -157,13 +156,13 @@ def _optional_str(row: Mapping[str, Any], name: str, path: Path, line_no: int) -
     return value
 
 
-def _meta(row: Mapping[str, Any], used: Sequence[str]) -> dict[str, str]:
+def _meta(row: Mapping[str, object], used: Sequence[str]) -> dict[str, str]:
     """Other scalar columns, as strings (numbers too, so ``chapter`` can be a partition key)."""
     scalar = (str, int, float, bool)
     return {k: str(v) for k, v in row.items() if k not in used and isinstance(v, scalar)}
 
 
-def example_from_row(row: Mapping[str, Any], path: Path, line_no: int) -> Example:
+def example_from_row(row: Mapping[str, object], path: Path, line_no: int) -> Example:
     """Build an example from one parsed row: the ``text``/``label`` or the instruction format."""
     if "text" in row:
         text = _required_str(row, "text", path, line_no)
@@ -197,7 +196,7 @@ def _read_lines(path: Path) -> list[str]:
     return _read_text(path).splitlines()
 
 
-def _read_jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _read_jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, JSON]]]:
     """Yield ``(line number, object)`` for every non-blank line; line numbers start at 1."""
     for line_no, line in enumerate(_read_lines(path), start=1):
         if not line.strip():

@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, ConfigRecordValues, Context, Message, MessageType, RecordDict
+from transformers import PreTrainedModel
 
 from fedspine.algorithms.compression import FeedbackState
 from fedspine.algorithms.wire import flatten_state, unflatten_state
@@ -230,8 +230,8 @@ def answer_final_model(content: RecordDict, context: Context) -> RecordDict:
 
 
 def _personalize(
-    exp: Experiment, context: Context, task: ClientTask, deployed: Any
-) -> tuple[Any, ConfigRecord | None]:
+    exp: Experiment, context: Context, task: ClientTask, deployed: PreTrainedModel
+) -> tuple[PreTrainedModel, ConfigRecord | None]:
     """This device's personal model (``[personalize]``) built from ``deployed`` (the global model at its
     plan, loaded in the executor) on its own data, and its report: the personal and the global model
     on its held-out examples, and the seconds building it took here (None without held-out examples).

@@ -32,7 +32,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from fedspine.algorithms.wire import IMPORTANCE_KINDS, flatten_state, unflatten_
 from fedspine.client.evaluate import Evaluation
 from fedspine.client.objectives import BatchResult, Objective
 from fedspine.errors import DeployError, FedspineError
+from fedspine.files import JSON
 from fedspine.model.footprint import ModelShape
 from fedspine.model.pruning import LayerKeep, PruningPlan
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora, LoraState
@@ -301,7 +302,7 @@ def refusal_reason(content: RecordDict) -> str | None:
     return reason_text(content.config_records["refusal"].get("reason"))
 
 
-def reason_text(value: Any) -> str:
+def reason_text(value: object) -> str:
     """A device's stated reason as printable text of at most :data:`MAX_REASON_CHARS` characters."""
     text = value if isinstance(value, str) else repr(value)
     return "".join(c if c.isprintable() else "?" for c in text[:MAX_REASON_CHARS])
@@ -369,7 +370,14 @@ def personal_record(personal: Evaluation, global_model: Evaluation, seconds: flo
     )
 
 
-def read_personal_report(content: RecordDict, max_count: int, objective: Objective) -> dict[str, Any] | None:
+PersonalReport = TypedDict(
+    "PersonalReport", {"evaluation": Evaluation, "global": Evaluation, "seconds": float}
+)
+"""A device's checked personal results: its personal model's and the global model's evaluations on its
+held-out examples, and the seconds building the personal model took on the device."""
+
+
+def read_personal_report(content: RecordDict, max_count: int, objective: Objective) -> PersonalReport | None:
     """A device's :func:`personal_record` (None when its reply has none), checked as an evaluation
     (:func:`read_evaluation`) for both models, with finite non-negative seconds: ``evaluation``,
     ``global`` (:class:`Evaluation` each) and ``seconds``."""
@@ -390,7 +398,17 @@ MAX_MODEL_PARAMETERS = 10**13
 """The most parameters a device may report its model to have (a larger claim is malformed)."""
 
 
-def read_model_report(content: RecordDict, device_id: int) -> dict[str, Any]:
+class ModelReport(TypedDict):
+    """What a device reports about the final model it saved, checked (:func:`read_model_report`)."""
+
+    dir: str
+    parameters: int
+    bytes: int
+    tokens_per_second: float | None
+    """None: not measured (a speed of 0)."""
+
+
+def read_model_report(content: RecordDict, device_id: int) -> ModelReport:
     """What a device reports about the final model it saved (:func:`fedspine.deploy.client.final_model`),
     checked: its device, counts within range, a finite non-negative speed, printable text."""
     cfg = _config(content, "model")
@@ -445,7 +463,7 @@ def _layers(values: dict[str, torch.Tensor], what: str) -> list[torch.Tensor]:
     return out
 
 
-def _extra(cfg: ConfigRecord) -> dict[str, Any]:
+def _extra(cfg: ConfigRecord) -> dict[str, JSON]:
     try:
         extra = json.loads(str(cfg.get("extra", "{}")))
     except ValueError as exc:
@@ -468,14 +486,14 @@ def _arrays(content: RecordDict, name: str) -> ArrayRecord:
 
 
 def _int(cfg: ConfigRecord, record: str, key: str) -> int:
-    value: Any = cfg.get(key)
+    value: object = cfg.get(key)
     if not isinstance(value, int) or isinstance(value, bool):
         raise DeployError(f"{record}.{key} must be an integer, got {value!r}")
     return value
 
 
 def _float(cfg: ConfigRecord, record: str, key: str) -> float:
-    value: Any = cfg.get(key)
+    value: object = cfg.get(key)
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise DeployError(f"{record}.{key} must be a number, got {value!r}")
     return float(value)

@@ -276,7 +276,7 @@ class FlowerTransport:
 
     def hand_out(
         self, version: int, base_delta: BaseDelta, manifest: dict[str, Any]
-    ) -> dict[int, dict[str, Any]]:
+    ) -> dict[int, dict[str, object]]:
         """Send every connected device its final model (the global state, the base change, and its
         deployed plan); each builds it (its personal model with ``[personalize]``), saves it on the
         node, measures it and reports. A report whose parameter count is not the model's, a refusal,
@@ -287,8 +287,8 @@ class FlowerTransport:
         models = {int(d): entry["model"] for d, entry in manifest["devices"].items()}
         limits, objective = self.link.eval_limits, self.exp.objective
 
-        def read(content: RecordDict, device: int) -> dict[str, Any]:
-            report = read_model_report(content, device)
+        def read(content: RecordDict, device: int) -> dict[str, object]:
+            report: dict[str, object] = {**read_model_report(content, device)}
             model = models[device]
             if report["parameters"] != expected[model]:
                 raise DeployError(
@@ -514,7 +514,7 @@ def serve(grid: Grid, context: Context) -> RunResult:
         answers: dict[int, ConfigRecord] = {}
         nodes = discover_nodes(grid, len(experiment.devices), wait, bound, answers)
         seconds = time.perf_counter() - started
-        data: dict[str, dict[str, Any]] = {}
+        data: dict[str, dict[str, object]] = {}
         if local_data:
             experiment.declared = declared_data(answers)
             data = {str(d): vars(declared) for d, declared in sorted(experiment.declared.items())}

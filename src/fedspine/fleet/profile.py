@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import tomli_w
 
@@ -54,30 +54,33 @@ def load_profile(path: str | Path, key: str = "profile") -> DeviceClass:
     if unknown:
         known = ", ".join(sorted({*_NUMBERS, *_INTEGERS, *_TEXT, MEASURED}))
         raise ConfigError(key, f"{path}: unknown field(s) {', '.join(unknown)}; known: {known}")
-    fields: dict[str, Any] = {}
+    text: dict[str, str] = {}
+    numbers: dict[str, float] = {}
+    integers: dict[str, int] = {}
     for name in _TEXT:
         value = data.get(name, "" if name != "name" else None)
         if not isinstance(value, str) or (name == "name" and not value.strip()):
             raise ConfigError(key, f"{path}: '{name}' must be text{' (not empty)' if name == 'name' else ''}")
-        fields[name] = value
+        text[name] = value
     for name in _NUMBERS:
         value = data.get(name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise ConfigError(key, f"{path}: '{name}' must be a finite number, got {value!r}")
-        fields[name] = float(value)
+        numbers[name] = float(value)
     for name in _INTEGERS:
         value = data.get(name)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(key, f"{path}: '{name}' must be an integer, got {value!r}")
-        fields[name] = value
+        integers[name] = value
+    fields: dict[str, str | float | int] = {**text, **numbers, **integers}
     checks = (
-        (1e6 <= fields["peak_flops"] <= 1e18, "peak_flops", "must be in [1e6, 1e18] FLOP/s"),
-        (0 < fields["mfu"] <= 1, "mfu", "must be in (0, 1]"),
-        (1e6 <= fields["memory_bandwidth"] <= 1e14, "memory_bandwidth", "must be in [1e6, 1e14] bytes/s"),
-        (2**20 <= fields["memory_bytes"] <= 2**50, "memory_bytes", "must be in [1 MiB, 1 PiB]"),
-        (fields["train_dtype_bytes"] in (1, 2, 4, 8), "train_dtype_bytes", "must be 1, 2, 4 or 8"),
+        (1e6 <= numbers["peak_flops"] <= 1e18, "peak_flops", "must be in [1e6, 1e18] FLOP/s"),
+        (0 < numbers["mfu"] <= 1, "mfu", "must be in (0, 1]"),
+        (1e6 <= numbers["memory_bandwidth"] <= 1e14, "memory_bandwidth", "must be in [1e6, 1e14] bytes/s"),
+        (2**20 <= integers["memory_bytes"] <= 2**50, "memory_bytes", "must be in [1 MiB, 1 PiB]"),
+        (integers["train_dtype_bytes"] in (1, 2, 4, 8), "train_dtype_bytes", "must be 1, 2, 4 or 8"),
         (
-            0 <= fields["slowdown_sigma"] <= MAX_SLOWDOWN_SIGMA,
+            0 <= numbers["slowdown_sigma"] <= MAX_SLOWDOWN_SIGMA,
             "slowdown_sigma",
             f"must be in [0, {MAX_SLOWDOWN_SIGMA}] (a larger spread underflows a round's slowdown to 0)",
         ),
@@ -87,12 +90,22 @@ def load_profile(path: str | Path, key: str = "profile") -> DeviceClass:
             raise ConfigError(key, f"{path}: '{name}' {message}, got {fields[name]!r}")
     if MEASURED in data and not isinstance(data[MEASURED], dict):
         raise ConfigError(key, f"{path}: '{MEASURED}' must be a table")
-    return DeviceClass(**fields)
+    return DeviceClass(
+        name=text["name"],
+        description=text["description"],
+        peak_flops=numbers["peak_flops"],
+        mfu=numbers["mfu"],
+        memory_bandwidth=numbers["memory_bandwidth"],
+        memory_bytes=integers["memory_bytes"],
+        train_dtype_bytes=integers["train_dtype_bytes"],
+        slowdown_sigma=numbers["slowdown_sigma"],
+        source=text["source"],
+    )
 
 
-def profile_toml(device: DeviceClass, measured: dict[str, Any], header: str = "") -> str:
+def profile_toml(device: DeviceClass, measured: Mapping[str, object], header: str = "") -> str:
     """A profile file for ``device``, with ``measured`` under ``[measured]`` and ``header`` as comments."""
-    body: dict[str, Any] = {
+    body: dict[str, object] = {
         "name": device.name,
         "description": device.description,
         "source": device.source,

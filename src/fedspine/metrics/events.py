@@ -7,8 +7,8 @@ wall-clock measurements go to ``host_timings.jsonl`` instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import ClassVar, Protocol
 
 
 class Event(Protocol):
@@ -16,19 +16,21 @@ class Event(Protocol):
 
     kind: ClassVar[str]
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> dict[str, object]:
         """The event's fields, in file order."""
         ...
 
 
-def _fields(event: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+def _fields(event: object, skip: tuple[str, ...] = ()) -> dict[str, object]:
+    if not is_dataclass(event):
+        raise TypeError(f"{type(event).__name__} is not a dataclass")
     return {f.name: getattr(event, f.name) for f in fields(event) if f.name not in skip}
 
 
 class _Fields:
     """An event whose line is its fields, as declared."""
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> dict[str, object]:
         return _fields(self)
 
 
@@ -61,11 +63,11 @@ class TaskEvent:
     pruning_ratio: float
     train_loss: float | None
     peak_memory_bytes: int
-    detail: dict[str, Any] = field(default_factory=dict)
+    detail: dict[str, object] = field(default_factory=dict)
     """What depends on the scheduler and transport (``task_id`` of an asynchronous task, the
     ``reason`` a task failed, a deployment's measured ``setup_seconds``...), written first."""
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> dict[str, object]:
         return {**self.detail, **_fields(self, skip=("detail",))}
 
 
@@ -150,6 +152,6 @@ class DeploymentEvent(_Fields):
 
     nodes: dict[str, int]
     discovery_seconds: float
-    data: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data: dict[str, dict[str, object]] = field(default_factory=dict)
     """Nodes that bring their own data: per device, the ``examples`` it trains on, the
     ``eval_examples`` it holds out, and the ``error`` that makes its data unusable ("" when none)."""

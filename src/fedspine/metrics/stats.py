@@ -14,7 +14,7 @@ pairing removes the variation the arms share.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +69,7 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Inter
     return Interval(mean, mean - half, mean + half, n)
 
 
-def common_seeds(*by_seed: Mapping[int, Any]) -> list[int]:
+def common_seeds(*by_seed: Mapping[int, object]) -> list[int]:
     """Seeds present in every mapping, ascending."""
     if not by_seed:
         return []
@@ -131,7 +131,7 @@ def reached_summary(times: Sequence[float | None], confidence: float = CONFIDENC
     return Reached(t_interval([t for t in times if t is not None], confidence), len(times))
 
 
-def describe_reached(summary: Reached, describe: Any) -> str:
+def describe_reached(summary: Reached, describe: Callable[[Interval], object]) -> str:
     """Text for a time to target: ``describe(interval)`` over the runs that reached it, and the rest as
     "not reached (k of n)" — never a number for a run that did not reach the target."""
     if summary.runs == 0:

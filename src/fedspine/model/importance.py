@@ -27,10 +27,13 @@ Modules without a LoRA adapter contribute nothing to the Taylor score (they have
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from fedspine.errors import ModelError
 from fedspine.model.lora import ADAPTER
@@ -42,17 +45,24 @@ if TYPE_CHECKING:
 Scores = tuple[list[Tensor], list[Tensor]]
 """``(head_scores, channel_scores)``: per layer, ``(kept_kv,)`` and ``(kept_channels,)`` float32."""
 
+PreHook = Callable[[nn.Module, tuple[Tensor, ...]], None]
+"""A forward pre-hook that watches a module's inputs (it changes nothing)."""
 
-def _layer_widths(block: Any, head_dim: int) -> tuple[int, int]:
+
+def _layer_widths(block: nn.Module, head_dim: int) -> tuple[int, int]:
     """``(kv groups, channels)`` a (possibly pruned) decoder block holds."""
-    k_rows = _base(block.self_attn.k_proj).weight.shape[0]
-    return k_rows // head_dim, _base(block.mlp.gate_proj).weight.shape[0]
+    k_rows = _base_weight(block.get_submodule("self_attn.k_proj")).shape[0]
+    return k_rows // head_dim, _base_weight(block.get_submodule("mlp.gate_proj")).shape[0]
 
 
-def _base(module: nn.Module) -> Any:
-    """The frozen linear under a peft LoRA layer (or the module itself)."""
+def _base_weight(module: nn.Module) -> Tensor:
+    """The weight of the frozen linear under a peft LoRA layer (or of the module itself)."""
     get = getattr(module, "get_base_layer", None)
-    return get() if callable(get) else module
+    base = get() if callable(get) else module
+    weight = base.weight
+    if not isinstance(weight, Tensor):
+        raise ModelError(f"{type(base).__name__} has no weight tensor")
+    return weight
 
 
 def _lora_parts(module: nn.Module, adapter: str) -> tuple[Tensor, Tensor, float] | None:
@@ -72,7 +82,7 @@ class _Meter:
     """Shared walk over the blocks of the model being trained."""
 
     def __init__(self, model: nn.Module, head_dim: int, adapter: str = ADAPTER) -> None:
-        self.blocks: list[Any] = list(decoder_layers(_unwrap(model)))
+        self.blocks: list[nn.Module] = list(decoder_layers(_unwrap(model)))
         self.head_dim = head_dim
         self.adapter = adapter
         self.widths = [_layer_widths(block, head_dim) for block in self.blocks]
@@ -80,8 +90,8 @@ class _Meter:
         self.channel_sums = [torch.zeros(ch) for _, ch in self.widths]
         self.steps = 0
 
-    def _modules(self, block: Any) -> dict[str, nn.Module]:
-        attn, mlp = block.self_attn, block.mlp
+    def _modules(self, block: nn.Module) -> dict[str, nn.Module]:
+        attn, mlp = block.get_submodule("self_attn"), block.get_submodule("mlp")
         return {name: getattr(attn if name in ATTENTION_MODULES else mlp, name) for name in _ALL}
 
     def result(self) -> Scores:
@@ -127,7 +137,7 @@ class TaylorMeter(_Meter):
         a, b, s = parts
         if a.grad is None or b.grad is None:
             return None
-        w: Tensor = _base(module).weight.detach().float()
+        w = _base_weight(module).detach().float()
         ga, gb = a.grad.float(), b.grad.float()
         a, b = a.detach().float(), b.detach().float()
         if name in COLUMN_MODULES:
@@ -147,9 +157,9 @@ class _InputHooks(_Meter):
 
     def __init__(self, model: nn.Module, head_dim: int, adapter: str = ADAPTER) -> None:
         super().__init__(model, head_dim, adapter)
-        self._handles: list[Any] = []
+        self._handles: list[RemovableHandle] = []
 
-    def _hook(self, index: int, name: str) -> Any:
+    def _hook(self, index: int, name: str) -> PreHook:
         raise NotImplementedError
 
     def __enter__(self) -> Self:
@@ -184,7 +194,7 @@ class ActivationTaylorMeter(_InputHooks):
         self._model.disable_input_require_grads()  # type: ignore[operator]
         super().__exit__(*exc)
 
-    def _hook(self, index: int, name: str) -> Any:
+    def _hook(self, index: int, name: str) -> PreHook:
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
             x = inputs[0]
             if not x.requires_grad:
@@ -216,6 +226,16 @@ class ActivationTaylorMeter(_InputHooks):
         return heads, channels
 
 
+@dataclass
+class _Moments:
+    """What :class:`FlapMeter` sums of one module's inputs: the tokens counted, and per channel the
+    sum and the sum of squares of the inputs (float64)."""
+
+    count: int
+    total: Tensor
+    squares: Tensor
+
+
 class FlapMeter(_InputHooks):
     """FLAP's WIFV: forward hooks collect input statistics of ``o_proj`` / ``down_proj``.
 
@@ -224,28 +244,28 @@ class FlapMeter(_InputHooks):
 
     def __init__(self, model: nn.Module, head_dim: int, adapter: str = ADAPTER) -> None:
         super().__init__(model, head_dim, adapter)
-        self._stats: dict[tuple[int, str], list[Any]] = {}
+        self._stats: dict[tuple[int, str], _Moments] = {}
         self._mask: Tensor | None = None
 
     def set_mask(self, attention_mask: Tensor | None) -> None:
         """The next forward pass's ``(B, T)`` attention mask: only positions where it is 1 are counted."""
         self._mask = None if attention_mask is None else attention_mask.reshape(-1).bool()
 
-    def before_forward(self, batch: Any) -> None:
+    def before_forward(self, batch: object) -> None:
         """For :func:`~fedspine.client.train.train_local`: count the real tokens of ``batch`` only."""
         self.set_mask(getattr(batch, "attention_mask", None))
 
-    def _hook(self, index: int, name: str) -> Any:
+    def _hook(self, index: int, name: str) -> PreHook:
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()  # (B*T, C)
             if self._mask is not None and self._mask.numel() == x.shape[0]:
                 x = x[self._mask.to(x.device)]
             stats = self._stats.setdefault(
-                (index, name), [0, torch.zeros(x.shape[1]), torch.zeros(x.shape[1])]
+                (index, name), _Moments(0, torch.zeros(x.shape[1]), torch.zeros(x.shape[1]))
             )
-            stats[0] += x.shape[0]
-            stats[1] += x.sum(0).cpu().to(stats[1].dtype)
-            stats[2] += x.pow(2).sum(0).cpu().to(stats[2].dtype)
+            stats.count += x.shape[0]
+            stats.total += x.sum(0).cpu().to(stats.total.dtype)
+            stats.squares += x.pow(2).sum(0).cpu().to(stats.squares.dtype)
 
         return hook
 
@@ -259,7 +279,8 @@ class FlapMeter(_InputHooks):
             for name in COLUMN_MODULES:
                 if (index, name) not in self._stats:
                     raise ModelError("FlapMeter saw no forward pass; wrap training in 'with meter:'")
-                count, total, squares = self._stats[(index, name)]
+                stats = self._stats[(index, name)]
+                count, total, squares = stats.count, stats.total, stats.squares
                 mean = total / count
                 variance = (squares / count - mean.pow(2)).clamp_min(0.0)
                 scores[name] = variance.float() * _effective_weight(modules[name], self.adapter).pow(2).sum(0)
@@ -274,14 +295,14 @@ class FlapMeter(_InputHooks):
         for index in range(len(self.blocks)):
             if (index, "down_proj") not in self._stats:
                 raise ModelError("FlapMeter saw no forward pass; wrap training in 'with meter:'")
-            count, total, _ = self._stats[(index, "down_proj")]
-            means.append((total / count).float())
+            stats = self._stats[(index, "down_proj")]
+            means.append((stats.total / stats.count).float())
         return means
 
 
 def _effective_weight(module: nn.Module, adapter: str) -> Tensor:
     """``W + s B A`` of a (possibly adapted) linear, fp32 on the CPU."""
-    w: Tensor = _base(module).weight.detach().float()
+    w = _base_weight(module).detach().float()
     parts = _lora_parts(module, adapter)
     if parts is not None:
         a, b, s = parts

@@ -43,13 +43,16 @@ class LayerwiseLlamaForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config: LayerwiseLlamaConfig) -> None:
         super().__init__(config)
-        c: Any = config  # transformers' config fields are untyped
+        c = config
         if len(c.layer_widths) != c.num_hidden_layers:
             raise ValueError(
                 f"layer_widths has {len(c.layer_widths)} entries for {c.num_hidden_layers} layers"
             )
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        group = c.num_attention_heads // c.num_key_value_heads
+        kv_heads = c.num_key_value_heads
+        if kv_heads is None:  # LlamaConfig sets it (to num_attention_heads when not given)
+            raise ValueError("num_key_value_heads is not set")
+        group = c.num_attention_heads // kv_heads
         hidden = c.hidden_size
         for layer, (kv, channels) in zip(self.model.layers, c.layer_widths, strict=True):
             attn, mlp = layer.self_attn, layer.mlp

@@ -181,7 +181,9 @@ def ensure_adapter(peft_model: PeftModel, name: str, rank: int, alpha: float) ->
     """
     if name in peft_model.peft_config:
         return
-    base: Any = peft_model.peft_config[ADAPTER]
+    base = peft_model.peft_config[ADAPTER]
+    if not isinstance(base, LoraConfig):
+        raise ModelError(f"adapter {ADAPTER!r} is a {type(base).__name__}, not a LoRA adapter")
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=rank,

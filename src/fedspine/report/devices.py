@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, SupportsFloat
 
 from fedspine.metrics.records import DeviceStats
 from fedspine.types import TaskStatus
@@ -80,5 +80,5 @@ def _apply_entry(stats: DeviceStats, entry: Mapping[str, Any]) -> None:
         stats.statuses = {status: int(entry[status]) for status in TASK_STATUSES if entry.get(status)}
 
 
-def _number(value: Any) -> float:
+def _number(value: SupportsFloat | str | None) -> float:
     return 0.0 if value is None else float(value)

@@ -292,7 +292,7 @@ def _personal_section(personal: dict[str, Any] | None) -> str:
     )
 
 
-def _float(value: Any) -> float | None:
+def _float(value: object) -> float | None:
     """``value`` when it is a number (a summary file may hold anything)."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 

@@ -24,8 +24,9 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TypedDict
 
 import torch
 
@@ -39,15 +40,35 @@ BANDWIDTH_BYTES = 256 * 2**20
 """Size of the buffer the bandwidth measurement copies."""
 
 
+class Measured(TypedDict):
+    """What calibration measured (a profile's ``[measured]`` table)."""
+
+    model: str
+    device: str
+    threads: int
+    batch_size: int
+    max_length: int
+    local_steps: int
+    tasks: int
+    train_seconds_per_step: float
+    train_seconds_per_step_all: list[float]
+    task_flops: float
+    peak_memory_bytes: int
+    decode_tokens_per_second: float
+    decode_tokens: int
+
+
 @dataclass(frozen=True)
 class Calibration:
     """What calibration measured, and the device class it amounts to."""
 
     device_class: DeviceClass
-    measured: dict[str, Any]
+    measured: Measured
 
 
-def calibrate(cfg: Config, name: str, tasks: int = 3, status: Any = None) -> Calibration:
+def calibrate(
+    cfg: Config, name: str, tasks: int = 3, status: Callable[[str], None] | None = None
+) -> Calibration:
     """Measure this machine for ``cfg``'s model and task (``tasks`` timed local tasks after a warm-up)."""
     say = status or (lambda _msg: None)
     if tasks < 1:
@@ -98,7 +119,9 @@ def calibrate(cfg: Config, name: str, tasks: int = 3, status: Any = None) -> Cal
         slowdown_sigma=sigma,
         source=f"fedspine calibrate, {exp.settings.model_name}, {time.strftime('%Y-%m-%d')}",
     )
-    measured = {
+    decode_speed = decode["tokens_per_second"]
+    assert decode_speed is not None, "export.generate_tokens >= 1: describe_model measured the speed"
+    measured: Measured = {
         "model": exp.settings.model_name,
         "device": str(run_device),
         "threads": cfg.run.threads,
@@ -110,7 +133,7 @@ def calibrate(cfg: Config, name: str, tasks: int = 3, status: Any = None) -> Cal
         "train_seconds_per_step_all": per_step,
         "task_flops": statistics.median(flops),
         "peak_memory_bytes": peak,
-        "decode_tokens_per_second": float(decode["tokens_per_second"]),
+        "decode_tokens_per_second": float(decode_speed),
         "decode_tokens": cfg.export.generate_tokens,
     }
     return Calibration(device_class, measured)
@@ -151,4 +174,4 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["Calibration", "calibrate", "memory_bandwidth"]
+__all__ = ["Calibration", "Measured", "calibrate", "memory_bandwidth"]

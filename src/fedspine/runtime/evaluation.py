@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from fedspine.algorithms.strategies.base import GlobalModel
 from fedspine.client.evaluate import Evaluation, pooled
@@ -76,7 +75,7 @@ class Evaluator:
     ) -> FederatedEvaluationEvent:
         if not answers.evaluations:
             log.warning("round %s: no device answered the federated evaluation", version)
-        evaluations: dict[str, Any] = {
+        evaluations: dict[str, dict[str, float]] = {
             str(d): {"value": e.metric, "loss": e.loss, "count": e.count}
             for d, e in answers.evaluations.items()
         }

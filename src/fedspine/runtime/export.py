@@ -23,29 +23,57 @@ import statistics
 import time
 from copy import deepcopy
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypedDict
 
 import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedspine.algorithms.strategies import FedSpine
 from fedspine.client.evaluate import evaluate, prepare_eval_model
-from fedspine.errors import ConfigError, FedspineError
+from fedspine.errors import ConfigError, FedspineError, ModelError
 from fedspine.files import InputFileError, check_tree, copy_tree, is_inside, parse_json, read_bytes
 from fedspine.metrics.summary import check_device_models
 from fedspine.model.lora import plain_copy
 from fedspine.model.pruning import (
     PruningPlan,
     add_zero_mlp_biases,
+    decoder_layers,
     plan_to_json,
     pruned_hf_config,
     shape_of,
     write_model_code,
 )
 from fedspine.runtime.experiment import Experiment
+from fedspine.runtime.replica import ModelReplica
 
 MANIFEST = "manifest.json"
 PERSONAL_DIR = "personal"
 """Where under ``models/`` a run saves its devices' personal models (``[personalize]``), one per device."""
+
+
+class ModelDescription(TypedDict):
+    """What :func:`describe_model` measures of a model."""
+
+    parameters: int
+    bytes: int
+    kv_heads_per_layer: list[int]
+    channels_per_layer: list[int]
+    tokens_per_second: float | None
+    """Greedy generation speed (None: not measured)."""
+
+
+class SavedModel(Protocol):
+    """A device's personal model to save (a :class:`~fedspine.runtime.personal.PersonalModel`)."""
+
+    @property
+    def model(self) -> PreTrainedModel: ...
+
+    @property
+    def plan(self) -> PruningPlan | None: ...
+
+    @property
+    def means(self) -> list[torch.Tensor] | None: ...
 
 
 def export_models(exp: Experiment, run_dir: Path, personal: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -103,7 +131,9 @@ def export_models(exp: Experiment, run_dir: Path, personal: dict[str, Any] | Non
     return manifest
 
 
-def save_personal_model(built: Any, tokenizer: Any, models_dir: Path, device_id: int) -> str:
+def save_personal_model(
+    built: SavedModel, tokenizer: PreTrainedTokenizerBase | None, models_dir: Path, device_id: int
+) -> str:
     """Save a device's personal model (a :class:`~fedspine.runtime.personal.PersonalModel`) as
     ``personal/device-N`` under ``models_dir``, with a config that describes its shape; returns that
     name (relative to ``models_dir``)."""
@@ -115,12 +145,14 @@ def save_personal_model(built: Any, tokenizer: Any, models_dir: Path, device_id:
     return name
 
 
-def device_model(executor: Any, plan: PruningPlan | None, means: list[torch.Tensor] | None) -> Any:
+def device_model(
+    executor: ModelReplica, plan: PruningPlan | None, means: list[torch.Tensor] | None
+) -> PreTrainedModel:
     """A device's model as a plain copy (``executor.deployed_model``): the executor's base pruned by
     ``plan`` (the removed channels' mean outputs kept as biases with ``means``), or, without a plan, the
     base with the global adapter loaded by ``executor.load_global`` merged in (none: the base alone,
     never an adapter a device trained last)."""
-    model = executor.deployed_model(plan, means)
+    model: PreTrainedModel = executor.deployed_model(plan, means)
     if plan is not None and means is not None:
         add_zero_mlp_biases(model)  # a stock config with mlp_bias has biases on gate/up too
     return model
@@ -137,14 +169,16 @@ def record_hand_out(run_dir: Path, manifest: dict[str, Any], reports: dict[int, 
     _write_json(models_dir / MANIFEST, manifest)
 
 
-def describe_model(model: Any, prompt: list[int], pad_id: int, new_tokens: int) -> dict[str, Any]:
+def describe_model(
+    model: PreTrainedModel, prompt: list[int], pad_id: int, new_tokens: int
+) -> ModelDescription:
     """Parameters, bytes, widths and (``new_tokens`` > 0) greedy generation speed after ``prompt``."""
     shape = shape_of(model)
     params = sum(p.numel() for p in model.parameters())
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     widths = [
-        (layer.self_attn.k_proj.out_features // shape.head_dim, layer.mlp.gate_proj.out_features)
-        for layer in model.model.layers
+        (_out_features(layer, "self_attn.k_proj") // shape.head_dim, _out_features(layer, "mlp.gate_proj"))
+        for layer in decoder_layers(model)
     ]
     return {
         "parameters": params,
@@ -157,11 +191,21 @@ def describe_model(model: Any, prompt: list[int], pad_id: int, new_tokens: int) 
     }
 
 
+def _out_features(layer: nn.Module, name: str) -> int:
+    """The output width of the linear ``name`` of a decoder ``layer``."""
+    linear = layer.get_submodule(name)
+    if not isinstance(linear, nn.Linear):
+        raise ModelError(f"{name} of a decoder layer is a {type(linear).__name__}, not a linear layer")
+    return linear.out_features
+
+
 @torch.no_grad()
-def _tokens_per_second(model: Any, prompt: list[int], pad_id: int, new_tokens: int) -> float:
+def _tokens_per_second(model: PreTrainedModel, prompt: list[int], pad_id: int, new_tokens: int) -> float:
     """Median greedy-generation speed (new tokens / s) over three runs after one warm-up run."""
     model.eval()
     device = next(model.parameters()).device
+    if not isinstance(model, GenerationMixin):
+        raise ModelError(f"{type(model).__name__} cannot generate text")
     row = torch.tensor([prompt], device=device)
     kwargs = {
         "max_new_tokens": new_tokens,
@@ -180,15 +224,15 @@ def _tokens_per_second(model: Any, prompt: list[int], pad_id: int, new_tokens: i
     return statistics.median(speeds)
 
 
-def _metric(model: Any, exp: Experiment) -> float:
+def _metric(model: PreTrainedModel, exp: Experiment) -> float:
     """The held-out metric of ``model``, measured like the run's evaluations (on a copy: it is saved)."""
     copy = prepare_eval_model(deepcopy(model), exp.objective, exp.settings.eval_dtype)
     return float(evaluate(copy, exp.objective, exp.test_set.batches).metric)
 
 
 def save_model(
-    model: Any,
-    tokenizer: Any,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
     out: Path,
     plan: PruningPlan | None = None,
     means: list[torch.Tensor] | None = None,

@@ -4,7 +4,6 @@ record (a synchronous round's, or an asynchronous step's)."""
 from __future__ import annotations
 
 import statistics
-from typing import Any
 
 from fedspine.metrics.events import TaskEvent
 from fedspine.metrics.records import DeviceStats, RoundRecord, RunRecorder
@@ -21,7 +20,7 @@ class Ledger:
         self.recorder = recorder
         self.state = state
 
-    def task(self, round_no: int, start: float, o: TaskOutcome, **extra: Any) -> None:
+    def task(self, round_no: int, start: float, o: TaskOutcome, **extra: object) -> None:
         """Record a task that ended (``start``: when it started on the run's clock)."""
         prepared = o.prepared
         workload = prepared.workload if prepared else None
@@ -125,7 +124,15 @@ def _record(
     agg_seconds: float,
     closer: TaskOutcome | None,
     accepted: list[TaskOutcome],
-    **counts: Any,
+    *,
+    selected: int,
+    late: int,
+    oom: int,
+    dropped: int,
+    uplink_bytes: int,
+    downlink_bytes: int,
+    mean_staleness: float | None = None,
+    max_staleness: int | None = None,
 ) -> RoundRecord:
     """A round's (or server step's) record ending at ``end``; ``closer`` is the update that closed it."""
     losses = [o.update.train_loss for o in accepted if o.update is not None]
@@ -140,5 +147,12 @@ def _record(
         uplink_seconds=closer.uplink_seconds if closer else 0.0,
         aggregated=len(accepted),
         train_loss=sum(losses) / len(losses) if losses else None,
-        **counts,
+        selected=selected,
+        late=late,
+        oom=oom,
+        dropped=dropped,
+        uplink_bytes=uplink_bytes,
+        downlink_bytes=downlink_bytes,
+        mean_staleness=mean_staleness,
+        max_staleness=max_staleness,
     )

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
 
 from fedspine.client.evaluate import Evaluation, evaluate
 from fedspine.fleet.cost import CostModel
@@ -55,7 +56,7 @@ PERSONAL_TASK_KEY = 1 << 30
 class PersonalModel:
     """A device's personal model and the work building it took the device at the end of the run."""
 
-    model: Any
+    model: PreTrainedModel
     """A plain model (as :meth:`~fedspine.runtime.executor.SimExecutor.deployed_model` builds them)."""
     work: list[TrainWorkload] = field(default_factory=list)
     """What the device computed to build it (training steps, forward passes), for the cost model."""
@@ -70,7 +71,7 @@ def personal_model(
     device: Device,
     plan: PruningPlan | None,
     means: list[torch.Tensor] | None,
-    base: Any = None,
+    base: PreTrainedModel | None = None,
     clusters: list[LoraState] | None = None,
 ) -> PersonalModel | None:
     """``device``'s personal model from the global state loaded in ``exp``'s executor (at its deployed
@@ -94,7 +95,8 @@ def personal_model(
     if settings.method == "clustered":
         assert clusters, "clustered: the cluster adapters come with the final model"
         [batch] = executor.local_batches(device, 1, PERSONAL_TASK_KEY)
-        best: tuple[float, Any] | None = None  # one candidate model at a time beside the best so far
+        # one candidate model at a time beside the best so far
+        best: tuple[float, PreTrainedModel] | None = None
         for state in clusters:
             candidate = executor.with_adapter(state, settings.rank, settings.alpha, plan, means)
             with torch.no_grad():

@@ -200,5 +200,5 @@ class SimulatedTransport:
 
     def hand_out(
         self, version: int, base_delta: BaseDelta, manifest: dict[str, Any]
-    ) -> dict[int, dict[str, Any]]:
+    ) -> dict[int, dict[str, object]]:
         return {}  # a simulated device's model is the one in the run directory

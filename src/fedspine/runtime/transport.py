@@ -118,7 +118,7 @@ class Transport(Protocol):
 
     def hand_out(
         self, version: int, base_delta: BaseDelta, manifest: dict[str, Any]
-    ) -> dict[int, dict[str, Any]]:
+    ) -> dict[int, dict[str, object]]:
         """Give every device its final model (``manifest``: the run's device models); what each device
         reports about the copy it now holds (device id -> report), or nothing where the run
         directory's models are the devices' own."""
