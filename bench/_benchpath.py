@@ -166,16 +166,18 @@ def local_task_scores(
     from fedspine.model.lora import apply_lora
 
     rng = np.random.default_rng(seed)
-    indices = np.concatenate(exp.partitions)
-    batches = list(iterate_batches(exp.executor.train_data, indices, cfg.train.batch_size, rng, shuffle=True))
+    indices = np.concatenate(exp.trainer.partitions)
+    batches = list(
+        iterate_batches(exp.trainer.executor.train_data, indices, cfg.train.batch_size, rng, shuffle=True)
+    )
     batches = batches[:count]
     peft = apply_lora(copy.deepcopy(base), cfg.lora.rank, cfg.lora.alpha, 0.0, cfg.lora.target_modules)
-    taylor, flap = TaylorMeter(peft, exp.shape.head_dim), FlapMeter(peft, exp.shape.head_dim)
+    taylor, flap = TaylorMeter(peft, exp.trainer.shape.head_dim), FlapMeter(peft, exp.trainer.shape.head_dim)
     params = [p for p in peft.parameters() if p.requires_grad]
     with flap:
         train_local(
             peft,
-            exp.objective,
+            exp.trainer.objective,
             batches,
             make_optimizer(params, "adamw", cfg.train.lr, 0.0),
             cfg.train.max_grad_norm,

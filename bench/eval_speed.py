@@ -40,11 +40,11 @@ from fedspine.types import ClientTask
 
 def train_one_task(exp: Any) -> float:
     """Run one client task of device 0 on the global adapter; its host seconds. Loads the result."""
-    executor, strategy = exp.executor, exp.strategy
+    executor, strategy = exp.trainer.executor, exp.strategy
     device = exp.devices[0]
     lora = exp.device_lora[device.device_id]
     steps = exp.settings.local_steps
-    strategy.init_global(exp.module_shapes, lora.rank, torch.Generator().manual_seed(0))
+    strategy.init_global(exp.trainer.module_shapes, lora.rank, torch.Generator().manual_seed(0))
     prepared = executor.prepare(1, device, lora, steps)
     dispatch = strategy.configure(1, device.device_id, lora, torch.Generator().manual_seed(0))
     task = ClientTask(1, device.device_id, steps, lora, dispatch.lora_state, dispatch.downlink_bytes)
@@ -58,7 +58,7 @@ def train_one_task(exp: Any) -> float:
 
 def before(exp: Any, batch_size: int) -> tuple[float, list[int]]:
     """The evaluation path as it was: peft model, stored order, no_grad, full head."""
-    data, model, objective = exp.test_data, exp.executor.model, exp.objective
+    data, model, objective = exp.trainer.test_data, exp.trainer.executor.model, exp.trainer.objective
     started = time.perf_counter()
     predictions: list[int] = []
     model.eval()
@@ -70,20 +70,20 @@ def before(exp: Any, batch_size: int) -> tuple[float, list[int]]:
 
 def after(exp: Any, dtype: str) -> tuple[float, float]:
     """``executor.evaluate`` with ``dtype``: seconds (model copy included) and accuracy."""
-    exp.executor.eval_dtype = dtype
+    exp.trainer.executor.eval_dtype = dtype
     started = time.perf_counter()
-    evaluation = exp.executor.evaluate(exp.test_set)
+    evaluation = exp.trainer.executor.evaluate(exp.test_set)
     return time.perf_counter() - started, evaluation.metric
 
 
 def predictions_of(exp: Any, dtype: str) -> list[int]:
     """Predicted label of every test example in ``exp.test_set`` order, at ``dtype``."""
-    exp.executor.eval_dtype = dtype
-    model = exp.executor.eval_model()
+    exp.trainer.executor.eval_dtype = dtype
+    model = exp.trainer.executor.eval_model()
     out: list[int] = []
     with torch.inference_mode():
         for batch in exp.test_set.batches:
-            out += exp.objective.label_logits(model, batch).argmax(-1).tolist()
+            out += exp.trainer.objective.label_logits(model, batch).argmax(-1).tolist()
     return out
 
 
@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data.test_size={args.test_size}"])
     exp = build_experiment(cfg)
-    n = len(exp.test_data)
+    n = len(exp.trainer.test_data)
     print(host_line(f"{n} test examples, padding {exp.test_set.padding_fraction():.1%} after sorting"))
     task_seconds = train_one_task(exp)
     times: dict[str, list[float]] = {"before": [], "after": [], "after-bf16": []}
@@ -103,7 +103,7 @@ def main() -> None:
     for _ in range(args.repeats):
         seconds, preds = before(exp, cfg.eval.batch_size)
         times["before"].append(seconds)
-        accuracy["before"] = float(np.mean(np.array(preds) == np.array(exp.test_data.label_index)))
+        accuracy["before"] = float(np.mean(np.array(preds) == np.array(exp.trainer.test_data.label_index)))
         for name, dtype in (("after", "model"), ("after-bf16", "bfloat16")):
             seconds, accuracy[name] = after(exp, dtype)
             times[name].append(seconds)

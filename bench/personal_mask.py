@@ -52,7 +52,7 @@ def restore(exp: Experiment, run: Path) -> None:
     """Put the newest checkpoint of ``run`` into ``exp`` (its strategy and merged base weights)."""
     snapshot = load_latest(run, exp)
     snapshot.objects.restore(exp)
-    exp.executor.set_base_weights(snapshot.base_weights)
+    exp.trainer.executor.set_base_weights(snapshot.base_weights)
 
 
 def main() -> None:
@@ -75,11 +75,11 @@ def main() -> None:
         overrides = [f"run.threads={args.threads}", f"data.dirichlet_alpha={args.alpha}", "eval.mode=both"]
         exp = build_experiment(load_config(args.config, overrides))
     print(host_line(f"{len(exp.devices)} devices, {args.batches} batches each"), flush=True)
-    executor, strategy = exp.executor, exp.strategy
+    executor, strategy = exp.trainer.executor, exp.strategy
     # a run's global adapter, or none: the pretrained model (the strategy is not initialised then)
     executor.load_global(strategy.global_lora() if args.run is not None else {})
     base = executor.deployed_model()
-    dense = dense_layer_indices("auto", exp.shape.layers)
+    dense = dense_layer_indices("auto", exp.trainer.shape.layers)
     plans: dict[str, dict[int, PruningPlan]] = {"flap": {}, "taylor": {}}
     results: dict[str, list[Evaluation]] = {"global": [], "flap": [], "taylor": []}
     means = strategy.channel_means()
@@ -87,10 +87,10 @@ def main() -> None:
     for device in exp.devices[: args.devices]:
         batches = executor.local_batches(device, args.batches, PERSONAL_TASK_KEY)
         deployed = strategy.device_eval_plan(device.device_id) if args.run is not None else None
-        held_out = exp.local_tests.get(device.device_id)
+        held_out = exp.trainer.local_tests.get(device.device_id)
         if deployed is not None and held_out is not None:
             results["global"].append(
-                evaluate(executor.eval_model(deployed, means), exp.objective, held_out.batches)
+                evaluate(executor.eval_model(deployed, means), exp.trainer.objective, held_out.batches)
             )
         for kind in plans:
             heads, channels, own = executor.local_importance(
@@ -101,7 +101,7 @@ def main() -> None:
                 continue
             plans[kind][device.device_id] = mine = plan_like(deployed, heads, channels)
             model = executor.ready(executor.deployed_model(mine, own if means is not None else None))
-            results[kind].append(evaluate(model, exp.objective, held_out.batches))
+            results[kind].append(evaluate(model, exp.trainer.objective, held_out.batches))
     print(f"scored in {time.perf_counter() - started:.0f} s", flush=True)
     result = {}
     for kind, by_device in plans.items():

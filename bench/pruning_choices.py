@@ -55,8 +55,8 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 def device_batches(exp: Experiment, batch_size: int, seed: int, count: int, skip: int = 0) -> list[Any]:
     """``count`` training batches drawn across the fleet's partitions (one local task's worth)."""
     rng = np.random.default_rng(seed)
-    indices = np.concatenate(exp.partitions)
-    batches = iterate_batches(exp.executor.train_data, indices, batch_size, rng, shuffle=True)
+    indices = np.concatenate(exp.trainer.partitions)
+    batches = iterate_batches(exp.trainer.executor.train_data, indices, batch_size, rng, shuffle=True)
     return list(batches)[skip : skip + count]
 
 
@@ -71,7 +71,7 @@ def full_gradient_channels(base: Any, exp: Experiment, batches: list[Any]) -> li
     sums = [torch.zeros(mlp.gate_proj.weight.shape[0]) for mlp in mlps]
     for batch in batches:
         model.zero_grad(set_to_none=True)
-        exp.objective.loss(model, batch).backward()
+        exp.trainer.objective.loss(model, batch).backward()
         with torch.no_grad():
             for index, mlp in enumerate(mlps):
                 value = (mlp.gate_proj.weight * mlp.gate_proj.weight.grad).sum(1)
@@ -88,8 +88,8 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def accuracy(model: Any, exp: Experiment) -> float:
-    copy_ = prepare_eval_model(copy.deepcopy(model), exp.objective)
-    return float(evaluate(copy_, exp.objective, exp.test_set.batches).metric)
+    copy_ = prepare_eval_model(copy.deepcopy(model), exp.trainer.objective)
+    return float(evaluate(copy_, exp.trainer.objective, exp.test_set.batches).metric)
 
 
 def recover(
@@ -99,7 +99,7 @@ def recover(
     peft = apply_lora(copy.deepcopy(model), rank, alpha, 0.0, ALL, seed=seed)
     params = [p for p in peft.parameters() if p.requires_grad]
     torch.manual_seed(seed)
-    train_local(peft, exp.objective, batches, make_optimizer(params, "adamw", lr, 0.0), 1.0)
+    train_local(peft, exp.trainer.objective, batches, make_optimizer(params, "adamw", lr, 0.0), 1.0)
     return merged_model(peft)
 
 
@@ -121,9 +121,12 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data.test_size={args.test_size}"])
     exp = build_experiment(cfg)
-    base = plain_copy(exp.executor.model)
-    kv, layers = exp.shape.kv_heads, exp.shape.layers
-    print(host_line(f"{args.seeds} seeds, {args.steps} steps, {len(exp.test_data)} test verses"), flush=True)
+    base = plain_copy(exp.trainer.executor.model)
+    kv, layers = exp.trainer.shape.kv_heads, exp.trainer.shape.layers
+    print(
+        host_line(f"{args.seeds} seeds, {args.steps} steps, {len(exp.trainer.test_data)} test verses"),
+        flush=True,
+    )
     results: dict[str, list[float]] = {}
 
     def add(key: str, value: float) -> None:

@@ -38,12 +38,12 @@ def main() -> None:
     print(f"host: {platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     cfg = load_config(None, [f"data.test_size={args.test_size}"])
     exp = build_experiment(cfg)
-    base = plain_copy(exp.executor.model)
+    base = plain_copy(exp.trainer.executor.model)
 
     def score(model: Any) -> tuple[float, float]:
-        data = exp.test_data
+        data = exp.trainer.test_data
         batches = iterate_batches(data, np.arange(len(data)), 50, None, shuffle=False)
-        result = evaluate(model, exp.objective, batches)
+        result = evaluate(model, exp.trainer.objective, batches)
         return result.metric, result.loss
 
     _, measured = local_task_scores(exp, cfg, base, cfg.run.seed)  # one local task's worth of device data

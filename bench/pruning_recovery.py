@@ -41,8 +41,8 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 def device_batches(exp: Experiment, batch_size: int, seed: int, count: int) -> list[Any]:
     """``count`` training batches drawn across the fleet's partitions."""
     rng = np.random.default_rng(seed)
-    indices = np.concatenate(exp.partitions)
-    batches = iterate_batches(exp.executor.train_data, indices, batch_size, rng, shuffle=True)
+    indices = np.concatenate(exp.trainer.partitions)
+    batches = iterate_batches(exp.trainer.executor.train_data, indices, batch_size, rng, shuffle=True)
     return list(batches)[:count]
 
 
@@ -99,7 +99,9 @@ def compensated(base: Any, plan: PruningPlan, means: list[torch.Tensor]) -> Any:
 def label_eval(model: Any, exp: Experiment) -> tuple[float, float]:
     """(accuracy, label loss) on the test verses."""
     result = evaluate(
-        prepare_eval_model(copy.deepcopy(model), exp.objective), exp.objective, exp.test_set.batches
+        prepare_eval_model(copy.deepcopy(model), exp.trainer.objective),
+        exp.trainer.objective,
+        exp.test_set.batches,
     )
     return float(result.metric), float(result.loss)
 
@@ -109,7 +111,7 @@ def recover(model: Any, exp: Experiment, lr: float, batches: list[Any], seed: in
     peft = apply_lora(copy.deepcopy(model), 8, 16.0, 0.0, ALL, seed=seed)
     params = [p for p in peft.parameters() if p.requires_grad]
     torch.manual_seed(seed)
-    train_local(peft, exp.objective, batches, make_optimizer(params, "adamw", lr, 0.0), 1.0)
+    train_local(peft, exp.trainer.objective, batches, make_optimizer(params, "adamw", lr, 0.0), 1.0)
     return merged_model(peft)
 
 
@@ -123,9 +125,12 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data.test_size={args.test_size}"])
     exp = build_experiment(cfg)
-    base = plain_copy(exp.executor.model)
-    layers, kv = exp.shape.layers, exp.shape.kv_heads
-    print(host_line(f"seed {args.seed}, {args.steps} steps, {len(exp.test_data)} test verses"), flush=True)
+    base = plain_copy(exp.trainer.executor.model)
+    layers, kv = exp.trainer.shape.layers, exp.trainer.shape.kv_heads
+    print(
+        host_line(f"seed {args.seed}, {args.steps} steps, {len(exp.trainer.test_data)} test verses"),
+        flush=True,
+    )
     means, scores = down_input_stats(
         base, device_batches(exp, cfg.train.batch_size, args.seed, args.calibration)
     )

@@ -57,7 +57,7 @@ def main() -> None:
     exp = build_experiment(config)
     tasks, prepared = _round(exp, args.clients, args.steps)
     tokens = sum(p.workload.tokens for p in prepared)
-    executor = exp.executor
+    executor = exp.trainer.executor
     device = next(executor.model.parameters()).device
 
     def simulator(batch: int) -> float:
@@ -105,12 +105,12 @@ def _round(exp: Any, clients: int, steps: int) -> tuple[list[Any], list[Any]]:
     from fedspine.types import ClientTask
 
     rank = max(lora.rank for lora in exp.device_lora.values())
-    exp.strategy.init_global(exp.module_shapes, rank, torch.Generator().manual_seed(0))
+    exp.strategy.init_global(exp.trainer.module_shapes, rank, torch.Generator().manual_seed(0))
     tasks, prepared = [], []
     for device in exp.devices[:clients]:
         lora = exp.device_lora[device.device_id]
         assignment = exp.strategy.assign(1, device.device_id, lora)
-        prepared.append(exp.executor.prepare(1, device, assignment.lora, steps))
+        prepared.append(exp.trainer.executor.prepare(1, device, assignment.lora, steps))
         dispatch = exp.strategy.configure(1, device.device_id, assignment.lora, torch.Generator())
         tasks.append(ClientTask(1, device.device_id, steps, assignment.lora, dispatch.lora_state, 0))
     return tasks, prepared
@@ -122,16 +122,16 @@ def _raw_peft(exp: Any, prepared: list[Any]) -> None:
     from fedspine.client.train import make_optimizer, train_local
     from fedspine.model.lora import ADAPTER, activate_adapter
 
-    model = exp.executor.model
+    model = exp.trainer.executor.model
     activate_adapter(model, ADAPTER)
     steps = max(len(p.batches) for p in prepared)
-    data = exp.executor.train_data
+    data = exp.trainer.executor.train_data
     batches = [
         concat_batches([p.batches[t] for p in prepared if t < len(p.batches)], data.padding_side, data.pad_id)
         for t in range(steps)
     ]
     params = [p for p in model.parameters() if p.requires_grad]
-    train_local(model, exp.objective, batches, make_optimizer(params, "adamw", 1e-3, 0.0), 1.0)
+    train_local(model, exp.trainer.objective, batches, make_optimizer(params, "adamw", 1e-3, 0.0), 1.0)
 
 
 def _timed(work: Any, device: torch.device) -> float:

@@ -40,8 +40,8 @@ def _tasks(exp: Any, loras: list[DeviceLora], steps: list[int]) -> tuple[list[Cl
     tasks, prepared = [], []
     for device_id, (lora, n) in enumerate(zip(loras, steps, strict=True)):
         device = exp.devices[device_id]
-        prepared.append(exp.executor.prepare(1, device, lora, n))
-        payload = _random_payload(exp.executor.model, lora.rank, seed=device_id)
+        prepared.append(exp.trainer.executor.prepare(1, device, lora, n))
+        payload = _random_payload(exp.trainer.executor.model, lora.rank, seed=device_id)
         tasks.append(ClientTask(1, device_id, n, lora, payload, 0))
     return tasks, prepared
 
@@ -61,9 +61,9 @@ def test_tasks_of_mixed_ranks_scalings_and_steps_train_together_as_one_by_one(ta
     exp = build_experiment(load_config(CONFIGS / "tiny.toml", [*FAST, f"data.task={task}"]))
     loras = [DeviceLora(2, 2.0), DeviceLora(4, 0.5), DeviceLora(8, 1.0), DeviceLora(4, 2.0)]
     tasks, prepared = _tasks(exp, loras, steps=[3, 1, 4, 3])
-    alone = [exp.executor.run(t, p) for t, p in zip(tasks, prepared, strict=True)]
-    exp.executor.batch_clients = 3  # two batches: three lanes, then one
-    together = exp.executor.run_many(tasks, prepared)
+    alone = [exp.trainer.executor.run(t, p) for t, p in zip(tasks, prepared, strict=True)]
+    exp.trainer.executor.batch_clients = 3  # two batches: three lanes, then one
+    together = exp.trainer.executor.run_many(tasks, prepared)
     for one, other in zip(alone, together, strict=True):
         _assert_same(one, other)
     moved = [
@@ -94,7 +94,9 @@ def test_fedspine_tasks_on_two_plans_train_together_as_their_sliced_submodels_al
     )
     exp = build_experiment(config)
     gen = torch.Generator().manual_seed(7)
-    means = [torch.rand(exp.shape.intermediate, generator=gen) for _ in range(exp.shape.layers)]
+    means = [
+        torch.rand(exp.trainer.shape.intermediate, generator=gen) for _ in range(exp.trainer.shape.layers)
+    ]
     specs = [
         (0.3, DeviceLora(4, 2.0), 3, True),
         (0.5, DeviceLora(8, 1.0), 2, True),
@@ -103,23 +105,23 @@ def test_fedspine_tasks_on_two_plans_train_together_as_their_sliced_submodels_al
     tasks, prepared = [], []
     for device_id, (ratio, lora, steps, measure) in enumerate(specs):
         plan = exp.strategy.plan_for(ratio)
-        prepared.append(exp.executor.prepare(1, exp.devices[device_id], lora, steps, plan))
+        prepared.append(exp.trainer.executor.prepare(1, exp.devices[device_id], lora, steps, plan))
         payload = _pruned_payload(exp, plan, lora.rank, seed=device_id)
         extra = {"measure_importance": measure}
         tasks.append(
             ClientTask(1, device_id, steps, lora, payload, 0, extra, plan, ratio, channel_means=means)
         )
     dense = DeviceLora(4, 2.0)
-    prepared.append(exp.executor.prepare(1, exp.devices[3], dense, 2))
-    tasks.append(ClientTask(1, 3, 2, dense, _random_payload(exp.executor.model, 4, seed=3), 0))
+    prepared.append(exp.trainer.executor.prepare(1, exp.devices[3], dense, 2))
+    tasks.append(ClientTask(1, 3, 2, dense, _random_payload(exp.trainer.executor.model, 4, seed=3), 0))
     assert {len(t.plan[0].channels) for t in tasks[:2]} == {
         len(exp.strategy.plan_for(0.3)[0].channels),
         len(exp.strategy.plan_for(0.5)[0].channels),
     } and len(exp.strategy.plan_for(0.3)[0].channels) > len(exp.strategy.plan_for(0.5)[0].channels)
 
-    alone = [exp.executor.run(t, p) for t, p in zip(tasks, prepared, strict=True)]
-    exp.executor.batch_clients = 4
-    together = exp.executor.run_many(tasks, prepared)
+    alone = [exp.trainer.executor.run(t, p) for t, p in zip(tasks, prepared, strict=True)]
+    exp.trainer.executor.batch_clients = 4
+    together = exp.trainer.executor.run_many(tasks, prepared)
     for one, other in zip(alone, together, strict=True):
         _assert_same(one, other)
         assert (one.probe_loss is None) == (other.probe_loss is None)
@@ -141,21 +143,21 @@ def test_the_removed_units_of_a_pruned_lane_stay_exactly_zero() -> None:
     exp = build_experiment(load_config(CONFIGS / "tiny.toml", [*FAST, "strategy.name=fedspine", modules]))
     plan = exp.strategy.plan_for(0.5)
     lora = DeviceLora(4, 2.0)
-    prepared = exp.executor.prepare(1, exp.devices[0], lora, 3, plan)
+    prepared = exp.trainer.executor.prepare(1, exp.devices[0], lora, 3, plan)
     task = ClientTask(1, 0, 3, lora, _pruned_payload(exp, plan, 4, seed=0), 0, plan=plan, pruning_ratio=0.5)
-    lane = exp.executor.lane(task, prepared)
+    lane = exp.trainer.executor.lane(task, prepared)
     padded = {n: (e["A"] == 0, e["B"] == 0) for n, e in lane.state.items()}
-    t = exp.executor.training
+    t = exp.trainer.executor.training
     (result,) = train_lanes(
-        exp.executor.model,
-        exp.objective,
+        exp.trainer.executor.model,
+        exp.trainer.objective,
         [lane],
         optimizer=t.optimizer,
         lr=t.lr,
         weight_decay=0.1,  # decay of a zero is zero too
         max_grad_norm=t.max_grad_norm,
-        padding_side=exp.executor.train_data.padding_side,
-        pad_id=exp.executor.train_data.pad_id,
+        padding_side=exp.trainer.executor.train_data.padding_side,
+        pad_id=exp.trainer.executor.train_data.pad_id,
     )
     assert any(b.any() for _, b in padded.values())  # up_proj rows of the removed channels
     assert any(a.any() for a, _ in padded.values())  # down_proj columns of the removed channels
@@ -168,13 +170,13 @@ def test_the_removed_units_of_a_pruned_lane_stay_exactly_zero() -> None:
 
 def test_the_shared_base_model_is_unchanged_by_batched_training() -> None:
     exp = build_experiment(load_config(CONFIGS / "tiny.toml", FAST))
-    before = {k: v.clone() for k, v in exp.executor.model.state_dict().items()}
+    before = {k: v.clone() for k, v in exp.trainer.executor.model.state_dict().items()}
     tasks, prepared = _tasks(exp, [DeviceLora(4, 2.0)] * 2, steps=[2, 2])
-    exp.executor.batch_clients = 2
-    exp.executor.run_many(tasks, prepared)
-    after = exp.executor.model.state_dict()
+    exp.trainer.executor.batch_clients = 2
+    exp.trainer.executor.run_many(tasks, prepared)
+    after = exp.trainer.executor.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not any(h for m in exp.executor.model.modules() for h in m._forward_hooks.values())
+    assert not any(h for m in exp.trainer.executor.model.modules() for h in m._forward_hooks.values())
 
 
 def _task_records(run_dir: Path) -> list[dict[str, Any]]:

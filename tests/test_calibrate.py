@@ -49,7 +49,7 @@ def test_calibrate_writes_a_profile_a_fleet_loads_and_the_cost_model_charges_wha
     fleet = build_fleet_from_config(cfg)
     assert [d.device_class for d in fleet] == [device, device]  # the profile, not the catalog's laptop
     exp = build_experiment(cfg)
-    prepared = exp.executor.prepare(1, fleet[0], exp.device_lora[0], cfg.train.local_steps)
+    prepared = exp.trainer.executor.prepare(1, fleet[0], exp.device_lora[0], cfg.train.local_steps)
     predicted = CostModel.for_device(fleet[0]).train_seconds(prepared.workload)
     per_step = measured["train_seconds_per_step"]
     # the calibrated workload's predicted time is the measured one (the median task's throughput)

@@ -179,6 +179,22 @@ def test_run_and_node_settings_are_checked() -> None:
 # --- the server and client pair on an in-process grid ------------------------------------------------
 
 
+def test_a_node_builds_what_trains_and_not_the_servers_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deployed node needs the trainer, its fleet and its codec; the strategy's masks and the
+    scheduler's state live on the SuperLink's side (the rounds below check that what it trains matches)."""
+    import fedspine.runtime.experiment as experiment
+
+    def server_side(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a node built the server's pruning strategy")
+
+    monkeypatch.setattr(experiment, "build_pruning_strategy", server_side)
+    cfg = tiny("strategy.name=fedspine", "compression.codec=topk")
+    node = experiment.build_node(cfg)
+    assert len(node.devices) == len(experiment.build_fleet_from_config(cfg))
+    assert node.uplink is not None and not hasattr(node, "strategy")
+    assert node.executor.device_side.__class__.__name__ == "PlainTraining"
+
+
 @pytest.mark.parametrize(
     ("strategy", "rounds"),
     [("fedit", 1), ("flora", 2), ("fedspine", 2), ("hetlora", 2)],

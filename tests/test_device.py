@@ -42,9 +42,9 @@ def test_auto_on_a_cpu_host_is_the_float32_cpu_model() -> None:
     if CUDA:
         pytest.skip("this host has CUDA")
     exp = build_experiment(load_config(CONFIGS / "tiny.toml", FAST))
-    param = next(exp.executor.model.parameters())
+    param = next(exp.trainer.executor.model.parameters())
     assert param.device.type == "cpu" and param.dtype == torch.float32
-    assert exp.executor.batch_clients == 1  # auto: one by one on a CPU
+    assert exp.trainer.executor.batch_clients == 1  # auto: one by one on a CPU
 
 
 def _metrics(run_dir: Path) -> list[float]:
@@ -67,8 +67,8 @@ def test_a_float32_run_on_cuda_matches_the_cpu_run(tmp_path: Path, strategy: str
 def test_auto_on_cuda_is_bfloat16_with_a_whole_round_per_batch(tmp_path: Path) -> None:
     config = load_config(CONFIGS / "tiny.toml", FAST)
     exp = build_experiment(config)
-    param = next(exp.executor.model.parameters())
+    param = next(exp.trainer.executor.model.parameters())
     assert param.device.type == "cuda" and param.dtype == torch.bfloat16
-    assert exp.executor.batch_clients == len(exp.devices)
+    assert exp.trainer.executor.batch_clients == len(exp.devices)
     result = run_experiment(config, tmp_path / "run")
     assert all(e == e for e in _metrics(result.run_dir))  # finite, not NaN

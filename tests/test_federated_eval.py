@@ -124,10 +124,10 @@ def test_a_fedspine_device_evaluates_the_model_it_would_deploy(tmp_path: Path) -
     strategy = exp.strategy
     deployed = strategy.deployment([d.device_id for d in exp.devices])
     assert len({arm.ratio for arm in deployed.values()}) > 1  # devices deploy different sizes here
-    exp.executor.load_global(strategy.global_lora())
+    exp.trainer.executor.load_global(strategy.global_lora())
     for device, arm in deployed.items():
         plan = strategy.plan_for(arm.ratio)
-        own = exp.executor.evaluate(exp.local_tests[device], plan, strategy.channel_means())
+        own = exp.trainer.executor.evaluate(exp.trainer.local_tests[device], plan, strategy.channel_means())
         assert last["devices"][str(device)]["value"] == pytest.approx(own.metric, abs=1e-9)
         assert last["devices"][str(device)]["loss"] == pytest.approx(own.loss, rel=1e-6)
 

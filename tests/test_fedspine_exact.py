@@ -48,7 +48,7 @@ base carries the exact aggregate (the bounded adapter's tests set their own rank
 def exp() -> Experiment:
     """The experiment of :data:`CONFIG`."""
     experiment = build_experiment(CONFIG)
-    experiment.strategy.init_global(experiment.module_shapes, 4, torch.Generator().manual_seed(0))
+    experiment.strategy.init_global(experiment.trainer.module_shapes, 4, torch.Generator().manual_seed(0))
     return experiment
 
 
@@ -73,9 +73,11 @@ def _train_pruned(exp: Experiment, plan: PruningPlan, device: int, round_no: int
     strategy = exp.strategy
     assert isinstance(strategy, FedSpine)
     payload = _fresh_payload(strategy, plan, rank, seed=device)
-    prepared = exp.executor.prepare(round_no, exp.devices[device], lora, CONFIG.train.local_steps, plan)
+    prepared = exp.trainer.executor.prepare(
+        round_no, exp.devices[device], lora, CONFIG.train.local_steps, plan
+    )
     task = ClientTask(round_no, device, len(prepared.batches), lora, payload, 0, plan=plan)
-    return exp.executor.run(task, prepared)
+    return exp.trainer.executor.run(task, prepared)
 
 
 def _kept_index(strategy: FedSpine, plan: PruningPlan, module: str) -> tuple[int, torch.Tensor] | None:
@@ -107,7 +109,7 @@ def test_a_pruned_devices_merged_update_equals_masked_dense_training(exp: Experi
     lora = DeviceLora(rank, CONFIG.lora.alpha / rank)
     payload = _fresh_payload(strategy, PLAN, rank, seed=device)
     dense = apply_lora(
-        masked_model(plain_copy(exp.executor.model), PLAN),
+        masked_model(plain_copy(exp.trainer.executor.model), PLAN),
         rank,
         CONFIG.lora.alpha,
         0.0,
@@ -139,13 +141,20 @@ def test_a_pruned_devices_merged_update_equals_masked_dense_training(exp: Experi
             assert factor.grad is not None
             factor.grad.index_fill_(dim, dropped.nonzero().flatten(), 0.0)
 
-    prepared = exp.executor.prepare(round_no, exp.devices[device], lora, CONFIG.train.local_steps, PLAN)
+    prepared = exp.trainer.executor.prepare(
+        round_no, exp.devices[device], lora, CONFIG.train.local_steps, PLAN
+    )
     torch.manual_seed(task_seed(CONFIG.run.seed, round_no, device, 1))
-    t = exp.executor.training
+    t = exp.trainer.executor.training
     params = [p for p in dense.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, t.optimizer, t.lr, t.weight_decay)
     train_local(
-        dense, exp.objective, prepared.batches, optimizer, t.max_grad_norm, after_backward=mask_gradients
+        dense,
+        exp.trainer.objective,
+        prepared.batches,
+        optimizer,
+        t.max_grad_norm,
+        after_backward=mask_gradients,
     )
     trained = get_lora_state(dense)
     scaling = CONFIG.lora.alpha / rank
@@ -272,8 +281,8 @@ def test_a_device_that_syncs_holds_the_servers_base_on_every_unit_it_keeps(tmp_p
     experiment = build_experiment(config)
     strategy = experiment.strategy
     assert isinstance(strategy, FedSpine)
-    modules = sorted(experiment.module_shapes)
-    pretrained = experiment.executor.base_weights(modules)
+    modules = sorted(experiment.trainer.module_shapes)
+    pretrained = experiment.trainer.executor.base_weights(modules)
     merges: list[dict[str, torch.Tensor]] = []
     take = strategy.take_base_delta
 
@@ -384,13 +393,13 @@ def test_a_bounded_run_trains_every_device_on_the_servers_base(tmp_path: Path) -
     experiment = build_experiment(config)
     strategy = experiment.strategy
     assert isinstance(strategy, FedSpine)
-    modules = sorted(experiment.module_shapes)
-    pretrained = experiment.executor.base_weights(modules)
+    modules = sorted(experiment.trainer.module_shapes)
+    pretrained = experiment.trainer.executor.base_weights(modules)
     recorder = RunRecorder(tmp_path / "run")
     Engine(experiment, recorder).run()
     recorder.close()
     assert strategy.global_rank == 3 and set(strategy.adapter) == set(modules)
-    now = experiment.executor.base_weights(modules)
+    now = experiment.trainer.executor.base_weights(modules)
     for module in modules:
         a, b = strategy.adapter[module]
         assert a.shape[0] <= 3

@@ -125,7 +125,7 @@ def _spy_on_updates(monkeypatch: pytest.MonkeyPatch) -> list[tuple[TaskOutcome, 
     validate = Server.validate
 
     def spy(self: Server, outcome: TaskOutcome) -> None:
-        private = self.exp.private
+        private = self.exp.trainer.private
         state = private.states.get(outcome.device.device_id, {}) if private is not None else {}
         seen.append((outcome, {m: {k: t.clone() for k, t in e.items()} for m, e in state.items()}))
         validate(self, outcome)
@@ -219,14 +219,16 @@ def test_each_devices_personal_model_is_saved_and_exported_as_it_was_measured(
         return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
 
     mine = evaluate(
-        exp.executor.ready(export(tmp_path / "mine")), exp.objective, exp.local_tests[int(device)].batches
+        exp.trainer.executor.ready(export(tmp_path / "mine")),
+        exp.trainer.objective,
+        exp.trainer.local_tests[int(device)].batches,
     )
     assert mine.metric == pytest.approx(personal["devices"][device], abs=1e-9)
     assert mine.loss == pytest.approx(event["devices"][device]["loss"], rel=1e-5)
     shared = evaluate(
-        exp.executor.ready(export(tmp_path / "global", "--global-model")),
-        exp.objective,
-        exp.local_tests[int(device)].batches,
+        exp.trainer.executor.ready(export(tmp_path / "global", "--global-model")),
+        exp.trainer.objective,
+        exp.trainer.local_tests[int(device)].batches,
     )
     assert shared.loss == pytest.approx(event["devices"][device]["global_loss"], rel=1e-5)
 
@@ -359,7 +361,7 @@ def test_a_devices_taylor_scores_see_its_labels_and_flap_scores_do_not(tiny_conf
     from fedspine.runtime.experiment import build_experiment
 
     exp = build_experiment(tiny_config)
-    executor = exp.executor
+    executor = exp.trainer.executor
     model = executor.deployed_model()
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[:, 5] = 0.0
@@ -381,13 +383,13 @@ def test_with_compensation_a_channel_is_scored_by_replacing_it_with_its_mean(tin
     from fedspine.runtime.experiment import build_experiment
 
     exp = build_experiment(tiny_config)
-    model = exp.executor.deployed_model()
-    meter = ActivationTaylorMeter(model, exp.shape.head_dim)
-    width = exp.shape.intermediate
+    model = exp.trainer.executor.deployed_model()
+    meter = ActivationTaylorMeter(model, exp.trainer.shape.head_dim)
+    width = exp.trainer.shape.intermediate
     xg, g = torch.zeros(width), torch.zeros(width)
     xg[:3], g[:3] = torch.tensor([6.0, -2.0, 1.0]), torch.tensor([2.0, 1.0, -1.0])
     meter._sums[(0, "down_proj")] = [(xg, g)]
-    means = [torch.zeros(width) for _ in range(exp.shape.layers)]
+    means = [torch.zeros(width) for _ in range(exp.trainer.shape.layers)]
     means[0][:3] = torch.tensor([3.0, 1.0, 2.0])
     _, plain = meter.result()
     _, centered = meter.result(means)

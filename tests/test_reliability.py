@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedspine.algorithms.robust import change_norm, clip, combine, corrupt
+from fedspine.algorithms.robust import ROBUST_RULES, Received, change_norm, clip, combine, corrupt
 from fedspine.algorithms.validation import check_update
 from fedspine.api import run_experiment
 from fedspine.config import load_config
 from fedspine.errors import ConfigError
 from fedspine.model.pruning import LayerKeep
+from fedspine.runtime.experiment import check_config
 from fedspine.types import ClientTask, ClientUpdate, DeviceLora
 from tests.test_deploy import QUIET, TINY, run_fake
 
@@ -184,6 +186,7 @@ def test_a_wrong_shape_update_from_a_flower_device_is_rejected(tmp_path: Path) -
         (["fleet.attack.kind=scale", "fleet.attack.devices=[9]"], "fleet.attack.devices[0]"),
         (["server.trim_fraction=0.5"], "server.trim_fraction"),
         (["fleet.attack.kind=nan"], "fleet.attack.kind"),
+        (["server.robust=krum"], "server.robust"),
     ],
 )
 def test_robustness_settings_that_cannot_apply_are_config_errors(
@@ -193,3 +196,29 @@ def test_robustness_settings_that_cannot_apply_are_config_errors(
         run_experiment(load_config(TINY, [*QUIET, *overrides]), tmp_path / "run")
     assert info.value.key == key
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_robust_rule_names_the_registered_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="known: clip, median, none, trimmed_mean"):
+        check_config(load_config(TINY, ["server.robust=krum"]))
+
+
+def test_a_registered_robust_rule_runs_without_touching_the_config_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One file and one registry line add a rule: the config accepts its name, the server applies it."""
+    seen: list[int] = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Counting:
+        combines: ClassVar[bool] = False
+
+        def __call__(self, received: Received) -> list[ClientUpdate]:
+            seen.append(len(received))
+            return [u for u, _ in received]
+
+    monkeypatch.setitem(ROBUST_RULES._entries, "counting", lambda clip_norm, trim: Counting())
+    overrides = ["scheduler.rounds=2", "scheduler.clients_per_round=3", "server.robust=counting", *QUIET]
+    result = run_experiment(load_config(TINY, overrides), tmp_path / "run")
+    assert seen == [3, 3]
+    assert result.summary.tasks["ok"] == 6

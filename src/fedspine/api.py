@@ -107,7 +107,7 @@ def run_experiment(
                 experiment, recorder, engine(experiment, recorder), setup_seconds, on_round, status, name
             )
         finally:
-            experiment.executor.close()
+            experiment.trainer.executor.close()
 
 
 def resume_experiment(
@@ -173,7 +173,7 @@ def _resume(
         name = config.executor.name if executor == "simulation" else executor
         return _execute(experiment, recorder, engine, setup_seconds, on_round, status, name)
     finally:
-        experiment.executor.close()
+        experiment.trainer.executor.close()
 
 
 def _execute(

@@ -18,6 +18,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -27,8 +28,20 @@ from fedspine.types import ClientUpdate, LoraState
 
 Received = Sequence[tuple[ClientUpdate, LoraState]]
 """A server step's accepted updates, each with the adapter its device started from."""
-RobustRule = Callable[[Received], list[ClientUpdate]]
-"""What the server aggregates instead of a step's accepted updates."""
+
+
+class RobustRule(Protocol):
+    """What the server aggregates instead of a step's accepted updates."""
+
+    @property
+    def combines(self) -> bool:
+        """Whether it replaces a step's updates by one (needs a synchronous step, a global adapter
+        and equal ranks, and loses which device, or cluster, each update came from)."""
+        ...
+
+    def __call__(self, received: Received) -> list[ClientUpdate]: ...
+
+
 ROBUST_RULES: Registry[Callable[[float, float], RobustRule]] = Registry("robust rule")
 """``server.robust`` name -> ``(clip_norm, trim_fraction) -> rule``."""
 
@@ -97,6 +110,8 @@ def _robust_mean(stacked: torch.Tensor, rule: str, trim: float) -> torch.Tensor:
 class NoRule:
     """The updates as they are."""
 
+    combines: ClassVar[bool] = False
+
     def __call__(self, received: Received) -> list[ClientUpdate]:
         return [u for u, _ in received]
 
@@ -106,6 +121,7 @@ class Clip:
     """Each update's change clipped to L2 norm ``max_norm`` (:func:`clip`)."""
 
     max_norm: float
+    combines: ClassVar[bool] = False
 
     def __call__(self, received: Received) -> list[ClientUpdate]:
         return [clip(u, start, self.max_norm) for u, start in received]
@@ -117,6 +133,7 @@ class Combine:
 
     rule: str
     trim: float
+    combines: ClassVar[bool] = True
 
     def __call__(self, received: Received) -> list[ClientUpdate]:
         if not received:

@@ -24,7 +24,7 @@ else:  # pragma: no cover
 # --- dict <-> dataclass ------------------------------------------------------------------------
 
 
-def _type_name(tp: Any) -> str:
+def _type_name(tp: object) -> str:
     origin = get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
@@ -35,7 +35,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
+def _convert(value: object, tp: object, key: str) -> object:
     """Check ``value`` against type ``tp`` and convert it (dicts to dataclasses), naming ``key``."""
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
@@ -63,10 +63,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__}")
         _, val_tp = get_args(tp)
         return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if not isinstance(tp, type):  # pragma: no cover - every config field has a concrete type
+        raise ConfigError(key, f"unsupported field type {tp!r}")
     return _convert_scalar(value, tp, key)
 
 
-def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
+def _convert_scalar(value: object, tp: type, key: str) -> object:
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(key, f"expected {tp.__name__}, got bool {value!r}")
     if isinstance(value, int) and tp in (int, float) and not -(2**63) <= value < 2**63:
@@ -161,7 +163,7 @@ def key_parts(key: str) -> list[str]:
     return parts
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str) -> tuple[list[str], object]:
     """Parse ``a.b.c=value``; the value is read as TOML (``8``, ``1e-3``, ``"x"``, ``[1, 2]``),
     and as a bare string when it is not valid TOML (``strategy.name=fedit``)."""
     if "=" not in text:
@@ -177,7 +179,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
+def apply_override(data: dict[str, Any], parts: list[str], value: object) -> None:
     """Set ``value`` at the path ``parts`` inside ``data``; list items are addressed by index."""
     node: Any = data
     for depth, part in enumerate(parts[:-1]):

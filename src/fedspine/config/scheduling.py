@@ -180,9 +180,11 @@ class ServerSection:
     max_update_norm: float = 0.0
     """Reject an update whose change (L2, all factors) exceeds this (0 = no bound). Shapes, dtypes,
     finiteness, rank and plan are always checked."""
-    robust: Literal["none", "clip", "median", "trimmed_mean"] = "none"
-    """Robust aggregation: clip each update's change to ``clip_norm``, or replace the average by the
-    coordinate-wise median / trimmed mean of the changes (global-adapter strategies, equal ranks, sync)."""
+    robust: str = "none"
+    """Robust aggregation, a rule registered in :data:`~fedspine.algorithms.robust.ROBUST_RULES`
+    (``none``, ``clip``, ``median``, ``trimmed_mean``): clip each update's change to ``clip_norm``, or
+    replace the average by the coordinate-wise median / trimmed mean of the changes (global-adapter
+    strategies, equal ranks, sync)."""
     clip_norm: float = 1.0
     """L2 bound of each update's change for ``robust = "clip"``."""
     trim_fraction: float = 0.2

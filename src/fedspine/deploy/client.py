@@ -1,14 +1,15 @@
 """The device side of a Flower deployment: run exactly the simulator's local training for one task.
 
-A ClientApp process builds the experiment from the run's config (the same code path as a simulated
-run: same model and LoRA setup for the seed), takes its device identity from the node config
-(``device-id``), and answers ``train`` messages with the trained update and ``evaluate`` messages
-with its results on its held-out examples. Its training data is, by default, its own file
-(``data-path`` in the node config, read only here); with the run-config key ``node-data = "shared"`` a
-testbed's node derives its partition of the config's data source, as the simulator does. A node whose
-data cannot be read refuses its tasks with the reason; the run goes on without it. The error-feedback
-memory of a compressed uplink lives in the node's persistent ``context.state``, so it survives across
-rounds although Flower starts a fresh process per message.
+A ClientApp process builds what trains from the run's config
+(:func:`~fedspine.runtime.experiment.build_node`: the simulator's trainer, same model and LoRA setup for
+the seed, without the server's side), takes its device identity from the node config (``device-id``),
+and answers ``train`` messages with the trained update and ``evaluate`` messages with its results on its
+held-out examples. Its training data is, by default, its own file (``data-path`` in the node config,
+read only here); with the run-config key ``node-data = "shared"`` a testbed's node derives its partition
+of the config's data source, as the simulator does. A node whose data cannot be read refuses its tasks
+with the reason; the run goes on without it. The error-feedback memory of a compressed uplink lives in
+the node's persistent ``context.state``, so it survives across rounds although Flower starts a fresh
+process per message.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from fedspine.deploy.settings import (
 from fedspine.errors import DataError, DeployError
 from fedspine.model.pruning import add_zero_mlp_biases
 from fedspine.runtime.executor import task_seed
-from fedspine.runtime.experiment import Experiment, NodeData, build_experiment, load_node_examples
+from fedspine.runtime.experiment import DeployedNode, NodeData, build_node, load_node_examples
 from fedspine.runtime.experiment.data import holds_out
 from fedspine.runtime.export import describe_model, device_model, save_model
 from fedspine.runtime.personal import personal_model
@@ -61,7 +62,7 @@ from fedspine.types import ClientTask
 
 @dataclass
 class _Built:
-    experiment: Experiment
+    node: DeployedNode
     base_applied: dict[str, torch.Tensor] = field(default_factory=dict)
     """The base-weight change (the server's running sum) this process's model carries."""
     initial: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -69,7 +70,7 @@ class _Built:
 
 
 _CACHE: dict[str, _Built] = {}
-"""Experiments built in this process, by config digest (a simulation engine reuses its workers)."""
+"""Nodes built in this process, by config digest (a simulation engine reuses its workers)."""
 
 
 def _data_file(context: Context) -> Path | None:
@@ -80,7 +81,7 @@ def _data_file(context: Context) -> Path | None:
 
 
 def _built(config: Config, text: str, device_id: int, data_file: Path | None) -> _Built:
-    """The experiment for this config (and this node's data file, as it is now), built once per process.
+    """The node for this config (and this node's data file, as it is now), built once per process.
 
     Raises:
         DataError: the node's data file is missing, unreadable or malformed.
@@ -95,7 +96,7 @@ def _built(config: Config, text: str, device_id: int, data_file: Path | None) ->
     if key not in _CACHE:
         _CACHE.clear()  # one run at a time per process: free the previous model
         node = None if data_file is None else NodeData(device_id, load_node_examples(config, data_file))
-        _CACHE[key] = _Built(build_experiment(config, node=node))
+        _CACHE[key] = _Built(build_node(config, node))
     return _CACHE[key]
 
 
@@ -114,7 +115,7 @@ def _sync_base(built: _Built, base: dict[str, torch.Tensor]) -> None:
     )
     if not changed:
         return
-    executor = built.experiment.executor
+    executor = built.node.trainer.executor
     built.initial.update(executor.base_weights([k for k in changed if k not in built.initial]))
     executor.set_base_weights(
         {k: built.initial[k] + base[k] if k in base else built.initial[k] for k in changed}
@@ -158,14 +159,14 @@ def answer_train(content: RecordDict, context: Context) -> RecordDict:
     task, built = received.task, received.built
     _sync_base(built, received.base)
     setup_seconds = time.perf_counter() - started
-    exp = built.experiment
+    exp = built.node
     device = exp.devices[task.device_id]
-    prepared = exp.executor.prepare(task.round, device, task.lora, task.local_steps, task.plan)
-    if exp.private is not None:
-        _load_private(context, exp.private, task.device_id)
-    update = exp.executor.run(task, prepared)
-    if exp.private is not None:
-        context.state[PRIVATE_KEY] = arrays(flatten_state(exp.private.of(task.device_id)))
+    prepared = exp.trainer.executor.prepare(task.round, device, task.lora, task.local_steps, task.plan)
+    if exp.trainer.private is not None:
+        _load_private(context, exp.trainer.private, task.device_id)
+    update = exp.trainer.executor.run(task, prepared)
+    if exp.trainer.private is not None:
+        context.state[PRIVATE_KEY] = arrays(flatten_state(exp.trainer.private.of(task.device_id)))
     if exp.uplink is not None:
         state = _load_feedback(context)
         draws = torch.Generator().manual_seed(task_seed(exp.settings.seed, task.round, task.device_id, 4))
@@ -183,12 +184,12 @@ def answer_evaluate(content: RecordDict, context: Context) -> RecordDict:
     except DataError as exc:
         return refusal_record(str(exc))
     task, built = received.task, received.built
-    eval_set = built.experiment.local_tests.get(task.device_id)
+    eval_set = built.node.trainer.local_tests.get(task.device_id)
     if eval_set is None:
         mode = received.config.eval.mode
         return refusal_record(f"no held-out examples (eval.mode {mode!r}, or too little data)")
     _sync_base(built, received.base)
-    executor = built.experiment.executor
+    executor = built.node.trainer.executor
     executor.load_global(task.payload)
     result = executor.evaluate(eval_set, task.plan, task.channel_means)
     return evaluation_record(task.round, task.device_id, result)
@@ -204,18 +205,18 @@ def answer_final_model(content: RecordDict, context: Context) -> RecordDict:
         return refusal_record(str(exc))
     config, task, device_id = received.config, received.task, received.task.device_id
     _sync_base(received.built, received.base)
-    exp = received.built.experiment
-    exp.executor.load_global(task.payload)
-    model = device_model(exp.executor, task.plan, task.channel_means)
+    exp = received.built.node
+    exp.trainer.executor.load_global(task.payload)
+    model = device_model(exp.trainer.executor, task.plan, task.channel_means)
     personal = None
     if config.personalize.method != "none":
         model, personal = _personalize(exp, context, task, model)
     e = config.export
-    train = exp.executor.train_data
+    train = exp.trainer.executor.train_data
     report = describe_model(model, train.input_ids[0], train.pad_id, e.generate_tokens if e.speed else 0)
     out = model_dir(context, config.run.name) / safe_name(str(task.extra.get("model", "model")))
     if e.save:
-        save_model(model, exp.tokenizer, out, task.plan, task.channel_means)
+        save_model(model, exp.trainer.tokenizer, out, task.plan, task.channel_means)
     record: dict[str, ConfigRecordValues] = {
         "device_id": device_id,
         "dir": str(out) if e.save else "",
@@ -230,15 +231,15 @@ def answer_final_model(content: RecordDict, context: Context) -> RecordDict:
 
 
 def _personalize(
-    exp: Experiment, context: Context, task: ClientTask, deployed: PreTrainedModel
+    exp: DeployedNode, context: Context, task: ClientTask, deployed: PreTrainedModel
 ) -> tuple[PreTrainedModel, ConfigRecord | None]:
     """This device's personal model (``[personalize]``) built from ``deployed`` (the global model at its
     plan, loaded in the executor) on its own data, and its report: the personal and the global model
     on its held-out examples, and the seconds building it took here (None without held-out examples).
     Its private adapter (``split``) comes from the node's state."""
     device = exp.devices[task.device_id]
-    if exp.private is not None:
-        _load_private(context, exp.private, task.device_id)
+    if exp.trainer.private is not None:
+        _load_private(context, exp.trainer.private, task.device_id)
     started = time.perf_counter()
     built = personal_model(exp, device, task.plan, task.channel_means, clusters=task.clusters)
     seconds = time.perf_counter() - started
@@ -247,12 +248,13 @@ def _personalize(
     mine = built.model
     if task.channel_means is not None:
         add_zero_mlp_biases(mine)  # the same structure as the global device model (stock config)
-    eval_set = exp.local_tests.get(task.device_id)
+    eval_set = exp.trainer.local_tests.get(task.device_id)
     if eval_set is None:
         return mine, None
-    ready = exp.executor.ready
+    ready = exp.trainer.executor.ready
     results = [
-        evaluate_model(ready(copy.deepcopy(m)), exp.objective, eval_set.batches) for m in (mine, deployed)
+        evaluate_model(ready(copy.deepcopy(m)), exp.trainer.objective, eval_set.batches)
+        for m in (mine, deployed)
     ]
     return mine, personal_record(results[0], results[1], seconds)
 

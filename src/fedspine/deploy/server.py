@@ -141,7 +141,7 @@ class FlowerLink:
             self.drop(o, f"device refused: {refusal}", arrived_at - sent_at)
             return
         try:
-            update, timing = read_update(reply.content, task, max_reply_bytes(task, exp.shape))
+            update, timing = read_update(reply.content, task, max_reply_bytes(task, exp.trainer.shape))
             if update.wire is not None:
                 if exp.uplink is None:
                     raise DeployError("compressed update received but the run has no uplink codec")
@@ -285,7 +285,7 @@ class FlowerTransport:
         checked apart: a malformed one is left out with the reason (``personal_error``)."""
         expected = {m["dir"]: m["parameters"] for m in manifest["models"]}
         models = {int(d): entry["model"] for d, entry in manifest["devices"].items()}
-        limits, objective = self.link.eval_limits, self.exp.objective
+        limits, objective = self.link.eval_limits, self.exp.trainer.objective
 
         def read(content: RecordDict, device: int) -> dict[str, object]:
             report: dict[str, object] = {**read_model_report(content, device)}
@@ -325,7 +325,7 @@ class FlowerTransport:
         devices = {d: "" for d, limit in limits.items() if limit >= 1}
 
         def read(content: RecordDict, device: int) -> Evaluation:
-            return read_evaluation(content, version, device, limits[device], self.exp.objective)
+            return read_evaluation(content, version, device, limits[device], self.exp.trainer.objective)
 
         evaluations, failed = self._ask(version, base_delta, MessageType.EVALUATE, devices, read)
         for device, reason in failed.items():
@@ -366,7 +366,7 @@ class FlowerTransport:
                 extra={"model": devices[device]} if devices[device] else {},
                 plan=plan,
                 channel_means=strategy.channel_means(),
-                clusters=exp.clusters.sent(plan, exp.shape)
+                clusters=exp.clusters.sent(plan, exp.trainer.shape)
                 if clusters and exp.clusters is not None
                 else None,
             )
@@ -520,7 +520,7 @@ def serve(grid: Grid, context: Context) -> RunResult:
             data = {str(d): vars(declared) for d, declared in sorted(experiment.declared.items())}
             held = {d: declared.eval_examples for d, declared in experiment.declared.items()}
         else:
-            held = {d: eval_set.count for d, eval_set in experiment.local_tests.items()}
+            held = {d: eval_set.count for d, eval_set in experiment.trainer.local_tests.items()}
         per_example = 1 if config.data.task == "classification" else config.data.max_length
         limits = {d: n * per_example for d, n in held.items()}
         recorder.event(DeploymentEvent({str(d): n for d, n in sorted(nodes.items())}, seconds, data))

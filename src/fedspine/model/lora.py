@@ -74,6 +74,13 @@ def _lora_layers(peft_model: PeftModel, adapter: str = ADAPTER) -> Iterator[tupl
             yield name, module
 
 
+def adapter_factors(
+    peft_model: PeftModel, adapter: str = ADAPTER
+) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    """The (A, B) weights of ``adapter`` in every LoRA layer, in module order."""
+    return [_a_b(layer, adapter) for _, layer in _lora_layers(peft_model, adapter)]
+
+
 def _a_b(layer: LoraLayer, adapter: str = ADAPTER) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
     """The A (r, in) and B (out, r) weights of the adapter in ``layer``."""
     a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight

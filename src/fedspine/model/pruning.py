@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,9 @@ COLUMN_MODULES = ("o_proj", "down_proj")
 """Modules pruned along their input columns (``weight`` dim 1)."""
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+"""A model type that pruning keeps (a pruned Hugging Face model is still one)."""
 
 
 @dataclass(frozen=True)
@@ -329,11 +332,11 @@ def gather_kept(full: Tensor, index: Tensor, dim: int = 0) -> Tensor:
 
 
 def prune_model(
-    model: nn.Module,
+    model: ModuleT,
     plan: PruningPlan,
     inplace: bool = False,
     channel_means: Sequence[Tensor] | None = None,
-) -> nn.Module:
+) -> ModuleT:
     """``model`` (a deep copy unless ``inplace``) with the pruned KV groups and MLP channels removed.
 
     Slices q/k/v/gate/up output rows (and biases) and o/down input columns; ``in_features`` and
@@ -402,8 +405,8 @@ def compensate_removed_channels(model: nn.Module, plan: PruningPlan, channel_mea
 
 
 def _apply_to_linears(
-    model: nn.Module, plan: PruningPlan, edit: Callable[[nn.Linear, Tensor, int], None], inplace: bool = False
-) -> nn.Module:
+    model: ModuleT, plan: PruningPlan, edit: Callable[[nn.Linear, Tensor, int], None], inplace: bool = False
+) -> ModuleT:
     """``model`` (or a deep copy) with ``edit(linear, kept_index, dim)`` applied to each planned linear."""
     shape = shape_of(model)
     edited = model if inplace else copy.deepcopy(model)

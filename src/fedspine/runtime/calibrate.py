@@ -80,32 +80,32 @@ def calibrate(
         device = exp.devices[0]
         lora = exp.device_lora[device.device_id]
         generator = torch.Generator().manual_seed(cfg.run.seed)
-        exp.strategy.init_global(exp.module_shapes, cfg.lora.rank, generator)
+        exp.strategy.init_global(exp.trainer.module_shapes, cfg.lora.rank, generator)
         seconds, flops, steps = [], [], cfg.train.local_steps
         for key in range(tasks + 1):
             say(f"training task {key + 1} of {tasks + 1} (the first is a warm-up)")
             dispatch = exp.strategy.configure(key, device.device_id, lora, generator)
-            prepared = exp.executor.prepare(key, device, lora, steps)
+            prepared = exp.trainer.executor.prepare(key, device, lora, steps)
             task = ClientTask(
                 key, device.device_id, steps, lora, dispatch.lora_state, dispatch.downlink_bytes
             )
-            update = exp.executor.run(task, prepared)
+            update = exp.trainer.executor.run(task, prepared)
             if key > 0:
                 seconds.append(update.host_train_seconds)
                 flops.append(prepared.workload.flops)
         throughput = statistics.median(f / s for f, s in zip(flops, seconds, strict=True))
         per_step = [s / steps for s in seconds]
         sigma = statistics.pstdev(math.log(s) for s in per_step) if len(per_step) > 1 else 0.0
-        run_device = next(exp.executor.model.parameters()).device
+        run_device = next(exp.trainer.executor.model.parameters()).device
         say("measuring memory bandwidth, memory and decode speed")
         bandwidth = memory_bandwidth(run_device)
         peak, capacity = peak_memory_bytes(run_device), memory_capacity_bytes(run_device)
-        base = plain_copy(exp.executor.model)
-        train = exp.executor.train_data
+        base = plain_copy(exp.trainer.executor.model)
+        train = exp.trainer.executor.train_data
         decode = describe_model(base, train.input_ids[0], train.pad_id, cfg.export.generate_tokens)
-        dtype_bytes = next(exp.executor.model.parameters()).element_size()
+        dtype_bytes = next(exp.trainer.executor.model.parameters()).element_size()
     finally:
-        exp.executor.close()
+        exp.trainer.executor.close()
     host = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {cfg.run.threads} threads)"
     where = f"{run_device}" if run_device.type != "cpu" else host
     device_class = DeviceClass(

@@ -107,13 +107,15 @@ class RunObjects:
 
     @classmethod
     def of(cls, exp: Experiment) -> RunObjects:
-        return cls(exp.strategy, exp.scheduler, exp.uplink, exp.stale_handler, exp.private, exp.clusters)
+        return cls(
+            exp.strategy, exp.scheduler, exp.uplink, exp.stale_handler, exp.trainer.private, exp.clusters
+        )
 
     def restore(self, exp: Experiment) -> None:
         """Put these objects into ``exp`` in place of its own."""
         exp.strategy, exp.scheduler, exp.uplink = self.strategy, self.scheduler, self.uplink
-        exp.stale_handler, exp.private, exp.clusters = self.stale_handler, self.private, self.clusters
-        exp.executor.private = self.private  # the devices' private adapters live with their trainer
+        exp.stale_handler, exp.trainer.private, exp.clusters = self.stale_handler, self.private, self.clusters
+        exp.trainer.executor.private = self.private  # the devices' private adapters live with their trainer
 
 
 @dataclass
@@ -131,8 +133,16 @@ class Snapshot:
 
 def _named(exp: Experiment) -> dict[str, Any]:
     """Objects referred to by name instead of saved (they are rebuilt from the config)."""
-    named = {"executor": exp.executor, "model": exp.executor.model, "objective": exp.objective}
-    named.update(test_data=exp.test_data, train_data=exp.executor.train_data, tokenizer=exp.tokenizer)
+    named = {
+        "executor": exp.trainer.executor,
+        "model": exp.trainer.executor.model,
+        "objective": exp.trainer.objective,
+    }
+    named.update(
+        test_data=exp.trainer.test_data,
+        train_data=exp.trainer.executor.train_data,
+        tokenizer=exp.trainer.tokenizer,
+    )
     named.update({f"device-{d.device_id}": d for d in exp.devices})
     return {name: obj for name, obj in named.items() if obj is not None}
 

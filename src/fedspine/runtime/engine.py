@@ -189,7 +189,7 @@ class Engine:
         )
         objects = checkpoints.RunObjects.of(exp)
         base_delta = self.server.base_delta
-        weights = exp.executor.base_weights(sorted(base_delta))
+        weights = exp.trainer.executor.base_weights(sorted(base_delta))
         snapshot = checkpoints.Snapshot(version, engine, objects, base_delta, weights)
         checkpoints.save(self.recorder.run_dir, exp, snapshot, exp.settings.keep_checkpoints)
 
@@ -201,7 +201,7 @@ class Engine:
         are offered work again.
         """
         snapshot.objects.restore(self.exp)
-        self.exp.executor.set_base_weights(snapshot.base_weights)
+        self.exp.trainer.executor.set_base_weights(snapshot.base_weights)
         self.server.base_delta = dict(snapshot.base_delta)
         engine = snapshot.engine
         self.clock.advance_to(engine.clock)
@@ -320,11 +320,11 @@ class Engine:
         summary's ``personal`` part); None when the devices hold no data out, or when they build theirs
         as they receive their final model (a deployment: :meth:`hand_out`)."""
         exp = self.exp
-        if not exp.local_tests or (
+        if not exp.trainer.local_tests or (
             exp.settings.personalize.method != "none" and self.transport.devices_personalize
         ):
             return None
-        exp.executor.load_global(exp.strategy.global_lora())
+        exp.trainer.executor.load_global(exp.strategy.global_lora())
         global_models = self.device_evaluations(self.loop.version).evaluations
         return personalize(exp, global_models, self.state, self.recorder)
 

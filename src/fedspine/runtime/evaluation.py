@@ -37,13 +37,15 @@ class Evaluator:
         exp = self.exp
         model: GlobalModel = exp.strategy
         mode = exp.settings.eval_mode
-        exp.executor.load_global(model.global_lora())
+        exp.trainer.executor.load_global(model.global_lora())
         central = None
         if mode != "federated":
-            central = exp.executor.evaluate(exp.test_set, model.eval_plan(), model.channel_means())
+            central = exp.trainer.executor.evaluate(exp.test_set, model.eval_plan(), model.channel_means())
         answers = self.devices(version, base_delta) if mode != "central" else None
         federated = (
-            pooled(exp.objective, answers.evaluations.values()) if answers and answers.evaluations else None
+            pooled(exp.trainer.objective, answers.evaluations.values())
+            if answers and answers.evaluations
+            else None
         )
         evaluation = central or federated
         self.state.eval_wall_seconds += time.perf_counter() - wall
@@ -82,7 +84,7 @@ class Evaluator:
         return FederatedEvaluationEvent(
             version,
             now,
-            self.exp.objective.metric_name,
+            self.exp.trainer.objective.metric_name,
             pooled_result.metric if pooled_result else None,
             pooled_result.loss if pooled_result else None,
             pooled_result.count if pooled_result else 0,

@@ -10,7 +10,7 @@ train exactly their own configuration on the shared base model.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +25,7 @@ from fedspine.model.importance import FlapMeter, TaylorMeter, make_meter
 from fedspine.model.lora import (
     ADAPTER,
     activate_adapter,
+    adapter_factors,
     apply_lora,
     ensure_adapter,
     get_lora_state,
@@ -67,7 +68,7 @@ FORWARD_SHARE = 1.0 / 3.0
 the forward)."""
 
 
-class SimExecutor(ModelReplica):
+class InProcessExecutor(ModelReplica):
     """Trains client tasks on one shared in-process model, swapping LoRA states in and out."""
 
     @property
@@ -414,9 +415,8 @@ class SimExecutor(ModelReplica):
             self._keep_personal(model, task, personal, update)
         return update
 
-    def _penalty(self, name: str) -> Any:
-        layers = [m for m in self.model.modules() if hasattr(m, "lora_A") and name in m.lora_A]
-        factors = [(m.lora_A[name].weight, m.lora_B[name].weight) for m in layers]
+    def _penalty(self, name: str) -> Callable[[], torch.Tensor | None]:
+        factors: list[tuple[torch.Tensor, torch.Tensor]] = list(adapter_factors(self.model, name))
         return lambda: self.device_side.penalty(factors)
 
 

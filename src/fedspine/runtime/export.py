@@ -82,13 +82,13 @@ def export_models(exp: Experiment, run_dir: Path, personal: dict[str, Any] | Non
     personal model beside its global one."""
     cfg = exp.settings.export
     strategy = exp.strategy
-    executor = exp.executor
+    executor = exp.trainer.executor
     models_dir = run_dir / "models"
     device_ids = [d.device_id for d in exp.devices]
     base = plain_copy(executor.model)
     tokens = cfg.generate_tokens if cfg.speed else 0
-    prompt = exp.test_data.input_ids[0]
-    pad = exp.test_data.pad_id
+    prompt = exp.trainer.test_data.input_ids[0]
+    pad = exp.trainer.test_data.pad_id
     dense = describe_model(base, prompt, pad, tokens)
     entries: list[dict[str, Any]] = []
     devices: dict[str, dict[str, Any]] = {}
@@ -103,7 +103,7 @@ def export_models(exp: Experiment, run_dir: Path, personal: dict[str, Any] | Non
             entry["metric"] = _metric(model, exp)
             entry["saved"] = bool(cfg.save)
             if cfg.save:
-                entry["format"] = save_model(model, exp.tokenizer, models_dir / name, plan, means)
+                entry["format"] = save_model(model, exp.trainer.tokenizer, models_dir / name, plan, means)
             (models_dir).mkdir(parents=True, exist_ok=True)
             (models_dir / f"{name}.plan.json").write_text(json.dumps(plan_to_json(plan)), encoding="utf-8")
             entries.append(entry)
@@ -117,7 +117,7 @@ def export_models(exp: Experiment, run_dir: Path, personal: dict[str, Any] | Non
         entry["metric"] = _metric(model, exp)
         entry["saved"] = bool(cfg.save)
         if cfg.save:
-            save_model(model, exp.tokenizer, models_dir / "dense")
+            save_model(model, exp.trainer.tokenizer, models_dir / "dense")
         entries.append(entry)
         devices = {
             str(d): {"ratio": 0.0, "rank": exp.device_lora[d].rank, "model": "dense"} for d in device_ids
@@ -226,8 +226,8 @@ def _tokens_per_second(model: PreTrainedModel, prompt: list[int], pad_id: int, n
 
 def _metric(model: PreTrainedModel, exp: Experiment) -> float:
     """The held-out metric of ``model``, measured like the run's evaluations (on a copy: it is saved)."""
-    copy = prepare_eval_model(deepcopy(model), exp.objective, exp.settings.eval_dtype)
-    return float(evaluate(copy, exp.objective, exp.test_set.batches).metric)
+    copy = prepare_eval_model(deepcopy(model), exp.trainer.objective, exp.settings.eval_dtype)
+    return float(evaluate(copy, exp.trainer.objective, exp.test_set.batches).metric)
 
 
 def save_model(

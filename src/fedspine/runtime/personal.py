@@ -29,7 +29,7 @@ summary's ``models`` and the manifest name them), as a deployed node saves its o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -40,16 +40,28 @@ from fedspine.fleet.cost import CostModel
 from fedspine.metrics.events import PersonalEvaluationEvent
 from fedspine.model.pruning import PruningPlan, plan_like
 from fedspine.runtime.executor import forward_only
-from fedspine.runtime.experiment import Experiment
+from fedspine.runtime.experiment import Experiment, Trainer
 from fedspine.runtime.export import save_personal_model
 from fedspine.types import Device, LoraState, TrainWorkload
 
 if TYPE_CHECKING:
     from fedspine.metrics.records import RunRecorder
+    from fedspine.runtime.settings import RunSettings
     from fedspine.runtime.state import RunState
 
 PERSONAL_TASK_KEY = 1 << 30
 """Keys the personalization task's batches and draws (a task key no round or offer count reaches)."""
+
+
+class Personalizing(Protocol):
+    """What building a personal model reads: a simulated run's
+    :class:`~fedspine.runtime.experiment.Experiment` or a deployed node's
+    :class:`~fedspine.runtime.experiment.DeployedNode`."""
+
+    @property
+    def settings(self) -> RunSettings: ...
+    @property
+    def trainer(self) -> Trainer: ...
 
 
 @dataclass
@@ -57,7 +69,7 @@ class PersonalModel:
     """A device's personal model and the work building it took the device at the end of the run."""
 
     model: PreTrainedModel
-    """A plain model (as :meth:`~fedspine.runtime.executor.SimExecutor.deployed_model` builds them)."""
+    """A plain model (as :meth:`~fedspine.runtime.executor.InProcessExecutor.deployed_model` builds them)."""
     work: list[TrainWorkload] = field(default_factory=list)
     """What the device computed to build it (training steps, forward passes), for the cost model."""
     plan: PruningPlan | None = None
@@ -67,7 +79,7 @@ class PersonalModel:
 
 
 def personal_model(
-    exp: Experiment,
+    exp: Personalizing,
     device: Device,
     plan: PruningPlan | None,
     means: list[torch.Tensor] | None,
@@ -79,7 +91,7 @@ def personal_model(
     model (``none``, or ``mask`` on a dense model). ``base`` (``mask``): the dense deployed model, built
     once for every device; ``clusters`` (``clustered``): the cluster adapters in ``plan``'s coordinates.
     The same code runs in simulation and on a deployed device's node."""
-    settings, executor = exp.settings.personalize, exp.executor
+    settings, executor = exp.settings.personalize, exp.trainer.executor
     steps = settings.steps or exp.settings.local_steps
     if settings.method == "finetune":
         batches = executor.local_batches(device, steps, PERSONAL_TASK_KEY)
@@ -88,8 +100,8 @@ def personal_model(
         )
         return PersonalModel(model, [executor.workload(device, batches, settings.rank, plan)], plan, means)
     if settings.method == "split":
-        assert exp.private is not None
-        state = exp.private.of(device.device_id, plan, exp.shape)
+        assert exp.trainer.private is not None
+        state = exp.trainer.private.of(device.device_id, plan, exp.trainer.shape)
         model = executor.with_adapter(state, settings.rank, settings.alpha, plan, means)
         return PersonalModel(model, [], plan, means)
     if settings.method == "clustered":
@@ -100,7 +112,9 @@ def personal_model(
         for state in clusters:
             candidate = executor.with_adapter(state, settings.rank, settings.alpha, plan, means)
             with torch.no_grad():
-                loss = float(exp.objective.loss(candidate, batch.to(next(candidate.parameters()).device)))
+                loss = float(
+                    exp.trainer.objective.loss(candidate, batch.to(next(candidate.parameters()).device))
+                )
             if best is None or loss < best[0]:
                 best = (loss, candidate)
         assert best is not None
@@ -129,7 +143,7 @@ def personalize(
     event, and return the summary's ``personal`` part. ``global_models``: each device's evaluation of
     the final global model (loaded in the executor) on its held-out data."""
     settings = exp.settings.personalize
-    strategy, executor = exp.strategy, exp.executor
+    strategy, executor = exp.strategy, exp.trainer.executor
     means = strategy.channel_means()
     base = executor.deployed_model() if settings.method == "mask" else None
     personal: dict[int, Evaluation] = {}
@@ -139,17 +153,19 @@ def personalize(
     for device_id in sorted(global_models):
         device = exp.devices[device_id]
         plan = strategy.device_eval_plan(device_id)
-        clusters = exp.clusters.sent(plan, exp.shape) if exp.clusters is not None else None
+        clusters = exp.clusters.sent(plan, exp.trainer.shape) if exp.clusters is not None else None
         built = personal_model(exp, device, plan, means, base, clusters)
         in_tasks = state.personal_seconds.get(device_id, 0.0)
         cost = CostModel.for_device(device)
         extra[device_id] = in_tasks + sum(cost.train_seconds(w) for w in built.work) if built else in_tasks
         if built is not None and models_dir is not None:  # saved before evaluation casts it to eval.dtype
-            saved[str(device_id)] = save_personal_model(built, exp.tokenizer, models_dir, device_id)
+            saved[str(device_id)] = save_personal_model(built, exp.trainer.tokenizer, models_dir, device_id)
         personal[device_id] = (
             global_models[device_id]
             if built is None
-            else evaluate(executor.ready(built.model), exp.objective, exp.local_tests[device_id].batches)
+            else evaluate(
+                executor.ready(built.model), exp.trainer.objective, exp.trainer.local_tests[device_id].batches
+            )
         )
     summary = summarize(exp, state, recorder, personal, global_models, extra)
     if summary is not None and saved:
@@ -163,7 +179,7 @@ def from_devices(
     """The summary's ``personal`` part from what deployed devices reported with their final models
     (checked by the transport): each device's personal model and the global one on its held-out
     examples, and the seconds building it took there (measured). None when no device reported one."""
-    objective = exp.objective
+    objective = exp.trainer.objective
     personal, global_models, extra = {}, {}, {}
     for device, report in sorted(reports.items()):
         said = report.get("personal")
@@ -193,7 +209,7 @@ def summarize(
     method = exp.settings.personalize.method
     event = PersonalEvaluationEvent(
         method,
-        exp.objective.metric_name,
+        exp.trainer.objective.metric_name,
         {
             str(d): {
                 "value": e.metric,
@@ -209,10 +225,10 @@ def summarize(
     recorder.event(event)
     stats = state.device_stats
     trained = sum(stats[d].compute_seconds for d in personal if d in stats)
-    higher = exp.objective.higher_is_better
+    higher = exp.trainer.objective.higher_is_better
     return {
         "method": method,
-        "metric": exp.objective.metric_name,
+        "metric": exp.trainer.objective.metric_name,
         **_spread("", {d: e.metric for d, e in personal.items()}, higher),
         **_spread("global_", {d: global_models[d].metric for d in personal}, higher),
         "extra_device_seconds": sum(extra.get(d, 0.0) for d in personal),

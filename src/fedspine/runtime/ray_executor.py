@@ -2,7 +2,7 @@
 
 Each Ray worker is an actor holding one replica of the run's model, built once from the run's config
 (pfl-research's pattern: a model per worker, updated in place). The driver keeps its own
-:class:`~fedspine.runtime.executor.SimExecutor` for everything but training — drawing a task's batches,
+:class:`~fedspine.runtime.executor.InProcessExecutor` for everything but training — drawing a task's batches,
 evaluation, export — and sends the tasks that start together to the workers in contiguous shares; each
 worker trains its share as the in-process executor would (one by one, or batched on a GPU).
 
@@ -23,10 +23,10 @@ import torch
 
 from fedspine.config import Config, from_dict, to_dict
 from fedspine.errors import ConfigError
-from fedspine.runtime.executor import PreparedTask, SimExecutor
+from fedspine.runtime.executor import InProcessExecutor, PreparedTask
 from fedspine.types import ClientTask, ClientUpdate
 
-TrainerFactory = Callable[[Config], SimExecutor]
+TrainerFactory = Callable[[Config], InProcessExecutor]
 """Builds the in-process trainer of a run's config (``runtime.experiment.make_executor``)."""
 
 
@@ -78,8 +78,8 @@ def start_replicas(cfg: Config, make_executor: TrainerFactory) -> list[Any]:
     return replicas
 
 
-class RayExecutor(SimExecutor):
-    """A :class:`SimExecutor` whose client tasks train on Ray workers (``replicas``)."""
+class RayExecutor(InProcessExecutor):
+    """A :class:`InProcessExecutor` whose client tasks train on Ray workers (``replicas``)."""
 
     def __init__(self, *args: Any, replicas: Sequence[Any], owns_ray: bool, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

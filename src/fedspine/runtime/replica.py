@@ -2,7 +2,7 @@
 
 :class:`ModelReplica` holds the shared peft model, its adapters (one per rank and scaling in use) and
 its base weights, and makes the plain copies of it that devices deploy, the server evaluates and
-personal models start from; :class:`~fedspine.runtime.executor.SimExecutor` adds the training of client
+personal models start from; :class:`~fedspine.runtime.executor.InProcessExecutor` adds the training of client
 tasks on it.
 """
 
@@ -12,10 +12,13 @@ import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
+from peft import PeftModel
+from torch import nn
+from transformers import PreTrainedModel
 
 from fedspine.algorithms.strategies.base import DeviceSide
 from fedspine.client.evaluate import EvalSet, Evaluation, evaluate, prepare_eval_model
@@ -72,7 +75,7 @@ class ModelReplica:
 
     def __init__(
         self,
-        model: Any,
+        model: PeftModel,
         objective: Objective,
         device_side: DeviceSide,
         train_data: EncodedDataset,
@@ -131,7 +134,9 @@ class ModelReplica:
                 if produced == steps:
                     return
 
-    def pruned_model(self, plan: PruningPlan, channel_means: list[torch.Tensor] | None = None) -> Any:
+    def pruned_model(
+        self, plan: PruningPlan, channel_means: list[torch.Tensor] | None = None
+    ) -> PreTrainedModel:
         """A plain (adapter-free) copy of the current base model, pruned by ``plan`` (with the removed
         MLP channels' mean outputs kept as biases when ``channel_means`` are given)."""
         return prune_model(plain_copy(self.model), plan, inplace=True, channel_means=channel_means)
@@ -165,7 +170,7 @@ class ModelReplica:
 
     def deployed_model(
         self, plan: PruningPlan | None = None, channel_means: list[torch.Tensor] | None = None
-    ) -> Any:
+    ) -> PreTrainedModel:
         """A plain copy of the model a device deploys: the global adapter loaded by :meth:`load_global`
         merged in (none: the base as it is); with a pruning ``plan`` the base pruned instead (pruning
         strategies keep no adapter), compensated with ``channel_means``."""
@@ -177,11 +182,11 @@ class ModelReplica:
 
     def eval_model(
         self, plan: PruningPlan | None = None, channel_means: list[torch.Tensor] | None = None
-    ) -> Any:
+    ) -> PreTrainedModel:
         """:meth:`deployed_model`, ready for :func:`evaluate`."""
         return self.ready(self.deployed_model(plan, channel_means))
 
-    def ready(self, model: Any) -> Any:
+    def ready(self, model: PreTrainedModel) -> PreTrainedModel:
         """``model`` (a copy nothing else uses) ready for :func:`evaluate` in ``eval.dtype``."""
         return prepare_eval_model(model, self.objective, self.eval_dtype)
 
@@ -221,7 +226,7 @@ class ModelReplica:
         key: int,
         plan: PruningPlan | None = None,
         channel_means: list[torch.Tensor] | None = None,
-    ) -> Any:
+    ) -> PreTrainedModel:
         """``device``'s deployed model (:meth:`deployed_model`) after a fresh adapter of ``rank`` trained
         on it for one step per batch, merged in."""
         model = apply_lora(
@@ -251,7 +256,7 @@ class ModelReplica:
         alpha: float,
         plan: PruningPlan | None = None,
         channel_means: list[torch.Tensor] | None = None,
-    ) -> Any:
+    ) -> PreTrainedModel:
         """The deployed model with the adapter ``state`` (in that model's coordinates: ``plan``'s
         submodel; scaling ``alpha / rank``) merged in."""
         model = apply_lora(self.deployed_model(plan, channel_means), rank, alpha, 0.0, self.target_modules)
@@ -259,7 +264,7 @@ class ModelReplica:
         return _merged(model)
 
     def local_importance(
-        self, model: Any, batches: list[Batch], kind: str = "flap", compensated: bool = False
+        self, model: nn.Module, batches: list[Batch], kind: str = "flap", compensated: bool = False
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Scores of ``model``'s KV groups and MLP channels on ``batches`` and its MLP channels' mean
         inputs there: ``(heads, channels, means)`` per layer. ``kind``: ``taylor`` (the first-order
@@ -283,13 +288,13 @@ class ModelReplica:
         return heads, channels, means
 
 
-def _device_of(model: Any) -> torch.device:
+def _device_of(model: nn.Module) -> torch.device:
     device: torch.device = next(model.parameters()).device
     return device
 
 
-def _merged(model: Any) -> Any:
+def _merged(model: PeftModel) -> PreTrainedModel:
     """A peft model's adapter folded into its weights: a plain, frozen model."""
-    plain = model.merge_and_unload()
+    plain: PreTrainedModel = model.merge_and_unload()
     plain.requires_grad_(False)
     return plain

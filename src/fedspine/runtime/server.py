@@ -51,7 +51,9 @@ class Server:
     def init_global(self) -> None:
         """The strategy's initial global state, at the largest rank any device trains."""
         rank = max(lora.rank for lora in self.device_lora.values())
-        self.dispatcher.init_global(self.exp.module_shapes, rank, torch.Generator().manual_seed(self.seed))
+        self.dispatcher.init_global(
+            self.exp.trainer.module_shapes, rank, torch.Generator().manual_seed(self.seed)
+        )
 
     def device_weight(self, device_id: int) -> float:
         if self.dispatcher.weighting == "samples":
@@ -75,14 +77,14 @@ class Server:
         assignment = dispatcher.assign(round_no, device.device_id, self.device_lora[device.device_id])
         lora = assignment.lora
         steps = steps or exp.settings.local_steps
-        prepared = exp.executor.prepare(key, device, lora, steps, assignment.plan)
+        prepared = exp.trainer.executor.prepare(key, device, lora, steps, assignment.plan)
         outcome = TaskOutcome(device, TaskStatus.OK, 0, prepared=prepared)
         if not self.transport.fits(device, prepared.workload.peak_memory_bytes):
             outcome.status = TaskStatus.OOM  # never dispatched: nothing is downloaded or trained
             return outcome
         generator = torch.Generator().manual_seed(task_seed(self.seed, key, device.device_id, 2))
         dispatch = dispatcher.configure(round_no, device.device_id, lora, generator)
-        clusters = exp.clusters.sent(assignment.plan, exp.shape) if exp.clusters is not None else None
+        clusters = exp.clusters.sent(assignment.plan, exp.trainer.shape) if exp.clusters is not None else None
         cluster_bytes = sum(payload_bytes(c) for c in clusters or [])
         outcome.task = ClientTask(
             key,
@@ -128,7 +130,7 @@ class Server:
             task,
             self.exp.settings.server.max_update_norm,
             max_samples=self.exp.train_examples(task.device_id),
-            shape=self.exp.shape,
+            shape=self.exp.trainer.shape,
         )
         if reason is not None:
             log.warning("round %s, device %s: update rejected: %s", task.round, task.device_id, reason)
@@ -156,7 +158,7 @@ class Server:
         aggregate(exp.strategy, updates, exp.settings.aggregation_fan_in)
         if exp.clusters is not None:
             weights = [exp.strategy.weight_of(u) for u in updates]
-            exp.clusters.aggregate(updates, weights, exp.shape)
+            exp.clusters.aggregate(updates, weights, exp.trainer.shape)
         delta = exp.strategy.take_base_delta()
         if delta:
             self.merge_base(delta)
@@ -175,7 +177,7 @@ class Server:
 
     def merge_base(self, delta: dict[str, torch.Tensor]) -> None:
         """Add an aggregated weight change to the base model (FLoRA, FedSpine), and to the running sum."""
-        self.exp.executor.merge_into_base(delta)
+        self.exp.trainer.executor.merge_into_base(delta)
         for key, value in delta.items():
             self.base_delta[key] = self.base_delta.get(key, torch.zeros_like(value)) + value
 

@@ -73,7 +73,7 @@ class SimulatedTransport:
     def _train(self, outcomes: Sequence[TaskOutcome]) -> None:
         """Train tasks that start from the same base on the host, one by one or in one batch
         (``executor.batch_clients``), and send each update as its device would."""
-        executor = self.exp.executor
+        executor = self.exp.trainer.executor
         for o in outcomes:
             assert o.task is not None and o.prepared is not None
         if len(outcomes) > 1:
@@ -137,7 +137,7 @@ class SimulatedTransport:
 
     def launch(self, task: RunningTask, base_delta: BaseDelta, train_now: bool) -> list[Ended]:
         self._time(task.outcome)
-        if train_now and self.exp.executor.trains_together:
+        if train_now and self.exp.trainer.executor.trains_together:
             self._pending.append(task)
             return []
         if train_now and self._computes(task):
@@ -154,7 +154,7 @@ class SimulatedTransport:
     def deliver(self, task: RunningTask, mates: Sequence[RunningTask]) -> None:
         o = task.outcome
         if o.update is None and o.status == TaskStatus.OK:
-            together = [o, *(m.outcome for m in mates)] if self.exp.executor.trains_together else [o]
+            together = [o, *(m.outcome for m in mates)] if self.exp.trainer.executor.trains_together else [o]
             self._train(together)
 
     def poll(self) -> tuple[list[Ended], bool]:
@@ -184,7 +184,7 @@ class SimulatedTransport:
         model: GlobalModel = exp.strategy
         means = model.channel_means()
         groups: list[tuple[PruningPlan | None, list[int]]] = []  # devices sharing a plan share one copy
-        for device in sorted(exp.local_tests):
+        for device in sorted(exp.trainer.local_tests):
             plan = model.device_eval_plan(device)
             for known, members in groups:
                 if known == plan:
@@ -194,7 +194,9 @@ class SimulatedTransport:
                 groups.append((plan, [device]))
         results: dict[int, Evaluation] = {}
         for plan, members in groups:
-            evaluations = exp.executor.evaluate_many([exp.local_tests[d] for d in members], plan, means)
+            evaluations = exp.trainer.executor.evaluate_many(
+                [exp.trainer.local_tests[d] for d in members], plan, means
+            )
             results.update(zip(members, evaluations, strict=True))
         return DeviceEvaluations(dict(sorted(results.items())))
 

@@ -62,12 +62,16 @@ def make_summary(
     """The run's summary: ``loop_seconds`` of host time in the federated loop, ``setup_seconds``
     before it, the ``executor``'s name and the exported ``device_models``' manifest."""
     run = experiment.settings
-    nothing: dict[str, Any] = {"metric": experiment.objective.metric_name, "value": None, "loss": None}
+    nothing: dict[str, Any] = {
+        "metric": experiment.trainer.objective.metric_name,
+        "value": None,
+        "loss": None,
+    }
     final = state.evaluations[-1] if state.evaluations else nothing  # no device ever answered
     devices = _devices(experiment, state)
     return Summary(
         task=experiment.task_name,
-        metric=Metric(final["metric"], final["value"], experiment.objective.higher_is_better),
+        metric=Metric(final["metric"], final["value"], experiment.trainer.objective.higher_is_better),
         chance_level=experiment.chance_level,
         initial_metric=state.evaluations[0]["value"] if run.eval_at_start and state.evaluations else None,
         final_eval_loss=final["loss"],
@@ -82,7 +86,7 @@ def make_summary(
         downlink_bytes=sum(r.downlink_bytes for r in rounds),
         target=run.eval_target if run.eval_target > 0 else None,
         time_to_target_seconds=time_to_target(
-            state.evaluations, run.eval_target, experiment.objective.higher_is_better
+            state.evaluations, run.eval_target, experiment.trainer.objective.higher_is_better
         ),
         strategy=run.strategy_name,
         scheduler=run.scheduler_name,
@@ -101,7 +105,7 @@ def make_summary(
         pruning=_pruning(experiment),
         executor=executor,
         device_models=device_models,
-        federated=_federated(final, experiment.objective.higher_is_better),
+        federated=_federated(final, experiment.trainer.objective.higher_is_better),
         personal=state.personal,
     )
 

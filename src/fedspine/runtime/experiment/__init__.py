@@ -21,7 +21,6 @@ import torch
 from fedspine.algorithms.clusters import ClusterAdapters
 from fedspine.algorithms.compression import UplinkChannel
 from fedspine.algorithms.policies import POLICIES
-from fedspine.algorithms.robust import ROBUST_RULES
 from fedspine.algorithms.schedulers import Scheduler
 from fedspine.algorithms.staleness import Identity, StaleUpdateHandler
 from fedspine.algorithms.strategies import FedSpine, Strategy
@@ -38,10 +37,11 @@ from fedspine.model.footprint import ModelShape, model_shape
 from fedspine.model.importance import Scores
 from fedspine.model.lora import apply_lora, module_shapes
 from fedspine.model.pruning import magnitude_scores
-from fedspine.runtime.executor import LocalTraining, SimExecutor, logits_positions
+from fedspine.runtime.executor import InProcessExecutor, LocalTraining, logits_positions
 from fedspine.runtime.experiment.algorithms import (
     build_device_lora,
     build_pruning_strategy,
+    build_robust_rule,
     build_scheduler,
     build_stale_handler,
     build_strategy,
@@ -86,37 +86,27 @@ class Experiment:
     devices: list[Device]
     strategy: Strategy
     scheduler: Scheduler
-    executor: SimExecutor
-    objective: Objective
-    test_data: EncodedDataset
+    trainer: Trainer
+    """The devices' data, the model with LoRA and the executor that trains it."""
     test_set: EvalSet
-    """``test_data`` batched once, by length, for every evaluation."""
-    partitions: list[np.ndarray]
+    """The trainer's ``test_data`` batched once, by length, for every evaluation."""
     device_lora: dict[int, DeviceLora]
-    module_shapes: dict[str, tuple[int, int]]
     task_name: str
     chance_level: float
-    shape: ModelShape
-    tokenizer: Any = None
     trace: AvailabilityTrace = field(default_factory=AlwaysOnline)
     stale_handler: StaleUpdateHandler = field(default_factory=Identity)
     uplink: UplinkChannel | None = None
     """Compressed uploads (None: the factors travel as they are)."""
-    local_tests: dict[int, EvalSet] = field(default_factory=dict)
-    """Each device's held-out slice of its own data (``eval.mode`` federated or both, or a
-    ``personalize.method``; else empty)."""
     declared: dict[int, DeclaredData] | None = None
     """A deployment whose nodes bring their own data: what each device's node declared (None: the
     devices' data is :attr:`partitions`)."""
-    private: PrivateAdapters | None = None
-    """The devices' private adapters (``personalize.method = "split"``; the executor trains them)."""
     clusters: ClusterAdapters | None = None
     """The server's cluster adapters (``personalize.method = "clustered"``)."""
 
     def train_examples(self, device_id: int) -> int:
         """How many examples ``device_id`` trains on (its partition, or what its node declared)."""
         if self.declared is None:
-            return len(self.partitions[device_id])
+            return len(self.trainer.partitions[device_id])
         declared = self.declared.get(device_id)
         return 0 if declared is None else declared.examples
 
@@ -141,7 +131,7 @@ def run_settings(cfg: Config) -> RunSettings:
         server=ServerRules(
             server.max_update_norm,
             server.robust,
-            ROBUST_RULES.get(server.robust, "server.robust")(server.clip_norm, server.trim_fraction),
+            build_robust_rule(cfg),
             server.clip_norm,
             server.trim_fraction,
             server.aggregation_gbps,
@@ -208,7 +198,7 @@ def check_personalize(cfg: Config, cls: type[Strategy]) -> None:
             f"'mask' chooses each device's units of a pruned model; strategy '{cfg.strategy.name}' does "
             "not prune (use fedspine, prune_then_tune or fedmp, or finetune / split)",
         )
-    if method == "clustered" and cfg.server.robust in ("median", "trimmed_mean"):
+    if method == "clustered" and build_robust_rule(cfg).combines:
         raise ConfigError(
             "personalize.method",
             f"server.robust = {cfg.server.robust!r} combines the updates into one and would lose which "
@@ -221,7 +211,7 @@ def check_personalize(cfg: Config, cls: type[Strategy]) -> None:
         )
 
 
-def make_executor(cfg: Config) -> SimExecutor:
+def make_executor(cfg: Config) -> InProcessExecutor:
     """The in-process trainer of ``cfg`` (a Ray worker's replica): its data, model and executor only,
     none of the run's server side (scheduler, strategy state, codecs, trace)."""
     cfg = dataclasses.replace(cfg, executor=dataclasses.replace(cfg.executor, name="simulation"))
@@ -236,7 +226,7 @@ class Trainer:
     """What trains, and what the run's server side builds on: the devices' data, the model with LoRA
     and the executor that trains it."""
 
-    executor: SimExecutor
+    executor: InProcessExecutor
     objective: Objective
     task: Task
     train_data: EncodedDataset
@@ -299,7 +289,7 @@ def build_trainer(
     on_ray: dict[str, Any] = {}
     if cfg.executor.name == "ray":
         on_ray = {"replicas": start_replicas(cfg, make_executor), "owns_ray": not cfg.executor.address}
-    executor = (RayExecutor if on_ray else SimExecutor)(
+    executor = (RayExecutor if on_ray else InProcessExecutor)(
         peft_model,
         objective,
         device_side,
@@ -332,6 +322,37 @@ def build_trainer(
         tokenizer,
         initial_scores,
         private,
+    )
+
+
+@dataclass
+class DeployedNode:
+    """What a deployed device's node builds from the run's config: the trainer over its own data, the
+    fleet (to know its device), and its uplink codec. No strategy, scheduler or server state: those
+    live on the SuperLink's side."""
+
+    settings: RunSettings
+    devices: list[Device]
+    trainer: Trainer
+    uplink: UplinkChannel | None
+
+
+def build_node(cfg: Config, node: NodeData | None = None) -> DeployedNode:
+    """Check ``cfg`` as :func:`check_config` does, and build what a deployed node trains with: its
+    devices' tasks run with the strategy's device side (plain training for pruning strategies, whose
+    masks arrive with each task). ``node``: as :func:`build_experiment`."""
+    torch.set_num_threads(cfg.run.threads)
+    check_config(cfg)
+    cls = strategy_class(cfg)
+    devices = build_fleet_from_config(cfg)
+    trainer = build_trainer(
+        cfg, devices, PlainTraining() if cls.prunes else build_strategy(cfg).device_side, node=node
+    )
+    return DeployedNode(
+        settings=run_settings(cfg),
+        devices=devices,
+        trainer=trainer,
+        uplink=build_uplink(cfg),
     )
 
 
@@ -375,28 +396,21 @@ def build_experiment(cfg: Config, status: Status | None = None, node: NodeData |
         devices=devices,
         strategy=strategy,
         scheduler=scheduler,
-        executor=trainer.executor,
-        objective=trainer.objective,
-        test_data=test_data,
+        trainer=trainer,
         test_set=EvalSet.from_dataset(test_data, cfg.eval.batch_size),
-        partitions=trainer.partitions,
         device_lora=device_lora,
-        module_shapes=trainer.module_shapes,
         task_name=task_name(cfg),
         chance_level=trainer.task.chance_level(test_data) if len(test_data) else float("nan"),
-        shape=trainer.shape,
-        tokenizer=trainer.tokenizer,
         trace=build_trace(cfg),
         stale_handler=build_stale_handler(cfg),
         uplink=build_uplink(cfg),
-        local_tests=trainer.local_tests,
-        private=trainer.private,
         clusters=clusters,
     )
 
 
 __all__ = [
     "DeclaredData",
+    "DeployedNode",
     "Experiment",
     "NodeData",
     "Status",
@@ -404,6 +418,7 @@ __all__ = [
     "build_device_lora",
     "build_experiment",
     "build_fleet_from_config",
+    "build_node",
     "build_pruning_strategy",
     "build_scheduler",
     "build_strategy",

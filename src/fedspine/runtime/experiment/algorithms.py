@@ -20,6 +20,7 @@ from fedspine.algorithms.policies import (
     RandomPolicy,
     SlidingWindowUCB,
 )
+from fedspine.algorithms.robust import ROBUST_RULES, RobustRule
 from fedspine.algorithms.schedulers import Limits, Scheduler, SyncScheduler
 from fedspine.algorithms.staleness import StalenessFunction, StaleUpdateHandler, make_handler
 from fedspine.algorithms.strategies import FedSpine, Strategy
@@ -275,10 +276,20 @@ def build_scheduler(cfg: Config, num_devices: int, strategy: type[Strategy]) -> 
     return scheduler
 
 
+def build_robust_rule(cfg: Config) -> RobustRule:
+    """The registered ``server.robust`` rule with its ``[server]`` parameters.
+
+    Raises:
+        ConfigError: the name is not registered (the error lists those that are).
+    """
+    server = cfg.server
+    return ROBUST_RULES.get(server.robust, "server.robust")(server.clip_norm, server.trim_fraction)
+
+
 def check_robustness(cfg: Config, strategy: type[Strategy], device_lora: dict[int, DeviceLora]) -> None:
     """Robust rules and attacks that cannot apply to this run are config errors."""
     rule = cfg.server.robust
-    if rule in ("median", "trimmed_mean"):
+    if build_robust_rule(cfg).combines:
         if not cfg.scheduler.synchronous:
             raise ConfigError(
                 "server.robust", f"'{rule}' combines a round's updates: needs scheduler.name = 'sync'"

@@ -35,7 +35,7 @@ def check_dense_layers(cfg: Config, shape: ModelShape) -> None:
 class TaskWorkloads:
     """What a task of full batches of full-length sequences costs on a submodel: what predictions and
     checks charge before any real batch is drawn (a task's own workload comes from its batches,
-    :meth:`SimExecutor.prepare`). The one workload helper of the build."""
+    :meth:`InProcessExecutor.prepare`). The one workload helper of the build."""
 
     shape: ModelShape
     seq_len: int
