@@ -72,7 +72,7 @@ def main() -> None:
     on_ray = None
     if args.ray_workers:
         ray_overrides = ["executor.name=ray", f"executor.workers={args.ray_workers}"]
-        on_ray = build_experiment(load_config(config_path, [*overrides, *ray_overrides])).executor
+        on_ray = build_experiment(load_config(config_path, [*overrides, *ray_overrides])).trainer.executor
         sides["ray"] = lambda: _timed(lambda: on_ray.run_many(tasks, prepared), device)
     seconds = {}
     try:

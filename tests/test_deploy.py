@@ -192,7 +192,7 @@ def test_a_node_builds_what_trains_and_not_the_servers_side(monkeypatch: pytest.
     node = experiment.build_node(cfg)
     assert len(node.devices) == len(experiment.build_fleet_from_config(cfg))
     assert node.uplink is not None and not hasattr(node, "strategy")
-    assert node.executor.device_side.__class__.__name__ == "PlainTraining"
+    assert node.trainer.executor.device_side.__class__.__name__ == "PlainTraining"
 
 
 @pytest.mark.parametrize(

@@ -62,18 +62,20 @@ def test_pooling_is_the_metric_of_the_union_not_the_mean_of_the_devices() -> Non
 def test_local_slices_leave_training_and_central_runs_keep_every_example() -> None:
     central = build_experiment(load_config(CONFIGS / "tiny.toml", FAST))
     local = build_experiment(load_config(CONFIGS / "tiny.toml", [*FAST, "eval.mode=both"]))
-    assert central.local_tests == {}
-    assert set(local.local_tests) == {d.device_id for d in local.devices}
-    for device, eval_set in local.local_tests.items():
-        everything = len(central.partitions[device])
-        assert len(local.partitions[device]) + eval_set.count == everything
+    assert central.trainer.local_tests == {}
+    assert set(local.trainer.local_tests) == {d.device_id for d in local.devices}
+    for device, eval_set in local.trainer.local_tests.items():
+        everything = len(central.trainer.partitions[device])
+        assert len(local.trainer.partitions[device]) + eval_set.count == everything
         assert eval_set.count == min(max(round(0.2 * everything), 1), 64)
         held = {
             tuple(row[mask.bool()].tolist())
             for batch in eval_set.batches
             for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)
         }
-        trained = {tuple(local.executor.train_data.input_ids[i]) for i in local.partitions[device]}
+        trained = {
+            tuple(local.trainer.executor.train_data.input_ids[i]) for i in local.trainer.partitions[device]
+        }
         assert not held & trained  # (verses that repeat word for word aside, none in this corpus's sample)
 
 
