@@ -111,6 +111,10 @@ class SchedulerSection:
     """Select (1 + over_selection) x as many devices and keep the first to arrive (FedScale)."""
     deadline_seconds: float = 0.0
     """Virtual-time round deadline; updates arriving later are lost (0 = no deadline)."""
+    keep: Literal["first_k", "all_in_time"] = "first_k"
+    """Which in-time updates a sync round aggregates: the first ``clients_per_round`` to arrive
+    (FedScale), or every one that meets ``deadline_seconds`` (so a straggler that prunes itself fast
+    enough still counts; needs a deadline)."""
     concurrency: int = 0
     """Devices training at once under fedasync and fedbuff (0 = the whole fleet)."""
     max_updates: int = 0
@@ -140,6 +144,11 @@ class SchedulerSection:
         _at_most(self.over_selection, 10, "scheduler.over_selection", "eleven times the cohort at most")
         _check(self.deadline_seconds >= 0, "scheduler.deadline_seconds", "must be >= 0")
         _at_most(self.deadline_seconds, MAX_SECONDS, "scheduler.deadline_seconds", "longer than any run")
+        _check(
+            self.keep == "first_k" or self.deadline_seconds > 0,
+            "scheduler.keep",
+            "'all_in_time' keeps the updates that meet scheduler.deadline_seconds: set a deadline",
+        )
         _check(self.concurrency >= 0, "scheduler.concurrency", "must be >= 0")
         _check(self.max_updates >= 0, "scheduler.max_updates", "must be >= 0")
         _check(self.max_virtual_seconds >= 0, "scheduler.max_virtual_seconds", "must be >= 0")

@@ -100,7 +100,7 @@ class Rounds(Regime):
         loop, round_no, start, outcomes = self.loop, cohort.round, cohort.start, cohort.outcomes
         loop.round = None
         arrivals = {o.device.device_id: o.arrival_seconds for o in outcomes if o.status == TaskStatus.OK}
-        plan = self.rounds.plan(arrivals)
+        plan = self.rounds.plan(arrivals, launched=len(outcomes))
         for o in outcomes:
             if o.status == TaskStatus.OK and o.device.device_id in plan.late:
                 o.status = TaskStatus.LATE
@@ -122,7 +122,7 @@ class Rounds(Regime):
     def _mates(self, cohort: OpenRound, first: TaskOutcome) -> list[RunningTask]:
         """The tasks of ``first``'s round to train in one batch with it (``first`` is the round's next
         arrival): those that will be aggregated unless an update is rejected — still out, not lost,
-        within the deadline, the earliest arrivals up to the round's k. A later one, admitted after a
+        within the deadline, the earliest arrivals up to the round's capacity. A later one, admitted after a
         rejection, trains alone when it arrives, as it would one by one."""
         deadline, running = self.rounds.deadline_seconds, self.loop.running
         waiting = sorted(
@@ -137,5 +137,5 @@ class Rounds(Regime):
             ),
             key=lambda task: (task.outcome.arrival_seconds, task.outcome.device.device_id),
         )
-        places = self.rounds.clients_per_round - len(cohort.arrivals)
+        places = self.rounds.capacity - len(cohort.arrivals)
         return waiting[: max(places, 1) - 1]

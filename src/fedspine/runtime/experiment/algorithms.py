@@ -253,7 +253,7 @@ def build_scheduler(cfg: Config, num_devices: int, strategy: type[Strategy]) -> 
     s = cfg.scheduler
     if cls is SyncScheduler:
         k = s.clients_per_round or max(1, round(s.clients_fraction * num_devices))
-        return SyncScheduler(s.rounds, min(k, num_devices), s.over_selection, s.deadline_seconds)
+        return SyncScheduler(s.rounds, min(k, num_devices), s.over_selection, s.deadline_seconds, s.keep)
     if s.staleness.handler == "dcasgd" and not strategy.supports_compensation:
         raise ConfigError(
             "scheduler.staleness.handler",
