@@ -91,7 +91,8 @@ def personal_model(
     model (``none``, or ``mask`` on a dense model). ``base`` (``mask``): the dense deployed model, built
     once for every device; ``clusters`` (``clustered``): the cluster adapters in ``plan``'s coordinates.
     The same code runs in simulation and on a deployed device's node."""
-    settings, executor = exp.settings.personalize, exp.trainer.executor
+    settings, trainer = exp.settings.personalize, exp.trainer
+    executor = trainer.executor
     steps = settings.steps or exp.settings.local_steps
     if settings.method == "finetune":
         batches = executor.local_batches(device, steps, PERSONAL_TASK_KEY)
@@ -100,8 +101,8 @@ def personal_model(
         )
         return PersonalModel(model, [executor.workload(device, batches, settings.rank, plan)], plan, means)
     if settings.method == "split":
-        assert exp.trainer.private is not None
-        state = exp.trainer.private.of(device.device_id, plan, exp.trainer.shape)
+        assert trainer.private is not None
+        state = trainer.private.of(device.device_id, plan, trainer.shape)
         model = executor.with_adapter(state, settings.rank, settings.alpha, plan, means)
         return PersonalModel(model, [], plan, means)
     if settings.method == "clustered":
@@ -112,9 +113,7 @@ def personal_model(
         for state in clusters:
             candidate = executor.with_adapter(state, settings.rank, settings.alpha, plan, means)
             with torch.no_grad():
-                loss = float(
-                    exp.trainer.objective.loss(candidate, batch.to(next(candidate.parameters()).device))
-                )
+                loss = float(trainer.objective.loss(candidate, batch.to(next(candidate.parameters()).device)))
             if best is None or loss < best[0]:
                 best = (loss, candidate)
         assert best is not None

@@ -93,8 +93,8 @@ class SyncScheduler(Scheduler):
         accepted = in_time[: self.capacity]
         late = tuple(d for d in order if d not in accepted)
         launched = len(order) if launched is None else launched
-        everyone = min(launched, self.capacity) if self.keep_all_in_time else self.clients_per_round
-        if len(accepted) == everyone or self.deadline_seconds <= 0:
+        awaited = min(launched, self.capacity) if self.keep_all_in_time else self.capacity
+        if len(accepted) == awaited or self.deadline_seconds <= 0:
             close = max((arrival_seconds[d] for d in accepted), default=0.0)
         else:
             close = self.deadline_seconds  # fewer arrived than it waits for: it waited for the deadline
